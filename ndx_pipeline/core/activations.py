@@ -1,0 +1,238 @@
+"""Activation records: one pass of the subject model over every window, keeping per neuron
+
+- the `top_k` windows with the highest max activation (ties: lower window index first),
+- a seeded uniform random sample of windows (the same windows for every neuron of a layer),
+- running count, mean, variance and max over every real (non-padding) token.
+
+Selection is streaming and vectorized: memory is O(layers × neurons × (top_k + random_k) × window), independent of
+the corpus length. Kept activations are stored exactly, as float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from .errors import NdxInputError
+from .subject_model import mlp_output_projections, special_token_wrap
+from .windows import TokenTexts, Windows
+
+
+def choose_neurons(width: int, per_layer: int, seed: int, layer: int) -> list[int]:
+    """A seeded choice of `per_layer` distinct neurons of one layer (different layers get different choices)."""
+    if per_layer <= 0:
+        raise NdxInputError(f"neurons_per_layer={per_layer}: at least one neuron must be selected.")
+    rng = np.random.default_rng([seed, layer])
+    return sorted(int(i) for i in rng.choice(width, size=min(per_layer, width), replace=False))
+
+
+def random_windows(n_windows: int, count: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of `count` distinct window indices, in sampling order."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(n_windows)[: min(count, n_windows)]
+
+
+class LayerSelection:
+    """Streaming top-k / random-sample / moments for the chosen neurons of one layer."""
+
+    def __init__(self, neurons, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu"):
+        import torch
+
+        self.neurons = torch.as_tensor(list(neurons), dtype=torch.long, device=device)
+        n, t = len(neurons), window_tokens
+        self.top_k = top_k
+        self.top_max = torch.full((n, top_k), float("-inf"), device=device)
+        self.top_window = torch.full((n, top_k), -1, dtype=torch.long, device=device)
+        self.top_acts = torch.zeros((n, top_k, t), device=device)
+        self.sample = np.asarray(sample, dtype=np.int64)
+        self.sample_slot = {int(w): i for i, w in enumerate(self.sample)}
+        self.sample_acts = torch.zeros((n, len(self.sample), t), device=device)
+        self.count = 0
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.max = torch.full((n,), float("-inf"), device=device)
+
+    def update(self, acts, mask, window_index) -> None:
+        """acts: [B, T, all neurons] (any float dtype); mask: [B, T] bool; window_index: [B] long, increasing."""
+        import torch
+
+        a = acts.index_select(-1, self.neurons).float()  # [B, T, n]
+        a = a.masked_fill(~mask[..., None], 0.0)
+        a64 = a.double()
+        self.count += int(mask.sum())
+        self.sum += a64.sum(dim=(0, 1))
+        self.sumsq += (a64 * a64).sum(dim=(0, 1))
+        per_window_max = a.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # [B, n]
+        self.max = torch.maximum(self.max, per_window_max.amax(dim=0))
+
+        batch_acts = a.permute(2, 0, 1)  # [n, B, T]
+        cand_max = torch.cat([self.top_max, per_window_max.T], dim=1)  # [n, k + B]
+        cand_window = torch.cat([self.top_window, window_index[None, :].expand(len(self.neurons), -1)], dim=1)
+        # Earlier windows come first in the candidates, so a stable sort breaks ties by lower window index.
+        order = torch.sort(cand_max, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        self.top_max = cand_max.gather(1, order)
+        self.top_window = cand_window.gather(1, order)
+        cand_acts = torch.cat([self.top_acts, batch_acts], dim=1)
+        self.top_acts = cand_acts.gather(1, order[..., None].expand(-1, -1, cand_acts.shape[-1]))
+
+        for b, w in enumerate(window_index.tolist()):
+            slot = self.sample_slot.get(w)
+            if slot is not None:
+                self.sample_acts[:, slot, :] = batch_acts[:, b, :]
+
+    def moments(self):
+        mean = self.sum / max(self.count, 1)
+        var = (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
+        return mean.cpu().numpy(), var.cpu().numpy(), self.max.cpu().numpy()
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook: nothing above the last requested layer is computed."""
+
+
+@dataclass
+class ExtractionStats:
+    tokens: int
+    windows: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[int]], top_k: int = 20,
+            random_k: int = 20, seed: int = 0, batch_size: int = 16,
+            progress: Callable[[int, int, float], None] | None = None):
+    """Run the model once over all windows for every requested layer; return (selections, stats)."""
+    import torch
+
+    if not layer_neurons:
+        raise NdxInputError("no layers were requested.")
+    if len(windows) < top_k:
+        raise NdxInputError(
+            f"the corpus has {len(windows)} windows of {windows.window_tokens} tokens, fewer than top_k={top_k}; "
+            "give a larger corpus or a smaller top_k."
+        )
+    device = next(model.parameters()).device
+    sample = random_windows(len(windows), random_k, seed)
+    selections = {
+        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device)
+        for layer, neurons in layer_neurons.items()
+    }
+    prefix, suffix = special_token_wrap(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    deepest = max(layer_neurons)
+    state: dict = {}
+
+    def hook_for(layer):
+        def hook(module, args):
+            x = args[0][:, state["lo"] : state["hi"], :]
+            if state["pad"]:
+                x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
+            selections[layer].update(x, state["mask"], state["window_index"])
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [proj.register_forward_pre_hook(hook_for(layer))
+               for layer, proj in mlp_output_projections(model, list(layer_neurons)).items()]
+    t = windows.window_tokens
+    p, s = len(prefix), len(suffix)
+    started = time.perf_counter()
+    done_tokens = 0
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, len(windows), batch_size):
+                idx = np.arange(b0, min(b0 + batch_size, len(windows)))
+                lengths = windows.length[idx]
+                width = p + int(lengths.max()) + s
+                ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+                attn = np.zeros((len(idx), width), dtype=np.int64)
+                for r, (w, n) in enumerate(zip(idx, lengths)):
+                    row = prefix + windows.ids[w, :n].tolist() + suffix
+                    ids[r, : len(row)] = row
+                    attn[r, : len(row)] = 1
+                real = int(lengths.max())
+                mask = np.arange(real)[None, :] < lengths[:, None]
+                if real < t:  # selections keep full-width windows; pad the token axis with masked columns
+                    mask = np.pad(mask, ((0, 0), (0, t - real)))
+                state["lo"], state["hi"] = p, p + real
+                state["mask"] = torch.as_tensor(mask, device=device)
+                state["window_index"] = torch.as_tensor(idx, device=device)
+                state["pad"] = t - real
+                try:
+                    model(input_ids=torch.as_tensor(ids, device=device),
+                          attention_mask=torch.as_tensor(attn, device=device))
+                except _StopForward:
+                    pass
+                done_tokens += int(lengths.sum())
+                if progress:
+                    progress(done_tokens, windows.total_tokens, time.perf_counter() - started)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started)
+    return selections, stats
+
+
+RECORD_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "kind": pl.String,
+    "rank": pl.Int32,
+    "doc_id": pl.String,
+    "token_start": pl.Int32,
+    "tokens": pl.List(pl.String),
+    "activations": pl.List(pl.Float32),
+    "window_index": pl.Int32,
+    "char_start": pl.Int32,
+    "char_end": pl.Int32,
+    "max_activation": pl.Float32,
+    "neuron_mean": pl.Float64,
+    "neuron_variance": pl.Float64,
+    "neuron_max": pl.Float32,
+    "neuron_token_count": pl.Int64,
+}
+
+
+def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts) -> pl.DataFrame:
+    """The contract's activation_records rows for one layer: `top` rows (rank 0 strongest), then `random` rows."""
+    mean, var, mx = selection.moments()
+    neurons = selection.neurons.cpu().tolist()
+    top_window = selection.top_window.cpu().numpy()
+    top_acts = selection.top_acts.cpu().numpy()
+    sample_acts = selection.sample_acts.cpu().numpy()
+    rows = {k: [] for k in RECORD_SCHEMA}
+
+    def add(i, kind, rank, w, acts):
+        n = int(windows.length[w])
+        rows["layer"].append(layer)
+        rows["neuron"].append(neurons[i])
+        rows["kind"].append(kind)
+        rows["rank"].append(rank)
+        rows["doc_id"].append(windows.doc_ids[windows.doc_index[w]])
+        rows["token_start"].append(int(windows.token_start[w]))
+        rows["tokens"].append(token_texts(windows.ids[w, :n]))
+        rows["activations"].append(acts[:n].astype(np.float32).tolist())
+        rows["window_index"].append(int(w))
+        rows["char_start"].append(int(windows.char_start[w]))
+        rows["char_end"].append(int(windows.char_end[w]))
+        rows["max_activation"].append(float(acts[:n].max()))
+        rows["neuron_mean"].append(float(mean[i]))
+        rows["neuron_variance"].append(float(var[i]))
+        rows["neuron_max"].append(float(mx[i]))
+        rows["neuron_token_count"].append(selection.count)
+
+    for i in range(len(neurons)):
+        for rank, w in enumerate(top_window[i]):
+            if w >= 0:
+                add(i, "top", rank, int(w), top_acts[i, rank])
+        for rank, w in enumerate(selection.sample):
+            add(i, "random", rank, int(w), sample_acts[i, rank])
+    return pl.DataFrame(rows, schema=RECORD_SCHEMA)

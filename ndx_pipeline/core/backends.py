@@ -1,0 +1,170 @@
+"""LLM backends for the explainer and the simulator.
+
+`LLMBackend` is the small interface every backend implements: chat completion for explanations and per-slot
+value distributions for the "all at once" simulator. `LocalTransformersBackend` runs a chat model in-process
+(default: the bundled SmolLM2-135M-Instruct); an OpenAI-compatible backend implements the same interface.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .simulator import VALUES, SimulationPrompt
+from .subject_model import resolve_model
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMBackend(ABC):
+    """What the explanation and simulation stages need from an LLM."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """Identifies backend and model in stored rows and metadata (never a secret)."""
+
+    @abstractmethod
+    def chat(self, messages: list[dict], assistant_prefix: str, max_tokens: int, temperature: float,
+             seed: int) -> Completion:
+        """Continue the assistant's reply, which starts with `assistant_prefix`; return only the new text."""
+
+    @abstractmethod
+    def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
+        """[slots, 11]: probability that the value at each slot is 0..10 (not renormalized)."""
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _causal_lm(model_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs())
+    model.eval()
+    return model, tokenizer
+
+
+def load_causal_lm(model_name: str):
+    with _LOAD_LOCK:
+        return _causal_lm(model_name)
+
+
+class LocalTransformersBackend(LLMBackend):
+    """An in-process transformers causal LM (CPU or CUDA)."""
+
+    def __init__(self, model_name: str | None = None):
+        self.model_name = resolve_model(model_name).name
+
+    @property
+    def name(self) -> str:
+        return f"local:{self.model_name}"
+
+    def _lm(self):
+        return load_causal_lm(self.model_name)
+
+    def chat_prompt_text(self, messages: list[dict], assistant_prefix: str) -> str:
+        _, tok = self._lm()
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model: a plain transcript
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        return text + assistant_prefix
+
+    def chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> Completion:
+        import torch
+
+        model, tok = self._lm()
+        text = self.chat_prompt_text(messages, assistant_prefix)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            with torch.inference_mode():
+                out = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                    do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                    top_p=None, top_k=None, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                )
+        finally:
+            torch.random.set_rng_state(generator_state)
+        new = out[0, ids.shape[1]:]
+        return Completion(tok.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(new.shape[0]))
+
+    def value_token_ids(self) -> tuple[list[int], int | None]:
+        """Token ids of "0".."9", and of "10" when it is a single token (else None)."""
+        _, tok = self._lm()
+        ids = []
+        for v in range(10):
+            enc = tok.encode(str(v), add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"the simulator's tokenizer splits the digit {v} into {len(enc)} tokens.")
+            ids.append(enc[0])
+        ten = tok.encode("10", add_special_tokens=False)
+        return ids, (ten[0] if len(ten) == 1 else None)
+
+    def encode_prompt(self, prompt: SimulationPrompt) -> tuple[list[int], list[int]]:
+        """Token ids of the prompt (segment by segment, so every slot ends a token) and each slot's position."""
+        from .subject_model import special_token_wrap
+
+        _, tok = self._lm()
+        ids, _ = special_token_wrap(tok)
+        ids = list(ids)
+        ends = []
+        for seg in prompt.segments:
+            ids += tok.encode(seg, add_special_tokens=False)
+            ends.append(len(ids) - 1)
+        return ids, [ends[i] for i in prompt.slots]
+
+    def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
+        """One forward pass: the prompt, plus (when "10" is two tokens) one extra "1" token per slot that attends
+        only to the prompt up to its slot, so P(10) = P("1") · P("0" | "1") is read honestly in the same pass."""
+        import torch
+
+        model, _ = self._lm()
+        digit_ids, ten_id = self.value_token_ids()
+        ids, slots = self.encode_prompt(prompt)
+        n, s = len(ids), len(slots)
+        extra = ten_id is None and s > 0
+        with torch.inference_mode():
+            if extra:
+                total = n + s
+                allowed = torch.ones(total, total, dtype=torch.bool).tril()
+                allowed[n:, :] = False
+                for j, pos in enumerate(slots):
+                    allowed[n + j, : pos + 1] = True
+                    allowed[n + j, n + j] = True
+                mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                input_ids = torch.tensor([ids + [digit_ids[1]] * s])
+                positions = torch.tensor([list(range(n)) + [p + 1 for p in slots]])
+                logits = model(input_ids=input_ids.to(model.device), attention_mask=mask[None, None].to(model.device),
+                               position_ids=positions.to(model.device)).logits[0].float()
+            else:
+                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
+            probs = torch.softmax(logits, dim=-1)
+            at_slot = probs[slots]  # [s, vocab]
+            out = torch.zeros(s, len(VALUES), dtype=torch.float64)
+            out[:, :10] = at_slot[:, digit_ids].double()
+            if ten_id is not None:
+                out[:, 10] = at_slot[:, ten_id].double()
+            elif s:
+                after_one = probs[n:]  # distribution after "<slot>1"
+                p_zero = after_one[:, digit_ids[0]].double()
+                p_digit = after_one[:, digit_ids].sum(dim=-1).double()
+                p_one = out[:, 1].clone()
+                out[:, 10] = p_one * p_zero
+                out[:, 1] = p_one * (1 - p_digit)  # "1" followed by no further digit; "11".."19" are not values
+        return out.numpy()

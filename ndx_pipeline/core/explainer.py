@@ -1,0 +1,165 @@
+"""The explainer: a prompt that shows a neuron's top excerpts as token⇥activation lines, and the parsing of the one
+phrase the LLM writes back.
+
+The answer is completed after the lead-in `LEAD_IN` and stored without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .display import display_scale, excerpt_block
+
+LEAD_IN = "Its main job is to detect"
+SPARSE_FRACTION = 0.2  # below this share of non-zero values, the excerpts are repeated with zero lines left out
+MAX_EXPLANATION_TOKENS = 60
+TEMPERATURE = 1.0
+
+SYSTEM = (
+    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. "
+    "You will see short excerpts of text, one token per line. After each token comes a tab and the neuron's "
+    "activation on that token, an integer from 0 (does not fire) to 10 (fires as strongly as it ever does here). "
+    "Work out what the high-activation tokens have in common, paying attention to the surrounding words, and "
+    "finish the sentence about the neuron with a short phrase naming that pattern."
+)
+
+
+@dataclass(frozen=True)
+class FewShot:
+    excerpts: tuple[tuple[tuple[str, ...], tuple[float, ...]], ...]
+    explanation: str
+
+
+# Our own made-up neurons, chosen to show a word class, a punctuation pattern and a code pattern.
+FEW_SHOTS = (
+    FewShot(
+        excerpts=(
+            (("We", " met", " in", " early", " March", " and", " again", " in", " June", "."),
+             (0, 0, 0, 1, 10, 0, 0, 1, 9, 0)),
+            (("The", " report", " is", " due", " on", " 4", " October", ",", " not", " before", "."),
+             (0, 0, 0, 0, 0, 1, 8, 0, 0, 0, 0)),
+        ),
+        explanation="names of months, mostly in dates",
+    ),
+    FewShot(
+        excerpts=(
+            (("print", "(", "len", "(", "items", "))", " #", " count"),
+             (0, 0, 0, 0, 0, 10, 0, 0)),
+            (("if", " (", "a", " >", " b", ")", " and", " (", "c", "))", ":"),
+             (0, 0, 0, 0, 0, 6, 0, 0, 0, 9, 0)),
+        ),
+        explanation="closing parentheses, strongest where several close at once",
+    ),
+    FewShot(
+        excerpts=(
+            (("def", " load", "(", "path", "):", "\n", "   ", " return", " open", "(", "path", ")"),
+             (0, 2, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0)),
+            (("    ", " if", " not", " x", ":", "\n", "       ", " return", " None"),
+             (0, 0, 0, 0, 0, 0, 0, 9, 1)),
+        ),
+        explanation="the keyword return in Python functions",
+    ),
+)
+
+
+def neuron_block(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], max_activation: float | None = None) -> str:
+    """All excerpts of one neuron on the common 0–10 scale, repeated without zero lines when activity is sparse."""
+    if max_activation is None:
+        max_activation = max((max(a, default=0.0) for _, a in excerpts), default=0.0)
+    shown = [display_scale(acts, max_activation) for _, acts in excerpts]
+    blocks = [excerpt_block(toks, s) for (toks, _), s in zip(excerpts, shown)]
+    values = [v for s in shown for v in s]
+    text = "\n".join(blocks)
+    if values and sum(1 for v in values if v) < SPARSE_FRACTION * len(values):
+        sparse = [excerpt_block(toks, s, skip_zeros=True) for (toks, _), s in zip(excerpts, shown)]
+        text += "\n\nThe same excerpts again, listing only the tokens where the neuron fires:\n" + "\n".join(sparse)
+    return text
+
+
+def _user_message(number: int, block: str) -> str:
+    return f"Neuron {number}\nActivations:\n{block}"
+
+
+def explainer_messages(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list[dict]:
+    """Chat messages for one neuron. The assistant's answer is to be continued from `LEAD_IN`."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i, shot in enumerate(FEW_SHOTS, start=1):
+        messages.append({"role": "user", "content": _user_message(i, neuron_block(shot.excerpts))})
+        messages.append({"role": "assistant", "content": f"{LEAD_IN} {shot.explanation}."})
+    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, neuron_block(excerpts))})
+    return messages
+
+
+def prompt_sha256(messages: list[dict], assistant_prefix: str = LEAD_IN) -> str:
+    """A stable hash of exactly what the explainer was shown."""
+    payload = json.dumps({"messages": messages, "assistant_prefix": assistant_prefix}, sort_keys=True,
+                         ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class ExplanationParseError(ValueError):
+    pass
+
+
+def parse_explanation(completion: str) -> str:
+    """The phrase the model wrote after the lead-in: first line, trimmed, without a repeated lead-in or final dot."""
+    text = completion.strip()
+    if text.lower().startswith(LEAD_IN.lower()):
+        text = text[len(LEAD_IN):].strip()
+    text = text.split("\n", 1)[0].strip().strip('"').strip()
+    text = text.rstrip(".").strip()
+    if not text:
+        raise ExplanationParseError("the explainer returned no text after the lead-in")
+    if "<start>" in text or "<end>" in text or "\t" in text:
+        raise ExplanationParseError(f"the explainer echoed excerpt markup instead of an explanation: {text[:80]!r}")
+    if not any(ch.isalpha() for ch in text):
+        raise ExplanationParseError(f"the explainer's answer has no words: {text[:80]!r}")
+    return text
+
+
+EXPLANATION_SCHEMA = {
+    "layer": "Int32", "neuron": "Int32", "explanation_id": "String", "explanation": "String",
+    "explainer": "String", "prompt_sha256": "String", "status": "String", "error": "String",
+    "prompt_tokens": "Int64", "completion_tokens": "Int64", "seconds": "Float64",
+}
+
+
+def explanation_id(layer: int, neuron: int, candidate: int = 0) -> str:
+    return f"{layer}/{neuron}/explanation/{candidate}"
+
+
+def neuron_seed(seed: int, layer: int, neuron: int) -> int:
+    return (seed * 1_000_003 + layer * 65_537 + neuron) % (2**31)
+
+
+def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                  seed: int = 0, on_neuron=None):
+    """One explanation per neuron from its `explain` excerpts. A failing neuron gets status `failed` and a reason;
+    the others go on."""
+    import time
+
+    import polars as pl
+
+    rows = []
+    explain = excerpts.filter(pl.col("split") == "explain").sort(["layer", "neuron", "rank"])
+    for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
+        shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
+        messages = explainer_messages(shown)
+        started = time.perf_counter()
+        row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron),
+               "explainer": backend.name, "prompt_sha256": prompt_sha256(messages), "explanation": None,
+               "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None}
+        try:
+            completion = backend.chat(messages, LEAD_IN, max_tokens, temperature, neuron_seed(seed, layer, neuron))
+            row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
+            row["explanation"] = parse_explanation(completion.text)
+        except ExplanationParseError as exc:
+            row["status"], row["error"] = "failed", str(exc)
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if on_neuron:
+            on_neuron(row)
+    return pl.DataFrame(rows, schema={k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()})

@@ -1,0 +1,91 @@
+"""Scoring: how well simulated activations track the real ones.
+
+The score is the Pearson correlation of raw true activations (negatives kept) with simulated expected values,
+computed once over all tokens of all scored excerpts pooled, never a mean of per-excerpt correlations. When either
+side is constant the correlation is undefined: the score is NaN and the status says which side was constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STATUS_OK = "ok"
+STATUS_CONSTANT_TRUE = "undefined: true activations are constant"
+STATUS_CONSTANT_SIMULATED = "undefined: simulated activations are constant"
+STATUS_NO_TOKENS = "undefined: no scored tokens"
+
+
+@dataclass(frozen=True)
+class Correlation:
+    value: float
+    status: str
+
+
+def _flatten(excerpts) -> np.ndarray:
+    parts = [np.asarray(e, dtype=np.float64).ravel() for e in excerpts]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def pooled_correlation(true_excerpts, simulated_excerpts) -> Correlation:
+    """Pearson correlation over every token of every excerpt, pooled."""
+    r, p = _flatten(true_excerpts), _flatten(simulated_excerpts)
+    if r.shape != p.shape:
+        raise ValueError(f"true ({r.size} tokens) and simulated ({p.size} tokens) activations differ in length.")
+    if r.size == 0:
+        return Correlation(float("nan"), STATUS_NO_TOKENS)
+    rc, pc = r - r.mean(), p - p.mean()
+    sr, sp = np.sqrt((rc * rc).sum()), np.sqrt((pc * pc).sum())
+    if sr == 0:
+        return Correlation(float("nan"), STATUS_CONSTANT_TRUE)
+    if sp == 0:
+        return Correlation(float("nan"), STATUS_CONSTANT_SIMULATED)
+    return Correlation(float(np.clip((rc * pc).sum() / (sr * sp), -1.0, 1.0)), STATUS_OK)
+
+
+def rsquared(true_excerpts, simulated_excerpts) -> float:
+    """1 − mean((r − p)²) / mean(r²), pooled (as reported by the reference implementation)."""
+    r, p = _flatten(true_excerpts), _flatten(simulated_excerpts)
+    denom = np.mean(r * r) if r.size else 0.0
+    return float(1 - np.mean((r - p) ** 2) / denom) if denom > 0 else float("nan")
+
+
+def absolute_dev_explained(true_excerpts, simulated_excerpts) -> float:
+    """1 − mean|r − p| / mean|r|, pooled."""
+    r, p = _flatten(true_excerpts), _flatten(simulated_excerpts)
+    denom = np.mean(np.abs(r)) if r.size else 0.0
+    return float(1 - np.mean(np.abs(r - p)) / denom) if denom > 0 else float("nan")
+
+
+def score_layer(simulations, explanations):
+    """One row per explained neuron: pooled score over score_top + score_random, and over each split alone."""
+    import polars as pl
+
+    rows = []
+    for expl in explanations.sort(["layer", "neuron"]).iter_rows(named=True):
+        row = {"layer": expl["layer"], "neuron": expl["neuron"], "explanation_id": expl["explanation_id"],
+               "explanation": expl["explanation"]}
+        sims = simulations.filter(pl.col("explanation_id") == expl["explanation_id"])
+        if expl["status"] != "ok" or sims.is_empty():
+            reason = expl.get("error") or "no simulations"
+            row.update(score=float("nan"), score_top=float("nan"), score_random=float("nan"),
+                       rsquared=float("nan"), absolute_dev_explained=float("nan"),
+                       status=f"failed: explanation failed ({reason})", scored_tokens=0)
+            rows.append(row)
+            continue
+        true, sim = sims["true_activations"].to_list(), sims["simulated_activations"].to_list()
+        pooled = pooled_correlation(true, sim)
+        parts = {}
+        for split in ("score_top", "score_random"):
+            part = sims.filter(pl.col("split") == split)
+            parts[split] = pooled_correlation(part["true_activations"].to_list(),
+                                              part["simulated_activations"].to_list()).value
+        row.update(score=pooled.value, score_top=parts["score_top"], score_random=parts["score_random"],
+                   rsquared=rsquared(true, sim), absolute_dev_explained=absolute_dev_explained(true, sim),
+                   status=pooled.status, scored_tokens=int(sum(len(t) for t in true)))
+        rows.append(row)
+    schema = {"layer": pl.Int32, "neuron": pl.Int32, "explanation_id": pl.String, "explanation": pl.String,
+              "score": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64, "rsquared": pl.Float64,
+              "absolute_dev_explained": pl.Float64, "status": pl.String, "scored_tokens": pl.Int64}
+    return pl.DataFrame(rows, schema=schema)

@@ -1,0 +1,127 @@
+"""The simulator, "all at once": a prompt holding only the explanation and the excerpt's tokens, each written as
+`token<TAB>unknown`; the predicted activation at each token is the expected value over the values 0..10 of the
+model's next-token distribution at the slot right after the tab. One forward pass per excerpt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .display import END, START, escape_token
+from .explainer import FEW_SHOTS
+
+PLACEHOLDER = "unknown"
+VALUES = tuple(range(11))
+
+INTRO = (
+    "Below, a description of one neuron in a language model is followed by text, one token per line. After each "
+    "token comes a tab and how strongly the neuron fires on it, an integer from 0 (not at all) to 10 (as strongly "
+    "as it ever fires). Most tokens get 0; the tokens that match the description get high values. Where the value "
+    f"is written as {PLACEHOLDER}, it is the one to predict.\n"
+)
+
+
+@dataclass(frozen=True)
+class SimulationPrompt:
+    """The prompt as text segments; the activation of target token i is read right after segment `slots[i]`."""
+
+    segments: tuple[str, ...]
+    slots: tuple[int, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.segments)
+
+    def slot_offsets(self) -> list[int]:
+        """Character offset in `text` where each slot's value would begin."""
+        ends, pos = [], 0
+        for seg in self.segments:
+            pos += len(seg)
+            ends.append(pos)
+        return [ends[i] for i in self.slots]
+
+
+def _example_text(explanation: str, tokens, values) -> str:
+    lines = [f"Neuron description: {explanation}", START]
+    lines += [f"{escape_token(t)}\t{int(v)}" for t, v in zip(tokens, values)]
+    lines.append(END)
+    return "\n".join(lines) + "\n\n"
+
+
+def simulation_prompt(explanation: str, tokens: Sequence[str]) -> SimulationPrompt:
+    head = INTRO + "\n"
+    for shot in FEW_SHOTS[:2]:
+        toks, vals = shot.excerpts[0]
+        head += _example_text(shot.explanation, toks, vals)
+    head += f"Neuron description: {explanation}\n{START}\n"
+    segments, slots = [head], []
+    for tok in tokens:
+        segments.append(f"{escape_token(tok)}\t")
+        slots.append(len(segments) - 1)
+        segments.append(f"{PLACEHOLDER}\n")
+    segments.append(END)
+    return SimulationPrompt(tuple(segments), tuple(slots))
+
+
+def expected_values(value_probs: np.ndarray) -> np.ndarray:
+    """[tokens, 11] probabilities of the values 0..10 (unnormalized) → expected value, renormalized over 0..10.
+
+    A slot where none of the values has any probability predicts 0.
+    """
+    p = np.asarray(value_probs, dtype=np.float64)
+    total = p.sum(axis=1)
+    ev = (p * np.arange(p.shape[1])).sum(axis=1)
+    return np.where(total > 0, ev / np.where(total > 0, total, 1.0), 0.0)
+
+
+def expected_value_from_top_logprobs(top_logprobs: dict[str, float]) -> float:
+    """Expected value over "0".."10" among a slot's top candidates (strings → natural-log probabilities)."""
+    probs = np.zeros(len(VALUES))
+    for tok, lp in top_logprobs.items():
+        s = tok.strip()
+        if s.isdigit() and int(s) in VALUES and s == str(int(s)):
+            probs[int(s)] += float(np.exp(lp))
+    return float(expected_values(probs[None, :])[0])
+
+
+SIMULATION_SCHEMA = {
+    "layer": "Int32", "neuron": "Int32", "explanation_id": "String", "excerpt_id": "String", "split": "String",
+    "tokens": ("List", "String"), "true_activations": ("List", "Float32"),
+    "simulated_activations": ("List", "Float32"), "simulator": "String",
+}
+
+
+def _schema():
+    import polars as pl
+
+    return {k: (pl.List(getattr(pl, v[1])) if isinstance(v, tuple) else getattr(pl, v))
+            for k, v in SIMULATION_SCHEMA.items()}
+
+
+SCORED_SPLITS = ("score_top", "score_random")
+
+
+def simulate_layer(explanations, excerpts, backend, on_neuron=None):
+    """Simulate every scored excerpt of every neuron whose explanation is `ok`, one forward pass per excerpt."""
+    import polars as pl
+
+    ok = explanations.filter(pl.col("status") == "ok")
+    scored = excerpts.filter(pl.col("split").is_in(list(SCORED_SPLITS)))
+    rows = []
+    for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
+        mine = scored.filter((pl.col("layer") == expl["layer"]) & (pl.col("neuron") == expl["neuron"]))
+        for ex in mine.iter_rows(named=True):
+            prompt = simulation_prompt(expl["explanation"], ex["tokens"])
+            simulated = expected_values(backend.value_probabilities(prompt))
+            rows.append({
+                "layer": ex["layer"], "neuron": ex["neuron"], "explanation_id": expl["explanation_id"],
+                "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
+                "true_activations": ex["activations"], "simulated_activations": simulated.astype(float).tolist(),
+                "simulator": backend.name,
+            })
+        if on_neuron:
+            on_neuron(expl)
+    return pl.DataFrame(rows, schema=_schema())
