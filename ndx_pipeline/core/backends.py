@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 
 from .simulator import VALUES, SimulationPrompt
-from .subject_model import resolve_model
+from .subject_model import loadable, resolve_model
 
 
 @dataclass
@@ -51,9 +51,9 @@ def _causal_lm(model_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model(model_name)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs())
+    path, kwargs = loadable(resolve_model(model_name))
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     model.eval()
     return model, tokenizer
 
@@ -150,18 +150,22 @@ class LocalTransformersBackend(LLMBackend):
                 mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
                 input_ids = torch.tensor([ids + [digit_ids[1]] * s])
                 positions = torch.tensor([list(range(n)) + [p + 1 for p in slots]])
+                keep = torch.tensor(list(slots) + list(range(n, total)))
                 logits = model(input_ids=input_ids.to(model.device), attention_mask=mask[None, None].to(model.device),
-                               position_ids=positions.to(model.device)).logits[0].float()
+                               position_ids=positions.to(model.device), logits_to_keep=keep.to(model.device)).logits
             else:
-                logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()
-            probs = torch.softmax(logits, dim=-1)
-            at_slot = probs[slots]  # [s, vocab]
+                keep = torch.tensor(list(slots))
+                logits = model(input_ids=torch.tensor([ids], device=model.device),
+                               logits_to_keep=keep.to(model.device)).logits
+            # Only the rows we read go through the LM head: the slots, then the extra "1" positions.
+            probs = torch.softmax(logits[0].float(), dim=-1)
+            at_slot = probs[:s]  # [s, vocab]
             out = torch.zeros(s, len(VALUES), dtype=torch.float64)
             out[:, :10] = at_slot[:, digit_ids].double()
             if ten_id is not None:
                 out[:, 10] = at_slot[:, ten_id].double()
             elif s:
-                after_one = probs[n:]  # distribution after "<slot>1"
+                after_one = probs[s:]  # distribution after "<slot>1"
                 p_zero = after_one[:, digit_ids[0]].double()
                 p_digit = after_one[:, digit_ids].sum(dim=-1).double()
                 p_one = out[:, 1].clone()

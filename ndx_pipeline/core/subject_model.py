@@ -188,6 +188,50 @@ def check_layers(name: str | None, layers) -> list[int]:
     return sorted(set(out))
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("NDX_CACHE_DIR") or Path.home() / ".cache" / "ndx_pipeline")
+
+
+def loadable(source: ModelSource) -> tuple[str, dict]:
+    """(path, from_pretrained kwargs) to load a model quickly.
+
+    A GGUF file is de-quantized and its tokenizer converted by transformers once (tens of seconds); the result is
+    saved as a regular checkpoint under the cache folder (written to a temporary folder, then renamed) and loaded
+    from there afterwards. The weights are the same float32 tensors either way.
+    """
+    if not source.gguf_file:
+        return source.path, source.kwargs()
+    gguf = Path(source.path) / source.gguf_file
+    stat = gguf.stat()
+    target = cache_dir() / "converted" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (target / "config.json").exists():
+        import shutil
+        import tempfile
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            AutoTokenizer.from_pretrained(source.path, **source.kwargs()).save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs())
+            # The weights are already plain float32 tensors; drop the GGUF marker so they save as a checkpoint.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process converted it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(target), {"local_files_only": True}
+
+
 def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32"):
     """Load the model body (no LM head is needed) and its tokenizer, in eval mode."""
     import torch
@@ -196,8 +240,9 @@ def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "floa
     source = resolve_model(name)
     num_layers(name)  # clear error for an unknown model before any weights are touched
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
-    model = AutoModel.from_pretrained(source.path, dtype=torch_dtype, **source.kwargs())
+    path, kwargs = loadable(source)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
     model.to(device).eval()
     return model, tokenizer
 

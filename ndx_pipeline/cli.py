@@ -1,0 +1,169 @@
+"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_LAYERS = "0,1,2"
+
+
+def ensure_dagster_home() -> Path:
+    """$DAGSTER_HOME, or `./.dagster_home` when unset; given the project's dagster.yaml when it has none."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(Path(__file__).parent / "templates" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def parse_layers(text: str) -> list[int]:
+    from .core.errors import NdxInputError
+
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise NdxInputError(f"--layers {text!r}: {part!r} is not a layer number or a range like 0-3.") from None
+    if not out:
+        raise NdxInputError(f"--layers {text!r} names no layer.")
+    return sorted(set(out))
+
+
+def contiguous_ranges(layers: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for layer in layers:
+        if ranges and layer == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], layer)
+        else:
+            ranges.append((layer, layer))
+    return ranges
+
+
+def run_config(args) -> dict:
+    resources: dict = {}
+
+    def put(resource, key, value):
+        if value is not None:
+            resources.setdefault(resource, {"config": {}})["config"][key] = value
+
+    put("storage", "storage_dir", args.storage)
+    put("corpus_source", "path", args.corpus)
+    put("subject_model", "model", args.model)
+    put("subject_model", "device", args.device)
+    put("subject_model", "batch_size", args.batch_size)
+    put("selection", "neurons_per_layer", args.neurons_per_layer)
+    put("selection", "neurons", args.neurons)
+    put("selection", "seed", args.seed)
+    put("explainer_llm", "model", args.explainer_model)
+    put("simulator_llm", "model", args.simulator_model)
+    return {"resources": resources, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def _failure_message(result) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            err = event.step_failure_data.user_failure_data
+            if err is not None and err.description:
+                return f"{event.step_key}: {err.description}"
+            if event.step_failure_data.error:
+                return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+    return "the run failed (see the Dagster logs above)."
+
+
+def summarize(storage: Path, layers: list[int]) -> str:
+    import polars as pl
+
+    from .core.storage import PARTITIONED_ASSETS, asset_path
+
+    lines = [f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}"]
+    for layer in layers:
+        frame = pl.read_parquet(asset_path(storage, "scores", layer))
+        valid = frame["score"].drop_nans().drop_nulls()
+        mean = f"{valid.mean():7.3f}" if len(valid) else "    nan"
+        median = f"{valid.median():7.3f}" if len(valid) else "    nan"
+        failed = int(frame["status"].str.starts_with("failed").sum())
+        lines.append(f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {mean}  {median}")
+    lines.append("")
+    lines.append(f"Parquet files: {asset_path(storage, 'corpus')}")
+    for asset in PARTITIONED_ASSETS:
+        lines.append(f"               {storage / asset}/<layer>.parquet")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from .core.errors import NdxInputError
+
+    home = ensure_dagster_home()
+    if args.model:
+        os.environ["NDX_SUBJECT_MODEL"] = args.model
+    try:
+        from .core.subject_model import check_layers
+
+        layers = check_layers(args.model, parse_layers(args.layers))
+    except NdxInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import dagster as dg
+
+    from .definitions import MAIN_JOB, build_definitions
+    from .resources import StorageResource
+
+    defs = build_definitions()
+    job = defs.resolve_job_def(MAIN_JOB)
+    config = run_config(args)
+    storage = StorageResource(storage_dir=args.storage).path()
+    print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
+    started = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        for lo, hi in contiguous_ranges(layers):
+            tags = {"dagster/asset_partition_range_start": str(lo), "dagster/asset_partition_range_end": str(hi)}
+            result = job.execute_in_process(run_config=config, instance=instance, tags=tags, raise_on_error=False)
+            if not result.success:
+                print(f"error: {_failure_message(result)}", file=sys.stderr)
+                return 1
+            print(f"run {result.run_id} succeeded (layers {lo}–{hi})", flush=True)
+    print(f"\nDone in {time.perf_counter() - started:.0f} s.\n")
+    print(summarize(storage, layers))
+    print("\nSee the runs in the UI: DAGSTER_HOME=" + str(home) + " dagster dev")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ndx-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize corpus → … → scores for some layers and print a summary")
+    run.add_argument("--layers", default=DEFAULT_LAYERS, help=f"e.g. 0,5,10 or 0-3 (default {DEFAULT_LAYERS})")
+    run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")
+    run.add_argument("--corpus", help="folder of .txt/.md, .jsonl or .parquet (default: pydoc_data.topics)")
+    run.add_argument("--storage", help="where the Parquet files go (default: $DAGSTER_HOME/storage)")
+    run.add_argument("--neurons-per-layer", type=int, dest="neurons_per_layer")
+    run.add_argument("--neurons", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                     help="explicit neuron indices, e.g. 3,17,400")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--device", help="auto, cpu, cuda …")
+    run.add_argument("--batch-size", type=int, dest="batch_size")
+    run.add_argument("--explainer-model", dest="explainer_model")
+    run.add_argument("--simulator-model", dest="simulator_model")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
