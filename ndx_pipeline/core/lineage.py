@@ -1,0 +1,375 @@
+"""Lineage of one neuron's score: every link from the score back to the text of the documents.
+
+`lineage(storage, layer, neuron)` follows the data contract's files:
+
+    scores ──explanation_id──► explanations ──prompt_sha256──► the explainer prompt, rebuilt from the explain excerpts
+       └──explanation_id──► simulations ──excerpt_id──► top_excerpts ──doc_id + char span──► corpus text
+
+and returns one JSON-ready dict. Nothing is trusted blindly: the prompt is rebuilt and its hash compared with the
+stored one, each excerpt's text is cut out of its document by character span and compared with the concatenation
+of its tokens, and the `checks` field says what held. Dagster run ids, partitions and code/data versions are not in
+the Parquet files; the Dagster layer passes them in as `runs` (stage → info).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from .errors import NdxInputError
+from .explainer import LEAD_IN, explainer_messages, prompt_sha256
+from .storage import asset_path
+
+STAGES = ("corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores")
+SCORED_SPLITS = ("score_top", "score_random")
+REPLACEMENT_CHAR = "\ufffd"
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_layer_file(storage_dir: str | os.PathLike, asset: str, layer: int) -> pl.DataFrame:
+    """One contract file of one layer, or an NdxInputError naming the file and the missing stage."""
+    path = asset_path(storage_dir, asset, layer)
+    if not path.exists():
+        raise NdxInputError(
+            f"layer {layer} has no {asset} file at {path}: materialize {asset} for layer {layer} first."
+        )
+    return pl.read_parquet(path)
+
+
+def available_layers(storage_dir: str | os.PathLike, asset: str = "scores") -> list[int]:
+    """The layers that have a file for `asset` under `storage_dir`, in order."""
+    folder = Path(storage_dir) / asset
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit())
+
+
+class Documents:
+    """doc_id → (source, text) of the corpus, read lazily and once."""
+
+    def __init__(self, storage_dir: str | os.PathLike, frame: pl.DataFrame | None = None):
+        self.path = asset_path(storage_dir, "corpus")
+        self._frame = frame
+        self._by_id: dict[str, tuple[str, str]] | None = None
+
+    def _load(self) -> dict[str, tuple[str, str]]:
+        if self._by_id is None:
+            frame = self._frame
+            if frame is None:
+                if not self.path.exists():
+                    raise NdxInputError(f"the corpus file {self.path} does not exist: materialize corpus first.")
+                frame = pl.read_parquet(self.path, columns=["doc_id", "source", "text"])
+            self._by_id = {d: (s, t) for d, s, t in zip(frame["doc_id"], frame["source"], frame["text"])}
+        return self._by_id
+
+    def get(self, doc_id: str) -> tuple[str, str] | None:
+        return self._load().get(doc_id)
+
+
+class LayerData:
+    """The contract files of one layer, read once; `neuron(...)` filters them to one neuron."""
+
+    def __init__(self, storage_dir: str | os.PathLike, layer: int, documents: Documents | None = None):
+        self.storage_dir = Path(storage_dir)
+        self.layer = int(layer)
+        self.scores = read_layer_file(storage_dir, "scores", layer)
+        self.explanations = read_layer_file(storage_dir, "explanations", layer)
+        self.simulations = read_layer_file(storage_dir, "simulations", layer)
+        self.excerpts = read_layer_file(storage_dir, "top_excerpts", layer)
+        records = asset_path(storage_dir, "activation_records", layer)
+        self.records = pl.read_parquet(records) if records.exists() else None
+        self.documents = documents or Documents(storage_dir)
+
+    def neurons(self) -> list[int]:
+        return sorted(int(n) for n in self.scores["neuron"].unique())
+
+    def neuron(self, asset: str, neuron: int) -> pl.DataFrame:
+        frame = getattr(self, asset)
+        if frame is None:
+            return pl.DataFrame()
+        return frame.filter(pl.col("neuron") == neuron)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def json_safe(value: Any) -> Any:
+    """Floats that JSON cannot hold (NaN, ±inf) become None, recursively; tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _row(frame: pl.DataFrame) -> dict:
+    return frame.row(0, named=True) if len(frame) else {}
+
+
+def resolve_excerpt_text(documents: Documents, doc_id: str, char_start: int | None, char_end: int | None,
+                         tokens: list[str] | None) -> dict:
+    """The document behind an excerpt and the excerpt's text as it stands there.
+
+    `text` is the slice of the document's text by the stored character span. When the span is unknown (-1 or
+    null: a tokenizer without offsets), the concatenated tokens are looked up in the document instead and
+    `span_from` says so. `text_matches_tokens` is True/False when the tokens round-trip to text, None when they
+    cannot (a token holds a partial UTF-8 character, decoded as U+FFFD).
+    """
+    joined = "".join(tokens) if tokens is not None else None
+    out: dict[str, Any] = {"doc_id": doc_id, "source": None, "char_start": char_start, "char_end": char_end,
+                           "text": None, "span_from": "stored", "document_found": False,
+                           "text_matches_tokens": None}
+    doc = documents.get(doc_id)
+    if doc is None:
+        return out
+    source, text = doc
+    out["source"], out["document_found"] = source, True
+    known = char_start is not None and char_end is not None and 0 <= char_start <= char_end <= len(text)
+    if not known and joined:
+        at = text.find(joined)
+        if at >= 0:
+            out["char_start"], out["char_end"], out["span_from"] = at, at + len(joined), "token_search"
+            known = True
+    if not known:
+        out["span_from"] = "unknown"
+        return out
+    out["text"] = text[out["char_start"]:out["char_end"]]
+    if joined is not None and REPLACEMENT_CHAR not in joined:
+        out["text_matches_tokens"] = out["text"] == joined
+    return out
+
+
+def normalize_runs(runs: Mapping[str, Any] | None, layer: int) -> dict[str, dict | None]:
+    """`runs` as given by the Dagster layer (stage → run id, or stage → dict of run_id, partition, code_version,
+    data_version, …), with every stage present and the partition filled in where it is implied."""
+    runs = runs or {}
+    unknown = sorted(set(runs) - set(STAGES))
+    out: dict[str, dict | None] = {}
+    for stage in (*STAGES, *unknown):
+        info = runs.get(stage)
+        if info is None:
+            out[stage] = None
+            continue
+        entry = {"run_id": info} if isinstance(info, str) else dict(info)
+        entry.setdefault("run_id", None)
+        entry.setdefault("partition", None if stage == "corpus" else str(layer))
+        entry.setdefault("code_version", None)
+        entry.setdefault("data_version", None)
+        out[stage] = entry
+    return out
+
+
+def _subject_model(explicit: str | None, records: pl.DataFrame, runs: dict) -> str | None:
+    if explicit:
+        return explicit
+    if "subject_model" in records.columns and len(records):
+        value = records["subject_model"].drop_nulls()
+        if len(value):
+            return str(value[0])
+    stage = runs.get("activation_records") or {}
+    for key in ("subject_model", "model"):
+        if stage.get(key):
+            return str(stage[key])
+        meta = stage.get("metadata") or {}
+        if meta.get(key):
+            return str(meta[key])
+    return None
+
+
+def _excerpt_entry(documents: Documents, ex: Mapping) -> dict:
+    entry = {
+        "excerpt_id": ex.get("excerpt_id"), "split": ex.get("split"), "kind": ex.get("kind"),
+        "rank": ex.get("rank"), "window_index": ex.get("window_index"), "token_start": ex.get("token_start"),
+        "tokens": list(ex["tokens"]) if ex.get("tokens") is not None else None,
+    }
+    entry.update(resolve_excerpt_text(documents, ex["doc_id"], ex.get("char_start"), ex.get("char_end"),
+                                      entry["tokens"]))
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------- lineage
+
+
+def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None = None,
+                   subject_model: str | None = None) -> dict:
+    """Lineage of one neuron from already-read layer files (the viewer calls this once per neuron)."""
+    layer = data.layer
+    neuron = int(neuron)
+    score_rows = data.neuron("scores", neuron)
+    if score_rows.is_empty():
+        known = data.neurons()
+        shown = ", ".join(map(str, known[:20])) + (" …" if len(known) > 20 else "")
+        raise NdxInputError(f"layer {layer} has no score for neuron {neuron}; scored neurons: {shown or 'none'}.")
+    score = _row(score_rows)
+    run_info = normalize_runs(runs, layer)
+    expl_rows = data.neuron("explanations", neuron)
+    explanation_id = score.get("explanation_id")
+    chosen = _row(expl_rows.filter(pl.col("explanation_id") == explanation_id)) if explanation_id else {}
+    excerpts = data.neuron("excerpts", neuron).sort(["split", "kind", "rank"])
+
+    # The explainer prompt, rebuilt exactly as explain_layer built it: explain excerpts in rank order.
+    explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
+    messages = explainer_messages(list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
+    rebuilt_sha = prompt_sha256(messages)
+    explanation = {
+        "explanation_id": explanation_id,
+        "explanation": chosen.get("explanation", score.get("explanation")),
+        "explainer": chosen.get("explainer"),
+        "status": chosen.get("status"),
+        "error": chosen.get("error"),
+        "prompt_sha256": chosen.get("prompt_sha256"),
+        "rebuilt_prompt_sha256": rebuilt_sha,
+        "prompt_verified": bool(chosen) and chosen.get("prompt_sha256") == rebuilt_sha,
+        "prompt": {"messages": messages, "assistant_prefix": LEAD_IN},
+        "excerpts": [_excerpt_entry(data.documents, ex) | {"activations": list(ex["activations"])}
+                     for ex in explain.iter_rows(named=True)],
+    }
+    candidates = [
+        {k: r.get(k) for k in ("explanation_id", "explanation", "explainer", "prompt_sha256", "status", "error")}
+        for r in expl_rows.sort("explanation_id").iter_rows(named=True)
+    ]
+
+    # Every scored excerpt: its simulation (true and simulated activations) and its document.
+    sims = data.neuron("simulations", neuron)
+    if explanation_id is not None:
+        sims = sims.filter(pl.col("explanation_id") == explanation_id)
+    by_id = {ex["excerpt_id"]: ex for ex in excerpts.iter_rows(named=True)}
+    scored = []
+    unresolved = []
+    for sim in sims.iter_rows(named=True):
+        ex = by_id.get(sim["excerpt_id"])
+        if ex is None:
+            unresolved.append(sim["excerpt_id"])
+            entry = {"excerpt_id": sim["excerpt_id"], "split": sim.get("split"), "tokens": sim.get("tokens"),
+                     "doc_id": None, "source": None, "char_start": None, "char_end": None, "text": None,
+                     "document_found": False, "text_matches_tokens": None, "span_from": "unknown"}
+        else:
+            entry = _excerpt_entry(data.documents, ex)
+        entry["true_activations"] = list(sim["true_activations"])
+        entry["simulated_activations"] = list(sim["simulated_activations"])
+        entry["simulator"] = sim.get("simulator")
+        scored.append(entry)
+    scored.sort(key=lambda e: (SCORED_SPLITS.index(e["split"]) if e["split"] in SCORED_SPLITS else 9,
+                               e.get("rank") if e.get("rank") is not None else 0))
+
+    records = data.neuron("records", neuron)
+    stats = {}
+    if len(records):
+        first = _row(records)
+        stats = {k: first.get(f"neuron_{k}") for k in ("mean", "variance", "max", "token_count")}
+    every = scored + explanation["excerpts"]
+    checks = {
+        "prompt_sha256_matches": explanation["prompt_verified"],
+        "simulations": len(scored),
+        "simulations_resolved_to_excerpts": len(scored) - len(unresolved),
+        "unresolved_excerpt_ids": unresolved,
+        "documents_found": all(e["document_found"] for e in every),
+        "texts_match_tokens": all(e["text_matches_tokens"] is not False for e in every),
+        "text_mismatches": [e["excerpt_id"] for e in every if e["text_matches_tokens"] is False],
+        "texts_unverifiable": [e["excerpt_id"] for e in every if e["text_matches_tokens"] is None],
+    }
+    checks["all_links_resolved"] = bool(
+        scored and not unresolved and checks["documents_found"] and checks["texts_match_tokens"]
+        and checks["prompt_sha256_matches"] and all(e["text"] is not None for e in every)
+    )
+    simulator = next((e["simulator"] for e in scored if e.get("simulator")), None)
+    result = {
+        "layer": layer,
+        "neuron": neuron,
+        "subject_model": _subject_model(subject_model, records, run_info),
+        "score": score,
+        "explanation": explanation,
+        "explanations": candidates,
+        "simulator": simulator,
+        "neuron_stats": stats,
+        "excerpts": scored,
+        "runs": run_info,
+        "files": {stage: str(asset_path(data.storage_dir, stage, None if stage == "corpus" else layer))
+                  for stage in STAGES},
+        "checks": checks,
+    }
+    return json_safe(result)
+
+
+def lineage(storage_dir: str | os.PathLike, layer: int, neuron: int, runs: Mapping[str, Any] | None = None,
+            subject_model: str | None = None) -> dict:
+    """Everything behind the score of `neuron` in `layer`, as a JSON-ready dict.
+
+    Keys: layer, neuron, subject_model, score (the scores row), explanation (id, text, explainer, prompt_sha256,
+    the rebuilt prompt and whether its hash matches, its explain excerpts), explanations (all candidates),
+    simulator, neuron_stats, excerpts (every scored excerpt: tokens, true and simulated activations, doc_id,
+    source, char_start, char_end and the text cut from the document), runs (stage → run id, partition, code and
+    data version, as passed in), files, checks. Raises NdxInputError when the layer or neuron is not there.
+    """
+    try:
+        layer = int(layer)
+        neuron = int(neuron)
+    except (TypeError, ValueError):
+        raise NdxInputError(f"layer {layer!r} and neuron {neuron!r} must be integers.") from None
+    if not Path(storage_dir).is_dir():
+        raise NdxInputError(f"storage folder {storage_dir} does not exist: run the pipeline first.")
+    if not asset_path(storage_dir, "scores", layer).exists():
+        have = available_layers(storage_dir)
+        raise NdxInputError(
+            f"layer {layer} has no scores under {storage_dir} (scored layers: "
+            f"{', '.join(map(str, have)) or 'none'}): materialize the pipeline for layer {layer} first."
+        )
+    return neuron_lineage(LayerData(storage_dir, layer), neuron, runs, subject_model)
+
+
+def lineage_json(result: Mapping, indent: int | None = 2) -> str:
+    """Strict JSON (no NaN) for machines: `ndx-pipeline lineage L N --json`."""
+    return json.dumps(json_safe(result), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def format_lineage(result: Mapping, max_text: int = 160) -> str:
+    """A human-readable account of a lineage dict, for the terminal."""
+    s, e, c = result["score"], result["explanation"], result["checks"]
+    lines = [
+        f"layer {result['layer']} neuron {result['neuron']}  (subject model: {result.get('subject_model') or 'n/a'})",
+        f"score {_fmt(s.get('score'))}  (top {_fmt(s.get('score_top'))}, random {_fmt(s.get('score_random'))})"
+        f"  status: {s.get('status')}",
+        f"explanation {e['explanation_id']}: {e['explanation']!r}",
+        f"  explainer: {e['explainer']}   simulator: {result.get('simulator')}",
+        f"  prompt sha256: {e['prompt_sha256']}  "
+        f"({'matches the rebuilt prompt' if e['prompt_verified'] else 'DOES NOT match the rebuilt prompt ' + str(e['rebuilt_prompt_sha256'])})",
+        "",
+        f"scored excerpts ({len(result['excerpts'])}):",
+    ]
+    for x in result["excerpts"]:
+        text = (x.get("text") or "").replace("\n", "⏎")
+        text = text if len(text) <= max_text else text[: max_text - 1] + "…"
+        true, sim = x.get("true_activations") or [], x.get("simulated_activations") or []
+        ok = {True: "text = tokens", False: "TEXT ≠ TOKENS", None: "text unverified"}[x.get("text_matches_tokens")]
+        lines.append(
+            f"  {x['excerpt_id']} [{x.get('split')}] {x.get('doc_id')} chars {x.get('char_start')}–{x.get('char_end')}"
+            f" ({x.get('source')}); max true {_fmt(max((v for v in true if v is not None), default=None))},"
+            f" max sim {_fmt(max((v for v in sim if v is not None), default=None))}; {ok}"
+        )
+        lines.append(f"      {text}")
+    lines.append("")
+    lines.append("runs:")
+    for stage, info in result["runs"].items():
+        if info is None:
+            lines.append(f"  {stage:<18} (not given)")
+        else:
+            lines.append(f"  {stage:<18} run {info.get('run_id')}  partition {info.get('partition')}  "
+                         f"code {info.get('code_version')}  data {info.get('data_version')}")
+    lines.append("")
+    lines.append("checks: " + ("every link resolves to document text" if c["all_links_resolved"] else
+                               "NOT every link resolves — " + json.dumps({k: v for k, v in c.items() if v})))
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Lineage: from a score back to the explainer prompt, the simulations, the excerpts and the documents' text.
+
+`build_store` writes a small but complete data-contract store (corpus → … → scores, two layers) whose corpus holds
+HTML (`<script>`, `&amp;`); the viewer and interop tests load it from here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ndx_pipeline.core.activations import RECORD_SCHEMA
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.excerpts import split_excerpts
+from ndx_pipeline.core.explainer import EXPLANATION_SCHEMA, explainer_messages, explanation_id, prompt_sha256
+from ndx_pipeline.core.lineage import format_lineage, lineage, lineage_json
+from ndx_pipeline.core.scoring import score_layer
+from ndx_pipeline.core.simulator import _schema as simulation_schema
+from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
+
+WINDOW = 8
+TOP_K, RANDOM_K = 8, 10
+SPLITS = dict(explain_n=2, score_top_n=2, score_random_n=2)
+
+SENTENCES = [
+    "Use <script>alert(1)</script> only in tests & never in pages.",
+    "The entity &amp; stands for an ampersand; &lt;b&gt; is not bold.",
+    "def load(path):\n    return open(path).read()",
+    "If the value is missing, return None and log it.",
+    "A <div class=\"x\"> holds text & the </div> closes it.",
+    "for item in items:\n    total += item\nreturn total",
+    "Plain prose without markup keeps the neuron quiet today.",
+]
+
+# What each synthetic neuron fires on (layer → neuron → token predicate and strength).
+NEURONS = {
+    0: {3: (lambda t: "<" in t or "script" in t, 2.5), 7: (lambda t: t.strip() == "return", 3.0)},
+    1: {5: (lambda t: "&" in t, 1.5), 9: (lambda t: t.strip() in {"(", ")"}, 2.0)},
+}
+EXPLANATIONS = {
+    (0, 3): 'HTML tags such as <script> & "quoted" markup',
+    (0, 7): "the keyword return in code",
+    (1, 5): None,  # this explanation failed: the neuron has a NaN score and no simulations
+    (1, 9): "parentheses",
+}
+
+
+def tokenize(text: str) -> list[tuple[str, int, int]]:
+    """Whitespace-prefixed words and single punctuation marks, with their character spans."""
+    return [(m.group(0), m.start(), m.end()) for m in re.finditer(r"\s*(?:\w+|[^\w\s])", text)]
+
+
+def _corpus() -> pl.DataFrame:
+    docs = []
+    for i in range(6):
+        text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(4))
+        docs.append({"doc_id": f"doc-{i}", "source": f"fixtures/doc-{i}.txt", "text": text})
+    return pl.DataFrame(docs, schema={"doc_id": pl.String, "source": pl.String, "text": pl.String})
+
+
+def _windows(corpus: pl.DataFrame) -> list[dict]:
+    windows = []
+    for doc_id, text in zip(corpus["doc_id"], corpus["text"]):
+        toks = tokenize(text)
+        for start in range(0, len(toks) - WINDOW + 1, WINDOW):
+            piece = toks[start:start + WINDOW]
+            windows.append({"doc_id": doc_id, "token_start": start, "tokens": [t for t, _, _ in piece],
+                            "char_start": piece[0][1], "char_end": piece[-1][2]})
+    return windows
+
+
+def _records(layer: int, windows: list[dict]) -> pl.DataFrame:
+    rows = []
+    sample = np.random.default_rng(layer).permutation(len(windows))[:RANDOM_K]
+    for neuron, (fires, strength) in NEURONS[layer].items():
+        rng = np.random.default_rng([layer, neuron])
+        acts = [np.asarray([strength * (0.6 + 0.4 * rng.random()) if fires(t) else rng.normal(0, 0.03)
+                            for t in w["tokens"]], dtype=np.float32) for w in windows]
+        flat = np.concatenate(acts).astype(np.float64)
+        stats = dict(neuron_mean=float(flat.mean()), neuron_variance=float(flat.var()),
+                     neuron_max=float(flat.max()), neuron_token_count=int(flat.size))
+        order = sorted(range(len(windows)), key=lambda w: (-float(acts[w].max()), w))[:TOP_K]
+        for kind, picks in (("top", order), ("random", [int(w) for w in sample])):
+            for rank, w in enumerate(picks):
+                rows.append({"layer": layer, "neuron": neuron, "kind": kind, "rank": rank, **windows[w],
+                             "activations": acts[w].tolist(), "window_index": w,
+                             "max_activation": float(acts[w].max()), **stats})
+    return pl.DataFrame(rows, schema=RECORD_SCHEMA)
+
+
+def build_store(root: Path, baseline: bool = True) -> Path:
+    """A complete store under `root/storage`: corpus, and layers 0 and 1 through scores."""
+    storage = Path(root) / "storage"
+    corpus = _corpus()
+    write_parquet_atomic(corpus, asset_path(storage, "corpus"))
+    windows = _windows(corpus)
+    for layer in NEURONS:
+        records = _records(layer, windows)
+        write_parquet_atomic(records, asset_path(storage, "activation_records", layer))
+        excerpts = split_excerpts(records, **SPLITS)
+        write_parquet_atomic(excerpts, asset_path(storage, "top_excerpts", layer))
+        expl_rows, sim_rows = [], []
+        for neuron in NEURONS[layer]:
+            mine = excerpts.filter(pl.col("neuron") == neuron)
+            explain = mine.filter(pl.col("split") == "explain").sort("rank")
+            messages = explainer_messages(list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
+            text = EXPLANATIONS[(layer, neuron)]
+            eid = explanation_id(layer, neuron)
+            expl_rows.append({"layer": layer, "neuron": neuron, "explanation_id": eid, "explanation": text,
+                              "explainer": "fixture-explainer", "prompt_sha256": prompt_sha256(messages),
+                              "status": "ok" if text else "failed",
+                              "error": None if text else "the explainer returned no text after the lead-in",
+                              "prompt_tokens": 100, "completion_tokens": 8, "seconds": 0.1})
+            if not text:
+                continue
+            peak = float(mine["max_activation"].max())
+            for ex in mine.filter(pl.col("split") != "explain").iter_rows(named=True):
+                sim = [min(10.0, max(0.0, 10 * a / peak)) * 0.8 + 0.3 * (i % 3) for i, a in enumerate(ex["activations"])]
+                sim_rows.append({"layer": layer, "neuron": neuron, "explanation_id": eid,
+                                 "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
+                                 "true_activations": ex["activations"], "simulated_activations": sim,
+                                 "simulator": "fixture-simulator"})
+        expl = pl.DataFrame(expl_rows, schema={k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()})
+        sims = pl.DataFrame(sim_rows, schema=simulation_schema())
+        scores = score_layer(sims, expl)
+        if baseline:
+            scores = scores.with_columns(
+                (pl.col("score") * 0.5).alias("baseline_token_lookup"))
+        write_parquet_atomic(expl, asset_path(storage, "explanations", layer))
+        write_parquet_atomic(sims, asset_path(storage, "simulations", layer))
+        write_parquet_atomic(scores, asset_path(storage, "scores", layer))
+    return storage
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return build_store(tmp_path_factory.mktemp("lineage"))
+
+
+def test_lineage_resolves_every_link_to_document_text(store):
+    result = lineage(store, 0, 3)
+    assert result["layer"] == 0 and result["neuron"] == 3
+    assert result["checks"]["all_links_resolved"], result["checks"]
+    scores = pl.read_parquet(asset_path(store, "scores", 0)).filter(pl.col("neuron") == 3).row(0, named=True)
+    assert result["score"]["score"] == pytest.approx(scores["score"])
+    assert result["score"]["explanation_id"] == "0/3/explanation/0"
+
+    # The explanation, its explainer, and the exact prompt: rebuilt, hashed, equal to the stored hash.
+    e = result["explanation"]
+    assert e["explanation"] == EXPLANATIONS[(0, 3)] and e["explainer"] == "fixture-explainer"
+    assert e["prompt_verified"] and e["prompt_sha256"] == e["rebuilt_prompt_sha256"]
+    assert prompt_sha256(e["prompt"]["messages"], e["prompt"]["assistant_prefix"]) == e["prompt_sha256"]
+    assert e["prompt"]["messages"][-1]["role"] == "user"
+
+    # Every scored excerpt, with true and simulated activations and its document.
+    sims = pl.read_parquet(asset_path(store, "simulations", 0)).filter(pl.col("neuron") == 3)
+    assert sorted(x["excerpt_id"] for x in result["excerpts"]) == sorted(sims["excerpt_id"].to_list())
+    corpus = dict(zip(*pl.read_parquet(asset_path(store, "corpus")).select("doc_id", "text").to_dict().values()))
+    for x in result["excerpts"]:
+        assert x["split"] in ("score_top", "score_random")
+        assert len(x["true_activations"]) == len(x["simulated_activations"]) == len(x["tokens"])
+        assert x["text"] == corpus[x["doc_id"]][x["char_start"]:x["char_end"]] == "".join(x["tokens"])
+        assert x["source"] == f"fixtures/{x['doc_id']}.txt" and x["text_matches_tokens"] is True
+    assert any("<script>" in x["text"] for x in result["excerpts"] + e["excerpts"])
+
+    # Strict JSON with the top-level excerpts list the CLI promises.
+    doc = json.loads(lineage_json(result))
+    assert {"doc_id", "char_start", "char_end", "text"} <= set(doc["excerpts"][0])
+
+
+def test_runs_are_carried_and_completed(store):
+    runs = {"activation_records": {"run_id": "r-1", "code_version": "c1", "data_version": "d1",
+                                   "subject_model": "bundled:SmolLM2-135M-Instruct"},
+            "scores": "r-2"}
+    result = lineage(store, 0, 7, runs=runs)
+    assert result["runs"]["activation_records"] == {"run_id": "r-1", "code_version": "c1", "data_version": "d1",
+                                                    "subject_model": "bundled:SmolLM2-135M-Instruct",
+                                                    "partition": "0"}
+    assert result["runs"]["scores"]["run_id"] == "r-2" and result["runs"]["scores"]["partition"] == "0"
+    assert result["runs"]["corpus"] is None
+    assert result["subject_model"] == "bundled:SmolLM2-135M-Instruct"
+    text = format_lineage(result)
+    assert "every link resolves" in text and "r-1" in text and "0/7/explanation/0" in text
+
+
+def test_failed_explanation_is_reported_not_hidden(store):
+    result = lineage(store, 1, 5)
+    assert result["score"]["score"] is None and result["score"]["status"].startswith("failed")
+    assert result["excerpts"] == [] and not result["checks"]["all_links_resolved"]
+    json.loads(lineage_json(result))  # NaN became null
+
+
+def test_tampered_prompt_hash_and_text_are_caught(store, tmp_path):
+    copy = tmp_path / "storage"
+    import shutil
+
+    shutil.copytree(store, copy)
+    path = asset_path(copy, "explanations", 0)
+    expl = pl.read_parquet(path).with_columns(pl.lit("0" * 64).alias("prompt_sha256"))
+    write_parquet_atomic(expl, path)
+    corpus_path = asset_path(copy, "corpus")
+    corpus = pl.read_parquet(corpus_path).with_columns(pl.col("text").str.replace_all("return", "RETURN"))
+    write_parquet_atomic(corpus, corpus_path)
+    result = lineage(copy, 0, 7)
+    assert not result["explanation"]["prompt_verified"]
+    assert result["checks"]["text_mismatches"] and not result["checks"]["all_links_resolved"]
+
+
+def test_missing_layer_or_neuron_is_a_clear_error(store, tmp_path):
+    with pytest.raises(NdxInputError, match=r"layer 4 has no scores .*scored layers: 0, 1"):
+        lineage(store, 4, 3)
+    with pytest.raises(NdxInputError, match=r"layer 0 has no score for neuron 99; scored neurons: 3, 7"):
+        lineage(store, 0, 99)
+    with pytest.raises(NdxInputError, match="does not exist"):
+        lineage(tmp_path / "nowhere", 0, 3)
+
+
+def test_span_is_found_from_tokens_when_the_tokenizer_gave_none(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "storage"
+    shutil.copytree(store, copy)
+    path = asset_path(copy, "top_excerpts", 0)
+    write_parquet_atomic(pl.read_parquet(path).with_columns(pl.lit(-1, pl.Int32).alias("char_start"),
+                                                            pl.lit(-1, pl.Int32).alias("char_end")), path)
+    result = lineage(copy, 0, 3)
+    assert result["checks"]["all_links_resolved"]
+    assert {x["span_from"] for x in result["excerpts"]} == {"token_search"}
+
+
+@pytest.mark.slow
+def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
+    """The default pipeline on the bundled model: every neuron's lineage resolves to document text."""
+    run = subprocess.run([sys.executable, "-m", "ndx_pipeline.cli", "run", "--layers", "0",
+                          "--neurons-per-layer", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    storage = tmp_path / ".dagster_home" / "storage"
+    neurons = pl.read_parquet(asset_path(storage, "scores", 0))["neuron"].to_list()
+    assert neurons
+    for n in neurons:
+        result = lineage(storage, 0, n)
+        assert result["checks"]["prompt_sha256_matches"]
+        assert result["excerpts"], f"neuron {n} has no scored excerpts"
+        for x in result["excerpts"]:
+            assert x["document_found"] and x["text"] is not None and x["text_matches_tokens"] is not False
+        assert result["checks"]["all_links_resolved"] or result["checks"]["texts_unverifiable"]
