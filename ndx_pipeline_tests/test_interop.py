@@ -1,0 +1,214 @@
+"""Interop with OpenAI neuron-explainer JSON: export a layer, import NeuronRecords, and round-trip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ndx_pipeline.core.activations import RECORD_SCHEMA
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.excerpts import split_excerpts
+from ndx_pipeline.core.interop import (
+    export_layer,
+    import_neuron_records,
+    neuron_record_files,
+    write_imported,
+)
+from ndx_pipeline.core.storage import asset_path
+
+
+def _load_fixture_builder():
+    spec = importlib.util.spec_from_file_location("ndx_lineage_fixture", Path(__file__).with_name("test_lineage.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FIXTURE = _load_fixture_builder()
+
+# Field names of neuron-explainer's dataclasses (besides `dataclass_name`), as its loader expects them.
+NEURON_RECORD_FIELDS = {"neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries", "mean",
+                        "variance", "skewness", "kurtosis", "most_positive_activation_records"}
+SIMULATION_FIELDS = {
+    "NeuronSimulationResults": {"neuron_id", "scored_explanations"},
+    "ScoredExplanation": {"explanation", "scored_simulation"},
+    "ScoredSimulation": {"scored_sequence_simulations", "ev_correlation_score", "rsquared_score",
+                         "absolute_dev_explained_score"},
+    "ScoredSequenceSimulation": {"simulation", "true_activations", "ev_correlation_score", "rsquared_score",
+                                 "absolute_dev_explained_score"},
+    "SequenceSimulation": {"tokens", "expected_activations", "activation_scale", "distribution_values",
+                           "distribution_probabilities", "uncalibrated_simulation"},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return FIXTURE.build_store(tmp_path_factory.mktemp("interop"))
+
+
+@pytest.fixture(scope="module")
+def exported(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    for layer in (0, 1):
+        export_layer(store, layer, out)
+    return out
+
+
+def _fields(obj: dict) -> set:
+    return set(obj) - {"dataclass_name"}
+
+
+def test_export_writes_neuron_records_in_openai_shapes(store, exported):
+    path = exported / "collated-activations" / "0" / "3.json"
+    rec = json.loads(path.read_text())
+    assert rec["dataclass_name"] == "NeuronRecord" and _fields(rec) == NEURON_RECORD_FIELDS
+    assert rec["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": 0, "neuron_index": 3}
+    top = rec["most_positive_activation_records"]
+    assert len(top) == FIXTURE.TOP_K and len(rec["random_sample"]) == FIXTURE.RANDOM_K
+    assert all(r["dataclass_name"] == "ActivationRecord" and _fields(r) == {"tokens", "activations"} for r in top)
+    maxima = [max(r["activations"]) for r in top]
+    assert maxima == sorted(maxima, reverse=True)
+    records = pl.read_parquet(asset_path(store, "activation_records", 0)).filter(pl.col("neuron") == 3)
+    assert rec["mean"] == pytest.approx(records["neuron_mean"][0])
+    assert rec["variance"] == pytest.approx(records["neuron_variance"][0])
+    assert rec["random_sample_by_quantile"] is None and rec["skewness"] is None
+    assert sorted(p.name for p in (exported / "collated-activations" / "0").iterdir()) == ["3.json", "7.json"]
+
+
+def test_export_writes_simulation_results_with_our_scores(store, exported):
+    lines = (exported / "explanations" / "0" / "7.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    nsr = json.loads(lines[0])
+
+    def check(obj):
+        if isinstance(obj, dict):
+            if "dataclass_name" in obj and obj["dataclass_name"] in SIMULATION_FIELDS:
+                assert _fields(obj) == SIMULATION_FIELDS[obj["dataclass_name"]], obj["dataclass_name"]
+            for v in obj.values():
+                check(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                check(v)
+
+    check(nsr)
+    assert nsr["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": 0, "neuron_index": 7}
+    (scored,) = nsr["scored_explanations"]
+    score = pl.read_parquet(asset_path(store, "scores", 0)).filter(pl.col("neuron") == 7).row(0, named=True)
+    assert scored["explanation"] == score["explanation"]
+    assert scored["scored_simulation"]["ev_correlation_score"] == pytest.approx(score["score"], abs=1e-6)
+    assert scored["scored_simulation"]["rsquared_score"] == pytest.approx(score["rsquared"], abs=1e-6)
+    seqs = scored["scored_simulation"]["scored_sequence_simulations"]
+    assert len(seqs) == 4
+    for s in seqs:
+        sim = s["simulation"]
+        assert sim["activation_scale"] == "simulated_normalized_activations"
+        assert len(sim["tokens"]) == len(sim["expected_activations"]) == len(s["true_activations"])
+    # A neuron whose explanation failed has nothing to report.
+    assert not (exported / "explanations" / "1" / "5.jsonl").exists()
+
+
+def test_export_round_trips_through_import(store, exported, tmp_path):
+    imported = import_neuron_records(exported)
+    assert imported.layers() == [0, 1]
+    for layer in (0, 1):
+        original = pl.read_parquet(asset_path(store, "activation_records", layer))
+        back = imported.records.filter(pl.col("layer") == layer).select(list(RECORD_SCHEMA))
+        key = ["neuron", "kind", "rank"]
+        assert back.schema == original.schema
+        assert back.sort(key).equals(original.sort(key)), f"layer {layer} does not round-trip"
+    # The exported documents come back too, so the imported rows resolve to text in a fresh store.
+    fresh = tmp_path / "fresh"
+    write_imported(fresh, imported)
+    corpus = pl.read_parquet(asset_path(fresh, "corpus"))
+    texts = dict(zip(corpus["doc_id"], corpus["text"]))
+    for r in pl.read_parquet(asset_path(fresh, "activation_records", 0)).iter_rows(named=True):
+        assert texts[r["doc_id"]][r["char_start"]:r["char_end"]] == "".join(r["tokens"])
+
+
+def _released_style_record(layer: int, neuron: int) -> dict:
+    """A NeuronRecord as OpenAI's released collated activations hold it: GPT-2 style tokens, quantile samples,
+    NaN moments, no provenance."""
+    def ar(tokens, acts):
+        return {"dataclass_name": "ActivationRecord", "tokens": tokens, "activations": acts}
+
+    shared = ar([" the", " cat", " sat", "."], [0.0, 0.1, -0.05, 0.0])
+    top = [ar([" I", " love", " <", "b", ">", " &", "amp", ";"], [0.0, 0.2, 3.5, 1.0, 0.4, 2.0, 0.1, 0.0]),
+           ar([" Tom", " &", " Jerry"], [0.0, 2.9, 0.1]), shared]
+    top += [ar([f" w{i}", " &", " x"], [0.0, 2.5 - 0.1 * i, 0.0]) for i in range(20)]
+    random = [shared] + [ar([f" r{i}", " y"], [0.01 * i, -0.02]) for i in range(20)]
+    return {
+        "dataclass_name": "NeuronRecord",
+        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": layer, "neuron_index": neuron},
+        "random_sample": random,
+        "random_sample_by_quantile": [[ar([" q", str(i)], [0.1 * i, 0.0])] for i in range(5)],
+        "quantile_boundaries": [0.0, 0.1, 0.5, 1.2],
+        "mean": 0.02, "variance": 0.09, "skewness": float("nan"), "kurtosis": None,
+        "most_positive_activation_records": top,
+    }
+
+
+def test_import_of_released_collated_activations(tmp_path):
+    src = tmp_path / "collated-activations" / "12"
+    src.mkdir(parents=True)
+    for n in (40, 7):
+        (src / f"{n}.json").write_text(json.dumps(_released_style_record(12, n)))
+    imported = import_neuron_records(tmp_path / "collated-activations")
+    rec = imported.records
+    assert set(RECORD_SCHEMA) <= set(rec.columns)
+    assert rec.select(list(RECORD_SCHEMA)).schema == pl.Schema(RECORD_SCHEMA)
+    assert rec["neuron"].unique().sort().to_list() == [7, 40] and imported.layers() == [12]
+    n7 = rec.filter(pl.col("neuron") == 7)
+    assert n7.filter(pl.col("kind") == "top")["rank"].to_list() == list(range(23))
+    assert sorted(k for k in n7["kind"].unique() if k.startswith("quantile_")) == [f"quantile_{i}" for i in range(5)]
+    first = n7.row(0, named=True)
+    assert first["kind"] == "top" and first["max_activation"] == pytest.approx(3.5)
+    assert first["neuron_max"] == pytest.approx(3.5) and first["neuron_mean"] == pytest.approx(0.02)
+    assert math.isnan(first["neuron_skewness"]) and math.isnan(first["neuron_kurtosis"])
+    assert first["quantile_boundaries"] == [0.0, 0.1, 0.5, 1.2]
+    # Every row points at a document whose text is its tokens; the same sequence is the same window.
+    texts = dict(zip(imported.corpus["doc_id"], imported.corpus["text"]))
+    for r in n7.iter_rows(named=True):
+        assert texts[r["doc_id"]][r["char_start"]:r["char_end"]] == "".join(r["tokens"])
+        assert r["token_start"] == 0
+    shared = n7.filter(pl.col("tokens").list.join("") == " the cat sat.")
+    assert shared["kind"].sort().to_list() == ["random", "top"] and shared["window_index"].n_unique() == 1
+    # The imported rows feed the next stage as they are: the shared window is not scored as a random excerpt.
+    excerpts = split_excerpts(rec.select(list(RECORD_SCHEMA)))
+    for n in (7, 40):
+        mine = excerpts.filter(pl.col("neuron") == n)
+        assert mine.filter(pl.col("split") == "explain")["rank"].to_list() == [0, 4, 8, 12, 16]
+        scored_random = mine.filter(pl.col("split") == "score_random")
+        assert " the cat sat." not in scored_random["tokens"].list.join("").to_list()
+    # Written into a store, they become the layer's activation_records and corpus documents.
+    storage = tmp_path / "storage"
+    write_imported(storage, imported)
+    assert pl.read_parquet(asset_path(storage, "activation_records", 12)).height == rec.height
+    assert pl.read_parquet(asset_path(storage, "corpus")).height == imported.corpus.height
+    write_imported(storage, imported)  # importing again changes nothing and does not clash
+    assert pl.read_parquet(asset_path(storage, "corpus")).height == imported.corpus.height
+
+
+def test_import_rejects_bad_files_with_the_file_named(tmp_path):
+    bad = tmp_path / "bad" / "0"
+    bad.mkdir(parents=True)
+    (bad / "1.json").write_text("{not json")
+    with pytest.raises(NdxInputError, match=r"1\.json is not valid JSON"):
+        import_neuron_records(tmp_path / "bad")
+    record = _released_style_record(0, 1)
+    record["most_positive_activation_records"][0]["activations"].pop()
+    (bad / "1.json").write_text(json.dumps(record))
+    with pytest.raises(NdxInputError, match=r"most_positive_activation_records\[0\] has 8 tokens but 7"):
+        import_neuron_records(tmp_path / "bad")
+    (bad / "1.json").write_text(json.dumps({"explanation": "not a record"}))
+    with pytest.raises(NdxInputError, match="not a NeuronRecord"):
+        import_neuron_records(bad / "1.json")
+    with pytest.raises(NdxInputError, match="does not exist"):
+        neuron_record_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NdxInputError, match="holds no NeuronRecord files"):
+        neuron_record_files(tmp_path / "empty")
