@@ -1,0 +1,155 @@
+"""Activation records on the real bundled model: stored top windows equal a brute force, values equal a fresh
+forward pass, moments equal numpy, the random sample follows its seed, and nothing above the deepest requested
+layer is computed."""
+
+import numpy as np
+import pytest
+import torch
+
+from ndx_pipeline.core import activations as act
+from ndx_pipeline.core.subject_model import mlp_output_projections, special_token_wrap
+from ndx_pipeline.core.windows import TokenTexts
+
+LAYERS = {0: [3, 250, 1000], 2: [7, 1535]}
+
+
+def fresh_activations(model, tokenizer, ids, layers):
+    """A new forward pass of one window alone: {layer: [tokens, all neurons]} at each MLP output projection."""
+    prefix, suffix = special_token_wrap(tokenizer)
+    seen = {}
+    handles = [proj.register_forward_pre_hook(lambda m, a, layer=layer: seen.setdefault(layer, a[0].clone()))
+               for layer, proj in mlp_output_projections(model, list(layers)).items()]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([prefix + list(ids) + suffix]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {layer: x[0, len(prefix) : len(prefix) + len(ids)].float().numpy() for layer, x in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def extracted(subject, small_windows):
+    model, tok = subject
+    selections, stats = act.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5, batch_size=7)
+    return selections, stats
+
+
+@pytest.fixture(scope="module")
+def brute(subject, small_windows):
+    model, tok = subject
+    out = {layer: [] for layer in LAYERS}
+    for w in range(len(small_windows)):
+        fresh = fresh_activations(model, tok, small_windows.ids[w, : small_windows.length[w]], LAYERS)
+        for layer, neurons in LAYERS.items():
+            out[layer].append(fresh[layer][:, neurons])
+    return out
+
+
+def test_windows_never_cross_documents(small_windows, small_docs, subject):
+    _, tok = subject
+    texts = dict(zip(small_docs["doc_id"], small_docs["text"]))
+    for w in range(len(small_windows)):
+        doc = small_windows.doc_ids[small_windows.doc_index[w]]
+        enc = tok(texts[doc], add_special_tokens=False)["input_ids"]
+        start, n = small_windows.token_start[w], small_windows.length[w]
+        assert enc[start : start + n] == small_windows.ids[w, :n].tolist()
+        assert n == 64 or start + n == len(enc)
+
+
+def test_top_windows_equal_brute_force(extracted, brute):
+    selections, _ = extracted
+    for layer, neurons in LAYERS.items():
+        sel = selections[layer]
+        for i, neuron in enumerate(neurons):
+            maxima = np.array([a[:, i].max() for a in brute[layer]])
+            order = sorted(range(len(maxima)), key=lambda w: (-maxima[w], w))[:20]
+            stored = sel.top_window[i].tolist()
+            assert stored[0] == order[0]
+            assert set(stored) == set(order), (layer, neuron)
+            np.testing.assert_allclose(sel.top_max[i].numpy(), maxima[order], rtol=1e-4, atol=1e-4)
+            for rank, w in enumerate(stored):
+                n = len(brute[layer][w])
+                np.testing.assert_allclose(sel.top_acts[i, rank, :n].numpy(), brute[layer][w][:, i], rtol=1e-4,
+                                           atol=1e-4)
+
+
+def test_moments_equal_numpy(extracted, brute):
+    selections, stats = extracted
+    for layer, neurons in LAYERS.items():
+        allv = np.concatenate(brute[layer], axis=0).astype(np.float64)
+        mean, var, mx = selections[layer].moments()
+        np.testing.assert_allclose(mean, allv.mean(axis=0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(var, allv.var(axis=0), rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(mx, allv.max(axis=0), rtol=1e-4, atol=1e-5)
+        assert selections[layer].count == stats.tokens == sum(len(a) for a in brute[layer])
+
+
+def test_random_sample_follows_the_seed(extracted, brute, small_windows):
+    selections, _ = extracted
+    sample = selections[0].sample
+    assert sample.tolist() == act.random_windows(len(small_windows), 20, 5).tolist()
+    assert sample.tolist() != act.random_windows(len(small_windows), 20, 6).tolist()
+    assert len(set(sample.tolist())) == len(sample)
+    for slot, w in enumerate(sample):
+        n = len(brute[0][w])
+        np.testing.assert_allclose(selections[0].sample_acts[:, slot, :n].numpy().T, brute[0][w], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_stored_records_recompute_from_the_document(extracted, subject, small_windows, small_docs):
+    """Take stored rows, re-encode their document text, slice at token_start and run a fresh forward."""
+    model, tok = subject
+    selections, _ = extracted
+    frame = act.records_frame(2, selections[2], small_windows, TokenTexts(tok))
+    assert set(frame["kind"].unique()) == {"top", "random"}
+    texts = dict(zip(small_docs["doc_id"], small_docs["text"]))
+    for row in frame.filter(frame["rank"].is_in([0, 7])).iter_rows(named=True):
+        enc = tok(texts[row["doc_id"]], add_special_tokens=False)["input_ids"]
+        ids = enc[row["token_start"] : row["token_start"] + len(row["tokens"])]
+        assert [tok.decode([i]) for i in ids] == row["tokens"]
+        fresh = fresh_activations(model, tok, ids, [2])[2][:, row["neuron"]]
+        np.testing.assert_allclose(np.array(row["activations"]), fresh, rtol=1e-4, atol=1e-4)
+        assert row["max_activation"] == pytest.approx(max(row["activations"]))
+        assert texts[row["doc_id"]][row["char_start"] : row["char_end"]] == "".join(row["tokens"])
+
+
+def test_forward_stops_after_the_deepest_requested_layer(subject, small_windows):
+    model, tok = subject
+    from ndx_pipeline.core.subject_model import transformer_blocks
+
+    _, blocks = transformer_blocks(model, model.config.num_hidden_layers)
+    calls = []
+    handle = blocks[3].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        act.extract(model, tok, small_windows, {2: [0]}, top_k=5, random_k=5, batch_size=64)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_ties_go_to_the_lower_window_index():
+    sel = act.LayerSelection([0], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
+    acts = torch.tensor([[[1.0], [0.0]], [[2.0], [0.0]], [[1.0], [0.0]]])  # windows 0, 1, 2: maxima 1, 2, 1
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    sel.update(acts, mask, torch.tensor([0, 1, 2]))
+    sel.update(torch.tensor([[[2.0], [1.0]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([3]))
+    assert sel.top_window[0].tolist() == [1, 3, 0]
+
+
+def test_padding_never_enters_statistics():
+    sel = act.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
+    acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])
+    mask = torch.tensor([[True, True, False]])
+    sel.update(acts, mask, torch.tensor([0]))
+    mean, var, mx = sel.moments()
+    assert sel.count == 2 and mean[0] == pytest.approx(-5.5) and mx[0] == -5.0
+    assert sel.top_max[0, 0] == -5.0
+
+
+def test_corpus_shorter_than_top_k_is_a_clear_error(subject, small_windows):
+    from ndx_pipeline.core.errors import NdxInputError
+
+    model, tok = subject
+    with pytest.raises(NdxInputError, match="fewer than top_k=500"):
+        act.extract(model, tok, small_windows, {0: [1]}, top_k=500)

@@ -1,0 +1,50 @@
+"""The paper's interleaved splits, disjoint by construction."""
+
+import polars as pl
+import pytest
+
+from ndx_pipeline.core.activations import RECORD_SCHEMA
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.excerpts import split_excerpts
+
+
+def records(top_windows, random_windows, neuron=3):
+    rows = []
+    for kind, windows in (("top", top_windows), ("random", random_windows)):
+        for rank, w in enumerate(windows):
+            rows.append({
+                "layer": 0, "neuron": neuron, "kind": kind, "rank": rank, "doc_id": f"d{w}", "token_start": 0,
+                "tokens": ["a", "b"], "activations": [float(w), 0.0], "window_index": w, "char_start": 0,
+                "char_end": 2, "max_activation": float(w), "neuron_mean": 0.0, "neuron_variance": 0.0,
+                "neuron_max": 0.0, "neuron_token_count": 10,
+            })
+    return pl.DataFrame(rows, schema=RECORD_SCHEMA)
+
+
+def test_interleaved_splits_match_the_paper():
+    top = list(range(100, 120))  # rank r ↔ window 100 + r
+    rand = list(range(200, 220))
+    out = split_excerpts(records(top, rand))
+    by = {s: out.filter(pl.col("split") == s) for s in ("explain", "score_top", "score_random")}
+    assert by["explain"]["rank"].to_list() == [0, 4, 8, 12, 16]
+    assert by["score_top"]["rank"].to_list() == [2, 6, 10, 14, 18]
+    assert by["score_random"]["rank"].to_list() == [1, 4, 7, 10, 13]
+    assert out["excerpt_id"].n_unique() == len(out) == 15
+    assert by["explain"]["excerpt_id"][0] == "0/3/top/0"
+
+
+def test_random_windows_that_are_top_windows_are_never_scored():
+    top = list(range(100, 120))
+    rand = [105, 200, 110, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 217]
+    out = split_excerpts(records(top, rand))
+    explain = set(out.filter(pl.col("split") == "explain")["window_index"])
+    scored = set(out.filter(pl.col("split") != "explain")["window_index"])
+    assert not explain & scored
+    assert not set(out.filter(pl.col("split") == "score_random")["window_index"]) & set(top)
+    # the filtered random list is [200, 201, ...]: offsets 1, 4, 7, 10, 13
+    assert out.filter(pl.col("split") == "score_random")["window_index"].to_list() == [201, 204, 207, 210, 213]
+
+
+def test_too_few_windows_is_a_clear_error():
+    with pytest.raises(NdxInputError, match="layer 0 neuron 3 has 10 top"):
+        split_excerpts(records(list(range(10)), list(range(50, 70))))

@@ -1,0 +1,82 @@
+"""Exact prompt text for fixed small inputs: a wording change must be deliberate (and changes code versions)."""
+
+from ndx_pipeline.core.explainer import (
+    FEW_SHOTS,
+    LEAD_IN,
+    ExplanationParseError,
+    explainer_messages,
+    neuron_block,
+    parse_explanation,
+    prompt_sha256,
+)
+from ndx_pipeline.core.simulator import simulation_prompt
+
+import pytest
+
+EXCERPTS = [(["x", " =", " 1", "\n"], [0, 0.5, 2.0, -1]), (["if", " x", "\t", "y"], [0.1, 0, 0, 0])]
+
+SYSTEM = (
+    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. You will "
+    "see short excerpts of text, one token per line. After each token comes a tab and the neuron's activation on "
+    "that token, an integer from 0 (does not fire) to 10 (fires as strongly as it ever does here). Work out what "
+    "the high-activation tokens have in common, paying attention to the surrounding words, and finish the sentence "
+    "about the neuron with a short phrase naming that pattern."
+)
+
+
+def test_explainer_prompt_exact_text():
+    messages = explainer_messages(EXCERPTS)
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(FEW_SHOTS) + ["user"]
+    assert messages[0]["content"] == SYSTEM
+    assert messages[1]["content"] == (
+        "Neuron 1\nActivations:\n<start>\nWe\t0\n met\t0\n in\t0\n early\t1\n March\t10\n and\t0\n again\t0\n"
+        " in\t1\n June\t9\n.\t0\n<end>\n<start>\nThe\t0\n report\t0\n is\t0\n due\t0\n on\t0\n 4\t1\n October\t8\n"
+        ",\t0\n not\t0\n before\t0\n.\t0\n<end>"
+    )
+    assert messages[2]["content"] == "Its main job is to detect names of months, mostly in dates."
+    # The target: one common 0–10 scale over both excerpts (m = 2.0), escaped newline and tab tokens.
+    assert messages[-1]["content"] == (
+        "Neuron 4\nActivations:\n<start>\nx\t0\n =\t2\n 1\t10\n\\n\t0\n<end>\n<start>\nif\t0\n x\t0\n\\t\t0\ny\t0\n<end>"
+    )
+    assert prompt_sha256(messages) == "1808388bf776b0bdfcf585d27b7e85010ff13038d30b955ddd9e19634a07707f"
+
+
+def test_sparse_excerpts_are_repeated_without_zero_lines():
+    assert neuron_block([(["a", "b", "c", "d", "e", "f"], [0, 0, 0, 0, 0, 3.0])]) == (
+        "<start>\na\t0\nb\t0\nc\t0\nd\t0\ne\t0\nf\t10\n<end>\n\n"
+        "The same excerpts again, listing only the tokens where the neuron fires:\n<start>\nf\t10\n<end>"
+    )
+
+
+def test_simulator_prompt_exact_text_and_slots():
+    prompt = simulation_prompt("closing brackets", ["f", "(", "x", ")\n"])
+    assert prompt.text == (
+        "Below, a description of one neuron in a language model is followed by text, one token per line. After each "
+        "token comes a tab and how strongly the neuron fires on it, an integer from 0 (not at all) to 10 (as "
+        "strongly as it ever fires). Most tokens get 0; the tokens that match the description get high values. "
+        "Where the value is written as unknown, it is the one to predict.\n\n"
+        "Neuron description: names of months, mostly in dates\n<start>\nWe\t0\n met\t0\n in\t0\n early\t1\n"
+        " March\t10\n and\t0\n again\t0\n in\t1\n June\t9\n.\t0\n<end>\n\n"
+        "Neuron description: closing parentheses, strongest where several close at once\n<start>\nprint\t0\n(\t0\n"
+        "len\t0\n(\t0\nitems\t0\n))\t10\n #\t0\n count\t0\n<end>\n\n"
+        "Neuron description: closing brackets\n<start>\nf\tunknown\n(\tunknown\nx\tunknown\n)\\n\tunknown\n<end>"
+    )
+    # Every slot sits right after a tab and right before its placeholder.
+    for offset in prompt.slot_offsets():
+        assert prompt.text[offset - 1] == "\t" and prompt.text[offset:].startswith("unknown\n")
+    assert len(prompt.slots) == 4
+
+
+@pytest.mark.parametrize("raw, parsed", [
+    (" closing brackets in code.", "closing brackets in code"),
+    (f"{LEAD_IN} the word 'the'.\nNeuron 5", "the word 'the'"),
+    ('  "months"  ', "months"),
+])
+def test_parse_explanation(raw, parsed):
+    assert parse_explanation(raw) == parsed
+
+
+@pytest.mark.parametrize("raw", ["", "   \n", "<start>\nx\t0", "12 34"])
+def test_parse_explanation_rejects_non_answers(raw):
+    with pytest.raises(ExplanationParseError):
+        parse_explanation(raw)

@@ -1,0 +1,93 @@
+"""Scoring and display-scale vectors from REFERENCE.md, exactly."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ndx_pipeline.core.display import display_scale
+from ndx_pipeline.core.scoring import (
+    STATUS_CONSTANT_SIMULATED,
+    STATUS_CONSTANT_TRUE,
+    STATUS_NO_TOKENS,
+    absolute_dev_explained,
+    pooled_correlation,
+    rsquared,
+    score_layer,
+)
+from ndx_pipeline.core.simulator import expected_value_from_top_logprobs, expected_values
+
+A_TRUE, A_SIM = [0.0, 0.0, 2.0, 0.0], [0.1, 0.0, 8.0, 1.0]
+B_TRUE, B_SIM = [0.0, -0.1, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]
+
+
+def test_correlation_vectors():
+    assert pooled_correlation([A_TRUE], [A_SIM]).value == pytest.approx(0.99313, abs=5e-6)
+    assert pooled_correlation([B_TRUE], [B_SIM]).value == pytest.approx(0.3333, abs=5e-5)
+
+
+def test_pooled_is_not_mean_of_excerpts():
+    pooled = pooled_correlation([A_TRUE, B_TRUE], [A_SIM, B_SIM])
+    assert pooled.status == "ok"
+    assert pooled.value == pytest.approx(0.99210, abs=5e-6)
+    assert pooled.value != pytest.approx((0.99313 + 0.3333) / 2, abs=1e-3)
+
+
+def test_rsquared_and_absolute_dev_explained_vectors():
+    assert rsquared([A_TRUE, B_TRUE], [A_SIM, B_SIM]) == pytest.approx(-8.29426, abs=5e-6)
+    assert absolute_dev_explained([A_TRUE, B_TRUE], [A_SIM, B_SIM]) == pytest.approx(-2.66667, abs=5e-6)
+
+
+def test_linear_calibration_does_not_change_correlation():
+    sim = np.array(A_SIM + B_SIM)
+    base = pooled_correlation([A_TRUE + B_TRUE], [sim]).value
+    assert pooled_correlation([A_TRUE + B_TRUE], [3 * sim - 7]).value == pytest.approx(base, abs=1e-12)
+
+
+def test_constant_inputs_are_nan_with_a_reason_never_zero():
+    c = pooled_correlation([[1, 1, 1]], [[0, 5, 2]])
+    assert math.isnan(c.value) and c.status == STATUS_CONSTANT_TRUE
+    c = pooled_correlation([[0, 1, 3]], [[2, 2, 2]])
+    assert math.isnan(c.value) and c.status == STATUS_CONSTANT_SIMULATED
+    c = pooled_correlation([], [])
+    assert math.isnan(c.value) and c.status == STATUS_NO_TOKENS
+
+
+def test_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differ in length"):
+        pooled_correlation([[0, 1]], [[0, 1, 2]])
+
+
+def test_display_scale_vectors():
+    assert display_scale([-1, 0, 0.5, 0.99, 1, 2], 1) == [0, 0, 5, 9, 10, 10]
+    assert display_scale([0, 0.3, 3], 3) == [0, 1, 10]
+    assert display_scale([-2, -1], 0) == [0, 0]
+    assert display_scale([-2, -1], -1) == [0, 0]
+
+
+def test_expected_value_vector():
+    lp = {"0": math.log(0.6), "1": math.log(0.1), "10": math.log(0.1), " the": math.log(0.2)}
+    assert expected_value_from_top_logprobs(lp) == pytest.approx(1.375, abs=1e-12)
+    assert expected_value_from_top_logprobs({"x": 0.0}) == 0.0
+    probs = np.zeros((2, 11))
+    probs[0, [0, 1, 10]] = [0.6, 0.1, 0.1]
+    assert expected_values(probs).tolist() == pytest.approx([1.375, 0.0])
+
+
+def test_score_layer_pools_splits_and_reports_failures():
+    import polars as pl
+
+    expl = pl.DataFrame({
+        "layer": [0, 0], "neuron": [1, 2], "explanation_id": ["0/1/explanation/0", "0/2/explanation/0"],
+        "explanation": ["x", None], "status": ["ok", "failed"], "error": [None, "no text"],
+    })
+    sims = pl.DataFrame({
+        "explanation_id": ["0/1/explanation/0", "0/1/explanation/0"], "split": ["score_top", "score_random"],
+        "true_activations": [A_TRUE, B_TRUE], "simulated_activations": [A_SIM, B_SIM],
+    })
+    out = score_layer(sims, expl).sort("neuron")
+    assert out["score"][0] == pytest.approx(0.99210, abs=5e-6)
+    assert out["score_top"][0] == pytest.approx(0.99313, abs=5e-6)
+    assert out["score_random"][0] == pytest.approx(0.3333, abs=5e-5)
+    assert out["status"][0] == "ok" and out["scored_tokens"][0] == 8
+    assert math.isnan(out["score"][1]) and out["status"][1].startswith("failed") and "no text" in out["status"][1]
