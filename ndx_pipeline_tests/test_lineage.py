@@ -35,6 +35,7 @@ SENTENCES = [
     "def load(path):\n    return open(path).read()",
     "If the value is missing, return None and log it.",
     "A <div class=\"x\"> holds text & the </div> closes it.",
+    "An <img src=x onerror=\"window.__pwned=1\"> tag must stay text.",
     "for item in items:\n    total += item\nreturn total",
     "Plain prose without markup keeps the neuron quiet today.",
 ]
@@ -53,8 +54,10 @@ EXPLANATIONS = {
 
 
 def tokenize(text: str) -> list[tuple[str, int, int]]:
-    """Whitespace-prefixed words and single punctuation marks, with their character spans."""
-    return [(m.group(0), m.start(), m.end()) for m in re.finditer(r"\s*(?:\w+|[^\w\s])", text)]
+    """Whitespace-prefixed HTML tags, words and single punctuation marks, with their character spans.
+
+    A whole tag is one token, so a viewer that forgot to escape would turn a token into an element."""
+    return [(m.group(0), m.start(), m.end()) for m in re.finditer(r"\s*(?:<[^<>]*>|\w+|[^\w\s])", text)]
 
 
 def _corpus() -> pl.DataFrame:
@@ -168,7 +171,7 @@ def test_lineage_resolves_every_link_to_document_text(store):
         assert len(x["true_activations"]) == len(x["simulated_activations"]) == len(x["tokens"])
         assert x["text"] == corpus[x["doc_id"]][x["char_start"]:x["char_end"]] == "".join(x["tokens"])
         assert x["source"] == f"fixtures/{x['doc_id']}.txt" and x["text_matches_tokens"] is True
-    assert any("<script>" in x["text"] for x in result["excerpts"] + e["excerpts"])
+    assert any(re.search(r"<\w+", x["text"]) for x in result["excerpts"] + e["excerpts"])
 
     # Strict JSON with the top-level excerpts list the CLI promises.
     doc = json.loads(lineage_json(result))

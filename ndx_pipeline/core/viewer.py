@@ -451,7 +451,8 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
                      f"{esc(expl) if expl else '<span class=muted>(no explanation)</span>'}</div></td>")
         cells.append("<td>" + "".join(f"<span class=\"chip\">{esc(t)}</span>" for t in r["top_tokens"]) + "</td>")
         status = r.get("status") or ""
-        cells.append(f"<td class=\"{'ok' if status == 'ok' else 'bad'}\">{esc(status)}</td>")
+        cells.append(f"<td class=\"{'ok' if status == 'ok' else 'bad'}\" title=\"{esc(status)}\">"
+                     f"{esc(status.split(':', 1)[0])}</td>")
         body.append(f"<tr {' '.join(data)}>{''.join(cells)}</tr>")
 
     summary = []
@@ -466,16 +467,20 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
     all_scores = [s for r in rows if (s := _num(r.get("score"))) is not None]
     body_html = f"""
 <h1>Neurons and their explanations</h1>
-<div class="stats">
- <div class="stat"><div class="v">{len(rows)}</div><div class="k">neurons</div></div>
- <div class="stat"><div class="v">{len(layers)}</div><div class="k">layers</div></div>
+<div class="card" style="display:flex;gap:48px;flex-wrap:wrap;align-items:flex-start">
+<div class="stats" style="flex-direction:column;gap:10px">
+ <div class="stats">
+  <div class="stat"><div class="v">{len(rows)}</div><div class="k">neurons</div></div>
+  <div class="stat"><div class="v">{len(layers)}</div><div class="k">layers</div></div>
+  <div class="stat"><div class="v">{sum(1 for s in all_scores if s >= 0.5)}</div><div class="k">score ≥ 0.5</div></div>
+ </div>
  <div class="stat"><div class="v">{fmt_score(np.mean(all_scores) if all_scores else None)}</div>
-   <div class="k">mean score (pooled Pearson, top + random)</div></div>
- <div class="stat"><div class="v">{sum(1 for s in all_scores if s >= 0.5)}</div><div class="k">score ≥ 0.5</div></div>
+   <div class="k">mean score (pooled Pearson of simulated vs real, top + random excerpts)</div></div>
 </div>
-<div class="card"><h2>By layer</h2><table style="width:auto"><thead><tr><th class="num">layer</th>
+<div><h3 style="margin-top:0">By layer</h3><table style="width:auto"><thead><tr><th class="num">layer</th>
 <th class="num">neurons</th><th class="num">scored</th><th class="num">mean</th><th class="num">median</th></tr></thead>
 <tbody>{''.join(summary)}</tbody></table></div>
+</div>
 <div class="card">
 <div class="controls">
  <label>layer<select id="f-layer"><option value="all">all layers</option>{options}</select></label>
@@ -485,7 +490,8 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
  <label>fires on token<input id="f-token" type="search" placeholder="e.g. return"></label>
  <span id="count" class="muted"></span>
 </div>
-<table id="neurons" style="margin-top:10px"><thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<div style="overflow-x:auto"><table id="neurons" style="margin-top:10px"><thead><tr>{''.join(head)}</tr></thead>
+<tbody>{''.join(body)}</tbody></table></div>
 <p class="muted">Click a column header to sort. Scores are the pooled Pearson correlation of simulated and true
 activations over the scored excerpts; n/a means undefined (see status).</p>
 </div>"""
