@@ -254,3 +254,22 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
         for x in result["excerpts"]:
             assert x["document_found"] and x["text"] is not None and x["text_matches_tokens"] is not False
         assert result["checks"]["all_links_resolved"] or result["checks"]["texts_unverifiable"]
+
+
+def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):
+    """With the bundled model's tokenizer, every window's char span cuts out exactly its decoded tokens."""
+    from ndx_pipeline.core.lineage import Documents, resolve_excerpt_text
+    from ndx_pipeline.core.windows import TokenTexts
+
+    _, tokenizer = subject
+    docs = Documents("unused", frame=small_docs)
+    texts = TokenTexts(tokenizer)
+    w = small_windows
+    verified = 0
+    for i in range(len(w)):
+        tokens = texts(w.ids[i, : w.length[i]])
+        doc_id = w.doc_ids[w.doc_index[i]]
+        found = resolve_excerpt_text(docs, doc_id, int(w.char_start[i]), int(w.char_end[i]), tokens)
+        assert found["document_found"] and found["text_matches_tokens"] is not False, (doc_id, i)
+        verified += found["text_matches_tokens"] is True
+    assert verified >= 0.9 * len(w)

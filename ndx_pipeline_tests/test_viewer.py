@@ -256,9 +256,13 @@ def test_neuron_page_in_a_real_browser(browser, viewer, tmp_path):
     lineage = browser.find_element(By.ID, "lineage").text
     assert "run-aaaa" in lineage and "every link resolves" in lineage and "matches the rebuilt prompt" in lineage
     assert PAYLOAD in lineage  # the document source, shown as text
-    browser.execute_script("document.querySelectorAll('#lineage details')[1].open = true;")
+    browser.execute_script("document.getElementById('lineage-json-view').closest('details').open = true;")
     time.sleep(0.1)
     shown = json.loads(browser.find_element(By.ID, "lineage-json-view").get_attribute("textContent"))
     assert shown["neuron"] == 3 and shown["excerpts"]
+    # Each excerpt can be seen in its document, the excerpt marked: the same text the lineage JSON carries.
+    marked = browser.execute_script("return Array.from(document.querySelectorAll('#lineage .ctx mark'))"
+                                    ".map(m=>m.textContent)")
+    assert marked[: len(shown["excerpts"])] == [x["text"] for x in shown["excerpts"]]
     assert not _errors(browser), _errors(browser)
     _full_page_screenshot(browser, _screenshot_dir(tmp_path) / "viewer_neuron.png")

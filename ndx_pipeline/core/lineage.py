@@ -29,6 +29,7 @@ from .storage import asset_path
 STAGES = ("corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores")
 SCORED_SPLITS = ("score_top", "score_random")
 REPLACEMENT_CHAR = "\ufffd"
+CONTEXT_CHARS = 200
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -117,13 +118,14 @@ def _row(frame: pl.DataFrame) -> dict:
 
 
 def resolve_excerpt_text(documents: Documents, doc_id: str, char_start: int | None, char_end: int | None,
-                         tokens: list[str] | None) -> dict:
+                         tokens: list[str] | None, context_chars: int = CONTEXT_CHARS) -> dict:
     """The document behind an excerpt and the excerpt's text as it stands there.
 
     `text` is the slice of the document's text by the stored character span. When the span is unknown (-1 or
     null: a tokenizer without offsets), the concatenated tokens are looked up in the document instead and
     `span_from` says so. `text_matches_tokens` is True/False when the tokens round-trip to text, None when they
-    cannot (a token holds a partial UTF-8 character, decoded as U+FFFD).
+    cannot (a token holds a partial UTF-8 character, decoded as U+FFFD). `context_before` / `context_after` hold
+    up to `context_chars` characters of the document around the excerpt.
     """
     joined = "".join(tokens) if tokens is not None else None
     out: dict[str, Any] = {"doc_id": doc_id, "source": None, "char_start": char_start, "char_end": char_end,
@@ -144,6 +146,8 @@ def resolve_excerpt_text(documents: Documents, doc_id: str, char_start: int | No
         out["span_from"] = "unknown"
         return out
     out["text"] = text[out["char_start"]:out["char_end"]]
+    out["context_before"] = text[max(0, out["char_start"] - context_chars):out["char_start"]]
+    out["context_after"] = text[out["char_end"]:out["char_end"] + context_chars]
     if joined is not None and REPLACEMENT_CHAR not in joined:
         out["text_matches_tokens"] = out["text"] == joined
     return out

@@ -162,6 +162,11 @@ td.expl .clip{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertic
 a{color:var(--accent)}
 .nav a{margin-right:12px}
 svg text{font:11px system-ui,sans-serif;fill:#667085}
+tr.ctxrow td{border-bottom:1px solid var(--line);padding-top:0}
+tr.ctxrow details>summary{font-size:12px}
+.ctx{font-family:var(--mono);font-size:12px;white-space:pre-wrap;word-break:break-word;color:#8a94a3;
+background:#fafbfc;border:1px solid var(--line);border-radius:6px;padding:8px;margin-top:4px}
+.ctx mark{background:#fff0c2;color:var(--ink);border-radius:2px}
 """
 
 TOOLTIP_JS = """
@@ -665,10 +670,16 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
     for e in lin["excerpts"] + expl["excerpts"]:
         match = {True: "<span class=\"ok\">✓ text = tokens</span>", False: "<span class=\"bad\">✗ differs</span>",
                  None: "<span class=\"muted\">unverified</span>"}[e.get("text_matches_tokens")]
+        context = ""
+        if e.get("text") is not None:
+            context = (f"<tr class=\"ctxrow\"><td></td><td colspan=\"5\"><details><summary>in its document</summary>"
+                       f"<div class=\"ctx\">{'…' if e.get('char_start') else ''}{esc(e.get('context_before'))}"
+                       f"<mark>{esc(e['text'])}</mark>{esc(e.get('context_after'))}…</div></details></td></tr>")
         doc_rows.append(
             f"<tr><td class=\"mono\">{esc(e.get('excerpt_id'))}</td><td><span class=\"tag {esc(e.get('split'))}\">"
             f"{esc(e.get('split'))}</span></td><td class=\"mono\">{esc(e.get('doc_id'))}</td><td>{esc(e.get('source'))}"
-            f"</td><td class=\"num\">{esc(e.get('char_start'))}–{esc(e.get('char_end'))}</td><td>{match}</td></tr>")
+            f"</td><td class=\"num\">{esc(e.get('char_start'))}–{esc(e.get('char_end'))}</td><td>{match}</td></tr>"
+            + context)
     lineage_html = f"""
 <div class="card" id="lineage"><h2>Lineage</h2>
 <p>{'<span class="ok">✓ every link resolves to document text</span>' if checks.get('all_links_resolved')
