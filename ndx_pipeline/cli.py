@@ -84,6 +84,24 @@ def _failure_message(result) -> str:
     return "the run failed (see the Dagster logs above)."
 
 
+def step_seconds(instance, run_id: str) -> dict[str, float]:
+    """Wall seconds of each step (asset) of a run, from its event log."""
+    from dagster import DagsterEventType
+
+    starts, out = {}, {}
+    for entry in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
+        if entry.dagster_event.event_type == DagsterEventType.STEP_START:
+            starts[entry.step_key] = entry.timestamp
+        elif entry.step_key in starts:
+            out[entry.step_key] = entry.timestamp - starts[entry.step_key]
+    return out
+
+
+def stage_table(seconds: dict[str, float]) -> str:
+    total = sum(seconds.values()) or 1.0
+    return "\n".join(f"  {k:<20} {v:7.1f} s  {100 * v / total:5.1f} %" for k, v in seconds.items())
+
+
 def summarize(storage: Path, layers: list[int]) -> str:
     import polars as pl
 
@@ -104,9 +122,27 @@ def summarize(storage: Path, layers: list[int]) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our progress: no beta warnings from Dagster, no weight-loading bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def cmd_run(args) -> int:
     from .core.errors import NdxInputError
 
+    quiet_libraries()
+    home_was_set = bool(os.environ.get("DAGSTER_HOME"))
     home = ensure_dagster_home()
     if args.model:
         os.environ["NDX_SUBJECT_MODEL"] = args.model
@@ -129,6 +165,7 @@ def cmd_run(args) -> int:
     storage = StorageResource(storage_dir=args.storage).path()
     print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
+    stages: dict[str, float] = {}
     with dg.DagsterInstance.get() as instance:
         for lo, hi in contiguous_ranges(layers):
             tags = {"dagster/asset_partition_range_start": str(lo), "dagster/asset_partition_range_end": str(hi)}
@@ -137,9 +174,13 @@ def cmd_run(args) -> int:
                 print(f"error: {_failure_message(result)}", file=sys.stderr)
                 return 1
             print(f"run {result.run_id} succeeded (layers {lo}–{hi})", flush=True)
-    print(f"\nDone in {time.perf_counter() - started:.0f} s.\n")
+            for step, sec in step_seconds(instance, result.run_id).items():
+                stages[step] = stages.get(step, 0.0) + sec
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
+    print(stage_table(stages) + "\n")
     print(summarize(storage, layers))
-    print("\nSee the runs in the UI: DAGSTER_HOME=" + str(home) + " dagster dev")
+    ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
+    print(f"\nSee the runs in the UI: {ui}")
     return 0
 
 

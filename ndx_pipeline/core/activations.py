@@ -131,7 +131,10 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
 
     def hook_for(layer):
         def hook(module, args):
-            x = args[0][:, state["lo"] : state["hi"], :]
+            x = args[0]
+            if x.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
+                x = x.view(state["batch"], -1, x.shape[-1])
+            x = x[:, state["lo"] : state["hi"], :]
             if state["pad"]:
                 x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
             selections[layer].update(x, state["mask"], state["window_index"])
@@ -166,6 +169,7 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
                 state["mask"] = torch.as_tensor(mask, device=device)
                 state["window_index"] = torch.as_tensor(idx, device=device)
                 state["pad"] = t - real
+                state["batch"] = len(idx)
                 try:
                     model(input_ids=torch.as_tensor(ids, device=device),
                           attention_mask=torch.as_tensor(attn, device=device))

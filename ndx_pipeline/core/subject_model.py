@@ -176,6 +176,7 @@ def mlp_width(name: str | None) -> int:
 
 def check_layers(name: str | None, layers) -> list[int]:
     n = num_layers(name)
+    name = resolve_model(name).name
     out = []
     for layer in layers:
         try:

@@ -1,0 +1,39 @@
+"""The command line: clear errors for bad input before anything runs, and the layer-range logic."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ndx_pipeline.cli import contiguous_ranges, main, parse_layers
+from ndx_pipeline.core.errors import NdxInputError
+
+
+def test_layers_parse_and_group_into_runs():
+    assert parse_layers("0-2, 5,4") == [0, 1, 2, 4, 5]
+    assert contiguous_ranges([0, 1, 2, 4, 5, 9]) == [(0, 2), (4, 5), (9, 9)]
+    with pytest.raises(NdxInputError, match="'x' is not a layer number"):
+        parse_layers("1,x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--layers", "30"], "layer 30 is outside the model 'bundled:SmolLM2-135M-Instruct', which has layers 0..29"),
+    (["run", "--layers", "0", "--model", "no-such-org/no-such-model"], "model 'no-such-org/no-such-model' could not be found locally"),
+    (["run", "--layers", "0", "--model", "/nowhere/model.gguf"], "model file /nowhere/model.gguf does not exist"),
+    (["run", "--layers", ","], "names no layer"),
+])
+def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("NDX_SUBJECT_MODEL", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "home" / "storage").exists()
+
+
+def test_core_imports_no_dagster():
+    code = ("import sys; import ndx_pipeline.core.activations, ndx_pipeline.core.backends, ndx_pipeline.core.scoring, "
+            "ndx_pipeline.core.explainer, ndx_pipeline.core.excerpts, ndx_pipeline.core.corpus; "
+            "print('dagster' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
