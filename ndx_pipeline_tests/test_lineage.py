@@ -7,6 +7,7 @@ HTML (`<script>`, `&amp;`); the viewer and interop tests load it from here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -241,10 +242,14 @@ def test_span_is_found_from_tokens_when_the_tokenizer_gave_none(store, tmp_path)
 @pytest.mark.slow
 def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
     """The default pipeline on the bundled model: every neuron's lineage resolves to document text."""
+    home = tmp_path / ".dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    env.pop("NDX_SUBJECT_MODEL", None)
     run = subprocess.run([sys.executable, "-m", "ndx_pipeline.cli", "run", "--layers", "0",
-                          "--neurons-per-layer", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                          "--neurons-per-layer", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    storage = tmp_path / ".dagster_home" / "storage"
+    storage = home / "storage"
     neurons = pl.read_parquet(asset_path(storage, "scores", 0))["neuron"].to_list()
     assert neurons
     for n in neurons:

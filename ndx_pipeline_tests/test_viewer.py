@@ -96,8 +96,9 @@ def test_layer_pages_replace_stale_ones_and_the_index_covers_written_layers(tmp_
     (out / "0" / "999.html").write_text("stale")
     write_layer_pages(storage, 0, out)
     assert sorted(p.name for p in (out / "0").iterdir()) == ["3.html", "7.html"]
-    index = write_index(storage, out, [0]).read_text()
+    index = write_index(storage, out).read_text()  # only layer 0 has pages so far
     assert 'href="0/3.html"' in index and 'href="1/' not in index
+    assert 'href="1/9.html"' in write_index(storage, out, [0, 1]).read_text()
     # write_viewer for one layer keeps listing the layers already written
     write_viewer(storage, out, layers=[1])
     index = (out / "index.html").read_text()

@@ -505,11 +505,15 @@ activations over the scored excerpts; n/a means undefined (see status).</p>
 
 def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                 layers: Iterable[int] | None = None) -> Path:
-    """(Re)write `index.html` over `layers` (default: every layer with a scores file)."""
+    """(Re)write `index.html` over `layers` (default: every scored layer whose pages are in `out_dir`, so the
+    per-layer `neuron_viewer` partitions can each rewrite the index without linking to pages not written yet)."""
     storage_dir = Path(storage_dir)
     out = Path(out_dir) if out_dir is not None else viewer_dir(storage_dir)
     have = available_layers(storage_dir)
-    chosen = sorted(set(int(x) for x in layers)) if layers is not None else have
+    if layers is None:
+        chosen = [x for x in have if (out / str(x)).is_dir()]
+    else:
+        chosen = sorted(set(int(x) for x in layers))
     missing = [x for x in chosen if x not in have]
     if missing:
         raise NdxInputError(f"layers {missing} have no scores under {storage_dir}: materialize them first.")
@@ -742,5 +746,4 @@ def write_viewer(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     for layer in chosen:
         write_layer_pages(storage_dir, layer, out, runs.get(layer) or runs.get(str(layer)), documents)
     # The index covers the layers just written and any other scored layer whose pages are already there.
-    shown = sorted(set(chosen) | {x for x in have if (out / str(x)).is_dir()})
-    return write_index(storage_dir, out, shown)
+    return write_index(storage_dir, out)
