@@ -1,0 +1,631 @@
+"""The OpenAI-compatible backend, its retries, cache and accounting.
+
+Unit tests of the pure parts run anywhere. Tests marked `llm_server` run against a real llama-cpp-python server
+(bundled SmolLM2 GGUF) on 127.0.0.1, with a fault-injecting proxy in front of it that also counts requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ndx_pipeline.core.explainer import LEAD_IN, explainer_messages, parse_explanation
+from ndx_pipeline.core.llm_cache import LLMCache, LLMStats, cache_key
+from ndx_pipeline.core.openai_backend import (
+    JSONSimulationError,
+    JSONSimulationLengthError,
+    JSONSimulationTokenError,
+    JSONSimulationValueError,
+    LLMGaveUpError,
+    LLMRejectedError,
+    LogprobAlignmentError,
+    OpenAICompatibleBackend,
+    RetryPolicy,
+    call_with_retries,
+    chat_messages_for_api,
+    continuation_after,
+    detect_logprob_alignment,
+    json_simulation_messages,
+    map_concurrently,
+    parse_json_simulation,
+    parse_retry_after,
+    slot_candidates,
+    values_from_candidates,
+)
+from ndx_pipeline.core.simulator import expected_values, simulation_prompt
+from ndx_pipeline_tests.llm_server import TEST_API_KEY, Fault, FaultProxy, fault_proxy, llama_server  # noqa: F401
+
+SECRET_MARK = "SECRET123"  # part of TEST_API_KEY; must never show up in files, keys or logs
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unit tests (no server)
+
+
+def test_parse_retry_after():
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after": "0.5"}) == 0.5
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({}) is None
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    when = "Wed, 21 Oct 2015 07:28:10 GMT"
+    from email.utils import parsedate_to_datetime
+
+    assert parse_retry_after({"retry-after": when}, now=lambda: parsedate_to_datetime(when).timestamp() - 7) == 7
+
+
+def _status_error(status: int, headers: dict | None = None):
+    import httpx2
+    import openai
+
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/completions")
+    response = httpx2.Response(status, headers=headers or {}, request=request)
+    cls = {429: openai.RateLimitError, 400: openai.BadRequestError, 401: openai.AuthenticationError}.get(
+        status, openai.InternalServerError if status >= 500 else openai.APIStatusError)
+    return cls(f"Error code: {status}", response=response, body=None)
+
+
+class FakeTime:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, s):
+        self.sleeps.append(s)
+        self.now += s
+
+
+def test_retries_backoff_retry_after_and_deadline():
+    t = FakeTime()
+    errors = [_status_error(500), _status_error(503), _status_error(429, {"Retry-After": "7"})]
+
+    def attempt(timeout):
+        assert 0 < timeout <= 10
+        t.now += 0.1
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    policy = RetryPolicy(max_attempts=5, initial_delay=1, multiplier=2, max_delay=30, timeout=10, deadline=100)
+    assert call_with_retries(attempt, policy, sleep=t.sleep, clock=t.clock, rng=lambda: 1.0) == "ok"
+    # backoff 1, 2 (equal jitter with rng=1 → the cap); then Retry-After 7 honoured (+10 % jitter at rng=1)
+    assert t.sleeps == pytest.approx([1.0, 2.0, 7.7])
+
+    # a 4xx that cannot succeed: one attempt, no wait
+    t2, calls = FakeTime(), []
+
+    def bad(timeout):
+        calls.append(1)
+        raise _status_error(400)
+
+    with pytest.raises(LLMRejectedError) as err:
+        call_with_retries(bad, policy, sleep=t2.sleep, clock=t2.clock)
+    assert len(calls) == 1 and t2.sleeps == [] and err.value.status == 400
+
+    # a Retry-After past the deadline: give up now instead of waiting
+    t3 = FakeTime()
+
+    def limited(timeout):
+        raise _status_error(429, {"Retry-After": "500"})
+
+    with pytest.raises(LLMGaveUpError, match="deadline"):
+        call_with_retries(limited, policy, sleep=t3.sleep, clock=t3.clock)
+    assert t3.sleeps == []
+
+    # attempts run out
+    t4 = FakeTime()
+    with pytest.raises(LLMGaveUpError, match="after 5 attempts"):
+        call_with_retries(lambda timeout: (_ for _ in ()).throw(_status_error(502)), policy, sleep=t4.sleep,
+                          clock=t4.clock)
+
+    # per-attempt timeout shrinks to what is left of the deadline
+    t5, timeouts = FakeTime(), []
+
+    def slow(timeout):
+        timeouts.append(timeout)
+        t5.now += timeout
+        import httpx2
+        import openai
+
+        raise openai.APITimeoutError(httpx2.Request("POST", "http://127.0.0.1:9/"))
+
+    with pytest.raises(LLMGaveUpError):
+        call_with_retries(slow, RetryPolicy(max_attempts=10, initial_delay=0.5, timeout=4, deadline=10),
+                          sleep=t5.sleep, clock=t5.clock, rng=lambda: 0.0)
+    assert timeouts[0] == 4 and sum(timeouts) + sum(t5.sleeps) <= 10 + 1e-9
+
+
+def test_map_concurrently_limit_order_and_errors():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        if i == 3:
+            raise ValueError("item 3 is bad")
+        return i * i
+
+    seen = []
+    out = map_concurrently(work, range(12), max_concurrency=3, on_done=lambda o: seen.append(o.index))
+    assert peak[0] <= 3 and sorted(seen) == list(range(12))
+    assert [o.value for o in out if o.ok] == [i * i for i in range(12) if i != 3]
+    assert isinstance(out[3].error, ValueError) and not out[3].ok
+
+
+def test_cache_key_is_stable_and_secret_free():
+    req = {"model": "m", "prompt": "hi", "max_tokens": 1}
+    k = cache_key("openai-compatible", "m", "completions", req)
+    assert k == cache_key("openai-compatible", "m", "completions", dict(reversed(list(req.items()))))
+    assert k != cache_key("openai-compatible", "m2", "completions", req)
+    assert k != cache_key("openai-compatible", "m", "chat.completions", req)
+    assert k == cache_key("openai-compatible", "m", "completions", {**req, "api_key": TEST_API_KEY})
+
+
+def _hammer(directory: str, worker: int, n: int) -> None:
+    cache = LLMCache(directory, durable=False)
+    for i in range(n):
+        shared = cache_key("k", "m", "e", {"i": i})
+        cache.put(shared, "k", "m", "e", {"i": i}, {"answer": i, "pad": "x" * 5000})
+        own = cache_key("k", "m", "e", {"i": i, "w": worker})
+        cache.put(own, "k", "m", "e", {"i": i, "w": worker}, {"answer": i, "worker": worker})
+        got = cache.get(shared)
+        assert got is not None and got["response"]["answer"] == i
+
+
+def test_cache_concurrent_writers_and_kill9(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    cache = LLMCache(tmp_path)
+    assert len(cache) == 40 + 4 * 40
+    for i in range(40):
+        assert cache.get(cache_key("k", "m", "e", {"i": i}))["response"]["answer"] == i
+    # a writer killed with SIGKILL mid-stream leaves whole entries or none, never a broken one
+    victim = ctx.Process(target=_hammer, args=(str(tmp_path / "killed"), 9, 100000))
+    victim.start()
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    killed = LLMCache(tmp_path / "killed")
+    entries = list((tmp_path / "killed").glob("??/*.json"))
+    assert entries
+    for path in entries:
+        assert killed.get(path.stem) is not None  # parses and carries its own key
+    assert killed.sweep_temporary_files(older_than_s=0) >= 0
+
+
+def test_stats_snapshot_and_difference():
+    s = LLMStats()
+    before = s.snapshot()
+    s.add(calls=2, requests=3, retries=1, prompt_tokens=10)
+    s.add(cache_hits=2)
+    d = LLMStats.difference(s.snapshot(), before)
+    assert d["requests"] == 3 and d["cache_hits"] == 2 and d["cache_hit_rate"] == 0.5
+
+
+def test_parse_json_simulation():
+    toks = ["a", " b", "\n"]
+    good = json.dumps({"activations": [{"token": "a", "activation": 0}, {"token": " b", "activation": 10},
+                                       {"token": "\\n", "activation": 2.5}]})
+    assert parse_json_simulation(good, toks).tolist() == [0, 10, 2.5]
+    assert parse_json_simulation(f"```json\n{good}\n```", toks).tolist() == [0, 10, 2.5]
+    with pytest.raises(JSONSimulationLengthError, match="2 activations for 3 tokens"):
+        parse_json_simulation(json.dumps({"activations": [{"token": "a", "activation": 0}] * 2}), toks)
+    for bad in (11, -1, "5", None, True, float("nan")):
+        doc = {"activations": [{"token": t, "activation": 0} for t in toks]}
+        doc["activations"][1]["activation"] = bad
+        with pytest.raises(JSONSimulationValueError):
+            parse_json_simulation(json.dumps(doc), toks)
+    with pytest.raises(JSONSimulationTokenError):
+        parse_json_simulation(json.dumps({"activations": [{"token": t, "activation": 0}
+                                                          for t in ["a", " c", "\n"]]}), toks)
+    with pytest.raises(JSONSimulationError, match="not valid JSON"):
+        parse_json_simulation('{"activations": [{"token": "a", "activation"', toks)
+    with pytest.raises(JSONSimulationError):
+        parse_json_simulation('{"values": []}', toks)
+    # the prompt shows the target tokens as a JSON list
+    msgs = json_simulation_messages("closing brackets", toks)
+    assert msgs[-1]["content"].endswith(json.dumps(toks))
+
+
+def test_lead_in_instruction_and_stripping():
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    out = chat_messages_for_api(msgs, LEAD_IN)
+    assert LEAD_IN in out[0]["content"] and msgs[0]["content"] == "S"  # the input is not modified
+    assert continuation_after(f"{LEAD_IN} dates in March.", LEAD_IN) == " dates in March."
+    assert continuation_after(f'"{LEAD_IN.lower()} dates', LEAD_IN) == " dates"
+    assert continuation_after("dates in March.", LEAD_IN) == "dates in March."
+    assert parse_explanation(continuation_after(f"{LEAD_IN} the word return.", LEAD_IN)) == "the word return"
+
+
+def _synthetic_echo(prompt, pieces, dists, shift: bool):
+    """An echo response for `prompt` tokenized as `pieces`; dists[i] is the true P(piece i | before)."""
+    offsets, pos = [], 0
+    for p in pieces:
+        offsets.append(pos)
+        pos += len(p)
+    assert "".join(pieces) == prompt.text
+    if shift:  # llama-cpp-python without BOS: entry i holds the distribution of token i+1, plus token i itself
+        tops = [None] + [{**dists[i + 1], pieces[i]: -20.0} for i in range(1, len(pieces) - 1)] + [{"x": 0.0}]
+    else:
+        tops = [None] + [dists[i] for i in range(1, len(pieces))]
+    return {"choices": [{"text": prompt.text, "logprobs": {"tokens": pieces, "text_offset": offsets,
+                                                          "top_logprobs": tops,
+                                                          "token_logprobs": [None] * len(pieces)}}]}
+
+
+def test_slot_reading_under_both_alignments():
+    prompt = simulation_prompt("dates", ["May", " 4"])
+    head, rest = prompt.segments[0], prompt.segments[1:]
+    # tokenize the head into words so that detection has votes: each word predicts itself confidently
+    pieces = _words(head) + list(rest)
+    dists = []
+    for i, p in enumerate(pieces):
+        dists.append({p: math.log(0.9), "zz": math.log(0.05)})
+    slot_idx = [len(_words(head)) + 1, len(_words(head)) + 3]  # the "unknown\n" piece after each "tok\t"
+    dists[slot_idx[0]] = {"0": math.log(0.6), "1": math.log(0.1), "10": math.log(0.1), "unknown\n": math.log(.2)}
+    dists[slot_idx[1]] = {"3": math.log(0.5), "unknown\n": math.log(0.5)}
+    for shift, name in ((False, "openai"), (True, "llama_cpp")):
+        resp = _synthetic_echo(prompt, pieces, dists, shift)
+        assert detect_logprob_alignment(resp["choices"][0]["logprobs"]) == name
+        for mode in (name, "auto"):
+            cands, used = slot_candidates(resp, prompt, mode)
+            assert used == name
+            probs = np.stack([values_from_candidates(c) for c in cands])
+            assert expected_values(probs).tolist() == pytest.approx([1.375, 3.0])  # REFERENCE.md's example
+        wrong = "llama_cpp" if name == "openai" else "openai"
+        cands, _ = slot_candidates(resp, prompt, wrong)
+        assert expected_values(np.stack([values_from_candidates(c) for c in cands])).tolist() != \
+            pytest.approx([1.375, 3.0])
+    flat = _synthetic_echo(prompt, pieces, [{"q": 0.0}] * len(pieces), False)
+    with pytest.raises(LogprobAlignmentError):
+        detect_logprob_alignment(flat["choices"][0]["logprobs"])
+
+
+def _words(text):
+    out, cur = [], ""
+    for ch in text:
+        cur += ch
+        if ch in " \n\t":
+            out.append(cur)
+            cur = ""
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against a real llama-cpp-python server
+
+SIM_EXPLANATION = "the word 'the'"
+SIM_TOKENS = ["The", " cat", " sat", " on", " the", " mat", "."]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("llm_cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def captured_logs():
+    """Every log record of the module at DEBUG (openai, httpx2, ours), for the secret-leak check."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            try:
+                records.append(self.format(record))
+            except Exception:  # pragma: no cover
+                records.append(str(record.msg))
+
+    root = logging.getLogger()
+    handler, level = Keep(logging.DEBUG), root.level
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield records
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _backend(base_url, cache=None, **kw):
+    kw.setdefault("retry", RetryPolicy(max_attempts=6, initial_delay=0.05, max_delay=0.5, timeout=120,
+                                       deadline=300))
+    return OpenAICompatibleBackend(base_url, "smollm2-135m-instruct-q4_1", TEST_API_KEY, cache=cache,
+                                   server="llama_cpp", **kw)
+
+
+@pytest.fixture(scope="module")
+def echo_run(llama_server, cache_root, captured_logs):
+    """The all-at-once simulator run once on the real server through a counting proxy, with a cache."""
+    proxy = FaultProxy(llama_server.port)
+    try:
+        backend = _backend(proxy.base_url, cache_root / "sim")
+        prompt = simulation_prompt(SIM_EXPLANATION, SIM_TOKENS)
+        started = time.perf_counter()
+        candidates, alignment, layout = backend.slot_candidates(prompt)
+        echo_s = time.perf_counter() - started
+        probs = backend.value_probabilities(prompt)  # the echo again (from the cache) plus the "10" probes
+        total_s = time.perf_counter() - started
+        entry = backend.cache.get(cache_key("openai-compatible", backend.model, "completions",
+                                            backend.echo_body(prompt)))
+        yield {"prompt": prompt, "candidates": candidates, "alignment": alignment, "layout": layout,
+               "probs": probs, "requests": proxy.total(), "stats": backend.stats.snapshot(),
+               "response": entry["response"], "echo_s": echo_s, "total_s": total_s}
+        backend.close()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.llm_server
+def test_explainer_chat(fault_proxy, cache_root):
+    backend = _backend(fault_proxy.base_url, cache_root / "explain")
+    excerpts = [(["We", " met", " in", " May", " and", " June"], [0, 0, 0, 9, 0, 7]),
+                (["Due", " by", " April", " 3"], [0, 0, 8, 0])]
+    messages = explainer_messages(excerpts)
+    completion = backend.chat(messages, LEAD_IN, 60, 1.0, seed=7)
+    assert fault_proxy.requests["/v1/chat/completions"] == 1
+    assert not completion.text.strip().lower().startswith(LEAD_IN.lower())
+    explanation = parse_explanation(completion.text)
+    assert explanation and completion.prompt_tokens > 100 and completion.completion_tokens > 0
+    entry = next((cache_root / "explain").glob("??/*.json"))
+    stored = json.loads(entry.read_text())
+    assert LEAD_IN in stored["request"]["messages"][0]["content"]  # the lead-in instruction was sent
+    assert stored["request"]["seed"] == 7 and stored["request"]["temperature"] == 1.0
+    print(f"\nexplainer: {explanation!r}, {completion.prompt_tokens}+{completion.completion_tokens} tokens")
+
+
+@pytest.mark.llm_server
+def test_all_at_once_alignment_matches_in_process_model(echo_run):
+    """The server's echoed logprobs, read with the detected alignment, give the same value distributions as
+    the in-process transformers model on the same prompt; read with the other alignment they give none."""
+    from ndx_pipeline.core.backends import LocalTransformersBackend
+
+    assert echo_run["alignment"] == "llama_cpp"  # SmolLM2 has no BOS: llama-cpp-python echoes one entry later
+    assert echo_run["layout"] == "split"  # SmolLM2 writes 10 as "1" "0"
+    lp = echo_run["response"]["choices"][0]["logprobs"]
+    tokens, tops = lp["tokens"], lp["top_logprobs"]
+    same = sum(max(t, key=t.get) == tokens[i] for i, t in enumerate(tops[:-1]) if t)
+    nxt = sum(max(t, key=t.get) == tokens[i + 1] for i, t in enumerate(tops[:-1]) if t)
+    print(f"\nalignment votes: predicts own token {same}, predicts next token {nxt}; echo {echo_run['echo_s']:.1f}s,"
+          f" with probes {echo_run['total_s']:.1f}s, {echo_run['requests']} requests")
+    assert nxt > 5 * max(same, 1)
+
+    server = echo_run["probs"]
+    local = LocalTransformersBackend().value_probabilities(echo_run["prompt"])
+    assert server.shape == local.shape == (len(SIM_TOKENS), 11)
+    present = server > 0
+    assert present[:, :3].all() and (server[:, 10] > 0).all()  # 0, 1, 2 and (via the probe) 10 everywhere
+    rel = np.abs(server[present] - local[present]) / local[present]
+    print("server P(v):\n", np.round(server, 3), "\nlocal P(v):\n", np.round(local, 3))
+    assert np.corrcoef(server[present], local[present])[0, 1] > 0.95
+    assert np.median(rel) < 0.35  # Q4_1 weights in llama.cpp vs their float32 de-quantization in torch
+    # expected values agree where the server's top candidates cover most of the local value mass
+    ev_server, ev_local = expected_values(server), expected_values(local)
+    assert np.abs(ev_server - ev_local).max() < 1.0
+
+    # the same response read with the other alignment: the slot entries predict what follows "unknown"
+    cands, _ = slot_candidates(echo_run["response"], echo_run["prompt"], "openai")
+    wrong = np.stack([values_from_candidates(c) for c in cands])
+    print("read as 'openai':\n", np.round(wrong, 3))
+    assert (wrong.sum(axis=1) < 0.25 * server.sum(axis=1)).all()
+
+
+@pytest.mark.llm_server
+def test_cache_rerun_makes_zero_requests(echo_run, cache_root):
+    with_port = FaultProxy(1)  # no upstream: nothing may get past the cache
+    try:
+        backend = _backend(with_port.base_url, cache_root / "sim")
+        again = backend.value_probabilities(echo_run["prompt"])
+        assert with_port.total() == 0
+        np.testing.assert_array_equal(again, echo_run["probs"])
+        stats = backend.stats.snapshot()
+        assert stats["calls"] == stats["requests"] == 0 and stats["cache_hits"] >= 1
+        assert stats["cache_hit_rate"] == 1.0
+        print(f"\nfirst run: {echo_run['requests']} requests; rerun: {with_port.total()} requests, "
+              f"{stats['cache_hits']} cache hits")
+    finally:
+        with_port.close()
+
+
+@pytest.mark.llm_server
+def test_json_simulator(fault_proxy, cache_root):
+    backend = _backend(fault_proxy.base_url, cache_root / "json")
+    tokens = ["The", " cat", " sat", "."]
+    started = time.perf_counter()
+    values = backend.simulate_json(SIM_EXPLANATION, tokens)
+    seconds = time.perf_counter() - started
+    assert values.shape == (4,) and ((values >= 0) & (values <= 10)).all()
+    assert fault_proxy.forwarded["/v1/chat/completions"] == 1
+    real = backend.cache.get(cache_key("openai-compatible", backend.model, "chat.completions",
+                                       backend.json_body(SIM_EXPLANATION, tokens)))["response"]
+    print(f"\njson simulator: {values.tolist()} in {seconds:.1f}s")
+
+    # malformed answers (served by the proxy from the real one, edited): each raises its own error
+    def answer(content):
+        doc = json.loads(json.dumps(real))
+        doc["choices"][0]["message"]["content"] = content
+        return Fault.respond(doc)
+
+    entries = json.loads(real["choices"][0]["message"]["content"])["activations"]
+    bad_value = [dict(e) for e in entries]
+    bad_value[2]["activation"] = 12
+    fault_proxy.plan(answer(json.dumps({"activations": entries[:3]})), answer(json.dumps({"activations": bad_value})),
+                     answer("The neuron fires on 'the'."))
+    uncached = _backend(fault_proxy.base_url, None)
+    with pytest.raises(JSONSimulationLengthError):
+        uncached.simulate_json(SIM_EXPLANATION, tokens)
+    with pytest.raises(JSONSimulationValueError):
+        uncached.simulate_json(SIM_EXPLANATION, tokens)
+    with pytest.raises(JSONSimulationError):
+        uncached.simulate_json(SIM_EXPLANATION, tokens)
+    assert uncached.stats.snapshot()["failures"] == 3
+
+
+CHEAP = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0.0}
+
+
+@pytest.mark.llm_server
+def test_faults_are_retried_or_reported(fault_proxy):
+    policy = RetryPolicy(max_attempts=8, initial_delay=0.05, max_delay=0.4, timeout=1.5, deadline=20)
+    backend = _backend(fault_proxy.base_url, None, retry=policy)
+    body = {"model": backend.model, **CHEAP}
+    reasons, log_retry = [], backend._log_retry
+    backend._log_retry = lambda reason, delay: (reasons.append(reason), log_retry(reason, delay))
+
+    # every transient fault once, then the real answer
+    fault_proxy.plan(Fault.rate_limited(1), Fault.server_error(500), Fault.stall(3), Fault.truncate(),
+                     Fault.cut(), Fault.server_error(503))
+    started = time.perf_counter()
+    data = backend.request("completions", body)
+    elapsed = time.perf_counter() - started
+    assert data["choices"][0]["text"] is not None
+    assert fault_proxy.total() == 7 and fault_proxy.forwarded["/v1/completions"] == 3  # truncate, cut, final
+    assert elapsed >= 1.0 + 1.5  # Retry-After honoured, stall cut at the timeout
+    stats = backend.stats.snapshot()
+    assert stats["requests"] == 7 and stats["retries"] == 6 and stats["calls"] == 1 and stats["failures"] == 0
+    expected = ["HTTP 429", "HTTP 500", "timed out", "not valid JSON", "connection error", "HTTP 503"]
+    assert len(reasons) == 6 and all(e in r for e, r in zip(expected, reasons)), reasons
+    print(f"\nsix faults then success: {fault_proxy.total()} requests, {elapsed:.1f}s; retried for: {reasons}")
+
+    # a 4xx that cannot succeed: no retry
+    fault_proxy.reset_counts()
+    fault_proxy.plan(Fault.client_error(400))
+    with pytest.raises(LLMRejectedError, match="400"):
+        backend.request("completions", body)
+    assert fault_proxy.total() == 1
+
+    # a wrong key: the real server says 401, not retried, and the message carries no key
+    wrong = OpenAICompatibleBackend(fault_proxy.base_url, backend.model, "sk-test-WRONG456", retry=policy)
+    fault_proxy.reset_counts()
+    with pytest.raises(LLMRejectedError) as err:
+        wrong.request("completions", body)
+    assert err.value.status == 401 and "WRONG456" not in str(err.value) and fault_proxy.total() == 1
+
+    # persistent 5xx: gives up after max_attempts
+    fault_proxy.reset_counts()
+    fault_proxy.plan(*[Fault.server_error(502)] * 8)
+    with pytest.raises(LLMGaveUpError, match="after 8 attempts"):
+        backend.request("completions", body)
+    assert fault_proxy.total() == 8
+
+    # Retry-After beyond the deadline: fails at once instead of sleeping
+    fault_proxy.reset_counts()
+    fault_proxy.plan(Fault.rate_limited(120))
+    started = time.perf_counter()
+    with pytest.raises(LLMGaveUpError, match="deadline"):
+        backend.request("completions", body)
+    assert time.perf_counter() - started < 5 and fault_proxy.total() == 1
+    # …and the pause it asked for holds for every later request of this backend (a shared rate gate)
+    with pytest.raises(LLMGaveUpError, match="asked to wait"):
+        backend.request("completions", body)
+    assert fault_proxy.total() == 1
+
+    # a batch: one item fails for good, the others complete, the failure is recorded per item
+    fault_proxy.reset_counts()
+    fault_proxy.plan(*[Fault.server_error(500)] * 8)
+    prompts = ["One, two,", "Red, green,", "Monday, Tuesday,"]
+    backend = _backend(fault_proxy.base_url, None, retry=policy)
+    before = backend.stats.snapshot()
+    outcomes = map_concurrently(
+        lambda p: backend.request("completions", {"model": backend.model, **CHEAP, "prompt": p}), prompts, 1)
+    assert [o.ok for o in outcomes] == [False, True, True]
+    assert isinstance(outcomes[0].error, LLMGaveUpError)
+    assert LLMStats.difference(backend.stats.snapshot(), before)["failures"] == 1
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from ndx_pipeline.core.openai_backend import OpenAICompatibleBackend
+    from ndx_pipeline.core.explainer import LEAD_IN, explainer_messages
+    base_url, cache, key = sys.argv[1], sys.argv[2], sys.argv[3]
+    backend = OpenAICompatibleBackend(base_url, "smollm2-135m-instruct-q4_1", key, cache=cache, server="llama_cpp")
+    for neuron in range(int(sys.argv[4])):
+        words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+        msgs = explainer_messages([(["We", " saw", " " + words[neuron]], [0, 0, 9])])
+        backend.chat(msgs, LEAD_IN, 12, 1.0, seed=neuron)
+        print("done", neuron, flush=True)
+""")
+
+
+def _neuron_messages(neuron):
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    return explainer_messages([(["We", " saw", " " + words[neuron]], [0, 0, 9])])
+
+
+@pytest.mark.llm_server
+def test_kill9_midway_then_rerun_calls_only_for_the_rest(fault_proxy, cache_root):
+    cache = cache_root / "kill9"
+    n = 6
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, fault_proxy.base_url, str(cache), TEST_API_KEY,
+                             str(n)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("done"):
+                done.append(int(line.split()[1]))
+            if len(done) == 3:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert len(done) == 3
+    before_rerun = fault_proxy.requests["/v1/chat/completions"]
+    backend = _backend(fault_proxy.base_url, cache)
+    outcomes = backend.map(lambda i: backend.chat(_neuron_messages(i), LEAD_IN, 12, 1.0, seed=i), range(n))
+    assert all(o.ok for o in outcomes)
+    stats = backend.stats.snapshot()
+    rerun_requests = fault_proxy.requests["/v1/chat/completions"] - before_rerun
+    assert stats["cache_hits"] >= 3 and rerun_requests == n - stats["cache_hits"] <= 3
+    # and once more: everything from the cache
+    again = _backend(fault_proxy.base_url, cache)
+    before = fault_proxy.total()
+    again.map(lambda i: again.chat(_neuron_messages(i), LEAD_IN, 12, 1.0, seed=i), range(n))
+    assert fault_proxy.total() == before and again.stats.snapshot()["cache_hit_rate"] == 1.0
+    print(f"\nkilled after {len(done)} of {n}; rerun made {rerun_requests} requests, "
+          f"{stats['cache_hits']} cache hits; third run 0 requests")
+
+
+@pytest.mark.llm_server
+def test_api_key_never_leaks(fault_proxy, cache_root, captured_logs, capsys):
+    """Last on purpose: checks every cache file, key, and log line this module produced."""
+    backend = _backend(fault_proxy.base_url, cache_root / "leak")
+    backend.request("completions", {"model": backend.model, **CHEAP})
+    fault_proxy.plan(Fault.server_error(500), Fault.client_error(403))
+    with pytest.raises(LLMRejectedError) as err:
+        backend.request("completions", {"model": backend.model, **CHEAP, "prompt": "Paris is in"})
+    # the key was used (only) as the bearer token
+    assert fault_proxy.auth_headers and all(h == f"Bearer {TEST_API_KEY}" for h in fault_proxy.auth_headers)
+    assert SECRET_MARK not in str(err.value) and SECRET_MARK not in repr(backend) and SECRET_MARK not in backend.name
+    files = [p for p in cache_root.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        assert SECRET_MARK not in path.name and SECRET_MARK not in path.read_text(errors="replace"), path
+    assert captured_logs, "no log records were captured"
+    assert not [r for r in captured_logs if SECRET_MARK in r]
+    out = capsys.readouterr()
+    assert SECRET_MARK not in out.out + out.err
