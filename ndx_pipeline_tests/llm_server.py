@@ -121,6 +121,25 @@ def run_llama_server(log_dir: Path, model_path: str | None = None, api_key: str 
     raise RuntimeError("could not find a free port for llama_cpp.server")
 
 
+def gguf_with_bos(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A copy of a GGUF whose tokenizer adds a BOS token (metadata `tokenizer.ggml.add_bos_token` set to true):
+    the same weights, as llama.cpp serves models like Llama. Used to show how the server's echo alignment
+    depends on it."""
+    key = b"tokenizer.ggml.add_bos_token"
+    with open(src, "rb") as f:
+        head = f.read(1 << 20)
+    at = head.find(key)
+    if at < 0 or int.from_bytes(head[at + len(key): at + len(key) + 4], "little") != 7:  # 7: GGUF bool
+        raise ValueError(f"{src} has no boolean {key.decode()} in its metadata")
+    import shutil
+
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(at + len(key) + 4)
+        f.write(b"\x01")
+    return Path(dst)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fault-injecting proxy
 

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +45,15 @@ from ndx_pipeline.core.openai_backend import (
     values_from_candidates,
 )
 from ndx_pipeline.core.simulator import expected_values, simulation_prompt
-from ndx_pipeline_tests.llm_server import TEST_API_KEY, Fault, FaultProxy, fault_proxy, llama_server  # noqa: F401
+from ndx_pipeline_tests.llm_server import (  # noqa: F401  (fixtures)
+    TEST_API_KEY,
+    Fault,
+    FaultProxy,
+    fault_proxy,
+    gguf_with_bos,
+    llama_server,
+    run_llama_server,
+)
 
 SECRET_MARK = "SECRET123"  # part of TEST_API_KEY; must never show up in files, keys or logs
 
@@ -282,9 +289,7 @@ def test_slot_reading_under_both_alignments():
     head, rest = prompt.segments[0], prompt.segments[1:]
     # tokenize the head into words so that detection has votes: each word predicts itself confidently
     pieces = _words(head) + list(rest)
-    dists = []
-    for i, p in enumerate(pieces):
-        dists.append({p: math.log(0.9), "zz": math.log(0.05)})
+    dists = [{p: math.log(0.9), "zz": math.log(0.05)} for p in pieces]
     slot_idx = [len(_words(head)) + 1, len(_words(head)) + 3]  # the "unknown\n" piece after each "tok\t"
     dists[slot_idx[0]] = {"0": math.log(0.6), "1": math.log(0.1), "10": math.log(0.1), "unknown\n": math.log(.2)}
     dists[slot_idx[1]] = {"3": math.log(0.5), "unknown\n": math.log(0.5)}
@@ -432,6 +437,27 @@ def test_all_at_once_alignment_matches_in_process_model(echo_run):
     wrong = np.stack([values_from_candidates(c) for c in cands])
     print("read as 'openai':\n", np.round(wrong, 3))
     assert (wrong.sum(axis=1) < 0.25 * server.sum(axis=1)).all()
+
+
+@pytest.mark.llm_server
+def test_auto_alignment_follows_the_served_model(llama_server, tmp_path):
+    """llama-cpp-python's echo alignment depends on the model: with a BOS token (same weights, metadata flipped)
+    it is OpenAI's; "auto" follows, where a fixed "llama_cpp" would read the wrong positions."""
+    from ndx_pipeline.core.subject_model import bundled_gguf
+
+    model = gguf_with_bos(bundled_gguf(), tmp_path / "smollm2-bos.gguf")
+    prompt = simulation_prompt(SIM_EXPLANATION, ["The", " cat", " sat"])
+    with run_llama_server(tmp_path / "logs", model_path=str(model)) as server:
+        backend = _backend(server.base_url, None)
+        started = time.perf_counter()
+        data = backend.request("completions", backend.echo_body(prompt))
+        seconds = time.perf_counter() - started
+    cands, used = slot_candidates(data, prompt, "auto")
+    assert used == "openai"
+    right = np.stack([values_from_candidates(c) for c in cands])
+    wrong = np.stack([values_from_candidates(c) for c in slot_candidates(data, prompt, "llama_cpp")[0]])
+    assert (right[:, :3] > 0).all() and (wrong.sum(axis=1) < 0.25 * right.sum(axis=1)).all()
+    print(f"\nwith BOS: detected {used!r}; echo {seconds:.1f}s")
 
 
 @pytest.mark.llm_server
@@ -621,6 +647,11 @@ def test_api_key_never_leaks(fault_proxy, cache_root, captured_logs, capsys):
     # the key was used (only) as the bearer token
     assert fault_proxy.auth_headers and all(h == f"Bearer {TEST_API_KEY}" for h in fault_proxy.auth_headers)
     assert SECRET_MARK not in str(err.value) and SECRET_MARK not in repr(backend) and SECRET_MARK not in backend.name
+    # a server that echoes the key in an error body: the reason is redacted
+    fault_proxy.plan(Fault.respond({"error": {"message": f"key {TEST_API_KEY} is not allowed"}}, status=403))
+    with pytest.raises(LLMRejectedError) as err:
+        backend.request("completions", {"model": backend.model, **CHEAP, "prompt": "Rome is in"})
+    assert SECRET_MARK not in str(err.value) and "[redacted]" in str(err.value)
     files = [p for p in cache_root.rglob("*") if p.is_file()]
     assert len(files) >= 5
     for path in files:

@@ -638,11 +638,12 @@ def continuation_after(text: str, prefix: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The backend
 
-# Server presets: (logprob_alignment, json_mode).
+# Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
+# most 5 candidates per position; vLLM's default limit is 20; llama-cpp-python has none.
 SERVER_PRESETS = {
-    "openai": ("openai", "json_schema"),
-    "vllm": ("openai", "json_schema"),
-    "llama_cpp": ("auto", "json_object_schema"),
+    "openai": ("openai", "json_schema", 5),
+    "vllm": ("openai", "json_schema", 20),
+    "llama_cpp": ("auto", "json_object_schema", 20),
 }
 
 
@@ -653,8 +654,9 @@ class OpenAICompatibleBackend(LLMBackend):
     request (and part of every cache key: with llama.cpp, which ignores it, name the weights you serve);
     api_key: passed to the client only (None: a placeholder, for servers without auth).
     cache: an LLMCache or a directory for one (None: no cache). stats: shared counters (a fresh LLMStats if None).
-    server: a preset for logprob_alignment and json_mode ("openai", "vllm", "llama_cpp"); explicit values win.
-    top_logprobs: candidates per position for the simulator (OpenAI's legacy endpoint allows at most 5).
+    server: a preset for logprob_alignment, json_mode and top_logprobs ("openai", "vllm", "llama_cpp"; see
+    SERVER_PRESETS); explicit values win.
+    top_logprobs: candidates per position for the simulator.
     ten_probe: "auto" (when the server splits "10", one extra short request per slot whose P("1") is at least
     probe_threshold of the value mass), "always", or "never" (then "1" stands for itself and P(10) may be 0).
     max_empty_slot_fraction: above this share of slots without any value candidate, the excerpt fails
@@ -666,7 +668,7 @@ class OpenAICompatibleBackend(LLMBackend):
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
                  cache: LLMCache | str | os.PathLike | None = None, stats: LLMStats | None = None,
                  server: str | None = None, logprob_alignment: str | None = None, json_mode: str | None = None,
-                 top_logprobs: int = 20, ten_probe: str = "auto", probe_threshold: float = 0.01,
+                 top_logprobs: int | None = None, ten_probe: str = "auto", probe_threshold: float = 0.01,
                  max_empty_slot_fraction: float = 0.5, retry: RetryPolicy | None = None,
                  max_concurrency: int = 4, simulator_max_tokens_per_token: int = 24):
         import openai
@@ -684,7 +686,7 @@ class OpenAICompatibleBackend(LLMBackend):
             raise ValueError(f"ten_probe must be 'auto', 'always' or 'never', not {ten_probe!r}")
         self.base_url = base_url
         self.model = model
-        self.top_logprobs = int(top_logprobs)
+        self.top_logprobs = int(top_logprobs or preset[2])
         self.ten_probe = ten_probe
         self.probe_threshold = float(probe_threshold)
         self.max_empty_slot_fraction = float(max_empty_slot_fraction)
