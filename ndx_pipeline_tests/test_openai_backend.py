@@ -426,10 +426,13 @@ def test_all_at_once_alignment_matches_in_process_model(echo_run):
     assert present[:, :3].all() and (server[:, 10] > 0).all()  # 0, 1, 2 and (via the probe) 10 everywhere
     rel = np.abs(server[present] - local[present]) / local[present]
     print("server P(v):\n", np.round(server, 3), "\nlocal P(v):\n", np.round(local, 3))
-    assert np.corrcoef(server[present], local[present])[0, 1] > 0.95
+    corr = np.corrcoef(server[present], local[present])[0, 1]
+    ev_server, ev_local = expected_values(server), expected_values(local)
+    print(f"P(v) server vs in-process: r = {corr:.4f}, median relative difference {np.median(rel):.3f}; expected "
+          f"values server {np.round(ev_server, 2).tolist()} vs in-process {np.round(ev_local, 2).tolist()}")
+    assert corr > 0.95
     assert np.median(rel) < 0.35  # Q4_1 weights in llama.cpp vs their float32 de-quantization in torch
     # expected values agree where the server's top candidates cover most of the local value mass
-    ev_server, ev_local = expected_values(server), expected_values(local)
     assert np.abs(ev_server - ev_local).max() < 1.0
 
     # the same response read with the other alignment: the slot entries predict what follows "unknown"

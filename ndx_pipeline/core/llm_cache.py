@@ -122,7 +122,8 @@ class LLMStats:
     calls: logical requests that went to the network (cache misses); requests: HTTP attempts sent (calls plus
     retries); cache_hits: logical requests answered by the cache; failures: logical requests or answers that
     ended in an error (transport gave up, or the answer was unusable); tokens as reported by the server for the
-    attempts that succeeded; seconds: wall time spent in network calls, waits included.
+    attempts that succeeded; seconds: time spent in network calls, waits included, summed over concurrent requests
+    (so it can exceed the wall time of a partition).
     """
 
     calls: int = 0
