@@ -16,10 +16,12 @@ from .core import activations as act
 from .core import corpus as corpus_mod
 from .core import excerpts as exc
 from .core import explainer, scoring, simulator
+from .core import viewer as viewer_mod
 from .core.errors import NdxInputError
 from .core.storage import asset_path, read_parquet, write_parquet_atomic
 from .core.subject_model import check_layers, load_subject_model, mlp_width, num_layers
 from .core.windows import TokenTexts, tokenize_windows
+from .provenance import stage_runs
 from .resources import (
     CorpusResource,
     LLMResource,
@@ -202,6 +204,20 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
                 "median_score": float(valid.median()) if len(valid) else float("nan"),
                 "undefined_or_failed": len(frame) - len(valid),
                 "path": dg.MetadataValue.path(str(path)),
+                "neuron_viewer": dg.MetadataValue.path(str(viewer_mod.viewer_dir(storage.path()) / "index.html")),
             })
 
-    return [corpus, activation_records, top_excerpts, explanations, simulations, scores]
+    @dg.asset(group_name=GROUP, deps=[scores], partitions_def=partitions, backfill_policy=single_run,
+              description="Static HTML pages (open from disk): an index of neurons and one page per neuron.")
+    def neuron_viewer(context: dg.AssetExecutionContext, storage: StorageResource) -> None:
+        out = viewer_mod.viewer_dir(storage.path())
+        for layer in _layers(context):
+            pages = viewer_mod.write_layer_pages(storage.path(), layer, out,
+                                                 runs=stage_runs(context.instance, layer))
+            index = viewer_mod.write_index(storage.path(), out)
+            _report(context, layer, {
+                "pages": len(pages), "index": dg.MetadataValue.path(str(index)),
+                "layer_folder": dg.MetadataValue.path(str(out / str(layer))),
+            })
+
+    return [corpus, activation_records, top_excerpts, explanations, simulations, scores, neuron_viewer]

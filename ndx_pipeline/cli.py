@@ -119,6 +119,7 @@ def summarize(storage: Path, layers: list[int]) -> str:
     lines.append(f"Parquet files: {asset_path(storage, 'corpus')}")
     for asset in PARTITIONED_ASSETS:
         lines.append(f"               {storage / asset}/<layer>.parquet")
+    lines.append(f"Neuron viewer: {storage / 'neuron_viewer' / 'index.html'} (open it in a browser, no server needed)")
     return "\n".join(lines)
 
 
@@ -184,6 +185,66 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _storage(args) -> Path:
+    from .resources import StorageResource
+
+    ensure_dagster_home()
+    return StorageResource(storage_dir=args.storage).path()
+
+
+def cmd_lineage(args) -> int:
+    """Print where one neuron's score came from, down to the document text of every scored excerpt."""
+    from .core.errors import NdxInputError
+    from .core.lineage import format_lineage, lineage, lineage_json
+
+    storage = _storage(args)
+    runs = None
+    try:
+        import dagster as dg
+
+        from .provenance import stage_runs
+
+        with dg.DagsterInstance.get() as instance:
+            runs = stage_runs(instance, args.layer)
+    except Exception as exc:  # the Parquet files alone still give the full data lineage
+        print(f"note: no Dagster run history ({type(exc).__name__}); showing the data lineage only", file=sys.stderr)
+    try:
+        result = lineage(storage, args.layer, args.neuron, runs=runs)
+    except NdxInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(lineage_json(result) if args.json else format_lineage(result))
+    return 0
+
+
+def cmd_view(args) -> int:
+    """(Re)write the static neuron viewer from the stored files and print where it is."""
+    from .core.errors import NdxInputError
+    from .core.viewer import write_viewer
+
+    quiet_libraries()
+    storage = _storage(args)
+    layers = parse_layers(args.layers) if args.layers else None
+    runs = None
+    try:
+        import dagster as dg
+
+        from .core.lineage import available_layers
+        from .provenance import stage_runs
+
+        with dg.DagsterInstance.get() as instance:
+            runs = {layer: stage_runs(instance, layer) for layer in (layers or available_layers(storage))}
+    except Exception:  # no run history: pages still show the data lineage
+        runs = None
+    try:
+        index = write_viewer(storage, layers=layers, runs=runs)
+    except NdxInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(index)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ndx-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,10 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.add_argument("--explainer-model", dest="explainer_model")
     run.add_argument("--simulator-model", dest="simulator_model")
+    lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")
+    lin.add_argument("layer", type=int)
+    lin.add_argument("neuron", type=int)
+    lin.add_argument("--json", action="store_true", help="machine-readable output")
+    lin.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
+    view = sub.add_parser("view", help="write the static HTML neuron viewer and print its index path")
+    view.add_argument("--layers", help="layers to (re)write, default every scored layer")
+    view.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    return 2
+    commands = {"run": cmd_run, "lineage": cmd_lineage, "view": cmd_view}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

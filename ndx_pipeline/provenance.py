@@ -1,0 +1,40 @@
+"""What Dagster knows about how each stage's file was produced: run id, partition, code and data versions.
+
+Feeds `core.lineage` (which reads only Parquet) with the runs behind a layer's files.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from .core.lineage import STAGES
+
+
+def _info(record, partition: str | None) -> dict:
+    mat = record.asset_materialization
+    tags = mat.tags or {}
+    info = {
+        "run_id": record.run_id,
+        "partition": partition,
+        "code_version": tags.get("dagster/code_version"),
+        "data_version": tags.get("dagster/data_version"),
+        "timestamp": record.timestamp,
+    }
+    for key, value in (mat.metadata or {}).items():
+        if key in ("subject_model", "explainer", "simulator"):
+            info[key] = getattr(value, "value", value)
+    return info
+
+
+def stage_runs(instance: dg.DagsterInstance, layer: int) -> dict[str, dict | None]:
+    """Stage → the latest materialization of that stage for `layer` (the corpus is unpartitioned)."""
+    out: dict[str, dict | None] = {}
+    for stage in STAGES:
+        partition = None if stage == "corpus" else str(int(layer))
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(stage),
+                                  asset_partitions=[partition] if partition is not None else None),
+            limit=1,
+        ).records
+        out[stage] = _info(records[0], partition) if records else None
+    return out
