@@ -2,10 +2,13 @@
 
 - the `top_k` windows with the highest max activation (ties: lower window index first),
 - a seeded uniform random sample of windows (the same windows for every neuron of a layer),
-- running count, mean, variance and max over every real (non-padding) token.
+- running count, mean, variance and max over every real (non-padding) token,
+- optionally (`token_table=True`), per token id of the corpus, the count of its occurrences and the running sum of
+  each selected neuron's activation on it: the token lookup table behind the `baseline_lookup` score.
 
 Selection is streaming and vectorized: memory is O(layers × neurons × (top_k + random_k) × window), independent of
-the corpus length. Kept activations are stored exactly, as float32.
+the corpus length; the token table adds O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons).
+Kept activations are stored exactly, as float32.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def random_windows(n_windows: int, count: int, seed: int) -> np.ndarray:
 class LayerSelection:
     """Streaming top-k / random-sample / moments for the chosen neurons of one layer."""
 
-    def __init__(self, neurons, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu"):
+    def __init__(self, neurons, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu",
+                 token_vocab: np.ndarray | None = None):
+        """token_vocab: the distinct token ids the corpus holds (sorted); when given, a per-token table of counts
+        and activation sums is kept for the lookup-table baseline."""
         import torch
 
         self.neurons = torch.as_tensor(list(neurons), dtype=torch.long, device=device)
@@ -55,14 +61,35 @@ class LayerSelection:
         self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(n, dtype=torch.float64, device=device)
         self.max = torch.full((n,), float("-inf"), device=device)
+        self.token_vocab = None
+        if token_vocab is not None:
+            vocab = np.unique(np.asarray(token_vocab, dtype=np.int64))
+            self.token_vocab = vocab
+            # token id → row of the table (-1: not in the corpus vocabulary given)
+            index = torch.full((int(vocab.max()) + 1 if len(vocab) else 1,), -1, dtype=torch.long)
+            index[torch.as_tensor(vocab)] = torch.arange(len(vocab))
+            self.token_row = index.to(device)
+            self.token_count = torch.zeros(len(vocab), dtype=torch.long, device=device)
+            self.token_sum = torch.zeros((len(vocab), n), dtype=torch.float64, device=device)
 
-    def update(self, acts, mask, window_index) -> None:
-        """acts: [B, T, all neurons] (any float dtype); mask: [B, T] bool; window_index: [B] long, increasing."""
+    def update(self, acts, mask, window_index, token_ids=None) -> None:
+        """acts: [B, T, all neurons] (any float dtype); mask: [B, T] bool; window_index: [B] long, increasing;
+        token_ids: [B, T] long, the window's token ids (needed only for the token table)."""
         import torch
 
         a = acts.index_select(-1, self.neurons).float()  # [B, T, n]
         a = a.masked_fill(~mask[..., None], 0.0)
         a64 = a.double()
+        if self.token_vocab is not None:
+            if token_ids is None:
+                raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
+            ids = token_ids[mask]
+            rows = self.token_row[ids.clamp(0, len(self.token_row) - 1)]
+            rows = torch.where(ids < len(self.token_row), rows, torch.full_like(rows, -1))
+            if bool((rows < 0).any()):
+                raise ValueError("a window holds a token id missing from the token table's vocabulary.")
+            self.token_count.index_add_(0, rows, torch.ones_like(rows))
+            self.token_sum.index_add_(0, rows, a64[mask])
         self.count += int(mask.sum())
         self.sum += a64.sum(dim=(0, 1))
         self.sumsq += (a64 * a64).sum(dim=(0, 1))
@@ -89,6 +116,14 @@ class LayerSelection:
         var = (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
         return mean.cpu().numpy(), var.cpu().numpy(), self.max.cpu().numpy()
 
+    def token_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token_ids [V], counts [V], activation sums [V, neurons] float64) over every real token seen.
+
+        Means are sums / counts; every id of `token_vocab` that the corpus holds has a count ≥ 1."""
+        if self.token_vocab is None:
+            raise ValueError("this selection keeps no token table (extract(..., token_table=True) keeps one).")
+        return self.token_vocab.copy(), self.token_count.cpu().numpy(), self.token_sum.cpu().numpy()
+
 
 class _StopForward(Exception):
     """Raised by the deepest hook: nothing above the last requested layer is computed."""
@@ -107,8 +142,11 @@ class ExtractionStats:
 
 def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[int]], top_k: int = 20,
             random_k: int = 20, seed: int = 0, batch_size: int = 16,
-            progress: Callable[[int, int, float], None] | None = None):
-    """Run the model once over all windows for every requested layer; return (selections, stats)."""
+            progress: Callable[[int, int, float], None] | None = None, token_table: bool = False):
+    """Run the model once over all windows for every requested layer; return (selections, stats).
+
+    token_table=True also keeps, per layer, each token id's count and each selected neuron's activation sum on it
+    (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline."""
     import torch
 
     if not layer_neurons:
@@ -120,8 +158,12 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
         )
     device = next(model.parameters()).device
     sample = random_windows(len(windows), random_k, seed)
+    vocab = None
+    if token_table:
+        real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
+        vocab = np.unique(windows.ids[real_tokens])
     selections = {
-        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device)
+        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device, token_vocab=vocab)
         for layer, neurons in layer_neurons.items()
     }
     prefix, suffix = special_token_wrap(tokenizer)
@@ -137,7 +179,7 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
             x = x[:, state["lo"] : state["hi"], :]
             if state["pad"]:
                 x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
-            selections[layer].update(x, state["mask"], state["window_index"])
+            selections[layer].update(x, state["mask"], state["window_index"], state["token_ids"])
             if layer == deepest:
                 raise _StopForward
 
@@ -168,6 +210,7 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
                 state["lo"], state["hi"] = p, p + real
                 state["mask"] = torch.as_tensor(mask, device=device)
                 state["window_index"] = torch.as_tensor(idx, device=device)
+                state["token_ids"] = torch.as_tensor(windows.ids[idx], device=device) if token_table else None
                 state["pad"] = t - real
                 state["batch"] = len(idx)
                 try:
@@ -240,3 +283,36 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         for rank, w in enumerate(selection.sample):
             add(i, "random", rank, int(w), sample_acts[i, rank])
     return pl.DataFrame(rows, schema=RECORD_SCHEMA)
+
+
+TOKEN_TABLE_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "token": pl.String,
+    "count": pl.Int64,
+    "activation_sum": pl.Float64,
+    "mean_activation": pl.Float64,
+}
+
+
+def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:
+    """The lookup table of one layer: one row per neuron × distinct token text seen in the corpus.
+
+    Keyed by the token's text (`tokenizer.decode([id])`, as in the `tokens` columns), so the stored excerpts can be
+    looked up without token ids; the rare ids that decode to the same text are merged (counts and sums added)."""
+    ids, counts, sums = selection.token_table()
+    texts = token_texts(ids)
+    neurons = selection.neurons.cpu().tolist()
+    frame = pl.DataFrame({"token": texts, "count": counts.astype(np.int64)})
+    frame = frame.with_columns([pl.Series(f"s{i}", sums[:, i], dtype=pl.Float64) for i in range(len(neurons))])
+    frame = frame.filter(pl.col("count") > 0).group_by("token", maintain_order=True).sum()
+    parts = []
+    for i, neuron in enumerate(neurons):
+        parts.append(frame.select(
+            pl.lit(layer, dtype=pl.Int32).alias("layer"), pl.lit(neuron, dtype=pl.Int32).alias("neuron"),
+            pl.col("token"), pl.col("count").cast(pl.Int64), pl.col(f"s{i}").alias("activation_sum"),
+            (pl.col(f"s{i}") / pl.col("count")).alias("mean_activation"),
+        ))
+    if not parts:
+        return pl.DataFrame(schema=TOKEN_TABLE_SCHEMA)
+    return pl.concat(parts).sort(["neuron", "token"]).cast(TOKEN_TABLE_SCHEMA)
