@@ -33,6 +33,28 @@ from .resources import (
 
 
 GROUP = "neuron_explanation"
+LLM_POOL = "llm"
+SUBJECT_MODEL_POOL = "subject_model"
+
+
+def llm_cache_dir(storage: StorageResource):
+    """The content-addressed cache of LLM answers, beside the data it produced."""
+    return storage.path() / "llm_cache"
+
+
+def llm_accounting(backend, before: dict, started: float) -> dict:
+    """Per-partition LLM work: requests sent, cache hits, tokens, failures, wall time."""
+    from .core.llm_cache import LLMStats
+
+    delta = LLMStats.difference(backend.stats.snapshot(), before)
+    return {
+        "llm_requests": int(delta["requests"]), "llm_calls": int(delta["calls"]),
+        "llm_retries": int(delta["retries"]), "llm_cache_hits": int(delta["cache_hits"]),
+        "llm_failures": int(delta["failures"]), "prompt_tokens": int(delta["prompt_tokens"]),
+        "completion_tokens": int(delta["completion_tokens"]),
+        "llm_cache_hit_rate": float("nan") if delta["cache_hit_rate"] is None else round(delta["cache_hit_rate"], 4),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def layer_partitions(model: str | None = None) -> dg.StaticPartitionsDefinition:
@@ -70,7 +92,7 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
         })
 
     @dg.asset(group_name=GROUP, deps=[corpus], partitions_def=partitions, backfill_policy=single_run,
-              description="Per neuron: top windows by max activation, a seeded random sample, mean/variance/max.")
+              pool=SUBJECT_MODEL_POOL, description="Per neuron: top windows by max activation, a seeded random sample, mean/variance/max.")
     def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
                            selection: SelectionResource, storage: StorageResource) -> None:
         try:
@@ -138,52 +160,67 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
             })
 
     @dg.asset(group_name=GROUP, deps=[top_excerpts], partitions_def=partitions, backfill_policy=single_run,
-              description="One explanation per neuron, written by the explainer LLM from the explain excerpts.")
+              pool=LLM_POOL, description="One explanation per neuron, written by the explainer LLM from the explain "
+              "excerpts.")
     def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, storage: StorageResource) -> None:
-        backend = explainer_llm.build()
-        for layer in _layers(context):
-            started = time.perf_counter()
-            try:
-                excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
-                                        f"top_excerpts for layer {layer}")
-            except NdxInputError as e:
-                _fail(str(e))
+        try:
+            backend = explainer_llm.build(cache_dir=llm_cache_dir(storage))
+        except NdxInputError as e:
+            _fail(str(e))
+        try:
+            for layer in _layers(context):
+                started, before = time.perf_counter(), backend.stats.snapshot()
+                try:
+                    excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
+                                            f"top_excerpts for layer {layer}")
+                except NdxInputError as e:
+                    _fail(str(e))
 
-            def log(row, layer=layer):
-                context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
-                                 f"{row['explanation'] or row['error']!r}")
+                def log(row, layer=layer):
+                    context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
+                                     f"{row['explanation'] or row['error']!r}")
 
-            frame = explainer.explain_layer(excerpts, backend, explainer_llm.max_tokens, explainer_llm.temperature,
-                                            explainer_llm.seed, on_neuron=log)
-            path = write_parquet_atomic(frame, asset_path(storage.path(), "explanations", layer))
-            _report(context, layer, {
-                "neurons": len(frame), "failed": int((frame["status"] != "ok").sum()),
-                "explainer": backend.name, "wall_seconds": round(time.perf_counter() - started, 2),
-                "path": dg.MetadataValue.path(str(path)),
-            })
+                frame = explainer.explain_layer(excerpts, backend, explainer_llm.max_tokens,
+                                                explainer_llm.temperature, explainer_llm.seed, on_neuron=log)
+                path = write_parquet_atomic(frame, asset_path(storage.path(), "explanations", layer))
+                _report(context, layer, {
+                    "neurons": len(frame), "failed": int((frame["status"] != "ok").sum()),
+                    "explainer": backend.name, **llm_accounting(backend, before, started),
+                    "path": dg.MetadataValue.path(str(path)),
+                })
+        finally:
+            backend.close()
 
     @dg.asset(group_name=GROUP, deps=[explanations, top_excerpts], partitions_def=partitions,
-              backfill_policy=single_run,
+              backfill_policy=single_run, pool=LLM_POOL,
               description="Simulated activations (expected value over 0–10) on every scored excerpt.")
     def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource) -> None:
-        backend = simulator_llm.build()
-        for layer in _layers(context):
-            started = time.perf_counter()
-            try:
-                expl = read_parquet(asset_path(storage.path(), "explanations", layer), f"explanations for layer {layer}")
-                excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
-                                        f"top_excerpts for layer {layer}")
-            except NdxInputError as e:
-                _fail(str(e))
-            frame = simulator.simulate_layer(
-                expl, excerpts, backend,
-                on_neuron=lambda e, layer=layer: context.log.info(f"layer {layer} neuron {e['neuron']} simulated"),
-            )
-            path = write_parquet_atomic(frame, asset_path(storage.path(), "simulations", layer))
-            _report(context, layer, {
-                "excerpts": len(frame), "neurons": frame["neuron"].n_unique(), "simulator": backend.name,
-                "wall_seconds": round(time.perf_counter() - started, 2), "path": dg.MetadataValue.path(str(path)),
-            })
+        try:
+            backend = simulator_llm.build(cache_dir=llm_cache_dir(storage))
+        except NdxInputError as e:
+            _fail(str(e))
+        try:
+            for layer in _layers(context):
+                started, before = time.perf_counter(), backend.stats.snapshot()
+                try:
+                    expl = read_parquet(asset_path(storage.path(), "explanations", layer),
+                                        f"explanations for layer {layer}")
+                    excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
+                                            f"top_excerpts for layer {layer}")
+                except NdxInputError as e:
+                    _fail(str(e))
+                frame = simulator.simulate_layer(
+                    expl, excerpts, backend, mode=simulator_llm.simulator_mode,
+                    on_neuron=lambda e, layer=layer: context.log.info(f"layer {layer} neuron {e['neuron']} simulated"),
+                )
+                path = write_parquet_atomic(frame, asset_path(storage.path(), "simulations", layer))
+                _report(context, layer, {
+                    "excerpts": len(frame), "neurons": frame["neuron"].n_unique(), "simulator": backend.name,
+                    "failed_excerpts": int((frame["status"] != "ok").sum()),
+                    **llm_accounting(backend, before, started), "path": dg.MetadataValue.path(str(path)),
+                })
+        finally:
+            backend.close()
 
     @dg.asset(group_name=GROUP, deps=[simulations, explanations], partitions_def=partitions,
               backfill_policy=single_run,

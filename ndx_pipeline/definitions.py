@@ -11,6 +11,7 @@ from .resources import (
     SelectionResource,
     StorageResource,
     SubjectModelResource,
+    api_key_from_env,
 )
 
 MAIN_JOB = "explain_neurons"
@@ -29,8 +30,9 @@ def build_definitions() -> dg.Definitions:
             "corpus_source": CorpusResource(),
             "subject_model": SubjectModelResource(),
             "selection": SelectionResource(),
-            "explainer_llm": LLMResource(),
-            "simulator_llm": LLMResource(max_tokens=0, temperature=0.0),
+            "explainer_llm": LLMResource(api_key=api_key_from_env("NDX_EXPLAINER_API_KEY", "OPENAI_API_KEY")),
+            "simulator_llm": LLMResource(max_tokens=0, temperature=0.0,
+                                         api_key=api_key_from_env("NDX_SIMULATOR_API_KEY", "OPENAI_API_KEY")),
         },
     )
 

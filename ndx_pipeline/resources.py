@@ -71,15 +71,48 @@ class SelectionResource(dg.ConfigurableResource):
 
 
 class LLMResource(dg.ConfigurableResource):
-    """An LLM for one stage (explainer or simulator)."""
+    """An LLM for one stage (explainer or simulator); the two may be different models on different servers.
 
-    backend: str = Field(default="local", description="local: an in-process transformers chat model.")
-    model: str = Field(default=BUNDLED_MODEL, description="Model id, folder or .gguf for the backend.")
+    backend `local`: an in-process transformers chat model (default: the bundled SmolLM2-135M-Instruct).
+    backend `openai`: any OpenAI-compatible server (OpenAI, vLLM, llama.cpp) at `base_url`. The API key comes only
+    from the environment: set `api_key` to an EnvVar (the definitions use NDX_EXPLAINER_API_KEY /
+    NDX_SIMULATOR_API_KEY, else OPENAI_API_KEY, when set); it is never logged, cached or stored.
+    Every answer is cached under `<storage>/llm_cache` by the content of its request: reruns cost nothing.
+    """
+
+    backend: str = Field(default="local", description="local | openai")
+    model: str = Field(default=BUNDLED_MODEL, description="Model id, folder or .gguf (local); model name (openai).")
+    base_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:8000/v1 (openai backend).")
+    api_key: str | None = Field(default=None, description="Set from an environment variable only.")
+    server: str = Field(default="openai", description="openai | vllm | llama_cpp: logprob alignment presets.")
+    simulator_mode: str = Field(default="all_at_once",
+                                description="all_at_once (echo + logprobs) | json (chat models without logprobs).")
     max_tokens: int = 60
     temperature: float = 1.0
     seed: int = 0
+    max_concurrency: int = Field(default=4, description="Requests in flight at once (openai backend).")
+    timeout_s: float = 120.0
+    deadline_s: float = Field(default=600.0, description="Give up on one request (all retries) after this long.")
+    max_attempts: int = 8
 
-    def build(self) -> LLMBackend:
+    def build(self, cache_dir=None, stats=None) -> LLMBackend:
         if self.backend == "local":
-            return LocalTransformersBackend(self.model)
-        raise NdxInputError(f"LLM backend {self.backend!r} is not known (available: local).")
+            return LocalTransformersBackend(self.model, cache=cache_dir, stats=stats)
+        if self.backend == "openai":
+            from .core.openai_backend import OpenAICompatibleBackend, RetryPolicy
+
+            if not self.base_url:
+                raise NdxInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1).")
+            retry = RetryPolicy(max_attempts=self.max_attempts, timeout=self.timeout_s, deadline=self.deadline_s)
+            return OpenAICompatibleBackend(self.base_url, self.model, self.api_key, cache=cache_dir, stats=stats,
+                                           server=self.server, retry=retry, max_concurrency=self.max_concurrency)
+        raise NdxInputError(f"LLM backend {self.backend!r} is not known (available: local, openai).")
+
+
+def api_key_from_env(*names: str):
+    """An EnvVar for the first of `names` set in the environment (None when none is): the key itself never
+    enters configuration, only the variable's name."""
+    for name in names:
+        if os.environ.get(name):
+            return dg.EnvVar(name)
+    return None

@@ -7,15 +7,86 @@ value distributions for the "all at once" simulator. `LocalTransformersBackend` 
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from .llm_cache import LLMCache, LLMStats, cache_key
 from .simulator import VALUES, SimulationPrompt
 from .subject_model import loadable, resolve_model
+
+
+class RecordableLLMError(Exception):
+    """An LLM call or answer that failed for one neuron or excerpt: recorded in its row, the layer goes on."""
+
+
+@dataclass
+class Outcome:
+    """The result of one item of `map_concurrently`: `value`, or the `error` it raised."""
+
+    index: int
+    item: Any
+    value: Any = None
+    error: Exception | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def map_concurrently(fn: Callable[[Any], Any], items: Iterable[Any], max_concurrency: int = 4,
+                     on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run `fn(item)` for every item with at most `max_concurrency` running at once (threads).
+
+    An item that raises does not stop the others: its Outcome carries the error. `on_done` is called in the
+    calling thread as each item finishes (e.g. to write results or caches per neuron); the list comes back in
+    input order. If `on_done` raises (or the caller is interrupted), items not yet started are cancelled.
+    """
+    items = list(items)
+    outcomes: list[Outcome | None] = [None] * len(items)
+
+    def finish(i: int, value=None, error=None):
+        outcomes[i] = Outcome(i, items[i], value, error)
+        if on_done is not None:
+            on_done(outcomes[i])
+
+    if max_concurrency <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            try:
+                value = fn(item)
+            except Exception as exc:
+                finish(i, error=exc)
+            else:
+                finish(i, value=value)
+        return outcomes  # type: ignore[return-value]
+
+    pool = ThreadPoolExecutor(max_workers=min(max_concurrency, len(items)), thread_name_prefix="ndx-llm")
+    try:
+        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                exc = fut.exception()
+                if exc is None:
+                    finish(i, value=fut.result())
+                elif isinstance(exc, Exception):
+                    finish(i, error=exc)
+                else:  # KeyboardInterrupt / SystemExit in a worker
+                    raise exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return outcomes  # type: ignore[return-value]
+
+
 
 
 @dataclass
@@ -42,6 +113,19 @@ class LLMBackend(ABC):
     def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
         """[slots, 11]: probability that the value at each slot is 0..10 (not renormalized)."""
 
+    stats: LLMStats
+    max_concurrency: int = 1
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], on_done=None) -> list[Outcome]:
+        """Run `fn` over items at this backend's concurrency; an item that raises does not stop the others."""
+        return map_concurrently(fn, items, self.max_concurrency, on_done)
+
+    def simulate_json(self, explanation: str, tokens) -> np.ndarray:
+        raise RecordableLLMError(f"the backend {self.name} has no JSON simulator; use the all-at-once simulator")
+
+    def close(self) -> None:
+        """Release connections (nothing for in-process models)."""
+
 
 _LOAD_LOCK = threading.Lock()
 
@@ -64,10 +148,35 @@ def load_causal_lm(model_name: str):
 
 
 class LocalTransformersBackend(LLMBackend):
-    """An in-process transformers causal LM (CPU or CUDA)."""
+    """An in-process transformers causal LM (CPU or CUDA).
 
-    def __init__(self, model_name: str | None = None):
+    With a cache, every answer is stored under the content address of its request, so a rerun (or a run resumed
+    after a crash) recomputes nothing it has already answered.
+    """
+
+    KIND = "local-transformers"
+
+    def __init__(self, model_name: str | None = None, cache: LLMCache | str | None = None,
+                 stats: LLMStats | None = None):
         self.model_name = resolve_model(model_name).name
+        self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        self.stats = stats if stats is not None else LLMStats()
+
+    def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
+        key = cache_key(self.KIND, self.model_name, endpoint, request)
+        if self.cache is not None:
+            entry = self.cache.get(key)
+            if entry is not None:
+                self.stats.add(cache_hits=1)
+                return entry["response"]
+        started = time.monotonic()
+        response = compute()
+        self.stats.add(calls=1, requests=1, seconds=time.monotonic() - started,
+                       prompt_tokens=response.get("prompt_tokens", 0),
+                       completion_tokens=response.get("completion_tokens", 0))
+        if self.cache is not None:
+            self.cache.put(key, self.KIND, self.model_name, endpoint, request, response)
+        return response
 
     @property
     def name(self) -> str:
@@ -85,6 +194,13 @@ class LocalTransformersBackend(LLMBackend):
         return text + assistant_prefix
 
     def chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> Completion:
+        request = {"messages": messages, "assistant_prefix": assistant_prefix, "max_tokens": int(max_tokens),
+                   "temperature": float(temperature), "seed": int(seed)}
+        out = self._cached("chat", request, lambda: self._chat(messages, assistant_prefix, max_tokens,
+                                                                temperature, seed))
+        return Completion(out["text"], out["prompt_tokens"], out["completion_tokens"])
+
+    def _chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> dict:
         import torch
 
         model, tok = self._lm()
@@ -102,7 +218,8 @@ class LocalTransformersBackend(LLMBackend):
         finally:
             torch.random.set_rng_state(generator_state)
         new = out[0, ids.shape[1]:]
-        return Completion(tok.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(new.shape[0]))
+        return {"text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": int(ids.shape[1]),
+                "completion_tokens": int(new.shape[0])}
 
     def value_token_ids(self) -> tuple[list[int], int | None]:
         """Token ids of "0".."9", and of "10" when it is a single token (else None)."""
@@ -130,6 +247,11 @@ class LocalTransformersBackend(LLMBackend):
         return ids, [ends[i] for i in prompt.slots]
 
     def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
+        request = {"segments": list(prompt.segments), "slots": list(prompt.slots)}
+        out = self._cached("value_probabilities", request, lambda: self._value_probabilities(prompt))
+        return np.asarray(out["probabilities"], dtype=np.float64).reshape(len(prompt.slots), len(VALUES))
+
+    def _value_probabilities(self, prompt: SimulationPrompt) -> dict:
         """One forward pass: the prompt, plus (when "10" is two tokens) one extra "1" token per slot that attends
         only to the prompt up to its slot, so P(10) = P("1") · P("0" | "1") is read honestly in the same pass."""
         import torch
@@ -171,4 +293,4 @@ class LocalTransformersBackend(LLMBackend):
                 p_one = out[:, 1].clone()
                 out[:, 10] = p_one * p_zero
                 out[:, 1] = p_one * (1 - p_digit)  # "1" followed by no further digit; "11".."19" are not values
-        return out.numpy()
+        return {"probabilities": out.numpy().tolist(), "prompt_tokens": len(ids) + (s if extra else 0)}

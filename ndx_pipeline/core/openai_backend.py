@@ -30,13 +30,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .backends import Completion, LLMBackend
+from .backends import Completion, LLMBackend, Outcome, RecordableLLMError, map_concurrently
 from .display import escape_token
 from .explainer import FEW_SHOTS
 from .llm_cache import LLMCache, LLMStats, cache_key
@@ -51,7 +50,7 @@ KIND = "openai-compatible"
 # Errors
 
 
-class LLMRequestError(RuntimeError):
+class LLMRequestError(RecordableLLMError, RuntimeError):
     """A request to the LLM server did not produce an answer. `reason` is one short line, free of secrets."""
 
     def __init__(self, reason: str, attempts: int = 0, status: int | None = None):
@@ -73,7 +72,7 @@ class MalformedResponseError(LLMRequestError):
     """The server answered 2xx with a body that is not the JSON it should be (e.g. truncated). Retried."""
 
 
-class ExcerptSimulationError(ValueError):
+class ExcerptSimulationError(RecordableLLMError, ValueError):
     """The answer for one excerpt cannot be used; the caller records that excerpt as failed, with this reason."""
 
 
@@ -289,65 +288,6 @@ def call_with_retries(attempt: Callable[[float], Any], policy: RetryPolicy, *, g
 
 # ---------------------------------------------------------------------------------------------------------------
 # Concurrency
-
-
-@dataclass
-class Outcome:
-    """The result of one item of `map_concurrently`: `value`, or the `error` it raised."""
-
-    index: int
-    item: Any
-    value: Any = None
-    error: Exception | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def map_concurrently(fn: Callable[[Any], Any], items: Iterable[Any], max_concurrency: int = 4,
-                     on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run `fn(item)` for every item with at most `max_concurrency` running at once (threads).
-
-    An item that raises does not stop the others: its Outcome carries the error. `on_done` is called in the
-    calling thread as each item finishes (e.g. to write results or caches per neuron); the list comes back in
-    input order. If `on_done` raises (or the caller is interrupted), items not yet started are cancelled.
-    """
-    items = list(items)
-    outcomes: list[Outcome | None] = [None] * len(items)
-
-    def finish(i: int, value=None, error=None):
-        outcomes[i] = Outcome(i, items[i], value, error)
-        if on_done is not None:
-            on_done(outcomes[i])
-
-    if max_concurrency <= 1 or len(items) <= 1:
-        for i, item in enumerate(items):
-            try:
-                value = fn(item)
-            except Exception as exc:
-                finish(i, error=exc)
-            else:
-                finish(i, value=value)
-        return outcomes  # type: ignore[return-value]
-
-    pool = ThreadPoolExecutor(max_workers=min(max_concurrency, len(items)), thread_name_prefix="ndx-llm")
-    try:
-        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                i = pending.pop(fut)
-                exc = fut.exception()
-                if exc is None:
-                    finish(i, value=fut.result())
-                elif isinstance(exc, Exception):
-                    finish(i, error=exc)
-                else:  # KeyboardInterrupt / SystemExit in a worker
-                    raise exc
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return outcomes  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------

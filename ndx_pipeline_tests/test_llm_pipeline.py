@@ -1,0 +1,186 @@
+"""The LLM stages through Dagster against a real OpenAI-compatible server (llama-cpp-python serving the bundled
+GGUF on 127.0.0.1), beside the in-process backend on the same neurons: contract-conformant outputs, a rerun that
+makes zero requests, and a run killed with SIGKILL midway through explanations that resumes without paying twice.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.assets import build_assets, layer_partitions
+from ndx_pipeline.resources import (
+    CorpusResource,
+    LLMResource,
+    SelectionResource,
+    StorageResource,
+    SubjectModelResource,
+)
+from ndx_pipeline_tests.llm_server import TEST_API_KEY, FaultProxy, llama_server  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.llm_server, pytest.mark.slow]
+NEURONS = [11, 700]
+UPSTREAM = ("corpus", "activation_records", "top_excerpts")
+LLM_STAGES = ("explanations", "simulations", "scores")
+
+
+def materialize(stages, storage, **resources):
+    by_key = {a.key.to_user_string(): a for a in build_assets(layer_partitions())}
+    base = {
+        "storage": StorageResource(storage_dir=str(storage)), "corpus_source": CorpusResource(),
+        "subject_model": SubjectModelResource(window_tokens=16),
+        "selection": SelectionResource(neurons=NEURONS, score_top_excerpts=2, score_random_excerpts=1),
+        "explainer_llm": LLMResource(max_tokens=20), "simulator_llm": LLMResource(max_tokens=0, temperature=0.0),
+    }
+    base.update(resources)
+    assets = [by_key[s] for s in stages]
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(assets, partition_key="0", resources=base, instance=instance, raise_on_error=False,
+                            selection=list(stages))
+    assert result.success, [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+    return instance
+
+
+def partition_metadata(instance, stage):
+    return instance.get_latest_materialization_event(dg.AssetKey(stage)).asset_materialization.metadata
+
+
+def server_llm(proxy, **extra):
+    return LLMResource(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
+                       api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, **extra)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("upstream")
+    materialize(UPSTREAM, storage)
+    return storage
+
+
+def copy_upstream(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(asset_path(src, "corpus"), asset_path(dst, "corpus"))
+    for stage in UPSTREAM[1:]:
+        asset_path(dst, stage, 0).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(asset_path(src, stage, 0), asset_path(dst, stage, 0))
+
+
+@pytest.fixture
+def proxy(llama_server):  # noqa: F811
+    p = FaultProxy(llama_server.port)
+    yield p
+    p.close()
+
+
+def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch):
+    monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
+    local, server = tmp_path / "local", tmp_path / "server"
+    copy_upstream(upstream, local)
+    copy_upstream(upstream, server)
+    materialize(LLM_STAGES, local)
+    instance = materialize(LLM_STAGES, server, explainer_llm=server_llm(proxy, max_tokens=20),
+                           simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0))
+    first = proxy.total()
+    assert first >= len(NEURONS)  # at least one explanation request per neuron reached the server
+
+    for stage in LLM_STAGES:
+        a, b = pl.read_parquet(asset_path(local, stage, 0)), pl.read_parquet(asset_path(server, stage, 0))
+        assert a.schema == b.schema, stage
+        assert sorted(a["neuron"].unique()) == sorted(b["neuron"].unique()) == NEURONS
+    expl = pl.read_parquet(asset_path(server, "explanations", 0))
+    assert set(expl["explainer"]) == {"openai-compatible:smollm2-135m-instruct-q4_1"}
+    sims = pl.read_parquet(asset_path(server, "simulations", 0))
+    for row in sims.filter(pl.col("status") == "ok").iter_rows(named=True):
+        assert len(row["simulated_activations"]) == len(row["tokens"])
+        assert all(0 <= v <= 10 for v in row["simulated_activations"])
+    meta = partition_metadata(instance, "explanations")
+    assert meta["llm_requests"].value >= len(NEURONS) and meta["llm_cache_hits"].value == 0
+
+    # the same stages again: every answer from the cache, not one request
+    proxy.reset_counts()
+    instance = materialize(LLM_STAGES, server, explainer_llm=server_llm(proxy, max_tokens=20),
+                           simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0))
+    assert proxy.total() == 0
+    for stage in ("explanations", "simulations"):
+        meta = partition_metadata(instance, stage)
+        assert meta["llm_requests"].value == 0 and meta["llm_cache_hit_rate"].value == 1.0
+    print(f"\nserver run: {first} requests; rerun: 0 requests, cache hit rate 100 %")
+
+    # the key is nowhere on disk
+    for path in server.rglob("*"):
+        if path.is_file():
+            assert TEST_API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
+    monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
+    storage = tmp_path / "json"
+    copy_upstream(upstream, storage)
+    materialize(LLM_STAGES, storage, explainer_llm=server_llm(proxy, max_tokens=20),
+                simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"))
+    sims = pl.read_parquet(asset_path(storage, "simulations", 0))
+    assert len(sims) > 0
+    for row in sims.iter_rows(named=True):
+        if row["status"] == "ok":
+            assert len(row["simulated_activations"]) == len(row["tokens"])
+        else:  # a malformed answer is recorded, never silently zero
+            assert row["error"] and row["simulated_activations"] == []
+    scores = pl.read_parquet(asset_path(storage, "scores", 0))
+    assert len(scores) == len(NEURONS)
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    import dagster as dg
+    from ndx_pipeline.assets import build_assets, layer_partitions
+    from ndx_pipeline.resources import LLMResource, StorageResource
+    storage, base_url = sys.argv[1], sys.argv[2]
+    llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
+                      api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, max_tokens=20)
+    explanations = next(a for a in build_assets(layer_partitions()) if a.key.to_user_string() == "explanations")
+    dg.materialize([explanations], partition_key="0",
+                   resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm},
+                   instance=dg.DagsterInstance.ephemeral())
+""")
+
+
+def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(upstream, tmp_path, proxy, monkeypatch):
+    monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
+    storage = tmp_path / "killed"
+    copy_upstream(upstream, storage)
+    # more neurons for this one: the upstream has 2; explanations only read top_excerpts, so widen it
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    widened = pl.concat([excerpts.with_columns(pl.col("neuron") + 10_000 * k) for k in range(3)])
+    widened.write_parquet(asset_path(storage, "top_excerpts", 0))
+    n = widened["neuron"].n_unique()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(storage), proxy.base_url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 300
+        while proxy.forwarded["/v1/chat/completions"] < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # the first two answers are surely cached; the third perhaps
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not asset_path(storage, "explanations", 0).exists()  # nothing half-written
+    paid = proxy.forwarded["/v1/chat/completions"]
+    assert 3 <= paid < n, (paid, n)
+
+    proxy.reset_counts()
+    instance = materialize(["explanations"], storage, explainer_llm=server_llm(proxy, max_tokens=20))
+    rerun = proxy.requests["/v1/chat/completions"]
+    meta = partition_metadata(instance, "explanations")
+    assert meta["llm_cache_hits"].value >= 2
+    assert rerun == n - meta["llm_cache_hits"].value <= n - 2
+    assert len(pl.read_parquet(asset_path(storage, "explanations", 0))) == n
+    print(f"\nkilled after {paid} of {n} explanation requests; rerun made {rerun}, "
+          f"{meta['llm_cache_hits'].value} from the cache")
