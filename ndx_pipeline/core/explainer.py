@@ -137,17 +137,25 @@ def neuron_seed(seed: int, layer: int, neuron: int) -> int:
 
 def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
                   seed: int = 0, on_neuron=None):
-    """One explanation per neuron from its `explain` excerpts. A failing neuron gets status `failed` and a reason;
-    the others go on."""
+    """One explanation per neuron from its `explain` excerpts, at the backend's concurrency.
+
+    A neuron whose call fails (after the backend's retries) or whose answer cannot be parsed gets status `failed`
+    and the reason; the others go on. `on_neuron(row)` is called as each neuron finishes.
+    """
     import time
 
     import polars as pl
 
-    rows = []
+    from .backends import RecordableLLMError
+
     explain = excerpts.filter(pl.col("split") == "explain").sort(["layer", "neuron", "rank"])
+    jobs = []
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
         shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
-        messages = explainer_messages(shown)
+        jobs.append((int(layer), int(neuron), explainer_messages(shown)))
+
+    def run(job):
+        layer, neuron, messages = job
         started = time.perf_counter()
         row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron),
                "explainer": backend.name, "prompt_sha256": prompt_sha256(messages), "explanation": None,
@@ -156,10 +164,16 @@ def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, t
             completion = backend.chat(messages, LEAD_IN, max_tokens, temperature, neuron_seed(seed, layer, neuron))
             row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
             row["explanation"] = parse_explanation(completion.text)
-        except ExplanationParseError as exc:
+        except (ExplanationParseError, RecordableLLMError) as exc:
             row["status"], row["error"] = "failed", str(exc)
         row["seconds"] = time.perf_counter() - started
-        rows.append(row)
+        return row
+
+    def done(outcome):
+        if outcome.error is not None:  # not an LLM failure: a bug or an interruption, which must surface
+            raise outcome.error
         if on_neuron:
-            on_neuron(row)
+            on_neuron(outcome.value)
+
+    rows = [o.value for o in backend.map(run, jobs, on_done=done)]
     return pl.DataFrame(rows, schema={k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()})

@@ -67,11 +67,19 @@ def score_layer(simulations, explanations):
         row = {"layer": expl["layer"], "neuron": expl["neuron"], "explanation_id": expl["explanation_id"],
                "explanation": expl["explanation"]}
         sims = simulations.filter(pl.col("explanation_id") == expl["explanation_id"])
-        if expl["status"] != "ok" or sims.is_empty():
-            reason = expl.get("error") or "no simulations"
+        failed = sims.filter(pl.col("status") != "ok") if "status" in sims.columns else sims.clear()
+        reason = None
+        if expl["status"] != "ok":
+            reason = f"failed: explanation failed ({expl.get('error') or 'no reason given'})"
+        elif sims.is_empty():
+            reason = "failed: no simulations"
+        elif len(failed):
+            # A score over fewer excerpts would not be the pooled score: none rather than a different number.
+            reason = (f"failed: {len(failed)} of {len(sims)} simulations failed "
+                      f"({failed['error'][0] or 'no reason given'})")
+        if reason:
             row.update(score=float("nan"), score_top=float("nan"), score_random=float("nan"),
-                       rsquared=float("nan"), absolute_dev_explained=float("nan"),
-                       status=f"failed: explanation failed ({reason})", scored_tokens=0)
+                       rsquared=float("nan"), absolute_dev_explained=float("nan"), status=reason, scored_tokens=0)
             rows.append(row)
             continue
         true, sim = sims["true_activations"].to_list(), sims["simulated_activations"].to_list()

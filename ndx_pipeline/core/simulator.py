@@ -90,8 +90,10 @@ def expected_value_from_top_logprobs(top_logprobs: dict[str, float]) -> float:
 SIMULATION_SCHEMA = {
     "layer": "Int32", "neuron": "Int32", "explanation_id": "String", "excerpt_id": "String", "split": "String",
     "tokens": ("List", "String"), "true_activations": ("List", "Float32"),
-    "simulated_activations": ("List", "Float32"), "simulator": "String",
+    "simulated_activations": ("List", "Float32"), "simulator": "String", "status": "String", "error": "String",
 }
+
+SIMULATOR_MODES = ("all_at_once", "json")
 
 
 def _schema():
@@ -104,24 +106,58 @@ def _schema():
 SCORED_SPLITS = ("score_top", "score_random")
 
 
-def simulate_layer(explanations, excerpts, backend, on_neuron=None):
-    """Simulate every scored excerpt of every neuron whose explanation is `ok`, one forward pass per excerpt."""
+def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once") -> np.ndarray:
+    """Predicted activations (0–10) of one excerpt from the explanation alone."""
+    if mode == "all_at_once":
+        return expected_values(backend.value_probabilities(simulation_prompt(explanation, tokens)))
+    if mode == "json":
+        return np.asarray(backend.simulate_json(explanation, tokens), dtype=np.float64)
+    raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
+
+
+def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = "all_at_once"):
+    """Simulate every scored excerpt of every neuron whose explanation is `ok` (one forward pass or request per
+    excerpt, at the backend's concurrency). An excerpt whose call or answer fails gets status `failed`, an empty
+    prediction and the reason; the others go on. `on_neuron(explanation_row)` is called as each neuron finishes."""
     import polars as pl
 
+    from .backends import RecordableLLMError
+
+    if mode not in SIMULATOR_MODES:
+        raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
     ok = explanations.filter(pl.col("status") == "ok")
     scored = excerpts.filter(pl.col("split").is_in(list(SCORED_SPLITS)))
-    rows = []
+    jobs = []
     for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
         mine = scored.filter((pl.col("layer") == expl["layer"]) & (pl.col("neuron") == expl["neuron"]))
-        for ex in mine.iter_rows(named=True):
-            prompt = simulation_prompt(expl["explanation"], ex["tokens"])
-            simulated = expected_values(backend.value_probabilities(prompt))
-            rows.append({
-                "layer": ex["layer"], "neuron": ex["neuron"], "explanation_id": expl["explanation_id"],
-                "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
-                "true_activations": ex["activations"], "simulated_activations": simulated.astype(float).tolist(),
-                "simulator": backend.name,
-            })
-        if on_neuron:
+        jobs += [(expl, ex) for ex in mine.iter_rows(named=True)]
+
+    def run(job):
+        expl, ex = job
+        row = {"layer": ex["layer"], "neuron": ex["neuron"], "explanation_id": expl["explanation_id"],
+               "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
+               "true_activations": ex["activations"], "simulated_activations": [], "simulator": backend.name,
+               "status": "ok", "error": None}
+        try:
+            simulated = simulate_excerpt(backend, expl["explanation"], ex["tokens"], mode)
+            if len(simulated) != len(ex["tokens"]):
+                raise RecordableLLMError(f"the simulator gave {len(simulated)} values for {len(ex['tokens'])} tokens")
+            row["simulated_activations"] = simulated.astype(float).tolist()
+        except RecordableLLMError as exc:
+            row["status"], row["error"] = "failed", str(exc)
+        return row
+
+    remaining = {}
+    for expl, _ in jobs:
+        remaining[expl["explanation_id"]] = remaining.get(expl["explanation_id"], 0) + 1
+
+    def done(outcome):
+        if outcome.error is not None:
+            raise outcome.error
+        expl = outcome.item[0]
+        remaining[expl["explanation_id"]] -= 1
+        if on_neuron and remaining[expl["explanation_id"]] == 0:
             on_neuron(expl)
+
+    rows = [o.value for o in backend.map(run, jobs, on_done=done)]
     return pl.DataFrame(rows, schema=_schema())
