@@ -16,11 +16,13 @@ from .core import activations as act
 from .core import corpus as corpus_mod
 from .core import excerpts as exc
 from .core import explainer, scoring, simulator
+from .core import validation
 from .core import viewer as viewer_mod
 from .core.errors import NdxInputError
 from .core.storage import asset_path, read_parquet, write_parquet_atomic
 from .core.subject_model import check_layers, load_subject_model, mlp_width, num_layers
 from .core.windows import TokenTexts, tokenize_windows
+from .dagster_metadata import column_schema, content_hash, neuron_table, score_histogram
 from .provenance import stage_runs
 from .resources import (
     CorpusResource,
@@ -74,27 +76,68 @@ def _fail(message: str):
     raise dg.Failure(description=message)
 
 
-def build_assets(partitions: dg.StaticPartitionsDefinition):
-    single_run = dg.BackfillPolicy.single_run()
+def _finish(context, asset: str, written: dict, checks: dict | None = None) -> dg.MaterializeResult:
+    """Close a materialization: the data version is a hash of the files written (an unchanged output keeps its
+    children fresh); each check's result covers every layer of the run, with per-layer details."""
+    results = []
+    for name, per_layer in (checks or {}).items():
+        passed = all(ok for ok, _, _ in per_layer.values())
+        results.append(dg.AssetCheckResult(
+            check_name=name, asset_key=asset, passed=passed,
+            description="; ".join(f"layer {layer}: {desc}" for layer, (_, desc, _) in sorted(per_layer.items())),
+            metadata={f"layer_{layer}_{k}": v for layer, (_, _, d) in per_layer.items() for k, v in d.items()},
+        ))
+    return dg.MaterializeResult(data_version=dg.DataVersion(content_hash(list(written.values()))),
+                                check_results=results)
 
-    @dg.asset(group_name=GROUP, description="The text corpus, one row per document.")
+
+# Downstream layers follow their upstream layer; activation_records re-extracts, when the corpus changes, only the
+# layers that already have records (the corpus is one asset for all 30 layers: "all missing layers" would be
+# every layer of the model).
+FOLLOW_UPSTREAM = (
+    dg.AutomationCondition.any_deps_updated()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("follow upstream updates")
+REFRESH_MATERIALIZED = (FOLLOW_UPSTREAM & ~dg.AutomationCondition.missing()).with_label(
+    "re-extract layers already materialized")
+
+
+def _check_specs(asset: str, *names_blocking):
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=blocking, description=desc)
+            for name, blocking, desc in names_blocking]
+
+
+def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, str] | None = None):
+    single_run = dg.BackfillPolicy.single_run()
+    versions = versions or {}
+
+    @dg.asset(group_name=GROUP, description="The text corpus, one row per document.",
+              code_version=versions.get("corpus"))
     def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, storage: StorageResource):
         try:
             frame = corpus_mod.read_corpus(corpus_source.path)
         except NdxInputError as e:
             _fail(str(e))
         path = write_parquet_atomic(frame, asset_path(storage.path(), "corpus"))
-        return dg.MaterializeResult(metadata={
+        return dg.MaterializeResult(data_version=dg.DataVersion(content_hash([path])), metadata={
             "documents": len(frame),
             "characters": int(frame["text"].str.len_chars().sum()),
             "source": corpus_source.path or corpus_mod.DEFAULT_CORPUS,
             "path": dg.MetadataValue.path(str(path)),
+            "dagster/column_schema": column_schema(frame),
         })
 
     @dg.asset(group_name=GROUP, deps=[corpus], partitions_def=partitions, backfill_policy=single_run,
-              pool=SUBJECT_MODEL_POOL, description="Per neuron: top windows by max activation, a seeded random sample, mean/variance/max.")
+              pool=SUBJECT_MODEL_POOL, code_version=versions.get("activation_records"),
+              automation_condition=REFRESH_MATERIALIZED,
+              check_specs=_check_specs("activation_records",
+                                       ("top_windows_ordered", True, "top windows ranked by max activation"),
+                                       ("record_counts", True, "top_k top and random_k random rows per neuron")),
+              description="Per neuron: top windows by max activation, a seeded random sample, mean/variance/max.")
     def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
-                           selection: SelectionResource, storage: StorageResource) -> None:
+                           selection: SelectionResource, storage: StorageResource) -> dg.MaterializeResult:
         try:
             layers = check_layers(subject_model.model, _layers(context))
             width = mlp_width(subject_model.model)
@@ -132,19 +175,32 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
         except NdxInputError as e:
             _fail(str(e))
         texts = TokenTexts(tokenizer)
+        written, checks = {}, {"top_windows_ordered": {}, "record_counts": {}}
+        random_k = min(selection.random_k, len(windows))
         for layer in layers:
             frame = act.records_frame(layer, selections[layer], windows, texts)
-            path = write_parquet_atomic(frame, asset_path(storage.path(), "activation_records", layer))
+            written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "activation_records", layer))
+            checks["top_windows_ordered"][layer] = validation.top_windows_ordered(frame)
+            checks["record_counts"][layer] = validation.record_counts(frame, layer_neurons[layer], selection.top_k,
+                                                                      random_k)
             _report(context, layer, {
                 "neurons": len(layer_neurons[layer]), "rows": len(frame), "tokens_processed": stats.tokens,
                 "windows": stats.windows, "tokens_per_second": round(stats.tokens_per_second, 1),
                 "wall_seconds": round(stats.seconds, 2), "subject_model": subject_model.model,
-                "path": dg.MetadataValue.path(str(path)),
+                "layers_in_this_pass": str(layers),
+                "path": dg.MetadataValue.path(str(written[layer])), "dagster/column_schema": column_schema(frame),
             })
+        return _finish(context, "activation_records", written, checks)
 
     @dg.asset(group_name=GROUP, deps=[activation_records], partitions_def=partitions, backfill_policy=single_run,
+              code_version=versions.get("top_excerpts"), automation_condition=FOLLOW_UPSTREAM,
+              check_specs=_check_specs("top_excerpts",
+                                       ("splits_disjoint", True, "no explained window is scored"),
+                                       ("excerpt_counts", True, "the configured excerpts per split and neuron")),
               description="Disjoint explain / score_top / score_random excerpts per neuron (interleaved splits).")
-    def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource, storage: StorageResource) -> None:
+    def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource,
+                     storage: StorageResource) -> dg.MaterializeResult:
+        written, checks = {}, {"splits_disjoint": {}, "excerpt_counts": {}}
         for layer in _layers(context):
             try:
                 records = read_parquet(asset_path(storage.path(), "activation_records", layer),
@@ -153,16 +209,24 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
                                            selection.score_random_excerpts)
             except NdxInputError as e:
                 _fail(str(e))
-            path = write_parquet_atomic(frame, asset_path(storage.path(), "top_excerpts", layer))
+            path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "top_excerpts", layer))
+            checks["splits_disjoint"][layer] = validation.splits_disjoint(frame)
+            checks["excerpt_counts"][layer] = validation.excerpt_counts(
+                frame, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts)
             _report(context, layer, {
                 "neurons": frame["neuron"].n_unique(), "rows": len(frame),
-                "path": dg.MetadataValue.path(str(path)),
+                "path": dg.MetadataValue.path(str(path)), "dagster/column_schema": column_schema(frame),
             })
+        return _finish(context, "top_excerpts", written, checks)
 
     @dg.asset(group_name=GROUP, deps=[top_excerpts], partitions_def=partitions, backfill_policy=single_run,
-              pool=LLM_POOL, description="One explanation per neuron, written by the explainer LLM from the explain "
-              "excerpts.")
-    def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, storage: StorageResource) -> None:
+              pool=LLM_POOL, code_version=versions.get("explanations"), automation_condition=FOLLOW_UPSTREAM,
+              check_specs=_check_specs("explanations",
+                                       ("every_neuron_explained", True, "one row per neuron: ok, or failed with why")),
+              description="One explanation per neuron, written by the explainer LLM from the explain excerpts.")
+    def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource,
+                     storage: StorageResource) -> dg.MaterializeResult:
+        written, checks = {}, {"every_neuron_explained": {}}
         try:
             backend = explainer_llm.build(cache_dir=llm_cache_dir(storage))
         except NdxInputError as e:
@@ -182,19 +246,27 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
 
                 frame = explainer.explain_layer(excerpts, backend, explainer_llm.max_tokens,
                                                 explainer_llm.temperature, explainer_llm.seed, on_neuron=log)
-                path = write_parquet_atomic(frame, asset_path(storage.path(), "explanations", layer))
+                path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "explanations", layer))
+                checks["every_neuron_explained"][layer] = validation.every_neuron_explained(frame, excerpts)
                 _report(context, layer, {
                     "neurons": len(frame), "failed": int((frame["status"] != "ok").sum()),
-                    "explainer": backend.name, **llm_accounting(backend, before, started),
-                    "path": dg.MetadataValue.path(str(path)),
+                    "explainer": backend.name, "prompt_template_sha": versions.get("explainer_prompt", ""),
+                    **llm_accounting(backend, before, started),
+                    "path": dg.MetadataValue.path(str(path)), "dagster/column_schema": column_schema(frame),
                 })
         finally:
             backend.close()
+        return _finish(context, "explanations", written, checks)
 
     @dg.asset(group_name=GROUP, deps=[explanations, top_excerpts], partitions_def=partitions,
-              backfill_policy=single_run, pool=LLM_POOL,
+              backfill_policy=single_run, pool=LLM_POOL, code_version=versions.get("simulations"),
+              automation_condition=FOLLOW_UPSTREAM,
+              check_specs=_check_specs("simulations",
+                                       ("simulations_well_formed", True, "one value in [0, 10] per token")),
               description="Simulated activations (expected value over 0–10) on every scored excerpt.")
-    def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource) -> None:
+    def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource,
+                    storage: StorageResource) -> dg.MaterializeResult:
+        written, checks = {}, {"simulations_well_formed": {}}
         try:
             backend = simulator_llm.build(cache_dir=llm_cache_dir(storage))
         except NdxInputError as e:
@@ -213,19 +285,27 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
                     expl, excerpts, backend, mode=simulator_llm.simulator_mode,
                     on_neuron=lambda e, layer=layer: context.log.info(f"layer {layer} neuron {e['neuron']} simulated"),
                 )
-                path = write_parquet_atomic(frame, asset_path(storage.path(), "simulations", layer))
+                path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "simulations", layer))
+                checks["simulations_well_formed"][layer] = validation.simulations_well_formed(frame)
                 _report(context, layer, {
                     "excerpts": len(frame), "neurons": frame["neuron"].n_unique(), "simulator": backend.name,
+                    "simulator_mode": simulator_llm.simulator_mode,
+                    "prompt_template_sha": versions.get("simulator_prompt", ""),
                     "failed_excerpts": int((frame["status"] != "ok").sum()),
                     **llm_accounting(backend, before, started), "path": dg.MetadataValue.path(str(path)),
+                    "dagster/column_schema": column_schema(frame),
                 })
         finally:
             backend.close()
+        return _finish(context, "simulations", written, checks)
 
     @dg.asset(group_name=GROUP, deps=[simulations, explanations], partitions_def=partitions,
-              backfill_policy=single_run,
+              backfill_policy=single_run, code_version=versions.get("scores"), automation_condition=FOLLOW_UPSTREAM,
+              check_specs=_check_specs("scores",
+                                       ("scores_valid", True, "in [-1, 1], or NaN with a status saying why")),
               description="Pooled Pearson correlation of simulated vs true activations, per neuron.")
-    def scores(context: dg.AssetExecutionContext, storage: StorageResource) -> None:
+    def scores(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        written, checks = {}, {"scores_valid": {}}
         for layer in _layers(context):
             try:
                 sims = read_parquet(asset_path(storage.path(), "simulations", layer), f"simulations for layer {layer}")
@@ -233,28 +313,44 @@ def build_assets(partitions: dg.StaticPartitionsDefinition):
             except NdxInputError as e:
                 _fail(str(e))
             frame = scoring.score_layer(sims, expl)
-            path = write_parquet_atomic(frame, asset_path(storage.path(), "scores", layer))
+            path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "scores", layer))
+            checks["scores_valid"][layer] = validation.scores_valid(frame)
             valid = frame["score"].drop_nans().drop_nulls()
             _report(context, layer, {
                 "neurons": len(frame), "scored": len(valid),
                 "mean_score": float(valid.mean()) if len(valid) else float("nan"),
                 "median_score": float(valid.median()) if len(valid) else float("nan"),
                 "undefined_or_failed": len(frame) - len(valid),
+                "score_histogram": dg.MetadataValue.md(score_histogram(frame["score"])),
+                "top_10_neurons": neuron_table(frame, best=True),
+                "bottom_10_neurons": neuron_table(frame, best=False),
+                "explainer": ", ".join(sorted(set(expl["explainer"].drop_nulls()))),
+                "simulator": ", ".join(sorted(set(sims["simulator"].drop_nulls()))) if len(sims) else "",
+                "explanation_prompts": len(set(expl["prompt_sha256"].drop_nulls())),
+                "failed_explanations": int((expl["status"] != "ok").sum()),
+                "failed_simulations": int((sims["status"] != "ok").sum()) if len(sims) else 0,
                 "path": dg.MetadataValue.path(str(path)),
                 "neuron_viewer": dg.MetadataValue.path(str(viewer_mod.viewer_dir(storage.path()) / "index.html")),
+                "dagster/column_schema": column_schema(frame),
             })
+        return _finish(context, "scores", written, checks)
 
     @dg.asset(group_name=GROUP, deps=[scores], partitions_def=partitions, backfill_policy=single_run,
+              code_version=versions.get("neuron_viewer"), automation_condition=FOLLOW_UPSTREAM,
               description="Static HTML pages (open from disk): an index of neurons and one page per neuron.")
-    def neuron_viewer(context: dg.AssetExecutionContext, storage: StorageResource) -> None:
+    def neuron_viewer(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         out = viewer_mod.viewer_dir(storage.path())
+        written = {}
         for layer in _layers(context):
             pages = viewer_mod.write_layer_pages(storage.path(), layer, out,
                                                  runs=stage_runs(context.instance, layer))
             index = viewer_mod.write_index(storage.path(), out)
+            for i, page in enumerate(pages):
+                written[(layer, i)] = page
             _report(context, layer, {
                 "pages": len(pages), "index": dg.MetadataValue.path(str(index)),
                 "layer_folder": dg.MetadataValue.path(str(out / str(layer))),
             })
+        return _finish(context, "neuron_viewer", written)
 
     return [corpus, activation_records, top_excerpts, explanations, simulations, scores, neuron_viewer]

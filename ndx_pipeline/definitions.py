@@ -1,39 +1,36 @@
-"""`defs`: the Dagster Definitions of ndx-pipeline (assets, resources, the main job)."""
+"""`defs`: the Dagster Definitions of ndx-pipeline (assets, checks, resources, jobs, sensor, schedule)."""
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
-from .assets import build_assets, layer_partitions
-from .resources import (
-    CorpusResource,
-    LLMResource,
-    SelectionResource,
-    StorageResource,
-    SubjectModelResource,
-    api_key_from_env,
-)
+# backfill_policy and partitioned checks are marked beta/preview in Dagster 1.13; we rely on them knowingly.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-MAIN_JOB = "explain_neurons"
+from .assets import build_assets, layer_partitions
+from .automation import MAIN_JOB, corpus_sensor, jobs, nightly_rescore
+from .resources import default_resources
+from .versioning import code_versions, explainer_prompt_sha, simulator_prompt_sha
+
+__all__ = ["MAIN_JOB", "build_definitions", "defs"]
 
 
 def build_definitions() -> dg.Definitions:
+    """Definitions from the environment's settings (NDX_* variables; see README): the layer partitions come from
+    the subject model's config, the code versions from the configured models, counts and prompt templates."""
     partitions = layer_partitions()
-    assets = build_assets(partitions)
-    main_job = dg.define_asset_job(MAIN_JOB, selection=dg.AssetSelection.assets(*assets), partitions_def=partitions,
-                                   description="corpus → activation_records → … → scores for the chosen layers.")
+    resources = default_resources()
+    versions = code_versions(resources)
+    versions.update(explainer_prompt=explainer_prompt_sha(), simulator_prompt=simulator_prompt_sha())
     return dg.Definitions(
-        assets=assets,
-        jobs=[main_job],
-        resources={
-            "storage": StorageResource(),
-            "corpus_source": CorpusResource(),
-            "subject_model": SubjectModelResource(),
-            "selection": SelectionResource(),
-            "explainer_llm": LLMResource(api_key=api_key_from_env("NDX_EXPLAINER_API_KEY", "OPENAI_API_KEY")),
-            "simulator_llm": LLMResource(max_tokens=0, temperature=0.0,
-                                         api_key=api_key_from_env("NDX_SIMULATOR_API_KEY", "OPENAI_API_KEY")),
-        },
+        assets=build_assets(partitions, versions),
+        jobs=jobs(partitions),
+        sensors=[corpus_sensor(resources["corpus_source"].path)],
+        schedules=[nightly_rescore],
+        resources=resources,
     )
 
 

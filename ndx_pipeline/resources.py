@@ -116,3 +116,27 @@ def api_key_from_env(*names: str):
         if os.environ.get(name):
             return dg.EnvVar(name)
     return None
+
+
+def default_resources() -> dict:
+    """The resources as the Definitions bind them, from NDX_* environment variables (defaults: the embedded,
+    offline setup). Run config in the launchpad or the CLI can override any field for one run."""
+    env = os.environ.get
+
+    def llm(stage: str, **extra) -> LLMResource:
+        prefix = f"NDX_{stage.upper()}_"
+        fields = {"backend": env(prefix + "BACKEND") or "local", "model": env(prefix + "MODEL") or BUNDLED_MODEL,
+                  "base_url": env(prefix + "BASE_URL") or None, "server": env(prefix + "SERVER") or "openai",
+                  "api_key": api_key_from_env(prefix + "API_KEY", "OPENAI_API_KEY"), **extra}
+        return LLMResource(**fields)
+
+    return {
+        "storage": StorageResource(storage_dir=env("NDX_STORAGE") or None),
+        "corpus_source": CorpusResource(path=env("NDX_CORPUS") or None),
+        "subject_model": SubjectModelResource(),
+        "selection": SelectionResource(neurons_per_layer=int(env("NDX_NEURONS_PER_LAYER") or 16),
+                                       seed=int(env("NDX_SEED") or 0)),
+        "explainer_llm": llm("explainer"),
+        "simulator_llm": llm("simulator", max_tokens=0, temperature=0.0,
+                             simulator_mode=env("NDX_SIMULATOR_MODE") or "all_at_once"),
+    }

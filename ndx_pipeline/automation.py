@@ -1,0 +1,139 @@
+"""Jobs, the corpus-folder sensor, the nightly re-scoring schedule, and staleness queries.
+
+Declarative automation: every downstream asset carries an AutomationCondition that follows its upstream layer
+(see assets.py). Dagster evaluates them only while the `default_automation_condition_sensor` is running: switch it
+on in the UI (Automation → sensors) or with `dagster sensor start default_automation_condition_sensor`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from .core.corpus import TEXT_SUFFIXES
+
+MAIN_JOB = "explain_neurons"
+EXTRACTION_JOB = "extract_activations"
+EXPLAIN_AND_SCORE_JOB = "explain_and_score"
+EXTRACTION_ASSETS = ("corpus", "activation_records", "top_excerpts")
+EXPLAIN_AND_SCORE_ASSETS = ("explanations", "simulations", "scores", "neuron_viewer")
+
+
+def jobs(partitions) -> list:
+    return [
+        dg.define_asset_job(MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=partitions,
+                            description="corpus → activation_records → … → scores → neuron_viewer for the chosen "
+                                        "layers."),
+        dg.define_asset_job(EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS),
+                            partitions_def=partitions,
+                            description="The subject-model stages: corpus, activation_records, top_excerpts."),
+        dg.define_asset_job(EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS),
+                            partitions_def=partitions,
+                            description="The LLM stages: explanations, simulations, scores (and the viewer)."),
+    ]
+
+
+def contiguous(layers: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for layer in sorted(set(layers)):
+        if out and layer == out[-1][1] + 1:
+            out[-1] = (out[-1][0], layer)
+        else:
+            out.append((layer, layer))
+    return out
+
+
+def materialized_layers(instance: dg.DagsterInstance, asset: str = "activation_records") -> list[int]:
+    keys = instance.get_materialized_partitions(dg.AssetKey(asset))
+    return sorted(int(k) for k in keys)
+
+
+def range_tags(lo: int, hi: int) -> dict:
+    return {"dagster/asset_partition_range_start": str(lo), "dagster/asset_partition_range_end": str(hi)}
+
+
+def folder_state(root: Path) -> dict[str, list[int]]:
+    """relative path → [size, mtime_ns] of every corpus file under root."""
+    if root.is_file():
+        st = root.stat()
+        return {root.name: [st.st_size, st.st_mtime_ns]}
+    state = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES:
+            st = p.stat()
+            state[p.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return state
+
+
+def corpus_sensor(corpus_path: str | None):
+    @dg.sensor(name="corpus_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Watches the corpus folder: a new, changed or removed file re-runs the corpus and every "
+                           "layer that already has activation records.")
+    def sensor(context: dg.SensorEvaluationContext):
+        path = corpus_path or os.environ.get("NDX_CORPUS")
+        if not path:
+            return dg.SkipReason("no corpus folder configured (set NDX_CORPUS); the bundled corpus never changes")
+        root = Path(path).expanduser()
+        if not root.exists():
+            return dg.SkipReason(f"corpus path {root} does not exist")
+        cursor = json.loads(context.cursor) if context.cursor else {"generation": 0, "state": None}
+        state = folder_state(root)
+        if cursor["state"] is None:
+            context.update_cursor(json.dumps({"generation": 0, "state": state}))
+            return dg.SkipReason(f"started watching {len(state)} corpus files under {root}")
+        if state == cursor["state"]:
+            return dg.SkipReason("corpus unchanged")
+        before = cursor["state"]
+        changed = sorted((set(state) ^ set(before)) | {k for k in state if k in before and state[k] != before[k]})
+        # The generation number makes every change a new run key, so a later change (even one back to an earlier
+        # state) is never deduplicated against an old run.
+        generation = cursor["generation"] + 1
+        layers = materialized_layers(context.instance)
+        context.log.info(f"corpus change {generation}: {len(changed)} files ({changed[:5]}); layers {layers}")
+        context.update_cursor(json.dumps({"generation": generation, "state": state}))
+        tags = {"ndx/corpus_generation": str(generation)}
+        if not layers:
+            return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey("corpus")],
+                                  tags=tags)]
+        return [dg.RunRequest(run_key=f"corpus-{generation}-layers-{lo}-{hi}", tags={**tags, **range_tags(lo, hi)})
+                for lo, hi in contiguous(layers)]
+
+    return sensor
+
+
+def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_SCORE_ASSETS) -> list[int]:
+    """Layers whose LLM-stage partitions are stale (code or upstream data changed since they were made)."""
+    resolver = stale_status_resolver(instance, asset_graph)
+    from dagster._core.definitions.data_version import StaleStatus
+
+    out = []
+    for layer in materialized_layers(instance, "scores"):
+        if any(resolver.get_status(dg.AssetKey(a), str(layer)) == StaleStatus.STALE for a in assets[:-1]):
+            out.append(layer)
+    return out
+
+
+def stale_status_resolver(instance: dg.DagsterInstance, asset_graph):
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=asset_graph)
+    return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+
+
+@dg.schedule(name="nightly_rescore_stale_layers", cron_schedule="0 3 * * *", job_name=EXPLAIN_AND_SCORE_JOB,
+             default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Every night: re-explain, re-simulate and re-score the layers whose LLM stages are stale "
+                         "(a changed prompt, model or upstream data). Cached answers cost nothing.")
+def nightly_rescore(context: dg.ScheduleEvaluationContext):
+    layers = stale_layers(context.instance, context.repository_def.asset_graph)
+    if not layers:
+        return dg.SkipReason("no stale layer")
+    return [dg.RunRequest(run_key=f"rescore-{context.scheduled_execution_time:%Y%m%d}-{lo}-{hi}",
+                          tags=range_tags(lo, hi)) for lo, hi in contiguous(layers)]

@@ -1,0 +1,104 @@
+"""Checks of each stage's output, as plain functions (the Dagster layer turns them into asset checks).
+
+Each returns (passed, description, details) where details is a small dict of counts for the UI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+Check = tuple[bool, str, dict]
+
+
+def top_windows_ordered(records: pl.DataFrame) -> Check:
+    """Per neuron, `top` rows have ranks 0..k-1 and non-increasing max activation."""
+    bad = []
+    for (neuron,), g in records.filter(pl.col("kind") == "top").group_by(["neuron"], maintain_order=True):
+        g = g.sort("rank")
+        maxima = g["max_activation"].to_list()
+        if g["rank"].to_list() != list(range(len(g))) or any(a < b for a, b in zip(maxima, maxima[1:])):
+            bad.append(int(neuron))
+    return (not bad, "top windows are ranked by max activation" if not bad
+            else f"neurons {bad[:10]} have top windows out of order", {"neurons_out_of_order": len(bad)})
+
+
+def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_k: int) -> Check:
+    """Every selected neuron has exactly top_k `top` rows and random_k `random` rows (when the corpus allows)."""
+    counts = records.group_by(["neuron", "kind"]).len()
+    got = {(int(n), k): int(c) for n, k, c in counts.iter_rows()}
+    missing = [n for n in neurons if got.get((n, "top"), 0) != top_k or got.get((n, "random"), 0) != random_k]
+    extra = sorted({int(n) for n in records["neuron"].unique()} - set(neurons))
+    ok = not missing and not extra
+    desc = (f"{len(neurons)} neurons × ({top_k} top + {random_k} random) rows" if ok else
+            f"row counts differ for neurons {missing[:10]}; unexpected neurons {extra[:10]}")
+    return ok, desc, {"rows": len(records), "neurons": len(neurons), "neurons_with_wrong_counts": len(missing)}
+
+
+def splits_disjoint(excerpts: pl.DataFrame) -> Check:
+    """No window shown to the explainer is scored, per neuron."""
+    leaks = []
+    for (neuron,), g in excerpts.group_by(["neuron"], maintain_order=True):
+        explain = set(g.filter(pl.col("split") == "explain")["window_index"])
+        scored = set(g.filter(pl.col("split").is_in(["score_top", "score_random"]))["window_index"])
+        if explain & scored:
+            leaks.append(int(neuron))
+    return (not leaks, "explain and score excerpts are disjoint" if not leaks
+            else f"neurons {leaks[:10]} are scored on windows the explainer saw", {"leaking_neurons": len(leaks)})
+
+
+def excerpt_counts(excerpts: pl.DataFrame, explain_n: int, score_top_n: int, score_random_n: int) -> Check:
+    want = {"explain": explain_n, "score_top": score_top_n, "score_random": score_random_n}
+    got = excerpts.group_by(["neuron", "split"]).len()
+    bad = sorted({int(n) for n, s, c in got.iter_rows() if s in want and c != want[s]})
+    n_neurons = excerpts["neuron"].n_unique()
+    splits_per_neuron = excerpts.group_by("neuron").agg(pl.col("split").n_unique())["split"].to_list()
+    bad += [-1] if any(x != sum(1 for v in want.values() if v) for x in splits_per_neuron) else []
+    return (not bad, f"{n_neurons} neurons × {want}" if not bad else f"wrong excerpt counts for neurons {bad[:10]}",
+            {"neurons": n_neurons, "rows": len(excerpts)})
+
+
+def every_neuron_explained(explanations: pl.DataFrame, excerpts: pl.DataFrame) -> Check:
+    """One row per neuron of the layer's excerpts: ok with text, or failed with a reason."""
+    want = set(excerpts["neuron"].unique().to_list())
+    have = explanations["neuron"].to_list()
+    missing = sorted(want - set(have))
+    dup = len(have) - len(set(have))
+    bad_ok = explanations.filter((pl.col("status") == "ok") & (pl.col("explanation").is_null()
+                                                                | (pl.col("explanation") == "")))
+    bad_failed = explanations.filter((pl.col("status") != "ok") & pl.col("error").is_null())
+    ok = not missing and not dup and bad_ok.is_empty() and bad_failed.is_empty()
+    failed = int((explanations["status"] != "ok").sum())
+    desc = (f"{len(have)} neurons explained ({failed} failed, each with a reason)" if ok else
+            f"missing neurons {missing[:10]}, {dup} duplicates, {len(bad_ok)} empty ok rows, "
+            f"{len(bad_failed)} failed rows without a reason")
+    return ok, desc, {"neurons": len(have), "failed": failed, "missing": len(missing)}
+
+
+def simulations_well_formed(simulations: pl.DataFrame) -> Check:
+    """ok rows predict one value in [0, 10] per token; failed rows carry a reason."""
+    bad = 0
+    for row in simulations.iter_rows(named=True):
+        if row["status"] == "ok":
+            sim = row["simulated_activations"]
+            if len(sim) != len(row["tokens"]) or any(not (0.0 <= v <= 10.0) for v in sim):
+                bad += 1
+        elif not row["error"]:
+            bad += 1
+    failed = int((simulations["status"] != "ok").sum()) if len(simulations) else 0
+    return (bad == 0, f"{len(simulations)} simulated excerpts ({failed} failed)" if bad == 0 else
+            f"{bad} simulated excerpts are malformed", {"excerpts": len(simulations), "failed": failed})
+
+
+def scores_valid(scores: pl.DataFrame) -> Check:
+    """Each score is in [-1, 1] with status ok, or NaN with a status saying why."""
+    bad = 0
+    for row in scores.iter_rows(named=True):
+        s = row["score"]
+        if s is None or math.isnan(s):
+            bad += row["status"] == "ok" or not row["status"]
+        else:
+            bad += not (-1.0 <= s <= 1.0) or row["status"] != "ok"
+    return (bad == 0, "scores within [-1, 1], or NaN with a status" if bad == 0 else f"{bad} invalid score rows",
+            {"neurons": len(scores), "invalid": bad})

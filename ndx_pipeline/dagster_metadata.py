@@ -1,0 +1,50 @@
+"""Metadata a researcher reads in the UI: column schemas, score histograms, best and worst neurons, content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+
+def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+
+
+def content_hash(paths: list[Path]) -> str:
+    """sha256 over the bytes of the files a materialization wrote (its data version)."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=str):
+        h.update(str(p.name).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def score_histogram(scores: pl.Series, bins: int = 10) -> str:
+    """A markdown histogram of scores over [-1, 1] (NaN counted apart)."""
+    valid = [s for s in scores.to_list() if s is not None and s == s]
+    width = 2.0 / bins
+    counts = [0] * bins
+    for s in valid:
+        counts[min(bins - 1, int((s + 1.0) / width))] += 1
+    top = max(counts) or 1
+    lines = ["| score | neurons | |", "|---|---:|---|"]
+    for i, c in enumerate(counts):
+        lo = -1.0 + i * width
+        lines.append(f"| {lo:+.1f} … {lo + width:+.1f} | {c} | {'█' * round(20 * c / top)} |")
+    lines.append(f"| undefined (NaN) | {len(scores) - len(valid)} | |")
+    return "\n".join(lines)
+
+
+def neuron_table(frame: pl.DataFrame, best: bool, n: int = 10) -> dg.TableMetadataValue:
+    valid = frame.filter(pl.col("score").is_not_nan() & pl.col("score").is_not_null())
+    chosen = valid.sort("score", descending=best).head(n)
+    schema = dg.TableSchema(columns=[dg.TableColumn("neuron", "int"), dg.TableColumn("score", "float"),
+                                     dg.TableColumn("explanation", "string")])
+    records = [dg.TableRecord({"neuron": int(r["neuron"]), "score": round(float(r["score"]), 4),
+                               "explanation": r["explanation"] or ""}) for r in chosen.iter_rows(named=True)]
+    return dg.MetadataValue.table(records, schema=schema)

@@ -1,0 +1,148 @@
+"""Incremental rematerialization: code versions follow what changes an output, data versions are content hashes.
+
+Changing only the simulator makes `simulations` stale and nothing upstream; rematerializing simulations and scores
+runs zero subject-model forwards and zero explainer calls (counted here)."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from ndx_pipeline.automation import stale_layers, stale_status_resolver
+from ndx_pipeline.core.backends import LocalTransformersBackend
+from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.core.subject_model import bundled_gguf
+from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+
+ALL = ["corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores", "neuron_viewer"]
+
+
+def statuses(instance, defs, partition="0"):
+    from dagster._core.definitions.data_version import StaleStatus  # noqa: F401
+
+    resolver = stale_status_resolver(instance, defs.resolve_asset_graph())
+    return {a: resolver.get_status(dg.AssetKey(a), None if a == "corpus" else partition).value for a in ALL}
+
+
+def causes(instance, defs, asset, partition="0"):
+    resolver = stale_status_resolver(instance, defs.resolve_asset_graph())
+    return [(c.category.value, c.reason) for c in resolver.get_stale_causes(dg.AssetKey(asset), partition)]
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDX_STORAGE", str(tmp_path / "storage"))
+    monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
+    for var in ("NDX_SIMULATOR_MODEL", "NDX_EXPLAINER_MODEL", "NDX_CORPUS", "NDX_SUBJECT_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    import ndx_pipeline.assets as assets_mod
+
+    counts = {"subject_model_loads": 0, "extractions": 0, "explainer_calls": 0, "simulator_calls": 0}
+    real_load, real_extract = assets_mod.load_subject_model, assets_mod.act.extract
+    real_chat, real_values = LocalTransformersBackend.chat, LocalTransformersBackend.value_probabilities
+
+    def load(*a, **k):
+        counts["subject_model_loads"] += 1
+        return real_load(*a, **k)
+
+    def extract(*a, **k):
+        counts["extractions"] += 1
+        return real_extract(*a, **k)
+
+    def chat(self, *a, **k):
+        counts["explainer_calls"] += 1
+        return real_chat(self, *a, **k)
+
+    def values(self, *a, **k):
+        counts["simulator_calls"] += 1
+        return real_values(self, *a, **k)
+
+    monkeypatch.setattr(assets_mod, "load_subject_model", load)
+    monkeypatch.setattr(assets_mod.act, "extract", extract)
+    monkeypatch.setattr(LocalTransformersBackend, "chat", chat)
+    monkeypatch.setattr(LocalTransformersBackend, "value_probabilities", values)
+    return counts
+
+
+def run(defs, instance, selection=None, partition="0"):
+    job = defs.resolve_job_def(MAIN_JOB)
+    result = job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False,
+                                    asset_selection=[dg.AssetKey(a) for a in selection] if selection else None)
+    assert result.success
+    return result
+
+
+@pytest.mark.slow
+def test_changing_only_the_simulator_reruns_only_simulations_and_scores(settings, counters, tmp_path, monkeypatch):
+    instance = dg.DagsterInstance.ephemeral()
+    defs_a = build_definitions()
+    run(defs_a, instance)
+    assert set(statuses(instance, defs_a).values()) == {"FRESH"}
+    assert counters["subject_model_loads"] == 1 and counters["explainer_calls"] == 2
+
+    # A different simulator: the same weights under another path are another model as far as versions go.
+    other = tmp_path / "simulator"
+    other.mkdir()
+    os.symlink(bundled_gguf(), other / bundled_gguf().name)
+    monkeypatch.setenv("NDX_SIMULATOR_MODEL", str(other / bundled_gguf().name))
+    defs_b = build_definitions()
+    va = {k.to_user_string(): defs_a.resolve_asset_graph().get(k).code_version
+          for k in defs_a.resolve_asset_graph().get_all_asset_keys()}
+    vb = {k.to_user_string(): defs_b.resolve_asset_graph().get(k).code_version
+          for k in defs_b.resolve_asset_graph().get_all_asset_keys()}
+    assert [a for a in ALL if va[a] != vb[a]] == ["simulations"]
+
+    before = statuses(instance, defs_b)
+    assert before["simulations"] == "STALE"
+    assert ("CODE", "has a new code version") in causes(instance, defs_b, "simulations")
+    assert all(before[a] == "FRESH" for a in ["corpus", "activation_records", "top_excerpts", "explanations"])
+    assert stale_layers(instance, defs_b.resolve_asset_graph()) == [0]  # what the nightly schedule would re-run
+
+    for key in counters:
+        counters[key] = 0
+    run(defs_b, instance, selection=["simulations", "scores"])
+    assert counters["subject_model_loads"] == counters["extractions"] == counters["explainer_calls"] == 0
+    assert counters["simulator_calls"] == 20  # 2 neurons × 10 scored excerpts, all with the new simulator
+    sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0))
+    assert set(sims["simulator"]) == {f"local:{other / bundled_gguf().name}"}
+    after = statuses(instance, defs_b)
+    assert after["simulations"] == "FRESH" and after["scores"] == "FRESH"
+    print(f"\nbefore rerun: {before}\nafter rerun:  {after}")
+
+
+@pytest.mark.slow
+def test_unchanged_output_keeps_children_fresh(settings, counters):
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_definitions()
+    run(defs, instance, selection=["corpus", "activation_records", "top_excerpts", "explanations"])
+    first = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
+    run(defs, instance, selection=["top_excerpts"])  # same input, same content
+    second = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
+    assert first["dagster/data_version"] == second["dagster/data_version"]
+    assert statuses(instance, defs)["explanations"] == "FRESH"
+
+
+def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
+    def versions():
+        g = build_definitions().resolve_asset_graph()
+        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}
+
+    base = versions()
+    assert len(set(base.values())) == len(base)
+    monkeypatch.setenv("NDX_EXPLAINER_MODEL", "/models/other.gguf")
+    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
+    monkeypatch.delenv("NDX_EXPLAINER_MODEL")
+    monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "3")
+    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records"]
+    monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
+    import ndx_pipeline.core.explainer as explainer_mod
+
+    monkeypatch.setattr(explainer_mod, "SYSTEM", explainer_mod.SYSTEM + " Be brief.")
+    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
