@@ -81,7 +81,11 @@ def run(defs, instance, selection=None, partition="0"):
 
 @pytest.mark.slow
 def test_changing_only_the_simulator_reruns_only_simulations_and_scores(settings, counters, tmp_path, monkeypatch):
-    instance = dg.DagsterInstance.ephemeral()
+    with dg.instance_for_test() as instance:
+        _simulator_change(instance, settings, counters, tmp_path, monkeypatch)
+
+
+def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     defs_a = build_definitions()
     run(defs_a, instance)
     assert set(statuses(instance, defs_a).values()) == {"FRESH"}
@@ -103,7 +107,16 @@ def test_changing_only_the_simulator_reruns_only_simulations_and_scores(settings
     assert before["simulations"] == "STALE"
     assert ("CODE", "has a new code version") in causes(instance, defs_b, "simulations")
     assert all(before[a] == "FRESH" for a in ["corpus", "activation_records", "top_excerpts", "explanations"])
-    assert stale_layers(instance, defs_b.resolve_asset_graph()) == [0]  # what the nightly schedule would re-run
+    assert stale_layers(instance, defs_b.resolve_asset_graph()) == [0]
+    import datetime
+
+    from ndx_pipeline.automation import nightly_rescore
+
+    ctx = dg.build_schedule_context(instance=instance, repository_def=defs_b.get_repository_def(),
+                                    scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
+    requests = nightly_rescore(ctx)  # the nightly schedule re-scores exactly the stale layer
+    assert [(r.run_key, r.tags["dagster/asset_partition_range_start"]) for r in requests] == [
+        ("rescore-20261123-0-0", "0")]
 
     for key in counters:
         counters[key] = 0

@@ -1,0 +1,88 @@
+"""The corpus-folder sensor, the nightly schedule, the jobs and the automation conditions."""
+
+import json
+import os
+
+import dagster as dg
+
+from ndx_pipeline.automation import EXPLAIN_AND_SCORE_JOB, EXTRACTION_JOB, MAIN_JOB, corpus_sensor, nightly_rescore
+from ndx_pipeline.definitions import build_definitions
+
+
+def materialize_runless(instance, asset, partitions, code_version=None):
+    for p in partitions:
+        tags = {"dagster/code_version": code_version} if code_version else None
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=p, tags=tags))
+
+
+def tick(sensor, instance, cursor):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor)
+    result = sensor(ctx)
+    return result, ctx.cursor
+
+
+def test_corpus_sensor_cursor_and_run_keys(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one")
+    sensor = corpus_sensor(str(folder))
+    instance = dg.DagsterInstance.ephemeral()
+
+    result, cursor = tick(sensor, instance, None)
+    assert isinstance(result, dg.SkipReason) and "started watching 1 corpus files" in result.skip_message
+    result, cursor = tick(sensor, instance, cursor)
+    assert isinstance(result, dg.SkipReason) and result.skip_message == "corpus unchanged"
+
+    (folder / "b.md").write_text("new file")  # new file, no layer yet: the corpus alone
+    result, cursor = tick(sensor, instance, cursor)
+    assert [r.run_key for r in result] == ["corpus-1"]
+    assert result[0].asset_selection == [dg.AssetKey("corpus")]
+
+    materialize_runless(instance, "activation_records", ["0", "1", "3"])
+    (folder / "a.txt").write_text("one, changed")  # changed file: corpus + every layer with records
+    result, cursor = tick(sensor, instance, cursor)
+    assert [r.run_key for r in result] == ["corpus-2-layers-0-1", "corpus-2-layers-3-3"]
+    assert result[0].tags["dagster/asset_partition_range_start"] == "0"
+    assert result[0].tags["dagster/asset_partition_range_end"] == "1"
+
+    (folder / "b.md").unlink()  # removed file
+    result, cursor = tick(sensor, instance, cursor)
+    assert {r.run_key for r in result} == {"corpus-3-layers-0-1", "corpus-3-layers-3-3"}
+    (folder / "b.md").write_text("new file")  # back to an earlier set of files: still a new run key
+    os.utime(folder / "b.md", ns=(1, 1))
+    result, cursor = tick(sensor, instance, cursor)
+    assert {r.run_key for r in result} == {"corpus-4-layers-0-1", "corpus-4-layers-3-3"}
+    assert json.loads(cursor)["generation"] == 4
+
+
+def test_corpus_sensor_without_a_folder_skips():
+    result, _ = tick(corpus_sensor(None), dg.DagsterInstance.ephemeral(), None)
+    assert isinstance(result, dg.SkipReason)
+
+
+def test_nightly_schedule_skips_when_nothing_is_stale():
+    import datetime
+
+    defs = build_definitions()
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
+                                        scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
+        result = nightly_rescore(ctx)
+    assert isinstance(result, dg.SkipReason) and result.skip_message == "no stale layer"
+    # the stale case runs on real materializations in test_incremental.py
+
+
+def test_jobs_and_automation_conditions():
+    defs = build_definitions()
+    assert {j.name for j in defs.jobs} == {MAIN_JOB, EXTRACTION_JOB, EXPLAIN_AND_SCORE_JOB}
+    extract = defs.resolve_job_def(EXTRACTION_JOB)
+    assert {k.to_user_string() for k in extract.asset_layer.executable_asset_keys} == {
+        "corpus", "activation_records", "top_excerpts"}
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        cond = graph.get(key).automation_condition
+        if key.to_user_string() == "corpus":
+            assert cond is None
+        else:
+            assert cond is not None and cond.label in ("follow upstream updates", "re-extract layers already "
+                                                                                  "materialized")
