@@ -75,9 +75,10 @@ def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_pr
     import numpy as np
     import torch
 
-    from ndx_pipeline.core.subject_model import special_token_wrap
-
     from contextlib import nullcontext
+
+    from ndx_pipeline.core.activations import batch_inputs
+    from ndx_pipeline.core.subject_model import special_token_wrap
 
     from ndx_pipeline.core.subject_model import mlp_output_projections
 
@@ -97,14 +98,7 @@ def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_pr
     with (nullcontext() if at_projection else truncated(model, deepest)), torch.inference_mode():
         for b0 in range(0, len(windows), batch_size):
             idx = np.arange(b0, min(b0 + batch_size, len(windows)))
-            lengths = windows.length[idx]
-            width = len(prefix) + int(lengths.max()) + len(suffix)
-            ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-            attn = np.zeros((len(idx), width), dtype=np.int64)
-            for r, (w, n) in enumerate(zip(idx, lengths)):
-                row = prefix + windows.ids[w, :n].tolist() + suffix
-                ids[r, : len(row)] = row
-                attn[r, : len(row)] = 1
+            ids, attn = batch_inputs(windows, idx, prefix, suffix, pad_id)
             try:
                 model(input_ids=torch.as_tensor(ids, device=device),
                       attention_mask=torch.as_tensor(attn, device=device))

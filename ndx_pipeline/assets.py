@@ -76,6 +76,22 @@ def _fail(message: str):
     raise dg.Failure(description=message)
 
 
+def _read(storage: StorageResource, asset: str, layer: int | None = None) -> pl.DataFrame:
+    """An upstream stage's file, or a run failure saying which one is missing."""
+    what = f"{asset} for layer {layer}" if layer is not None else f"the {asset} asset's file"
+    try:
+        return read_parquet(asset_path(storage.path(), asset, layer), what)
+    except NdxInputError as e:
+        _fail(str(e))
+
+
+def _backend(llm: LLMResource, storage: StorageResource):
+    try:
+        return llm.build(cache_dir=llm_cache_dir(storage))
+    except NdxInputError as e:
+        _fail(str(e))
+
+
 def _finish(context, asset: str, written: dict, checks: dict | None = None) -> dg.MaterializeResult:
     """Close a materialization: the data version is a hash of the files written (an unchanged output keeps its
     children fresh); each check's result covers every layer of the run, with per-layer details."""
@@ -153,7 +169,7 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                 else:
                     layer_neurons[layer] = act.choose_neurons(width, selection.neurons_per_layer, selection.seed,
                                                               layer)
-            docs = read_parquet(asset_path(storage.path(), "corpus"), "the corpus asset's file")
+            docs = _read(storage, "corpus")
             device = subject_model.resolved_device()
             context.log.info(f"loading subject model {subject_model.model} on {device}")
             model, tokenizer = load_subject_model(subject_model.model, device, subject_model.dtype)
@@ -202,9 +218,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                      storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"splits_disjoint": {}, "excerpt_counts": {}}
         for layer in _layers(context):
+            records = _read(storage, "activation_records", layer)
             try:
-                records = read_parquet(asset_path(storage.path(), "activation_records", layer),
-                                       f"activation_records for layer {layer}")
                 frame = exc.split_excerpts(records, selection.explain_excerpts, selection.score_top_excerpts,
                                            selection.score_random_excerpts)
             except NdxInputError as e:
@@ -227,18 +242,11 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
     def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource,
                      storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"every_neuron_explained": {}}
-        try:
-            backend = explainer_llm.build(cache_dir=llm_cache_dir(storage))
-        except NdxInputError as e:
-            _fail(str(e))
+        backend = _backend(explainer_llm, storage)
         try:
             for layer in _layers(context):
                 started, before = time.perf_counter(), backend.stats.snapshot()
-                try:
-                    excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
-                                            f"top_excerpts for layer {layer}")
-                except NdxInputError as e:
-                    _fail(str(e))
+                excerpts = _read(storage, "top_excerpts", layer)
 
                 def log(row, layer=layer):
                     context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
@@ -267,20 +275,11 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
     def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource,
                     storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"simulations_well_formed": {}}
-        try:
-            backend = simulator_llm.build(cache_dir=llm_cache_dir(storage))
-        except NdxInputError as e:
-            _fail(str(e))
+        backend = _backend(simulator_llm, storage)
         try:
             for layer in _layers(context):
                 started, before = time.perf_counter(), backend.stats.snapshot()
-                try:
-                    expl = read_parquet(asset_path(storage.path(), "explanations", layer),
-                                        f"explanations for layer {layer}")
-                    excerpts = read_parquet(asset_path(storage.path(), "top_excerpts", layer),
-                                            f"top_excerpts for layer {layer}")
-                except NdxInputError as e:
-                    _fail(str(e))
+                expl, excerpts = _read(storage, "explanations", layer), _read(storage, "top_excerpts", layer)
                 frame = simulator.simulate_layer(
                     expl, excerpts, backend, mode=simulator_llm.simulator_mode,
                     on_neuron=lambda e, layer=layer: context.log.info(f"layer {layer} neuron {e['neuron']} simulated"),
@@ -307,11 +306,7 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
     def scores(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"scores_valid": {}}
         for layer in _layers(context):
-            try:
-                sims = read_parquet(asset_path(storage.path(), "simulations", layer), f"simulations for layer {layer}")
-                expl = read_parquet(asset_path(storage.path(), "explanations", layer), f"explanations for layer {layer}")
-            except NdxInputError as e:
-                _fail(str(e))
+            sims, expl = _read(storage, "simulations", layer), _read(storage, "explanations", layer)
             frame = scoring.score_layer(sims, expl)
             path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "scores", layer))
             checks["scores_valid"][layer] = validation.scores_valid(frame)

@@ -125,6 +125,19 @@ class LayerSelection:
         return self.token_vocab.copy(), self.token_count.cpu().numpy(), self.token_sum.cpu().numpy()
 
 
+def batch_inputs(windows: Windows, idx, prefix: list[int], suffix: list[int], pad_id: int):
+    """Model inputs for windows `idx`: special tokens around each window, right-padded; (input_ids, attention_mask)."""
+    lengths = windows.length[idx]
+    width = len(prefix) + int(lengths.max()) + len(suffix)
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(idx), width), dtype=np.int64)
+    for r, (w, n) in enumerate(zip(idx, lengths)):
+        row = prefix + windows.ids[w, :n].tolist() + suffix
+        ids[r, : len(row)] = row
+        attn[r, : len(row)] = 1
+    return ids, attn
+
+
 class _StopForward(Exception):
     """Raised by the deepest hook: nothing above the last requested layer is computed."""
 
@@ -196,13 +209,7 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
             for b0 in range(0, len(windows), batch_size):
                 idx = np.arange(b0, min(b0 + batch_size, len(windows)))
                 lengths = windows.length[idx]
-                width = p + int(lengths.max()) + s
-                ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-                attn = np.zeros((len(idx), width), dtype=np.int64)
-                for r, (w, n) in enumerate(zip(idx, lengths)):
-                    row = prefix + windows.ids[w, :n].tolist() + suffix
-                    ids[r, : len(row)] = row
-                    attn[r, : len(row)] = 1
+                ids, attn = batch_inputs(windows, idx, prefix, suffix, pad_id)
                 real = int(lengths.max())
                 mask = np.arange(real)[None, :] < lengths[:, None]
                 if real < t:  # selections keep full-width windows; pad the token axis with masked columns

@@ -165,10 +165,9 @@ class LocalTransformersBackend(LLMBackend):
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
         key = cache_key(self.KIND, self.model_name, endpoint, request)
         if self.cache is not None:
-            entry = self.cache.get(key)
-            if entry is not None:
-                self.stats.add(cache_hits=1)
-                return entry["response"]
+            hit, response = self.cache.lookup(key, self.stats)
+            if hit:
+                return response
         started = time.monotonic()
         response = compute()
         self.stats.add(calls=1, requests=1, seconds=time.monotonic() - started,

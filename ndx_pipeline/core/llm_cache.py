@@ -70,6 +70,14 @@ class LLMCache:
             return None
         return entry
 
+    def lookup(self, key: str, stats: "LLMStats") -> tuple[bool, Any]:
+        """(True, response) on a hit, counted in `stats`; (False, None) on a miss."""
+        entry = self.get(key)
+        if entry is None:
+            return False, None
+        stats.add(cache_hits=1)
+        return True, entry["response"]
+
     def put(self, key: str, kind: str, model: str, endpoint: str, request: Mapping[str, Any],
             response: Any) -> Path:
         """Store one entry atomically; returns its path."""

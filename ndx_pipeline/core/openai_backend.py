@@ -685,10 +685,9 @@ class OpenAICompatibleBackend(LLMBackend):
         server with retries, then cached. Raises LLMRequestError when no answer could be had."""
         key = cache_key(KIND, self.model, endpoint, body)
         if self.cache is not None:
-            entry = self.cache.get(key)
-            if entry is not None:
-                self.stats.add(cache_hits=1)
-                return entry["response"]
+            hit, response = self.cache.lookup(key, self.stats)
+            if hit:
+                return response
         started = time.monotonic()
         try:
             data = call_with_retries(
