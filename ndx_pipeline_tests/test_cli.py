@@ -37,3 +37,21 @@ def test_core_imports_no_dagster():
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_lineage_and_view_commands(tmp_path, monkeypatch, capsys):
+    import json
+
+    from ndx_pipeline_tests.test_lineage import NEURONS, build_store
+
+    storage = build_store(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    layer, neuron = 0, sorted(NEURONS[0])[0]
+    assert main(["lineage", str(layer), str(neuron), "--json", "--storage", str(storage)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["excerpts"] and all({"doc_id", "char_start", "char_end", "text"} <= set(e) for e in out["excerpts"])
+    assert main(["lineage", str(layer), "99999", "--storage", str(storage)]) == 2
+    assert "no score for neuron 99999" in capsys.readouterr().err
+    assert main(["view", "--storage", str(storage)]) == 0
+    index = capsys.readouterr().out.strip().splitlines()[-1]
+    assert index.endswith("index.html") and (storage / "neuron_viewer" / "0" / f"{neuron}.html").exists()
