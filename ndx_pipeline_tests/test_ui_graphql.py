@@ -1,0 +1,351 @@
+"""The UI path, headless: `dagster dev` on a free port on 127.0.0.1, driven through GraphQL as the UI drives it.
+
+1. `dagster dev -w workspace.yaml` (the venv's, the repository's workspace) starts in a temporary folder with its
+   own DAGSTER_HOME (the instance template the CLI writes: sqlite, run queue).
+2. Through `dagster_graphql.DagsterGraphQLClient` a run of job `explain_neurons` is launched for layer 1 (partition
+   tag, small run config), queued, dequeued by the daemon, executed by the run launcher; we wait for SUCCESS.
+3. Lineage of `scores` for that partition, read with raw GraphQL (the client has no call for it): the upstream
+   asset keys down to `corpus`, each one's materialization for the layer made by our run, and the input event
+   pointers each materialization records, checked against the instance's event log (they name the parents'
+   materializations of the same layer, from the same run).
+4. Staleness: everything FRESH for layer 1 (MISSING for layer 2). Then a configuration change: dagster dev is
+   restarted with NDX_SIMULATOR_MODEL set to the bundled GGUF's path (the same weights, a different simulator
+   setting), which changes the code version of `simulations` only. `simulations` turns STALE with a CODE cause,
+   nothing upstream changes, and `scores` is still FRESH (Dagster's staleness is not transitive). After
+   `simulations` alone is rematerialized through GraphQL, its output (the simulator's name is in the data) has a
+   new data version, and `scores` turns STALE, its root cause being that new data version of `simulations`.
+
+Marked `ui`; 1–2 minutes on two cores. Run with `pytest -m ui`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCATION = "ndx_pipeline"
+LAYER = "1"
+ORDER = ["corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores"]
+
+NODES_QUERY = """
+query Nodes($keys: [AssetKeyInput!], $partition: String) {
+  assetNodes(assetKeys: $keys) {
+    assetKey { path }
+    isPartitioned
+    dependencyKeys { path }
+    opVersion
+    staleStatus(partition: $partition)
+    staleCauses(partition: $partition) {
+      key { path } partitionKey category reason dependency { path } dependencyPartitionKey
+    }
+  }
+}
+"""
+
+MATERIALIZATIONS_QUERY = """
+query Materializations($keys: [AssetKeyInput!], $partitions: [String!]) {
+  assetNodes(assetKeys: $keys) {
+    assetKey { path }
+    assetMaterializations(partitions: $partitions, limit: 10) {
+      runId partition timestamp stepKey tags { key value }
+    }
+  }
+}
+"""
+
+UNPARTITIONED_QUERY = """
+query Unpartitioned($keys: [AssetKeyInput!]) {
+  assetNodes(assetKeys: $keys) {
+    assetKey { path }
+    isPartitioned
+    dependencyKeys { path }
+    opVersion
+    staleStatus
+    staleCauses { key { path } category reason dependency { path } }
+    assetMaterializations(limit: 10) { runId partition timestamp tags { key value } }
+  }
+}
+"""
+
+WORKSPACE_QUERY = """
+query { workspaceOrError { __typename ... on Workspace { locationEntries {
+  name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DagsterDev:
+    """`dagster dev` in its own process group; stop() ends the group (webserver, daemon, code server)."""
+
+    def __init__(self, workdir: Path, home: Path, env: dict[str, str]):
+        self.workdir, self.home, self.extra_env = workdir, home, env
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = workdir / "dagster-dev.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/graphql"
+
+    def start(self, timeout: float = 150) -> None:
+        dagster = Path(sys.executable).parent / "dagster"
+        self.port = _free_port()
+        env = {**os.environ, "DAGSTER_HOME": str(self.home), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # A shell that started us in the background leaves SIGINT ignored, and dagster dev maps SIGTERM to
+            # its SIGINT handler: restore the default so stop() can shut it down cleanly.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dagster dev exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                data = self.query(WORKSPACE_QUERY)
+                entries = data["workspaceOrError"]["locationEntries"]
+                entry = next((e for e in entries if e["name"] == LOCATION), None)
+                if entry and entry["loadStatus"] == "LOADED":
+                    kind = entry["locationOrLoadError"]["__typename"]
+                    if kind != "RepositoryLocation":
+                        raise RuntimeError(f"code location failed to load: {entry['locationOrLoadError']}")
+                    return
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"dagster dev did not load {LOCATION} within {timeout}s:\n{self.log_tail()}")
+
+    def query(self, query: str, variables: dict | None = None) -> dict:
+        import requests
+
+        resp = requests.post(self.url, json={"query": query, "variables": variables or {}}, timeout=120)
+        resp.raise_for_status()
+        body = resp.json()
+        if body.get("errors"):
+            raise AssertionError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def client(self):
+        from dagster_graphql import DagsterGraphQLClient
+
+        return DagsterGraphQLClient("127.0.0.1", port_number=self.port, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; make sure no child of the group outlives it
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+
+def _keys(*names: str) -> list[dict]:
+    return [{"path": [n]} for n in names]
+
+
+def _by_key(nodes: list[dict]) -> dict[str, dict]:
+    return {"/".join(n["assetKey"]["path"]): n for n in nodes}
+
+
+def _tags(event: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in event["tags"]}
+
+
+def _wait_for_run(dev: DagsterDev, run_id: str, timeout: float = 420):
+    from dagster import DagsterRunStatus
+
+    client = dev.client()
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = client.get_run_status(run_id)
+        if status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+            break
+        time.sleep(2)
+    assert status == DagsterRunStatus.SUCCESS, f"run {run_id} ended {status}:\n{_run_errors(dev, run_id)}"
+
+
+def _run_errors(dev: DagsterDev, run_id: str) -> str:
+    data = dev.query("""query($id: ID!) { logsForRun(runId: $id) { __typename ... on EventConnection { events {
+        __typename ... on MessageEvent { message } ... on ExecutionStepFailureEvent { error { message } } } } } }""",
+                     {"id": run_id})
+    events = data["logsForRun"].get("events", [])
+    return "\n".join(str(e) for e in events[-30:]) + "\n" + dev.log_tail(2000)
+
+
+def _staleness(dev: DagsterDev, partition: str) -> dict[str, dict]:
+    nodes = _by_key(dev.query(NODES_QUERY, {"keys": _keys(*ORDER[1:]), "partition": partition})["assetNodes"])
+    corpus = _by_key(dev.query(UNPARTITIONED_QUERY, {"keys": _keys("corpus")})["assetNodes"])
+    return {**corpus, **nodes}
+
+
+def _small_run_config(storage: Path, corpus: Path) -> dict:
+    return {
+        "execution": {"config": {"in_process": {}}},
+        "resources": {
+            "storage": {"config": {"storage_dir": str(storage)}},
+            "corpus_source": {"config": {"path": str(corpus)}},
+            "subject_model": {"config": {"window_tokens": 16}},
+            "selection": {"config": {"neurons": [5, 9], "score_top_excerpts": 2, "score_random_excerpts": 1}},
+            "explainer_llm": {"config": {"max_tokens": 16}},
+        },
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    from pydoc_data.topics import topics
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "ndx_pipeline" / "templates" / "dagster.yaml", home / "dagster.yaml")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ["assert", "break", "continue", "del", "pass", "global"]:
+        (corpus / f"{name}.txt").write_text(topics[name])
+    return tmp_path
+
+
+@pytest.mark.ui
+def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
+    from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+
+    from ndx_pipeline.core.subject_model import bundled_gguf
+
+    home, corpus, storage = workdir / "dagster_home", workdir / "corpus", workdir / "storage"
+    config = _small_run_config(storage, corpus)
+    # The test's own environment must not leak settings that change code versions.
+    clean = {k: "" for k in os.environ if k.startswith("NDX_")}
+    dev = DagsterDev(workdir, home, clean)
+    try:
+        dev.start()
+        # --- 1. launch one layer through the client, as the launchpad does, and wait for it
+        run_id = dev.client().submit_job_execution(
+            "explain_neurons", repository_location_name=LOCATION, run_config=config,
+            tags={"dagster/partition": LAYER},
+        )
+        _wait_for_run(dev, run_id)
+
+        # --- 2. lineage of `scores` for the layer: walk dependencyKeys down to the corpus
+        nodes = _staleness(dev, LAYER)
+        lineage, todo = [], ["scores"]
+        while todo:
+            key = todo.pop(0)
+            if key in lineage:
+                continue
+            lineage.append(key)
+            todo.extend("/".join(d["path"]) for d in nodes[key].get("dependencyKeys", []))
+        assert sorted(lineage) == sorted(ORDER)
+        assert sorted("/".join(d["path"]) for d in nodes["scores"]["dependencyKeys"]) == ["explanations",
+                                                                                          "simulations"]
+        assert [d["path"] for d in nodes["activation_records"]["dependencyKeys"]] == [["corpus"]]
+
+        mats = _by_key(dev.query(MATERIALIZATIONS_QUERY,
+                                 {"keys": _keys(*ORDER[1:]), "partitions": [LAYER]})["assetNodes"])
+        mats.update(_by_key(dev.query(UNPARTITIONED_QUERY, {"keys": _keys("corpus")})["assetNodes"]))
+        latest = {}
+        for key in ORDER:
+            events = mats[key]["assetMaterializations"]
+            assert len(events) == 1, (key, events)
+            event = events[0]
+            assert event["runId"] == run_id
+            assert event["partition"] == (None if key == "corpus" else LAYER)
+            latest[key] = _tags(event)
+        # Each materialization names the exact parent materializations it read (event pointers = storage ids of
+        # the parents' events) and their data versions; check the pointers against the instance's event log.
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        instance = DagsterInstance.from_config(str(home))
+        for key in ORDER[1:]:
+            for dep in nodes[key]["dependencyKeys"]:
+                parent = "/".join(dep["path"])
+                pointer = int(latest[key][f"dagster/input_event_pointer/{parent}"])
+                record = instance.fetch_materializations(
+                    AssetRecordsFilter(asset_key=AssetKey(parent), storage_ids=[pointer]), limit=1).records
+                assert len(record) == 1 and record[0].run_id == run_id, (key, parent, pointer)
+                assert record[0].partition_key == (None if parent == "corpus" else LAYER)
+                assert latest[key][f"dagster/input_data_version/{parent}"]
+            assert latest[key]["dagster/code_version"] == nodes[key]["opVersion"]
+        assert latest["activation_records"]["dagster/input_data_version/corpus"] == \
+            latest["corpus"]["dagster/data_version"]
+
+        # --- 3. staleness before any change: FRESH for the layer, MISSING for another
+        assert {k: n["staleStatus"] for k, n in nodes.items()} == {k: "FRESH" for k in ORDER}
+        assert all(n["staleCauses"] == [] for n in nodes.values())
+        other = _staleness(dev, "2")
+        assert {k: other[k]["staleStatus"] for k in ORDER[1:]} == {k: "MISSING" for k in ORDER[1:]}
+        versions_before = {k: nodes[k]["opVersion"] for k in ORDER}
+
+        # --- 4. a configuration change: the simulator model setting (same weights, named by path)
+        dev.stop()
+        dev = DagsterDev(workdir, home, {**clean, "NDX_SIMULATOR_MODEL": str(bundled_gguf())})
+        dev.start()
+        nodes = _staleness(dev, LAYER)
+        changed = sorted(k for k in ORDER if nodes[k]["opVersion"] != versions_before[k])
+        assert changed == ["simulations"]
+        status = {k: n["staleStatus"] for k, n in nodes.items()}
+        assert status == {**{k: "FRESH" for k in ORDER}, "simulations": "STALE"}, status
+        causes = nodes["simulations"]["staleCauses"]
+        assert [(c["category"], c["key"]["path"], c["partitionKey"]) for c in causes] == \
+            [("CODE", ["simulations"], LAYER)], causes
+        assert "code version" in causes[0]["reason"]
+
+        # --- 5. rematerialize `simulations` alone for the layer: `scores` becomes stale by data, upstream untouched
+        rerun = dev.client().submit_job_execution(
+            "explain_neurons", repository_location_name=LOCATION, run_config=config,
+            tags={"dagster/partition": LAYER}, asset_selection=[AssetKey("simulations")],
+        )
+        _wait_for_run(dev, rerun)
+        nodes = _staleness(dev, LAYER)
+        status = {k: n["staleStatus"] for k, n in nodes.items()}
+        assert status == {**{k: "FRESH" for k in ORDER}, "scores": "STALE"}, status
+        # GraphQL reports root causes: the dependency's new data version, not the edge scores → simulations.
+        causes = nodes["scores"]["staleCauses"]
+        assert [(c["category"], c["key"]["path"], c["partitionKey"], c["reason"]) for c in causes] == \
+            [("DATA", ["simulations"], LAYER, "has a new data version")], causes
+        mats = _by_key(dev.query(MATERIALIZATIONS_QUERY,
+                                 {"keys": _keys(*ORDER[1:]), "partitions": [LAYER]})["assetNodes"])
+        sims = sorted(mats["simulations"]["assetMaterializations"], key=lambda e: float(e["timestamp"]))
+        assert [e["runId"] for e in sims] == [run_id, rerun]
+        assert _tags(sims[1])["dagster/code_version"] != _tags(sims[0])["dagster/code_version"]
+        assert _tags(sims[1])["dagster/data_version"] != _tags(sims[0])["dagster/data_version"]
+        assert all(e["runId"] == run_id for k in ORDER[1:] if k != "simulations"
+                   for e in mats[k]["assetMaterializations"])
+    finally:
+        dev.stop()
