@@ -1,9 +1,9 @@
 """Top excerpts: the paper's interleaved, disjoint explain / score splits of each neuron's activation records.
 
 With 20 top windows and 5 excerpts per split (stride 4): explain = top[0, 4, 8, 12, 16], score_top =
-top[2, 6, 10, 14, 18]; offsets 1 and 3 stay free for calibration. score_random takes every third of the neuron's
-random windows from offset 1 (random[1, 4, 7, 10, 13]) after dropping any random window that is also one of the
-neuron's top windows, so no scored text was ever shown to the explainer.
+top[2, 6, 10, 14, 18]; offsets 1 and 3 stay free for calibration (`calibration_excerpts`). score_random takes every
+third of the neuron's random windows from offset 1 (random[1, 4, 7, 10, 13]) after dropping any random window that is
+also one of the neuron's top windows, so no scored text was ever shown to the explainer.
 """
 
 from __future__ import annotations
@@ -80,4 +80,50 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
                     "max_activation": r["max_activation"], "window_index": r["window_index"],
                     "char_start": r["char_start"], "char_end": r["char_end"],
                 })
+    return pl.DataFrame(rows, schema=EXCERPT_SCHEMA)
+
+
+CALIBRATION_SPLIT = "calibration"
+CALIBRATION_TOP_STRIDE = 2  # odd top ranks 1, 3, 5, …: never explain (0 mod 4) nor score_top (2 mod 4)
+CALIBRATION_TOP_OFFSET = 1
+
+
+def calibration_random_positions(n_items: int, count: int) -> list[int]:
+    """Positions in a neuron's filtered random list that score_random never takes (those ≢ 1 mod 3): 0, 2, 3, 5, …"""
+    picks = [i for i in range(n_items) if i % RANDOM_STRIDE != SCORE_RANDOM_OFFSET]
+    return picks[:count]
+
+
+def calibration_excerpts(records: pl.DataFrame, top_n: int = 3, random_n: int = 3) -> pl.DataFrame:
+    """Excerpts for choosing among candidate explanations (best-of-k), disjoint from every excerpt that
+    `split_excerpts` puts in explain, score_top or score_random, whatever their counts.
+
+    top[1, 3, 5, …] (the odd ranks: the paper's free offsets 1 and 3 of stride 4) and the random windows at
+    positions 0, 2, 3, 5, … of the neuron's random list after dropping its top windows (score_random takes the
+    positions 1, 4, 7, …). Same columns as `split_excerpts`, with split `calibration`."""
+    if top_n < 0 or random_n < 0 or top_n + random_n == 0:
+        raise NdxInputError("calibration needs a non-negative number of top and random excerpts, not both zero.")
+    rows = []
+    for (layer, neuron), group in records.sort(["layer", "neuron", "kind", "rank"]).group_by(
+        ["layer", "neuron"], maintain_order=True
+    ):
+        top = group.filter(pl.col("kind") == "top").sort("rank").to_dicts()
+        top_windows = {r["window_index"] for r in top}
+        random = [r for r in group.filter(pl.col("kind") == "random").sort("rank").to_dicts()
+                  if r["window_index"] not in top_windows]
+        picks = [top[i] for i in interleaved(len(top), top_n, CALIBRATION_TOP_STRIDE, CALIBRATION_TOP_OFFSET)]
+        picks += [random[i] for i in calibration_random_positions(len(random), random_n)]
+        if not picks:
+            raise NdxInputError(
+                f"layer {layer} neuron {neuron} has {len(top)} top and {len(random)} usable random windows: none is "
+                "free for calibration (needs top_k ≥ 2 or random windows outside the top ones)."
+            )
+        for r in picks:
+            rows.append({
+                "layer": layer, "neuron": neuron, "excerpt_id": excerpt_id(layer, neuron, r["kind"], r["rank"]),
+                "split": CALIBRATION_SPLIT, "kind": r["kind"], "rank": r["rank"], "doc_id": r["doc_id"],
+                "token_start": r["token_start"], "tokens": r["tokens"], "activations": r["activations"],
+                "max_activation": r["max_activation"], "window_index": r["window_index"],
+                "char_start": r["char_start"], "char_end": r["char_end"],
+            })
     return pl.DataFrame(rows, schema=EXCERPT_SCHEMA)

@@ -1,0 +1,174 @@
+"""Baselines scored beside every explanation, on exactly the excerpts the explanation is scored on.
+
+- **Lookup table** (`lookup_simulations`): predict each scored token's mean activation for that neuron over the
+  corpus, from the per-token table extraction keeps (`extract(..., token_table=True)`, `token_table_frame`). A token
+  the table lacks gets the neuron's mean over all tokens. By default the table is *held out*: before predicting, the
+  scored excerpts' own tokens and activations are subtracted from it (counts and sums), so the baseline never sees
+  the activations it is scored against — the same footing as an explanation, which never sees its scoring excerpts.
+  Without that, a token that occurs only in a scored excerpt would predict its own activation exactly and inflate the
+  baseline. `held_out=False` gives the plain whole-corpus table (the paper's construction).
+- **Random explanation** (`random_explanations`): each neuron gets, by a seeded choice, the explanation of another
+  neuron of the same layer, which is then simulated and scored like its own.
+
+Every baseline yields explanation-shaped and simulation-shaped frames, so `scoring.score_layer` scores it the same
+way (pooled Pearson over score_top + score_random); `with_baselines` puts the scores beside the real ones as
+`baseline_<name>` columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from .explainer import EXPLANATION_SCHEMA
+from .simulator import SCORED_SPLITS
+
+LOOKUP_EXPLANATION = "token lookup table (each token's mean activation over the corpus)"
+LOOKUP_SIMULATOR = "lookup-table"
+LOOKUP_SIMULATOR_IN_SAMPLE = "lookup-table-in-sample"
+
+
+def explanation_frame(rows: Sequence[dict], extra: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
+    """Rows in the explanations schema (missing fields null), plus `extra` columns."""
+    schema = {k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()}
+    schema.update(extra or {})
+    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
+
+
+def _simulation_schema() -> dict:
+    from .simulator import _schema
+
+    return _schema()
+
+
+def simulation_frame(rows: Sequence[dict]) -> pl.DataFrame:
+    """Rows in the simulations schema; `status`/`error` (when the schema has them) default to ok/null."""
+    schema = _simulation_schema()
+    defaults = {"status": "ok", "error": None}
+    return pl.DataFrame([{k: r.get(k, defaults.get(k)) for k in schema} for r in rows], schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lookup table
+
+
+def lookup_predictions(table: Mapping[str, tuple[int, float]], excerpts: Sequence[tuple[Sequence[str], Sequence[float]]],
+                       held_out: bool = True) -> list[np.ndarray]:
+    """Predicted activations of one neuron on each excerpt: the token's mean activation in `table`
+    (token text → (count, activation sum)); a token absent from the table (or whose every occurrence was held out)
+    gets the neuron's mean over the whole table. held_out: first subtract the excerpts' own tokens and activations."""
+    counts = {t: int(c) for t, (c, _) in table.items()}
+    sums = {t: float(s) for t, (_, s) in table.items()}
+    if held_out:
+        for tokens, acts in excerpts:
+            for t, a in zip(tokens, acts, strict=True):
+                if t in counts:
+                    counts[t] -= 1
+                    sums[t] -= float(a)
+    total = sum(counts.values())
+    neuron_mean = sum(s for t, s in sums.items() if counts[t] > 0) / total if total > 0 else 0.0
+    out = []
+    for tokens, _ in excerpts:
+        out.append(np.array([sums[t] / counts[t] if counts.get(t, 0) > 0 else neuron_mean for t in tokens],
+                            dtype=np.float64))
+    return out
+
+
+def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str:
+    return f"{layer}/{neuron}/lookup" + ("" if held_out else "-in-sample")
+
+
+def lookup_simulations(table: pl.DataFrame, excerpts: pl.DataFrame, held_out: bool = True,
+                       splits: Sequence[str] = SCORED_SPLITS) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(explanations, simulations) of the lookup-table baseline for every neuron of `excerpts` on `splits`.
+
+    table: `token_table_frame` rows (layer, neuron, token, count, activation_sum) of the same layer(s)."""
+    chosen = excerpts.filter(pl.col("split").is_in(list(splits))).sort(["layer", "neuron", "split", "rank"])
+    by_neuron = {
+        (int(k[0]), int(k[1])): dict(zip(g["token"].to_list(), zip(g["count"].to_list(),
+                                                                    g["activation_sum"].to_list())))
+        for k, g in table.partition_by(["layer", "neuron"], as_dict=True).items()
+    }
+    expl_rows, sim_rows = [], []
+    simulator = LOOKUP_SIMULATOR if held_out else LOOKUP_SIMULATOR_IN_SAMPLE
+    for (layer, neuron), group in chosen.group_by(["layer", "neuron"], maintain_order=True):
+        layer, neuron = int(layer), int(neuron)
+        eid = lookup_explanation_id(layer, neuron, held_out)
+        mine = by_neuron.get((layer, neuron))
+        row = {"layer": layer, "neuron": neuron, "explanation_id": eid, "explanation": LOOKUP_EXPLANATION,
+               "explainer": simulator, "status": "ok"}
+        if mine is None:
+            row.update(status="failed", error=f"the token table has no rows for layer {layer} neuron {neuron}")
+            expl_rows.append(row)
+            continue
+        expl_rows.append(row)
+        shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
+        predicted = lookup_predictions(mine, shown, held_out)
+        for ex, pred in zip(group.iter_rows(named=True), predicted):
+            sim_rows.append({
+                "layer": layer, "neuron": neuron, "explanation_id": eid, "excerpt_id": ex["excerpt_id"],
+                "split": ex["split"], "tokens": ex["tokens"], "true_activations": ex["activations"],
+                "simulated_activations": pred.tolist(), "simulator": simulator,
+            })
+    return explanation_frame(expl_rows), simulation_frame(sim_rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random explanation
+
+
+def usable_explanations(explanations: pl.DataFrame) -> pl.DataFrame:
+    """The explanation each neuron keeps: rows with status ok, and only the selected candidate when the frame holds
+    best-of-k candidates (a boolean `selected` column)."""
+    frame = explanations.filter(pl.col("status") == "ok")
+    if "selected" in frame.columns:
+        frame = frame.filter(pl.col("selected"))
+    return frame
+
+
+def random_explanation_id(layer: int, neuron: int, donor: int) -> str:
+    return f"{layer}/{neuron}/random/{donor}"
+
+
+def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
+    """For every neuron of `explanations`, the kept explanation of another neuron of the same layer, chosen with
+    numpy's generator seeded by (seed, layer, neuron). Status failed when the layer has no other usable one.
+    Extra column `donor_neuron`."""
+    usable = usable_explanations(explanations).sort(["layer", "neuron"])
+    donors: dict[int, list[dict]] = {}
+    for r in usable.iter_rows(named=True):
+        donors.setdefault(int(r["layer"]), []).append(r)
+    rows = []
+    for layer, neuron in explanations.select("layer", "neuron").unique().sort(["layer", "neuron"]).iter_rows():
+        layer, neuron = int(layer), int(neuron)
+        others = [r for r in donors.get(layer, []) if int(r["neuron"]) != neuron]
+        if not others:
+            rows.append({"layer": layer, "neuron": neuron, "explanation_id": random_explanation_id(layer, neuron, -1),
+                         "explainer": "random", "status": "failed",
+                         "error": f"no other neuron of layer {layer} has a usable explanation"})
+            continue
+        pick = others[int(np.random.default_rng([seed, layer, neuron]).integers(len(others)))]
+        rows.append({"layer": layer, "neuron": neuron,
+                     "explanation_id": random_explanation_id(layer, neuron, int(pick["neuron"])),
+                     "explanation": pick["explanation"], "explainer": f"random:{pick['explanation_id']}",
+                     "prompt_sha256": pick.get("prompt_sha256"), "status": "ok", "donor_neuron": int(pick["neuron"])})
+    return explanation_frame(rows, {"donor_neuron": pl.Int32})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores side by side
+
+
+def with_baselines(scores: pl.DataFrame, baselines: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
+    """`scores` plus one Float64 column `baseline_<name>` per baseline: that baseline's `score` for the same
+    (layer, neuron) (score_layer output of the baseline), NaN where it has none."""
+    out = scores
+    for name, frame in baselines.items():
+        col = f"baseline_{name}"
+        part = frame.select(pl.col("layer").cast(pl.Int32), pl.col("neuron").cast(pl.Int32),
+                            pl.col("score").cast(pl.Float64).alias(col)).unique(["layer", "neuron"], keep="first")
+        out = out.drop(col, strict=False).join(part, on=["layer", "neuron"], how="left")
+        out = out.with_columns(pl.col(col).fill_null(float("nan")))
+    return out

@@ -1,0 +1,124 @@
+"""Best-of-k explanations: sample k candidates per neuron, simulate each on a calibration split that neither the
+explainer nor the scoring uses (`excerpts.calibration_excerpts`), keep the one with the best calibration score.
+
+Candidate c of a neuron is the explainer's answer at temperature 1 with a seed derived from (seed, c); candidate 0
+uses exactly the seed a single explanation (k = 1) uses, so best-of-k only ever replaces the k = 1 explanation by
+one that did better on calibration. Every candidate is kept, with its calibration score, and one row per neuron is
+marked `selected`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from .excerpts import CALIBRATION_SPLIT
+from .explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer, explanation_id
+
+CANDIDATE_SEED_STRIDE = 7919
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The explainer seed of candidate `candidate` (candidate 0: `seed` itself)."""
+    return seed + CANDIDATE_SEED_STRIDE * candidate
+
+
+def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
+                       temperature: float = TEMPERATURE, seed: int = 0, on_neuron=None) -> pl.DataFrame:
+    """k explanations per neuron (explainer rows plus an Int32 `candidate` column), explanation_id
+    `<layer>/<neuron>/explanation/<candidate>`."""
+    if k < 1:
+        raise ValueError(f"best-of-k needs k ≥ 1, not {k}")
+    frames = []
+    for c in range(k):
+        frame = explain_layer(excerpts, backend, max_tokens, temperature, candidate_seed(seed, c), on_neuron)
+        ids = [explanation_id(int(layer), int(neuron), c) for layer, neuron in zip(frame["layer"], frame["neuron"])]
+        frames.append(frame.with_columns(pl.Series("explanation_id", ids, dtype=pl.String),
+                                         pl.lit(c, dtype=pl.Int32).alias("candidate")))
+    return pl.concat(frames).sort(["layer", "neuron", "candidate"])
+
+
+def simulate_split(explanations: pl.DataFrame, excerpts: pl.DataFrame, backend, split: str, **kwargs) -> pl.DataFrame:
+    """`simulator.simulate_layer` on the excerpts of one split (it simulates the scored splits only, so the split
+    is relabelled for the call and restored in its output)."""
+    from .simulator import SCORED_SPLITS, simulate_layer
+
+    chosen = excerpts.filter(pl.col("split") == split)
+    if split not in SCORED_SPLITS:
+        chosen = chosen.with_columns(pl.lit(SCORED_SPLITS[0]).alias("split"))
+    sims = simulate_layer(explanations, chosen, backend, **kwargs)
+    return sims.with_columns(pl.lit(split).alias("split"))
+
+
+def choose(candidates: pl.DataFrame, calibration_scores: pl.DataFrame) -> pl.DataFrame:
+    """`candidates` plus calibration_score (Float64), calibration_status (String) and selected (Boolean).
+
+    Per neuron the selected row is the ok candidate with the highest finite calibration score (ties: lowest
+    candidate); when no ok candidate has one, the lowest ok candidate; when none is ok, candidate 0 (its row
+    stays failed)."""
+    cal = calibration_scores.select("explanation_id", pl.col("score").alias("calibration_score"),
+                                    pl.col("status").alias("calibration_status"))
+    out = candidates.drop(["calibration_score", "calibration_status", "selected"], strict=False)
+    out = out.join(cal, on="explanation_id", how="left").with_columns(
+        pl.col("calibration_score").cast(pl.Float64).fill_null(float("nan")))
+    if "candidate" not in out.columns:
+        out = out.with_columns(pl.lit(0, dtype=pl.Int32).alias("candidate"))
+    out = out.sort(["layer", "neuron", "candidate"])
+    selected = []
+    for _, group in out.group_by(["layer", "neuron"], maintain_order=True):
+        ok = group["status"].to_numpy() == "ok"
+        score = group["calibration_score"].to_numpy()
+        finite = ok & np.isfinite(score)
+        if finite.any():
+            best = int(np.argmax(np.where(finite, score, -np.inf)))
+        elif ok.any():
+            best = int(np.argmax(ok))
+        else:
+            best = 0
+        selected += [i == best for i in range(len(group))]
+    return out.with_columns(pl.Series("selected", selected, dtype=pl.Boolean))
+
+
+def select_best(candidates: pl.DataFrame, calibration: pl.DataFrame, simulator_backend,
+                **simulate_kwargs) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Simulate every ok candidate on the neuron's `calibration` excerpts, score it (pooled Pearson, as the real
+    score) and choose one per neuron. Returns (candidates with calibration_score / calibration_status / selected,
+    the calibration simulations)."""
+    from .scoring import score_layer
+
+    ok = candidates.filter(pl.col("status") == "ok")
+    sims = simulate_split(ok, calibration, simulator_backend, CALIBRATION_SPLIT, **simulate_kwargs)
+    scores = score_layer(sims, ok) if len(ok) else pl.DataFrame(
+        schema={"explanation_id": pl.String, "score": pl.Float64, "status": pl.String})
+    return choose(candidates, scores), sims
+
+
+def best_of_k(excerpts: pl.DataFrame, calibration: pl.DataFrame, explainer_backend, simulator_backend, k: int = 3,
+              max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
+              on_neuron=None, **simulate_kwargs) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """explain_candidates then select_best. With k = 1 the single candidate is selected without simulating."""
+    candidates = explain_candidates(excerpts, explainer_backend, k, max_tokens, temperature, seed, on_neuron)
+    if k == 1:
+        return choose(candidates, pl.DataFrame(schema={"explanation_id": pl.String, "score": pl.Float64,
+                                                       "status": pl.String})), _empty_simulations()
+    return select_best(candidates, calibration, simulator_backend, **simulate_kwargs)
+
+
+def _empty_simulations() -> pl.DataFrame:
+    from .simulator import _schema
+
+    return pl.DataFrame(schema=_schema())
+
+
+def selected(explanations: pl.DataFrame) -> pl.DataFrame:
+    """One row per neuron: the selected candidate (all rows when the frame has no `selected` column)."""
+    return explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+
+
+def calibration_table(explanations: pl.DataFrame, columns: Sequence[str] = ("layer", "neuron", "candidate",
+                                                                             "explanation", "calibration_score",
+                                                                             "selected")) -> pl.DataFrame:
+    """The candidates side by side (for logs and metadata)."""
+    return explanations.select([c for c in columns if c in explanations.columns])

@@ -1,0 +1,137 @@
+"""Token-list explanations: an explanation written from the neuron's strongest tokens alone, with no context.
+
+`strongest_tokens` ranks the distinct tokens of the neuron's `explain` excerpts (the same excerpts the explainer
+sees, so nothing scored leaks in) by their highest activation. From that list either a fixed template writes the
+explanation (`template_explanation`, no LLM) or the explainer LLM does (`token_list_messages`, completed after the
+same lead-in as the explainer). Both are simulated and scored like any explanation: a point of comparison between
+the lookup table (tokens, with their corpus means) and a full explanation (tokens in context).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import polars as pl
+
+from .baselines import explanation_frame
+from .display import escape_token
+from .explainer import (
+    FEW_SHOTS,
+    LEAD_IN,
+    MAX_EXPLANATION_TOKENS,
+    TEMPERATURE,
+    ExplanationParseError,
+    neuron_seed,
+    parse_explanation,
+    prompt_sha256,
+)
+
+TOKEN_LIST_SIZE = 8
+TEMPLATE_EXPLAINER = "token-list-template"
+SEED_OFFSET = 104_729  # token-list samples use other seeds than the explainer's
+
+TOKEN_LIST_SYSTEM = (
+    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. You are "
+    "given only the tokens it fires on most strongly, strongest first, each in double quotes. Say in a few words "
+    "what these tokens have in common."
+)
+
+
+def strongest_tokens(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], n: int = TOKEN_LIST_SIZE) -> list[str]:
+    """Up to n distinct tokens with the highest activation over the excerpts (positive activations only),
+    strongest first; ties keep the order of first appearance."""
+    best: dict[str, tuple[float, int]] = {}
+    position = 0
+    for tokens, acts in excerpts:
+        for tok, a in zip(tokens, acts, strict=True):
+            a = float(a)
+            if a > 0 and (tok not in best or a > best[tok][0]):
+                best[tok] = (a, best[tok][1] if tok in best else position)
+            position += 1
+    return [t for t, _ in sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:n]]
+
+
+def shown_token(token: str) -> str:
+    """A token as listed: surrounding spaces dropped; whitespace-only tokens escaped (\\n, \\t) so they stay visible."""
+    return token.strip() or escape_token(token)
+
+
+def token_list_text(tokens: Sequence[str]) -> str:
+    """`"a", "b", "c"`: distinct shown forms, in order."""
+    seen: list[str] = []
+    for t in tokens:
+        s = shown_token(t)
+        if s not in seen:
+            seen.append(s)
+    return ", ".join(f'"{s}"' for s in seen)
+
+
+def template_explanation(tokens: Sequence[str]) -> str:
+    """The fixed-template explanation (no LLM)."""
+    listed = token_list_text(tokens)
+    return f"the tokens {listed}" if listed else "no token in particular"
+
+
+def _user(tokens: Sequence[str]) -> str:
+    return f"Strongest tokens: {token_list_text(tokens) or '(none)'}"
+
+
+def token_list_messages(tokens: Sequence[str]) -> list[dict]:
+    """Chat messages for one neuron; the answer continues from `LEAD_IN`. The worked examples are the explainer's
+    few-shot neurons reduced to their strongest tokens."""
+    messages = [{"role": "system", "content": TOKEN_LIST_SYSTEM}]
+    for shot in FEW_SHOTS:
+        messages.append({"role": "user", "content": _user(strongest_tokens(shot.excerpts))})
+        messages.append({"role": "assistant", "content": f"{LEAD_IN} {shot.explanation}."})
+    messages.append({"role": "user", "content": _user(tokens)})
+    return messages
+
+
+def token_list_explanation_id(layer: int, neuron: int) -> str:
+    return f"{layer}/{neuron}/token_list"
+
+
+def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_LIST_SIZE,
+                        max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
+                        on_neuron=None) -> pl.DataFrame:
+    """One token-list explanation per neuron from its `explain` excerpts: by `backend` (an LLMBackend) reading only
+    the strongest tokens, or by the fixed template when backend is None. Explanations-shaped rows (explanation_id
+    `<layer>/<neuron>/token_list`) plus `strongest_tokens` (list of str)."""
+    explain = excerpts.filter(pl.col("split") == "explain").sort(["layer", "neuron", "rank"])
+    rows = []
+    for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
+        layer, neuron = int(layer), int(neuron)
+        tokens = strongest_tokens(list(zip(group["tokens"].to_list(), group["activations"].to_list())), n_tokens)
+        started = time.perf_counter()
+        row = {"layer": layer, "neuron": neuron, "explanation_id": token_list_explanation_id(layer, neuron),
+               "status": "ok", "strongest_tokens": tokens}
+        if backend is None:
+            row.update(explanation=template_explanation(tokens), explainer=TEMPLATE_EXPLAINER)
+        else:
+            messages = token_list_messages(tokens)
+            row.update(explainer=f"token-list:{backend.name}", prompt_sha256=prompt_sha256(messages))
+            try:
+                completion = backend.chat(messages, LEAD_IN, max_tokens, temperature,
+                                          neuron_seed(seed + SEED_OFFSET, layer, neuron))
+                row.update(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+                           explanation=parse_explanation(completion.text))
+            except ExplanationParseError as exc:
+                row.update(status="failed", error=str(exc))
+            except Exception as exc:  # a recorded LLM failure (after the backend's retries) fails this neuron only
+                if not _recordable(exc):
+                    raise
+                row.update(status="failed", error=str(exc))
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if on_neuron:
+            on_neuron(row)
+    return explanation_frame(rows, {"strongest_tokens": pl.List(pl.String)})
+
+
+def _recordable(exc: Exception) -> bool:
+    try:
+        from .backends import RecordableLLMError
+    except ImportError:
+        return False
+    return isinstance(exc, RecordableLLMError)
