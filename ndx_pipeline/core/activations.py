@@ -79,7 +79,6 @@ class LayerSelection:
 
         a = acts.index_select(-1, self.neurons).float()  # [B, T, n]
         a = a.masked_fill(~mask[..., None], 0.0)
-        a64 = a.double()
         if self.token_vocab is not None:
             if token_ids is None:
                 raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
@@ -89,27 +88,32 @@ class LayerSelection:
             if bool((rows < 0).any()):
                 raise ValueError("a window holds a token id missing from the token table's vocabulary.")
             self.token_count.index_add_(0, rows, torch.ones_like(rows))
-            self.token_sum.index_add_(0, rows, a64[mask])
+            self.token_sum.index_add_(0, rows, a[mask].double())
         self.count += int(mask.sum())
-        self.sum += a64.sum(dim=(0, 1))
-        self.sumsq += (a64 * a64).sum(dim=(0, 1))
-        per_window_max = a.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)  # [B, n]
-        self.max = torch.maximum(self.max, per_window_max.amax(dim=0))
+        # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64
+        self.sum += a.sum(dim=(0, 1)).double()
+        self.sumsq += (a * a).sum(dim=(0, 1)).double()
+        per_window_max = a.masked_fill(~mask[..., None], float("-inf")).amax(dim=1).T  # [n, B]
+        self.max = torch.maximum(self.max, per_window_max.amax(dim=1))
 
-        batch_acts = a.permute(2, 0, 1)  # [n, B, T]
-        cand_max = torch.cat([self.top_max, per_window_max.T], dim=1)  # [n, k + B]
-        cand_window = torch.cat([self.top_window, window_index[None, :].expand(len(self.neurons), -1)], dim=1)
-        # Earlier windows come first in the candidates, so a stable sort breaks ties by lower window index.
-        order = torch.sort(cand_max, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-        self.top_max = cand_max.gather(1, order)
-        self.top_window = cand_window.gather(1, order)
-        cand_acts = torch.cat([self.top_acts, batch_acts], dim=1)
-        self.top_acts = cand_acts.gather(1, order[..., None].expand(-1, -1, cand_acts.shape[-1]))
+        # Only neurons for which some window of the batch beats their current k-th best need new top-k rows
+        # (after the first batches that is a small share): the sort and the gather of per-token activations
+        # touch those rows alone. A window equal to the k-th best does not enter: the earlier window keeps it.
+        rows = (per_window_max > self.top_max[:, -1:]).any(dim=1).nonzero().squeeze(1)
+        if len(rows):
+            cand_max = torch.cat([self.top_max[rows], per_window_max[rows]], dim=1)  # [r, k + B]
+            cand_window = torch.cat([self.top_window[rows], window_index[None, :].expand(len(rows), -1)], dim=1)
+            # Earlier windows come first in the candidates, so a stable sort breaks ties by lower window index.
+            order = torch.sort(cand_max, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+            self.top_max[rows] = cand_max.gather(1, order)
+            self.top_window[rows] = cand_window.gather(1, order)
+            cand_acts = torch.cat([self.top_acts[rows], a.index_select(2, rows).permute(2, 0, 1)], dim=1)
+            self.top_acts[rows] = cand_acts.gather(1, order[..., None].expand(-1, -1, cand_acts.shape[-1]))
 
         for b, w in enumerate(window_index.tolist()):
             slot = self.sample_slot.get(w)
             if slot is not None:
-                self.sample_acts[:, slot, :] = batch_acts[:, b, :]
+                self.sample_acts[:, slot, :] = a[b].T
 
     def moments(self):
         mean = self.sum / max(self.count, 1)
