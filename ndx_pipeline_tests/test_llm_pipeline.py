@@ -161,16 +161,20 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     widened = pl.concat([excerpts.with_columns(pl.col("neuron") + 10_000 * k) for k in range(3)])
     widened.write_parquet(asset_path(storage, "top_excerpts", 0))
     n = widened["neuron"].n_unique()
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(storage), proxy.base_url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    log = tmp_path / "killed_run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(storage), proxy.base_url],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 300
         while proxy.forwarded["/v1/chat/completions"] < 3 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)  # the first two answers are surely cached; the third perhaps
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # the first two answers are surely cached; the third perhaps
     finally:
         proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    tail = log.read_text(errors="replace")[-3000:]
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, dict(proxy.forwarded), tail)
     assert not asset_path(storage, "explanations", 0).exists()  # nothing half-written
     paid = proxy.forwarded["/v1/chat/completions"]
     assert 3 <= paid < n, (paid, n)
