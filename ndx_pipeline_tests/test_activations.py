@@ -134,6 +134,8 @@ def test_ties_go_to_the_lower_window_index():
     mask = torch.ones(3, 2, dtype=torch.bool)
     sel.update(acts, mask, torch.tensor([0, 1, 2]))
     sel.update(torch.tensor([[[2.0], [1.0]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([3]))
+    sel.update(torch.tensor([[[1.0], [0.0]]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([4]))
+    sel.finalize()
     assert sel.top_window[0].tolist() == [1, 3, 0]
 
 
@@ -142,6 +144,7 @@ def test_padding_never_enters_statistics():
     acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])
     mask = torch.tensor([[True, True, False]])
     sel.update(acts, mask, torch.tensor([0]))
+    sel.finalize()
     mean, var, mx = sel.moments()
     assert sel.count == 2 and mean[0] == pytest.approx(-5.5) and mx[0] == -5.0
     assert sel.top_max[0, 0] == -5.0

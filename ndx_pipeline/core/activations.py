@@ -54,6 +54,7 @@ class LayerSelection:
         self.top_max = torch.full((n, top_k), float("-inf"), device=device)
         self.top_window = torch.full((n, top_k), -1, dtype=torch.long, device=device)
         self.top_acts = torch.zeros((n, top_k, t), device=device)
+        self.top_min = torch.full((n,), float("-inf"), device=device)  # the weakest kept max, per neuron
         self.sample = np.asarray(sample, dtype=np.int64)
         self.sample_slot = {int(w): i for i, w in enumerate(self.sample)}
         self.sample_acts = torch.zeros((n, len(self.sample), t), device=device)
@@ -96,24 +97,39 @@ class LayerSelection:
         per_window_max = a.masked_fill(~mask[..., None], float("-inf")).amax(dim=1).T  # [n, B]
         self.max = torch.maximum(self.max, per_window_max.amax(dim=1))
 
-        # Only neurons for which some window of the batch beats their current k-th best need new top-k rows
-        # (after the first batches that is a small share): the sort and the gather of per-token activations
-        # touch those rows alone. A window equal to the k-th best does not enter: the earlier window keeps it.
-        rows = (per_window_max > self.top_max[:, -1:]).any(dim=1).nonzero().squeeze(1)
-        if len(rows):
-            cand_max = torch.cat([self.top_max[rows], per_window_max[rows]], dim=1)  # [r, k + B]
-            cand_window = torch.cat([self.top_window[rows], window_index[None, :].expand(len(rows), -1)], dim=1)
-            # Earlier windows come first in the candidates, so a stable sort breaks ties by lower window index.
-            order = torch.sort(cand_max, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-            self.top_max[rows] = cand_max.gather(1, order)
-            self.top_window[rows] = cand_window.gather(1, order)
-            cand_acts = torch.cat([self.top_acts[rows], a.index_select(2, rows).permute(2, 0, 1)], dim=1)
-            self.top_acts[rows] = cand_acts.gather(1, order[..., None].expand(-1, -1, cand_acts.shape[-1]))
+        # Streaming top-k by replacement: a window enters a neuron's k slots only if it beats the weakest kept
+        # one (equal does not enter: the earlier window keeps it), and then overwrites that slot alone, so the
+        # cost is proportional to the windows that enter, not to neurons × (k + batch) × window every batch.
+        # Slots are put in order (max desc, window asc) once, by `finalize`.
+        for b in range(per_window_max.shape[1]):
+            vals = per_window_max[:, b]
+            rows = (vals > self.top_min).nonzero().squeeze(1)
+            if not len(rows):
+                continue
+            kept = self.top_max[rows]
+            weakest = kept == self.top_min[rows][:, None]
+            # among equally weak slots, evict the latest window (ties go to the lower window index)
+            slot = torch.where(weakest, self.top_window[rows], torch.full_like(self.top_window[rows], -2)).argmax(1)
+            self.top_max[rows, slot] = vals[rows]
+            self.top_window[rows, slot] = window_index[b]
+            self.top_acts[rows, slot] = a[b].index_select(1, rows).T
+            self.top_min[rows] = self.top_max[rows].amin(dim=1)
 
         for b, w in enumerate(window_index.tolist()):
             slot = self.sample_slot.get(w)
             if slot is not None:
                 self.sample_acts[:, slot, :] = a[b].T
+
+    def finalize(self) -> None:
+        """Order each neuron's kept windows by max activation (desc), ties by lower window index."""
+        import torch
+
+        by_window = torch.sort(self.top_window, dim=1, stable=True).indices
+        max_w = self.top_max.gather(1, by_window)
+        order = by_window.gather(1, torch.sort(max_w, dim=1, descending=True, stable=True).indices)
+        self.top_max = self.top_max.gather(1, order)
+        self.top_window = self.top_window.gather(1, order)
+        self.top_acts = self.top_acts.gather(1, order[..., None].expand(-1, -1, self.top_acts.shape[-1]))
 
     def moments(self):
         mean = self.sum / max(self.count, 1)
@@ -235,6 +251,8 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
     finally:
         for h in handles:
             h.remove()
+    for sel in selections.values():
+        sel.finalize()
     stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started)
     return selections, stats
 
