@@ -44,12 +44,8 @@ def interleaved(n_items: int, count: int, stride: int, offset: int) -> list[int]
     return [offset + stride * i for i in range(count) if offset + stride * i < n_items]
 
 
-def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int = 5,
-                   score_random_n: int = 5) -> pl.DataFrame:
-    """One row per excerpt used downstream, with its split."""
-    if min(explain_n, score_top_n) <= 0 or score_random_n < 0:
-        raise NdxInputError("excerpt counts must be positive (explain, score_top) and non-negative (score_random).")
-    rows = []
+def per_neuron_windows(records: pl.DataFrame):
+    """(layer, neuron, top rows by rank, random rows in sampling order without the neuron's top windows)."""
     for (layer, neuron), group in records.sort(["layer", "neuron", "kind", "rank"]).group_by(
         ["layer", "neuron"], maintain_order=True
     ):
@@ -57,6 +53,16 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
         top_windows = {r["window_index"] for r in top}
         random = [r for r in group.filter(pl.col("kind") == "random").sort("rank").to_dicts()
                   if r["window_index"] not in top_windows]
+        yield layer, neuron, top, random
+
+
+def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int = 5,
+                   score_random_n: int = 5) -> pl.DataFrame:
+    """One row per excerpt used downstream, with its split."""
+    if min(explain_n, score_top_n) <= 0 or score_random_n < 0:
+        raise NdxInputError("excerpt counts must be positive (explain, score_top) and non-negative (score_random).")
+    rows = []
+    for layer, neuron, top, random in per_neuron_windows(records):
         explain = interleaved(len(top), explain_n, TOP_STRIDE, EXPLAIN_OFFSET)
         score_top = interleaved(len(top), score_top_n, TOP_STRIDE, SCORE_TOP_OFFSET)
         score_random = interleaved(len(random), score_random_n, RANDOM_STRIDE, SCORE_RANDOM_OFFSET)
@@ -104,13 +110,7 @@ def calibration_excerpts(records: pl.DataFrame, top_n: int = 3, random_n: int = 
     if top_n < 0 or random_n < 0 or top_n + random_n == 0:
         raise NdxInputError("calibration needs a non-negative number of top and random excerpts, not both zero.")
     rows = []
-    for (layer, neuron), group in records.sort(["layer", "neuron", "kind", "rank"]).group_by(
-        ["layer", "neuron"], maintain_order=True
-    ):
-        top = group.filter(pl.col("kind") == "top").sort("rank").to_dicts()
-        top_windows = {r["window_index"] for r in top}
-        random = [r for r in group.filter(pl.col("kind") == "random").sort("rank").to_dicts()
-                  if r["window_index"] not in top_windows]
+    for layer, neuron, top, random in per_neuron_windows(records):
         picks = [top[i] for i in interleaved(len(top), top_n, CALIBRATION_TOP_STRIDE, CALIBRATION_TOP_OFFSET)]
         picks += [random[i] for i in calibration_random_positions(len(random), random_n)]
         if not picks:
