@@ -1,17 +1,20 @@
 """The explainer: a prompt that shows a neuron's top excerpts as token⇥activation lines, and the parsing of the one
 phrase the LLM writes back.
 
-The answer is completed after the lead-in `LEAD_IN` and stored without it.
+Under the excerpts a line lists the strongest tokens ("Strongest tokens: ..."): measured on the bundled 135M model
+(benchmarks/prompts.py), it cannot find the high values among hundreds of lines by itself, but it can name a token
+it is shown. The answer is completed after the lead-in `LEAD_IN` and stored without it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .display import display_scale, excerpt_block
+from .display import display_scale, escape_token, excerpt_block
 
 LEAD_IN = "Its main job is to detect"
 SPARSE_FRACTION = 0.2  # below this share of non-zero values, the excerpts are repeated with zero lines left out
@@ -19,12 +22,14 @@ MAX_EXPLANATION_TOKENS = 60
 TEMPERATURE = 1.0
 
 SYSTEM = (
-    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. "
-    "You will see short excerpts of text, one token per line. After each token comes a tab and the neuron's "
-    "activation on that token, an integer from 0 (does not fire) to 10 (fires as strongly as it ever does here). "
-    "Work out what the high-activation tokens have in common, paying attention to the surrounding words, and "
-    "finish the sentence about the neuron with a short phrase naming that pattern."
+    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. You will see "
+    "short excerpts of text, one token per line. After each token comes a tab and how strongly the neuron fires on "
+    "that token, an integer from 0 (not at all) to 10 (as strongly as it ever does here). Below the excerpts, the "
+    "tokens with the highest values are listed again. Finish the sentence about the neuron with a few words naming "
+    "the tokens, or the kind of tokens, that make it fire."
 )
+DIGEST_SIZE = 5  # tokens listed under the excerpts
+DIGEST_FRACTION = 0.5  # only tokens reaching this share of the strongest activation are listed
 
 
 @dataclass(frozen=True)
@@ -33,34 +38,38 @@ class FewShot:
     explanation: str
 
 
-# Our own made-up neurons, chosen to show a word class, a punctuation pattern and a code pattern.
+# Our own made-up neurons: a single word, a word class, a punctuation mark and a code keyword. Short excerpts keep
+# the prompt small enough for a local model on a CPU; each explanation quotes the tokens it is about, a form even a
+# small model can follow (and a simulator can match against tokens). The simulator's prompt shows the first excerpt
+# of the first two.
 FEW_SHOTS = (
+    FewShot(
+        excerpts=(
+            (("Salt", " and", " pepper", " are", " on", " the", " table", ",", " bread", " and", " butter", " too"),
+             (0, 10, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0)),
+        ),
+        explanation='the word "and"',
+    ),
     FewShot(
         excerpts=(
             (("We", " met", " in", " early", " March", " and", " again", " in", " June", "."),
              (0, 0, 0, 1, 10, 0, 0, 1, 9, 0)),
-            (("The", " report", " is", " due", " on", " 4", " October", ",", " not", " before", "."),
-             (0, 0, 0, 0, 0, 1, 8, 0, 0, 0, 0)),
         ),
-        explanation="names of months, mostly in dates",
+        explanation='month names such as "March" and "June"',
     ),
     FewShot(
         excerpts=(
-            (("print", "(", "len", "(", "items", "))", " #", " count"),
-             (0, 0, 0, 0, 0, 10, 0, 0)),
-            (("if", " (", "a", " >", " b", ")", " and", " (", "c", "))", ":"),
-             (0, 0, 0, 0, 0, 6, 0, 0, 0, 9, 0)),
+            (("print", "(", "len", "(", "items", "))", " +", " max", "(", "a", ")"),
+             (0, 0, 0, 0, 0, 10, 0, 0, 0, 0, 8)),
         ),
-        explanation="closing parentheses, strongest where several close at once",
+        explanation='closing parentheses ")"',
     ),
     FewShot(
         excerpts=(
             (("def", " load", "(", "path", "):", "\n", "   ", " return", " open", "(", "path", ")"),
              (0, 2, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0)),
-            (("    ", " if", " not", " x", ":", "\n", "       ", " return", " None"),
-             (0, 0, 0, 0, 0, 0, 0, 9, 1)),
         ),
-        explanation="the keyword return in Python functions",
+        explanation='the word "return" in code',
     ),
 )
 
@@ -79,17 +88,55 @@ def neuron_block(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], max_
     return text
 
 
-def _user_message(number: int, block: str) -> str:
-    return f"Neuron {number}\nActivations:\n{block}"
+def strongest_tokens(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], n: int,
+                     min_fraction: float = 0.0) -> list[str]:
+    """Up to n distinct tokens with the highest activation over the excerpts, strongest first (ties: first
+    appearance); only positive activations, and only those reaching `min_fraction` of the strongest one."""
+    best: dict[str, tuple[float, int]] = {}
+    position = 0
+    for tokens, acts in excerpts:
+        for tok, a in zip(tokens, acts, strict=True):
+            a = float(a)
+            if a > 0 and (tok not in best or a > best[tok][0]):
+                best[tok] = (a, best[tok][1] if tok in best else position)
+            position += 1
+    top = max((a for a, _ in best.values()), default=0.0)
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))
+    return [t for t, (a, _) in ranked if a >= min_fraction * top][:n]
+
+
+def shown_token(token: str) -> str:
+    """A token as listed: surrounding spaces dropped; whitespace-only tokens escaped (\\n, \\t) so they show."""
+    return token.strip() or escape_token(token)
+
+
+def token_list_text(tokens: Sequence[str]) -> str:
+    """`"a", "b", "c"`: the distinct shown forms, in order."""
+    seen: list[str] = []
+    for t in tokens:
+        s = shown_token(t)
+        if s not in seen:
+            seen.append(s)
+    return ", ".join(f'"{s}"' for s in seen)
+
+
+def digest(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> str:
+    """The line under the excerpts naming the strongest tokens."""
+    listed = token_list_text(strongest_tokens(excerpts, DIGEST_SIZE, DIGEST_FRACTION))
+    return f"Strongest tokens: {listed or '(none)'}"
+
+
+def _user_message(number: int, excerpts) -> str:
+    return f"Neuron {number}\nActivations:\n{neuron_block(excerpts)}\n\n{digest(excerpts)}"
 
 
 def explainer_messages(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list[dict]:
     """Chat messages for one neuron. The assistant's answer is to be continued from `LEAD_IN`."""
     messages = [{"role": "system", "content": SYSTEM}]
     for i, shot in enumerate(FEW_SHOTS, start=1):
-        messages.append({"role": "user", "content": _user_message(i, neuron_block(shot.excerpts))})
+        messages.append({"role": "user", "content": _user_message(i, shot.excerpts)})
         messages.append({"role": "assistant", "content": f"{LEAD_IN} {shot.explanation}."})
-    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, neuron_block(excerpts))})
+    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, excerpts)})
     return messages
 
 
@@ -105,11 +152,15 @@ class ExplanationParseError(ValueError):
 
 
 def parse_explanation(completion: str) -> str:
-    """The phrase the model wrote after the lead-in: first line, trimmed, without a repeated lead-in or final dot."""
+    """The phrase the model wrote after the lead-in: its first line and first sentence, trimmed, without a repeated
+    lead-in, enclosing quotes or final dot. Small models often run on after the phrase; the rest is dropped."""
     text = completion.strip()
     if text.lower().startswith(LEAD_IN.lower()):
         text = text[len(LEAD_IN):].strip()
-    text = text.split("\n", 1)[0].strip().strip('"').strip()
+    text = text.split("\n", 1)[0].strip()
+    text = re.split(r"\.\s+(?=[A-Z])", text, maxsplit=1)[0].strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"' and text.count('"') == 2:
+        text = text[1:-1].strip()
     text = text.rstrip(".").strip()
     if not text:
         raise ExplanationParseError("the explainer returned no text after the lead-in")

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 import polars as pl
 
 from .baselines import explanation_frame
-from .display import escape_token
 from .explainer import (
     FEW_SHOTS,
     LEAD_IN,
@@ -25,7 +24,13 @@ from .explainer import (
     neuron_seed,
     parse_explanation,
     prompt_sha256,
+    shown_token,
+    token_list_text,
 )
+from .explainer import strongest_tokens as _strongest
+
+__all__ = ["explain_token_lists", "shown_token", "strongest_tokens", "template_explanation", "token_list_messages",
+           "token_list_text"]
 
 TOKEN_LIST_SIZE = 8
 TEMPLATE_EXPLAINER = "token-list-template"
@@ -41,30 +46,7 @@ TOKEN_LIST_SYSTEM = (
 def strongest_tokens(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], n: int = TOKEN_LIST_SIZE) -> list[str]:
     """Up to n distinct tokens with the highest activation over the excerpts (positive activations only),
     strongest first; ties keep the order of first appearance."""
-    best: dict[str, tuple[float, int]] = {}
-    position = 0
-    for tokens, acts in excerpts:
-        for tok, a in zip(tokens, acts, strict=True):
-            a = float(a)
-            if a > 0 and (tok not in best or a > best[tok][0]):
-                best[tok] = (a, best[tok][1] if tok in best else position)
-            position += 1
-    return [t for t, _ in sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:n]]
-
-
-def shown_token(token: str) -> str:
-    """A token as listed: surrounding spaces dropped; whitespace-only tokens escaped (\\n, \\t) so they stay visible."""
-    return token.strip() or escape_token(token)
-
-
-def token_list_text(tokens: Sequence[str]) -> str:
-    """`"a", "b", "c"`: distinct shown forms, in order."""
-    seen: list[str] = []
-    for t in tokens:
-        s = shown_token(t)
-        if s not in seen:
-            seen.append(s)
-    return ", ".join(f'"{s}"' for s in seen)
+    return _strongest(excerpts, n)
 
 
 def template_explanation(tokens: Sequence[str]) -> str:
