@@ -1,7 +1,7 @@
 """Explanation quality benchmark (issue 7): is an explanation better than trivial predictors, and does best-of-k help?
 
 On a fixed, seeded set of neurons of the subject model (default: the bundled SmolLM2-135M-Instruct, layers 0, 15,
-29, 32 neurons each, chosen exactly as the pipeline chooses them) over the default corpus, with the same splits as
+29, 32 neurons each, chosen exactly as the pipeline chooses them; --neurons N keeps the first N of each layer) over the default corpus, with the same splits as
 the pipeline, it scores on the same score_top + score_random excerpts (pooled Pearson):
 
   k1          one explanation per neuron (candidate 0: the pipeline's k = 1 explanation)
@@ -17,7 +17,8 @@ Prints a table of mean and median score per layer and method, the parse-failure 
 JSON object: {"k1", "best_of_k", "lookup", "random", "token_list", …} means over all neurons with a defined score.
 
     .venv/bin/python benchmarks/quality.py                      # 3 layers × 32 neurons, k = 3
-    .venv/bin/python benchmarks/quality.py --neurons 4 --k 2    # a quick run
+    .venv/bin/python benchmarks/quality.py --neurons 4 --k 2    # a quick run on 3 × 4 of the same neurons
+    .venv/bin/python benchmarks/quality.py --cache-dir /tmp/ndx-quality   # keep the extraction for the next run
 """
 
 from __future__ import annotations
@@ -96,39 +97,21 @@ def median(values) -> float:
     return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="subject model (default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--llm", default=None, help="explainer and simulator model (default: bundled)")
-    parser.add_argument("--corpus", default=None)
-    parser.add_argument("--layers", default="0,15,29")
-    parser.add_argument("--neurons", type=int, default=32, help="neurons per layer (seeded choice)")
-    parser.add_argument("--k", type=int, default=3, help="candidates for best-of-k")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--calibration-top", type=int, default=3)
-    parser.add_argument("--calibration-random", type=int, default=3)
-    parser.add_argument("--cache-dir", default=None, help="keep the extraction here and reuse it")
-    parser.add_argument("--out", default=None, help="write the per-neuron results as Parquet here")
-    args = parser.parse_args()
+def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, seed: int = 0,
+             calibration_top: int = 3, calibration_random: int = 3) -> dict:
+    """Every method on every neuron of `records` with one LLM `backend` as explainer and simulator.
 
-    import torch
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    Returns {"scores": one row per neuron with a score column per method (and `<method>_text`), "candidates": the
+    best-of-k candidates with calibration scores, "token_list": the token-list explanations, "timings": seconds}."""
     from ndx_pipeline.core import baselines as bl
     from ndx_pipeline.core import best_of_k as bk
     from ndx_pipeline.core import token_list as tl
-    from ndx_pipeline.core.backends import LocalTransformersBackend
     from ndx_pipeline.core.excerpts import calibration_excerpts, split_excerpts
     from ndx_pipeline.core.scoring import score_layer
     from ndx_pipeline.core.simulator import simulate_layer
 
-    layers = [int(x) for x in args.layers.split(",")]
-    t0 = time.perf_counter()
-    records, table = prepare(layers, args.neurons, args.seed, args.model, args.corpus, cache_dir=args.cache_dir)
     excerpts = split_excerpts(records)
-    calibration = calibration_excerpts(records, args.calibration_top, args.calibration_random)
-    backend = LocalTransformersBackend(args.llm)
-    n_neurons = excerpts.select("layer", "neuron").n_unique()
+    calibration = calibration_excerpts(records, calibration_top, calibration_random)
     timings = {}
 
     def progress(label):
@@ -141,11 +124,11 @@ def main() -> None:
         return on
 
     t = time.perf_counter()
-    candidates = bk.explain_candidates(excerpts, backend, args.k, seed=args.seed, on_neuron=progress("explained"))
+    candidates = bk.explain_candidates(excerpts, backend, k, seed=seed, on_neuron=progress("explained"))
     timings["explain"] = time.perf_counter() - t
     log(f"explanations: {len(candidates)} candidates in {timings['explain']:.0f} s")
     t = time.perf_counter()
-    if args.k > 1:
+    if k > 1:
         chosen, _ = bk.select_best(candidates, calibration, backend)
     else:
         chosen = bk.choose(candidates, pl.DataFrame(schema={"explanation_id": pl.String, "score": pl.Float64,
@@ -153,10 +136,10 @@ def main() -> None:
     timings["calibration"] = time.perf_counter() - t
     log(f"calibration: {timings['calibration']:.0f} s")
     t = time.perf_counter()
-    token_llm = tl.explain_token_lists(excerpts, backend, seed=args.seed)
+    token_llm = tl.explain_token_lists(excerpts, backend, seed=seed)
     token_tpl = tl.explain_token_lists(excerpts, None)
     timings["token_list"] = time.perf_counter() - t
-    random_expl = bl.random_explanations(chosen, args.seed)
+    random_expl = bl.random_explanations(chosen, seed)
 
     k1 = chosen.filter(pl.col("candidate") == 0)
     best = bk.selected(chosen)
@@ -187,19 +170,23 @@ def main() -> None:
     for name, frame in per_method.items():
         part = frame.select("layer", "neuron", pl.col("score").alias(name), pl.col("explanation").alias(f"{name}_text"))
         joined = part if joined is None else joined.join(part, on=["layer", "neuron"], how="left")
-    joined = joined.sort(["layer", "neuron"])
-    if args.out:
-        joined.write_parquet(args.out)
+    return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen, "token_list": token_llm,
+            "timings": timings}
 
+
+def report(result: dict, k: int, title: str = "", seconds: float | None = None) -> dict:
+    """Print the table and the notes; the last line printed is the JSON summary (also returned)."""
+    joined, candidates, token_llm = result["scores"], result["candidates"], result["token_list"]
+    layers = sorted(set(joined["layer"].to_list()))
     failures = {
         "explainer": float((candidates["status"] != "ok").mean()),
         "token_list": float((token_llm["status"] != "ok").mean()),
     }
+    best = candidates.filter(pl.col("selected"))
     picked_other = float((best["candidate"] != 0).mean())
-
     header = f"{'layer':>5}  {'method':<17}{'n':>4}{'mean':>9}{'median':>9}"
-    print(f"quality benchmark: {n_neurons} neurons (layers {layers}, {args.neurons} each), k={args.k}, "
-          f"seed {args.seed}, explainer/simulator {backend.name}")
+    if title:
+        print(title)
     print(header)
     print("-" * len(header))
     for layer in layers + ["all"]:
@@ -210,25 +197,65 @@ def main() -> None:
         print()
     print(f"parse failures: explainer {failures['explainer']:.1%} of {len(candidates)} candidates, "
           f"token-list explainer {failures['token_list']:.1%} of {len(token_llm)}")
-    print(f"best-of-{args.k} kept a candidate other than the k=1 one for {picked_other:.1%} of neurons; "
-          f"best_of_k − k1 on those neurons where both are defined: "
-          f"{mean([b - a for a, b in zip(joined['k1'], joined['best_of_k']) if a is not None and b is not None]):+.4f}")
+    both = [(a, b) for a, b in zip(joined["k1"], joined["best_of_k"])
+            if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    print(f"best-of-{k} kept a candidate other than the k=1 one for {picked_other:.1%} of neurons; mean "
+          f"best_of_k − k1 over the {len(both)} neurons where both are defined: {mean([b - a for a, b in both]):+.4f}")
     wins = {name: mean([float(x > y) for x, y in zip(joined["k1"], joined[name])
                         if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)])
             for name in ("lookup", "random", "token_list")}
-    print("share of neurons where k1 beats: " + ", ".join(f"{k} {v:.0%}" for k, v in wins.items()))
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
-          + f", total {time.perf_counter() - t0:.0f}")
+    print("share of neurons where k1 beats: " + ", ".join(f"{n} {v:.0%}" for n, v in wins.items()))
+    print("timings (s): " + ", ".join(f"{n} {v:.0f}" for n, v in result["timings"].items())
+          + (f", total {seconds:.0f}" if seconds is not None else ""))
     summary = {name: round(mean(joined[name].to_list()), 5) for name in METHODS}
     summary.update({
         "median": {name: round(median(joined[name].to_list()), 5) for name in METHODS},
         "defined": {name: len(finite(joined[name].to_list())) for name in METHODS},
-        "neurons": n_neurons, "layers": layers, "k": args.k,
-        "parse_failure_rate": {k: round(v, 4) for k, v in failures.items()},
+        "neurons": len(joined), "layers": layers, "k": k,
+        "parse_failure_rate": {n: round(v, 4) for n, v in failures.items()},
         "best_of_k_replaced_k1": round(picked_other, 4),
-        "seconds": round(time.perf_counter() - t0, 1),
     })
+    if seconds is not None:
+        summary["seconds"] = round(seconds, 1)
     print(json.dumps(summary))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="subject model (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--llm", default=None, help="explainer and simulator model (default: bundled)")
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--layers", default="0,15,29")
+    parser.add_argument("--pool", type=int, default=32, help="neurons per layer chosen (seeded, as the pipeline does)")
+    parser.add_argument("--neurons", type=int, default=None,
+                        help="evaluate only the first N neurons (by index) of each layer's pool: a quick run")
+    parser.add_argument("--k", type=int, default=3, help="candidates for best-of-k")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-top", type=int, default=3)
+    parser.add_argument("--calibration-random", type=int, default=3)
+    parser.add_argument("--cache-dir", default=None, help="keep the extraction here and reuse it")
+    parser.add_argument("--out", default=None, help="write the per-neuron results as Parquet here")
+    args = parser.parse_args()
+
+    from ndx_pipeline.core.backends import LocalTransformersBackend
+
+    layers = [int(x) for x in args.layers.split(",")]
+    t0 = time.perf_counter()
+    records, table = prepare(layers, args.pool, args.seed, args.model, args.corpus, cache_dir=args.cache_dir)
+    if args.neurons is not None:
+        keep = (records.select("layer", "neuron").unique().sort(["layer", "neuron"])
+                .group_by("layer", maintain_order=True).head(args.neurons))
+        records = records.join(keep, on=["layer", "neuron"])
+        table = table.join(keep, on=["layer", "neuron"])
+    backend = LocalTransformersBackend(args.llm)
+    result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random)
+    if args.out:
+        result["scores"].write_parquet(args.out)
+    title = (f"quality benchmark: {len(result['scores'])} neurons (layers {layers}, the first "
+             f"{args.neurons or args.pool} of {args.pool} seeded neurons each), "
+             f"k={args.k}, seed {args.seed}, explainer and simulator {backend.name}")
+    report(result, args.k, title, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""benchmarks/quality.py end to end on synthetic activation records with a scripted LLM (no model): every method
+gets a score column, the table has a row per layer and method, and the last line printed is the JSON summary."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import polars as pl
+
+from ndx_pipeline.core.activations import TOKEN_TABLE_SCHEMA
+
+from .test_baselines import ScriptedBackend
+from .test_excerpts import records
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic():
+    frames = []
+    for layer in (0, 4):
+        for neuron in (3, 5, 8):
+            frame = records(list(range(100, 120)), list(range(200, 220)), neuron=neuron)
+            frames.append(frame.with_columns(
+                pl.lit(layer, dtype=pl.Int32).alias("layer"),
+                # tokens differ by window so the lookup table and the simulations are not constant
+                pl.col("window_index").map_elements(lambda w: [f"t{w % 3}", "b"], return_dtype=pl.List(pl.String))
+                .alias("tokens")))
+    recs = pl.concat(frames)
+    rows = []
+    for (layer, neuron), group in recs.group_by(["layer", "neuron"]):
+        for tok in ("t0", "t1", "t2", "b"):
+            rows.append({"layer": layer, "neuron": neuron, "token": tok, "count": 50,
+                         "activation_sum": 0.0 if tok == "b" else 50.0 * (100 + int(tok[1])),
+                         "mean_activation": 0.0 if tok == "b" else 100.0 + int(tok[1])})
+    return recs, pl.DataFrame(rows, schema=TOKEN_TABLE_SCHEMA)
+
+
+def test_quality_benchmark_table_and_last_json_line(capsys):
+    quality = load_quality()
+    recs, table = synthetic()
+    result = quality.evaluate(recs, table, ScriptedBackend(), k=2, seed=1)
+    scores = result["scores"]
+    assert len(scores) == 6
+    for method in quality.METHODS:
+        assert method in scores.columns
+    assert set(result["candidates"]["candidate"]) == {0, 1}
+    assert result["candidates"].group_by(["layer", "neuron"]).agg(pl.col("selected").sum())["selected"].to_list() \
+        == [1] * 6
+    summary = quality.report(result, 2, "title")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == summary
+    for key in ("k1", "best_of_k", "lookup", "random", "token_list"):
+        assert isinstance(summary[key], float)
+    assert summary["neurons"] == 6 and summary["layers"] == [0, 4]
+    assert sum(1 for line in lines if line.split()[:2] == ["0", "lookup"]) == 1
+    assert summary["parse_failure_rate"] == {"explainer": 0.0, "token_list": 0.0}
