@@ -254,3 +254,25 @@ def test_token_list_explanations_template_and_llm():
     shown = backend.messages[0][-1]["content"]
     assert shown == 'Strongest tokens: "a"'  # nothing but the list reaches the LLM
     assert len(llm["prompt_sha256"][0]) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage functions with best-of-k candidates and baselines
+
+def test_stages_use_only_the_selected_candidate_and_carry_baseline_columns():
+    from ndx_pipeline.core.explainer import explain_layer
+    from ndx_pipeline.core.simulator import simulate_layer
+
+    excerpts = split_excerpts(records(list(range(100, 120)), list(range(200, 220))))
+    backend = ScriptedBackend()
+    cands = explain_layer(excerpts, backend, seed=4, candidates=2)
+    assert cands["explanation_id"].to_list() == ["0/3/explanation/0", "0/3/explanation/1"]
+    assert cands.drop("seconds").equals(bk.explain_candidates(excerpts, ScriptedBackend(), 2, seed=4).drop("seconds"))
+    chosen = cands.with_columns(pl.Series("selected", [False, True]))
+    sims = simulate_layer(chosen, excerpts, backend)
+    assert set(sims["explanation_id"]) == {"0/3/explanation/1"} and len(sims) == 10
+    lookup = pl.DataFrame({"layer": [0], "neuron": [3], "score": [0.25]})
+    scores = score_layer(sims, chosen, baselines={"lookup": lookup})
+    assert scores["explanation_id"].to_list() == ["0/3/explanation/1"]
+    assert scores["baseline_lookup"].to_list() == [0.25]
+    assert "baseline_lookup" not in score_layer(sims, chosen).columns

@@ -187,15 +187,22 @@ def neuron_seed(seed: int, layer: int, neuron: int) -> int:
 
 
 def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
-                  seed: int = 0, on_neuron=None):
+                  seed: int = 0, on_neuron=None, candidates: int = 1):
     """One explanation per neuron from its `explain` excerpts, at the backend's concurrency.
 
     A neuron whose call fails (after the backend's retries) or whose answer cannot be parsed gets status `failed`
     and the reason; the others go on. `on_neuron(row)` is called as each neuron finishes.
+    candidates > 1: that many per neuron (`best_of_k.explain_candidates`: an Int32 `candidate` column, candidate 0
+    being exactly the single explanation); choose among them with `best_of_k.select_best`.
     """
     import time
 
     import polars as pl
+
+    if candidates != 1:
+        from .best_of_k import explain_candidates
+
+        return explain_candidates(excerpts, backend, candidates, max_tokens, temperature, seed, on_neuron)
 
     from .backends import RecordableLLMError
 

@@ -58,10 +58,16 @@ def absolute_dev_explained(true_excerpts, simulated_excerpts) -> float:
     return float(1 - np.mean(np.abs(r - p)) / denom) if denom > 0 else float("nan")
 
 
-def score_layer(simulations, explanations):
-    """One row per explained neuron: pooled score over score_top + score_random, and over each split alone."""
+def score_layer(simulations, explanations, baselines=None):
+    """One row per explained neuron: pooled score over score_top + score_random, and over each split alone.
+
+    When `explanations` holds best-of-k candidates (a boolean `selected` column), only the selected one of each
+    neuron is scored. baselines: {name: score_layer output of a baseline} adds a Float64 column `baseline_<name>`
+    per baseline (NaN where that baseline has no score for the neuron); see `baselines.with_baselines`."""
     import polars as pl
 
+    if "selected" in explanations.columns:
+        explanations = explanations.filter(pl.col("selected"))
     rows = []
     for expl in explanations.sort(["layer", "neuron"]).iter_rows(named=True):
         row = {"layer": expl["layer"], "neuron": expl["neuron"], "explanation_id": expl["explanation_id"],
@@ -96,4 +102,9 @@ def score_layer(simulations, explanations):
     schema = {"layer": pl.Int32, "neuron": pl.Int32, "explanation_id": pl.String, "explanation": pl.String,
               "score": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64, "rsquared": pl.Float64,
               "absolute_dev_explained": pl.Float64, "status": pl.String, "scored_tokens": pl.Int64}
-    return pl.DataFrame(rows, schema=schema)
+    frame = pl.DataFrame(rows, schema=schema)
+    if baselines:
+        from .baselines import with_baselines
+
+        frame = with_baselines(frame, baselines)
+    return frame

@@ -131,6 +131,8 @@ def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = 
     if mode not in SIMULATOR_MODES:
         raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
     ok = explanations.filter(pl.col("status") == "ok")
+    if "selected" in ok.columns:  # best-of-k candidates: only the kept one is scored
+        ok = ok.filter(pl.col("selected"))
     scored = excerpts.filter(pl.col("split").is_in(list(SCORED_SPLITS)))
     jobs = []
     for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
