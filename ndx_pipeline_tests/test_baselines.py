@@ -276,3 +276,31 @@ def test_stages_use_only_the_selected_candidate_and_carry_baseline_columns():
     assert scores["explanation_id"].to_list() == ["0/3/explanation/1"]
     assert scores["baseline_lookup"].to_list() == [0.25]
     assert "baseline_lookup" not in score_layer(sims, chosen).columns
+
+
+def test_all_baselines_of_a_layer_end_in_score_columns():
+    from ndx_pipeline.core.simulator import simulate_layer
+
+    recs = records(list(range(100, 120)), list(range(200, 220)), neuron=3)
+    recs = pl.concat([recs, records(list(range(100, 120)), list(range(200, 220)), neuron=4)])
+    recs = recs.with_columns(pl.col("window_index").map_elements(lambda w: [f"t{w % 3}", "b"],
+                                                                  return_dtype=pl.List(pl.String)).alias("tokens"))
+    excerpts = split_excerpts(recs)
+    expl = explanations([3, 4])
+    base = bl.baseline_explanations(expl, excerpts, seed=0)
+    assert base.select("neuron", "baseline").rows() == [(3, "random"), (3, "token_list"), (4, "random"),
+                                                         (4, "token_list")]
+    assert base.filter(pl.col("baseline") == "random")["explanation"].to_list() == ["thing 4", "thing 3"]
+    backend = ScriptedBackend()
+    sims = simulate_layer(base, excerpts, backend)
+    table = pl.DataFrame({"layer": [0] * 8, "neuron": [3] * 4 + [4] * 4, "token": ["t0", "t1", "t2", "b"] * 2,
+                          "count": [9] * 8, "activation_sum": [900.0, 909.0, 918.0, 0.0] * 2,
+                          "mean_activation": [100.0, 101.0, 102.0, 0.0] * 2})
+    found = bl.baseline_scores(sims, base, table, excerpts)
+    assert sorted(found) == ["lookup", "random", "token_list"]
+    own = simulate_layer(expl, excerpts, backend)
+    scores = score_layer(own, expl, baselines=found)
+    assert [c for c in scores.columns if c.startswith("baseline_")] == [
+        "baseline_random", "baseline_token_list", "baseline_lookup"]
+    assert scores["baseline_lookup"].to_list() == pytest.approx(found["lookup"]["score"].to_list())
+    assert all(math.isfinite(v) for v in scores["baseline_lookup"])

@@ -172,3 +172,44 @@ def with_baselines(scores: pl.DataFrame, baselines: Mapping[str, pl.DataFrame]) 
         out = out.drop(col, strict=False).join(part, on=["layer", "neuron"], how="left")
         out = out.with_columns(pl.col(col).fill_null(float("nan")))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All baselines of a layer, for the stages
+
+
+BASELINE_NAMES = ("lookup", "random", "token_list")
+
+
+def baseline_explanations(explanations: pl.DataFrame, excerpts: pl.DataFrame, seed: int = 0, token_list_backend=None,
+                          **token_list_kwargs) -> pl.DataFrame:
+    """The explanations the random and token-list baselines simulate, one of each per neuron, in the explanations
+    schema plus a String column `baseline` ("random" / "token_list"). The token-list one is written by
+    `token_list_backend` (the explainer LLM) reading only the strongest tokens, or by the fixed template when None.
+    Simulate them like any explanation (`simulator.simulate_layer(frame, excerpts, simulator_backend)`)."""
+    from .token_list import explain_token_lists
+
+    common = list(explanation_frame([]).columns)
+    parts = [random_explanations(explanations, seed).select(common).with_columns(pl.lit("random").alias("baseline")),
+             explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
+             .select(common).with_columns(pl.lit("token_list").alias("baseline"))]
+    return pl.concat(parts).sort(["layer", "neuron", "baseline"])
+
+
+def baseline_scores(simulations: pl.DataFrame, baseline_expl: pl.DataFrame | None = None,
+                    table: pl.DataFrame | None = None, excerpts: pl.DataFrame | None = None,
+                    held_out: bool = True) -> dict[str, pl.DataFrame]:
+    """{name: score_layer rows} for `score_layer(..., baselines=)`: random and token_list from `simulations` of
+    `baseline_explanations` rows, lookup from the token `table` on the scored `excerpts` (no LLM)."""
+    from .scoring import score_layer
+
+    out = {}
+    if baseline_expl is not None:
+        for name in baseline_expl["baseline"].unique(maintain_order=True).to_list():
+            out[name] = score_layer(simulations, baseline_expl.filter(pl.col("baseline") == name))
+    if table is not None:
+        if excerpts is None:
+            raise ValueError("the lookup baseline needs the scored excerpts beside the token table")
+        expl, sims = lookup_simulations(table, excerpts, held_out)
+        out["lookup"] = score_layer(sims, expl)
+    return out
