@@ -1,8 +1,9 @@
 """Explanation quality benchmark (issue 7): is an explanation better than trivial predictors, and does best-of-k help?
 
 On a fixed, seeded set of neurons of the subject model (default: the bundled SmolLM2-135M-Instruct, layers 0, 15,
-29, 32 neurons each, chosen exactly as the pipeline chooses them; --neurons N keeps the first N of each layer) over the default corpus, with the same splits as
-the pipeline, it scores on the same score_top + score_random excerpts (pooled Pearson):
+29, 32 neurons each, chosen exactly as the pipeline chooses them; --neurons N keeps the first N of each layer) over
+the default corpus, with the same splits as the pipeline, it scores on the same score_top + score_random excerpts
+(pooled Pearson):
 
   k1          one explanation per neuron (candidate 0: the pipeline's k = 1 explanation)
   best_of_k   the best of k candidates by their score on the calibration split (disjoint from explain and scoring)
@@ -54,7 +55,8 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
     from ndx_pipeline.core.subject_model import load_subject_model, mlp_width
     from ndx_pipeline.core.windows import TokenTexts, tokenize_windows
 
-    tag = f"{model or 'bundled'}-{corpus or 'default'}-L{'_'.join(map(str, layers))}-n{neurons}-s{seed}-k{top_k}-r{random_k}"
+    tag = (f"{model or 'bundled'}-{corpus or 'default'}-L{'_'.join(map(str, layers))}-n{neurons}-s{seed}-k{top_k}"
+           f"-r{random_k}")
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
     if cache_dir:
         rec_path, tab_path = Path(cache_dir) / f"{tag}.records.parquet", Path(cache_dir) / f"{tag}.table.parquet"
@@ -200,7 +202,8 @@ def report(result: dict, k: int, title: str = "", seconds: float | None = None) 
     both = [(a, b) for a, b in zip(joined["k1"], joined["best_of_k"])
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     print(f"best-of-{k} kept a candidate other than the k=1 one for {picked_other:.1%} of neurons; mean "
-          f"best_of_k − k1 over the {len(both)} neurons where both are defined: {mean([b - a for a, b in both]):+.4f}")
+          f"best_of_k − k1 over the {len(both)} neurons where both are defined: "
+          f"{mean([b - a for a, b in both]):+.4f}")
     wins = {name: mean([float(x > y) for x, y in zip(joined["k1"], joined[name])
                         if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)])
             for name in ("lookup", "random", "token_list")}

@@ -54,7 +54,8 @@ def simulation_frame(rows: Sequence[dict]) -> pl.DataFrame:
 # Lookup table
 
 
-def lookup_predictions(table: Mapping[str, tuple[int, float]], excerpts: Sequence[tuple[Sequence[str], Sequence[float]]],
+def lookup_predictions(table: Mapping[str, tuple[int, float]],
+                       excerpts: Sequence[tuple[Sequence[str], Sequence[float]]],
                        held_out: bool = True) -> list[np.ndarray]:
     """Predicted activations of one neuron on each excerpt: the token's mean activation in `table`
     (token text → (count, activation sum)); a token absent from the table (or whose every occurrence was held out)

@@ -95,7 +95,7 @@ CALIBRATION_TOP_OFFSET = 1
 
 
 def calibration_random_positions(n_items: int, count: int) -> list[int]:
-    """Positions in a neuron's filtered random list that score_random never takes (those ≢ 1 mod 3): 0, 2, 3, 5, …"""
+    """Positions in a neuron's filtered random list that score_random never takes (≢ 1 mod 3): 0, 2, 3, 5, …"""
     picks = [i for i in range(n_items) if i % RANDOM_STRIDE != SCORE_RANDOM_OFFSET]
     return picks[:count]
 
