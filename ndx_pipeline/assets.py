@@ -15,19 +15,22 @@ import polars as pl
 from .core import activations as act
 from .core import corpus as corpus_mod
 from .core import excerpts as exc
-from .core import explainer, scoring, simulator
+from .core import baselines as baselines_mod
+from .core import best_of_k, explainer, scoring, simulator
 from .core import validation
 from .core import viewer as viewer_mod
+from .core.backends import BUNDLED_MODEL_NOTE
 from .core.errors import NdxInputError
 from .core.storage import asset_path, read_parquet, write_parquet_atomic
 from .core.subject_model import check_layers, load_subject_model, mlp_width, num_layers
 from .core.windows import TokenTexts, tokenize_windows
-from .dagster_metadata import column_schema, content_hash, neuron_table, score_histogram
+from .dagster_metadata import candidates_table, column_schema, content_hash, neuron_table, score_histogram
 from .provenance import stage_runs
 from .scale_out import op_tags
 from .resources import (
     CorpusResource,
     LLMResource,
+    QualityResource,
     SelectionResource,
     StorageResource,
     SubjectModelResource,
@@ -84,6 +87,64 @@ def _read(storage: StorageResource, asset: str, layer: int | None = None) -> pl.
         return read_parquet(asset_path(storage.path(), asset, layer), what)
     except NdxInputError as e:
         _fail(str(e))
+
+
+def _quality(quality: QualityResource) -> QualityResource:
+    try:
+        return quality.checked()
+    except NdxInputError as e:
+        _fail(str(e))
+
+
+def _read_optional(storage: StorageResource, asset: str, layer: int) -> pl.DataFrame | None:
+    """A side file of a stage (token_table, baseline_explanations, …): None when that stage did not write one."""
+    path = asset_path(storage.path(), asset, layer)
+    return _read(storage, asset, layer) if path.exists() else None
+
+
+
+
+def _mean(values: pl.Series) -> float:
+    finite = values.cast(pl.Float64).drop_nulls().drop_nans()
+    return round(float(finite.mean()), 4) if len(finite) else float("nan")
+
+
+def _baseline_scores(storage: StorageResource, layer: int, names, held_out: bool):
+    """({name: score_layer rows} for the configured baselines whose inputs exist, {name: what is missing})."""
+    scores, missing = {}, {}
+    llm_based = [n for n in names if n in ("random", "token_list")]
+    if llm_based:
+        expl = _read_optional(storage, "baseline_explanations", layer)
+        sims = _read_optional(storage, "baseline_simulations", layer)
+        if expl is None or sims is None:
+            missing.update({n: "baseline explanations or simulations not written" for n in llm_based})
+        else:
+            found = baselines_mod.baseline_scores(sims, expl.filter(pl.col("baseline").is_in(llm_based)))
+            scores.update(found)
+            missing.update({n: "not in the baseline explanations" for n in llm_based if n not in found})
+    if "lookup" in names:
+        table = _read_optional(storage, "token_table", layer)
+        if table is None:
+            missing["lookup"] = "no token table from activation_records"
+        else:
+            excerpts = _read(storage, "top_excerpts", layer)
+            scores.update(baselines_mod.baseline_scores(pl.DataFrame(), None, table, excerpts, held_out))
+    return scores, missing
+
+
+def _baseline_metadata(frame: pl.DataFrame, names) -> dict:
+    """Per baseline: its mean score, and how many neurons our explanation beats it on."""
+    out = {}
+    ours = frame["score"].to_numpy()
+    for name in names:
+        col = f"baseline_{name}"
+        if col not in frame.columns:
+            continue
+        theirs = frame[col].to_numpy()
+        both = np.isfinite(ours) & np.isfinite(theirs)
+        out[f"mean_{col}"] = round(float(np.nanmean(theirs)), 4) if np.isfinite(theirs).any() else float("nan")
+        out[f"beats_{name}"] = f"{int((ours[both] > theirs[both]).sum())} of {int(both.sum())} neurons"
+    return out
 
 
 def _backend(llm: LLMResource, storage: StorageResource):
@@ -156,7 +217,9 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                                        ("record_counts", True, "top_k top and random_k random rows per neuron")),
               description="Per neuron: top windows by max activation, a seeded random sample, mean/variance/max.")
     def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
-                           selection: SelectionResource, storage: StorageResource) -> dg.MaterializeResult:
+                           selection: SelectionResource, quality: QualityResource,
+                           storage: StorageResource) -> dg.MaterializeResult:
+        keep_token_table = "lookup" in _quality(quality).baselines
         try:
             layers = check_layers(subject_model.model, _layers(context))
             width = mlp_width(subject_model.model)
@@ -190,7 +253,8 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
 
         try:
             selections, stats = act.extract(model, tokenizer, windows, layer_neurons, selection.top_k,
-                                            selection.random_k, selection.seed, subject_model.batch_size, progress)
+                                            selection.random_k, selection.seed, subject_model.batch_size, progress,
+                                            token_table=keep_token_table)
         except NdxInputError as e:
             _fail(str(e))
         texts = TokenTexts(tokenizer)
@@ -199,6 +263,10 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
         for layer in layers:
             frame = act.records_frame(layer, selections[layer], windows, texts)
             written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "activation_records", layer))
+            if keep_token_table:  # per neuron × token: count and activation sum, for the lookup-table baseline
+                table = act.token_table_frame(layer, selections[layer], texts)
+                written[("token_table", layer)] = write_parquet_atomic(
+                    table, asset_path(storage.path(), "token_table", layer))
             checks["top_windows_ordered"][layer] = validation.top_windows_ordered(frame)
             checks["record_counts"][layer] = validation.record_counts(frame, layer_neurons[layer], selection.top_k,
                                                                       random_k)
@@ -218,14 +286,19 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                                        ("splits_disjoint", True, "no explained window is scored"),
                                        ("excerpt_counts", True, "the configured excerpts per split and neuron")),
               description="Disjoint explain / score_top / score_random excerpts per neuron (interleaved splits).")
-    def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource,
+    def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource, quality: QualityResource,
                      storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"splits_disjoint": {}, "excerpt_counts": {}}
+        _quality(quality)
         for layer in _layers(context):
             records = _read(storage, "activation_records", layer)
             try:
                 frame = exc.split_excerpts(records, selection.explain_excerpts, selection.score_top_excerpts,
                                            selection.score_random_excerpts)
+                if quality.calibration_top_excerpts or quality.calibration_random_excerpts:
+                    # for choosing among candidate explanations (best-of-k): never explained, never scored
+                    frame = pl.concat([frame, exc.calibration_excerpts(records, quality.calibration_top_excerpts,
+                                                                       quality.calibration_random_excerpts)])
             except NdxInputError as e:
                 _fail(str(e))
             path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "top_excerpts", layer))
@@ -244,10 +317,13 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
               check_specs=_check_specs("explanations",
                                        ("every_neuron_explained", True, "one row per neuron: ok, or failed with why")),
               description="One explanation per neuron, written by the explainer LLM from the explain excerpts.")
-    def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource,
-                     storage: StorageResource) -> dg.MaterializeResult:
+    def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
+                     quality: QualityResource, storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"every_neuron_explained": {}}
+        k = _quality(quality).explanation_candidates
+        wanted = [b for b in quality.baselines if b in ("random", "token_list")]
         backend = _backend(explainer_llm, storage)
+        choosing = _backend(simulator_llm, storage) if k > 1 else None
         try:
             for layer in _layers(context):
                 started, before = time.perf_counter(), backend.stats.snapshot()
@@ -258,17 +334,48 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                                      f"{row['explanation'] or row['error']!r}")
 
                 frame = explainer.explain_layer(excerpts, backend, explainer_llm.max_tokens,
-                                                explainer_llm.temperature, explainer_llm.seed, on_neuron=log)
+                                                explainer_llm.temperature, explainer_llm.seed, on_neuron=log,
+                                                candidates=k)
+                extra = {}
+                if k > 1:  # best-of-k: simulate every candidate on the calibration excerpts, keep the best
+                    calibration = excerpts.filter(pl.col("split") == exc.CALIBRATION_SPLIT)
+                    if calibration.is_empty():
+                        _fail(f"best-of-k (explanation_candidates={k}) needs calibration excerpts, and top_excerpts "
+                              f"for layer {layer} has none: set calibration_top_excerpts or "
+                              "calibration_random_excerpts above 0.")
+                    frame, cal_sims = best_of_k.select_best(frame, calibration, choosing,
+                                                            mode=simulator_llm.simulator_mode)
+                    written[("calibration_simulations", layer)] = write_parquet_atomic(
+                        cal_sims, asset_path(storage.path(), "calibration_simulations", layer))
+                    kept = best_of_k.selected(frame)
+                    improved = kept.filter(pl.col("candidate") > 0)
+                    extra = {"candidates_per_neuron": k,
+                             "kept_a_later_candidate": len(improved),
+                             "mean_calibration_score_kept": _mean(kept["calibration_score"]),
+                             "mean_calibration_score_candidate_0": _mean(
+                                 frame.filter(pl.col("candidate") == 0)["calibration_score"]),
+                             "candidates": candidates_table(frame)}
                 path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "explanations", layer))
+                if wanted:  # the random and token-list baselines' explanations, simulated next stage beside ours
+                    base = baselines_mod.baseline_explanations(
+                        frame, excerpts, explainer_llm.seed,
+                        token_list_backend=backend if quality.token_list_explainer == "llm" else None, names=wanted,
+                        max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature)
+                    written[("baseline_explanations", layer)] = write_parquet_atomic(
+                        base, asset_path(storage.path(), "baseline_explanations", layer))
+                    extra["failed_baseline_explanations"] = int((base["status"] != "ok").sum())
                 checks["every_neuron_explained"][layer] = validation.every_neuron_explained(frame, excerpts)
+                kept = best_of_k.selected(frame)
                 _report(context, layer, {
-                    "neurons": len(frame), "failed": int((frame["status"] != "ok").sum()),
+                    "neurons": len(kept), "failed": int((kept["status"] != "ok").sum()),
                     "explainer": backend.name, "prompt_template_sha": versions.get("explainer_prompt", ""),
-                    **llm_accounting(backend, before, started),
+                    **extra, **llm_accounting(backend, before, started),
                     "path": dg.MetadataValue.path(str(path)), "dagster/column_schema": column_schema(frame),
                 })
         finally:
             backend.close()
+            if choosing is not None:
+                choosing.close()
         return _finish(context, "explanations", written, checks)
 
     @dg.asset(op_tags=op_tags("simulations"), group_name=GROUP,
@@ -292,11 +399,19 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                 )
                 path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "simulations", layer))
                 checks["simulations_well_formed"][layer] = validation.simulations_well_formed(frame)
+                extra = {}
+                base = _read_optional(storage, "baseline_explanations", layer)
+                if base is not None:  # the random and token-list baselines, simulated exactly like ours
+                    base_sims = simulator.simulate_layer(base, excerpts, backend, mode=simulator_llm.simulator_mode)
+                    written[("baseline_simulations", layer)] = write_parquet_atomic(
+                        base_sims, asset_path(storage.path(), "baseline_simulations", layer))
+                    extra = {"baseline_excerpts": len(base_sims),
+                             "failed_baseline_excerpts": int((base_sims["status"] != "ok").sum())}
                 _report(context, layer, {
                     "excerpts": len(frame), "neurons": frame["neuron"].n_unique(), "simulator": backend.name,
                     "simulator_mode": simulator_llm.simulator_mode,
                     "prompt_template_sha": versions.get("simulator_prompt", ""),
-                    "failed_excerpts": int((frame["status"] != "ok").sum()),
+                    "failed_excerpts": int((frame["status"] != "ok").sum()), **extra,
                     **llm_accounting(backend, before, started), "path": dg.MetadataValue.path(str(path)),
                     "dagster/column_schema": column_schema(frame),
                 })
@@ -310,11 +425,18 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
               check_specs=_check_specs("scores",
                                        ("scores_valid", True, "in [-1, 1], or NaN with a status saying why")),
               description="Pooled Pearson correlation of simulated vs true activations, per neuron.")
-    def scores(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def scores(context: dg.AssetExecutionContext, quality: QualityResource,
+               storage: StorageResource) -> dg.MaterializeResult:
         written, checks = {}, {"scores_valid": {}}
+        names = _quality(quality).baselines
         for layer in _layers(context):
             sims, expl = _read(storage, "simulations", layer), _read(storage, "explanations", layer)
-            frame = scoring.score_layer(sims, expl)
+            baselines, missing = _baseline_scores(storage, layer, names, quality.lookup_held_out)
+            frame = scoring.score_layer(sims, expl, baselines=baselines)
+            for name in missing:  # configured but its inputs were never written: a column of NaN, and a warning
+                frame = frame.with_columns(pl.lit(float("nan")).alias(f"baseline_{name}"))
+                context.log.warning(f"layer {layer}: no inputs for the {name} baseline ({missing[name]}); "
+                                    "rematerialize from that stage to fill it")
             path = written[layer] = write_parquet_atomic(frame, asset_path(storage.path(), "scores", layer))
             checks["scores_valid"][layer] = validation.scores_valid(frame)
             valid = frame["score"].drop_nans().drop_nulls()
@@ -332,6 +454,9 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
                 "failed_explanations": int((expl["status"] != "ok").sum()),
                 "failed_simulations": int((sims["status"] != "ok").sum()) if len(sims) else 0,
                 "path": dg.MetadataValue.path(str(path)),
+                **_baseline_metadata(frame, names),
+                **({"note": BUNDLED_MODEL_NOTE} if any("SmolLM2" in str(x) or "smollm2" in str(x)
+                                                       for x in set(sims["simulator"].drop_nulls())) else {}),
                 "neuron_viewer": dg.MetadataValue.path(str(viewer_mod.viewer_dir(storage.path()) / "index.html")),
                 "dagster/column_schema": column_schema(frame),
             })

@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def run_config(args) -> dict:
     put("selection", "neurons_per_layer", args.neurons_per_layer)
     put("selection", "neurons", args.neurons)
     put("selection", "seed", args.seed)
+    put("quality", "explanation_candidates", args.candidates)
+    if args.baselines is not None:
+        put("quality", "baselines", [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")])
     put("explainer_llm", "model", args.explainer_model)
     put("simulator_llm", "model", args.simulator_model)
     return {"resources": resources, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -107,20 +111,42 @@ def summarize(storage: Path, layers: list[int]) -> str:
 
     from .core.storage import PARTITIONED_ASSETS, asset_path
 
-    lines = [f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}"]
-    for layer in layers:
-        frame = pl.read_parquet(asset_path(storage, "scores", layer))
+    frames = {layer: pl.read_parquet(asset_path(storage, "scores", layer)) for layer in layers}
+    baselines = [c for c in ("baseline_lookup", "baseline_random", "baseline_token_list")
+                 if any(c in f.columns for f in frames.values())]
+
+    def mean_of(series) -> str:
+        valid = series.drop_nans().drop_nulls()
+        return f"{valid.mean():7.3f}" if len(valid) else "    nan"
+
+    head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}"
+    lines = [head + "".join(f"  {c.removeprefix('baseline_'):>10}" for c in baselines)]
+    for layer, frame in frames.items():
         valid = frame["score"].drop_nans().drop_nulls()
-        mean = f"{valid.mean():7.3f}" if len(valid) else "    nan"
         median = f"{valid.median():7.3f}" if len(valid) else "    nan"
         failed = int(frame["status"].str.starts_with("failed").sum())
-        lines.append(f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {mean}  {median}")
+        row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {mean_of(frame['score'])}  {median}"
+        row += "".join(f"  {mean_of(frame[c]) if c in frame.columns else '    nan':>10}" for c in baselines)
+        lines.append(row)
+    if baselines:
+        lines.append("(mean score of our explanations, and of each baseline on the same excerpts: lookup = each token's "
+                     "mean activation, random = another neuron's explanation, token_list = from the strongest tokens "
+                     "alone)")
     lines.append("")
     lines.append(f"Parquet files: {asset_path(storage, 'corpus')}")
     for asset in PARTITIONED_ASSETS:
         lines.append(f"               {storage / asset}/<layer>.parquet")
     lines.append(f"Neuron viewer: {storage / 'neuron_viewer' / 'index.html'} (open it in a browser, no server needed)")
     return "\n".join(lines)
+
+
+def bundled_llms(args) -> bool:
+    """Whether the explainer or simulator of this run is the bundled SmolLM2 (in-process, no model given)."""
+    from .resources import default_resources
+
+    resources = default_resources()
+    return any(getattr(args, f"{stage}_model") is None and resources[f"{stage}_llm"].backend == "local"
+               and "SmolLM2" in resources[f"{stage}_llm"].model for stage in ("explainer", "simulator"))
 
 
 def quiet_libraries() -> None:
@@ -180,6 +206,10 @@ def cmd_run(args) -> int:
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
     print(stage_table(stages) + "\n")
     print(summarize(storage, layers))
+    if bundled_llms(args):
+        from .core.backends import BUNDLED_MODEL_NOTE
+
+        print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
     print(f"\nSee the runs in the UI: {ui}")
     return 0
@@ -259,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seed", type=int)
     run.add_argument("--device", help="auto, cpu, cuda …")
     run.add_argument("--batch-size", type=int, dest="batch_size")
+    run.add_argument("--candidates", type=int, help="best-of-k: candidate explanations per neuron (default 1)")
+    run.add_argument("--baselines", help="comma list of lookup,random,token_list, or none (default: all three)")
     run.add_argument("--explainer-model", dest="explainer_model")
     run.add_argument("--simulator-model", dest="simulator_model")
     lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")

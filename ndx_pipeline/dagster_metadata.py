@@ -48,3 +48,18 @@ def neuron_table(frame: pl.DataFrame, best: bool, n: int = 10) -> dg.TableMetada
     records = [dg.TableRecord({"neuron": int(r["neuron"]), "score": round(float(r["score"]), 4),
                                "explanation": r["explanation"] or ""}) for r in chosen.iter_rows(named=True)]
     return dg.MetadataValue.table(records, schema=schema)
+
+
+def candidates_table(frame: pl.DataFrame, n: int = 30) -> dg.TableMetadataValue:
+    """Best-of-k candidates side by side: neuron, candidate, calibration score, kept or not, explanation."""
+    schema = dg.TableSchema(columns=[dg.TableColumn("neuron", "int"), dg.TableColumn("candidate", "int"),
+                                     dg.TableColumn("calibration_score", "float"), dg.TableColumn("kept", "bool"),
+                                     dg.TableColumn("explanation", "string")])
+    records = []
+    for r in frame.sort(["neuron", "candidate"]).head(n).iter_rows(named=True):
+        cal = r.get("calibration_score")
+        records.append(dg.TableRecord({
+            "neuron": int(r["neuron"]), "candidate": int(r["candidate"]),
+            "calibration_score": round(float(cal), 4) if cal is not None and cal == cal else None,
+            "kept": bool(r.get("selected")), "explanation": r.get("explanation") or r.get("error") or ""}))
+    return dg.MetadataValue.table(records, schema=schema)

@@ -70,6 +70,39 @@ class SelectionResource(dg.ConfigurableResource):
     score_random_excerpts: int = 5
 
 
+BASELINES = ("lookup", "random", "token_list")
+
+
+class QualityResource(dg.ConfigurableResource):
+    """How each neuron's explanation is chosen, and the baselines every score is shown beside.
+
+    explanation_candidates = k > 1: the explainer writes k candidates (temperature 1, one seed each); each is
+    simulated on the neuron's calibration excerpts (disjoint from the explain and score excerpts) and the best is
+    kept; all candidates are stored with their calibration scores. Baselines, scored on exactly the scored excerpts:
+    `lookup` (each token's mean activation for the neuron over the corpus, counted during extraction; held out:
+    the scored excerpts' own tokens are left out of the means), `random` (another neuron's explanation of the same
+    layer, seeded), `token_list` (an explanation written from the neuron's strongest tokens alone).
+    """
+
+    explanation_candidates: int = Field(default=1, description="best-of-k: candidates per neuron (1 = no choice).")
+    calibration_top_excerpts: int = 3
+    calibration_random_excerpts: int = 3
+    baselines: list[str] = Field(default=list(BASELINES), description="Any of lookup, random, token_list.")
+    token_list_explainer: str = Field(default="llm", description="llm (the explainer reads only the token list) | "
+                                                                 "template (a fixed sentence, no LLM).")
+    lookup_held_out: bool = True
+
+    def checked(self) -> "QualityResource":
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise NdxInputError(f"baselines {unknown} are not known (available: {', '.join(BASELINES)}).")
+        if self.explanation_candidates < 1:
+            raise NdxInputError(f"explanation_candidates must be at least 1, not {self.explanation_candidates}.")
+        if self.token_list_explainer not in ("llm", "template"):
+            raise NdxInputError(f"token_list_explainer must be llm or template, not {self.token_list_explainer!r}.")
+        return self
+
+
 class LLMResource(dg.ConfigurableResource):
     """An LLM for one stage (explainer or simulator); the two may be different models on different servers.
 
@@ -136,6 +169,10 @@ def default_resources() -> dict:
         "subject_model": SubjectModelResource(),
         "selection": SelectionResource(neurons_per_layer=int(env("NDX_NEURONS_PER_LAYER") or 16),
                                        seed=int(env("NDX_SEED") or 0)),
+        "quality": QualityResource(
+            explanation_candidates=int(env("NDX_EXPLANATION_CANDIDATES") or 1),
+            baselines=[b for b in (env("NDX_BASELINES") or ",".join(BASELINES)).split(",") if b.strip()],
+        ),
         "explainer_llm": llm("explainer"),
         "simulator_llm": llm("simulator", max_tokens=0, temperature=0.0,
                              simulator_mode=env("NDX_SIMULATOR_MODE") or "all_at_once"),

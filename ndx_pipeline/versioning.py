@@ -41,6 +41,12 @@ def simulator_prompt_sha() -> str:
     return _digest(simulation_prompt("a pattern", ["a", " b"]).segments)
 
 
+def token_list_prompt_sha() -> str:
+    from .core.token_list import token_list_messages
+
+    return _digest(token_list_messages([" a", " b"]))
+
+
 def code_versions(resources: dict) -> dict[str, str]:
     sel = resources["selection"]
     extraction = _config(sel, drop=("explain_excerpts", "score_top_excerpts", "score_random_excerpts"))
@@ -50,13 +56,21 @@ def code_versions(resources: dict) -> dict[str, str]:
     if simulator.get("backend") == "local":
         simulator.pop("base_url", None)
         simulator.pop("server", None)
+    quality = resources.get("quality")
+    q = _config(quality) if quality is not None else {}
+    token_table = "lookup" in q.get("baselines", ())
+    calibration = {k: q.get(k) for k in ("calibration_top_excerpts", "calibration_random_excerpts")}
+    choosing = {k: q.get(k) for k in ("explanation_candidates", "baselines", "token_list_explainer")}
+    if (q.get("explanation_candidates") or 1) > 1:  # best-of-k: the simulator takes part in choosing
+        choosing["simulator"] = [simulator, simulator_prompt_sha()]
     inputs = {
         "corpus": [_config(resources["corpus_source"])],
-        "activation_records": [_config(resources["subject_model"]), extraction],
-        "top_excerpts": [splits],
-        "explanations": [explainer, explainer_prompt_sha()],
+        "activation_records": [_config(resources["subject_model"]), extraction] + ([{"token_table": True}]
+                                                                                    if token_table else []),
+        "top_excerpts": [splits, calibration],
+        "explanations": [explainer, explainer_prompt_sha(), choosing, token_list_prompt_sha()],
         "simulations": [simulator, simulator_prompt_sha()],
-        "scores": [],
+        "scores": [{k: q.get(k) for k in ("baselines", "lookup_held_out")}],
         "neuron_viewer": [],
     }
     return {asset: _digest(asset, METHOD_REVISIONS[asset], *parts) for asset, parts in inputs.items()}

@@ -55,6 +55,12 @@ class LlamaServer:
     process: subprocess.Popen
     log_path: Path
 
+    def assert_alive(self) -> None:
+        """Fail with the server's log when the server process has died (a crash inside llama.cpp aborts it)."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"llama_cpp.server exited with {self.process.returncode}; its log ends:\n"
+                                 f"{self.log_path.read_text(errors='replace')[-3000:]}")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -326,8 +332,10 @@ def llama_server(tmp_path_factory):
 @pytest.fixture
 def fault_proxy(llama_server):
     """A fresh fault-injecting, request-counting proxy in front of the module's server."""
+    llama_server.assert_alive()
     proxy = FaultProxy(llama_server.port)
     try:
         yield proxy
     finally:
         proxy.close()
+    llama_server.assert_alive()  # a test that crashed the server fails itself, not the next one

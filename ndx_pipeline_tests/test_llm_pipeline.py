@@ -20,6 +20,7 @@ from ndx_pipeline.assets import build_assets, layer_partitions
 from ndx_pipeline.resources import (
     CorpusResource,
     LLMResource,
+    QualityResource,
     SelectionResource,
     StorageResource,
     SubjectModelResource,
@@ -39,6 +40,7 @@ def materialize(stages, storage, **resources):
         "subject_model": SubjectModelResource(window_tokens=16),
         "selection": SelectionResource(neurons=NEURONS, score_top_excerpts=2, score_random_excerpts=1),
         "explainer_llm": LLMResource(max_tokens=20), "simulator_llm": LLMResource(max_tokens=0, temperature=0.0),
+        "quality": QualityResource(),
     }
     base.update(resources)
     assets = [by_key[s] for s in stages]
@@ -68,16 +70,18 @@ def upstream(tmp_path_factory):
 def copy_upstream(src, dst):
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path(src, "corpus"), asset_path(dst, "corpus"))
-    for stage in UPSTREAM[1:]:
+    for stage in (*UPSTREAM[1:], "token_table"):  # the token table: activation_records' side file (lookup)
         asset_path(dst, stage, 0).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(asset_path(src, stage, 0), asset_path(dst, stage, 0))
 
 
 @pytest.fixture
 def proxy(llama_server):  # noqa: F811
+    llama_server.assert_alive()
     p = FaultProxy(llama_server.port)
     yield p
     p.close()
+    llama_server.assert_alive()  # a test that crashed the server fails itself, not the next one
 
 
 def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch):
@@ -95,6 +99,10 @@ def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, t
         a, b = pl.read_parquet(asset_path(local, stage, 0)), pl.read_parquet(asset_path(server, stage, 0))
         assert a.schema == b.schema, stage
         assert sorted(a["neuron"].unique()) == sorted(b["neuron"].unique()) == NEURONS
+    for storage in (local, server):  # every score beside its three baselines, on both backends
+        scores = pl.read_parquet(asset_path(storage, "scores", 0))
+        assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
+        assert scores["baseline_lookup"].is_finite().all()  # no LLM in it: defined for every neuron
     expl = pl.read_parquet(asset_path(server, "explanations", 0))
     assert set(expl["explainer"]) == {"openai-compatible:smollm2-135m-instruct-q4_1"}
     sims = pl.read_parquet(asset_path(server, "simulations", 0))
@@ -141,13 +149,14 @@ KILLED_RUN = textwrap.dedent("""
     import sys
     import dagster as dg
     from ndx_pipeline.assets import build_assets, layer_partitions
-    from ndx_pipeline.resources import LLMResource, StorageResource
+    from ndx_pipeline.resources import LLMResource, QualityResource, StorageResource
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
                       api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, max_tokens=20)
     explanations = next(a for a in build_assets(layer_partitions()) if a.key.to_user_string() == "explanations")
     dg.materialize([explanations], partition_key="0",
-                   resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm},
+                   resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm,
+                              "simulator_llm": llm, "quality": QualityResource(baselines=[])},
                    instance=dg.DagsterInstance.ephemeral())
 """)
 
@@ -180,7 +189,8 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     assert 3 <= paid < n, (paid, n)
 
     proxy.reset_counts()
-    instance = materialize(["explanations"], storage, explainer_llm=server_llm(proxy, max_tokens=20))
+    instance = materialize(["explanations"], storage, explainer_llm=server_llm(proxy, max_tokens=20),
+                           quality=QualityResource(baselines=[]))
     rerun = proxy.requests["/v1/chat/completions"]
     meta = partition_metadata(instance, "explanations")
     assert meta["llm_cache_hits"].value >= 2

@@ -37,6 +37,7 @@ from ndx_pipeline.core.openai_backend import (
     chat_messages_for_api,
     continuation_after,
     detect_logprob_alignment,
+    grammar_safe,
     json_simulation_messages,
     map_concurrently,
     parse_json_simulation,
@@ -512,6 +513,24 @@ def test_json_simulator(fault_proxy, cache_root):
     with pytest.raises(JSONSimulationError):
         uncached.simulate_json(SIM_EXPLANATION, tokens)
     assert uncached.stats.snapshot()["failures"] == 3
+
+
+
+@pytest.mark.llm_server
+def test_json_simulator_survives_tokens_the_grammar_converter_cannot_escape(fault_proxy, llama_server):
+    """llama-cpp-python turns the JSON schema into a grammar without escaping backslashes; a token pinned as a
+    constant whose JSON holds one (here a lone backslash, a quote, a newline, non-ASCII) made a grammar that failed
+    to parse and aborted the whole server (CI, 2026-11-22). Such tokens are left unpinned; the server lives."""
+    backend = _backend(fault_proxy.base_url, None)
+    tokens = ["path", "\\", "\"", "\n", " café", "."]
+    assert not any(grammar_safe(t) for t in tokens[1:5]) and grammar_safe("path")
+    values = backend.simulate_json(SIM_EXPLANATION, tokens)
+    assert values.shape == (len(tokens),) and ((values >= 0) & (values <= 10)).all()
+    assert llama_server.process.poll() is None, llama_server.log_path.read_text()[-2000:]
+    pinned = backend.json_body(SIM_EXPLANATION, tokens)["response_format"]["schema"]
+    items = pinned["properties"]["activations"]["prefixItems"]
+    assert items[0]["properties"]["token"] == {"const": "path"}
+    assert items[1]["properties"]["token"] == {"type": "string"}
 
 
 CHEAP = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0.0}

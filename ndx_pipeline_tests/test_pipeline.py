@@ -92,8 +92,10 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
 
     for _, g in excerpts.group_by("neuron"):
         explain = set(g.filter(pl.col("split") == "explain")["window_index"])
-        scored = set(g.filter(pl.col("split") != "explain")["window_index"])
+        scored = set(g.filter(pl.col("split").is_in(["score_top", "score_random"]))["window_index"])
+        calibration = set(g.filter(pl.col("split") == "calibration")["window_index"])  # for best-of-k
         assert len(explain) == 5 and len(scored) == 10 and not explain & scored
+        assert len(calibration) == 6 and not calibration & (explain | scored)
 
     expl = frames["explanations"]
     assert len(expl) == 4 and expl["explainer"][0] == "local:bundled:SmolLM2-135M-Instruct"
@@ -121,14 +123,37 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
         else:
             assert math.isnan(row["score"]) and row["status"]
 
+    # the baselines beside every score: lookup table (no LLM: defined for every neuron), another neuron's
+    # explanation, an explanation from the strongest tokens alone — each simulated and scored like ours
+    assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
+    assert scores["baseline_lookup"].is_finite().all()
+    table = pl.read_parquet(asset_path(storage, "token_table", 1))
+    windows_tokens = records.filter(pl.col("kind") == "top")["tokens"].explode()
+    first = windows_tokens[0]
+    assert table.filter((pl.col("neuron") == 5) & (pl.col("token") == first))["count"][0] >= 1
+    assert table.group_by("neuron").agg(pl.col("count").sum())["count"].n_unique() == 1  # every token, once each
+    base_expl = pl.read_parquet(asset_path(storage, "baseline_explanations", 1))
+    assert sorted(base_expl["baseline"].unique()) == ["random", "token_list"]
+    for row in base_expl.filter((pl.col("baseline") == "random") & (pl.col("status") == "ok")).iter_rows(named=True):
+        donor = expl.filter(pl.col("explanation") == row["explanation"])["neuron"].to_list()
+        assert donor and row["neuron"] not in donor  # another neuron's explanation of the same layer
+    base_sims = pl.read_parquet(asset_path(storage, "baseline_simulations", 1))
+    assert set(base_sims["explanation_id"]) <= set(base_expl["explanation_id"])
+    assert set(base_sims["excerpt_id"]) == set(sims["excerpt_id"]) or len(ok) < 4  # the very same excerpts
+
     event = instance.get_latest_materialization_event(dg.AssetKey("scores"))
     assert event.dagster_event.partition == "1"
     meta = event.asset_materialization.metadata
     assert meta["neurons"].value == 4 and "mean_score" in meta and "median_score" in meta
+    assert "mean_baseline_lookup" in meta and "beats_lookup" in meta
+    assert "SmolLM2-135M" in meta["note"].value and "capable model" in meta["note"].value
     assert not [p for p in leftovers(storage) if p.endswith(".tmp")]
 
     index = storage / "neuron_viewer" / "index.html"
     assert index.exists() and (storage / "neuron_viewer" / "1" / "900.html").exists()
+    index_html = index.read_text()
+    assert 'id="model-note"' in index_html and "capable model" in index_html  # said where users look
+    assert "mean lookup" in index_html and "baseline lookup" in index_html
     assert meta["neuron_viewer"].value == str(index)
     page = (storage / "neuron_viewer" / "1" / "900.html").read_text()
     runs = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
@@ -157,3 +182,41 @@ def test_zero_neurons_and_tiny_corpus_fail_clearly_and_write_nothing(tmp_path):
     assert not result.success
     assert "fewer than top_k=20" in failure_text(result)
     assert not (storage / "activation_records").exists()
+
+
+@pytest.mark.slow
+def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path):
+    """explanation_candidates=2 on the bundled model: both candidates stored with their calibration scores (computed
+    on calibration excerpts only), the best kept, and only the kept one simulated and scored."""
+    storage = tmp_path / "storage"
+    result, instance = run_job(storage, "0", selection={"neurons": [3, 40], "score_top_excerpts": 2,
+                                                        "score_random_excerpts": 1},
+                               subject_model={"window_tokens": 24},
+                               quality={"explanation_candidates": 2, "baselines": ["lookup"]})
+    assert result.success, failure_text(result)
+    expl = pl.read_parquet(asset_path(storage, "explanations", 0))
+    assert sorted(zip(expl["neuron"], expl["candidate"])) == [(3, 0), (3, 1), (40, 0), (40, 1)]
+    assert expl.group_by("neuron").agg(pl.col("selected").sum())["selected"].to_list() == [1, 1]
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    calibration_ids = set(excerpts.filter(pl.col("split") == "calibration")["excerpt_id"])
+    cal_sims = pl.read_parquet(asset_path(storage, "calibration_simulations", 0))
+    assert set(cal_sims["excerpt_id"]) <= calibration_ids and len(cal_sims)
+    from ndx_pipeline.core.scoring import pooled_correlation
+
+    for row in expl.filter(pl.col("status") == "ok").iter_rows(named=True):  # each calibration score recomputed
+        mine = cal_sims.filter(pl.col("explanation_id") == row["explanation_id"])
+        again = pooled_correlation(mine["true_activations"].to_list(), mine["simulated_activations"].to_list())
+        assert (math.isnan(again.value) and math.isnan(row["calibration_score"])) or \
+            row["calibration_score"] == pytest.approx(again.value, abs=1e-9)
+    for _, group in expl.group_by("neuron"):
+        ok = group.filter((pl.col("status") == "ok") & pl.col("calibration_score").is_finite())
+        kept = group.filter(pl.col("selected"))
+        if len(ok):
+            assert kept["calibration_score"][0] == ok["calibration_score"].max()
+    kept_ids = set(expl.filter(pl.col("selected"))["explanation_id"])
+    sims = pl.read_parquet(asset_path(storage, "simulations", 0))
+    assert set(sims["explanation_id"]) <= kept_ids and not set(sims["excerpt_id"]) & calibration_ids
+    scores = pl.read_parquet(asset_path(storage, "scores", 0))
+    assert set(scores["explanation_id"]) == kept_ids and "baseline_lookup" in scores.columns
+    meta = instance.get_latest_materialization_event(dg.AssetKey("explanations")).asset_materialization.metadata
+    assert meta["candidates_per_neuron"].value == 2 and meta["neurons"].value == 2

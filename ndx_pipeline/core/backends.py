@@ -23,6 +23,14 @@ from .llm_cache import LLMCache, LLMStats, cache_key
 from .simulator import VALUES, SimulationPrompt
 from .subject_model import loadable, resolve_model
 
+# Said where users look (run summary, scores metadata, viewer, README): what the bundled model is good for.
+BUNDLED_MODEL_NOTE = (
+    "The bundled SmolLM2-135M lets the pipeline run offline, but it is far too small to explain or simulate neurons: "
+    "as a simulator it correlates 0.00-0.04 with real activations even given correct hand-written explanations. "
+    "Expect scores near 0 with it; put a capable model behind the OpenAI-compatible backend for explanations worth "
+    "reading."
+)
+
 
 class RecordableLLMError(Exception):
     """An LLM call or answer that failed for one neuron or excerpt: recorded in its row, the layer goes on."""

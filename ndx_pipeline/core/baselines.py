@@ -183,17 +183,23 @@ BASELINE_NAMES = ("lookup", "random", "token_list")
 
 
 def baseline_explanations(explanations: pl.DataFrame, excerpts: pl.DataFrame, seed: int = 0, token_list_backend=None,
-                          **token_list_kwargs) -> pl.DataFrame:
-    """The explanations the random and token-list baselines simulate, one of each per neuron, in the explanations
-    schema plus a String column `baseline` ("random" / "token_list"). The token-list one is written by
-    `token_list_backend` (the explainer LLM) reading only the strongest tokens, or by the fixed template when None.
-    Simulate them like any explanation (`simulator.simulate_layer(frame, excerpts, simulator_backend)`)."""
+                          names: Sequence[str] = ("random", "token_list"), **token_list_kwargs) -> pl.DataFrame:
+    """The explanations the random and token-list baselines simulate (those of `names`), one of each per neuron, in
+    the explanations schema plus a String column `baseline` ("random" / "token_list"). The token-list one is written
+    by `token_list_backend` (the explainer LLM) reading only the strongest tokens, or by the fixed template when
+    None. Simulate them like any explanation (`simulator.simulate_layer(frame, excerpts, simulator_backend)`)."""
     from .token_list import explain_token_lists
 
     common = list(explanation_frame([]).columns)
-    parts = [random_explanations(explanations, seed).select(common).with_columns(pl.lit("random").alias("baseline")),
-             explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
-             .select(common).with_columns(pl.lit("token_list").alias("baseline"))]
+    parts = []
+    if "random" in names:
+        parts.append(random_explanations(explanations, seed).select(common)
+                     .with_columns(pl.lit("random").alias("baseline")))
+    if "token_list" in names:
+        parts.append(explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
+                     .select(common).with_columns(pl.lit("token_list").alias("baseline")))
+    if not parts:
+        return explanation_frame([]).with_columns(pl.lit(None, dtype=pl.String).alias("baseline"))
     return pl.concat(parts).sort(["layer", "neuron", "baseline"])
 
 

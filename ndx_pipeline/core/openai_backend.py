@@ -464,8 +464,16 @@ def json_simulation_messages(explanation: str, tokens: Sequence[str]) -> list[di
     return messages
 
 
-def json_simulation_schema(tokens: Sequence[str]) -> dict:
-    """JSON Schema of the expected answer: one entry per token, each pinned to its token, values 0..10."""
+def grammar_safe(token: str) -> bool:
+    """Whether llama-cpp-python's JSON-schema-to-grammar converter can pin this token as a constant: it does not
+    escape backslashes, so a constant whose JSON text holds one (a backslash, a quote, a control character) makes a
+    grammar that fails to parse, and that failure aborts the whole server process (seen with the token "\\")."""
+    return "\\" not in json.dumps(token)
+
+
+def json_simulation_schema(tokens: Sequence[str], pin=lambda token: True) -> dict:
+    """JSON Schema of the expected answer: one entry per token, values 0..10; each entry's token is pinned to the
+    excerpt's token where `pin(token)`, else any string (the parser still checks it against the excerpt)."""
     return {
         "type": "object",
         "properties": {
@@ -473,7 +481,8 @@ def json_simulation_schema(tokens: Sequence[str]) -> dict:
                 "type": "array",
                 "prefixItems": [
                     {"type": "object",
-                     "properties": {"token": {"const": t}, "activation": {"enum": list(VALUES)}},
+                     "properties": {"token": {"const": t} if pin(t) else {"type": "string"},
+                                    "activation": {"enum": list(VALUES)}},
                      "required": ["token", "activation"], "additionalProperties": False}
                     for t in tokens
                 ],
@@ -498,7 +507,7 @@ def _response_format(mode: str, tokens: Sequence[str]) -> dict | None:
         return {"type": "json_schema",
                 "json_schema": {"name": "activations", "schema": json_simulation_schema(tokens), "strict": False}}
     if mode == "json_object_schema":
-        return {"type": "json_object", "schema": json_simulation_schema(tokens)}
+        return {"type": "json_object", "schema": json_simulation_schema(tokens, pin=grammar_safe)}
     if mode == "json_object":
         return {"type": "json_object"}
     if mode == "none":
@@ -513,8 +522,12 @@ def _same_token(given: str, returned: str) -> bool:
     return norm(given) == norm(returned) or norm(escape_token(given)) == norm(returned)
 
 
-def parse_json_simulation(text: str, tokens: Sequence[str], check_tokens: bool = True) -> np.ndarray:
-    """The activations of a JSON simulator answer, one float in [0, 10] per token; raises JSONSimulationError."""
+def parse_json_simulation(text: str, tokens: Sequence[str], check_tokens=True) -> np.ndarray:
+    """The activations of a JSON simulator answer, one float in [0, 10] per token; raises JSONSimulationError.
+
+    check_tokens: True (every entry's token must be the excerpt's), False, or a predicate on the excerpt's token
+    saying which to check (the grammar-safe ones, when the others could not be pinned by the schema)."""
+    should_check = check_tokens if callable(check_tokens) else (lambda token: bool(check_tokens))
     body = (text or "").strip()
     fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
     if fenced:
@@ -537,7 +550,7 @@ def parse_json_simulation(text: str, tokens: Sequence[str], check_tokens: bool =
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 10:
             raise JSONSimulationValueError(
                 f"entry {i} of the simulator's answer has activation {_short(v, 40)!r}, not a number from 0 to 10")
-        if check_tokens and "token" in entry and not _same_token(token, str(entry["token"])):
+        if should_check(token) and "token" in entry and not _same_token(token, str(entry["token"])):
             raise JSONSimulationTokenError(
                 f"entry {i} of the simulator's answer is for token {_short(entry['token'], 40)!r}, "
                 f"not {_short(token, 40)!r}")
@@ -805,7 +818,8 @@ class OpenAICompatibleBackend(LLMBackend):
         data = self.request("chat.completions", self.json_body(explanation, tokens))
         message = (data["choices"][0] or {}).get("message") or {}
         try:
-            return parse_json_simulation(message.get("content") or "", tokens)
+            return parse_json_simulation(message.get("content") or "", tokens,
+                                         grammar_safe if self.json_mode == "json_object_schema" else True)
         except JSONSimulationError:
             self.stats.add(failures=1)
             raise

@@ -37,12 +37,14 @@ def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_
 
 
 def splits_disjoint(excerpts: pl.DataFrame) -> Check:
-    """No window shown to the explainer is scored, per neuron."""
+    """No window shown to the explainer, or used to choose among candidate explanations (calibration), is scored,
+    per neuron; and no calibration window was shown to the explainer."""
     leaks = []
     for (neuron,), g in excerpts.group_by(["neuron"], maintain_order=True):
         explain = set(g.filter(pl.col("split") == "explain")["window_index"])
         scored = set(g.filter(pl.col("split").is_in(["score_top", "score_random"]))["window_index"])
-        if explain & scored:
+        calibration = set(g.filter(pl.col("split") == "calibration")["window_index"])
+        if explain & scored or calibration & (explain | scored):
             leaks.append(int(neuron))
     return (not leaks, "explain and score excerpts are disjoint" if not leaks
             else f"neurons {leaks[:10]} are scored on windows the explainer saw", {"leaking_neurons": len(leaks)})
@@ -53,16 +55,19 @@ def excerpt_counts(excerpts: pl.DataFrame, explain_n: int, score_top_n: int, sco
     got = excerpts.group_by(["neuron", "split"]).len()
     bad = sorted({int(n) for n, s, c in got.iter_rows() if s in want and c != want[s]})
     n_neurons = excerpts["neuron"].n_unique()
-    splits_per_neuron = excerpts.group_by("neuron").agg(pl.col("split").n_unique())["split"].to_list()
+    splits_per_neuron = (excerpts.filter(pl.col("split").is_in(list(want))).group_by("neuron")
+                         .agg(pl.col("split").n_unique())["split"].to_list())
     bad += [-1] if any(x != sum(1 for v in want.values() if v) for x in splits_per_neuron) else []
     return (not bad, f"{n_neurons} neurons × {want}" if not bad else f"wrong excerpt counts for neurons {bad[:10]}",
             {"neurons": n_neurons, "rows": len(excerpts)})
 
 
 def every_neuron_explained(explanations: pl.DataFrame, excerpts: pl.DataFrame) -> Check:
-    """One row per neuron of the layer's excerpts: ok with text, or failed with a reason."""
+    """One kept row per neuron of the layer's excerpts: ok with text, or failed with a reason. With best-of-k
+    candidates (a `selected` column) exactly one candidate per neuron is the kept one."""
     want = set(excerpts["neuron"].unique().to_list())
-    have = explanations["neuron"].to_list()
+    kept = explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+    have = kept["neuron"].to_list()
     missing = sorted(want - set(have))
     dup = len(have) - len(set(have))
     bad_ok = explanations.filter((pl.col("status") == "ok") & (pl.col("explanation").is_null()

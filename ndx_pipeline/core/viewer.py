@@ -116,6 +116,7 @@ h1{font-size:22px;margin:4px 0 6px}
 h2{font-size:16px;margin:0 0 10px}
 h3{font-size:13px;margin:12px 0 6px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:14px 0}
+.card.note{border-left:4px solid #c99a06;background:#fff9e3;color:#4a3b00}
 .muted{color:var(--muted)}
 .mono{font-family:var(--mono)}
 .explanation{font-size:17px;margin:6px 0 10px}
@@ -410,6 +411,16 @@ def baseline_columns(scores: pl.DataFrame) -> list[str]:
     return cols
 
 
+def bundled_llm_used(storage_dir: Path, layers: list[int]) -> bool:
+    """Whether the bundled SmolLM2 explained or simulated any of these layers (read from the stored rows)."""
+    for layer in layers:
+        for asset, col in (("explanations", "explainer"), ("simulations", "simulator")):
+            path = asset_path(storage_dir, asset, layer)
+            if path.exists() and any("SmolLM2" in str(v) for v in pl.read_parquet(path, columns=[col])[col].unique()):
+                return True
+    return False
+
+
 def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[str]]:
     rows, extra = [], []
     for layer in layers:
@@ -429,7 +440,7 @@ def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[
 # ---------------------------------------------------------------------------------------------------- index page
 
 
-def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
+def render_index(rows: list[dict], extra: list[str], layers: list[int], note: str | None = None) -> str:
     head = ["<th data-key=\"layer\" data-type=\"num\" class=\"num\">layer</th>",
             "<th data-key=\"neuron\" data-type=\"num\" class=\"num\">neuron</th>",
             "<th data-key=\"score\" data-type=\"num\" class=\"num\">score</th>"]
@@ -466,12 +477,20 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
         n = sum(1 for r in rows if r["layer"] == layer)
         mean = f"{np.mean(vals):.3f}" if vals else "n/a"
         median = f"{np.median(vals):.3f}" if vals else "n/a"
+        base = []
+        for c in extra:
+            if c.startswith("baseline_"):
+                bv = [v for r in rows if r["layer"] == layer and (v := _num(r.get(c))) is not None]
+                base.append(f"<td class=\"num\">{np.mean(bv):.3f}</td>" if bv else "<td class=\"num\">n/a</td>")
         summary.append(f"<tr><td class=\"num\">{layer}</td><td class=\"num\">{n}</td><td class=\"num\">{len(vals)}</td>"
-                       f"<td class=\"num\">{mean}</td><td class=\"num\">{median}</td></tr>")
+                       f"<td class=\"num\">{mean}</td><td class=\"num\">{median}</td>{''.join(base)}</tr>")
+    base_head = "".join(f"<th class=\"num\">mean {esc(c.removeprefix('baseline_').replace('_', ' '))}</th>"
+                        for c in extra if c.startswith("baseline_"))
     options = "".join(f"<option value=\"{layer}\">layer {layer}</option>" for layer in layers)
     all_scores = [s for r in rows if (s := _num(r.get("score"))) is not None]
     body_html = f"""
 <h1>Neurons and their explanations</h1>
+{f'<div class="card note" id="model-note"><b>Note.</b> {esc(note)}</div>' if note else ''}
 <div class="card" style="display:flex;gap:48px;flex-wrap:wrap;align-items:flex-start">
 <div class="stats" style="flex-direction:column;gap:10px">
  <div class="stats">
@@ -483,7 +502,7 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int]) -> str:
    <div class="k">mean score (pooled Pearson of simulated vs real, top + random excerpts)</div></div>
 </div>
 <div><h3 style="margin-top:0">By layer</h3><table style="width:auto"><thead><tr><th class="num">layer</th>
-<th class="num">neurons</th><th class="num">scored</th><th class="num">mean</th><th class="num">median</th></tr></thead>
+<th class="num">neurons</th><th class="num">scored</th><th class="num">mean</th><th class="num">median</th>{base_head}</tr></thead>
 <tbody>{''.join(summary)}</tbody></table></div>
 </div>
 <div class="card">
@@ -518,7 +537,10 @@ def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     if missing:
         raise NdxInputError(f"layers {missing} have no scores under {storage_dir}: materialize them first.")
     rows, extra = _index_rows(storage_dir, chosen)
-    return write_text_atomic(render_index(rows, extra, chosen), out / "index.html")
+    from .backends import BUNDLED_MODEL_NOTE
+
+    note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen) else None
+    return write_text_atomic(render_index(rows, extra, chosen, note), out / "index.html")
 
 
 # ---------------------------------------------------------------------------------------------------- neuron page
