@@ -13,6 +13,10 @@ from .core.errors import NdxInputError
 from .core.subject_model import BUNDLED_MODEL
 
 SUBJECT_MODEL_ENV = "NDX_SUBJECT_MODEL"
+# The default run (3 layers of the bundled model on this 2-core CPU) must finish within 10 minutes: measured
+# 2026-11-22 at ~21 s per neuron (an explanation, a token-list explanation, 30 simulated excerpts for ours and
+# the two LLM baselines) plus ~40 s of loading and extraction; 3 × 6 neurons ≈ 7 minutes.
+DEFAULT_NEURONS_PER_LAYER = 6
 
 
 def configured_subject_model() -> str:
@@ -60,7 +64,8 @@ class SubjectModelResource(dg.ConfigurableResource):
 class SelectionResource(dg.ConfigurableResource):
     """Which neurons are explained, and how many excerpts each keeps and uses."""
 
-    neurons_per_layer: int = Field(default=16, description="Neurons per layer, chosen with `seed`.")
+    neurons_per_layer: int = Field(default=DEFAULT_NEURONS_PER_LAYER,
+                                   description="Neurons per layer, chosen with `seed`.")
     neurons: list[int] | None = Field(default=None, description="Explicit neuron indices (overrides the count).")
     seed: int = 0
     top_k: int = 20
@@ -167,7 +172,7 @@ def default_resources() -> dict:
         "storage": StorageResource(storage_dir=env("NDX_STORAGE") or None),
         "corpus_source": CorpusResource(path=env("NDX_CORPUS") or None),
         "subject_model": SubjectModelResource(),
-        "selection": SelectionResource(neurons_per_layer=int(env("NDX_NEURONS_PER_LAYER") or 16),
+        "selection": SelectionResource(neurons_per_layer=int(env("NDX_NEURONS_PER_LAYER") or DEFAULT_NEURONS_PER_LAYER),
                                        seed=int(env("NDX_SEED") or 0)),
         "quality": QualityResource(
             explanation_candidates=int(env("NDX_EXPLANATION_CANDIDATES") or 1),
