@@ -130,7 +130,7 @@ def extraction(args, model, tok, windows, layers) -> float:
     from ndx_pipeline.core import activations as act
 
     started = time.perf_counter()
-    act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size)
+    act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
@@ -142,7 +142,7 @@ def rss_child(args) -> None:
     from ndx_pipeline.core.windows import TokenTexts
 
     model, tok, windows, layers = setup(args, args.rss_child)
-    selections, _ = act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size)
+    selections, _ = act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
     texts = TokenTexts(tok)
     for layer in layers:
         act.records_frame(layer, selections[layer], windows, texts)
@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--quantile-k", type=int, default=4, dest="quantile_k",
+                        help="windows per activation-quantile bucket, as the pipeline keeps (0 = none)")
     parser.add_argument("--tokens", type=int, default=20_000, help="corpus size for the speed ratio")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of (a), (b), (a2)")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -187,13 +189,14 @@ def main() -> None:
     for n in (50_000, 200_000):
         cmd = [sys.executable, __file__, "--rss-child", str(n), "--layers", ",".join(map(str, args.layers)),
                "--neurons", args.neurons, "--device", args.device, "--dtype", args.dtype,
-               "--batch-size", str(args.batch_size)] + (["--model", args.model] if args.model else [])
+               "--batch-size", str(args.batch_size), "--quantile-k", str(args.quantile_k)] + (["--model", args.model] if args.model else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
     n_neurons = sum(len(v) for v in layers.values())
     print(f"model {args.model or 'bundled SmolLM2-135M-Instruct'}, layers {args.layers}, {n_neurons} neurons, "
-          f"device {args.device}, dtype {args.dtype}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+          f"device {args.device}, dtype {args.dtype}, batch {args.batch_size}, quantile_k {args.quantile_k}, "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{'measure':<44} {'value':>12}")
     print(f"{'(a) bare forward to the deepest projection, s':<44} {a:12.2f}")
     print(f"{'(a2) bare forward of the cut block list, s':<44} {a_blocks:12.2f}")
@@ -210,7 +213,7 @@ def main() -> None:
     print(json.dumps({"ratio": round(b / a, 4), "ratio_paired_median": round(paired, 4), "rounds": args.repeats, "rss_growth": round(growth, 4), "bare_s": round(a, 3), "bare_blocks_s": round(a_blocks, 3),
                       "extract_s": round(b, 3), "tokens": windows.total_tokens,
                       "tokens_per_s": round(windows.total_tokens / b, 1), "rss50k_mib": round(rss[50_000], 1),
-                      "rss200k_mib": round(rss[200_000], 1), "neurons": n_neurons, "layers": args.layers,
+                      "rss200k_mib": round(rss[200_000], 1), "neurons": n_neurons, "layers": args.layers, "quantile_k": args.quantile_k,
                       "device": args.device}))
 
 

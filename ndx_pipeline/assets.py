@@ -254,7 +254,7 @@ def build_assets(partitions: dg.StaticPartitionsDefinition, versions: dict[str, 
         try:
             selections, stats = act.extract(model, tokenizer, windows, layer_neurons, selection.top_k,
                                             selection.random_k, selection.seed, subject_model.batch_size, progress,
-                                            token_table=keep_token_table)
+                                            token_table=keep_token_table, quantile_k=selection.quantile_k)
         except NdxInputError as e:
             _fail(str(e))
         texts = TokenTexts(tokenizer)

@@ -70,6 +70,8 @@ class SelectionResource(dg.ConfigurableResource):
     seed: int = 0
     top_k: int = 20
     random_k: int = 20
+    quantile_k: int = Field(default=4, description="Windows kept per activation-quantile bucket (buckets at the "
+                                                   "0.5/0.9/0.99/0.999 quantiles of window max; 0 = none).")
     explain_excerpts: int = 5
     score_top_excerpts: int = 5
     score_random_excerpts: int = 5

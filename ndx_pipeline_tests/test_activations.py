@@ -139,6 +139,60 @@ def test_ties_go_to_the_lower_window_index():
     assert sel.top_window[0].tolist() == [1, 3, 0]
 
 
+def test_ties_resolve_the_same_whatever_order_the_windows_come_in():
+    """With quantile samples the pilot windows go first, so windows arrive out of index order; a tie must still go
+    to the lower window index."""
+    sel = act.LayerSelection([0], window_tokens=1, top_k=2, sample=np.array([], dtype=np.int64))
+    for w, v in [(5, 1.0), (9, 3.0), (2, 1.0), (7, 1.0), (0, 0.5)]:
+        sel.update(torch.tensor([[[v]]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([w]))
+    sel.finalize()
+    assert sel.top_window[0].tolist() == [9, 2]
+
+
+@pytest.fixture(scope="module")
+def with_quantiles(subject, small_windows):
+    model, tok = subject
+    return act.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5, batch_size=7, quantile_k=3)
+
+
+def test_quantile_samples_follow_pilot_boundaries_and_brute_force(with_quantiles, extracted, brute, small_windows):
+    selections, stats = with_quantiles
+    pilot = set(act.pilot_windows(len(small_windows), 5).tolist())
+    assert 0 < len(pilot) <= len(small_windows) // 2
+    for layer, neurons in LAYERS.items():
+        sel = selections[layer]
+        windows, acts, bounds, seen = sel.quantile_samples()
+        # the top windows and moments are those of the plain pass: the pilot-first order changes nothing there
+        assert sel.top_window.tolist() == extracted[0][layer].top_window.tolist()
+        np.testing.assert_allclose(sel.moments()[0], extracted[0][layer].moments()[0], rtol=1e-5, atol=1e-7)
+        for i, _ in enumerate(neurons):
+            maxima = np.array([a[:, i].max() for a in brute[layer]])
+            np.testing.assert_allclose(bounds[i], np.quantile(maxima[sorted(pilot)], act.QUANTILE_LEVELS),
+                                       rtol=1e-4, atol=1e-4)
+            others = np.array([w for w in range(len(maxima)) if w not in pilot])
+            bucket_of = np.searchsorted(bounds[i], maxima[others], side="right")
+            for bucket in range(len(act.QUANTILE_LEVELS) + 1):
+                members = set(others[bucket_of == bucket].tolist())
+                assert seen[i, bucket] == len(members)
+                kept = [int(w) for w in windows[i, bucket] if w >= 0]
+                assert len(kept) == min(3, len(members)) and set(kept) <= members and kept == sorted(kept)
+                for slot, w in enumerate(kept):
+                    n = len(brute[layer][w])
+                    np.testing.assert_allclose(acts[i, bucket, slot, :n], brute[layer][w][:, i], rtol=1e-4,
+                                               atol=1e-4)
+
+
+def test_quantile_samples_follow_the_seed_and_reach_the_records(subject, small_windows, with_quantiles):
+    model, tok = subject
+    again, _ = act.extract(model, tok, small_windows, {0: LAYERS[0]}, top_k=20, random_k=20, seed=5, batch_size=7,
+                           quantile_k=3)
+    assert again[0].quantile_samples()[0].tolist() == with_quantiles[0][0].quantile_samples()[0].tolist()
+    frame = act.records_frame(0, with_quantiles[0][0], small_windows, TokenTexts(tok))
+    kinds = set(frame["kind"].unique())
+    assert {"top", "random"} <= kinds and kinds - {"top", "random"} <= {f"quantile_{b}" for b in range(5)}
+    assert "quantile_0" in kinds and len(kinds) >= 4
+
+
 def test_padding_never_enters_statistics():
     sel = act.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
     acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])

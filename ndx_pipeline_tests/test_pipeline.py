@@ -87,6 +87,9 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
         assert len(row["tokens"]) == len(row["activations"]) <= 64
     top = records.filter(pl.col("kind") == "top")
     assert top.group_by("neuron").len()["len"].to_list() == [20] * 4
+    quantile = records.filter(pl.col("kind").str.starts_with("quantile_"))  # ≤ 4 per bucket, 5 buckets
+    assert len(quantile) and quantile.group_by(["neuron", "kind"]).len()["len"].max() <= 4
+    assert all(len(b) == 4 for b in quantile["quantile_boundaries"])
     for _, g in top.group_by("neuron"):
         assert g.sort("rank")["max_activation"].to_list() == sorted(g["max_activation"].to_list(), reverse=True)
 

@@ -3,6 +3,11 @@
 - the `top_k` windows with the highest max activation (ties: lower window index first),
 - a seeded uniform random sample of windows (the same windows for every neuron of a layer),
 - running count, mean, variance and max over every real (non-padding) token,
+- optionally (`quantile_k > 0`), activation quantile samples as in the paper's released data: per neuron, windows
+  bucketed by their max activation at the quantiles QUANTILE_LEVELS (5 buckets) and a uniform reservoir sample of
+  `quantile_k` windows in each bucket. The bucket boundaries come from a seeded pilot of windows that the pass
+  processes first (no extra forward); those pilot windows set the boundaries and are not themselves sampled, so the
+  samples come from the other windows (stated in each row's kind, `quantile_<bucket>`),
 - optionally (`token_table=True`), per token id of the corpus, the count of its occurrences and the running sum of
   each selected neuron's activation on it: the token lookup table behind the `baseline_lookup` score.
 
@@ -33,6 +38,16 @@ def choose_neurons(width: int, per_layer: int, seed: int, layer: int) -> list[in
     return sorted(int(i) for i in rng.choice(width, size=min(per_layer, width), replace=False))
 
 
+QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
+PILOT_WINDOWS = 1024
+
+
+def pilot_windows(n_windows: int, seed: int, size: int = PILOT_WINDOWS) -> np.ndarray:
+    """The seeded windows processed first to set the quantile boundaries (sorted): min(size, half the corpus)."""
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(rng.permutation(n_windows)[: max(1, min(size, n_windows // 2))])
+
+
 def random_windows(n_windows: int, count: int, seed: int) -> np.ndarray:
     """A seeded uniform sample of `count` distinct window indices, in sampling order."""
     rng = np.random.default_rng(seed)
@@ -43,7 +58,7 @@ class LayerSelection:
     """Streaming top-k / random-sample / moments for the chosen neurons of one layer."""
 
     def __init__(self, neurons, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu",
-                 token_vocab: np.ndarray | None = None):
+                 token_vocab: np.ndarray | None = None, quantile_k: int = 0, seed: int = 0):
         """token_vocab: the distinct token ids the corpus holds (sorted); when given, a per-token table of counts
         and activation sums is kept for the lookup-table baseline."""
         import torch
@@ -62,6 +77,15 @@ class LayerSelection:
         self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.sumsq = torch.zeros(n, dtype=torch.float64, device=device)
         self.max = torch.full((n,), float("-inf"), device=device)
+        self.quantile_k = quantile_k
+        if quantile_k:
+            buckets = len(QUANTILE_LEVELS) + 1
+            self.pilot_max: list = []  # per-window maxima of the pilot batches, until the boundaries are set
+            self.q_bounds = None  # [n, len(QUANTILE_LEVELS)]
+            self.q_seen = torch.zeros((n, buckets), dtype=torch.long, device=device)
+            self.q_window = torch.full((n, buckets, quantile_k), -1, dtype=torch.long, device=device)
+            self.q_acts = torch.zeros((n, buckets, quantile_k, t), device=device)
+            self.q_rng = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + 11)
         self.token_vocab = None
         if token_vocab is not None:
             vocab = np.unique(np.asarray(token_vocab, dtype=np.int64))
@@ -96,6 +120,8 @@ class LayerSelection:
         self.sumsq += (a * a).sum(dim=(0, 1)).double()
         per_window_max = a.masked_fill(~mask[..., None], float("-inf")).amax(dim=1).T  # [n, B]
         self.max = torch.maximum(self.max, per_window_max.amax(dim=1))
+        if self.quantile_k:
+            self._quantile_update(a, per_window_max, window_index)
 
         # Streaming top-k by replacement: a window enters a neuron's k slots only if it beats the weakest kept
         # one (equal does not enter: the earlier window keeps it), and then overwrites that slot alone, so the
@@ -103,7 +129,13 @@ class LayerSelection:
         # Slots are put in order (max desc, window asc) once, by `finalize`.
         for b in range(per_window_max.shape[1]):
             vals = per_window_max[:, b]
-            rows = (vals > self.top_min).nonzero().squeeze(1)
+            enter = vals > self.top_min
+            tie = vals == self.top_min
+            if bool(tie.any()):  # windows need not come in index order (pilot first): a lower index wins a tie
+                weakest_latest = torch.where(self.top_max == self.top_min[:, None], self.top_window,
+                                             torch.full_like(self.top_window, -1)).amax(dim=1)
+                enter |= tie & (window_index[b] < weakest_latest)
+            rows = enter.nonzero().squeeze(1)
             if not len(rows):
                 continue
             kept = self.top_max[rows]
@@ -119,6 +151,45 @@ class LayerSelection:
             slot = self.sample_slot.get(w)
             if slot is not None:
                 self.sample_acts[:, slot, :] = a[b].T
+
+    def end_pilot(self) -> None:
+        """Set each neuron's bucket boundaries from the pilot windows' maxima (quantile samples only)."""
+        import torch
+
+        if not self.quantile_k or self.q_bounds is not None:
+            return
+        maxima = torch.cat(self.pilot_max, dim=1) if self.pilot_max else torch.zeros((len(self.neurons), 1))
+        levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float32, device=maxima.device)
+        self.q_bounds = torch.quantile(maxima.float(), levels, dim=1).T.contiguous()  # [n, levels]
+        self.pilot_max = []
+
+    def _quantile_update(self, a, per_window_max, window_index) -> None:
+        """Pilot batches: remember the maxima. Later batches: reservoir-sample each window into its bucket."""
+        import torch
+
+        if self.q_bounds is None:
+            self.pilot_max.append(per_window_max)
+            return
+        rows = torch.arange(len(self.neurons), device=a.device)
+        k = self.quantile_k
+        for b in range(per_window_max.shape[1]):
+            bucket = torch.searchsorted(self.q_bounds, per_window_max[:, b : b + 1], right=True).squeeze(1)
+            self.q_seen[rows, bucket] += 1
+            seen = self.q_seen[rows, bucket]
+            draw = (torch.rand(len(rows), generator=self.q_rng, device=a.device) * seen).long()
+            slot = torch.where(seen <= k, seen - 1, draw)  # reservoir: fill, then replace with probability k/seen
+            take = (slot < k).nonzero().squeeze(1)
+            if len(take):
+                self.q_window[take, bucket[take], slot[take]] = window_index[b]
+                self.q_acts[take, bucket[take], slot[take]] = a[b].index_select(1, take).T
+
+    def quantile_samples(self):
+        """(windows [n, buckets, k] with -1 for empty slots, activations [n, buckets, k, T], boundaries [n, levels],
+        windows seen per bucket [n, buckets]); slots ordered by window index."""
+        order = torch_sort_windows(self.q_window)
+        windows = self.q_window.gather(2, order)
+        acts = self.q_acts.gather(2, order[..., None].expand(-1, -1, -1, self.q_acts.shape[-1]))
+        return windows.cpu().numpy(), acts.cpu().numpy(), self.q_bounds.cpu().numpy(), self.q_seen.cpu().numpy()
 
     def finalize(self) -> None:
         """Order each neuron's kept windows by max activation (desc), ties by lower window index."""
@@ -173,13 +244,24 @@ class ExtractionStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+def torch_sort_windows(windows):
+    """Indices that order each row's slots by window index, empty slots (-1) last."""
+    import torch
+
+    key = torch.where(windows < 0, torch.full_like(windows, torch.iinfo(torch.long).max), windows)
+    return torch.sort(key, dim=-1, stable=True).indices
+
+
 def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[int]], top_k: int = 20,
             random_k: int = 20, seed: int = 0, batch_size: int = 16,
-            progress: Callable[[int, int, float], None] | None = None, token_table: bool = False):
+            progress: Callable[[int, int, float], None] | None = None, token_table: bool = False,
+            quantile_k: int = 0):
     """Run the model once over all windows for every requested layer; return (selections, stats).
 
     token_table=True also keeps, per layer, each token id's count and each selected neuron's activation sum on it
-    (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline."""
+    (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline.
+    quantile_k > 0 also keeps that many windows per activation-quantile bucket (see the module's docstring); the
+    pilot windows that set the boundaries go through the model first, the others follow in index order."""
     import torch
 
     if not layer_neurons:
@@ -196,9 +278,19 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
         real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
         vocab = np.unique(windows.ids[real_tokens])
     selections = {
-        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device, token_vocab=vocab)
+        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
+                              quantile_k=quantile_k, seed=seed)
         for layer, neurons in layer_neurons.items()
     }
+    order = np.arange(len(windows))
+    pilot_batches = 0
+    if quantile_k:
+        pilot = pilot_windows(len(windows), seed)
+        rest = np.setdiff1d(order, pilot, assume_unique=True)
+        order = np.concatenate([pilot, rest])
+        pilot_batches = -(-len(pilot) // batch_size)
+        if len(pilot) % batch_size:  # keep pilot and the rest in separate batches
+            order = np.concatenate([pilot, np.full(batch_size - len(pilot) % batch_size, -1), rest])
     prefix, suffix = special_token_wrap(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     deepest = max(layer_neurons)
@@ -226,8 +318,12 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
     done_tokens = 0
     try:
         with torch.inference_mode():
-            for b0 in range(0, len(windows), batch_size):
-                idx = np.arange(b0, min(b0 + batch_size, len(windows)))
+            for batch_number, b0 in enumerate(range(0, len(order), batch_size)):
+                if batch_number == pilot_batches and quantile_k:
+                    for sel in selections.values():
+                        sel.end_pilot()
+                idx = order[b0 : b0 + batch_size]
+                idx = idx[idx >= 0]
                 lengths = windows.length[idx]
                 ids, attn = batch_inputs(windows, idx, prefix, suffix, pad_id)
                 real = int(lengths.max())
@@ -252,6 +348,7 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
         for h in handles:
             h.remove()
     for sel in selections.values():
+        sel.end_pilot()
         sel.finalize()
     stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started)
     return selections, stats
@@ -274,16 +371,21 @@ RECORD_SCHEMA = {
     "neuron_variance": pl.Float64,
     "neuron_max": pl.Float32,
     "neuron_token_count": pl.Int64,
+    "quantile_boundaries": pl.List(pl.Float64),  # the neuron's bucket boundaries (null without quantile samples)
 }
 
 
 def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts) -> pl.DataFrame:
-    """The contract's activation_records rows for one layer: `top` rows (rank 0 strongest), then `random` rows."""
+    """The contract's activation_records rows for one layer: `top` rows (rank 0 strongest), then `random` rows, then
+    (with quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index."""
     mean, var, mx = selection.moments()
     neurons = selection.neurons.cpu().tolist()
     top_window = selection.top_window.cpu().numpy()
     top_acts = selection.top_acts.cpu().numpy()
     sample_acts = selection.sample_acts.cpu().numpy()
+    q_windows = q_acts = q_bounds = None
+    if selection.quantile_k:
+        q_windows, q_acts, q_bounds, _ = selection.quantile_samples()
     rows = {k: [] for k in RECORD_SCHEMA}
 
     def add(i, kind, rank, w, acts):
@@ -304,6 +406,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         rows["neuron_variance"].append(float(var[i]))
         rows["neuron_max"].append(float(mx[i]))
         rows["neuron_token_count"].append(selection.count)
+        rows["quantile_boundaries"].append(None if q_bounds is None else [float(b) for b in q_bounds[i]])
 
     for i in range(len(neurons)):
         for rank, w in enumerate(top_window[i]):
@@ -311,6 +414,10 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
                 add(i, "top", rank, int(w), top_acts[i, rank])
         for rank, w in enumerate(selection.sample):
             add(i, "random", rank, int(w), sample_acts[i, rank])
+        for bucket in range(len(q_windows[i]) if q_windows is not None else 0):
+            for rank, w in enumerate(q_windows[i, bucket]):
+                if w >= 0:
+                    add(i, f"quantile_{bucket}", rank, int(w), q_acts[i, bucket, rank])
     return pl.DataFrame(rows, schema=RECORD_SCHEMA)
 
 
