@@ -143,7 +143,8 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     timings["token_list"] = time.perf_counter() - t
     random_expl = bl.random_explanations(chosen, seed)
 
-    k1 = chosen.filter(pl.col("candidate") == 0)
+    # candidate 0 of every neuron, whether or not best-of-k kept it (score_layer scores only `selected` rows)
+    k1 = chosen.filter(pl.col("candidate") == 0).drop("selected")
     best = bk.selected(chosen)
     common = list(bl.explanation_frame([]).columns)
     to_simulate = pl.concat([
@@ -251,7 +252,7 @@ def main() -> None:
                 .group_by("layer", maintain_order=True).head(args.neurons))
         records = records.join(keep, on=["layer", "neuron"])
         table = table.join(keep, on=["layer", "neuron"])
-    backend = LocalTransformersBackend(args.llm)
+    backend = LocalTransformersBackend(args.llm, cache=Path(args.cache_dir) / "llm_cache" if args.cache_dir else None)
     result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random)
     if args.out:
         result["scores"].write_parquet(args.out)
