@@ -139,7 +139,9 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     log(f"calibration: {timings['calibration']:.0f} s")
     t = time.perf_counter()
     token_llm = tl.explain_token_lists(excerpts, backend, seed=seed)
-    token_tpl = tl.explain_token_lists(excerpts, None)
+    # the pipeline runs one token-list explainer or the other under one id; here both run side by side
+    token_tpl = tl.explain_token_lists(excerpts, None).with_columns(
+        pl.col("explanation_id").str.replace("/token_list$", "/token_template"))
     timings["token_list"] = time.perf_counter() - t
     random_expl = bl.random_explanations(chosen, seed)
 
@@ -150,6 +152,8 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     to_simulate = pl.concat([
         f.select(common) for f in (k1, best.filter(pl.col("candidate") != 0), random_expl, token_llm, token_tpl)
     ]).filter(pl.col("status") == "ok")
+    # simulations are matched to explanations by id: two methods sharing one id would be scored on each other's
+    assert to_simulate["explanation_id"].is_unique().all(), "two methods share an explanation_id"
     t = time.perf_counter()
     sims = simulate_layer(to_simulate, excerpts, backend, on_neuron=progress("simulated"))
     timings["simulate"] = time.perf_counter() - t
