@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 def corpus_of(tokenizer, n_tokens: int):
     """The bundled corpus (CPython's reference docs), repeated under new ids until it holds n_tokens tokens."""
-    from ndx_pipeline.core.corpus import read_corpus
+    from ndx_pipeline.core.data.corpus import read_corpus
 
     frame = read_corpus(None)
     ids, texts, total, rep = [], [], 0, 0
@@ -53,7 +53,7 @@ def truncated(model, deepest: int):
     """Context manager: the model with its block list cut after `deepest` (nothing above it is computed)."""
     from contextlib import contextmanager
 
-    from ndx_pipeline.core.subject_model import transformer_blocks
+    from ndx_pipeline.core.data.subject_model import transformer_blocks
 
     @contextmanager
     def cut():
@@ -79,10 +79,10 @@ def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_pr
 
     from contextlib import nullcontext
 
-    from ndx_pipeline.core.activations import batch_inputs
-    from ndx_pipeline.core.subject_model import special_token_wrap
+    from ndx_pipeline.core.data.activations import batch_inputs
+    from ndx_pipeline.core.models import special_token_wrap
 
-    from ndx_pipeline.core.subject_model import mlp_output_projections
+    from ndx_pipeline.core.data.subject_model import mlp_output_projections
 
     class Stop(Exception):
         pass
@@ -114,8 +114,8 @@ def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_pr
 
 
 def setup(args, n_tokens):
-    from ndx_pipeline.core.subject_model import load_subject_model, mlp_width
-    from ndx_pipeline.core.windows import tokenize_windows
+    from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_width
+    from ndx_pipeline.core.data.windows import tokenize_windows
 
     model, tok = load_subject_model(args.model, args.device, args.dtype)
     ids, texts = corpus_of(tok, n_tokens)
@@ -134,7 +134,7 @@ def extraction(args, model, tok, windows, layers) -> float:
     the forward: top-k, random sample, quantile reservoirs, moments), timed inside the same run."""
     import torch
 
-    from ndx_pipeline.core import activations as act
+    from ndx_pipeline.core.data import activations as act
 
     update = act.LayerSelection.update
     spent = [0.0]
@@ -162,8 +162,8 @@ def extraction(args, model, tok, windows, layers) -> float:
 
 def rss_child(args) -> None:
     """Run extraction (and building the Parquet rows) on a corpus of --rss-child tokens; print peak RSS in MiB."""
-    from ndx_pipeline.core import activations as act
-    from ndx_pipeline.core.windows import TokenTexts
+    from ndx_pipeline.core.data import activations as act
+    from ndx_pipeline.core.data.windows import TokenTexts
 
     model, tok, windows, layers = setup(args, args.rss_child)
     selections, _ = act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)

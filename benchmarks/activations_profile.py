@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import activations as B  # noqa: E402
 
-from ndx_pipeline.core import activations as act  # noqa: E402
+from ndx_pipeline.core.data import activations as act  # noqa: E402
 
 n_tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
 args = argparse.Namespace(model=None, device="cpu", dtype="float32", neurons="all", batch_size=16, quantile_k=4,

@@ -56,7 +56,7 @@ PROBES = (
 
 def probe_windows(tokenizer, texts, rule, count, seed):
     """`count` 64-token windows of real corpus text where 2..12 tokens match `rule` (seeded, deterministic)."""
-    from ndx_pipeline.core.windows import TokenTexts, tokenize_windows
+    from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 
     windows = tokenize_windows(tokenizer, [str(i) for i in range(len(texts))], texts, 64)
     decode = TokenTexts(tokenizer)
@@ -84,10 +84,10 @@ def main() -> None:
     parser.add_argument("--dump", default=None, help="write every raw and parsed answer here (JSON)")
     args = parser.parse_args()
 
-    from ndx_pipeline.core.backends import LocalTransformersBackend
-    from ndx_pipeline.core.corpus import read_corpus
-    from ndx_pipeline.core.excerpts import split_excerpts
-    from ndx_pipeline.core.explainer import (
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
+    from ndx_pipeline.core.data.corpus import read_corpus
+    from ndx_pipeline.core.data.excerpts import split_excerpts
+    from ndx_pipeline.core.method.explainer import (
         FEW_SHOTS,
         LEAD_IN,
         MAX_EXPLANATION_TOKENS,
@@ -95,8 +95,8 @@ def main() -> None:
         explainer_messages,
         parse_explanation,
     )
-    from ndx_pipeline.core.scoring import pooled_correlation
-    from ndx_pipeline.core.simulator import expected_values, simulation_prompt
+    from ndx_pipeline.core.method.scoring import pooled_correlation
+    from ndx_pipeline.core.method.simulator import expected_values, simulation_prompt
 
     t0 = time.perf_counter()
     layers = [int(x) for x in args.layers.split(",")]

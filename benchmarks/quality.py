@@ -50,10 +50,10 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
             top_k: int = 20, random_k: int = 20, cache_dir: str | None = None):
     """(activation_records, token table) of the chosen neurons of `layers`, from one extraction pass (cached as
     Parquet under cache_dir when given)."""
-    from ndx_pipeline.core import activations as act
-    from ndx_pipeline.core.corpus import read_corpus
-    from ndx_pipeline.core.subject_model import load_subject_model, mlp_width
-    from ndx_pipeline.core.windows import TokenTexts, tokenize_windows
+    from ndx_pipeline.core.data import activations as act
+    from ndx_pipeline.core.data.corpus import read_corpus
+    from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_width
+    from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 
     tag = (f"{model or 'bundled'}-{corpus or 'default'}-L{'_'.join(map(str, layers))}-n{neurons}-s{seed}-k{top_k}"
            f"-r{random_k}")
@@ -105,12 +105,12 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
 
     Returns {"scores": one row per neuron with a score column per method (and `<method>_text`), "candidates": the
     best-of-k candidates with calibration scores, "token_list": the token-list explanations, "timings": seconds}."""
-    from ndx_pipeline.core import baselines as bl
-    from ndx_pipeline.core import best_of_k as bk
-    from ndx_pipeline.core import token_list as tl
-    from ndx_pipeline.core.excerpts import calibration_excerpts, split_excerpts
-    from ndx_pipeline.core.scoring import score_layer
-    from ndx_pipeline.core.simulator import simulate_layer
+    from ndx_pipeline.core.method import baselines as bl
+    from ndx_pipeline.core.method import best_of_k as bk
+    from ndx_pipeline.core.method import token_list as tl
+    from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
+    from ndx_pipeline.core.method.scoring import score_layer
+    from ndx_pipeline.core.method.simulator import simulate_layer
 
     excerpts = split_excerpts(records)
     calibration = calibration_excerpts(records, calibration_top, calibration_random)
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the per-neuron results as Parquet here")
     args = parser.parse_args()
 
-    from ndx_pipeline.core.backends import LocalTransformersBackend
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
 
     layers = [int(x) for x in args.layers.split(",")]
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "defs":
-        from .definitions import defs
+        from ndx_pipeline.definitions import defs
 
         return defs
     raise AttributeError(name)

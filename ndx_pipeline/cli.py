@@ -24,7 +24,7 @@ def ensure_dagster_home() -> Path:
 
 
 def parse_layers(text: str) -> list[int]:
-    from .core.errors import NdxInputError
+    from ndx_pipeline.core.errors import NdxInputError
 
     out: list[int] = []
     for part in text.split(","):
@@ -109,7 +109,7 @@ def stage_table(seconds: dict[str, float]) -> str:
 def summarize(storage: Path, layers: list[int]) -> str:
     import polars as pl
 
-    from .core.storage import PARTITIONED_ASSETS, asset_path
+    from ndx_pipeline.core.storage import PARTITIONED_ASSETS, asset_path
 
     frames = {layer: pl.read_parquet(asset_path(storage, "scores", layer)) for layer in layers}
     baselines = [c for c in ("baseline_lookup", "baseline_random", "baseline_token_list")
@@ -142,7 +142,7 @@ def summarize(storage: Path, layers: list[int]) -> str:
 
 def bundled_llms(args) -> bool:
     """Whether the explainer or simulator of this run is the bundled SmolLM2 (in-process, no model given)."""
-    from .resources import default_resources
+    from ndx_pipeline.defs.resources import default_resources
 
     resources = default_resources()
     return any(getattr(args, f"{stage}_model") is None and resources[f"{stage}_llm"].backend == "local"
@@ -166,7 +166,7 @@ def quiet_libraries() -> None:
 
 
 def cmd_run(args) -> int:
-    from .core.errors import NdxInputError
+    from ndx_pipeline.core.errors import NdxInputError
 
     quiet_libraries()
     home_was_set = bool(os.environ.get("DAGSTER_HOME"))
@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
     if args.model:
         os.environ["NDX_SUBJECT_MODEL"] = args.model
     try:
-        from .core.subject_model import check_layers
+        from ndx_pipeline.core.data.subject_model import check_layers
 
         layers = check_layers(args.model, parse_layers(args.layers))
     except NdxInputError as e:
@@ -183,8 +183,8 @@ def cmd_run(args) -> int:
 
     import dagster as dg
 
-    from .definitions import MAIN_JOB, build_definitions
-    from .resources import StorageResource
+    from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+    from ndx_pipeline.defs.resources import StorageResource
 
     defs = build_definitions()
     job = defs.resolve_job_def(MAIN_JOB)
@@ -207,7 +207,7 @@ def cmd_run(args) -> int:
     print(stage_table(stages) + "\n")
     print(summarize(storage, layers))
     if bundled_llms(args):
-        from .core.backends import BUNDLED_MODEL_NOTE
+        from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE
 
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
@@ -216,7 +216,7 @@ def cmd_run(args) -> int:
 
 
 def _storage(args) -> Path:
-    from .resources import StorageResource
+    from ndx_pipeline.defs.resources import StorageResource
 
     ensure_dagster_home()
     return StorageResource(storage_dir=args.storage).path()
@@ -224,15 +224,15 @@ def _storage(args) -> Path:
 
 def cmd_lineage(args) -> int:
     """Print where one neuron's score came from, down to the document text of every scored excerpt."""
-    from .core.errors import NdxInputError
-    from .core.lineage import format_lineage, lineage, lineage_json
+    from ndx_pipeline.core.errors import NdxInputError
+    from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
 
     storage = _storage(args)
     runs = None
     try:
         import dagster as dg
 
-        from .provenance import stage_runs
+        from ndx_pipeline.defs.provenance import stage_runs
 
         with dg.DagsterInstance.get() as instance:
             runs = stage_runs(instance, args.layer)
@@ -249,8 +249,8 @@ def cmd_lineage(args) -> int:
 
 def cmd_view(args) -> int:
     """(Re)write the static neuron viewer from the stored files and print where it is."""
-    from .core.errors import NdxInputError
-    from .core.viewer import write_viewer
+    from ndx_pipeline.core.errors import NdxInputError
+    from ndx_pipeline.reports.viewer import write_viewer
 
     quiet_libraries()
     storage = _storage(args)
@@ -259,8 +259,8 @@ def cmd_view(args) -> int:
     try:
         import dagster as dg
 
-        from .core.lineage import available_layers
-        from .provenance import stage_runs
+        from ndx_pipeline.reports.lineage import available_layers
+        from ndx_pipeline.defs.provenance import stage_runs
 
         with dg.DagsterInstance.get() as instance:
             runs = {layer: stage_runs(instance, layer) for layer in (layers or available_layers(storage))}

@@ -10,10 +10,10 @@ import dagster as dg
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-from .assets import build_assets, layer_partitions
-from .automation import MAIN_JOB, corpus_sensor, jobs, nightly_rescore
-from .resources import default_resources
-from .versioning import code_versions, explainer_prompt_sha, simulator_prompt_sha
+from ndx_pipeline.defs.assets import build_assets, layer_partitions
+from ndx_pipeline.defs.automation import MAIN_JOB, corpus_sensor, jobs, nightly_rescore
+from ndx_pipeline.defs.resources import default_resources
+from ndx_pipeline.defs.versioning import code_versions, explainer_prompt_sha, simulator_prompt_sha
 
 __all__ = ["MAIN_JOB", "build_definitions", "defs"]
 

@@ -55,7 +55,7 @@ def op_tags(asset: str) -> dict:
 
 def with_executor(executor: dg.ExecutorDefinition) -> dg.Definitions:
     """The project's Definitions (from the environment, as `defs`) with every job on `executor`."""
-    from .definitions import build_definitions
+    from ndx_pipeline.definitions import build_definitions
 
     return dg.Definitions.merge(build_definitions(), dg.Definitions(executor=executor))
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def subject():
     """The bundled SmolLM2-135M-Instruct as subject model: (model, tokenizer)."""
-    from ndx_pipeline.core.subject_model import load_subject_model
+    from ndx_pipeline.core.data.subject_model import load_subject_model
 
     return load_subject_model(None)
 
@@ -21,7 +21,7 @@ def subject():
 @pytest.fixture(scope="session")
 def small_docs():
     """A few real documents of the default corpus (CPython's reference text)."""
-    from ndx_pipeline.core.corpus import read_corpus
+    from ndx_pipeline.core.data.corpus import read_corpus
 
     frame = read_corpus(None)
     keep = ["pydoc:assert", "pydoc:break", "pydoc:continue", "pydoc:del", "pydoc:pass", "pydoc:global",
@@ -31,7 +31,7 @@ def small_docs():
 
 @pytest.fixture(scope="session")
 def small_windows(subject, small_docs):
-    from ndx_pipeline.core.windows import tokenize_windows
+    from ndx_pipeline.core.data.windows import tokenize_windows
 
     _, tok = subject
     return tokenize_windows(tok, small_docs["doc_id"].to_list(), small_docs["text"].to_list(), window_tokens=64)

@@ -97,7 +97,7 @@ def run_llama_server(log_dir: Path, model_path: str | None = None, api_key: str 
     logits_all is on so /v1/completions can echo prompt logprobs; the server requires `api_key`.
     """
     if model_path is None:
-        from ndx_pipeline.core.subject_model import bundled_gguf
+        from ndx_pipeline.core.models import bundled_gguf
 
         model_path = str(bundled_gguf())
     if threads is None:  # leave a core to the test process (and to whatever else runs on a small machine)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ndx_pipeline.core import activations as act
-from ndx_pipeline.core.subject_model import mlp_output_projections, special_token_wrap
-from ndx_pipeline.core.windows import TokenTexts
+from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data.subject_model import mlp_output_projections
+from ndx_pipeline.core.models import special_token_wrap
+from ndx_pipeline.core.data.windows import TokenTexts
 
 LAYERS = {0: [3, 250, 1000], 2: [7, 1535]}
 
@@ -116,7 +117,7 @@ def test_stored_records_recompute_from_the_document(extracted, subject, small_wi
 
 def test_forward_stops_after_the_deepest_requested_layer(subject, small_windows):
     model, tok = subject
-    from ndx_pipeline.core.subject_model import transformer_blocks
+    from ndx_pipeline.core.data.subject_model import transformer_blocks
 
     _, blocks = transformer_blocks(model, model.config.num_hidden_layers)
     calls = []

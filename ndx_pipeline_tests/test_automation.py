@@ -5,7 +5,13 @@ import os
 
 import dagster as dg
 
-from ndx_pipeline.automation import EXPLAIN_AND_SCORE_JOB, EXTRACTION_JOB, MAIN_JOB, corpus_sensor, nightly_rescore
+from ndx_pipeline.defs.automation import (
+    EXPLAIN_AND_SCORE_JOB,
+    EXTRACTION_JOB,
+    MAIN_JOB,
+    corpus_sensor,
+    nightly_rescore,
+)
 from ndx_pipeline.definitions import build_definitions
 
 

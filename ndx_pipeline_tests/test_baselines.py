@@ -7,15 +7,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core import baselines as bl
-from ndx_pipeline.core import best_of_k as bk
-from ndx_pipeline.core import token_list as tl
-from ndx_pipeline.core.backends import Completion, LLMBackend
-from ndx_pipeline.core.excerpts import CALIBRATION_SPLIT, calibration_excerpts, split_excerpts
-from ndx_pipeline.core.explainer import LEAD_IN, neuron_seed
-from ndx_pipeline.core.scoring import pooled_correlation, score_layer
+from ndx_pipeline.core.method import baselines as bl
+from ndx_pipeline.core.method import best_of_k as bk
+from ndx_pipeline.core.method import token_list as tl
+from ndx_pipeline.core.llm.backend import Completion, LLMBackend
+from ndx_pipeline.core.contract import CALIBRATION as CALIBRATION_SPLIT
+from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
+from ndx_pipeline.core.method.explainer import LEAD_IN, neuron_seed
+from ndx_pipeline.core import contract
+from ndx_pipeline.core.method.scoring import pooled_correlation, score_layer, with_baselines
 
-from .test_excerpts import records
+from ndx_pipeline_tests.test_excerpts import records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def excerpt_frame():
         rows.append({"layer": 1, "neuron": 7, "excerpt_id": f"1/7/x/{rank}", "split": split, "kind": "top",
                      "rank": rank, "doc_id": "d", "token_start": 0, "tokens": toks, "activations": acts,
                      "max_activation": max(acts), "window_index": rank, "char_start": 0, "char_end": 1})
-    from ndx_pipeline.core.excerpts import EXCERPT_SCHEMA
+    from ndx_pipeline.core.contract import EXCERPT_SCHEMA
 
     return pl.DataFrame(rows, schema=EXCERPT_SCHEMA)
 
@@ -125,7 +127,7 @@ def test_random_explanations_use_only_usable_donors():
 def test_with_baselines_adds_columns_and_nan_where_missing():
     scores = pl.DataFrame({"layer": [0, 0], "neuron": [1, 2], "score": [0.5, 0.1]},
                           schema={"layer": pl.Int32, "neuron": pl.Int32, "score": pl.Float64})
-    out = bl.with_baselines(scores, {"lookup": pl.DataFrame({"layer": [0], "neuron": [2], "score": [0.3]}),
+    out = with_baselines(scores, {"lookup": pl.DataFrame({"layer": [0], "neuron": [2], "score": [0.3]}),
                                      "random": pl.DataFrame({"layer": [0, 0], "neuron": [1, 2],
                                                              "score": [0.0, -0.2]})})
     assert out.columns == ["layer", "neuron", "score", "baseline_lookup", "baseline_random"]
@@ -183,7 +185,7 @@ def test_choose_keeps_the_best_calibration_score(scores, picked):
     frame, cal = candidates(scores)
     out = bk.choose(frame, cal)
     assert out["selected"].to_list() == [c == picked for c in range(len(scores))]
-    assert len(bk.selected(out)) == 1
+    assert len(contract.kept(out)) == 1
     assert out.columns[-3:] == ["calibration_score", "calibration_status", "selected"]
 
 
@@ -260,12 +262,12 @@ def test_token_list_explanations_template_and_llm():
 # the stage functions with best-of-k candidates and baselines
 
 def test_stages_use_only_the_selected_candidate_and_carry_baseline_columns():
-    from ndx_pipeline.core.explainer import explain_layer
-    from ndx_pipeline.core.simulator import simulate_layer
+    from ndx_pipeline.core.method.explainer import explain_layer
+    from ndx_pipeline.core.method.simulator import simulate_layer
 
     excerpts = split_excerpts(records(list(range(100, 120)), list(range(200, 220))))
     backend = ScriptedBackend()
-    cands = explain_layer(excerpts, backend, seed=4, candidates=2)
+    cands = bk.explain_candidates(excerpts, backend, 2, seed=4)
     assert cands["explanation_id"].to_list() == ["0/3/explanation/0", "0/3/explanation/1"]
     assert cands.drop("seconds").equals(bk.explain_candidates(excerpts, ScriptedBackend(), 2, seed=4).drop("seconds"))
     chosen = cands.with_columns(pl.Series("selected", [False, True]))
@@ -279,7 +281,7 @@ def test_stages_use_only_the_selected_candidate_and_carry_baseline_columns():
 
 
 def test_all_baselines_of_a_layer_end_in_score_columns():
-    from ndx_pipeline.core.simulator import simulate_layer
+    from ndx_pipeline.core.method.simulator import simulate_layer
 
     recs = records(list(range(100, 120)), list(range(200, 220)), neuron=3)
     recs = pl.concat([recs, records(list(range(100, 120)), list(range(200, 220)), neuron=4)])

@@ -32,8 +32,8 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path, monkeypat
 
 
 def test_core_imports_no_dagster():
-    code = ("import sys; import ndx_pipeline.core.activations, ndx_pipeline.core.backends, ndx_pipeline.core.scoring, "
-            "ndx_pipeline.core.explainer, ndx_pipeline.core.excerpts, ndx_pipeline.core.corpus; "
+    code = ("import sys; import ndx_pipeline.core.data.activations, ndx_pipeline.core.llm.backend, ndx_pipeline.core.method.scoring, "
+            "ndx_pipeline.core.method.explainer, ndx_pipeline.core.data.excerpts, ndx_pipeline.core.data.corpus; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

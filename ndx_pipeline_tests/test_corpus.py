@@ -5,7 +5,7 @@ import json
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.corpus import read_corpus
+from ndx_pipeline.core.data.corpus import read_corpus
 from ndx_pipeline.core.errors import NdxInputError
 
 

@@ -10,10 +10,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from ndx_pipeline.automation import stale_layers, stale_status_resolver
-from ndx_pipeline.core.backends import LocalTransformersBackend
+from ndx_pipeline.defs.automation import stale_layers, stale_status_resolver
+from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.storage import asset_path
-from ndx_pipeline.core.subject_model import bundled_gguf
+from ndx_pipeline.core.models import bundled_gguf
 from ndx_pipeline.definitions import MAIN_JOB, build_definitions
 
 ALL = ["corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores", "neuron_viewer"]
@@ -42,7 +42,7 @@ def settings(tmp_path, monkeypatch):
 
 @pytest.fixture
 def counters(monkeypatch):
-    import ndx_pipeline.assets as assets_mod
+    import ndx_pipeline.defs.assets as assets_mod
 
     counts = {"subject_model_loads": 0, "extractions": 0, "explainer_calls": 0, "simulator_calls": 0}
     real_load, real_extract = assets_mod.load_subject_model, assets_mod.act.extract
@@ -111,7 +111,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     assert stale_layers(instance, defs_b.resolve_asset_graph()) == [0]
     import datetime
 
-    from ndx_pipeline.automation import nightly_rescore
+    from ndx_pipeline.defs.automation import nightly_rescore
 
     ctx = dg.build_schedule_context(instance=instance, repository_def=defs_b.get_repository_def(),
                                     scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
@@ -160,7 +160,7 @@ def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "3")
     assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records"]
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
-    import ndx_pipeline.core.explainer as explainer_mod
+    import ndx_pipeline.core.method.explainer as explainer_mod
 
     monkeypatch.setattr(explainer_mod, "SYSTEM", explainer_mod.SYSTEM + " Be brief.")
     assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]

@@ -10,15 +10,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.activations import RECORD_SCHEMA
+from ndx_pipeline.core.contract import RECORD_SCHEMA
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.excerpts import split_excerpts
-from ndx_pipeline.core.interop import (
-    export_layer,
-    import_neuron_records,
-    neuron_record_files,
-    write_imported,
-)
+from ndx_pipeline.core.data.excerpts import split_excerpts
+from ndx_pipeline.reports.interop import export_layer, import_neuron_records, neuron_record_files, write_imported
 from ndx_pipeline.core.storage import asset_path
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.activations import RECORD_SCHEMA
+from ndx_pipeline.core.contract import RECORD_SCHEMA
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.excerpts import split_excerpts
-from ndx_pipeline.core.explainer import EXPLANATION_SCHEMA, explainer_messages, explanation_id, prompt_sha256
-from ndx_pipeline.core.lineage import format_lineage, lineage, lineage_json
-from ndx_pipeline.core.scoring import score_layer
-from ndx_pipeline.core.simulator import _schema as simulation_schema
+from ndx_pipeline.core.data.excerpts import split_excerpts
+from ndx_pipeline.core.contract import EXPLANATION_SCHEMA, SIMULATION_SCHEMA, explanation_id
+from ndx_pipeline.core.method.explainer import explainer_messages, prompt_sha256
+from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
+from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 
 WINDOW = 8
@@ -131,8 +131,8 @@ def build_store(root: Path, baseline: bool = True) -> Path:
                                  "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
                                  "true_activations": ex["activations"], "simulated_activations": sim,
                                  "simulator": "fixture-simulator"})
-        expl = pl.DataFrame(expl_rows, schema={k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()})
-        sims = pl.DataFrame(sim_rows, schema=simulation_schema())
+        expl = pl.DataFrame(expl_rows, schema=EXPLANATION_SCHEMA)
+        sims = pl.DataFrame(sim_rows, schema=SIMULATION_SCHEMA)
         scores = score_layer(sims, expl)
         if baseline:
             scores = scores.with_columns(
@@ -263,8 +263,8 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
 
 def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):
     """With the bundled model's tokenizer, every window's char span cuts out exactly its decoded tokens."""
-    from ndx_pipeline.core.lineage import Documents, resolve_excerpt_text
-    from ndx_pipeline.core.windows import TokenTexts
+    from ndx_pipeline.reports.lineage import Documents, resolve_excerpt_text
+    from ndx_pipeline.core.data.windows import TokenTexts
 
     _, tokenizer = subject
     docs = Documents("unused", frame=small_docs)

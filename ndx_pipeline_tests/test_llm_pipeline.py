@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.storage import asset_path
-from ndx_pipeline.assets import build_assets, layer_partitions
-from ndx_pipeline.resources import (
+from ndx_pipeline.defs.assets import build_assets, layer_partitions
+from ndx_pipeline.defs.resources import (
     CorpusResource,
     LLMResource,
     QualityResource,
@@ -148,8 +148,8 @@ def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
 KILLED_RUN = textwrap.dedent("""
     import sys
     import dagster as dg
-    from ndx_pipeline.assets import build_assets, layer_partitions
-    from ndx_pipeline.resources import LLMResource, QualityResource, StorageResource
+    from ndx_pipeline.defs.assets import build_assets, layer_partitions
+    from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
                       api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, max_tokens=20)

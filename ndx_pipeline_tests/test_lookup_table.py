@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from ndx_pipeline.core import activations as act
-from ndx_pipeline.core.subject_model import mlp_output_projections, special_token_wrap
-from ndx_pipeline.core.windows import TokenTexts
+from ndx_pipeline.core.contract import TOKEN_TABLE_SCHEMA
+from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data.subject_model import mlp_output_projections
+from ndx_pipeline.core.models import special_token_wrap
+from ndx_pipeline.core.data.windows import TokenTexts
 
 
 def test_token_table_sums_and_counts_by_token_id():
@@ -44,7 +46,7 @@ def test_token_table_frame_merges_ids_with_the_same_text():
     sel.token_vocab = sel.token_vocab[:3]  # id 11 never occurs; rows with count 0 are dropped anyway
     sel.token_count, sel.token_sum = sel.token_count[:3], sel.token_sum[:3]
     frame = act.token_table_frame(4, sel, Texts())
-    assert frame.columns == list(act.TOKEN_TABLE_SCHEMA)
+    assert frame.columns == list(TOKEN_TABLE_SCHEMA)
     got = {r["token"]: (r["count"], r["activation_sum"], r["mean_activation"]) for r in frame.iter_rows(named=True)}
     assert got == {"a": (3, 9.0, 3.0), "b": (1, 2.0, 2.0)}
     assert frame["layer"].to_list() == [4, 4] and frame["neuron"].to_list() == [0, 0]

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import pytest
 
-from ndx_pipeline.core.explainer import LEAD_IN, explainer_messages, parse_explanation
-from ndx_pipeline.core.llm_cache import LLMCache, LLMStats, cache_key
-from ndx_pipeline.core.openai_backend import (
+from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, parse_explanation
+from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key
+from ndx_pipeline.core.llm.openai_compatible import (
     JSONSimulationError,
     JSONSimulationLengthError,
     JSONSimulationTokenError,
@@ -45,8 +45,8 @@ from ndx_pipeline.core.openai_backend import (
     slot_candidates,
     values_from_candidates,
 )
-from ndx_pipeline.core.simulator import expected_values, simulation_prompt
-from ndx_pipeline_tests.llm_server import (  # noqa: F401  (fixtures)
+from ndx_pipeline.core.method.simulator import expected_values, simulation_prompt
+from ndx_pipeline_tests.llm_server import (
     TEST_API_KEY,
     Fault,
     FaultProxy,
@@ -408,7 +408,7 @@ def test_explainer_chat(fault_proxy, cache_root):
 def test_all_at_once_alignment_matches_in_process_model(echo_run):
     """The server's echoed logprobs, read with the detected alignment, give the same value distributions as
     the in-process transformers model on the same prompt; read with the other alignment they give none."""
-    from ndx_pipeline.core.backends import LocalTransformersBackend
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
 
     assert echo_run["alignment"] == "llama_cpp"  # SmolLM2 has no BOS: llama-cpp-python echoes one entry later
     assert echo_run["layout"] == "split"  # SmolLM2 writes 10 as "1" "0"
@@ -447,7 +447,7 @@ def test_all_at_once_alignment_matches_in_process_model(echo_run):
 def test_auto_alignment_follows_the_served_model(llama_server, tmp_path):
     """llama-cpp-python's echo alignment depends on the model: with a BOS token (same weights, metadata flipped)
     it is OpenAI's; "auto" follows, where a fixed "llama_cpp" would read the wrong positions."""
-    from ndx_pipeline.core.subject_model import bundled_gguf
+    from ndx_pipeline.core.models import bundled_gguf
 
     model = gguf_with_bos(bundled_gguf(), tmp_path / "smollm2-bos.gguf")
     prompt = simulation_prompt(SIM_EXPLANATION, ["The", " cat", " sat"])
@@ -607,8 +607,8 @@ def test_faults_are_retried_or_reported(fault_proxy):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from ndx_pipeline.core.openai_backend import OpenAICompatibleBackend
-    from ndx_pipeline.core.explainer import LEAD_IN, explainer_messages
+    from ndx_pipeline.core.llm.openai_compatible import OpenAICompatibleBackend
+    from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages
     base_url, cache, key = sys.argv[1], sys.argv[2], sys.argv[3]
     backend = OpenAICompatibleBackend(base_url, "smollm2-135m-instruct-q4_1", key, cache=cache, server="llama_cpp")
     for neuron in range(int(sys.argv[4])):

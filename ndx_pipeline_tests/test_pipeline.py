@@ -115,7 +115,7 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
 
     scores = frames["scores"]
     assert len(scores) == 4
-    from ndx_pipeline.core.scoring import pooled_correlation
+    from ndx_pipeline.core.method.scoring import pooled_correlation
 
     for row in scores.iter_rows(named=True):
         if row["status"] == "ok":
@@ -204,7 +204,7 @@ def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path)
     calibration_ids = set(excerpts.filter(pl.col("split") == "calibration")["excerpt_id"])
     cal_sims = pl.read_parquet(asset_path(storage, "calibration_simulations", 0))
     assert set(cal_sims["excerpt_id"]) <= calibration_ids and len(cal_sims)
-    from ndx_pipeline.core.scoring import pooled_correlation
+    from ndx_pipeline.core.method.scoring import pooled_correlation
 
     for row in expl.filter(pl.col("status") == "ok").iter_rows(named=True):  # each calibration score recomputed
         mine = cal_sims.filter(pl.col("explanation_id") == row["explanation_id"])

@@ -1,6 +1,6 @@
 """Exact prompt text for fixed small inputs: a wording change must be deliberate (and changes code versions)."""
 
-from ndx_pipeline.core.explainer import (
+from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,
     ExplanationParseError,
@@ -11,7 +11,7 @@ from ndx_pipeline.core.explainer import (
     prompt_sha256,
     strongest_tokens,
 )
-from ndx_pipeline.core.simulator import simulation_prompt
+from ndx_pipeline.core.method.simulator import simulation_prompt
 
 import pytest
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import polars as pl
 
-from ndx_pipeline.core.activations import TOKEN_TABLE_SCHEMA
+from ndx_pipeline.core.contract import TOKEN_TABLE_SCHEMA
 
-from .test_baselines import ScriptedBackend
-from .test_excerpts import records
+from ndx_pipeline_tests.test_baselines import ScriptedBackend
+from ndx_pipeline_tests.test_excerpts import records
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ndx_pipeline.core.display import display_scale
-from ndx_pipeline.core.scoring import (
+from ndx_pipeline.core.method.display import display_scale
+from ndx_pipeline.core.method.scoring import (
     STATUS_CONSTANT_SIMULATED,
     STATUS_CONSTANT_TRUE,
     STATUS_NO_TOKENS,
@@ -15,7 +15,7 @@ from ndx_pipeline.core.scoring import (
     rsquared,
     score_layer,
 )
-from ndx_pipeline.core.simulator import expected_value_from_top_logprobs, expected_values
+from ndx_pipeline.core.method.simulator import expected_value_from_top_logprobs, expected_values
 
 A_TRUE, A_SIM = [0.0, 0.0, 2.0, 0.0], [0.1, 0.0, 8.0, 1.0]
 B_TRUE, B_SIM = [0.0, -0.1, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]

@@ -247,7 +247,7 @@ def workdir(tmp_path):
 def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
     from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-    from ndx_pipeline.core.subject_model import bundled_gguf
+    from ndx_pipeline.core.models import bundled_gguf
 
     home, corpus, storage = workdir / "dagster_home", workdir / "corpus", workdir / "storage"
     config = _small_run_config(storage, corpus)

@@ -15,7 +15,7 @@ import pytest
 
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
-from ndx_pipeline.core.viewer import neuron_page_path, write_index, write_layer_pages, write_viewer
+from ndx_pipeline.reports.viewer import neuron_page_path, write_index, write_layer_pages, write_viewer
 
 
 def _load_fixture_builder():

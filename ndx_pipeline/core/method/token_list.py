@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from .baselines import explanation_frame
-from .explainer import (
+from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, frame, token_list_explanation_id
+from ndx_pipeline.core.llm.backend import RecordableLLMError
+from ndx_pipeline.core.progress import Progress
+from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,
     MAX_EXPLANATION_TOKENS,
@@ -27,7 +29,7 @@ from .explainer import (
     shown_token,
     token_list_text,
 )
-from .explainer import strongest_tokens as _strongest
+from ndx_pipeline.core.method.explainer import strongest_tokens as _strongest
 
 __all__ = ["explain_token_lists", "shown_token", "strongest_tokens", "template_explanation", "token_list_messages",
            "token_list_text"]
@@ -70,18 +72,16 @@ def token_list_messages(tokens: Sequence[str]) -> list[dict]:
     return messages
 
 
-def token_list_explanation_id(layer: int, neuron: int) -> str:
-    return f"{layer}/{neuron}/token_list"
-
-
 def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_LIST_SIZE,
                         max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
-                        on_neuron=None) -> pl.DataFrame:
+                        on_neuron=None, progress: Progress | None = None) -> pl.DataFrame:
     """One token-list explanation per neuron from its `explain` excerpts: by `backend` (an LLMBackend) reading only
     the strongest tokens, or by the fixed template when backend is None. Explanations-shaped rows (explanation_id
     `<layer>/<neuron>/token_list`) plus `strongest_tokens` (list of str)."""
-    explain = excerpts.filter(pl.col("split") == "explain").sort(["layer", "neuron", "rank"])
+    explain = excerpts.filter(pl.col("split") == EXPLAIN).sort(["layer", "neuron", "rank"])
     rows = []
+    if progress is not None:
+        progress.expect(explain.select("layer", "neuron").n_unique() if len(explain) else 0)
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
         layer, neuron = int(layer), int(neuron)
         tokens = strongest_tokens(list(zip(group["tokens"].to_list(), group["activations"].to_list())), n_tokens)
@@ -98,22 +98,12 @@ def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TO
                                           neuron_seed(seed + SEED_OFFSET, layer, neuron))
                 row.update(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
                            explanation=parse_explanation(completion.text))
-            except ExplanationParseError as exc:
-                row.update(status="failed", error=str(exc))
-            except Exception as exc:  # a recorded LLM failure (after the backend's retries) fails this neuron only
-                if not _recordable(exc):
-                    raise
+            except (ExplanationParseError, RecordableLLMError) as exc:  # fails this neuron only
                 row.update(status="failed", error=str(exc))
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
+        if progress is not None:
+            progress.advance()
         if on_neuron:
             on_neuron(row)
-    return explanation_frame(rows, {"strongest_tokens": pl.List(pl.String)})
-
-
-def _recordable(exc: Exception) -> bool:
-    try:
-        from .backends import RecordableLLMError
-    except ImportError:
-        return False
-    return isinstance(exc, RecordableLLMError)
+    return frame(rows, EXPLANATION_SCHEMA, {"strongest_tokens": pl.List(pl.String)})

@@ -9,13 +9,14 @@ marked `selected`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import polars as pl
 
-from .excerpts import CALIBRATION_SPLIT
-from .explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer, explanation_id
+from ndx_pipeline.core.contract import CALIBRATION, SCORED_SPLITS, explanation_id
+from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
+from ndx_pipeline.core.method.scoring import score_layer
+from ndx_pipeline.core.method.simulator import simulate_layer
+from ndx_pipeline.core.progress import Progress
 
 CANDIDATE_SEED_STRIDE = 7919
 
@@ -26,14 +27,16 @@ def candidate_seed(seed: int, candidate: int) -> int:
 
 
 def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
-                       temperature: float = TEMPERATURE, seed: int = 0, on_neuron=None) -> pl.DataFrame:
+                       temperature: float = TEMPERATURE, seed: int = 0, on_neuron=None,
+                       progress: Progress | None = None) -> pl.DataFrame:
     """k explanations per neuron (explainer rows plus an Int32 `candidate` column), explanation_id
     `<layer>/<neuron>/explanation/<candidate>`."""
     if k < 1:
         raise ValueError(f"best-of-k needs k ≥ 1, not {k}")
     frames = []
     for c in range(k):
-        frame = explain_layer(excerpts, backend, max_tokens, temperature, candidate_seed(seed, c), on_neuron)
+        frame = explain_layer(excerpts, backend, max_tokens, temperature, candidate_seed(seed, c), on_neuron,
+                              progress)
         ids = [explanation_id(int(layer), int(neuron), c) for layer, neuron in zip(frame["layer"], frame["neuron"])]
         frames.append(frame.with_columns(pl.Series("explanation_id", ids, dtype=pl.String),
                                          pl.lit(c, dtype=pl.Int32).alias("candidate")))
@@ -43,8 +46,6 @@ def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: 
 def simulate_split(explanations: pl.DataFrame, excerpts: pl.DataFrame, backend, split: str, **kwargs) -> pl.DataFrame:
     """`simulator.simulate_layer` on the excerpts of one split (it simulates the scored splits only, so the split
     is relabelled for the call and restored in its output)."""
-    from .simulator import SCORED_SPLITS, simulate_layer
-
     chosen = excerpts.filter(pl.col("split") == split)
     if split not in SCORED_SPLITS:
         chosen = chosen.with_columns(pl.lit(SCORED_SPLITS[0]).alias("split"))
@@ -86,39 +87,8 @@ def select_best(candidates: pl.DataFrame, calibration: pl.DataFrame, simulator_b
     """Simulate every ok candidate on the neuron's `calibration` excerpts, score it (pooled Pearson, as the real
     score) and choose one per neuron. Returns (candidates with calibration_score / calibration_status / selected,
     the calibration simulations)."""
-    from .scoring import score_layer
-
     ok = candidates.filter(pl.col("status") == "ok")
-    sims = simulate_split(ok, calibration, simulator_backend, CALIBRATION_SPLIT, **simulate_kwargs)
+    sims = simulate_split(ok, calibration, simulator_backend, CALIBRATION, **simulate_kwargs)
     scores = score_layer(sims, ok) if len(ok) else pl.DataFrame(
         schema={"explanation_id": pl.String, "score": pl.Float64, "status": pl.String})
     return choose(candidates, scores), sims
-
-
-def best_of_k(excerpts: pl.DataFrame, calibration: pl.DataFrame, explainer_backend, simulator_backend, k: int = 3,
-              max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
-              on_neuron=None, **simulate_kwargs) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """explain_candidates then select_best. With k = 1 the single candidate is selected without simulating."""
-    candidates = explain_candidates(excerpts, explainer_backend, k, max_tokens, temperature, seed, on_neuron)
-    if k == 1:
-        return choose(candidates, pl.DataFrame(schema={"explanation_id": pl.String, "score": pl.Float64,
-                                                       "status": pl.String})), _empty_simulations()
-    return select_best(candidates, calibration, simulator_backend, **simulate_kwargs)
-
-
-def _empty_simulations() -> pl.DataFrame:
-    from .simulator import _schema
-
-    return pl.DataFrame(schema=_schema())
-
-
-def selected(explanations: pl.DataFrame) -> pl.DataFrame:
-    """One row per neuron: the selected candidate (all rows when the frame has no `selected` column)."""
-    return explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
-
-
-def calibration_table(explanations: pl.DataFrame, columns: Sequence[str] = ("layer", "neuron", "candidate",
-                                                                             "explanation", "calibration_score",
-                                                                             "selected")) -> pl.DataFrame:
-    """The candidates side by side (for logs and metadata)."""
-    return explanations.select([c for c in columns if c in explanations.columns])

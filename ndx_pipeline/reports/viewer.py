@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .errors import NdxInputError
-from .lineage import Documents, LayerData, available_layers, json_safe, neuron_lineage
-from .scoring import pooled_correlation
-from .storage import asset_path
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.reports.lineage import Documents, LayerData, available_layers, json_safe, neuron_lineage
+from ndx_pipeline.core.method.scoring import pooled_correlation
+from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
 
 VIEWER_ASSET = "neuron_viewer"
 TOP_TOKENS = 8
@@ -40,28 +40,8 @@ NON_BASELINE = {"layer", "neuron", "explanation_id", "explanation", "status", "s
 # ---------------------------------------------------------------------------------------------------- paths & io
 
 
-def viewer_dir(storage_dir: str | os.PathLike) -> Path:
-    return Path(storage_dir) / VIEWER_ASSET
-
-
 def neuron_page_path(out_dir: str | os.PathLike, layer: int, neuron: int) -> Path:
     return Path(out_dir) / str(int(layer)) / f"{int(neuron)}.html"
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def esc(value: Any) -> str:
@@ -537,7 +517,7 @@ def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     if missing:
         raise NdxInputError(f"layers {missing} have no scores under {storage_dir}: materialize them first.")
     rows, extra = _index_rows(storage_dir, chosen)
-    from .backends import BUNDLED_MODEL_NOTE
+    from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE
 
     note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen) else None
     return write_text_atomic(render_index(rows, extra, chosen, note), out / "index.html")

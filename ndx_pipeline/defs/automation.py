@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from .core.corpus import TEXT_SUFFIXES
+from ndx_pipeline.core.data.corpus import TEXT_SUFFIXES
 
 MAIN_JOB = "explain_neurons"
 EXTRACTION_JOB = "extract_activations"

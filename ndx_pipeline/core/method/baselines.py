@@ -22,8 +22,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .explainer import EXPLANATION_SCHEMA
-from .simulator import SCORED_SPLITS
+from ndx_pipeline.core import contract
+from ndx_pipeline.core.contract import (
+    BASELINE_EXPLANATION_SCHEMA,
+    EXPLANATION_SCHEMA,
+    RANDOM_BASELINE,
+    SCORED_SPLITS,
+    SIMULATED_BASELINES,
+    SIMULATION_SCHEMA,
+    TOKEN_LIST_BASELINE,
+    frame,
+    lookup_explanation_id,
+    random_explanation_id,
+)
+from ndx_pipeline.core.method.scoring import score_layer
+from ndx_pipeline.core.method.token_list import explain_token_lists
 
 LOOKUP_EXPLANATION = "token lookup table (each token's mean activation over the corpus)"
 LOOKUP_SIMULATOR = "lookup-table"
@@ -32,22 +45,12 @@ LOOKUP_SIMULATOR_IN_SAMPLE = "lookup-table-in-sample"
 
 def explanation_frame(rows: Sequence[dict], extra: Mapping[str, pl.DataType] | None = None) -> pl.DataFrame:
     """Rows in the explanations schema (missing fields null), plus `extra` columns."""
-    schema = {k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()}
-    schema.update(extra or {})
-    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
-
-
-def _simulation_schema() -> dict:
-    from .simulator import _schema
-
-    return _schema()
+    return frame(rows, EXPLANATION_SCHEMA, extra)
 
 
 def simulation_frame(rows: Sequence[dict]) -> pl.DataFrame:
-    """Rows in the simulations schema; `status`/`error` (when the schema has them) default to ok/null."""
-    schema = _simulation_schema()
-    defaults = {"status": "ok", "error": None}
-    return pl.DataFrame([{k: r.get(k, defaults.get(k)) for k in schema} for r in rows], schema=schema)
+    """Rows in the simulations schema; `status`/`error` default to ok/null."""
+    return frame(rows, SIMULATION_SCHEMA, defaults={"status": "ok"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -75,10 +78,6 @@ def lookup_predictions(table: Mapping[str, tuple[int, float]],
         out.append(np.array([sums[t] / counts[t] if counts.get(t, 0) > 0 else neuron_mean for t in tokens],
                             dtype=np.float64))
     return out
-
-
-def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str:
-    return f"{layer}/{neuron}/lookup" + ("" if held_out else "-in-sample")
 
 
 def lookup_simulations(table: pl.DataFrame, excerpts: pl.DataFrame, held_out: bool = True,
@@ -120,24 +119,11 @@ def lookup_simulations(table: pl.DataFrame, excerpts: pl.DataFrame, held_out: bo
 # Random explanation
 
 
-def usable_explanations(explanations: pl.DataFrame) -> pl.DataFrame:
-    """The explanation each neuron keeps: rows with status ok, and only the selected candidate when the frame holds
-    best-of-k candidates (a boolean `selected` column)."""
-    frame = explanations.filter(pl.col("status") == "ok")
-    if "selected" in frame.columns:
-        frame = frame.filter(pl.col("selected"))
-    return frame
-
-
-def random_explanation_id(layer: int, neuron: int, donor: int) -> str:
-    return f"{layer}/{neuron}/random/{donor}"
-
-
 def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     """For every neuron of `explanations`, the kept explanation of another neuron of the same layer, chosen with
     numpy's generator seeded by (seed, layer, neuron). Status failed when the layer has no other usable one.
     Extra column `donor_neuron`."""
-    usable = usable_explanations(explanations).sort(["layer", "neuron"])
+    usable = contract.usable(explanations).sort(["layer", "neuron"])
     donors: dict[int, list[dict]] = {}
     for r in usable.iter_rows(named=True):
         donors.setdefault(int(r["layer"]), []).append(r)
@@ -158,48 +144,28 @@ def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFra
     return explanation_frame(rows, {"donor_neuron": pl.Int32})
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Scores side by side
-
-
-def with_baselines(scores: pl.DataFrame, baselines: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
-    """`scores` plus one Float64 column `baseline_<name>` per baseline: that baseline's `score` for the same
-    (layer, neuron) (score_layer output of the baseline), NaN where it has none."""
-    out = scores
-    for name, frame in baselines.items():
-        col = f"baseline_{name}"
-        part = frame.select(pl.col("layer").cast(pl.Int32), pl.col("neuron").cast(pl.Int32),
-                            pl.col("score").cast(pl.Float64).alias(col)).unique(["layer", "neuron"], keep="first")
-        out = out.drop(col, strict=False).join(part, on=["layer", "neuron"], how="left")
-        out = out.with_columns(pl.col(col).fill_null(float("nan")))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # All baselines of a layer, for the stages
 
 
-BASELINE_NAMES = ("lookup", "random", "token_list")
-
-
 def baseline_explanations(explanations: pl.DataFrame, excerpts: pl.DataFrame, seed: int = 0, token_list_backend=None,
-                          names: Sequence[str] = ("random", "token_list"), **token_list_kwargs) -> pl.DataFrame:
+                          names: Sequence[str] = SIMULATED_BASELINES, **token_list_kwargs) -> pl.DataFrame:
     """The explanations the random and token-list baselines simulate (those of `names`), one of each per neuron, in
     the explanations schema plus a String column `baseline` ("random" / "token_list"). The token-list one is written
     by `token_list_backend` (the explainer LLM) reading only the strongest tokens, or by the fixed template when
     None. Simulate them like any explanation (`simulator.simulate_layer(frame, excerpts, simulator_backend)`)."""
-    from .token_list import explain_token_lists
-
-    common = list(explanation_frame([]).columns)
+    common = list(EXPLANATION_SCHEMA)
     parts = []
-    if "random" in names:
+    if RANDOM_BASELINE in names:
         parts.append(random_explanations(explanations, seed).select(common)
-                     .with_columns(pl.lit("random").alias("baseline")))
-    if "token_list" in names:
+                     .with_columns(pl.lit(RANDOM_BASELINE).alias("baseline")))
+    if TOKEN_LIST_BASELINE in names:
         parts.append(explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
-                     .select(common).with_columns(pl.lit("token_list").alias("baseline")))
+                     .select(common).with_columns(pl.lit(TOKEN_LIST_BASELINE).alias("baseline")))
     if not parts:
-        return explanation_frame([]).with_columns(pl.lit(None, dtype=pl.String).alias("baseline"))
+        return pl.DataFrame(schema=BASELINE_EXPLANATION_SCHEMA)
     return pl.concat(parts).sort(["layer", "neuron", "baseline"])
 
 
@@ -208,8 +174,6 @@ def baseline_scores(simulations: pl.DataFrame, baseline_expl: pl.DataFrame | Non
                     held_out: bool = True) -> dict[str, pl.DataFrame]:
     """{name: score_layer rows} for `score_layer(..., baselines=)`: random and token_list from `simulations` of
     `baseline_explanations` rows, lookup from the token `table` on the scored `excerpts` (no LLM)."""
-    from .scoring import score_layer
-
     out = {}
     if baseline_expl is not None:
         for name in baseline_expl["baseline"].unique(maintain_order=True).to_list():

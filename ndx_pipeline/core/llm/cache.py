@@ -19,7 +19,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -163,3 +163,19 @@ class LLMStats:
         lookups = out["cache_hits"] + out["calls"]
         out["cache_hit_rate"] = out["cache_hits"] / lookups if lookups else None
         return out
+
+
+def cached_call(cache: LLMCache | None, stats: LLMStats, kind: str, model: str, endpoint: str,
+                request: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+    """The answer to one logical request: from `cache` when it holds one (counted as a hit in `stats`), else
+    `compute()` — which accounts for its own calls, retries and tokens — stored under the request's content address.
+    Every backend answers through here, so a rerun costs nothing whatever the backend."""
+    key = cache_key(kind, model, endpoint, request)
+    if cache is not None:
+        hit, response = cache.lookup(key, stats)
+        if hit:
+            return response
+    response = compute()
+    if cache is not None:
+        cache.put(key, kind, model, endpoint, request, response)
+    return response

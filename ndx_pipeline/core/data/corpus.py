@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .errors import NdxInputError
+from ndx_pipeline.core.errors import NdxInputError
 
 TEXT_SUFFIXES = (".txt", ".md")
 DEFAULT_CORPUS = "pydoc_data.topics"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .core.explainer import explainer_messages
-from .core.simulator import simulation_prompt
+from ndx_pipeline.core.method.explainer import explainer_messages
+from ndx_pipeline.core.method.simulator import simulation_prompt
 
 # Bump when a stage's method changes in a way that changes its output.
 METHOD_REVISIONS = {
@@ -42,7 +42,7 @@ def simulator_prompt_sha() -> str:
 
 
 def token_list_prompt_sha() -> str:
-    from .core.token_list import token_list_messages
+    from ndx_pipeline.core.method.token_list import token_list_messages
 
     return _digest(token_list_messages([" a", " b"]))
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .display import display_scale, escape_token, excerpt_block
+import polars as pl
+
+from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
+from ndx_pipeline.core.llm.backend import RecordableLLMError
+from ndx_pipeline.core.progress import Progress
+from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
 
 LEAD_IN = "Its main job is to detect"
 SPARSE_FRACTION = 0.2  # below this share of non-zero values, the excerpts are repeated with zero lines left out
@@ -171,42 +177,19 @@ def parse_explanation(completion: str) -> str:
     return text
 
 
-EXPLANATION_SCHEMA = {
-    "layer": "Int32", "neuron": "Int32", "explanation_id": "String", "explanation": "String",
-    "explainer": "String", "prompt_sha256": "String", "status": "String", "error": "String",
-    "prompt_tokens": "Int64", "completion_tokens": "Int64", "seconds": "Float64",
-}
-
-
-def explanation_id(layer: int, neuron: int, candidate: int = 0) -> str:
-    return f"{layer}/{neuron}/explanation/{candidate}"
-
-
 def neuron_seed(seed: int, layer: int, neuron: int) -> int:
     return (seed * 1_000_003 + layer * 65_537 + neuron) % (2**31)
 
 
 def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
-                  seed: int = 0, on_neuron=None, candidates: int = 1):
+                  seed: int = 0, on_neuron=None, progress: Progress | None = None):
     """One explanation per neuron from its `explain` excerpts, at the backend's concurrency.
 
     A neuron whose call fails (after the backend's retries) or whose answer cannot be parsed gets status `failed`
-    and the reason; the others go on. `on_neuron(row)` is called as each neuron finishes.
-    candidates > 1: that many per neuron (`best_of_k.explain_candidates`: an Int32 `candidate` column, candidate 0
-    being exactly the single explanation); choose among them with `best_of_k.select_best`.
+    and the reason; the others go on. `on_neuron(row)` is called as each neuron finishes. For k candidates per
+    neuron see `best_of_k.explain_candidates` (its candidate 0 is exactly this explanation).
     """
-    import time
-
-    import polars as pl
-
-    if candidates != 1:
-        from .best_of_k import explain_candidates
-
-        return explain_candidates(excerpts, backend, candidates, max_tokens, temperature, seed, on_neuron)
-
-    from .backends import RecordableLLMError
-
-    explain = excerpts.filter(pl.col("split") == "explain").sort(["layer", "neuron", "rank"])
+    explain = excerpts.filter(pl.col("split") == EXPLAIN).sort(["layer", "neuron", "rank"])
     jobs = []
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
         shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
@@ -230,8 +213,12 @@ def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, t
     def done(outcome):
         if outcome.error is not None:  # not an LLM failure: a bug or an interruption, which must surface
             raise outcome.error
+        if progress is not None:
+            progress.advance()
         if on_neuron:
             on_neuron(outcome.value)
 
+    if progress is not None:
+        progress.expect(len(jobs))
     rows = [o.value for o in backend.map(run, jobs, on_done=done)]
-    return pl.DataFrame(rows, schema={k: getattr(pl, v) for k, v in EXPLANATION_SCHEMA.items()})
+    return frame(rows, EXPLANATION_SCHEMA)

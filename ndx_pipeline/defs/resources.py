@@ -8,9 +8,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from .core.backends import LLMBackend, LocalTransformersBackend
-from .core.errors import NdxInputError
-from .core.subject_model import BUNDLED_MODEL
+from ndx_pipeline.core.llm.backend import LLMBackend, LocalTransformersBackend
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.data.subject_model import BUNDLED_MODEL
 
 SUBJECT_MODEL_ENV = "NDX_SUBJECT_MODEL"
 # The default run (3 layers of the bundled model on this 2-core CPU) must finish within 10 minutes: measured
@@ -139,7 +139,7 @@ class LLMResource(dg.ConfigurableResource):
         if self.backend == "local":
             return LocalTransformersBackend(self.model, cache=cache_dir, stats=stats)
         if self.backend == "openai":
-            from .core.openai_backend import OpenAICompatibleBackend, RetryPolicy
+            from ndx_pipeline.core.llm.openai_compatible import OpenAICompatibleBackend, RetryPolicy
 
             if not self.base_url:
                 raise NdxInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1).")

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Completion, LLMBackend, Outcome, RecordableLLMError, map_concurrently
-from .display import escape_token
-from .explainer import FEW_SHOTS
-from .llm_cache import LLMCache, LLMStats, cache_key
-from .simulator import VALUES, SimulationPrompt
+from ndx_pipeline.core.llm.backend import Completion, LLMBackend, Outcome, RecordableLLMError, map_concurrently
+from ndx_pipeline.core.method.display import escape_token
+from ndx_pipeline.core.method.explainer import FEW_SHOTS
+from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key
+from ndx_pipeline.core.method.simulator import VALUES, SimulationPrompt
 
 log = logging.getLogger(__name__)
 

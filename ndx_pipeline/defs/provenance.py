@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .core.lineage import STAGES
+from ndx_pipeline.core.contract import STAGES
 
 
 def _info(record, partition: str | None) -> dict:

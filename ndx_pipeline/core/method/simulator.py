@@ -6,12 +6,14 @@ model's next-token distribution at the slot right after the tab. One forward pas
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
+import polars as pl
 
-from .display import END, START, escape_token
-from .explainer import FEW_SHOTS
+from ndx_pipeline.core.llm.backend import VALUES, RecordableLLMError, SimulationPrompt
+from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, frame, usable
+from ndx_pipeline.core.method.display import END, START, escape_token
+from ndx_pipeline.core.method.explainer import FEW_SHOTS
+from ndx_pipeline.core.progress import Progress
 
 # Measured on the bundled 135M model (issue 7, benchmarks/prompts.py): after "token<TAB>" only ~7 % of the slot's
 # probability is on the values 0..10 (the model mostly predicts the placeholder again). Writing "0" as the
@@ -19,7 +21,6 @@ from .explainer import FEW_SHOTS
 # "unknown", 0.041 with "0"; 10 synthetic one-token neurons with hand-written explanations: 0.037 vs 0.026), and it
 # tells a capable model that every earlier token scored 0. The renormalized expected value keeps the paper's format.
 PLACEHOLDER = "unknown"
-VALUES = tuple(range(11))
 
 INTRO = (
     "Below, a description of one neuron in a language model is followed by text, one token per line. After each "
@@ -27,26 +28,6 @@ INTRO = (
     "as it ever fires). Most tokens get 0; the tokens that match the description get high values. Where the value "
     f"is written as {PLACEHOLDER}, it is the one to predict.\n"
 )
-
-
-@dataclass(frozen=True)
-class SimulationPrompt:
-    """The prompt as text segments; the activation of target token i is read right after segment `slots[i]`."""
-
-    segments: tuple[str, ...]
-    slots: tuple[int, ...]
-
-    @property
-    def text(self) -> str:
-        return "".join(self.segments)
-
-    def slot_offsets(self) -> list[int]:
-        """Character offset in `text` where each slot's value would begin."""
-        ends, pos = [], 0
-        for seg in self.segments:
-            pos += len(seg)
-            ends.append(pos)
-        return [ends[i] for i in self.slots]
 
 
 def _example_text(explanation: str, tokens, values) -> str:
@@ -92,23 +73,7 @@ def expected_value_from_top_logprobs(top_logprobs: dict[str, float]) -> float:
     return float(expected_values(probs[None, :])[0])
 
 
-SIMULATION_SCHEMA = {
-    "layer": "Int32", "neuron": "Int32", "explanation_id": "String", "excerpt_id": "String", "split": "String",
-    "tokens": ("List", "String"), "true_activations": ("List", "Float32"),
-    "simulated_activations": ("List", "Float32"), "simulator": "String", "status": "String", "error": "String",
-}
-
 SIMULATOR_MODES = ("all_at_once", "json")
-
-
-def _schema():
-    import polars as pl
-
-    return {k: (pl.List(getattr(pl, v[1])) if isinstance(v, tuple) else getattr(pl, v))
-            for k, v in SIMULATION_SCHEMA.items()}
-
-
-SCORED_SPLITS = ("score_top", "score_random")
 
 
 def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once") -> np.ndarray:
@@ -120,19 +85,15 @@ def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once
     raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
 
 
-def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = "all_at_once"):
+def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = "all_at_once",
+                   progress: Progress | None = None):
     """Simulate every scored excerpt of every neuron whose explanation is `ok` (one forward pass or request per
     excerpt, at the backend's concurrency). An excerpt whose call or answer fails gets status `failed`, an empty
-    prediction and the reason; the others go on. `on_neuron(explanation_row)` is called as each neuron finishes."""
-    import polars as pl
-
-    from .backends import RecordableLLMError
-
+    prediction and the reason; the others go on. `on_neuron(explanation_row)` is called as each neuron finishes;
+    `progress` counts excerpts."""
     if mode not in SIMULATOR_MODES:
         raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
-    ok = explanations.filter(pl.col("status") == "ok")
-    if "selected" in ok.columns:  # best-of-k candidates: only the kept one is scored
-        ok = ok.filter(pl.col("selected"))
+    ok = usable(explanations)  # best-of-k candidates: only the kept one is scored
     scored = excerpts.filter(pl.col("split").is_in(list(SCORED_SPLITS)))
     jobs = []
     for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
@@ -154,6 +115,8 @@ def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = 
             row["status"], row["error"] = "failed", str(exc)
         return row
 
+    if progress is not None:
+        progress.expect(len(jobs))
     remaining = {}
     for expl, _ in jobs:
         remaining[expl["explanation_id"]] = remaining.get(expl["explanation_id"], 0) + 1
@@ -162,9 +125,11 @@ def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = 
         if outcome.error is not None:
             raise outcome.error
         expl = outcome.item[0]
+        if progress is not None:
+            progress.advance()
         remaining[expl["explanation_id"]] -= 1
         if on_neuron and remaining[expl["explanation_id"]] == 0:
             on_neuron(expl)
 
     rows = [o.value for o in backend.map(run, jobs, on_done=done)]
-    return pl.DataFrame(rows, schema=_schema())
+    return frame(rows, SIMULATION_SCHEMA)

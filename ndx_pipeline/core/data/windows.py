@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import NdxInputError
+from ndx_pipeline.core.errors import NdxInputError
 
 
 @dataclass

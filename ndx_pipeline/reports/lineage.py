@@ -22,27 +22,16 @@ from typing import Any
 
 import polars as pl
 
-from .errors import NdxInputError
-from .explainer import LEAD_IN, explainer_messages, prompt_sha256
-from .storage import asset_path
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, prompt_sha256
+from ndx_pipeline.core.contract import SCORED_SPLITS, STAGES
+from ndx_pipeline.core.storage import asset_path, read_asset
 
-STAGES = ("corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores")
-SCORED_SPLITS = ("score_top", "score_random")
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_CHARS = 200
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-
-
-def read_layer_file(storage_dir: str | os.PathLike, asset: str, layer: int) -> pl.DataFrame:
-    """One contract file of one layer, or an NdxInputError naming the file and the missing stage."""
-    path = asset_path(storage_dir, asset, layer)
-    if not path.exists():
-        raise NdxInputError(
-            f"layer {layer} has no {asset} file at {path}: materialize {asset} for layer {layer} first."
-        )
-    return pl.read_parquet(path)
 
 
 def available_layers(storage_dir: str | os.PathLike, asset: str = "scores") -> list[int]:
@@ -81,10 +70,10 @@ class LayerData:
     def __init__(self, storage_dir: str | os.PathLike, layer: int, documents: Documents | None = None):
         self.storage_dir = Path(storage_dir)
         self.layer = int(layer)
-        self.scores = read_layer_file(storage_dir, "scores", layer)
-        self.explanations = read_layer_file(storage_dir, "explanations", layer)
-        self.simulations = read_layer_file(storage_dir, "simulations", layer)
-        self.excerpts = read_layer_file(storage_dir, "top_excerpts", layer)
+        self.scores = read_asset(storage_dir, "scores", layer)
+        self.explanations = read_asset(storage_dir, "explanations", layer)
+        self.simulations = read_asset(storage_dir, "simulations", layer)
+        self.excerpts = read_asset(storage_dir, "top_excerpts", layer)
         records = asset_path(storage_dir, "activation_records", layer)
         self.records = pl.read_parquet(records) if records.exists() else None
         self.documents = documents or Documents(storage_dir)

@@ -12,22 +12,22 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from .core import activations as act
-from .core import corpus as corpus_mod
-from .core import excerpts as exc
-from .core import baselines as baselines_mod
-from .core import best_of_k, explainer, scoring, simulator
-from .core import validation
-from .core import viewer as viewer_mod
-from .core.backends import BUNDLED_MODEL_NOTE
-from .core.errors import NdxInputError
-from .core.storage import asset_path, read_parquet, write_parquet_atomic
-from .core.subject_model import check_layers, load_subject_model, mlp_width, num_layers
-from .core.windows import TokenTexts, tokenize_windows
-from .dagster_metadata import candidates_table, column_schema, content_hash, neuron_table, score_histogram
-from .provenance import stage_runs
-from .scale_out import op_tags
-from .resources import (
+from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data import corpus as corpus_mod
+from ndx_pipeline.core.data import excerpts as exc
+from ndx_pipeline.core.method import baselines as baselines_mod
+from ndx_pipeline.core.method import best_of_k, explainer, scoring, simulator
+from ndx_pipeline.core import validation
+from ndx_pipeline.reports import viewer as viewer_mod
+from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.storage import asset_path, read_parquet, write_parquet_atomic
+from ndx_pipeline.core.data.subject_model import check_layers, load_subject_model, mlp_width, num_layers
+from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
+from ndx_pipeline.defs.metadata import candidates_table, column_schema, content_hash, neuron_table, score_histogram
+from ndx_pipeline.defs.provenance import stage_runs
+from ndx_pipeline.scale_out import op_tags
+from ndx_pipeline.defs.resources import (
     CorpusResource,
     LLMResource,
     QualityResource,
@@ -50,7 +50,7 @@ def llm_cache_dir(storage: StorageResource):
 
 def llm_accounting(backend, before: dict, started: float) -> dict:
     """Per-partition LLM work: requests sent, cache hits, tokens, failures, wall time."""
-    from .core.llm_cache import LLMStats
+    from ndx_pipeline.core.llm.cache import LLMStats
 
     delta = LLMStats.difference(backend.stats.snapshot(), before)
     return {

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
-STATUS_OK = "ok"
+from ndx_pipeline.core import contract
+from ndx_pipeline.core.contract import STATUS_OK
+
 STATUS_CONSTANT_TRUE = "undefined: true activations are constant"
 STATUS_CONSTANT_SIMULATED = "undefined: simulated activations are constant"
 STATUS_NO_TOKENS = "undefined: no scored tokens"
@@ -64,10 +67,7 @@ def score_layer(simulations, explanations, baselines=None):
     When `explanations` holds best-of-k candidates (a boolean `selected` column), only the selected one of each
     neuron is scored. baselines: {name: score_layer output of a baseline} adds a Float64 column `baseline_<name>`
     per baseline (NaN where that baseline has no score for the neuron); see `baselines.with_baselines`."""
-    import polars as pl
-
-    if "selected" in explanations.columns:
-        explanations = explanations.filter(pl.col("selected"))
+    explanations = contract.kept(explanations)
     rows = []
     for expl in explanations.sort(["layer", "neuron"]).iter_rows(named=True):
         row = {"layer": expl["layer"], "neuron": expl["neuron"], "explanation_id": expl["explanation_id"],
@@ -91,7 +91,7 @@ def score_layer(simulations, explanations, baselines=None):
         true, sim = sims["true_activations"].to_list(), sims["simulated_activations"].to_list()
         pooled = pooled_correlation(true, sim)
         parts = {}
-        for split in ("score_top", "score_random"):
+        for split in contract.SCORED_SPLITS:
             part = sims.filter(pl.col("split") == split)
             parts[split] = pooled_correlation(part["true_activations"].to_list(),
                                               part["simulated_activations"].to_list()).value
@@ -99,12 +99,18 @@ def score_layer(simulations, explanations, baselines=None):
                    rsquared=rsquared(true, sim), absolute_dev_explained=absolute_dev_explained(true, sim),
                    status=pooled.status, scored_tokens=int(sum(len(t) for t in true)))
         rows.append(row)
-    schema = {"layer": pl.Int32, "neuron": pl.Int32, "explanation_id": pl.String, "explanation": pl.String,
-              "score": pl.Float64, "score_top": pl.Float64, "score_random": pl.Float64, "rsquared": pl.Float64,
-              "absolute_dev_explained": pl.Float64, "status": pl.String, "scored_tokens": pl.Int64}
-    frame = pl.DataFrame(rows, schema=schema)
-    if baselines:
-        from .baselines import with_baselines
+    frame = contract.frame(rows, contract.SCORE_SCHEMA)
+    return with_baselines(frame, baselines) if baselines else frame
 
-        frame = with_baselines(frame, baselines)
-    return frame
+
+def with_baselines(scores: pl.DataFrame, baselines: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
+    """`scores` plus one Float64 column `baseline_<name>` per baseline: that baseline's `score` for the same
+    (layer, neuron) (score_layer output of the baseline), NaN where it has none."""
+    out = scores
+    for name, frame in baselines.items():
+        col = contract.baseline_column(name)
+        part = frame.select(pl.col("layer").cast(pl.Int32), pl.col("neuron").cast(pl.Int32),
+                            pl.col("score").cast(pl.Float64).alias(col)).unique(["layer", "neuron"], keep="first")
+        out = out.drop(col, strict=False).join(part, on=["layer", "neuron"], how="left")
+        out = out.with_columns(pl.col(col).fill_null(float("nan")))
+    return out

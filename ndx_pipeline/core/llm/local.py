@@ -1,8 +1,7 @@
-"""LLM backends for the explainer and the simulator.
+"""An in-process transformers causal LM as an LLM backend (CPU or CUDA; default: the bundled SmolLM2).
 
-`LLMBackend` is the small interface every backend implements: chat completion for explanations and per-slot
-value distributions for the "all at once" simulator. `LocalTransformersBackend` runs a chat model in-process
-(default: the bundled SmolLM2-135M-Instruct); an OpenAI-compatible backend implements the same interface.
+With a cache, every answer is stored under the content address of its request, so a rerun (or a run resumed after
+a crash) recomputes nothing it has already answered.
 """
 
 from __future__ import annotations
@@ -10,129 +9,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 
-from .llm_cache import LLMCache, LLMStats, cache_key
-from .simulator import VALUES, SimulationPrompt
-from .subject_model import loadable, resolve_model
-
-# Said where users look (run summary, scores metadata, viewer, README): what the bundled model is good for.
-BUNDLED_MODEL_NOTE = (
-    "The bundled SmolLM2-135M lets the pipeline run offline, but it is far too small to explain or simulate neurons: "
-    "as a simulator it correlates 0.00-0.04 with real activations even given correct hand-written explanations. "
-    "Expect scores near 0 with it; put a capable model behind the OpenAI-compatible backend for explanations worth "
-    "reading."
-)
-
-
-class RecordableLLMError(Exception):
-    """An LLM call or answer that failed for one neuron or excerpt: recorded in its row, the layer goes on."""
-
-
-@dataclass
-class Outcome:
-    """The result of one item of `map_concurrently`: `value`, or the `error` it raised."""
-
-    index: int
-    item: Any
-    value: Any = None
-    error: Exception | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def map_concurrently(fn: Callable[[Any], Any], items: Iterable[Any], max_concurrency: int = 4,
-                     on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run `fn(item)` for every item with at most `max_concurrency` running at once (threads).
-
-    An item that raises does not stop the others: its Outcome carries the error. `on_done` is called in the
-    calling thread as each item finishes (e.g. to write results or caches per neuron); the list comes back in
-    input order. If `on_done` raises (or the caller is interrupted), items not yet started are cancelled.
-    """
-    items = list(items)
-    outcomes: list[Outcome | None] = [None] * len(items)
-
-    def finish(i: int, value=None, error=None):
-        outcomes[i] = Outcome(i, items[i], value, error)
-        if on_done is not None:
-            on_done(outcomes[i])
-
-    if max_concurrency <= 1 or len(items) <= 1:
-        for i, item in enumerate(items):
-            try:
-                value = fn(item)
-            except Exception as exc:
-                finish(i, error=exc)
-            else:
-                finish(i, value=value)
-        return outcomes  # type: ignore[return-value]
-
-    pool = ThreadPoolExecutor(max_workers=min(max_concurrency, len(items)), thread_name_prefix="ndx-llm")
-    try:
-        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                i = pending.pop(fut)
-                exc = fut.exception()
-                if exc is None:
-                    finish(i, value=fut.result())
-                elif isinstance(exc, Exception):
-                    finish(i, error=exc)
-                else:  # KeyboardInterrupt / SystemExit in a worker
-                    raise exc
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return outcomes  # type: ignore[return-value]
-
-
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class LLMBackend(ABC):
-    """What the explanation and simulation stages need from an LLM."""
-
-    @property
-    @abstractmethod
-    def name(self) -> str:
-        """Identifies backend and model in stored rows and metadata (never a secret)."""
-
-    @abstractmethod
-    def chat(self, messages: list[dict], assistant_prefix: str, max_tokens: int, temperature: float,
-             seed: int) -> Completion:
-        """Continue the assistant's reply, which starts with `assistant_prefix`; return only the new text."""
-
-    @abstractmethod
-    def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
-        """[slots, 11]: probability that the value at each slot is 0..10 (not renormalized)."""
-
-    stats: LLMStats
-    max_concurrency: int = 1
-
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], on_done=None) -> list[Outcome]:
-        """Run `fn` over items at this backend's concurrency; an item that raises does not stop the others."""
-        return map_concurrently(fn, items, self.max_concurrency, on_done)
-
-    def simulate_json(self, explanation: str, tokens) -> np.ndarray:
-        raise RecordableLLMError(f"the backend {self.name} has no JSON simulator; use the all-at-once simulator")
-
-    def close(self) -> None:
-        """Release connections (nothing for in-process models)."""
+from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, SimulationPrompt
+from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
+from ndx_pipeline.core.models import loadable, resolve_model, special_token_wrap
 
 
 _LOAD_LOCK = threading.Lock()
@@ -171,19 +55,15 @@ class LocalTransformersBackend(LLMBackend):
         self.stats = stats if stats is not None else LLMStats()
 
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
-        key = cache_key(self.KIND, self.model_name, endpoint, request)
-        if self.cache is not None:
-            hit, response = self.cache.lookup(key, self.stats)
-            if hit:
-                return response
-        started = time.monotonic()
-        response = compute()
-        self.stats.add(calls=1, requests=1, seconds=time.monotonic() - started,
-                       prompt_tokens=response.get("prompt_tokens", 0),
-                       completion_tokens=response.get("completion_tokens", 0))
-        if self.cache is not None:
-            self.cache.put(key, self.KIND, self.model_name, endpoint, request, response)
-        return response
+        def timed() -> dict:
+            started = time.monotonic()
+            response = compute()
+            self.stats.add(calls=1, requests=1, seconds=time.monotonic() - started,
+                           prompt_tokens=response.get("prompt_tokens", 0),
+                           completion_tokens=response.get("completion_tokens", 0))
+            return response
+
+        return cached_call(self.cache, self.stats, self.KIND, self.model_name, endpoint, request, timed)
 
     @property
     def name(self) -> str:
@@ -242,8 +122,6 @@ class LocalTransformersBackend(LLMBackend):
 
     def encode_prompt(self, prompt: SimulationPrompt) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (segment by segment, so every slot ends a token) and each slot's position."""
-        from .subject_model import special_token_wrap
-
         _, tok = self._lm()
         ids, _ = special_token_wrap(tok)
         ids = list(ids)

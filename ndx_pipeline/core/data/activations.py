@@ -25,17 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from .errors import NdxInputError
-from .subject_model import mlp_output_projections, special_token_wrap
-from .windows import TokenTexts, Windows
-
-
-def choose_neurons(width: int, per_layer: int, seed: int, layer: int) -> list[int]:
-    """A seeded choice of `per_layer` distinct neurons of one layer (different layers get different choices)."""
-    if per_layer <= 0:
-        raise NdxInputError(f"neurons_per_layer={per_layer}: at least one neuron must be selected.")
-    rng = np.random.default_rng([seed, layer])
-    return sorted(int(i) for i in rng.choice(width, size=min(per_layer, width), replace=False))
+from ndx_pipeline.core.contract import RANDOM, RECORD_SCHEMA, TOKEN_TABLE_SCHEMA, TOP, quantile_kind
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.data.units import as_unit_sets
+from ndx_pipeline.core.models import special_token_wrap
+from ndx_pipeline.core.data.windows import TokenTexts, Windows
 
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
@@ -308,20 +302,22 @@ def torch_sort_windows(windows):
     return torch.sort(key, dim=-1, stable=True).indices
 
 
-def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[int]], top_k: int = 20,
+def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 20,
             random_k: int = 20, seed: int = 0, batch_size: int = 16,
             progress: Callable[[int, int, float], None] | None = None, token_table: bool = False,
             quantile_k: int = 0):
     """Run the model once over all windows for every requested layer; return (selections, stats).
 
-    token_table=True also keeps, per layer, each token id's count and each selected neuron's activation sum on it
+    layer_units: {layer: UnitSet} (see `units`), or {layer: [neuron indices]} for MLP neurons.
+    token_table=True also keeps, per layer, each token id's count and each selected unit's activation sum on it
     (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline.
     quantile_k > 0 also keeps that many windows per activation-quantile bucket (see the module's docstring); the
     pilot windows that set the boundaries go through the model first, the others follow in index order."""
     import torch
 
-    if not layer_neurons:
+    if not layer_units:
         raise NdxInputError("no layers were requested.")
+    unit_sets = as_unit_sets(layer_units)
     if len(windows) < top_k:
         raise NdxInputError(
             f"the corpus has {len(windows)} windows of {windows.window_tokens} tokens, fewer than top_k={top_k}; "
@@ -334,9 +330,9 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
         real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
         vocab = np.unique(windows.ids[real_tokens])
     selections = {
-        layer: LayerSelection(neurons, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
+        layer: LayerSelection(units.units, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
                               quantile_k=quantile_k, seed=seed)
-        for layer, neurons in layer_neurons.items()
+        for layer, units in unit_sets.items()
     }
     order = np.arange(len(windows))
     pilot_batches = 0
@@ -349,12 +345,12 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
             order = np.concatenate([pilot, np.full(batch_size - len(pilot) % batch_size, -1), rest])
     prefix, suffix = special_token_wrap(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    deepest = max(layer_neurons)
+    deepest = max(unit_sets)
     state: dict = {}
 
     def hook_for(layer):
         def hook(module, args):
-            x = args[0]
+            x = unit_sets[layer].encode(args[0])
             if x.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
                 x = x.view(state["batch"], -1, x.shape[-1])
             x = x[:, state["lo"] : state["hi"], :]
@@ -366,8 +362,8 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
 
         return hook
 
-    handles = [proj.register_forward_pre_hook(hook_for(layer))
-               for layer, proj in mlp_output_projections(model, list(layer_neurons)).items()]
+    handles = [units.hook_module(model).register_forward_pre_hook(hook_for(layer))
+               for layer, units in unit_sets.items()]
     t = windows.window_tokens
     p, s = len(prefix), len(suffix)
     started = time.perf_counter()
@@ -412,27 +408,6 @@ def extract(model, tokenizer, windows: Windows, layer_neurons: dict[int, list[in
     return selections, stats
 
 
-RECORD_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
-    "kind": pl.String,
-    "rank": pl.Int32,
-    "doc_id": pl.String,
-    "token_start": pl.Int32,
-    "tokens": pl.List(pl.String),
-    "activations": pl.List(pl.Float32),
-    "window_index": pl.Int32,
-    "char_start": pl.Int32,
-    "char_end": pl.Int32,
-    "max_activation": pl.Float32,
-    "neuron_mean": pl.Float64,
-    "neuron_variance": pl.Float64,
-    "neuron_max": pl.Float32,
-    "neuron_token_count": pl.Int64,
-    "quantile_boundaries": pl.List(pl.Float64),  # the neuron's bucket boundaries (null without quantile samples)
-}
-
-
 def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts) -> pl.DataFrame:
     """The contract's activation_records rows for one layer: `top` rows (rank 0 strongest), then `random` rows, then
     (with quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index."""
@@ -469,24 +444,14 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     for i in range(len(neurons)):
         for rank, w in enumerate(top_window[i]):
             if w >= 0:
-                add(i, "top", rank, int(w), top_acts[i, rank])
+                add(i, TOP, rank, int(w), top_acts[i, rank])
         for rank, w in enumerate(selection.sample):
-            add(i, "random", rank, int(w), sample_acts[i, rank])
+            add(i, RANDOM, rank, int(w), sample_acts[i, rank])
         for bucket in range(len(q_windows[i]) if q_windows is not None else 0):
             for rank, w in enumerate(q_windows[i, bucket]):
                 if w >= 0:
-                    add(i, f"quantile_{bucket}", rank, int(w), q_acts[i, bucket, rank])
+                    add(i, quantile_kind(bucket), rank, int(w), q_acts[i, bucket, rank])
     return pl.DataFrame(rows, schema=RECORD_SCHEMA)
-
-
-TOKEN_TABLE_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
-    "token": pl.String,
-    "count": pl.Int64,
-    "activation_sum": pl.Float64,
-    "mean_activation": pl.Float64,
-}
 
 
 def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:

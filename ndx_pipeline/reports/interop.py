@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .activations import RECORD_SCHEMA
-from .errors import NdxInputError
-from .scoring import absolute_dev_explained, pooled_correlation, rsquared
-from .storage import asset_path, write_parquet_atomic
+from ndx_pipeline.core.data.activations import RECORD_SCHEMA
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.method.scoring import absolute_dev_explained, pooled_correlation, rsquared
+from ndx_pipeline.core.storage import asset_path, write_parquet_atomic, write_text_atomic
 
 ACTIVATIONS_DIR = "collated-activations"
 EXPLANATIONS_DIR = "explanations"
@@ -84,7 +84,6 @@ def activation_record(tokens: Sequence[str], activations: Sequence[float]) -> di
 
 
 def _write_json(obj: Any, path: Path, lines: bool = False) -> Path:
-    from .viewer import write_text_atomic
 
     text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return write_text_atomic(text + "\n" if lines else text, path)
@@ -236,7 +235,6 @@ def _merge_corpus_jsonl(docs: pl.DataFrame, path: Path) -> None:
                 known[d["doc_id"]] = d
     for d in docs.select("doc_id", "source", "text").iter_rows(named=True):
         known.setdefault(d["doc_id"], d)
-    from .viewer import write_text_atomic
 
     write_text_atomic("".join(json.dumps(known[k], ensure_ascii=False) + "\n" for k in sorted(known)), path)
 

@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import polars as pl
 
-from .errors import NdxInputError
+from ndx_pipeline.core.contract import (
+    CALIBRATION,
+    EXCERPT_SCHEMA,
+    EXPLAIN,
+    RANDOM,
+    SCORE_RANDOM,
+    SCORE_TOP,
+    TOP,
+    excerpt_id,
+    frame,
+)
+from ndx_pipeline.core.errors import NdxInputError
 
 TOP_STRIDE = 4
 EXPLAIN_OFFSET = 0
 SCORE_TOP_OFFSET = 2
 RANDOM_STRIDE = 3
 SCORE_RANDOM_OFFSET = 1
-
-EXCERPT_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
-    "excerpt_id": pl.String,
-    "split": pl.String,
-    "kind": pl.String,
-    "rank": pl.Int32,
-    "doc_id": pl.String,
-    "token_start": pl.Int32,
-    "tokens": pl.List(pl.String),
-    "activations": pl.List(pl.Float32),
-    "max_activation": pl.Float32,
-    "window_index": pl.Int32,
-    "char_start": pl.Int32,
-    "char_end": pl.Int32,
-}
-
-
-def excerpt_id(layer: int, neuron: int, kind: str, rank: int) -> str:
-    return f"{layer}/{neuron}/{kind}/{rank}"
 
 
 def interleaved(n_items: int, count: int, stride: int, offset: int) -> list[int]:
@@ -49,11 +39,17 @@ def per_neuron_windows(records: pl.DataFrame):
     for (layer, neuron), group in records.sort(["layer", "neuron", "kind", "rank"]).group_by(
         ["layer", "neuron"], maintain_order=True
     ):
-        top = group.filter(pl.col("kind") == "top").sort("rank").to_dicts()
+        top = group.filter(pl.col("kind") == TOP).sort("rank").to_dicts()
         top_windows = {r["window_index"] for r in top}
-        random = [r for r in group.filter(pl.col("kind") == "random").sort("rank").to_dicts()
+        random = [r for r in group.filter(pl.col("kind") == RANDOM).sort("rank").to_dicts()
                   if r["window_index"] not in top_windows]
         yield layer, neuron, top, random
+
+
+def excerpt_row(layer: int, neuron: int, split: str, record: dict) -> dict:
+    """A top_excerpts row: one activation record of the neuron, given its split and stable id."""
+    return {**record, "layer": layer, "neuron": neuron, "split": split,
+            "excerpt_id": excerpt_id(layer, neuron, record["kind"], record["rank"])}
 
 
 def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int = 5,
@@ -74,22 +70,12 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
                 f"{RANDOM_STRIDE * (score_random_n - 1) + SCORE_RANDOM_OFFSET + 1} random windows outside the top "
                 "ones): use a larger corpus or smaller excerpt counts."
             )
-        for split, source, picks in (("explain", top, explain), ("score_top", top, score_top),
-                                     ("score_random", random, score_random)):
-            for i in picks:
-                r = source[i]
-                rows.append({
-                    "layer": layer, "neuron": neuron,
-                    "excerpt_id": excerpt_id(layer, neuron, r["kind"], r["rank"]),
-                    "split": split, "kind": r["kind"], "rank": r["rank"], "doc_id": r["doc_id"],
-                    "token_start": r["token_start"], "tokens": r["tokens"], "activations": r["activations"],
-                    "max_activation": r["max_activation"], "window_index": r["window_index"],
-                    "char_start": r["char_start"], "char_end": r["char_end"],
-                })
-    return pl.DataFrame(rows, schema=EXCERPT_SCHEMA)
+        for split, source, picks in ((EXPLAIN, top, explain), (SCORE_TOP, top, score_top),
+                                     (SCORE_RANDOM, random, score_random)):
+            rows += [excerpt_row(layer, neuron, split, source[i]) for i in picks]
+    return frame(rows, EXCERPT_SCHEMA)
 
 
-CALIBRATION_SPLIT = "calibration"
 CALIBRATION_TOP_STRIDE = 2  # odd top ranks 1, 3, 5, …: never explain (0 mod 4) nor score_top (2 mod 4)
 CALIBRATION_TOP_OFFSET = 1
 
@@ -118,12 +104,5 @@ def calibration_excerpts(records: pl.DataFrame, top_n: int = 3, random_n: int = 
                 f"layer {layer} neuron {neuron} has {len(top)} top and {len(random)} usable random windows: none is "
                 "free for calibration (needs top_k ≥ 2 or random windows outside the top ones)."
             )
-        for r in picks:
-            rows.append({
-                "layer": layer, "neuron": neuron, "excerpt_id": excerpt_id(layer, neuron, r["kind"], r["rank"]),
-                "split": CALIBRATION_SPLIT, "kind": r["kind"], "rank": r["rank"], "doc_id": r["doc_id"],
-                "token_start": r["token_start"], "tokens": r["tokens"], "activations": r["activations"],
-                "max_activation": r["max_activation"], "window_index": r["window_index"],
-                "char_start": r["char_start"], "char_end": r["char_end"],
-            })
-    return pl.DataFrame(rows, schema=EXCERPT_SCHEMA)
+        rows += [excerpt_row(layer, neuron, CALIBRATION, r) for r in picks]
+    return frame(rows, EXCERPT_SCHEMA)

@@ -1,0 +1,215 @@
+"""The data contract, once: every asset's name, every Parquet schema, and the shared vocabulary (splits, record
+kinds, baselines, identifiers). Stages, reports, the Dagster skin and the tests all read these names from here.
+
+Files live at `<storage>/<asset>/<layer>.parquet` (`<storage>/corpus.parquet` for the corpus; see `storage`). The
+columns below are what each stage writes; DESIGN.md lists the subset users may rely on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import polars as pl
+
+# ------------------------------------------------------------------------------------------------------ assets
+
+CORPUS = "corpus"
+ACTIVATION_RECORDS = "activation_records"
+TOKEN_TABLE = "token_table"
+TOP_EXCERPTS = "top_excerpts"
+EXPLANATIONS = "explanations"
+BASELINE_EXPLANATIONS = "baseline_explanations"
+CALIBRATION_SIMULATIONS = "calibration_simulations"
+SIMULATIONS = "simulations"
+BASELINE_SIMULATIONS = "baseline_simulations"
+SCORES = "scores"
+NEURON_VIEWER = "neuron_viewer"
+
+# The paper's chain, in order: what lineage follows from a score back to its documents.
+STAGES = (CORPUS, ACTIVATION_RECORDS, TOP_EXCERPTS, EXPLANATIONS, SIMULATIONS, SCORES)
+# Every asset, upstream first. Each stage also writes the files beside its main output that the later stages read
+# (the token table, the baselines' explanations and simulations, best-of-k's calibration simulations).
+ASSETS = (CORPUS, ACTIVATION_RECORDS, TOKEN_TABLE, TOP_EXCERPTS, EXPLANATIONS, BASELINE_EXPLANATIONS,
+          CALIBRATION_SIMULATIONS, SIMULATIONS, BASELINE_SIMULATIONS, SCORES, NEURON_VIEWER)
+PARQUET_ASSETS = tuple(a for a in ASSETS if a != NEURON_VIEWER)
+LAYER_ASSETS = tuple(a for a in PARQUET_ASSETS if a != CORPUS)
+
+# ------------------------------------------------------------------------------------------------------ vocabulary
+
+TOP, RANDOM = "top", "random"  # record kinds; quantile samples are `quantile_<bucket>`
+QUANTILE_KIND_PREFIX = "quantile_"
+
+EXPLAIN, SCORE_TOP, SCORE_RANDOM, CALIBRATION = "explain", "score_top", "score_random", "calibration"
+SCORED_SPLITS = (SCORE_TOP, SCORE_RANDOM)
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+LOOKUP_BASELINE, RANDOM_BASELINE, TOKEN_LIST_BASELINE = "lookup", "random", "token_list"
+BASELINES = (LOOKUP_BASELINE, RANDOM_BASELINE, TOKEN_LIST_BASELINE)
+SIMULATED_BASELINES = (RANDOM_BASELINE, TOKEN_LIST_BASELINE)  # explanations an LLM simulates beside ours
+BASELINE_COLUMN_PREFIX = "baseline_"
+
+
+def baseline_column(name: str) -> str:
+    return BASELINE_COLUMN_PREFIX + name
+
+
+def quantile_kind(bucket: int) -> str:
+    return f"{QUANTILE_KIND_PREFIX}{bucket}"
+
+
+# ------------------------------------------------------------------------------------------------------ identifiers
+
+
+def excerpt_id(layer: int, neuron: int, kind: str, rank: int) -> str:
+    return f"{layer}/{neuron}/{kind}/{rank}"
+
+
+def explanation_id(layer: int, neuron: int, candidate: int = 0) -> str:
+    return f"{layer}/{neuron}/explanation/{candidate}"
+
+
+def random_explanation_id(layer: int, neuron: int, donor: int) -> str:
+    return f"{layer}/{neuron}/random/{donor}"
+
+
+def token_list_explanation_id(layer: int, neuron: int) -> str:
+    return f"{layer}/{neuron}/token_list"
+
+
+def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str:
+    return f"{layer}/{neuron}/lookup" + ("" if held_out else "-in-sample")
+
+
+# ------------------------------------------------------------------------------------------------------ schemas
+
+CORPUS_SCHEMA = {"doc_id": pl.String, "source": pl.String, "text": pl.String}
+
+RECORD_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "kind": pl.String,
+    "rank": pl.Int32,
+    "doc_id": pl.String,
+    "token_start": pl.Int32,
+    "tokens": pl.List(pl.String),
+    "activations": pl.List(pl.Float32),
+    "window_index": pl.Int32,
+    "char_start": pl.Int32,
+    "char_end": pl.Int32,
+    "max_activation": pl.Float32,
+    "neuron_mean": pl.Float64,
+    "neuron_variance": pl.Float64,
+    "neuron_max": pl.Float32,
+    "neuron_token_count": pl.Int64,
+    "quantile_boundaries": pl.List(pl.Float64),  # the neuron's bucket boundaries (null without quantile samples)
+}
+
+TOKEN_TABLE_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "token": pl.String,
+    "count": pl.Int64,
+    "activation_sum": pl.Float64,
+    "mean_activation": pl.Float64,
+}
+
+EXCERPT_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "excerpt_id": pl.String,
+    "split": pl.String,
+    "kind": pl.String,
+    "rank": pl.Int32,
+    "doc_id": pl.String,
+    "token_start": pl.Int32,
+    "tokens": pl.List(pl.String),
+    "activations": pl.List(pl.Float32),
+    "max_activation": pl.Float32,
+    "window_index": pl.Int32,
+    "char_start": pl.Int32,
+    "char_end": pl.Int32,
+}
+
+EXPLANATION_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "explanation_id": pl.String,
+    "explanation": pl.String,
+    "explainer": pl.String,
+    "prompt_sha256": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "seconds": pl.Float64,
+}
+# best-of-k adds these to `explanations`; baseline explanations add `baseline` (and the random one `donor_neuron`)
+CANDIDATE_COLUMNS = {"candidate": pl.Int32, "calibration_score": pl.Float64, "calibration_status": pl.String,
+                     "selected": pl.Boolean}
+BASELINE_EXPLANATION_SCHEMA = {**EXPLANATION_SCHEMA, "baseline": pl.String}
+
+SIMULATION_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "explanation_id": pl.String,
+    "excerpt_id": pl.String,
+    "split": pl.String,
+    "tokens": pl.List(pl.String),
+    "true_activations": pl.List(pl.Float32),
+    "simulated_activations": pl.List(pl.Float32),
+    "simulator": pl.String,
+    "status": pl.String,
+    "error": pl.String,
+}
+
+SCORE_SCHEMA = {
+    "layer": pl.Int32,
+    "neuron": pl.Int32,
+    "explanation_id": pl.String,
+    "explanation": pl.String,
+    "score": pl.Float64,
+    "score_top": pl.Float64,
+    "score_random": pl.Float64,
+    "rsquared": pl.Float64,
+    "absolute_dev_explained": pl.Float64,
+    "status": pl.String,
+    "scored_tokens": pl.Int64,
+}  # plus one Float64 `baseline_<name>` column per configured baseline
+
+SCHEMAS = {
+    CORPUS: CORPUS_SCHEMA,
+    ACTIVATION_RECORDS: RECORD_SCHEMA,
+    TOKEN_TABLE: TOKEN_TABLE_SCHEMA,
+    TOP_EXCERPTS: EXCERPT_SCHEMA,
+    EXPLANATIONS: EXPLANATION_SCHEMA,
+    BASELINE_EXPLANATIONS: BASELINE_EXPLANATION_SCHEMA,
+    CALIBRATION_SIMULATIONS: SIMULATION_SCHEMA,
+    SIMULATIONS: SIMULATION_SCHEMA,
+    BASELINE_SIMULATIONS: SIMULATION_SCHEMA,
+    SCORES: SCORE_SCHEMA,
+}
+
+
+def frame(rows: Sequence[Mapping], schema: Mapping[str, pl.DataType],
+          extra: Mapping[str, pl.DataType] | None = None, defaults: Mapping | None = None) -> pl.DataFrame:
+    """Rows in `schema` (+ `extra` columns): a field a row lacks is `defaults[field]`, else null."""
+    full = {**schema, **(extra or {})}
+    defaults = defaults or {}
+    return pl.DataFrame([{k: r.get(k, defaults.get(k)) for k in full} for r in rows], schema=full)
+
+
+def empty(asset: str) -> pl.DataFrame:
+    """An asset's file with no rows: what a stage writes for an output its settings switched off."""
+    return pl.DataFrame(schema=SCHEMAS[asset])
+
+
+def kept(explanations: pl.DataFrame) -> pl.DataFrame:
+    """One row per neuron: the explanation it keeps (best-of-k marks it `selected`; without candidates, every row)."""
+    return explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+
+
+def usable(explanations: pl.DataFrame) -> pl.DataFrame:
+    """The kept explanations whose status is ok: what gets simulated and scored."""
+    return kept(explanations).filter(pl.col("status") == STATUS_OK)
