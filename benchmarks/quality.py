@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import polars as pl  # noqa: E402
 
+from ndx_pipeline.core import contract, stages  # noqa: E402
+from ndx_pipeline.core.contract import (  # noqa: E402
+    BASELINES,
+    LOOKUP_BASELINE,
+    RANDOM_BASELINE,
+    SIMULATED_BASELINES,
+    TOKEN_LIST_BASELINE,
+    baseline_column,
+)
+from ndx_pipeline.core.llm.local import LocalTransformersBackend  # noqa: E402
+from ndx_pipeline.core.method import baselines as bl  # noqa: E402
+from ndx_pipeline.core.method import best_of_k as bk  # noqa: E402
+
 METHODS = ("k1", "best_of_k", "lookup", "lookup_in_sample", "random", "token_list", "token_template")
 
 
@@ -48,13 +62,8 @@ def log(msg: str) -> None:
 
 def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = None, corpus: str | None = None,
             top_k: int = 20, random_k: int = 20, cache_dir: str | None = None):
-    """(activation_records, token table) of the chosen neurons of `layers`, from one extraction pass (cached as
-    Parquet under cache_dir when given)."""
-    from ndx_pipeline.core.data import activations as act
-    from ndx_pipeline.core.data.corpus import read_corpus
-    from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_width
-    from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
-
+    """(activation_records, token table) of the chosen neurons of `layers`, from one extraction pass (the
+    pipeline's own stage; cached as Parquet under cache_dir when given)."""
     tag = (f"{model or 'bundled'}-{corpus or 'default'}-L{'_'.join(map(str, layers))}-n{neurons}-s{seed}-k{top_k}"
            f"-r{random_k}")
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
@@ -63,18 +72,11 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
         if rec_path.exists() and tab_path.exists():
             log(f"extraction: cached {rec_path}")
             return pl.read_parquet(rec_path), pl.read_parquet(tab_path)
-    width = mlp_width(model)
-    layer_neurons = {layer: act.choose_neurons(width, neurons, seed, layer) for layer in layers}
-    docs = read_corpus(corpus)
-    subject, tok = load_subject_model(model)
-    windows = tokenize_windows(tok, docs["doc_id"].to_list(), docs["text"].to_list(), 64)
-    started = time.perf_counter()
-    selections, stats = act.extract(subject, tok, windows, layer_neurons, top_k, random_k, seed, token_table=True)
-    log(f"extraction: {stats.tokens} tokens, layers {layers}, {time.perf_counter() - started:.0f} s")
-    texts = TokenTexts(tok)
-    records = pl.concat([act.records_frame(layer, selections[layer], windows, texts) for layer in layers])
-    table = pl.concat([act.token_table_frame(layer, selections[layer], texts) for layer in layers])
-    del subject
+    extraction = stages.activation_records(stages.corpus(corpus), model, layers, neurons_per_layer=neurons, seed=seed,
+                                           top_k=top_k, random_k=random_k, quantile_k=0, token_table=True, log=log)
+    log(f"extraction: {extraction.tokens} tokens, layers {layers}, {extraction.seconds:.0f} s")
+    records = pl.concat([found.records for found in extraction.layers.values()])
+    table = pl.concat([found.token_table for found in extraction.layers.values()])
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         records.write_parquet(rec_path)
@@ -101,84 +103,60 @@ def median(values) -> float:
 
 def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, seed: int = 0,
              calibration_top: int = 3, calibration_random: int = 3) -> dict:
-    """Every method on every neuron of `records` with one LLM `backend` as explainer and simulator.
+    """Every method on every neuron of `records` with one LLM `backend` as explainer and simulator, through the
+    pipeline's own stages (`ndx_pipeline.core.stages`): the same splits, explanations, baselines, simulations and
+    scores as a run; k1 is candidate 0 of each neuron scored as if it had been kept.
 
     Returns {"scores": one row per neuron with a score column per method (and `<method>_text`), "candidates": the
     best-of-k candidates with calibration scores, "token_list": the token-list explanations, "timings": seconds}."""
-    from ndx_pipeline.core.method import baselines as bl
-    from ndx_pipeline.core.method import best_of_k as bk
-    from ndx_pipeline.core.method import token_list as tl
-    from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
-    from ndx_pipeline.core.method.scoring import score_layer
-    from ndx_pipeline.core.method.simulator import simulate_layer
-
-    excerpts = split_excerpts(records)
-    calibration = calibration_excerpts(records, calibration_top, calibration_random)
+    excerpts = stages.top_excerpts(records, calibration_top=calibration_top, calibration_random=calibration_random)
     timings = {}
-
-    def progress(label):
-        count = [0]
-
-        def on(_row):
-            count[0] += 1
-            if count[0] % 8 == 0:
-                log(f"{label}: {count[0]}")
-        return on
-
     t = time.perf_counter()
-    candidates = bk.explain_candidates(excerpts, backend, k, seed=seed, on_neuron=progress("explained"))
+    made = stages.explanations(excerpts, backend, candidates=k, chooser=backend, seed=seed,
+                               baselines=SIMULATED_BASELINES, token_list_explainer="llm", log=log)
+    chosen = made.explanations if k > 1 else bk.choose(made.explanations, bk.no_calibration_scores())
+    # the pipeline runs one token-list explainer or the other; here the fixed template runs beside the LLM one
+    template = bl.baseline_explanations(chosen, excerpts, seed, names=[TOKEN_LIST_BASELINE])
     timings["explain"] = time.perf_counter() - t
-    log(f"explanations: {len(candidates)} candidates in {timings['explain']:.0f} s")
-    t = time.perf_counter()
-    if k > 1:
-        chosen, _ = bk.select_best(candidates, calibration, backend)
-    else:
-        chosen = bk.choose(candidates, pl.DataFrame(schema={"explanation_id": pl.String, "score": pl.Float64,
-                                                            "status": pl.String}))
-    timings["calibration"] = time.perf_counter() - t
-    log(f"calibration: {timings['calibration']:.0f} s")
-    t = time.perf_counter()
-    token_llm = tl.explain_token_lists(excerpts, backend, seed=seed)
-    # the pipeline runs one token-list explainer or the other under one id; here both run side by side
-    token_tpl = tl.explain_token_lists(excerpts, None).with_columns(
-        pl.col("explanation_id").str.replace("/token_list$", "/token_template"))
-    timings["token_list"] = time.perf_counter() - t
-    random_expl = bl.random_explanations(chosen, seed)
+    log(f"explanations: {len(chosen)} candidates and {len(made.baseline_explanations)} baseline explanations in "
+        f"{timings['explain']:.0f} s")
 
-    # candidate 0 of every neuron, whether or not best-of-k kept it (score_layer scores only `selected` rows)
-    k1 = chosen.filter(pl.col("candidate") == 0).drop("selected")
-    best = bk.selected(chosen)
-    common = list(bl.explanation_frame([]).columns)
-    to_simulate = pl.concat([
-        f.select(common) for f in (k1, best.filter(pl.col("candidate") != 0), random_expl, token_llm, token_tpl)
-    ]).filter(pl.col("status") == "ok")
-    # simulations are matched to explanations by id: two methods sharing one id would be scored on each other's
-    assert to_simulate["explanation_id"].is_unique().all(), "two methods share an explanation_id"
     t = time.perf_counter()
-    sims = simulate_layer(to_simulate, excerpts, backend, on_neuron=progress("simulated"))
+    k1 = chosen.with_columns((pl.col("candidate") == 0).alias("selected"))  # candidate 0, kept or not
+    best = stages.simulations(chosen, made.baseline_explanations, excerpts, backend, what="best", log=log)
+    first = stages.simulations(k1, template, excerpts, backend, what="k1 and the template baseline", log=log)
     timings["simulate"] = time.perf_counter() - t
-    log(f"simulations: {len(sims)} excerpts in {timings['simulate']:.0f} s")
-    lookup_expl, lookup_sims = bl.lookup_simulations(table, excerpts, held_out=True)
-    insample_expl, insample_sims = bl.lookup_simulations(table, excerpts, held_out=False)
+    log(f"simulations: {len(best.simulations) + len(first.simulations)} excerpts in {timings['simulate']:.0f} s")
 
-    def scores_of(expl, simulations):
-        return score_layer(simulations, expl).select("layer", "neuron", "explanation", "score", "status")
+    def scored(expl, sims, **baselines):
+        return stages.scores(sims, expl, excerpts=excerpts, token_table=table, **baselines).scores
 
-    per_method = {
-        "k1": scores_of(k1, sims),
-        "best_of_k": scores_of(best, sims),
-        "lookup": scores_of(lookup_expl, lookup_sims),
-        "lookup_in_sample": scores_of(insample_expl, insample_sims),
-        "random": scores_of(random_expl, sims),
-        "token_list": scores_of(token_llm, sims),
-        "token_template": scores_of(token_tpl, sims),
+    ours = scored(chosen, best.simulations, baselines=BASELINES, baseline_explanations=made.baseline_explanations,
+                  baseline_simulations=best.baseline_simulations)
+    columns = {
+        "k1": scored(k1, first.simulations)["score"],
+        "best_of_k": ours["score"],
+        "lookup": ours[baseline_column(LOOKUP_BASELINE)],
+        "lookup_in_sample": scored(chosen, best.simulations, baselines=[LOOKUP_BASELINE], lookup_held_out=False)[
+            baseline_column(LOOKUP_BASELINE)],
+        "random": ours[baseline_column(RANDOM_BASELINE)],
+        "token_list": ours[baseline_column(TOKEN_LIST_BASELINE)],
+        "token_template": scored(chosen, best.simulations, baselines=[TOKEN_LIST_BASELINE],
+                                 baseline_explanations=template, baseline_simulations=first.baseline_simulations)[
+            baseline_column(TOKEN_LIST_BASELINE)],
     }
-    joined = None
-    for name, frame in per_method.items():
-        part = frame.select("layer", "neuron", pl.col("score").alias(name), pl.col("explanation").alias(f"{name}_text"))
-        joined = part if joined is None else joined.join(part, on=["layer", "neuron"], how="left")
-    return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen, "token_list": token_llm,
-            "timings": timings}
+    texts = {
+        "k1": k1.filter(pl.col("selected")), "best_of_k": contract.kept(chosen),
+        "random": made.baseline_explanations.filter(pl.col("baseline") == RANDOM_BASELINE),
+        "token_list": made.baseline_explanations.filter(pl.col("baseline") == TOKEN_LIST_BASELINE),
+        "token_template": template,
+    }
+    joined = ours.select("layer", "neuron").with_columns(**{name: col for name, col in columns.items()})
+    for name, frame in texts.items():
+        joined = joined.join(frame.select("layer", "neuron", pl.col("explanation").alias(f"{name}_text")),
+                             on=["layer", "neuron"], how="left")
+    return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen,
+            "token_list": texts["token_list"], "timings": timings}
 
 
 def report(result: dict, k: int, title: str = "", seconds: float | None = None) -> dict:
@@ -246,8 +224,6 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the per-neuron results as Parquet here")
     args = parser.parse_args()
 
-    from ndx_pipeline.core.llm.local import LocalTransformersBackend
-
     layers = [int(x) for x in args.layers.split(",")]
     t0 = time.perf_counter()
     records, table = prepare(layers, args.pool, args.seed, args.model, args.corpus, cache_dir=args.cache_dir)
@@ -256,8 +232,10 @@ def main() -> None:
                 .group_by("layer", maintain_order=True).head(args.neurons))
         records = records.join(keep, on=["layer", "neuron"])
         table = table.join(keep, on=["layer", "neuron"])
-    backend = LocalTransformersBackend(args.llm, cache=Path(args.cache_dir) / "llm_cache" if args.cache_dir else None)
-    result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random)
+    # a cache always (a temporary one without --cache-dir): the k1 and best-of-k views share most requests
+    with tempfile.TemporaryDirectory(prefix="ndx-quality-") as tmp:
+        backend = LocalTransformersBackend(args.llm, cache=Path(args.cache_dir or tmp) / "llm_cache")
+        result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random)
     if args.out:
         result["scores"].write_parquet(args.out)
     title = (f"quality benchmark: {len(result['scores'])} neurons (layers {layers}, the first "

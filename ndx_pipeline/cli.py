@@ -1,31 +1,55 @@
-"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows."""
+"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows; trace a score
+to its documents; write the viewer; export to / import from OpenAI neuron-explainer JSON."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import textwrap
 import time
+import traceback
+import warnings
 from pathlib import Path
 
+import dagster as dg
+import polars as pl
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.data.subject_model import check_layers
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
+from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
+from ndx_pipeline.definitions import build_definitions
+from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.partitions import contiguous_ranges, range_tags
+from ndx_pipeline.defs.provenance import record_imported, stage_runs
+from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
+from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
+from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
+from ndx_pipeline.reports.viewer import write_viewer
+
 DEFAULT_LAYERS = "0,1,2"
+TEMPLATE_INSTANCE = Path(__file__).parent / "templates" / "dagster.yaml"
+
+
+def instance_settings(home: Path) -> str:
+    """The dagster.yaml the CLI writes into a new DAGSTER_HOME (the template with `{home}` filled in)."""
+    return TEMPLATE_INSTANCE.read_text(encoding="utf-8").replace("{home}", str(home))
 
 
 def ensure_dagster_home() -> Path:
-    """$DAGSTER_HOME, or `./.dagster_home` when unset; given the project's dagster.yaml when it has none."""
+    """$DAGSTER_HOME, or `./.dagster_home` when unset; given the project's instance settings when it has none
+    (Dagster's own run files under `<home>/dagster`, so `<home>/storage` holds only our data)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home)
     if not (home / "dagster.yaml").exists():
-        shutil.copy(Path(__file__).parent / "templates" / "dagster.yaml", home / "dagster.yaml")
+        write_text_atomic(instance_settings(home), home / "dagster.yaml")
     return home
 
 
 def parse_layers(text: str) -> list[int]:
-    from ndx_pipeline.core.errors import NdxInputError
-
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -42,16 +66,6 @@ def parse_layers(text: str) -> list[int]:
     if not out:
         raise NdxInputError(f"--layers {text!r} names no layer.")
     return sorted(set(out))
-
-
-def contiguous_ranges(layers: list[int]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for layer in layers:
-        if ranges and layer == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], layer)
-        else:
-            ranges.append((layer, layer))
-    return ranges
 
 
 def run_config(args) -> dict:
@@ -89,12 +103,11 @@ def _failure_message(result) -> str:
 
 
 def step_seconds(instance, run_id: str) -> dict[str, float]:
-    """Wall seconds of each step (asset) of a run, from its event log."""
-    from dagster import DagsterEventType
-
+    """Wall seconds of each step of a run, from its event log."""
     starts, out = {}, {}
-    for entry in instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
-        if entry.dagster_event.event_type == DagsterEventType.STEP_START:
+    for entry in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START,
+                                                    dg.DagsterEventType.STEP_SUCCESS}):
+        if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START:
             starts[entry.step_key] = entry.timestamp
         elif entry.step_key in starts:
             out[entry.step_key] = entry.timestamp - starts[entry.step_key]
@@ -106,53 +119,45 @@ def stage_table(seconds: dict[str, float]) -> str:
     return "\n".join(f"  {k:<20} {v:7.1f} s  {100 * v / total:5.1f} %" for k, v in seconds.items())
 
 
+def _mean(series) -> str:
+    valid = series.drop_nans().drop_nulls()
+    return f"{valid.mean():7.3f}" if len(valid) else "    nan"
+
+
 def summarize(storage: Path, layers: list[int]) -> str:
-    import polars as pl
-
-    from ndx_pipeline.core.storage import PARTITIONED_ASSETS, asset_path
-
-    frames = {layer: pl.read_parquet(asset_path(storage, "scores", layer)) for layer in layers}
-    baselines = [c for c in ("baseline_lookup", "baseline_random", "baseline_token_list")
-                 if any(c in f.columns for f in frames.values())]
-
-    def mean_of(series) -> str:
-        valid = series.drop_nans().drop_nulls()
-        return f"{valid.mean():7.3f}" if len(valid) else "    nan"
-
+    frames = {layer: pl.read_parquet(asset_path(storage, c.SCORES, layer)) for layer in layers}
+    baselines = [c.baseline_column(b) for b in c.BASELINES
+                 if any(c.baseline_column(b) in f.columns for f in frames.values())]
     head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}"
-    lines = [head + "".join(f"  {c.removeprefix('baseline_'):>10}" for c in baselines)]
+    lines = [head + "".join(f"  {col.removeprefix(c.BASELINE_COLUMN_PREFIX):>10}" for col in baselines)]
     for layer, frame in frames.items():
         valid = frame["score"].drop_nans().drop_nulls()
         median = f"{valid.median():7.3f}" if len(valid) else "    nan"
-        failed = int(frame["status"].str.starts_with("failed").sum())
-        row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {mean_of(frame['score'])}  {median}"
-        row += "".join(f"  {mean_of(frame[c]) if c in frame.columns else '    nan':>10}" for c in baselines)
+        failed = int(frame["status"].str.starts_with(c.STATUS_FAILED).sum())
+        row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {_mean(frame['score'])}  {median}"
+        row += "".join(f"  {_mean(frame[col]) if col in frame.columns else '    nan':>10}" for col in baselines)
         lines.append(row)
     if baselines:
         lines.append("(mean score of our explanations, and of each baseline on the same excerpts: lookup = each token's "
                      "mean activation, random = another neuron's explanation, token_list = from the strongest tokens "
                      "alone)")
     lines.append("")
-    lines.append(f"Parquet files: {asset_path(storage, 'corpus')}")
-    for asset in PARTITIONED_ASSETS:
+    lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
+    for asset in c.LAYER_ASSETS:
         lines.append(f"               {storage / asset}/<layer>.parquet")
-    lines.append(f"Neuron viewer: {storage / 'neuron_viewer' / 'index.html'} (open it in a browser, no server needed)")
+    lines.append(f"Neuron viewer: {viewer_dir(storage) / 'index.html'} (open it in a browser, no server needed)")
     return "\n".join(lines)
 
 
 def bundled_llms(args) -> bool:
     """Whether the explainer or simulator of this run is the bundled SmolLM2 (in-process, no model given)."""
-    from ndx_pipeline.defs.resources import default_resources
-
     resources = default_resources()
     return any(getattr(args, f"{stage}_model") is None and resources[f"{stage}_llm"].backend == "local"
-               and "SmolLM2" in resources[f"{stage}_llm"].model for stage in ("explainer", "simulator"))
+               and is_bundled(resources[f"{stage}_llm"].model) for stage in ("explainer", "simulator"))
 
 
 def quiet_libraries() -> None:
     """Keep the terminal for our progress: no beta warnings from Dagster, no weight-loading bars."""
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*is currently in beta.*")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -165,29 +170,26 @@ def quiet_libraries() -> None:
         pass
 
 
-def cmd_run(args) -> int:
-    from ndx_pipeline.core.errors import NdxInputError
+def _selection(definitions: dg.Definitions, start: str | None) -> dg.AssetSelection:
+    """Every asset (the main job), or `start` and everything downstream of it."""
+    if start is None:
+        return dg.AssetSelection.all()
+    keys = {k.to_user_string() for k in definitions.resolve_asset_graph().get_all_asset_keys()}
+    if start not in keys:
+        raise NdxInputError(f"--from {start!r} is not an asset (assets: {', '.join(c.ASSETS)}).")
+    return dg.AssetSelection.assets(start).downstream()
 
+
+def cmd_run(args) -> int:
     quiet_libraries()
     home_was_set = bool(os.environ.get("DAGSTER_HOME"))
     home = ensure_dagster_home()
     if args.model:
-        os.environ["NDX_SUBJECT_MODEL"] = args.model
-    try:
-        from ndx_pipeline.core.data.subject_model import check_layers
-
-        layers = check_layers(args.model, parse_layers(args.layers))
-    except NdxInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    import dagster as dg
-
-    from ndx_pipeline.definitions import MAIN_JOB, build_definitions
-    from ndx_pipeline.defs.resources import StorageResource
-
-    defs = build_definitions()
-    job = defs.resolve_job_def(MAIN_JOB)
+        os.environ[SUBJECT_MODEL_ENV] = args.model
+    layers = check_layers(args.model, parse_layers(args.layers))
+    definitions = build_definitions()
+    selection = _selection(definitions, args.start)
+    job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
     storage = StorageResource(storage_dir=args.storage).path()
     print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
@@ -195,8 +197,10 @@ def cmd_run(args) -> int:
     stages: dict[str, float] = {}
     with dg.DagsterInstance.get() as instance:
         for lo, hi in contiguous_ranges(layers):
-            tags = {"dagster/asset_partition_range_start": str(lo), "dagster/asset_partition_range_end": str(hi)}
-            result = job.execute_in_process(run_config=config, instance=instance, tags=tags, raise_on_error=False)
+            subset = (None if args.start is None else
+                      selection.resolve(definitions.resolve_asset_graph()))
+            result = job.execute_in_process(run_config=config, instance=instance, tags=range_tags(lo, hi),
+                                            raise_on_error=False, asset_selection=subset)
             if not result.success:
                 print(f"error: {_failure_message(result)}", file=sys.stderr)
                 return 1
@@ -207,8 +211,6 @@ def cmd_run(args) -> int:
     print(stage_table(stages) + "\n")
     print(summarize(storage, layers))
     if bundled_llms(args):
-        from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE
-
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
     print(f"\nSee the runs in the UI: {ui}")
@@ -216,70 +218,75 @@ def cmd_run(args) -> int:
 
 
 def _storage(args) -> Path:
-    from ndx_pipeline.defs.resources import StorageResource
-
     ensure_dagster_home()
     return StorageResource(storage_dir=args.storage).path()
 
 
-def cmd_lineage(args) -> int:
-    """Print where one neuron's score came from, down to the document text of every scored excerpt."""
-    from ndx_pipeline.core.errors import NdxInputError
-    from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
-
-    storage = _storage(args)
-    runs = None
+def _runs(layers) -> dict[int, dict] | None:
+    """Stage → run info for each layer, from the Dagster instance; None when there is no run history."""
     try:
-        import dagster as dg
-
-        from ndx_pipeline.defs.provenance import stage_runs
-
         with dg.DagsterInstance.get() as instance:
-            runs = stage_runs(instance, args.layer)
+            return {layer: stage_runs(instance, layer) for layer in layers}
     except Exception as exc:  # the Parquet files alone still give the full data lineage
         print(f"note: no Dagster run history ({type(exc).__name__}); showing the data lineage only", file=sys.stderr)
-    try:
-        result = lineage(storage, args.layer, args.neuron, runs=runs)
-    except NdxInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
+
+
+def cmd_lineage(args) -> int:
+    """Print where one neuron's score came from, down to the document text of every scored excerpt."""
+    storage = _storage(args)
+    runs = _runs([args.layer])
+    result = lineage(storage, args.layer, args.neuron, runs=runs[args.layer] if runs else None)
     print(lineage_json(result) if args.json else format_lineage(result))
     return 0
 
 
 def cmd_view(args) -> int:
     """(Re)write the static neuron viewer from the stored files and print where it is."""
-    from ndx_pipeline.core.errors import NdxInputError
-    from ndx_pipeline.reports.viewer import write_viewer
-
     quiet_libraries()
     storage = _storage(args)
     layers = parse_layers(args.layers) if args.layers else None
-    runs = None
-    try:
-        import dagster as dg
-
-        from ndx_pipeline.reports.lineage import available_layers
-        from ndx_pipeline.defs.provenance import stage_runs
-
-        with dg.DagsterInstance.get() as instance:
-            runs = {layer: stage_runs(instance, layer) for layer in (layers or available_layers(storage))}
-    except Exception:  # no run history: pages still show the data lineage
-        runs = None
-    try:
-        index = write_viewer(storage, layers=layers, runs=runs)
-    except NdxInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(index)
+    runs = _runs(layers or available_layers(storage))
+    print(write_viewer(storage, layers=layers, runs=runs))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ndx-pipeline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_export(args) -> int:
+    """Write layers in OpenAI neuron-explainer's JSON shapes (NeuronRecord, NeuronSimulationResults)."""
+    storage = _storage(args)
+    layers = parse_layers(args.layers) if args.layers else available_layers(storage, c.ACTIVATION_RECORDS)
+    if not layers:
+        raise NdxInputError(f"no layer has activation_records under {storage}: run the pipeline first.")
+    for layer in layers:
+        done = export_layer(storage, layer, args.out, neurons=args.neurons)
+        print(f"layer {layer}: {len(done.neuron_records)} NeuronRecords, {len(done.simulation_results)} "
+              f"NeuronSimulationResults under {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Read NeuronRecord JSON (ours, or OpenAI's released collated activations) as activation_records, record the
+    files as materializations on the instance, and say how to go on from there."""
+    storage = _storage(args)
+    imported = import_neuron_records(args.source, layers=parse_layers(args.layers) if args.layers else None)
+    written = write_imported(storage, imported)
+    with dg.DagsterInstance.get() as instance:
+        record_imported(instance, written, source=str(Path(args.source).resolve()))
+    for asset, layer, path in written:
+        print(f"{asset}{'' if layer is None else f' layer {layer}'}: {path}")
+    layers = ",".join(str(x) for x in imported.layers())
+    print(f"\nNext: ndx-pipeline run --layers {layers} --from {c.TOP_EXCERPTS}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ndx-pipeline", description=__doc__)
+    top.add_argument("--verbose", action="store_true", help="show the full trace of an error")
+    sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize corpus → … → scores for some layers and print a summary")
     run.add_argument("--layers", default=DEFAULT_LAYERS, help=f"e.g. 0,5,10 or 0-3 (default {DEFAULT_LAYERS})")
+    run.add_argument("--from", dest="start", metavar="ASSET",
+                     help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")
     run.add_argument("--corpus", help="folder of .txt/.md, .jsonl or .parquet (default: pydoc_data.topics)")
     run.add_argument("--storage", help="where the Parquet files go (default: $DAGSTER_HOME/storage)")
@@ -297,13 +304,33 @@ def main(argv: list[str] | None = None) -> int:
     lin.add_argument("layer", type=int)
     lin.add_argument("neuron", type=int)
     lin.add_argument("--json", action="store_true", help="machine-readable output")
-    lin.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
     view = sub.add_parser("view", help="write the static HTML neuron viewer and print its index path")
     view.add_argument("--layers", help="layers to (re)write, default every scored layer")
-    view.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
-    args = parser.parse_args(argv)
-    commands = {"run": cmd_run, "lineage": cmd_lineage, "view": cmd_view}
-    return commands[args.command](args)
+    export = sub.add_parser("export", help="write layers as OpenAI neuron-explainer JSON (NeuronRecord, …)")
+    export.add_argument("out", help="output folder (collated-activations/, explanations/, ndx-provenance/)")
+    export.add_argument("--layers", help="default: every layer with activation records")
+    export.add_argument("--neurons", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                        help="only these neurons, e.g. 3,17")
+    imp = sub.add_parser("import", help="read NeuronRecord JSON files as activation_records")
+    imp.add_argument("source", help="a <neuron>.json, a layer folder, or an export root with collated-activations/")
+    imp.add_argument("--layers", help="only these layers")
+    for p in (lin, view, export, imp):
+        p.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
+    return top
+
+
+COMMANDS = {"run": cmd_run, "lineage": cmd_lineage, "view": cmd_view, "export": cmd_export, "import": cmd_import}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NdxInputError as e:  # bad input: one sentence naming it, and nothing else
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

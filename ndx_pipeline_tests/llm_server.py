@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from ndx_pipeline.core.models import bundled_gguf
+
 HOST = "127.0.0.1"
 TEST_API_KEY = "sk-test-SECRET123"
 MODEL_ALIAS = "smollm2-135m-instruct-q4_1"
@@ -97,8 +99,6 @@ def run_llama_server(log_dir: Path, model_path: str | None = None, api_key: str 
     logits_all is on so /v1/completions can echo prompt logprobs; the server requires `api_key`.
     """
     if model_path is None:
-        from ndx_pipeline.core.models import bundled_gguf
-
         model_path = str(bundled_gguf())
     if threads is None:  # leave a core to the test process (and to whatever else runs on a small machine)
         threads = int(os.environ.get("NDX_TEST_LLAMA_THREADS") or max(1, (os.cpu_count() or 2) // 2))

@@ -83,7 +83,11 @@ def test_jobs_and_automation_conditions():
     assert {j.name for j in defs.jobs} == {MAIN_JOB, EXTRACTION_JOB, EXPLAIN_AND_SCORE_JOB}
     extract = defs.resolve_job_def(EXTRACTION_JOB)
     assert {k.to_user_string() for k in extract.asset_layer.executable_asset_keys} == {
-        "corpus", "activation_records", "top_excerpts"}
+        "corpus", "activation_records", "token_table", "top_excerpts"}
+    llm = defs.resolve_job_def(EXPLAIN_AND_SCORE_JOB)
+    assert {k.to_user_string() for k in llm.asset_layer.executable_asset_keys} == {
+        "explanations", "baseline_explanations", "calibration_simulations", "simulations", "baseline_simulations",
+        "scores", "neuron_viewer"}
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         cond = graph.get(key).automation_condition

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from ndx_pipeline.cli import contiguous_ranges, main, parse_layers
+from ndx_pipeline.cli import main, parse_layers
+from ndx_pipeline.defs.partitions import contiguous_ranges
 from ndx_pipeline.core.errors import NdxInputError
 
 

@@ -117,7 +117,7 @@ def test_k8s_run_launcher_validates_and_constructs(tmp_path, pg_env, kubeconfig)
 
 
 def _k8s_job():
-    from ndx_pipeline.definitions import MAIN_JOB
+    from ndx_pipeline.defs.automation import MAIN_JOB
     from ndx_pipeline.scale_out import k8s_definitions
 
     return k8s_definitions().resolve_job_def(MAIN_JOB)
@@ -210,7 +210,7 @@ def test_celery_config_as_workers_and_runs_read_it(monkeypatch, tmp_path):
     from dagster_celery.executor import CeleryExecutor
     from dagster_celery.make_app import make_app
 
-    from ndx_pipeline.definitions import MAIN_JOB
+    from ndx_pipeline.defs.automation import MAIN_JOB
     from ndx_pipeline.scale_out import celery_definitions
 
     monkeypatch.setenv("NDX_CELERY_BROKER", "redis://127.0.0.1:6379/0")
@@ -251,7 +251,8 @@ def test_assets_carry_the_routing_tags():
     from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
     from dagster_k8s.job import USER_DEFINED_K8S_CONFIG_KEY, get_user_defined_k8s_config
 
-    from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import MAIN_JOB
     from ndx_pipeline.scale_out import CELERY_QUEUE_TAG, K8S_CONFIG_TAG, STEP_QUEUES
 
     assert (CELERY_QUEUE_TAG, K8S_CONFIG_TAG) == (DAGSTER_CELERY_QUEUE_TAG, USER_DEFINED_K8S_CONFIG_KEY)
@@ -324,7 +325,7 @@ def test_helm_values_agree_with_the_instance_yaml(tmp_path, pg_env):
 def test_code_locations_load_through_dagsters_loader(attribute, executor):
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-    from ndx_pipeline.definitions import MAIN_JOB
+    from ndx_pipeline.defs.automation import MAIN_JOB
 
     repo = ReconstructableRepository.for_module("ndx_pipeline.scale_out", attribute, str(REPO)).get_definition()
     jobs = {job.name: job.executor_def.name for job in repo.get_all_jobs()}

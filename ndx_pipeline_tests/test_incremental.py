@@ -11,12 +11,14 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.defs.automation import stale_layers, stale_status_resolver
+from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.core.models import bundled_gguf
-from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+from ndx_pipeline.definitions import build_definitions
+from ndx_pipeline.defs.automation import MAIN_JOB
 
-ALL = ["corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores", "neuron_viewer"]
+ALL = list(ASSETS)
 
 
 def statuses(instance, defs, partition="0"):
@@ -42,7 +44,7 @@ def settings(tmp_path, monkeypatch):
 
 @pytest.fixture
 def counters(monkeypatch):
-    import ndx_pipeline.defs.assets as assets_mod
+    import ndx_pipeline.core.stages as assets_mod
 
     counts = {"subject_model_loads": 0, "extractions": 0, "explainer_calls": 0, "simulator_calls": 0}
     real_load, real_extract = assets_mod.load_subject_model, assets_mod.act.extract
@@ -102,7 +104,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
           for k in defs_a.resolve_asset_graph().get_all_asset_keys()}
     vb = {k.to_user_string(): defs_b.resolve_asset_graph().get(k).code_version
           for k in defs_b.resolve_asset_graph().get_all_asset_keys()}
-    assert [a for a in ALL if va[a] != vb[a]] == ["simulations"]
+    assert [a for a in ALL if va[a] != vb[a]] == ["simulations", "baseline_simulations"]
 
     before = statuses(instance, defs_b)
     assert before["simulations"] == "STALE"
@@ -121,7 +123,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
 
     for key in counters:
         counters[key] = 0
-    run(defs_b, instance, selection=["simulations", "scores"])
+    run(defs_b, instance, selection=["simulations", "baseline_simulations", "scores"])
     assert counters["subject_model_loads"] == counters["extractions"] == counters["explainer_calls"] == 0
     storage = settings / "storage"
     simulated = sum(int((pl.read_parquet(asset_path(storage, name, 0))["status"] == "ok").sum())
@@ -154,11 +156,11 @@ def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
 
     base = versions()
     assert len(set(base.values())) == len(base)
-    monkeypatch.setenv("NDX_EXPLAINER_MODEL", "/models/other.gguf")
-    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
+    monkeypatch.setenv("NDX_EXPLAINER_MODEL", "/models/other.gguf")  # it also writes the token-list baseline
+    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations", "baseline_explanations"]
     monkeypatch.delenv("NDX_EXPLAINER_MODEL")
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "3")
-    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records"]
+    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records", "token_table"]
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
     import ndx_pipeline.core.method.explainer as explainer_mod
 

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.storage import asset_path
-from ndx_pipeline.defs.assets import build_assets, layer_partitions
+from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.resources import (
     CorpusResource,
     LLMResource,
@@ -29,12 +29,14 @@ from ndx_pipeline_tests.llm_server import TEST_API_KEY, FaultProxy, llama_server
 
 pytestmark = [pytest.mark.llm_server, pytest.mark.slow]
 NEURONS = [11, 700]
-UPSTREAM = ("corpus", "activation_records", "top_excerpts")
-LLM_STAGES = ("explanations", "simulations", "scores")
+# whole steps: an asset and the files its step writes beside it
+UPSTREAM = ("corpus", "activation_records", "token_table", "top_excerpts")
+EXPLANATION_STEP = ("explanations", "baseline_explanations", "calibration_simulations")
+LLM_STAGES = (*EXPLANATION_STEP, "simulations", "baseline_simulations", "scores")
 
 
 def materialize(stages, storage, **resources):
-    by_key = {a.key.to_user_string(): a for a in build_assets(layer_partitions())}
+    by_key = {k.to_user_string(): a for a in build_definitions().assets for k in a.keys}
     base = {
         "storage": StorageResource(storage_dir=str(storage)), "corpus_source": CorpusResource(),
         "subject_model": SubjectModelResource(window_tokens=16),
@@ -43,7 +45,7 @@ def materialize(stages, storage, **resources):
         "quality": QualityResource(),
     }
     base.update(resources)
-    assets = [by_key[s] for s in stages]
+    assets = list({id(by_key[s]): by_key[s] for s in stages}.values())
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(assets, partition_key="0", resources=base, instance=instance, raise_on_error=False,
                             selection=list(stages))
@@ -70,7 +72,7 @@ def upstream(tmp_path_factory):
 def copy_upstream(src, dst):
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path(src, "corpus"), asset_path(dst, "corpus"))
-    for stage in (*UPSTREAM[1:], "token_table"):  # the token table: activation_records' side file (lookup)
+    for stage in UPSTREAM[1:]:
         asset_path(dst, stage, 0).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(asset_path(src, stage, 0), asset_path(dst, stage, 0))
 
@@ -95,7 +97,7 @@ def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, t
     first = proxy.total()
     assert first >= len(NEURONS)  # at least one explanation request per neuron reached the server
 
-    for stage in LLM_STAGES:
+    for stage in ("explanations", "simulations", "scores"):
         a, b = pl.read_parquet(asset_path(local, stage, 0)), pl.read_parquet(asset_path(server, stage, 0))
         assert a.schema == b.schema, stage
         assert sorted(a["neuron"].unique()) == sorted(b["neuron"].unique()) == NEURONS
@@ -148,12 +150,12 @@ def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
 KILLED_RUN = textwrap.dedent("""
     import sys
     import dagster as dg
-    from ndx_pipeline.defs.assets import build_assets, layer_partitions
+    from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
                       api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, max_tokens=20)
-    explanations = next(a for a in build_assets(layer_partitions()) if a.key.to_user_string() == "explanations")
+    explanations = next(a for a in build_definitions().assets if dg.AssetKey("explanations") in a.keys)
     dg.materialize([explanations], partition_key="0",
                    resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm,
                               "simulator_llm": llm, "quality": QualityResource(baselines=[])},
@@ -189,7 +191,7 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     assert 3 <= paid < n, (paid, n)
 
     proxy.reset_counts()
-    instance = materialize(["explanations"], storage, explainer_llm=server_llm(proxy, max_tokens=20),
+    instance = materialize(EXPLANATION_STEP, storage, explainer_llm=server_llm(proxy, max_tokens=20),
                            quality=QualityResource(baselines=[]))
     rerun = proxy.requests["/v1/chat/completions"]
     meta = partition_metadata(instance, "explanations")

@@ -21,31 +21,36 @@ import time
 import numpy as np
 import pytest
 
-from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, parse_explanation
+from ndx_pipeline.core.llm.backend import Completion, LLMBackend, RecordableLLMError, map_concurrently
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key
-from ndx_pipeline.core.llm.openai_compatible import (
+from ndx_pipeline.core.llm.local import LocalTransformersBackend
+from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
+from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api, continuation_after, grammar_safe
+from ndx_pipeline.core.llm.openai.logprobs import (
+    LogprobAlignmentError,
+    detect_logprob_alignment,
+    slot_candidates,
+    values_from_candidates,
+)
+from ndx_pipeline.core.llm.openai.transport import (
+    LLMGaveUpError,
+    LLMRejectedError,
+    call_with_retries,
+    parse_retry_after,
+    redact_secret,
+)
+from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, parse_explanation
+from ndx_pipeline.core.method.simulator import expected_values, simulate_excerpt, simulation_prompt
+from ndx_pipeline.core.method.simulator_json import (
     JSONSimulationError,
     JSONSimulationLengthError,
     JSONSimulationTokenError,
     JSONSimulationValueError,
-    LLMGaveUpError,
-    LLMRejectedError,
-    LogprobAlignmentError,
-    OpenAICompatibleBackend,
-    RetryPolicy,
-    call_with_retries,
-    chat_messages_for_api,
-    continuation_after,
-    detect_logprob_alignment,
-    grammar_safe,
     json_simulation_messages,
-    map_concurrently,
+    json_simulation_request,
     parse_json_simulation,
-    parse_retry_after,
-    slot_candidates,
-    values_from_candidates,
 )
-from ndx_pipeline.core.method.simulator import expected_values, simulation_prompt
+from ndx_pipeline.core.models import bundled_gguf
 from ndx_pipeline_tests.llm_server import (
     TEST_API_KEY,
     Fault,
@@ -259,6 +264,79 @@ def test_parse_json_simulation():
     assert msgs[-1]["content"].endswith(json.dumps(toks))
 
 
+class CannedJSON(LLMBackend):
+    """Answers every JSON chat with `answer` and records what it was sent; cannot pin the tokens in `unpinnable`."""
+
+    name = "canned"
+
+    def __init__(self, answer: str, unpinnable=()):
+        self.answer, self.unpinnable, self.sent, self.stats = answer, set(unpinnable), [], LLMStats()
+
+    def chat(self, messages, assistant_prefix, max_tokens, temperature, seed):
+        raise NotImplementedError
+
+    def value_probabilities(self, prompt):
+        raise NotImplementedError
+
+    def chat_json(self, messages, schema, max_tokens, seed):
+        self.sent.append({"messages": messages, "schema": schema, "max_tokens": max_tokens, "seed": seed})
+        return Completion(self.answer, 0, 0)
+
+    def can_pin(self, token):
+        return token not in self.unpinnable
+
+
+def test_json_simulator_through_the_chat_json_seam():
+    toks = ["a", "\\", "b"]
+    answer = json.dumps({"activations": [{"token": t, "activation": v} for t, v in zip(["a", "x", "b"], [0, 3, 10])]})
+    backend = CannedJSON(answer, unpinnable={"\\"})
+    assert simulate_excerpt(backend, "dates", toks, mode="json").tolist() == [0, 3, 10]  # unpinned: not checked
+    sent = backend.sent[0]
+    assert sent["messages"] == json_simulation_messages("dates", toks)
+    assert sent["max_tokens"] == 32 + 24 * len(toks) and sent["seed"] == 0
+    items = sent["schema"]["properties"]["activations"]["prefixItems"]
+    assert [i["properties"]["token"] for i in items] == [{"const": "a"}, {"type": "string"}, {"const": "b"}]
+    assert backend.stats.snapshot()["failures"] == 0
+    strict = CannedJSON(answer)  # every token pinned, so every token is checked
+    with pytest.raises(JSONSimulationTokenError):
+        simulate_excerpt(strict, "dates", toks, mode="json")
+    assert strict.stats.snapshot()["failures"] == 1
+
+    class NoJSON(CannedJSON):
+        chat_json = LLMBackend.chat_json
+
+    with pytest.raises(RecordableLLMError, match="no JSON mode"):
+        simulate_excerpt(NoJSON(answer), "dates", toks, mode="json")
+
+
+def test_json_request_body_per_server():
+    """What the JSON simulator sends (and caches by): the same body as before the method/transport split."""
+    toks = ["path", "\\", "."]
+    for server, mode, kind in (("openai", None, "json_schema"), ("vllm", None, "json_schema"),
+                               ("llama_cpp", None, "json_object"), ("openai", "json_object", "json_object"),
+                               ("openai", "none", None)):
+        backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", TEST_API_KEY, server=server, json_mode=mode)
+        body = _json_body(backend, toks)
+        assert list(body)[:5] == ["model", "messages", "max_tokens", "temperature", "seed"]
+        assert (body["model"], body["max_tokens"], body["temperature"], body["seed"]) == ("m", 32 + 24 * 3, 0.0, 0)
+        assert body["messages"] == json_simulation_messages(SIM_EXPLANATION, toks)
+        assert body.get("response_format", {}).get("type") == kind
+        pinned = [i["properties"]["token"] for i in
+                  body.get("response_format", {}).get("schema", {}).get("properties", {}).get("activations", {})
+                  .get("prefixItems", [])]
+        if server == "llama_cpp":  # llama.cpp's grammar converter cannot pin a backslash
+            assert pinned == [{"const": "path"}, {"type": "string"}, {"const": "."}]
+            assert not backend.can_pin("\\") and backend.can_pin("path")
+        else:
+            assert backend.can_pin("\\")
+        backend.close()
+
+
+def test_redact_secret():
+    assert redact_secret(f"key {TEST_API_KEY} refused", TEST_API_KEY) == "key [redacted] refused"
+    assert redact_secret("abc", "ab") == "abc" and redact_secret("abc", None) == "abc"
+
+
 def test_lead_in_instruction_and_stripping():
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     out = chat_messages_for_api(msgs, LEAD_IN)
@@ -408,8 +486,6 @@ def test_explainer_chat(fault_proxy, cache_root):
 def test_all_at_once_alignment_matches_in_process_model(echo_run):
     """The server's echoed logprobs, read with the detected alignment, give the same value distributions as
     the in-process transformers model on the same prompt; read with the other alignment they give none."""
-    from ndx_pipeline.core.llm.local import LocalTransformersBackend
-
     assert echo_run["alignment"] == "llama_cpp"  # SmolLM2 has no BOS: llama-cpp-python echoes one entry later
     assert echo_run["layout"] == "split"  # SmolLM2 writes 10 as "1" "0"
     lp = echo_run["response"]["choices"][0]["logprobs"]
@@ -447,8 +523,6 @@ def test_all_at_once_alignment_matches_in_process_model(echo_run):
 def test_auto_alignment_follows_the_served_model(llama_server, tmp_path):
     """llama-cpp-python's echo alignment depends on the model: with a BOS token (same weights, metadata flipped)
     it is OpenAI's; "auto" follows, where a fixed "llama_cpp" would read the wrong positions."""
-    from ndx_pipeline.core.models import bundled_gguf
-
     model = gguf_with_bos(bundled_gguf(), tmp_path / "smollm2-bos.gguf")
     prompt = simulation_prompt(SIM_EXPLANATION, ["The", " cat", " sat"])
     with run_llama_server(tmp_path / "logs", model_path=str(model)) as server:
@@ -481,17 +555,21 @@ def test_cache_rerun_makes_zero_requests(echo_run, cache_root):
         with_port.close()
 
 
+def _json_body(backend, tokens):
+    return backend.json_body(**json_simulation_request(backend, SIM_EXPLANATION, tokens))
+
+
 @pytest.mark.llm_server
 def test_json_simulator(fault_proxy, cache_root):
     backend = _backend(fault_proxy.base_url, cache_root / "json")
     tokens = ["The", " cat", " sat", "."]
     started = time.perf_counter()
-    values = backend.simulate_json(SIM_EXPLANATION, tokens)
+    values = simulate_excerpt(backend, SIM_EXPLANATION, tokens, mode="json")
     seconds = time.perf_counter() - started
     assert values.shape == (4,) and ((values >= 0) & (values <= 10)).all()
     assert fault_proxy.forwarded["/v1/chat/completions"] == 1
     real = backend.cache.get(cache_key("openai-compatible", backend.model, "chat.completions",
-                                       backend.json_body(SIM_EXPLANATION, tokens)))["response"]
+                                       _json_body(backend, tokens)))["response"]
     print(f"\njson simulator: {values.tolist()} in {seconds:.1f}s")
 
     # malformed answers (served by the proxy from the real one, edited): each raises its own error
@@ -507,11 +585,11 @@ def test_json_simulator(fault_proxy, cache_root):
                      answer("The neuron fires on 'the'."))
     uncached = _backend(fault_proxy.base_url, None)
     with pytest.raises(JSONSimulationLengthError):
-        uncached.simulate_json(SIM_EXPLANATION, tokens)
+        simulate_excerpt(uncached, SIM_EXPLANATION, tokens, mode="json")
     with pytest.raises(JSONSimulationValueError):
-        uncached.simulate_json(SIM_EXPLANATION, tokens)
+        simulate_excerpt(uncached, SIM_EXPLANATION, tokens, mode="json")
     with pytest.raises(JSONSimulationError):
-        uncached.simulate_json(SIM_EXPLANATION, tokens)
+        simulate_excerpt(uncached, SIM_EXPLANATION, tokens, mode="json")
     assert uncached.stats.snapshot()["failures"] == 3
 
 
@@ -524,10 +602,10 @@ def test_json_simulator_survives_tokens_the_grammar_converter_cannot_escape(faul
     backend = _backend(fault_proxy.base_url, None)
     tokens = ["path", "\\", "\"", "\n", " café", "."]
     assert not any(grammar_safe(t) for t in tokens[1:5]) and grammar_safe("path")
-    values = backend.simulate_json(SIM_EXPLANATION, tokens)
+    values = simulate_excerpt(backend, SIM_EXPLANATION, tokens, mode="json")
     assert values.shape == (len(tokens),) and ((values >= 0) & (values <= 10)).all()
     assert llama_server.process.poll() is None, llama_server.log_path.read_text()[-2000:]
-    pinned = backend.json_body(SIM_EXPLANATION, tokens)["response_format"]["schema"]
+    pinned = _json_body(backend, tokens)["response_format"]["schema"]
     items = pinned["properties"]["activations"]["prefixItems"]
     assert items[0]["properties"]["token"] == {"const": "path"}
     assert items[1]["properties"]["token"] == {"type": "string"}
@@ -607,7 +685,7 @@ def test_faults_are_retried_or_reported(fault_proxy):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
-    from ndx_pipeline.core.llm.openai_compatible import OpenAICompatibleBackend
+    from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
     from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages
     base_url, cache, key = sys.argv[1], sys.argv[2], sys.argv[3]
     backend = OpenAICompatibleBackend(base_url, "smollm2-135m-instruct-q4_1", key, cache=cache, server="llama_cpp")

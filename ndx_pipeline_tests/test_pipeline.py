@@ -7,8 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.storage import asset_path
-from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+from ndx_pipeline.definitions import build_definitions
+from ndx_pipeline.defs.automation import MAIN_JOB
 
 CONTRACT = {
     "corpus": {"doc_id": pl.String, "source": pl.String, "text": pl.String},
@@ -55,15 +57,20 @@ def test_definitions_snapshot():
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): node for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())}
-    assert sorted(specs) == sorted([*CONTRACT, "neuron_viewer"])
+    assert sorted(specs) == sorted(ASSETS)
     deps = {k: sorted(p.to_user_string() for p in n.parent_keys) for k, n in specs.items()}
     assert deps == {
-        "corpus": [], "activation_records": ["corpus"], "top_excerpts": ["activation_records"],
-        "explanations": ["top_excerpts"], "simulations": ["explanations", "top_excerpts"],
-        "scores": ["explanations", "simulations"], "neuron_viewer": ["scores"],
+        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"],
+        "top_excerpts": ["activation_records"], "explanations": ["top_excerpts"],
+        "baseline_explanations": ["top_excerpts"], "calibration_simulations": ["top_excerpts"],
+        "simulations": ["explanations", "top_excerpts"], "baseline_simulations": ["baseline_explanations",
+                                                                                  "top_excerpts"],
+        "scores": ["baseline_explanations", "baseline_simulations", "explanations", "simulations", "token_table",
+                   "top_excerpts"],
+        "neuron_viewer": ["activation_records", "corpus", "explanations", "scores", "simulations", "top_excerpts"],
     }
     assert specs["corpus"].partitions_def is None
-    for name in [*list(CONTRACT)[1:], "neuron_viewer"]:
+    for name in ASSETS[1:]:
         assert specs[name].partitions_def.get_partition_keys() == [str(i) for i in range(30)]
 
 

@@ -214,7 +214,8 @@ def small_corpus(tmp_path):
 def _worker(partition: str, storage: str, corpus: str, out: str) -> int:
     import dagster as dg
 
-    from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import MAIN_JOB
 
     job = build_definitions().resolve_job_def(MAIN_JOB)
     instance = dg.DagsterInstance.get()  # $DAGSTER_HOME/dagster.yaml: the Postgres instance
@@ -256,7 +257,8 @@ def test_concurrent_layer_runs_lose_no_events_and_keep_partitions_intact(pg_home
     from dagster._core.events import DagsterEventType as T
 
     from ndx_pipeline.core.storage import asset_path
-    from ndx_pipeline.definitions import MAIN_JOB, build_definitions
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import MAIN_JOB
 
     storage = tmp_path / "storage"
     instance = dg.DagsterInstance.get()

@@ -15,7 +15,8 @@ from ndx_pipeline.core.method.scoring import (
     rsquared,
     score_layer,
 )
-from ndx_pipeline.core.method.simulator import expected_value_from_top_logprobs, expected_values
+from ndx_pipeline.core.llm.openai.logprobs import values_from_candidates
+from ndx_pipeline.core.method.simulator import expected_values
 
 A_TRUE, A_SIM = [0.0, 0.0, 2.0, 0.0], [0.1, 0.0, 8.0, 1.0]
 B_TRUE, B_SIM = [0.0, -0.1, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]
@@ -67,8 +68,8 @@ def test_display_scale_vectors():
 
 def test_expected_value_vector():
     lp = {"0": math.log(0.6), "1": math.log(0.1), "10": math.log(0.1), " the": math.log(0.2)}
-    assert expected_value_from_top_logprobs(lp) == pytest.approx(1.375, abs=1e-12)
-    assert expected_value_from_top_logprobs({"x": 0.0}) == 0.0
+    assert expected_values(values_from_candidates(lp)[None, :])[0] == pytest.approx(1.375, abs=1e-12)
+    assert expected_values(values_from_candidates({"x": 0.0})[None, :])[0] == 0.0
     probs = np.zeros((2, 11))
     probs[0, [0, 1, 10]] = [0.6, 0.1, 0.1]
     assert expected_values(probs).tolist() == pytest.approx([1.375, 0.0])

@@ -21,7 +21,6 @@ Marked `ui`; 1–2 minutes on two cores. Run with `pytest -m ui`.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,10 +30,16 @@ from pathlib import Path
 
 import pytest
 
+from ndx_pipeline.cli import instance_settings
+from ndx_pipeline.core.contract import ASSETS
+from ndx_pipeline.core.models import bundled_gguf
+from ndx_pipeline.definitions import build_definitions
+
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "ndx_pipeline"
 LAYER = "1"
-ORDER = ["corpus", "activation_records", "top_excerpts", "explanations", "simulations", "scores"]
+ORDER = [a for a in ASSETS if a != "neuron_viewer"]  # everything the scores of a layer come from
+SIMULATION_STEP = ["simulations", "baseline_simulations"]  # one step writes both
 
 NODES_QUERY = """
 query Nodes($keys: [AssetKeyInput!], $partition: String) {
@@ -91,8 +96,8 @@ def _free_port() -> int:
 class DagsterDev:
     """`dagster dev` in its own process group; stop() ends the group (webserver, daemon, code server)."""
 
-    def __init__(self, workdir: Path, home: Path, env: dict[str, str]):
-        self.workdir, self.home, self.extra_env = workdir, home, env
+    def __init__(self, workdir: Path, home: Path, env: dict[str, str], command: str = "dagster"):
+        self.workdir, self.home, self.extra_env, self.command = workdir, home, env, command
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_path = workdir / "dagster-dev.log"
@@ -102,14 +107,19 @@ class DagsterDev:
         return f"http://127.0.0.1:{self.port}/graphql"
 
     def start(self, timeout: float = 150) -> None:
-        dagster = Path(sys.executable).parent / "dagster"
+        binary = Path(sys.executable).parent / self.command
         self.port = _free_port()
         env = {**os.environ, "DAGSTER_HOME": str(self.home), "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
+               "TOKENIZERS_PARALLELISM": "false", "VIRTUAL_ENV": str(Path(sys.executable).parent.parent),
+               **self.extra_env}
         log = open(self.log_path, "a")
+        if self.command == "dagster":  # the workspace file, as `dagster dev` is run in this folder
+            args, cwd = ["dev", "-w", str(REPO / "workspace.yaml")], self.workdir
+        else:  # `dg dev` in the project folder: the project's [tool.dg] settings, this virtualenv
+            args, cwd = ["dev", "--use-active-venv", "--no-check-yaml"], REPO
         self.proc = subprocess.Popen(
-            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [str(binary), *args, "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # A shell that started us in the background leaves SIGINT ignored, and dagster dev maps SIGTERM to
             # its SIGINT handler: restore the default so stop() can shut it down cleanly.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -235,7 +245,7 @@ def workdir(tmp_path):
 
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "ndx_pipeline" / "templates" / "dagster.yaml", home / "dagster.yaml")
+    (home / "dagster.yaml").write_text(instance_settings(home))  # what the CLI writes into a new home
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ["assert", "break", "continue", "del", "pass", "global"]:
@@ -246,8 +256,6 @@ def workdir(tmp_path):
 @pytest.mark.ui
 def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
     from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
-
-    from ndx_pipeline.core.models import bundled_gguf
 
     home, corpus, storage = workdir / "dagster_home", workdir / "corpus", workdir / "storage"
     config = _small_run_config(storage, corpus)
@@ -273,8 +281,9 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
             lineage.append(key)
             todo.extend("/".join(d["path"]) for d in nodes[key].get("dependencyKeys", []))
         assert sorted(lineage) == sorted(ORDER)
-        assert sorted("/".join(d["path"]) for d in nodes["scores"]["dependencyKeys"]) == ["explanations",
-                                                                                          "simulations"]
+        assert sorted("/".join(d["path"]) for d in nodes["scores"]["dependencyKeys"]) == [
+            "baseline_explanations", "baseline_simulations", "explanations", "simulations", "token_table",
+            "top_excerpts"]
         assert [d["path"] for d in nodes["activation_records"]["dependencyKeys"]] == [["corpus"]]
 
         mats = _by_key(dev.query(MATERIALIZATIONS_QUERY,
@@ -318,18 +327,19 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
         dev.start()
         nodes = _staleness(dev, LAYER)
         changed = sorted(k for k in ORDER if nodes[k]["opVersion"] != versions_before[k])
-        assert changed == ["simulations"]
+        assert changed == sorted(SIMULATION_STEP)
         status = {k: n["staleStatus"] for k, n in nodes.items()}
-        assert status == {**{k: "FRESH" for k in ORDER}, "simulations": "STALE"}, status
-        causes = nodes["simulations"]["staleCauses"]
-        assert [(c["category"], c["key"]["path"], c["partitionKey"]) for c in causes] == \
-            [("CODE", ["simulations"], LAYER)], causes
-        assert "code version" in causes[0]["reason"]
+        assert status == {**{k: "FRESH" for k in ORDER}, **{k: "STALE" for k in SIMULATION_STEP}}, status
+        for key in SIMULATION_STEP:
+            causes = nodes[key]["staleCauses"]
+            assert [(c["category"], c["key"]["path"], c["partitionKey"]) for c in causes] == \
+                [("CODE", [key], LAYER)], causes
+            assert "code version" in causes[0]["reason"]
 
         # --- 5. rematerialize `simulations` alone for the layer: `scores` becomes stale by data, upstream untouched
         rerun = dev.client().submit_job_execution(
             "explain_neurons", repository_location_name=LOCATION, run_config=config,
-            tags={"dagster/partition": LAYER}, asset_selection=[AssetKey("simulations")],
+            tags={"dagster/partition": LAYER}, asset_selection=[AssetKey(k) for k in SIMULATION_STEP],
         )
         _wait_for_run(dev, rerun)
         nodes = _staleness(dev, LAYER)
@@ -337,15 +347,34 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
         assert status == {**{k: "FRESH" for k in ORDER}, "scores": "STALE"}, status
         # GraphQL reports root causes: the dependency's new data version, not the edge scores → simulations.
         causes = nodes["scores"]["staleCauses"]
-        assert [(c["category"], c["key"]["path"], c["partitionKey"], c["reason"]) for c in causes] == \
-            [("DATA", ["simulations"], LAYER, "has a new data version")], causes
+        assert sorted((c["category"], c["key"]["path"], c["partitionKey"], c["reason"]) for c in causes) == \
+            [("DATA", [k], LAYER, "has a new data version") for k in sorted(SIMULATION_STEP)], causes
         mats = _by_key(dev.query(MATERIALIZATIONS_QUERY,
                                  {"keys": _keys(*ORDER[1:]), "partitions": [LAYER]})["assetNodes"])
         sims = sorted(mats["simulations"]["assetMaterializations"], key=lambda e: float(e["timestamp"]))
         assert [e["runId"] for e in sims] == [run_id, rerun]
         assert _tags(sims[1])["dagster/code_version"] != _tags(sims[0])["dagster/code_version"]
         assert _tags(sims[1])["dagster/data_version"] != _tags(sims[0])["dagster/data_version"]
-        assert all(e["runId"] == run_id for k in ORDER[1:] if k != "simulations"
+        assert all(e["runId"] == run_id for k in ORDER[1:] if k not in SIMULATION_STEP
                    for e in mats[k]["assetMaterializations"])
+    finally:
+        dev.stop()
+
+
+@pytest.mark.ui
+def test_dg_dev_serves_the_same_definitions(workdir):
+    """`dg dev` in the project folder loads the defs folder through [tool.dg] and serves exactly the assets, code
+    versions and jobs that `build_definitions()` (what `dagster dev` and the CLI load) has."""
+    clean = {k: "" for k in os.environ if k.startswith("NDX_")}
+    expected = build_definitions().resolve_asset_graph()
+    versions = {k.to_user_string(): expected.get(k).code_version for k in expected.get_all_asset_keys()}
+    dev = DagsterDev(workdir, workdir / "dagster_home", clean, command="dg")
+    try:
+        dev.start()
+        nodes = _by_key(dev.query("query { assetNodes { assetKey { path } opVersion } }")["assetNodes"])
+        assert {k: n["opVersion"] for k, n in nodes.items()} == versions
+        jobs = dev.query("""query { repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }""")
+        names = {j["name"] for r in jobs["repositoriesOrError"]["nodes"] for j in r["jobs"]}
+        assert {"explain_neurons", "extract_activations", "explain_and_score"} <= names
     finally:
         dev.stop()

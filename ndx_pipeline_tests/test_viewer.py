@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import ast
+import html
 import importlib.util
 import json
 import os
 import re
 import shutil
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.models import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
-from ndx_pipeline.reports.viewer import neuron_page_path, write_index, write_layer_pages, write_viewer
+from ndx_pipeline.reports import viewer as viewer_module
+from ndx_pipeline.reports.viewer import (neuron_page_path, script_json, static_text, write_index, write_layer_pages,
+                                         write_viewer)
 
 
 def _load_fixture_builder():
@@ -73,6 +79,18 @@ def test_pages_are_self_contained(viewer):
         assert not re.search(r"<(link|iframe|object|embed|img)\b", text), page
 
 
+def test_pages_inline_the_static_files_and_link_only_to_each_other(viewer):
+    out = viewer.parent
+    for page in out.rglob("*.html"):
+        text = page.read_text()
+        assert static_text("viewer.css") in text and static_text("tooltip.js") in text
+        assert (static_text("index.js") in text) == (page == viewer)
+        assert not re.search(r"<script\b[^>]*\bsrc\s*=", text), page
+        for ref in re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", text):
+            assert not re.match(r"[a-z][a-z0-9+.-]*:|//", ref, re.I), (page, ref)  # no scheme: nothing external
+            assert (page.parent / ref).resolve().is_file(), (page, ref)
+
+
 def test_hostile_text_is_escaped(viewer):
     page = (viewer.parent / "0" / "3.html").read_text()
     # Our two script elements only; the payload's tags appear escaped.
@@ -87,6 +105,81 @@ def test_hostile_text_is_escaped(viewer):
     assert "run-aaaa" in page and "cv2" in page
     index = viewer.read_text()
     assert len(re.findall(r"<script\b", index)) == 1 and "&lt;img src=x" in index
+
+
+class _TokenText(HTMLParser):
+    """The text of each heatmap token (`.t` span) inside the element with id `within`, one list per `.ex` excerpt."""
+
+    def __init__(self, within: str):
+        super().__init__(convert_charrefs=True)
+        self.within, self.depth, self.excerpts, self.token = within, 0, [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if self.depth or attrs.get("id") == self.within:
+            self.depth += 1
+            if attrs.get("class") == "ex":
+                self.excerpts.append([])
+            elif attrs.get("class") == "t":
+                self.token = ""
+
+    def handle_endtag(self, tag):
+        if self.depth:
+            self.depth -= 1
+            if tag == "span" and self.token is not None and not self.token.endswith(("↵", "∅")):
+                self.excerpts[-1].append(self.token)
+                self.token = None
+
+    def handle_data(self, data):
+        if self.token is not None:
+            self.token += data
+
+
+def test_corpus_markup_in_tokens_is_shown_as_text(viewer):
+    """Tokens holding `<script>alert(1)</script>`, `&` and `&amp;` reach the page as text: escaped in the HTML,
+    equal to the stored tokens once the browser decodes them, and never an element."""
+    page = (viewer.parent / "0" / "3.html").read_text()
+    parser = _TokenText("top")
+    parser.feed(page)
+    records = pl.read_parquet(asset_path(viewer.parent.parent, "activation_records", 0))
+    top = records.filter((pl.col("neuron") == 3) & (pl.col("kind") == "top")).sort("rank")
+    expected = [[t.replace("\n", "↵\n") if t else "∅" for t in tokens] for tokens in top["tokens"].to_list()]
+    assert parser.excerpts == expected
+    shown = [t.strip() for tokens in parser.excerpts for t in tokens]
+    assert "<script>" in shown and "</script>" in shown and "&" in shown
+    assert ">&lt;/script&gt;</span>" in page and "> &amp;</span>" in page
+    assert "Use &lt;script&gt;alert(" in page  # the document's text around an excerpt
+    assert "The entity &amp;amp; stands" in page  # an entity in the corpus is shown as typed
+    assert not re.search(r"<script>alert", page, re.I) and len(re.findall(r"<script\b", page)) == 2
+
+
+def test_script_json_cannot_close_its_element():
+    value = {"text": "</script><!-- a & b \u2028 \u2029 'q' \"dq\"", "nan": float("nan")}
+    encoded = str(script_json(value))
+    assert not set("<>&\u2028\u2029") & set(encoded)
+    assert json.loads(encoded) == {"text": value["text"], "nan": None}
+
+
+def test_the_bundled_model_note_shows_only_where_it_was_used(tmp_path):
+    storage = FIXTURE.build_store(tmp_path)
+    assert 'id="model-note"' not in write_viewer(storage).read_text()
+    path = asset_path(storage, "simulations", 1)
+    write_parquet_atomic(pl.read_parquet(path).with_columns(pl.lit(BUNDLED_MODEL).alias("simulator")), path)
+    index = write_viewer(storage).read_text()
+    assert 'id="model-note"' in index and html.escape(BUNDLED_MODEL_NOTE, quote=False) in index
+    assert 'id="model-note"' not in write_index(storage, layers=[0]).read_text()
+
+
+def test_the_viewer_module_is_a_report():
+    """No Dagster, nothing of the Dagster skin, and the project's imports at module level."""
+    tree = ast.parse(Path(viewer_module.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if m.split(".")[0] == "dagster" or m.startswith("ndx_pipeline.defs")]
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+        inner = [n for n in ast.walk(fn) if isinstance(n, ast.Import | ast.ImportFrom)]
+        assert not [n for n in inner if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("ndx_pipeline")
+                    or isinstance(n, ast.Import) and any(a.name.startswith("ndx_pipeline") for a in n.names)], fn.name
 
 
 def test_layer_pages_replace_stale_ones_and_the_index_covers_written_layers(tmp_path):

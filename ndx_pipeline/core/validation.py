@@ -107,3 +107,36 @@ def scores_valid(scores: pl.DataFrame) -> Check:
             bad += not (-1.0 <= s <= 1.0) or row["status"] != "ok"
     return (bad == 0, "scores within [-1, 1], or NaN with a status" if bad == 0 else f"{bad} invalid score rows",
             {"neurons": len(scores), "invalid": bad})
+
+
+def token_table_complete(table: pl.DataFrame, records: pl.DataFrame, counted: bool) -> Check:
+    """Counted: every neuron of the records has rows, and its counts add up to the tokens its moments were taken
+    over (each neuron saw every token of the corpus once). Not counted (lookup baseline off): no rows at all."""
+    if not counted:
+        return (table.is_empty(), "not counted: the lookup baseline is off" if table.is_empty()
+                else f"{len(table)} rows although the lookup baseline is off", {"rows": len(table)})
+    want = dict(records.group_by("neuron").agg(pl.col("neuron_token_count").first()).iter_rows())
+    got = dict(table.group_by("neuron").agg(pl.col("count").sum()).iter_rows()) if len(table) else {}
+    bad = sorted(int(n) for n in want if got.get(n) != want[n])
+    return (not bad, f"{len(want)} neurons, each over all {next(iter(want.values()), 0)} tokens" if not bad
+            else f"neurons {bad[:10]} have token counts that differ from their records",
+            {"rows": len(table), "neurons": len(got), "neurons_with_wrong_counts": len(bad)})
+
+
+def baselines_explained(baseline_explanations: pl.DataFrame, excerpts: pl.DataFrame, names) -> Check:
+    """One row per neuron for each baseline of `names` (ok, or failed with a reason), and none for any other."""
+    neurons = set(excerpts["neuron"].unique().to_list())
+    problems = []
+    for name in names:
+        rows = baseline_explanations.filter(pl.col("baseline") == name)
+        if sorted(rows["neuron"].to_list()) != sorted(neurons):
+            problems.append(f"{name}: {len(rows)} rows for {len(neurons)} neurons")
+    extra = sorted(set(baseline_explanations["baseline"].unique().to_list()) - set(names))
+    if extra:
+        problems.append(f"rows of baselines that are off: {extra}")
+    unexplained = baseline_explanations.filter((pl.col("status") != "ok") & pl.col("error").is_null())
+    if len(unexplained):
+        problems.append(f"{len(unexplained)} failed rows without a reason")
+    failed = int((baseline_explanations["status"] != "ok").sum()) if len(baseline_explanations) else 0
+    return (not problems, f"{list(names) or 'no baselines'} for {len(neurons)} neurons ({failed} failed)"
+            if not problems else "; ".join(problems), {"rows": len(baseline_explanations), "failed": failed})

@@ -1,8 +1,9 @@
-"""Jobs, the corpus-folder sensor, the nightly re-scoring schedule, and staleness queries.
+"""Automation: the conditions assets carry, the jobs, the corpus-folder sensor, the nightly re-scoring schedule, and
+the staleness query behind it.
 
-Declarative automation: every downstream asset carries an AutomationCondition that follows its upstream layer
-(see assets.py). Dagster evaluates them only while the `default_automation_condition_sensor` is running: switch it
-on in the UI (Automation → sensors) or with `dagster sensor start default_automation_condition_sensor`.
+Declarative automation: every downstream asset carries an AutomationCondition that follows its upstream layer.
+Dagster evaluates them only while the `default_automation_condition_sensor` is running: switch it on in the UI
+(Automation → sensors) or with `dagster sensor start default_automation_condition_sensor`.
 """
 
 from __future__ import annotations
@@ -12,47 +13,47 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._time import get_current_datetime
 
+from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.data.corpus import TEXT_SUFFIXES
+from ndx_pipeline.defs.partitions import contiguous_ranges, layers, range_tags
+
+# Downstream layers follow their upstream layer; activation_records re-extracts, when the corpus changes, only the
+# layers that already have records (the corpus is one asset for all layers: "all missing layers" would be every
+# layer of the model).
+FOLLOW_UPSTREAM = (
+    dg.AutomationCondition.any_deps_updated()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("follow upstream updates")
+REFRESH_MATERIALIZED = (FOLLOW_UPSTREAM & ~dg.AutomationCondition.missing()).with_label(
+    "re-extract layers already materialized")
 
 MAIN_JOB = "explain_neurons"
 EXTRACTION_JOB = "extract_activations"
 EXPLAIN_AND_SCORE_JOB = "explain_and_score"
-EXTRACTION_ASSETS = ("corpus", "activation_records", "top_excerpts")
-EXPLAIN_AND_SCORE_ASSETS = ("explanations", "simulations", "scores", "neuron_viewer")
+EXTRACTION_ASSETS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.TOP_EXCERPTS)
+EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS, c.SIMULATIONS,
+                            c.BASELINE_SIMULATIONS, c.SCORES, c.NEURON_VIEWER)
+
+explain_neurons = dg.define_asset_job(
+    MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=layers,
+    description="corpus → activation_records → … → scores → neuron_viewer for the chosen layers.")
+extract_activations = dg.define_asset_job(
+    EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS), partitions_def=layers,
+    description="The subject-model stages: corpus, activation_records (+ token_table), top_excerpts.")
+explain_and_score = dg.define_asset_job(
+    EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS), partitions_def=layers,
+    description="The LLM stages: explanations, simulations, scores (with their baselines) and the viewer.")
 
 
-def jobs(partitions) -> list:
-    return [
-        dg.define_asset_job(MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=partitions,
-                            description="corpus → activation_records → … → scores → neuron_viewer for the chosen "
-                                        "layers."),
-        dg.define_asset_job(EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS),
-                            partitions_def=partitions,
-                            description="The subject-model stages: corpus, activation_records, top_excerpts."),
-        dg.define_asset_job(EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS),
-                            partitions_def=partitions,
-                            description="The LLM stages: explanations, simulations, scores (and the viewer)."),
-    ]
-
-
-def contiguous(layers: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for layer in sorted(set(layers)):
-        if out and layer == out[-1][1] + 1:
-            out[-1] = (out[-1][0], layer)
-        else:
-            out.append((layer, layer))
-    return out
-
-
-def materialized_layers(instance: dg.DagsterInstance, asset: str = "activation_records") -> list[int]:
+def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_RECORDS) -> list[int]:
     keys = instance.get_materialized_partitions(dg.AssetKey(asset))
     return sorted(int(k) for k in keys)
-
-
-def range_tags(lo: int, hi: int) -> dict:
-    return {"dagster/asset_partition_range_start": str(lo), "dagster/asset_partition_range_end": str(hi)}
 
 
 def folder_state(root: Path) -> dict[str, list[int]]:
@@ -68,7 +69,7 @@ def folder_state(root: Path) -> dict[str, list[int]]:
     return state
 
 
-def corpus_sensor(corpus_path: str | None):
+def corpus_sensor(corpus_path: str | None = None):
     @dg.sensor(name="corpus_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.STOPPED,
                description="Watches the corpus folder: a new, changed or removed file re-runs the corpus and every "
@@ -97,31 +98,29 @@ def corpus_sensor(corpus_path: str | None):
         context.update_cursor(json.dumps({"generation": generation, "state": state}))
         tags = {"ndx/corpus_generation": str(generation)}
         if not layers:
-            return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey("corpus")],
+            return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey(c.CORPUS)],
                                   tags=tags)]
         return [dg.RunRequest(run_key=f"corpus-{generation}-layers-{lo}-{hi}", tags={**tags, **range_tags(lo, hi)})
-                for lo, hi in contiguous(layers)]
+                for lo, hi in contiguous_ranges(layers)]
 
     return sensor
+
+
+corpus_folder_sensor = corpus_sensor()  # watches NDX_CORPUS, read at each evaluation
 
 
 def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_SCORE_ASSETS) -> list[int]:
     """Layers whose LLM-stage partitions are stale (code or upstream data changed since they were made)."""
     resolver = stale_status_resolver(instance, asset_graph)
-    from dagster._core.definitions.data_version import StaleStatus
-
     out = []
-    for layer in materialized_layers(instance, "scores"):
-        if any(resolver.get_status(dg.AssetKey(a), str(layer)) == StaleStatus.STALE for a in assets[:-1]):
+    for layer in materialized_layers(instance, c.SCORES):
+        if any(resolver.get_status(dg.AssetKey(a), str(layer)) == StaleStatus.STALE for a in assets
+               if a != c.NEURON_VIEWER):
             out.append(layer)
     return out
 
 
 def stale_status_resolver(instance: dg.DagsterInstance, asset_graph):
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._time import get_current_datetime
-
     view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
                           instance=instance, asset_graph=asset_graph)
     return CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
@@ -136,4 +135,4 @@ def nightly_rescore(context: dg.ScheduleEvaluationContext):
     if not layers:
         return dg.SkipReason("no stale layer")
     return [dg.RunRequest(run_key=f"rescore-{context.scheduled_execution_time:%Y%m%d}-{lo}-{hi}",
-                          tags=range_tags(lo, hi)) for lo, hi in contiguous(layers)]
+                          tags=range_tags(lo, hi)) for lo, hi in contiguous_ranges(layers)]

@@ -1,12 +1,18 @@
-"""Metadata a researcher reads in the UI: column schemas, score histograms, best and worst neurons, content hashes."""
+"""Metadata a researcher reads in the UI: column schemas, score histograms, best and worst neurons, baselines side by
+side, LLM accounting, content hashes."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
+
+from ndx_pipeline.core.contract import baseline_column
+from ndx_pipeline.core.llm.cache import LLMStats
 
 
 def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
@@ -63,3 +69,41 @@ def candidates_table(frame: pl.DataFrame, n: int = 30) -> dg.TableMetadataValue:
             "calibration_score": round(float(cal), 4) if cal is not None and cal == cal else None,
             "kept": bool(r.get("selected")), "explanation": r.get("explanation") or r.get("error") or ""}))
     return dg.MetadataValue.table(records, schema=schema)
+
+
+def file_metadata(frame: pl.DataFrame, path: Path) -> dict:
+    """Where a file is and what its columns are: on every asset's every partition."""
+    return {"rows": len(frame), "path": dg.MetadataValue.path(str(path)), "dagster/column_schema": column_schema(frame)}
+
+
+def finite_mean(values: pl.Series) -> float:
+    finite = values.cast(pl.Float64).drop_nulls().drop_nans()
+    return round(float(finite.mean()), 4) if len(finite) else float("nan")
+
+
+def llm_accounting(backend, before: dict, started: float) -> dict:
+    """One partition's LLM work on a backend shared by the run: requests, cache hits, tokens, failures, wall time."""
+    delta = LLMStats.difference(backend.stats.snapshot(), before)
+    return {
+        "llm_requests": int(delta["requests"]), "llm_calls": int(delta["calls"]),
+        "llm_retries": int(delta["retries"]), "llm_cache_hits": int(delta["cache_hits"]),
+        "llm_failures": int(delta["failures"]), "prompt_tokens": int(delta["prompt_tokens"]),
+        "completion_tokens": int(delta["completion_tokens"]),
+        "llm_cache_hit_rate": float("nan") if delta["cache_hit_rate"] is None else round(delta["cache_hit_rate"], 4),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def baseline_metadata(frame: pl.DataFrame, names) -> dict:
+    """Per baseline: its mean score, and how many neurons our explanation beats it on."""
+    out = {}
+    ours = frame["score"].to_numpy()
+    for name in names:
+        col = baseline_column(name)
+        if col not in frame.columns:
+            continue
+        theirs = frame[col].to_numpy()
+        both = np.isfinite(ours) & np.isfinite(theirs)
+        out[f"mean_{col}"] = round(float(np.nanmean(theirs)), 4) if np.isfinite(theirs).any() else float("nan")
+        out[f"beats_{name}"] = f"{int((ours[both] > theirs[both]).sum())} of {int(both.sum())} neurons"
+    return out

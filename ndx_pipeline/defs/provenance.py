@@ -1,6 +1,6 @@
 """What Dagster knows about how each stage's file was produced: run id, partition, code and data versions.
 
-Feeds `core.lineage` (which reads only Parquet) with the runs behind a layer's files.
+Feeds `reports.lineage` (which reads only Parquet) with the runs behind a layer's files.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dagster as dg
 
 from ndx_pipeline.core.contract import STAGES
+from ndx_pipeline.defs.metadata import content_hash
 
 
 def _info(record, partition: str | None) -> dict:
@@ -38,3 +39,15 @@ def stage_runs(instance: dg.DagsterInstance, layer: int) -> dict[str, dict | Non
         ).records
         out[stage] = _info(records[0], partition) if records else None
     return out
+
+
+def record_imported(instance: dg.DagsterInstance, written, source: str) -> None:
+    """Record files written outside a run (`ndx-pipeline import`) as materializations of their assets, with a data
+    version hashing their bytes, so lineage, staleness and the UI see them like any other."""
+    for asset, layer, path in written:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=asset, partition=None if layer is None else str(layer),
+            description=f"imported from {source}",
+            metadata={"path": dg.MetadataValue.path(str(path)), "imported_from": source},
+            tags={"dagster/data_version": content_hash([path])},
+        ))

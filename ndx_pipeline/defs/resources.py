@@ -1,4 +1,10 @@
-"""Configuration of the pipeline as Dagster resources: what the launchpad shows and run config sets."""
+"""The pipeline's settings as Dagster resources: what the launchpad shows and run config sets.
+
+`default_resources()` binds them from NDX_* environment variables (defaults: the embedded, offline setup); the
+`resources` definitions below hand them to every asset of the defs folder. Run config in the launchpad or the CLI
+can override any field for one run. Secrets (API keys) enter only as `dg.EnvVar`s: the configuration holds the
+variable's name, never the key.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,20 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ndx_pipeline.core.llm.backend import LLMBackend, LocalTransformersBackend
+from ndx_pipeline.core.contract import BASELINES, SIMULATED_BASELINES
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.data.subject_model import BUNDLED_MODEL
+from ndx_pipeline.core.llm.backend import LLMBackend
+from ndx_pipeline.core.llm.registry import BACKENDS, LLMSpec, build_backend
+from ndx_pipeline.core.method.simulator import SIMULATOR_MODES
+from ndx_pipeline.core.models import BUNDLED_MODEL
+from ndx_pipeline.core.storage import llm_cache_dir
 
 SUBJECT_MODEL_ENV = "NDX_SUBJECT_MODEL"
 # The default run (3 layers of the bundled model on this 2-core CPU) must finish within 10 minutes: measured
 # 2026-11-22 at ~21 s per neuron (an explanation, a token-list explanation, 30 simulated excerpts for ours and
 # the two LLM baselines) plus ~40 s of loading and extraction; 3 × 6 neurons ≈ 7 minutes.
 DEFAULT_NEURONS_PER_LAYER = 6
+TOKEN_LIST_EXPLAINERS = ("llm", "template")
 
 
 def configured_subject_model() -> str:
@@ -29,7 +40,7 @@ def default_dagster_home() -> Path:
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where the data contract's Parquet files go."""
+    """Where the data contract's Parquet files (and the LLM cache) go."""
 
     storage_dir: str | None = Field(default=None, description="Default: $DAGSTER_HOME/storage.")
 
@@ -77,9 +88,6 @@ class SelectionResource(dg.ConfigurableResource):
     score_random_excerpts: int = 5
 
 
-BASELINES = ("lookup", "random", "token_list")
-
-
 class QualityResource(dg.ConfigurableResource):
     """How each neuron's explanation is chosen, and the baselines every score is shown beside.
 
@@ -99,15 +107,19 @@ class QualityResource(dg.ConfigurableResource):
                                                                  "template (a fixed sentence, no LLM).")
     lookup_held_out: bool = True
 
-    def checked(self) -> "QualityResource":
+    def checked(self) -> QualityResource:
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise NdxInputError(f"baselines {unknown} are not known (available: {', '.join(BASELINES)}).")
         if self.explanation_candidates < 1:
             raise NdxInputError(f"explanation_candidates must be at least 1, not {self.explanation_candidates}.")
-        if self.token_list_explainer not in ("llm", "template"):
+        if self.token_list_explainer not in TOKEN_LIST_EXPLAINERS:
             raise NdxInputError(f"token_list_explainer must be llm or template, not {self.token_list_explainer!r}.")
         return self
+
+    @property
+    def simulated_baselines(self) -> list[str]:
+        return [b for b in self.baselines if b in SIMULATED_BASELINES]
 
 
 class LLMResource(dg.ConfigurableResource):
@@ -120,13 +132,13 @@ class LLMResource(dg.ConfigurableResource):
     Every answer is cached under `<storage>/llm_cache` by the content of its request: reruns cost nothing.
     """
 
-    backend: str = Field(default="local", description="local | openai")
+    backend: str = Field(default="local", description=f"{' | '.join(BACKENDS)}")
     model: str = Field(default=BUNDLED_MODEL, description="Model id, folder or .gguf (local); model name (openai).")
     base_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:8000/v1 (openai backend).")
     api_key: str | None = Field(default=None, description="Set from an environment variable only.")
     server: str = Field(default="openai", description="openai | vllm | llama_cpp: logprob alignment presets.")
     simulator_mode: str = Field(default="all_at_once",
-                                description="all_at_once (echo + logprobs) | json (chat models without logprobs).")
+                                description=f"{' | '.join(SIMULATOR_MODES)} (json: chat models without logprobs).")
     max_tokens: int = 60
     temperature: float = 1.0
     seed: int = 0
@@ -135,18 +147,14 @@ class LLMResource(dg.ConfigurableResource):
     deadline_s: float = Field(default=600.0, description="Give up on one request (all retries) after this long.")
     max_attempts: int = 8
 
-    def build(self, cache_dir=None, stats=None) -> LLMBackend:
-        if self.backend == "local":
-            return LocalTransformersBackend(self.model, cache=cache_dir, stats=stats)
-        if self.backend == "openai":
-            from ndx_pipeline.core.llm.openai_compatible import OpenAICompatibleBackend, RetryPolicy
+    def spec(self) -> LLMSpec:
+        return LLMSpec(backend=self.backend, model=self.model, base_url=self.base_url, api_key=self.api_key,
+                       server=self.server, max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
+                       deadline_s=self.deadline_s, max_attempts=self.max_attempts)
 
-            if not self.base_url:
-                raise NdxInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1).")
-            retry = RetryPolicy(max_attempts=self.max_attempts, timeout=self.timeout_s, deadline=self.deadline_s)
-            return OpenAICompatibleBackend(self.base_url, self.model, self.api_key, cache=cache_dir, stats=stats,
-                                           server=self.server, retry=retry, max_concurrency=self.max_concurrency)
-        raise NdxInputError(f"LLM backend {self.backend!r} is not known (available: local, openai).")
+    def build(self, storage: StorageResource | None = None, stats=None) -> LLMBackend:
+        """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage)."""
+        return build_backend(self.spec(), llm_cache_dir(storage.path()) if storage else None, stats)
 
 
 def api_key_from_env(*names: str):
@@ -159,8 +167,7 @@ def api_key_from_env(*names: str):
 
 
 def default_resources() -> dict:
-    """The resources as the Definitions bind them, from NDX_* environment variables (defaults: the embedded,
-    offline setup). Run config in the launchpad or the CLI can override any field for one run."""
+    """The resources as the definitions bind them, from NDX_* environment variables (see README)."""
     env = os.environ.get
 
     def llm(stage: str, **extra) -> LLMResource:
@@ -184,3 +191,9 @@ def default_resources() -> dict:
         "simulator_llm": llm("simulator", max_tokens=0, temperature=0.0,
                              simulator_mode=env("NDX_SIMULATOR_MODE") or "all_at_once"),
     }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    """The resources every asset of the defs folder is bound to (read from the environment at each load)."""
+    return dg.Definitions(resources=default_resources())

@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.data.activations import RECORD_SCHEMA
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    CORPUS,
+    EXPLANATIONS,
+    RECORD_SCHEMA,
+    SIMULATIONS,
+    TOKEN_TABLE,
+    empty,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import absolute_dev_explained, pooled_correlation, rsquared
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic, write_text_atomic
@@ -192,7 +200,7 @@ def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.P
                  neurons: Iterable[int] | None = None) -> ExportResult:
     """Write one layer in neuron-explainer's shapes under `out_dir` (see the module docstring for the layout)."""
     layer = int(layer)
-    rec_path = asset_path(storage_dir, "activation_records", layer)
+    rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
     if not rec_path.exists():
         raise NdxInputError(f"layer {layer} has no activation_records at {rec_path}: materialize it first.")
     records = pl.read_parquet(rec_path)
@@ -202,8 +210,8 @@ def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.P
     if missing:
         raise NdxInputError(f"layer {layer} has no activation records for neurons {missing}.")
     out = Path(out_dir)
-    sims_path = asset_path(storage_dir, "simulations", layer)
-    expl_path = asset_path(storage_dir, "explanations", layer)
+    sims_path = asset_path(storage_dir, SIMULATIONS, layer)
+    expl_path = asset_path(storage_dir, EXPLANATIONS, layer)
     sims = pl.read_parquet(sims_path) if sims_path.exists() else None
     expl = pl.read_parquet(expl_path) if expl_path.exists() else None
     result = ExportResult(layer, [], [], [])
@@ -218,7 +226,7 @@ def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.P
             if nsr["scored_explanations"]:
                 result.simulation_results.append(
                     _write_json(nsr, out / EXPLANATIONS_DIR / str(layer) / f"{n}.jsonl", lines=True))
-    corpus_path = asset_path(storage_dir, "corpus")
+    corpus_path = asset_path(storage_dir, CORPUS)
     if corpus_path.exists() and doc_ids:
         _merge_corpus_jsonl(pl.read_parquet(corpus_path).filter(pl.col("doc_id").is_in(sorted(doc_ids))),
                             out / PROVENANCE_DIR / "corpus.jsonl")
@@ -422,12 +430,15 @@ def import_neuron_records(source: str | os.PathLike, layers: Iterable[int] | Non
     return ImportedRecords(frame, corpus)
 
 
-def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords, write_corpus: bool = True) -> list[Path]:
-    """Write `activation_records/<layer>.parquet` for each imported layer, and add the imported documents to
-    `corpus.parquet` (documents already there are kept; a doc_id with different text is an error)."""
-    paths = []
+def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords,
+                   write_corpus: bool = True) -> list[tuple[str, int | None, Path]]:
+    """Write `activation_records/<layer>.parquet` for each imported layer (with an empty token table: released
+    records carry none, so the lookup baseline has nothing to count), and add the imported documents to
+    `corpus.parquet` (documents already there are kept; a doc_id with different text is an error).
+    Returns (asset, layer or None, path) for every file written, for the caller to record as materializations."""
+    written: list[tuple[str, int | None, Path]] = []
     if write_corpus and not imported.corpus.is_empty():
-        corpus_path = asset_path(storage_dir, "corpus")
+        corpus_path = asset_path(storage_dir, CORPUS)
         if corpus_path.exists():
             current = pl.read_parquet(corpus_path)
             have = dict(zip(current["doc_id"].to_list(), current["text"].to_list()))
@@ -439,8 +450,11 @@ def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords, wr
         else:
             merged = imported.corpus
         if merged is not None:
-            paths.append(write_parquet_atomic(merged, corpus_path))
+            written.append((CORPUS, None, write_parquet_atomic(merged, corpus_path)))
     for layer in imported.layers():
         part = imported.records.filter(pl.col("layer") == layer)
-        paths.append(write_parquet_atomic(part, asset_path(storage_dir, "activation_records", layer)))
-    return paths
+        written.append((ACTIVATION_RECORDS, layer,
+                        write_parquet_atomic(part, asset_path(storage_dir, ACTIVATION_RECORDS, layer))))
+        written.append((TOKEN_TABLE, layer,
+                        write_parquet_atomic(empty(TOKEN_TABLE), asset_path(storage_dir, TOKEN_TABLE, layer))))
+    return written

@@ -24,6 +24,16 @@ class RecordableLLMError(Exception):
     """An LLM call or answer that failed for one neuron or excerpt: recorded in its row, the layer goes on."""
 
 
+class ExcerptSimulationError(RecordableLLMError, ValueError):
+    """The answer for one excerpt cannot be used; the caller records that excerpt as failed, with this reason."""
+
+
+def short_text(text: Any, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters (for reasons in error messages)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass
 class Outcome:
     """The result of one item of `map_concurrently`: `value`, or the `error` it raised."""
@@ -141,8 +151,16 @@ class LLMBackend(ABC):
         """Run `fn` over items at this backend's concurrency; an item that raises does not stop the others."""
         return map_concurrently(fn, items, self.max_concurrency, on_done)
 
-    def simulate_json(self, explanation: str, tokens) -> np.ndarray:
-        raise RecordableLLMError(f"the backend {self.name} has no JSON simulator; use the all-at-once simulator")
+    def chat_json(self, messages: list[dict], schema: dict, max_tokens: int, seed: int) -> Completion:
+        """A greedy (temperature 0) chat answer constrained to JSON, as far as the backend can: to `schema` (a
+        JSON Schema) where it supports one, else to any JSON, else by the prompt alone. The caller parses and
+        checks the answer."""
+        raise RecordableLLMError(f"the backend {self.name} has no JSON mode; use the all-at-once simulator")
+
+    def can_pin(self, token: str) -> bool:
+        """Whether a schema given to `chat_json` may pin `token` as a constant (some servers' schema converters
+        cannot express every string); where not, the caller leaves it free and checks it in the answer."""
+        return True
 
     def close(self) -> None:
         """Release connections (nothing for in-process models)."""

@@ -53,6 +53,11 @@ def simulate_split(explanations: pl.DataFrame, excerpts: pl.DataFrame, backend, 
     return sims.with_columns(pl.lit(split).alias("split"))
 
 
+def no_calibration_scores() -> pl.DataFrame:
+    """The calibration scores of a choice that was not made (k = 1): `choose` then keeps candidate 0."""
+    return pl.DataFrame(schema={"explanation_id": pl.String, "score": pl.Float64, "status": pl.String})
+
+
 def choose(candidates: pl.DataFrame, calibration_scores: pl.DataFrame) -> pl.DataFrame:
     """`candidates` plus calibration_score (Float64), calibration_status (String) and selected (Boolean).
 
@@ -89,6 +94,5 @@ def select_best(candidates: pl.DataFrame, calibration: pl.DataFrame, simulator_b
     the calibration simulations)."""
     ok = candidates.filter(pl.col("status") == "ok")
     sims = simulate_split(ok, calibration, simulator_backend, CALIBRATION, **simulate_kwargs)
-    scores = score_layer(sims, ok) if len(ok) else pl.DataFrame(
-        schema={"explanation_id": pl.String, "score": pl.Float64, "status": pl.String})
+    scores = score_layer(sims, ok) if len(ok) else no_calibration_scores()
     return choose(candidates, scores), sims

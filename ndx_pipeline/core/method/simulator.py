@@ -9,10 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.llm.backend import VALUES, RecordableLLMError, SimulationPrompt
+from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
 from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, frame, usable
 from ndx_pipeline.core.method.display import END, START, escape_token
 from ndx_pipeline.core.method.explainer import FEW_SHOTS
+from ndx_pipeline.core.method.simulator_json import simulate_excerpt_json
 from ndx_pipeline.core.progress import Progress
 
 # Measured on the bundled 135M model (issue 7, benchmarks/prompts.py): after "token<TAB>" only ~7 % of the slot's
@@ -63,16 +64,6 @@ def expected_values(value_probs: np.ndarray) -> np.ndarray:
     return np.where(total > 0, ev / np.where(total > 0, total, 1.0), 0.0)
 
 
-def expected_value_from_top_logprobs(top_logprobs: dict[str, float]) -> float:
-    """Expected value over "0".."10" among a slot's top candidates (strings → natural-log probabilities)."""
-    probs = np.zeros(len(VALUES))
-    for tok, lp in top_logprobs.items():
-        s = tok.strip()
-        if s.isdigit() and int(s) in VALUES and s == str(int(s)):
-            probs[int(s)] += float(np.exp(lp))
-    return float(expected_values(probs[None, :])[0])
-
-
 SIMULATOR_MODES = ("all_at_once", "json")
 
 
@@ -81,7 +72,7 @@ def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once
     if mode == "all_at_once":
         return expected_values(backend.value_probabilities(simulation_prompt(explanation, tokens)))
     if mode == "json":
-        return np.asarray(backend.simulate_json(explanation, tokens), dtype=np.float64)
+        return simulate_excerpt_json(backend, explanation, tokens)
     raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
 
 

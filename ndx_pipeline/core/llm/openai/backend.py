@@ -1,0 +1,341 @@
+"""An LLM backend for any OpenAI-compatible server (OpenAI, vLLM, llama.cpp / llama-cpp-python, …).
+
+- Explainer: chat completions. A chat API cannot prefill the assistant's answer with the lead-in, so the model is
+  asked to write one sentence that starts with it, and the lead-in is cut off the reply when it is repeated.
+- Simulator, "all at once": one `/v1/completions` request per excerpt with `echo=True` and `logprobs=k` on the
+  simulation prompt; the distribution over the values at each slot is read from the echoed top logprobs
+  (`logprobs.py`: the alignment is a named option, and `"auto"` tells servers apart from the response itself).
+  When the server writes "10" as "1" + "0", P(10) is read honestly as P("1") · P("0" | "1") with one short extra
+  request per slot where "1" is plausible.
+- JSON-constrained chat (`chat_json`), for the JSON simulator of chat-only models: the method builds the prompt
+  and the schema and parses the answer (`core/method/simulator_json.py`); this module only knows how each server
+  takes a schema (`JSON_MODES`) and which tokens llama.cpp's schema converter cannot pin (`grammar_safe`).
+- Every request goes through the content-addressed cache (`cache.cached_call`) and the retry loop
+  (`transport.call_with_retries`); the backend also bounds its in-flight requests (`max_concurrency`).
+
+The API key is handed to the `openai` client and nowhere else: not in `name`, cache keys or entries, log lines or
+exception messages (those are redacted in case a server echoes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+
+from ndx_pipeline.core.llm.backend import VALUES, Completion, ExcerptSimulationError, LLMBackend, SimulationPrompt
+from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
+from ndx_pipeline.core.llm.openai.logprobs import (
+    LOGPROB_ALIGNMENTS,
+    LogprobsUnavailableError,
+    NoValueCandidatesError,
+    slot_candidates,
+    ten_layout,
+    values_from_candidates,
+)
+from ndx_pipeline.core.llm.openai.transport import (
+    LLMRequestError,
+    MalformedResponseError,
+    RateGate,
+    RetryPolicy,
+    call_with_retries,
+    redact_secret,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "openai-compatible"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explainer on a chat API
+
+LEAD_IN_INSTRUCTION = (
+    'Write your answer as a single sentence that begins with the words "{prefix}" and ends with a short phrase '
+    "naming the pattern. Write nothing else."
+)
+
+
+def chat_messages_for_api(messages: list[dict], assistant_prefix: str) -> list[dict]:
+    """The messages with an instruction to start the answer with `assistant_prefix` (which cannot be prefilled)."""
+    messages = [dict(m) for m in messages]
+    if not assistant_prefix:
+        return messages
+    instruction = LEAD_IN_INSTRUCTION.format(prefix=assistant_prefix.strip())
+    if messages and messages[0].get("role") == "system":
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{instruction}"
+    else:
+        messages.insert(0, {"role": "system", "content": instruction})
+    return messages
+
+
+def continuation_after(text: str, prefix: str) -> str:
+    """What the model wrote after `prefix`; the text itself when it did not repeat the prefix."""
+    stripped = text.lstrip().lstrip("\"'“”*").lstrip()
+    if prefix and stripped.lower().startswith(prefix.strip().lower()):
+        return stripped[len(prefix.strip()):]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON-constrained chat
+
+# How to ask the server for JSON: "json_schema" (OpenAI structured outputs, vLLM), "json_object_schema"
+# (llama-cpp-python: {"type": "json_object", "schema": …}, enforced by a grammar), "json_object" (any valid JSON),
+# "none" (rely on the prompt alone).
+JSON_MODES = ("json_schema", "json_object_schema", "json_object", "none")
+
+# The name OpenAI's structured outputs require for a schema. It is part of every cached JSON request body.
+SCHEMA_NAME = "activations"
+
+
+def grammar_safe(token: str) -> bool:
+    """Whether llama-cpp-python's JSON-schema-to-grammar converter can pin this token as a constant: it does not
+    escape backslashes, so a constant whose JSON text holds one (a backslash, a quote, a control character) makes a
+    grammar that fails to parse, and that failure aborts the whole server process (seen with the token "\\")."""
+    return "\\" not in json.dumps(token)
+
+
+def response_format(mode: str, schema: dict) -> dict | None:
+    """The `response_format` of a JSON-constrained chat request in `mode` (None: send none)."""
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAME, "schema": schema, "strict": False}}
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": schema}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    if mode == "none":
+        return None
+    raise ValueError(f"json_mode must be one of {JSON_MODES}, not {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backend
+
+# Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
+# most 5 candidates per position; vLLM's default limit is 20; llama-cpp-python has none.
+SERVER_PRESETS = {
+    "openai": ("openai", "json_schema", 5),
+    "vllm": ("openai", "json_schema", 20),
+    "llama_cpp": ("auto", "json_object_schema", 20),
+}
+
+
+class OpenAICompatibleBackend(LLMBackend):
+    """Explainer and simulators on an OpenAI-compatible HTTP server.
+
+    base_url: e.g. "https://api.openai.com/v1", "http://127.0.0.1:8000/v1"; model: the model name sent with every
+    request (and part of every cache key: with llama.cpp, which ignores it, name the weights you serve);
+    api_key: passed to the client only (None: a placeholder, for servers without auth).
+    cache: an LLMCache or a directory for one (None: no cache). stats: shared counters (a fresh LLMStats if None).
+    server: a preset for logprob_alignment, json_mode and top_logprobs ("openai", "vllm", "llama_cpp"; see
+    SERVER_PRESETS); explicit values win.
+    top_logprobs: candidates per position for the simulator.
+    ten_probe: "auto" (when the server splits "10", one extra short request per slot whose P("1") is at least
+    probe_threshold of the value mass), "always", or "never" (then "1" stands for itself and P(10) may be 0).
+    max_empty_slot_fraction: above this share of slots without any value candidate, the excerpt fails
+    (NoValueCandidatesError); below it such slots predict 0, as in the reference method.
+    max_concurrency: the most requests this backend has in flight at once (all threads together), and the
+    default width of `map`.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+                 cache: LLMCache | str | os.PathLike | None = None, stats: LLMStats | None = None,
+                 server: str | None = None, logprob_alignment: str | None = None, json_mode: str | None = None,
+                 top_logprobs: int | None = None, ten_probe: str = "auto", probe_threshold: float = 0.01,
+                 max_empty_slot_fraction: float = 0.5, retry: RetryPolicy | None = None,
+                 max_concurrency: int = 4):
+        import openai
+
+        preset = SERVER_PRESETS.get(server or "openai")
+        if preset is None:
+            raise ValueError(f"server must be one of {sorted(SERVER_PRESETS)}, not {server!r}")
+        self.logprob_alignment = logprob_alignment or preset[0]
+        self.json_mode = json_mode or preset[1]
+        if self.logprob_alignment not in LOGPROB_ALIGNMENTS:
+            raise ValueError(f"logprob_alignment must be one of {LOGPROB_ALIGNMENTS}, not {logprob_alignment!r}")
+        if self.json_mode not in JSON_MODES:
+            raise ValueError(f"json_mode must be one of {JSON_MODES}, not {json_mode!r}")
+        if ten_probe not in ("auto", "always", "never"):
+            raise ValueError(f"ten_probe must be 'auto', 'always' or 'never', not {ten_probe!r}")
+        self.base_url = base_url
+        self.model = model
+        self.top_logprobs = int(top_logprobs or preset[2])
+        self.ten_probe = ten_probe
+        self.probe_threshold = float(probe_threshold)
+        self.max_empty_slot_fraction = float(max_empty_slot_fraction)
+        self.retry = retry or RetryPolicy()
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        self.stats = stats if stats is not None else LLMStats()
+        self._gate = RateGate()
+        self._in_flight = threading.BoundedSemaphore(self.max_concurrency)
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", max_retries=0,
+                                     timeout=self.retry.timeout)
+
+    # -- identity, lifecycle -----------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"{KIND}:{self.model}"
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleBackend(base_url={self.base_url!r}, model={self.model!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _redact(self, text: str) -> str:
+        return redact_secret(text, getattr(self._client, "api_key", None))
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def _send(self, endpoint: str, body: dict, timeout: float) -> dict:
+        resource = self._client.chat.completions if endpoint == "chat.completions" else self._client.completions
+        with self._in_flight:
+            raw = resource.with_raw_response.create(**body, timeout=timeout)
+            text = raw.text
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise MalformedResponseError(
+                f"the server's answer to {endpoint} is not valid JSON ({len(text)} bytes; truncated?)") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise MalformedResponseError(f"the server's answer to {endpoint} has no choices")
+        return data
+
+    def request(self, endpoint: str, body: dict) -> dict:
+        """One logical request (`endpoint` "chat.completions" or "completions"): from the cache, else from the
+        server with retries, then cached. Raises LLMRequestError when no answer could be had."""
+        return cached_call(self.cache, self.stats, KIND, self.model, endpoint, body,
+                           lambda: self._fetch(endpoint, body))
+
+    def _fetch(self, endpoint: str, body: dict) -> dict:
+        """The server's answer to one logical request, with retries, accounted in `stats`."""
+        started = time.monotonic()
+        try:
+            data = call_with_retries(
+                lambda timeout: self._send(endpoint, body, timeout), self.retry, gate=self._gate,
+                on_attempt=lambda: self.stats.add(requests=1), on_retry=self._log_retry, redact=self._redact)
+        except LLMRequestError as exc:
+            self.stats.add(failures=1, seconds=time.monotonic() - started)
+            log.warning("LLM request to %s failed: %s", endpoint, self._redact(str(exc)))
+            raise
+        usage = data.get("usage") or {}
+        self.stats.add(calls=1, seconds=time.monotonic() - started,
+                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                       completion_tokens=int(usage.get("completion_tokens") or 0))
+        return data
+
+    def _log_retry(self, reason: str, delay: float) -> None:
+        self.stats.add(retries=1)
+        log.warning("LLM request failed (%s); retrying in %.1fs", reason, delay)
+
+    # -- explainer ---------------------------------------------------------------------------------------------
+
+    def chat_body(self, messages: list[dict], assistant_prefix: str, max_tokens: int, temperature: float,
+                  seed: int) -> dict:
+        return {"model": self.model, "messages": chat_messages_for_api(messages, assistant_prefix),
+                "max_tokens": int(max_tokens), "temperature": float(temperature), "seed": int(seed)}
+
+    def chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> Completion:
+        completion = self._chat_completion(self.chat_body(messages, assistant_prefix, max_tokens, temperature,
+                                                          seed))
+        return dataclasses.replace(completion, text=continuation_after(completion.text, assistant_prefix))
+
+    def _chat_completion(self, body: dict) -> Completion:
+        """The assistant's text of one chat request, with the token counts the server reported."""
+        data = self.request("chat.completions", body)
+        message = (data["choices"][0] or {}).get("message") or {}
+        usage = data.get("usage") or {}
+        return Completion(message.get("content") or "", int(usage.get("prompt_tokens") or 0),
+                          int(usage.get("completion_tokens") or 0))
+
+    # -- simulator, all at once --------------------------------------------------------------------------------
+
+    def echo_body(self, prompt: SimulationPrompt) -> dict:
+        return {"model": self.model, "prompt": prompt.text, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                "logprobs": self.top_logprobs}
+
+    def _probe_after_one(self, prefix: str) -> dict[str, float]:
+        body = {"model": self.model, "prompt": prefix + "1", "max_tokens": 1, "temperature": 0.0,
+                "logprobs": self.top_logprobs}
+        data = self.request("completions", body)
+        try:
+            tops = data["choices"][0]["logprobs"]["top_logprobs"]
+            return dict(tops[0])
+        except (KeyError, IndexError, TypeError):
+            raise LogprobsUnavailableError("the server returned no logprobs for a P(\"0\" | \"1\") probe") from None
+
+    def slot_candidates(self, prompt: SimulationPrompt) -> tuple[list[dict], str, str]:
+        """Per slot, the value candidates (token → logprob) as the server returned them; the alignment used; and
+        how the server writes "10" ("single", "split", "unknown")."""
+        data = self.request("completions", self.echo_body(prompt))
+        candidates, alignment = slot_candidates(data, prompt, self.logprob_alignment)
+        return candidates, alignment, ten_layout(data, prompt)
+
+    def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
+        """[slots, 11] probabilities of the values 0..10 at each slot, from the top logprobs (values outside the
+        top candidates get 0; `expected_values` renormalizes over the rest)."""
+        try:
+            candidates, _, layout = self.slot_candidates(prompt)
+            probs = np.stack([values_from_candidates(c) for c in candidates]) if candidates else \
+                np.zeros((0, len(VALUES)))
+            empty = int((probs.sum(axis=1) <= 0).sum())
+            if candidates and empty > self.max_empty_slot_fraction * len(candidates):
+                raise NoValueCandidatesError(
+                    f"{empty} of {len(candidates)} slots have no value 0-10 among the top {self.top_logprobs} "
+                    "candidates")
+            probe = self.ten_probe == "always" or (self.ten_probe == "auto" and layout != "single")
+            if probe and len(candidates):
+                self._split_ten(prompt, probs)
+        except ExcerptSimulationError:
+            self.stats.add(failures=1)
+            raise
+        return probs
+
+    def _split_ten(self, prompt: SimulationPrompt, probs: np.ndarray) -> None:
+        """Where "10" is "1" then "0": P(10) = P("1")·P("0" | "1"), P(1) = P("1")·P(no digit | "1")."""
+        text, offsets = prompt.text, prompt.slot_offsets()
+        mass = probs.sum(axis=1)
+        todo = [k for k in range(len(offsets))
+                if probs[k, 1] > 0 and probs[k, 1] >= self.probe_threshold * mass[k]]
+        outcomes = self.map(lambda k: self._probe_after_one(text[: offsets[k]]), todo)
+        for outcome in outcomes:
+            if not outcome.ok:
+                raise outcome.error
+            k, after = outcome.item, outcome.value
+            digits = values_from_candidates({t: v for t, v in after.items() if len(t.strip()) == 1})
+            p_one = probs[k, 1]
+            probs[k, 10] += p_one * digits[0]
+            probs[k, 1] = p_one * max(0.0, 1.0 - digits[:10].sum())
+
+    # -- JSON-constrained chat ---------------------------------------------------------------------------------
+
+    def json_body(self, messages: list[dict], schema: dict, max_tokens: int, seed: int) -> dict:
+        body = {"model": self.model, "messages": messages, "max_tokens": int(max_tokens), "temperature": 0.0,
+                "seed": int(seed)}
+        fmt = response_format(self.json_mode, schema)
+        if fmt is not None:
+            body["response_format"] = fmt
+        return body
+
+    def chat_json(self, messages: list[dict], schema: dict, max_tokens: int, seed: int) -> Completion:
+        """A greedy chat answer, constrained per `json_mode` (to `schema` where the server takes one). Raises
+        LLMRequestError when no answer could be had."""
+        return self._chat_completion(self.json_body(messages, schema, max_tokens, seed))
+
+    def can_pin(self, token: str) -> bool:
+        """False for the tokens llama-cpp-python's schema converter cannot pin (see `grammar_safe`)."""
+        return self.json_mode != "json_object_schema" or grammar_safe(token)

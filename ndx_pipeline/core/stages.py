@@ -1,0 +1,214 @@
+"""The pipeline's stages as plain functions: frames in, frames (and a few counts) out.
+
+The Dagster assets (`ndx_pipeline/defs/assets`), the CLI and the benchmarks all run the method through these, so
+there is one copy of each stage's logic. No function here reads or writes files or knows about Dagster; each takes
+the settings it needs as arguments and a `log` callable for progress lines.
+
+    corpus ─► activation_records (+ token_table) ─► top_excerpts ─► explanations (+ baseline_explanations,
+    calibration_simulations) ─► simulations (+ baseline_simulations) ─► scores
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from ndx_pipeline.core import contract
+from ndx_pipeline.core.contract import (
+    BASELINE_EXPLANATION_SCHEMA,
+    CALIBRATION,
+    LOOKUP_BASELINE,
+    SIMULATED_BASELINES,
+    SIMULATION_SCHEMA,
+    TOKEN_TABLE_SCHEMA,
+)
+from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data import excerpts as exc
+from ndx_pipeline.core.data.corpus import read_corpus
+from ndx_pipeline.core.data.subject_model import check_layers, load_subject_model, mlp_width
+from ndx_pipeline.core.data.units import neurons_of_layer
+from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.method import baselines as baselines_mod
+from ndx_pipeline.core.method import best_of_k
+from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
+from ndx_pipeline.core.method.scoring import score_layer
+from ndx_pipeline.core.method.simulator import simulate_layer
+from ndx_pipeline.core.progress import Log, Progress, quiet
+
+# ---------------------------------------------------------------------------------------------------------- corpus
+
+
+def corpus(source: str | None = None) -> pl.DataFrame:
+    """The corpus: one row per document (`doc_id`, `source`, `text`); the bundled corpus when `source` is None."""
+    return read_corpus(source)
+
+
+# ---------------------------------------------------------------------------------------------- activation records
+
+
+@dataclass
+class LayerRecords:
+    """One layer's extraction output."""
+
+    units: list[int]
+    records: pl.DataFrame
+    token_table: pl.DataFrame  # empty when the lookup baseline is off
+
+
+@dataclass
+class Extraction:
+    layers: dict[int, LayerRecords]
+    tokens: int
+    windows: int
+    seconds: float
+    device: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def activation_records(documents: pl.DataFrame, model: str | None, layers: Sequence[int], *,
+                       neurons: Sequence[int] | None = None, neurons_per_layer: int = 6, seed: int = 0,
+                       top_k: int = 20, random_k: int = 20, quantile_k: int = 4, token_table: bool = True,
+                       device: str = "cpu", dtype: str = "float32", batch_size: int = 16, window_tokens: int = 64,
+                       log: Log = quiet) -> Extraction:
+    """One pass of the subject model over the corpus for every layer of `layers`: per chosen neuron its top,
+    random and quantile windows and moments, and (token_table) the per-token table of the lookup baseline."""
+    layers = check_layers(model, layers)
+    width = mlp_width(model)
+    layer_units = {layer: neurons_of_layer(layer, width, neurons, neurons_per_layer, seed) for layer in layers}
+    log(f"loading subject model {model or 'bundled'} on {device}")
+    subject, tokenizer = load_subject_model(model, device, dtype)
+    windows = tokenize_windows(tokenizer, documents["doc_id"].to_list(), documents["text"].to_list(), window_tokens)
+    log(f"{windows.total_tokens} tokens in {len(windows)} windows; layers {layers}")
+    progress = Progress("activations", windows.total_tokens, log, unit="tokens")
+    selections, stats = act.extract(subject, tokenizer, windows, layer_units, top_k, random_k, seed, batch_size,
+                                    lambda done, total, seconds: progress.set(done), token_table=token_table,
+                                    quantile_k=quantile_k)
+    texts = TokenTexts(tokenizer)
+    out = {}
+    for layer in layers:
+        table = (act.token_table_frame(layer, selections[layer], texts) if token_table
+                 else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
+        out[layer] = LayerRecords(layer_units[layer], act.records_frame(layer, selections[layer], windows, texts),
+                                  table)
+    return Extraction(out, stats.tokens, stats.windows, stats.seconds, device)
+
+
+# ---------------------------------------------------------------------------------------------------- top excerpts
+
+
+def top_excerpts(records: pl.DataFrame, explain: int = 5, score_top: int = 5, score_random: int = 5,
+                 calibration_top: int = 0, calibration_random: int = 0) -> pl.DataFrame:
+    """The explain / score_top / score_random splits of each neuron's records (disjoint), plus the calibration
+    split best-of-k chooses on when its counts are above 0 (disjoint from all three)."""
+    frame = exc.split_excerpts(records, explain, score_top, score_random)
+    if calibration_top or calibration_random:
+        frame = pl.concat([frame, exc.calibration_excerpts(records, calibration_top, calibration_random)])
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------------- explanations
+
+
+@dataclass
+class Explained:
+    explanations: pl.DataFrame
+    baseline_explanations: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
+        schema=BASELINE_EXPLANATION_SCHEMA))
+    calibration_simulations: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=SIMULATION_SCHEMA))
+
+
+def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, chooser=None,
+                 baselines: Sequence[str] = (), token_list_explainer: str = "llm", seed: int = 0,
+                 max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                 simulator_mode: str = "all_at_once", what: str = "explanations", log: Log = quiet) -> Explained:
+    """One explanation per neuron by the `explainer` backend; with `candidates` = k > 1, k candidates each,
+    simulated by `chooser` on the calibration excerpts and the best kept (all stored, the kept one `selected`).
+    The random and token-list baselines of `baselines` get their explanations here too, to be simulated beside
+    ours (`token_list_explainer`: "llm" — the explainer reads only the strongest tokens — or "template")."""
+    progress = Progress(what, 0, log, unit="explanations")
+    if candidates > 1:
+        calibration = excerpts.filter(pl.col("split") == CALIBRATION)
+        if calibration.is_empty():
+            raise NdxInputError(
+                f"best-of-k (explanation_candidates={candidates}) needs calibration excerpts, and top_excerpts has "
+                "none: set calibration_top_excerpts or calibration_random_excerpts above 0.")
+        if chooser is None:
+            raise ValueError("best-of-k needs a simulator backend (chooser) to score the candidates")
+        found = best_of_k.explain_candidates(excerpts, explainer, candidates, max_tokens, temperature, seed,
+                                             progress=progress)
+        chosen, calibration_sims = best_of_k.select_best(
+            found, calibration, chooser, mode=simulator_mode,
+            progress=Progress(f"{what}: best-of-{candidates} calibration", 0, log, unit="excerpts"))
+        out = Explained(chosen, calibration_simulations=calibration_sims)
+    else:
+        out = Explained(explain_layer(excerpts, explainer, max_tokens, temperature, seed, progress=progress))
+    wanted = [b for b in baselines if b in SIMULATED_BASELINES]
+    if wanted:
+        out.baseline_explanations = baselines_mod.baseline_explanations(
+            out.explanations, excerpts, seed, names=wanted,
+            token_list_backend=explainer if token_list_explainer == "llm" else None,
+            max_tokens=max_tokens, temperature=temperature,
+            progress=Progress(f"{what}: token-list baseline", 0, log, unit="explanations"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- simulations
+
+
+@dataclass
+class Simulated:
+    simulations: pl.DataFrame
+    baseline_simulations: pl.DataFrame
+
+
+def simulations(explanations: pl.DataFrame, baseline_explanations: pl.DataFrame, excerpts: pl.DataFrame,
+                simulator, *, mode: str = "all_at_once", what: str = "simulations", log: Log = quiet) -> Simulated:
+    """Every scored excerpt simulated from each neuron's kept explanation, and from each baseline explanation,
+    the same way."""
+    ours = simulate_layer(explanations, excerpts, simulator, mode=mode,
+                          progress=Progress(what, 0, log, unit="excerpts"))
+    theirs = simulate_layer(baseline_explanations, excerpts, simulator, mode=mode,
+                            progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
+    return Simulated(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------- scores
+
+
+@dataclass
+class Scored:
+    scores: pl.DataFrame
+    missing: dict[str, str]  # baseline → why it has no inputs (its column is NaN)
+
+
+def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: pl.DataFrame,
+           baselines: Sequence[str] = (), baseline_explanations: pl.DataFrame | None = None,
+           baseline_simulations: pl.DataFrame | None = None, token_table: pl.DataFrame | None = None,
+           lookup_held_out: bool = True) -> Scored:
+    """The pooled Pearson score of each neuron's kept explanation, with a `baseline_<name>` column per baseline of
+    `baselines` scored on the same excerpts. A baseline whose inputs were not made (its setting was off when the
+    upstream stage ran) gets a column of NaN and a reason in `missing`, never another run's leftovers."""
+    found, missing = {}, {}
+    simulated = [b for b in baselines if b in SIMULATED_BASELINES]
+    for name in simulated:
+        rows = (baseline_explanations.filter(pl.col("baseline") == name)
+                if baseline_explanations is not None else pl.DataFrame())
+        if rows.is_empty():
+            missing[name] = "the explanations stage made no explanations for it (its setting was off)"
+        else:
+            found[name] = score_layer(baseline_simulations, rows)
+    if LOOKUP_BASELINE in baselines:
+        if token_table is None or token_table.is_empty():
+            missing[LOOKUP_BASELINE] = "activation_records counted no token table (the lookup baseline was off)"
+        else:
+            found.update(baselines_mod.baseline_scores(pl.DataFrame(), None, token_table, excerpts, lookup_held_out))
+    frame = score_layer(simulations, explanations, baselines=found)
+    for name in missing:
+        frame = frame.with_columns(pl.lit(float("nan")).alias(contract.baseline_column(name)))
+    return Scored(frame, missing)

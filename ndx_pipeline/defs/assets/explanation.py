@@ -1,0 +1,98 @@
+"""The explainer stage: one explanation per neuron (best-of-k candidates with the calibration simulations that chose
+among them), and the explanations the random and token-list baselines simulate beside ours."""
+
+import time
+
+import dagster as dg
+import polars as pl
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages, validation
+from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
+from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.materialize import (
+    GROUP,
+    LLM_POOL,
+    SINGLE_RUN,
+    Outputs,
+    bad_input_fails_the_run,
+    layers_of,
+    read,
+)
+from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accounting
+from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.queues import step_tags
+from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+
+
+def _spec(asset: str, description: str) -> dg.AssetSpec:
+    return dg.AssetSpec(asset, deps=[c.TOP_EXCERPTS], partitions_def=layers, code_version=CODE_VERSIONS[asset],
+                        automation_condition=FOLLOW_UPSTREAM, description=description)
+
+
+@dg.multi_asset(
+    name=c.EXPLANATIONS, op_tags=step_tags(c.EXPLANATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
+    backfill_policy=SINGLE_RUN,
+    specs=[
+        _spec(c.EXPLANATIONS, "One explanation per neuron, written by the explainer LLM from the explain excerpts "
+                              "(with best-of-k: every candidate, the kept one marked `selected`)."),
+        _spec(c.BASELINE_EXPLANATIONS, "The random-explanation and token-list baselines' explanations, simulated and "
+                                       "scored beside ours (no rows for a baseline that is off)."),
+        _spec(c.CALIBRATION_SIMULATIONS, "Best-of-k: every candidate simulated on the calibration excerpts it was "
+                                         "chosen on (no rows without best-of-k)."),
+    ],
+    check_specs=check_specs(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
+)
+def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
+                 quality: QualityResource, storage: StorageResource):
+    with bad_input_fails_the_run():
+        k = quality.checked().explanation_candidates
+        backend = explainer_llm.build(storage)
+        chooser = simulator_llm.build(storage) if k > 1 else None
+    out = Outputs(context, storage.path())
+    try:
+        for layer in layers_of(context):
+            started, before = time.perf_counter(), backend.stats.snapshot()
+            excerpts = read(storage.path(), c.TOP_EXCERPTS, layer)
+            with bad_input_fails_the_run():
+                made = stages.explanations(
+                    excerpts, backend, candidates=k, chooser=chooser, baselines=quality.baselines,
+                    token_list_explainer=quality.token_list_explainer, seed=explainer_llm.seed,
+                    max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
+                    simulator_mode=simulator_llm.simulator_mode, what=f"layer {layer} explanations",
+                    log=context.log.info)
+            frame, kept = made.explanations, c.kept(made.explanations)
+            for row in kept.iter_rows(named=True):
+                context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
+                                 f"{row['explanation'] or row['error']!r}")
+            best_of_k = {}
+            if k > 1:
+                best_of_k = {"candidates_per_neuron": k,
+                             "kept_a_later_candidate": int((kept["candidate"] > 0).sum()),
+                             "mean_calibration_score_kept": finite_mean(kept["calibration_score"]),
+                             "mean_calibration_score_candidate_0": finite_mean(
+                                 frame.filter(pl.col("candidate") == 0)["calibration_score"]),
+                             "candidates": candidates_table(frame)}
+            out.write(c.EXPLANATIONS, frame, layer, neurons=len(kept), failed=int((kept["status"] != "ok").sum()),
+                      explainer=backend.name, prompt_template_sha=PROMPT_SHAS["explainer"], **best_of_k,
+                      **llm_accounting(backend, before, started))
+            out.check(c.EXPLANATIONS, "every_neuron_explained", layer,
+                      validation.every_neuron_explained(frame, excerpts))
+            base = made.baseline_explanations
+            out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines),
+                      failed=int((base["status"] != "ok").sum()), token_list_explainer=quality.token_list_explainer,
+                      prompt_template_sha=PROMPT_SHAS["token_list"])
+            out.check(c.BASELINE_EXPLANATIONS, "baselines_explained", layer,
+                      validation.baselines_explained(base, excerpts, quality.simulated_baselines))
+            cal = made.calibration_simulations
+            out.write(c.CALIBRATION_SIMULATIONS, cal, layer, candidates_per_neuron=k,
+                      failed_excerpts=int((cal["status"] != "ok").sum()),
+                      simulator=chooser.name if chooser is not None else "")
+            out.check(c.CALIBRATION_SIMULATIONS, "calibration_simulations_well_formed", layer,
+                      validation.simulations_well_formed(cal))
+    finally:
+        backend.close()
+        if chooser is not None:
+            chooser.close()
+    yield from out.results(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS)

@@ -1,0 +1,106 @@
+"""The subject-model stages: the corpus, one extraction pass per run (activation records and the token table of
+the lookup baseline), and the explain / score splits of each neuron's records."""
+
+import dagster as dg
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.contract import LOOKUP_BASELINE
+from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
+from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
+from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.materialize import (
+    GROUP,
+    SINGLE_RUN,
+    SUBJECT_MODEL_POOL,
+    Outputs,
+    bad_input_fails_the_run,
+    layers_of,
+    read,
+)
+from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.queues import step_tags
+from ndx_pipeline.defs.resources import (
+    CorpusResource,
+    QualityResource,
+    SelectionResource,
+    StorageResource,
+    SubjectModelResource,
+)
+from ndx_pipeline.defs.versioning import CODE_VERSIONS
+
+
+@dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=GROUP, code_version=CODE_VERSIONS[c.CORPUS],
+          description="The text corpus, one row per document.")
+def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, storage: StorageResource):
+    with bad_input_fails_the_run():
+        frame = stages.corpus(corpus_source.path)
+    out = Outputs(context, storage.path())
+    out.write(c.CORPUS, frame, documents=len(frame), characters=int(frame["text"].str.len_chars().sum()),
+              source=corpus_source.path or DEFAULT_CORPUS)
+    return out.result(c.CORPUS)
+
+
+@dg.multi_asset(
+    name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=GROUP, pool=SUBJECT_MODEL_POOL,
+    can_subset=False, backfill_policy=SINGLE_RUN,
+    specs=[
+        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=[c.CORPUS], partitions_def=layers,
+                     code_version=CODE_VERSIONS[c.ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
+                     description="Per neuron: top windows by max activation, a seeded random sample, activation-"
+                                 "quantile samples, and the neuron's mean/variance/max over the corpus."),
+        dg.AssetSpec(c.TOKEN_TABLE, deps=[c.CORPUS], partitions_def=layers,
+                     code_version=CODE_VERSIONS[c.TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
+                     description="Per neuron × token text: count and activation sum over the corpus, counted in the "
+                                 "same pass (the lookup-table baseline); no rows when that baseline is off."),
+    ],
+    check_specs=check_specs(c.ACTIVATION_RECORDS, c.TOKEN_TABLE),
+)
+def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
+                       selection: SelectionResource, quality: QualityResource, storage: StorageResource):
+    counted = LOOKUP_BASELINE in quality.baselines
+    with bad_input_fails_the_run():
+        quality.checked()
+        extraction = stages.activation_records(
+            read(storage.path(), c.CORPUS), subject_model.model, layers_of(context), neurons=selection.neurons,
+            neurons_per_layer=selection.neurons_per_layer, seed=selection.seed, top_k=selection.top_k,
+            random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted,
+            device=subject_model.resolved_device(), dtype=subject_model.dtype, batch_size=subject_model.batch_size,
+            window_tokens=subject_model.window_tokens, log=context.log.info)
+    out = Outputs(context, storage.path())
+    random_k = min(selection.random_k, extraction.windows)
+    for layer, found in extraction.layers.items():
+        out.write(c.ACTIVATION_RECORDS, found.records, layer, neurons=len(found.units),
+                  tokens_processed=extraction.tokens, windows=extraction.windows,
+                  tokens_per_second=round(extraction.tokens_per_second, 1),
+                  wall_seconds=round(extraction.seconds, 2), subject_model=subject_model.model,
+                  device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
+        out.check(c.ACTIVATION_RECORDS, "top_windows_ordered", layer, validation.top_windows_ordered(found.records))
+        out.check(c.ACTIVATION_RECORDS, "record_counts", layer,
+                  validation.record_counts(found.records, found.units, selection.top_k, random_k))
+        out.write(c.TOKEN_TABLE, found.token_table, layer, counted=counted,
+                  distinct_tokens=found.token_table["token"].n_unique())
+        out.check(c.TOKEN_TABLE, "token_table_complete", layer,
+                  validation.token_table_complete(found.token_table, found.records, counted))
+    yield from out.results(c.ACTIVATION_RECORDS, c.TOKEN_TABLE)
+
+
+@dg.asset(name=c.TOP_EXCERPTS, op_tags=step_tags(c.TOP_EXCERPTS), group_name=GROUP, deps=[c.ACTIVATION_RECORDS],
+          partitions_def=layers, backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.TOP_EXCERPTS],
+          automation_condition=FOLLOW_UPSTREAM, check_specs=check_specs(c.TOP_EXCERPTS),
+          description="Disjoint explain / score_top / score_random excerpts per neuron (interleaved splits), and "
+                      "the calibration excerpts best-of-k chooses on.")
+def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource, quality: QualityResource,
+                 storage: StorageResource):
+    out = Outputs(context, storage.path())
+    for layer in layers_of(context):
+        with bad_input_fails_the_run():
+            frame = stages.top_excerpts(
+                read(storage.path(), c.ACTIVATION_RECORDS, layer), selection.explain_excerpts,
+                selection.score_top_excerpts, selection.score_random_excerpts,
+                quality.checked().calibration_top_excerpts, quality.calibration_random_excerpts)
+        out.write(c.TOP_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique())
+        out.check(c.TOP_EXCERPTS, "splits_disjoint", layer, validation.splits_disjoint(frame))
+        out.check(c.TOP_EXCERPTS, "excerpt_counts", layer, validation.excerpt_counts(
+            frame, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts))
+    return out.result(c.TOP_EXCERPTS)

@@ -1,0 +1,59 @@
+"""The scoring stage: the pooled Pearson score of each neuron's explanation, beside every configured baseline scored
+on the same excerpts."""
+
+import dagster as dg
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
+from ndx_pipeline.core.storage import viewer_dir
+from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
+from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.materialize import GROUP, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
+from ndx_pipeline.defs.metadata import baseline_metadata, neuron_table, score_histogram
+from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.queues import step_tags
+from ndx_pipeline.defs.resources import QualityResource, StorageResource
+from ndx_pipeline.defs.versioning import CODE_VERSIONS
+
+READS = (c.SIMULATIONS, c.EXPLANATIONS, c.BASELINE_SIMULATIONS, c.BASELINE_EXPLANATIONS, c.TOKEN_TABLE,
+         c.TOP_EXCERPTS)
+
+
+def _names(values) -> str:
+    return ", ".join(sorted(set(values.drop_nulls())))
+
+
+@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=list(READS), partitions_def=layers,
+          backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
+          check_specs=check_specs(c.SCORES),
+          description="Pooled Pearson correlation of simulated vs true activations, per neuron, beside baselines.")
+def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
+    with bad_input_fails_the_run():
+        names = quality.checked().baselines
+    out = Outputs(context, storage.path())
+    for layer in layers_of(context):
+        sims, expl, base_sims, base_expl, table, excerpts = (read(storage.path(), a, layer) for a in READS)
+        made = stages.scores(sims, expl, excerpts=excerpts, baselines=names, baseline_explanations=base_expl,
+                             baseline_simulations=base_sims, token_table=table, lookup_held_out=quality.lookup_held_out)
+        for name, why in made.missing.items():
+            context.log.warning(f"layer {layer}: no inputs for the {name} baseline ({why}); rematerialize from "
+                                "that stage to fill it")
+        frame = made.scores
+        valid = frame["score"].drop_nans().drop_nulls()
+        simulators = set(sims["simulator"].drop_nulls())
+        out.write(c.SCORES, frame, layer, neurons=len(frame), scored=len(valid),
+                  mean_score=float(valid.mean()) if len(valid) else float("nan"),
+                  median_score=float(valid.median()) if len(valid) else float("nan"),
+                  undefined_or_failed=len(frame) - len(valid),
+                  score_histogram=dg.MetadataValue.md(score_histogram(frame["score"])),
+                  top_10_neurons=neuron_table(frame, best=True), bottom_10_neurons=neuron_table(frame, best=False),
+                  explainer=_names(expl["explainer"]), simulator=_names(sims["simulator"]),
+                  explanation_prompts=len(set(expl["prompt_sha256"].drop_nulls())),
+                  failed_explanations=int((expl["status"] != "ok").sum()),
+                  failed_simulations=int((sims["status"] != "ok").sum()),
+                  missing_baselines=str(sorted(made.missing)), **baseline_metadata(frame, names),
+                  **({"note": BUNDLED_MODEL_NOTE} if any(is_bundled(s) for s in simulators) else {}),
+                  neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path()) / "index.html")))
+        out.check(c.SCORES, "scores_valid", layer, validation.scores_valid(frame))
+    return out.result(c.SCORES)

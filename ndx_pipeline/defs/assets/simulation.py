@@ -1,0 +1,56 @@
+"""The simulator stage: every scored excerpt simulated from each neuron's kept explanation, and from each baseline
+explanation, by the same simulator, in the same step."""
+
+import time
+
+import dagster as dg
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages, validation
+from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
+from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.materialize import GROUP, LLM_POOL, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
+from ndx_pipeline.defs.metadata import llm_accounting
+from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.queues import step_tags
+from ndx_pipeline.defs.resources import LLMResource, StorageResource
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+
+
+@dg.multi_asset(
+    name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
+    backfill_policy=SINGLE_RUN,
+    specs=[
+        dg.AssetSpec(c.SIMULATIONS, deps=[c.EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layers,
+                     code_version=CODE_VERSIONS[c.SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
+                     description="Simulated activations (expected value over 0–10) on every scored excerpt."),
+        dg.AssetSpec(c.BASELINE_SIMULATIONS, deps=[c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layers,
+                     code_version=CODE_VERSIONS[c.BASELINE_SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
+                     description="The baseline explanations simulated on the same excerpts, the same way."),
+    ],
+    check_specs=check_specs(c.SIMULATIONS, c.BASELINE_SIMULATIONS),
+)
+def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource):
+    with bad_input_fails_the_run():
+        backend = simulator_llm.build(storage)
+    out = Outputs(context, storage.path())
+    try:
+        for layer in layers_of(context):
+            started, before = time.perf_counter(), backend.stats.snapshot()
+            made = stages.simulations(
+                read(storage.path(), c.EXPLANATIONS, layer), read(storage.path(), c.BASELINE_EXPLANATIONS, layer),
+                read(storage.path(), c.TOP_EXCERPTS, layer), backend, mode=simulator_llm.simulator_mode,
+                what=f"layer {layer} simulations", log=context.log.info)
+            ours, theirs = made.simulations, made.baseline_simulations
+            out.write(c.SIMULATIONS, ours, layer, excerpts=len(ours), neurons=ours["neuron"].n_unique(),
+                      simulator=backend.name, simulator_mode=simulator_llm.simulator_mode,
+                      prompt_template_sha=PROMPT_SHAS["simulator"], failed_excerpts=int((ours["status"] != "ok").sum()),
+                      **llm_accounting(backend, before, started))
+            out.check(c.SIMULATIONS, "simulations_well_formed", layer, validation.simulations_well_formed(ours))
+            out.write(c.BASELINE_SIMULATIONS, theirs, layer, excerpts=len(theirs), simulator=backend.name,
+                      failed_excerpts=int((theirs["status"] != "ok").sum()))
+            out.check(c.BASELINE_SIMULATIONS, "baseline_simulations_well_formed", layer,
+                      validation.simulations_well_formed(theirs))
+    finally:
+        backend.close()
+    yield from out.results(c.SIMULATIONS, c.BASELINE_SIMULATIONS)

@@ -1,0 +1,30 @@
+"""The asset checks, declared once: per asset, each check's name and what it guarantees. All are blocking: a failed
+check stops the layer's downstream steps. The checks themselves are plain functions in `core.validation`; each
+asset evaluates its own (through `materialize.Outputs.check`) on every layer it writes."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ndx_pipeline.core import contract as c
+
+CHECKS: dict[str, dict[str, str]] = {
+    c.ACTIVATION_RECORDS: {"top_windows_ordered": "top windows ranked by max activation",
+                           "record_counts": "top_k top and random_k random rows per neuron"},
+    c.TOKEN_TABLE: {"token_table_complete": "each neuron's token counts cover every corpus token (or no rows when "
+                                            "the lookup baseline is off)"},
+    c.TOP_EXCERPTS: {"splits_disjoint": "no explained window is scored",
+                     "excerpt_counts": "the configured excerpts per split and neuron"},
+    c.EXPLANATIONS: {"every_neuron_explained": "one kept row per neuron: ok, or failed with why"},
+    c.BASELINE_EXPLANATIONS: {"baselines_explained": "one row per neuron for each configured baseline, none for "
+                                                     "others"},
+    c.CALIBRATION_SIMULATIONS: {"calibration_simulations_well_formed": "one value in [0, 10] per token"},
+    c.SIMULATIONS: {"simulations_well_formed": "one value in [0, 10] per token"},
+    c.BASELINE_SIMULATIONS: {"baseline_simulations_well_formed": "one value in [0, 10] per token"},
+    c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why"},
+}
+
+
+def check_specs(*assets: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(name, asset=asset, blocking=True, description=description)
+            for asset in assets for name, description in CHECKS.get(asset, {}).items()]

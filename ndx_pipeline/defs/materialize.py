@@ -1,0 +1,87 @@
+"""What every asset body shares: the layers of its run, turning a bad input into one clear run failure, reading
+upstream files, and writing its outputs — atomically, with per-layer metadata, check results, and a data version
+that hashes the bytes written (an unchanged output keeps its children fresh).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.storage import asset_path, read_asset, write_parquet_atomic
+from ndx_pipeline.core.validation import Check
+from ndx_pipeline.defs.checks import CHECKS
+from ndx_pipeline.defs.metadata import content_hash, file_metadata
+
+GROUP = "neuron_explanation"
+LLM_POOL = "llm"
+SUBJECT_MODEL_POOL = "subject_model"
+SINGLE_RUN = dg.BackfillPolicy.single_run()  # one run carries every requested layer: the model loads once
+
+
+def layers_of(context: dg.AssetExecutionContext) -> list[int]:
+    return sorted(int(k) for k in context.partition_keys)
+
+
+@contextmanager
+def bad_input_fails_the_run() -> Iterator[None]:
+    """An NdxInputError (bad input, named in one sentence) becomes the run's failure message, without a trace."""
+    try:
+        yield
+    except NdxInputError as e:
+        raise dg.Failure(description=str(e)) from None
+
+
+def read(storage_dir: Path, asset: str, layer: int | None = None) -> pl.DataFrame:
+    """An upstream asset's file, or a run failure saying which one is missing."""
+    with bad_input_fails_the_run():
+        return read_asset(storage_dir, asset, layer)
+
+
+class Outputs:
+    """The files one materialization writes, per asset and layer, with their metadata and check results."""
+
+    def __init__(self, context: dg.AssetExecutionContext, storage_dir: Path):
+        self.context, self.storage_dir = context, storage_dir
+        self.paths: dict[str, list[Path]] = defaultdict(list)
+        self.checks: dict[str, dict[str, dict[int, Check]]] = defaultdict(lambda: defaultdict(dict))
+
+    def write(self, asset: str, frame: pl.DataFrame, layer: int | None = None, **metadata) -> Path:
+        """Write one file of `asset` (atomically) and report its metadata on the asset's partition `layer`."""
+        path = write_parquet_atomic(frame, asset_path(self.storage_dir, asset, layer))
+        self.paths[asset].append(path)
+        self.report(asset, layer, {**file_metadata(frame, path), **metadata})
+        return path
+
+    def report(self, asset: str, layer: int | None, metadata: dict) -> None:
+        partition = None if layer is None else str(layer)
+        self.context.add_asset_metadata(metadata, asset_key=asset, partition_key=partition)
+
+    def check(self, asset: str, name: str, layer: int, result: Check) -> None:
+        self.checks[asset][name][layer] = result
+
+    def result(self, asset: str, **extra) -> dg.MaterializeResult:
+        """The asset's materialization: data version = hash of its files; each declared check over every layer
+        of the run (passed when every layer passed), with per-layer details."""
+        results = []
+        for name, per_layer in self.checks[asset].items():
+            results.append(dg.AssetCheckResult(
+                check_name=name, asset_key=asset, passed=all(ok for ok, _, _ in per_layer.values()),
+                description="; ".join(f"layer {layer}: {desc}" for layer, (_, desc, _) in sorted(per_layer.items())),
+                metadata={f"layer_{layer}_{k}": v for layer, (_, _, d) in per_layer.items() for k, v in d.items()},
+            ))
+        missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])
+        if missing:
+            raise RuntimeError(f"{asset}: declared checks {sorted(missing)} were not evaluated")
+        return dg.MaterializeResult(asset_key=asset, data_version=dg.DataVersion(content_hash(self.paths[asset])),
+                                    check_results=results, **extra)
+
+    def results(self, *assets: str) -> Iterator[dg.MaterializeResult]:
+        for asset in assets:
+            yield self.result(asset)
