@@ -74,15 +74,14 @@ def truncated(model, deepest: int):
 
 def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_projection: bool = True) -> float:
     """Seconds for a forward of every batch through the truncated model, batches built as extraction builds them."""
+    from contextlib import nullcontext
+
     import numpy as np
     import torch
 
-    from contextlib import nullcontext
-
     from ndx_pipeline.core.data.activations import batch_inputs
-    from ndx_pipeline.core.models import special_token_wrap
-
     from ndx_pipeline.core.data.subject_model import mlp_output_projections
+    from ndx_pipeline.core.models import special_token_wrap
 
     class Stop(Exception):
         pass

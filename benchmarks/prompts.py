@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -84,9 +83,9 @@ def main() -> None:
     parser.add_argument("--dump", default=None, help="write every raw and parsed answer here (JSON)")
     args = parser.parse_args()
 
-    from ndx_pipeline.core.llm.local import LocalTransformersBackend
     from ndx_pipeline.core.data.corpus import read_corpus
     from ndx_pipeline.core.data.excerpts import split_excerpts
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
     from ndx_pipeline.core.method.explainer import (
         FEW_SHOTS,
         LEAD_IN,

@@ -74,7 +74,7 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
             return pl.read_parquet(rec_path), pl.read_parquet(tab_path)
     extraction = stages.activation_records(stages.corpus(corpus), model, layers, neurons_per_layer=neurons, seed=seed,
                                            top_k=top_k, random_k=random_k, quantile_k=0, token_table=True, log=log)
-    log(f"extraction: {extraction.tokens} tokens, layers {layers}, {extraction.seconds:.0f} s")
+    log(f"extraction: {extraction.stats.tokens} tokens, layers {layers}, {extraction.stats.seconds:.0f} s")
     records = pl.concat([found.records for found in extraction.layers.values()])
     table = pl.concat([found.token_table for found in extraction.layers.values()])
     if cache_dir:

@@ -138,9 +138,9 @@ def summarize(storage: Path, layers: list[int]) -> str:
         row += "".join(f"  {_mean(frame[col]) if col in frame.columns else '    nan':>10}" for col in baselines)
         lines.append(row)
     if baselines:
-        lines.append("(mean score of our explanations, and of each baseline on the same excerpts: lookup = each token's "
-                     "mean activation, random = another neuron's explanation, token_list = from the strongest tokens "
-                     "alone)")
+        lines.append("(mean score of our explanations, and of each baseline on the same excerpts: lookup = each token's"
+                     " mean activation, random = another neuron's explanation, token_list = from the strongest tokens"
+                     " alone)")
     lines.append("")
     lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
     for asset in c.LAYER_ASSETS:

@@ -8,8 +8,8 @@ import torch
 
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data.subject_model import mlp_output_projections
-from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.data.windows import TokenTexts
+from ndx_pipeline.core.models import special_token_wrap
 
 LAYERS = {0: [3, 250, 1000], 2: [7, 1535]}
 

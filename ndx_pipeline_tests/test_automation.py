@@ -5,6 +5,7 @@ import os
 
 import dagster as dg
 
+from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import (
     EXPLAIN_AND_SCORE_JOB,
     EXTRACTION_JOB,
@@ -12,7 +13,6 @@ from ndx_pipeline.defs.automation import (
     corpus_sensor,
     nightly_rescore,
 )
-from ndx_pipeline.definitions import build_definitions
 
 
 def materialize_runless(instance, asset, partitions, code_version=None):

@@ -7,18 +7,16 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ndx_pipeline.core import contract
+from ndx_pipeline.core.contract import CALIBRATION as CALIBRATION_SPLIT
+from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
+from ndx_pipeline.core.llm.backend import Completion, LLMBackend
 from ndx_pipeline.core.method import baselines as bl
 from ndx_pipeline.core.method import best_of_k as bk
 from ndx_pipeline.core.method import token_list as tl
-from ndx_pipeline.core.llm.backend import Completion, LLMBackend
-from ndx_pipeline.core.contract import CALIBRATION as CALIBRATION_SPLIT
-from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
 from ndx_pipeline.core.method.explainer import LEAD_IN, neuron_seed
-from ndx_pipeline.core import contract
 from ndx_pipeline.core.method.scoring import pooled_correlation, score_layer, with_baselines
-
 from ndx_pipeline_tests.test_excerpts import records
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # lookup table
@@ -262,7 +260,6 @@ def test_token_list_explanations_template_and_llm():
 # the stage functions with best-of-k candidates and baselines
 
 def test_stages_use_only_the_selected_candidate_and_carry_baseline_columns():
-    from ndx_pipeline.core.method.explainer import explain_layer
     from ndx_pipeline.core.method.simulator import simulate_layer
 
     excerpts = split_excerpts(records(list(range(100, 120)), list(range(200, 220))))

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from ndx_pipeline.cli import main, parse_layers
-from ndx_pipeline.defs.partitions import contiguous_ranges
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.defs.partitions import contiguous_ranges
 
 
 def test_layers_parse_and_group_into_runs():

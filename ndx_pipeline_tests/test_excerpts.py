@@ -4,8 +4,8 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.contract import RECORD_SCHEMA
-from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.data.excerpts import split_excerpts
+from ndx_pipeline.core.errors import NdxInputError
 
 
 def records(top_windows, random_windows, neuron=3):

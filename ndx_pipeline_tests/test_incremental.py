@@ -4,19 +4,17 @@ Changing only the simulator makes `simulations` stale and nothing upstream; rema
 runs zero subject-model forwards and zero explainer calls (counted here)."""
 
 import os
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
-from ndx_pipeline.defs.automation import stale_layers, stale_status_resolver
 from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
-from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.core.models import bundled_gguf
+from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
-from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.automation import MAIN_JOB, stale_layers, stale_status_resolver
 
 ALL = list(ASSETS)
 

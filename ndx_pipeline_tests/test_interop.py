@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.contract import RECORD_SCHEMA
-from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.data.excerpts import split_excerpts
-from ndx_pipeline.reports.interop import export_layer, import_neuron_records, neuron_record_files, write_imported
+from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.reports.interop import export_layer, import_neuron_records, neuron_record_files, write_imported
 
 
 def _load_fixture_builder():

@@ -17,14 +17,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.contract import RECORD_SCHEMA
-from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.contract import EXPLANATION_SCHEMA, RECORD_SCHEMA, SIMULATION_SCHEMA, explanation_id
 from ndx_pipeline.core.data.excerpts import split_excerpts
-from ndx_pipeline.core.contract import EXPLANATION_SCHEMA, SIMULATION_SCHEMA, explanation_id
+from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.explainer import explainer_messages, prompt_sha256
-from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
+from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
 
 WINDOW = 8
 TOP_K, RANDOM_K = 8, 10
@@ -263,8 +262,8 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
 
 def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):
     """With the bundled model's tokenizer, every window's char span cuts out exactly its decoded tokens."""
-    from ndx_pipeline.reports.lineage import Documents, resolve_excerpt_text
     from ndx_pipeline.core.data.windows import TokenTexts
+    from ndx_pipeline.reports.lineage import Documents, resolve_excerpt_text
 
     _, tokenizer = subject
     docs = Documents("unused", frame=small_docs)

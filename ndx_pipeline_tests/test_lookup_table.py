@@ -8,8 +8,8 @@ import torch
 from ndx_pipeline.core.contract import TOKEN_TABLE_SCHEMA
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data.subject_model import mlp_output_projections
-from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.data.windows import TokenTexts
+from ndx_pipeline.core.models import special_token_wrap
 
 
 def test_token_table_sums_and_counts_by_token_id():

@@ -55,9 +55,7 @@ from ndx_pipeline_tests.llm_server import (
     TEST_API_KEY,
     Fault,
     FaultProxy,
-    fault_proxy,
     gguf_with_bos,
-    llama_server,
     run_llama_server,
 )
 

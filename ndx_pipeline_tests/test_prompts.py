@@ -1,5 +1,7 @@
 """Exact prompt text for fixed small inputs: a wording change must be deliberate (and changes code versions)."""
 
+import pytest
+
 from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,
@@ -12,8 +14,6 @@ from ndx_pipeline.core.method.explainer import (
     strongest_tokens,
 )
 from ndx_pipeline.core.method.simulator import simulation_prompt
-
-import pytest
 
 EXCERPTS = [(["x", " =", " 1", "\n"], [0, 0.5, 2.0, -1]), (["if", " x", "\t", "y"], [0.1, 0, 0, 0])]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import polars as pl
 
 from ndx_pipeline.core.contract import TOKEN_TABLE_SCHEMA
-
 from ndx_pipeline_tests.test_baselines import ScriptedBackend
 from ndx_pipeline_tests.test_excerpts import records
 

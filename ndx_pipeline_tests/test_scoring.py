@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from ndx_pipeline.core.llm.openai.logprobs import values_from_candidates
 from ndx_pipeline.core.method.display import display_scale
 from ndx_pipeline.core.method.scoring import (
     STATUS_CONSTANT_SIMULATED,
@@ -15,7 +16,6 @@ from ndx_pipeline.core.method.scoring import (
     rsquared,
     score_layer,
 )
-from ndx_pipeline.core.llm.openai.logprobs import values_from_candidates
 from ndx_pipeline.core.method.simulator import expected_values
 
 A_TRUE, A_SIM = [0.0, 0.0, 2.0, 0.0], [0.1, 0.0, 8.0, 1.0]

@@ -373,7 +373,7 @@ def test_dg_dev_serves_the_same_definitions(workdir):
         dev.start()
         nodes = _by_key(dev.query("query { assetNodes { assetKey { path } opVersion } }")["assetNodes"])
         assert {k: n["opVersion"] for k, n in nodes.items()} == versions
-        jobs = dev.query("""query { repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }""")
+        jobs = dev.query("query { repositoriesOrError { ... on RepositoryConnection { nodes { jobs { name } } } } }")
         names = {j["name"] for r in jobs["repositoriesOrError"]["nodes"] for j in r["jobs"]}
         assert {"explain_neurons", "extract_activations", "explain_and_score"} <= names
     finally:

@@ -20,8 +20,14 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import BUNDLED_MODEL, BUNDLED_MODEL_NOTE
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 from ndx_pipeline.reports import viewer as viewer_module
-from ndx_pipeline.reports.viewer import (neuron_page_path, script_json, static_text, write_index, write_layer_pages,
-                                         write_viewer)
+from ndx_pipeline.reports.viewer import (
+    neuron_page_path,
+    script_json,
+    static_text,
+    write_index,
+    write_layer_pages,
+    write_viewer,
+)
 
 
 def _load_fixture_builder():

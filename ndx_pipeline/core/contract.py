@@ -86,18 +86,18 @@ def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str
 
 CORPUS_SCHEMA = {"doc_id": pl.String, "source": pl.String, "text": pl.String}
 
+_UNIT = {"layer": pl.Int32, "neuron": pl.Int32}
+# a window of a document: where it starts in the document's tokens, its token texts and the unit's activations
+_WINDOW = {"doc_id": pl.String, "token_start": pl.Int32, "tokens": pl.List(pl.String),
+           "activations": pl.List(pl.Float32)}
+_SPAN = {"window_index": pl.Int32, "char_start": pl.Int32, "char_end": pl.Int32}
+
 RECORD_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "kind": pl.String,
     "rank": pl.Int32,
-    "doc_id": pl.String,
-    "token_start": pl.Int32,
-    "tokens": pl.List(pl.String),
-    "activations": pl.List(pl.Float32),
-    "window_index": pl.Int32,
-    "char_start": pl.Int32,
-    "char_end": pl.Int32,
+    **_WINDOW,
+    **_SPAN,
     "max_activation": pl.Float32,
     "neuron_mean": pl.Float64,
     "neuron_variance": pl.Float64,
@@ -107,8 +107,7 @@ RECORD_SCHEMA = {
 }
 
 TOKEN_TABLE_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "token": pl.String,
     "count": pl.Int64,
     "activation_sum": pl.Float64,
@@ -116,25 +115,18 @@ TOKEN_TABLE_SCHEMA = {
 }
 
 EXCERPT_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "excerpt_id": pl.String,
     "split": pl.String,
     "kind": pl.String,
     "rank": pl.Int32,
-    "doc_id": pl.String,
-    "token_start": pl.Int32,
-    "tokens": pl.List(pl.String),
-    "activations": pl.List(pl.Float32),
+    **_WINDOW,
     "max_activation": pl.Float32,
-    "window_index": pl.Int32,
-    "char_start": pl.Int32,
-    "char_end": pl.Int32,
+    **_SPAN,
 }
 
 EXPLANATION_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "explanation_id": pl.String,
     "explanation": pl.String,
     "explainer": pl.String,
@@ -151,8 +143,7 @@ CANDIDATE_COLUMNS = {"candidate": pl.Int32, "calibration_score": pl.Float64, "ca
 BASELINE_EXPLANATION_SCHEMA = {**EXPLANATION_SCHEMA, "baseline": pl.String}
 
 SIMULATION_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "explanation_id": pl.String,
     "excerpt_id": pl.String,
     "split": pl.String,
@@ -165,8 +156,7 @@ SIMULATION_SCHEMA = {
 }
 
 SCORE_SCHEMA = {
-    "layer": pl.Int32,
-    "neuron": pl.Int32,
+    **_UNIT,
     "explanation_id": pl.String,
     "explanation": pl.String,
     "score": pl.Float64,

@@ -34,8 +34,8 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
 from ndx_pipeline.core.method import best_of_k
 from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
-from ndx_pipeline.core.method.scoring import score_layer
-from ndx_pipeline.core.method.simulator import simulate_layer
+from ndx_pipeline.core.method.scorers import SimulationScorer
+from ndx_pipeline.core.method.scoring import with_baselines
 from ndx_pipeline.core.progress import Log, Progress, quiet
 
 # ---------------------------------------------------------------------------------------------------------- corpus
@@ -61,14 +61,8 @@ class LayerRecords:
 @dataclass
 class Extraction:
     layers: dict[int, LayerRecords]
-    tokens: int
-    windows: int
-    seconds: float
+    stats: act.ExtractionStats  # tokens, windows, seconds, tokens_per_second of the pass
     device: str
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
 def activation_records(documents: pl.DataFrame, model: str | None, layers: Sequence[int], *,
@@ -96,7 +90,7 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                  else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
         out[layer] = LayerRecords(layer_units[layer], act.records_frame(layer, selections[layer], windows, texts),
                                   table)
-    return Extraction(out, stats.tokens, stats.windows, stats.seconds, device)
+    return Extraction(out, stats, device)
 
 
 # ---------------------------------------------------------------------------------------------------- top excerpts
@@ -171,10 +165,10 @@ def simulations(explanations: pl.DataFrame, baseline_explanations: pl.DataFrame,
                 simulator, *, mode: str = "all_at_once", what: str = "simulations", log: Log = quiet) -> Simulated:
     """Every scored excerpt simulated from each neuron's kept explanation, and from each baseline explanation,
     the same way."""
-    ours = simulate_layer(explanations, excerpts, simulator, mode=mode,
-                          progress=Progress(what, 0, log, unit="excerpts"))
-    theirs = simulate_layer(baseline_explanations, excerpts, simulator, mode=mode,
-                            progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
+    scorer = SimulationScorer(mode)
+    ours = scorer.judge(explanations, excerpts, simulator, progress=Progress(what, 0, log, unit="excerpts"))
+    theirs = scorer.judge(baseline_explanations, excerpts, simulator,
+                          progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
     return Simulated(ours, theirs)
 
 
@@ -194,6 +188,7 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
     """The pooled Pearson score of each neuron's kept explanation, with a `baseline_<name>` column per baseline of
     `baselines` scored on the same excerpts. A baseline whose inputs were not made (its setting was off when the
     upstream stage ran) gets a column of NaN and a reason in `missing`, never another run's leftovers."""
+    scorer = SimulationScorer()
     found, missing = {}, {}
     simulated = [b for b in baselines if b in SIMULATED_BASELINES]
     for name in simulated:
@@ -202,13 +197,13 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
         if rows.is_empty():
             missing[name] = "the explanations stage made no explanations for it (its setting was off)"
         else:
-            found[name] = score_layer(baseline_simulations, rows)
+            found[name] = scorer.score(baseline_simulations, rows)
     if LOOKUP_BASELINE in baselines:
         if token_table is None or token_table.is_empty():
             missing[LOOKUP_BASELINE] = "activation_records counted no token table (the lookup baseline was off)"
         else:
             found.update(baselines_mod.baseline_scores(pl.DataFrame(), None, token_table, excerpts, lookup_held_out))
-    frame = score_layer(simulations, explanations, baselines=found)
+    frame = with_baselines(scorer.score(simulations, explanations), found)
     for name in missing:
         frame = frame.with_columns(pl.lit(float("nan")).alias(contract.baseline_column(name)))
     return Scored(frame, missing)

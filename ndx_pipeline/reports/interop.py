@@ -442,7 +442,8 @@ def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords,
         if corpus_path.exists():
             current = pl.read_parquet(corpus_path)
             have = dict(zip(current["doc_id"].to_list(), current["text"].to_list()))
-            clash = [d for d, t in zip(imported.corpus["doc_id"], imported.corpus["text"]) if d in have and have[d] != t]
+            pairs = zip(imported.corpus["doc_id"], imported.corpus["text"])
+            clash = [d for d, t in pairs if d in have and have[d] != t]
             if clash:
                 raise NdxInputError(f"corpus {corpus_path} already has documents {clash[:3]} with different text.")
             new = imported.corpus.filter(~pl.col("doc_id").is_in(list(have)))

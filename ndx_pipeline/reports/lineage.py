@@ -22,9 +22,9 @@ from typing import Any
 
 import polars as pl
 
+from ndx_pipeline.core.contract import SCORED_SPLITS, STAGES
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, prompt_sha256
-from ndx_pipeline.core.contract import SCORED_SPLITS, STAGES
 from ndx_pipeline.core.storage import asset_path, read_asset
 
 REPLACEMENT_CHAR = "\ufffd"

@@ -30,8 +30,19 @@ import polars as pl
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from ndx_pipeline.core.contract import (ACTIVATION_RECORDS, BASELINE_COLUMN_PREFIX, EXPLANATIONS, RANDOM,
-                                        SCORE_RANDOM, SCORE_TOP, SCORED_SPLITS, SCORES, SIMULATIONS, STATUS_OK, TOP)
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    BASELINE_COLUMN_PREFIX,
+    EXPLANATIONS,
+    RANDOM,
+    SCORE_RANDOM,
+    SCORE_TOP,
+    SCORED_SPLITS,
+    SCORES,
+    SIMULATIONS,
+    STATUS_OK,
+    TOP,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled

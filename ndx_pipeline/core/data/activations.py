@@ -26,11 +26,10 @@ import numpy as np
 import polars as pl
 
 from ndx_pipeline.core.contract import RANDOM, RECORD_SCHEMA, TOKEN_TABLE_SCHEMA, TOP, quantile_kind
-from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.data.units import as_unit_sets
-from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
-
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.models import special_token_wrap
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
 PILOT_WINDOWS = 1024

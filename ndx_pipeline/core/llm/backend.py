@@ -20,6 +20,7 @@ import numpy as np
 
 from ndx_pipeline.core.llm.cache import LLMStats
 
+
 class RecordableLLMError(Exception):
     """An LLM call or answer that failed for one neuron or excerpt: recorded in its row, the layer goes on."""
 

@@ -18,7 +18,6 @@ from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, Simula
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.models import loadable, resolve_model, special_token_wrap
 
-
 _LOAD_LOCK = threading.Lock()
 
 

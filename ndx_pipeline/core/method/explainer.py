@@ -19,8 +19,8 @@ import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
 from ndx_pipeline.core.llm.backend import RecordableLLMError
-from ndx_pipeline.core.progress import Progress
 from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
+from ndx_pipeline.core.progress import Progress
 
 LEAD_IN = "Its main job is to detect"
 SPARSE_FRACTION = 0.2  # below this share of non-zero values, the excerpts are repeated with zero lines left out

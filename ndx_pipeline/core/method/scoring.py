@@ -7,6 +7,7 @@ side is constant the correlation is undefined: the score is NaN and the status s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np

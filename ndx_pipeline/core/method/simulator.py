@@ -6,11 +6,12 @@ model's next-token distribution at the slot right after the tab. One forward pas
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
 from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, frame, usable
+from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
 from ndx_pipeline.core.method.display import END, START, escape_token
 from ndx_pipeline.core.method.explainer import FEW_SHOTS
 from ndx_pipeline.core.method.simulator_json import simulate_excerpt_json

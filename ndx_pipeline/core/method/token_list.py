@@ -16,7 +16,6 @@ import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, frame, token_list_explanation_id
 from ndx_pipeline.core.llm.backend import RecordableLLMError
-from ndx_pipeline.core.progress import Progress
 from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,
@@ -30,6 +29,7 @@ from ndx_pipeline.core.method.explainer import (
     token_list_text,
 )
 from ndx_pipeline.core.method.explainer import strongest_tokens as _strongest
+from ndx_pipeline.core.progress import Progress
 
 __all__ = ["explain_token_lists", "shown_token", "strongest_tokens", "template_explanation", "token_list_messages",
            "token_list_text"]

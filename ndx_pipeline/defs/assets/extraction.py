@@ -68,12 +68,13 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
             device=subject_model.resolved_device(), dtype=subject_model.dtype, batch_size=subject_model.batch_size,
             window_tokens=subject_model.window_tokens, log=context.log.info)
     out = Outputs(context, storage.path())
-    random_k = min(selection.random_k, extraction.windows)
+    stats = extraction.stats
+    random_k = min(selection.random_k, stats.windows)
     for layer, found in extraction.layers.items():
         out.write(c.ACTIVATION_RECORDS, found.records, layer, neurons=len(found.units),
-                  tokens_processed=extraction.tokens, windows=extraction.windows,
-                  tokens_per_second=round(extraction.tokens_per_second, 1),
-                  wall_seconds=round(extraction.seconds, 2), subject_model=subject_model.model,
+                  tokens_processed=stats.tokens, windows=stats.windows,
+                  tokens_per_second=round(stats.tokens_per_second, 1),
+                  wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
                   device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
         out.check(c.ACTIVATION_RECORDS, "top_windows_ordered", layer, validation.top_windows_ordered(found.records))
         out.check(c.ACTIVATION_RECORDS, "record_counts", layer,

@@ -1,0 +1,54 @@
+"""The scorer seam: how well an explanation predicts its unit, in two steps.
+
+`judge` is the costly part — an LLM (or an embedding model) looks at the explanation and held-out excerpts and
+says something per excerpt — and becomes an asset of its own, so that changing one scorer's prompt or model makes
+only its judgements (and its scores) stale. `score` turns the judgements into one row per explanation (`score`,
+`status`, and whatever the scorer adds) with no model at all.
+
+Implemented: `SimulationScorer`, the paper's — the simulator predicts every token's activation from the explanation
+alone (judgements: the `simulations` asset), scored by the pooled Pearson correlation with the true activations
+(`scores`). A new scorer (detection, fuzzing, embedding) implements the same two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import polars as pl
+
+from ndx_pipeline.core.method.scoring import score_layer
+from ndx_pipeline.core.method.simulator import SIMULATOR_MODES, simulate_layer
+from ndx_pipeline.core.progress import Progress
+
+
+class Scorer(ABC):
+    """Judges explanations on held-out excerpts, then scores each explanation from its judgements."""
+
+    name: str  # the scorer's name in settings, assets and columns
+
+    @abstractmethod
+    def judge(self, explanations: pl.DataFrame, excerpts: pl.DataFrame, backend,
+              progress: Progress | None = None) -> pl.DataFrame:
+        """Judgements of every kept, usable explanation on its neuron's scored excerpts (one row per pair, failures
+        recorded in the row)."""
+
+    @abstractmethod
+    def score(self, judgements: pl.DataFrame, explanations: pl.DataFrame) -> pl.DataFrame:
+        """One row per kept explanation: `layer`, `neuron`, `explanation_id`, `explanation`, `score`, `status`, …"""
+
+
+class SimulationScorer(Scorer):
+    """Simulate, then correlate (Bills et al. 2023): `mode` all_at_once (prompt logprobs) or json (chat models)."""
+
+    name = "simulation"
+
+    def __init__(self, mode: str = "all_at_once"):
+        if mode not in SIMULATOR_MODES:
+            raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
+        self.mode = mode
+
+    def judge(self, explanations, excerpts, backend, progress=None):
+        return simulate_layer(explanations, excerpts, backend, mode=self.mode, progress=progress)
+
+    def score(self, judgements, explanations):
+        return score_layer(judgements, explanations)
