@@ -1,7 +1,9 @@
 """The command line: clear errors for bad input before anything runs, and the layer-range logic."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +58,51 @@ def test_lineage_and_view_commands(tmp_path, monkeypatch, capsys):
     assert main(["view", "--storage", str(storage)]) == 0
     index = capsys.readouterr().out.strip().splitlines()[-1]
     assert index.endswith("index.html") and (storage / "neuron_viewer" / "0" / f"{neuron}.html").exists()
+
+
+def test_export_then_import_commands_record_materializations(tmp_path, monkeypatch, capsys):
+    import dagster as dg
+    import polars as pl
+
+    from ndx_pipeline.core.storage import asset_path
+    from ndx_pipeline.defs.metadata import content_hash
+    from ndx_pipeline_tests.test_lineage import build_store
+
+    storage, out, fresh = build_store(tmp_path), tmp_path / "export", tmp_path / "fresh"
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["export", str(out), "--layers", "0", "--storage", str(storage)]) == 0
+    assert "layer 0:" in capsys.readouterr().out
+    records = sorted((out / "collated-activations" / "0").glob("*.json"))
+    assert records and all(p.stem.isdigit() for p in records)
+
+    assert main(["import", str(out), "--storage", str(fresh)]) == 0
+    printed = capsys.readouterr().out
+    assert "Next: ndx-pipeline run --layers 0 --from top_excerpts" in printed
+    back = pl.read_parquet(asset_path(fresh, "activation_records", 0))
+    assert back.select("neuron", "kind", "rank", "tokens").sort(["neuron", "kind", "rank"]).equals(
+        pl.read_parquet(asset_path(storage, "activation_records", 0)).select("neuron", "kind", "rank", "tokens")
+        .sort(["neuron", "kind", "rank"]))
+    assert pl.read_parquet(asset_path(fresh, "token_table", 0)).is_empty()  # released records count no tokens
+    with dg.DagsterInstance.get() as instance:  # the CLI's instance: the files are materializations of their assets
+        for asset in ("activation_records", "token_table"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization
+            assert event.partition == "0" and "imported from" in event.description
+            assert event.tags["dagster/data_version"] == content_hash([asset_path(fresh, asset, 0)])
+
+
+def test_run_from_an_asset_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["run", "--layers", "0", "--from", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--from 'nope' is not an asset" in err and "top_excerpts" in err and err.count("\n") == 1
+
+
+def test_dg_check_defs_passes():
+    """The defs folder loads the way `dg` projects load it ([tool.dg] in pyproject.toml)."""
+    repo = Path(__file__).resolve().parents[1]
+    dg_cli = Path(sys.executable).parent / "dg"
+    env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parent.parent)}
+    done = subprocess.run([str(dg_cli), "check", "defs", "--use-active-venv"], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All definitions loaded successfully" in done.stdout + done.stderr
