@@ -16,12 +16,14 @@ import dagster as dg
 import polars as pl
 
 from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages
 from ndx_pipeline.core.data.subject_model import check_layers
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.console import CONSOLE_LOGGER
 from ndx_pipeline.defs.partitions import contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
@@ -69,6 +71,8 @@ def parse_layers(text: str) -> list[int]:
 
 
 def run_config(args) -> dict:
+    """Run config from the command line: the resources it sets, and the console logger (the stages' own lines;
+    Dagster's full event stream, traces included, with --verbose)."""
     resources: dict = {}
 
     def put(resource, key, value):
@@ -88,18 +92,39 @@ def run_config(args) -> dict:
         put("quality", "baselines", [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")])
     put("explainer_llm", "model", args.explainer_model)
     put("simulator_llm", "model", args.simulator_model)
-    return {"resources": resources, "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    logger = "console" if args.verbose else CONSOLE_LOGGER
+    return {"resources": resources, "loggers": {logger: {"config": {"log_level": "INFO"}}}}
 
 
-def _failure_message(result) -> str:
+def _failed_checks(result, severity: dg.AssetCheckSeverity) -> list[str]:
+    out = []
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            data = event.asset_check_evaluation_data
+            if not data.passed and data.severity == severity:
+                out.append(f"{data.asset_check_key.asset_key.to_user_string()} "
+                           f"{data.asset_check_key.name}: {data.description}")
+    return out
+
+
+def failure_message(result) -> str:
+    """One sentence: why a run failed (the failed step's own message, or the check that stopped the layer)."""
+    stopped = _failed_checks(result, dg.AssetCheckSeverity.ERROR)
+    if stopped:
+        return "; ".join(stopped)
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data:
             err = event.step_failure_data.user_failure_data
             if err is not None and err.description:
                 return f"{event.step_key}: {err.description}"
             if event.step_failure_data.error:
-                return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
-    return "the run failed (see the Dagster logs above)."
+                return f"{event.step_key}: {event.step_failure_data.error.message.strip().splitlines()[0]}"
+    return "the run failed (see the run's event log: dagster dev, or ndx-pipeline --verbose run)."
+
+
+def run_warnings(result) -> list[str]:
+    """The checks that failed with a warning (e.g. many, but not all, LLM items failed)."""
+    return _failed_checks(result, dg.AssetCheckSeverity.WARN)
 
 
 def step_seconds(instance, run_id: str) -> dict[str, float]:
@@ -128,19 +153,21 @@ def summarize(storage: Path, layers: list[int]) -> str:
     frames = {layer: pl.read_parquet(asset_path(storage, c.SCORES, layer)) for layer in layers}
     baselines = [c.baseline_column(b) for b in c.BASELINES
                  if any(c.baseline_column(b) in f.columns for f in frames.values())]
-    head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}"
+    head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}  {'cal_ev':>7}"
     lines = [head + "".join(f"  {col.removeprefix(c.BASELINE_COLUMN_PREFIX):>10}" for col in baselines)]
     for layer, frame in frames.items():
         valid = frame["score"].drop_nans().drop_nulls()
         median = f"{valid.median():7.3f}" if len(valid) else "    nan"
         failed = int(frame["status"].str.starts_with(c.STATUS_FAILED).sum())
-        row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {_mean(frame['score'])}  {median}"
+        ev = _mean(frame["calibrated_ev"]) if "calibrated_ev" in frame.columns else "    nan"
+        row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {_mean(frame['score'])}  {median}  {ev}"
         row += "".join(f"  {_mean(frame[col]) if col in frame.columns else '    nan':>10}" for col in baselines)
         lines.append(row)
     if baselines:
-        lines.append("(mean score of our explanations, and of each baseline on the same excerpts: lookup = each token's"
-                     " mean activation, random = another neuron's explanation, token_list = from the strongest tokens"
-                     " alone)")
+        lines.append("(mean and median score = pooled Pearson correlation of simulated and true activations; cal_ev = the"
+                     " variance the simulation explains once calibrated on each neuron's calibration excerpts; then"
+                     " the mean score of each baseline on the same excerpts: lookup = each token's mean activation,"
+                     " random = another neuron's explanation, token_list = from the strongest tokens alone)")
     lines.append("")
     lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
     for asset in c.LAYER_ASSETS:
@@ -187,6 +214,7 @@ def cmd_run(args) -> int:
     if args.model:
         os.environ[SUBJECT_MODEL_ENV] = args.model
     layers = check_layers(args.model, parse_layers(args.layers))
+    stages.corpus(args.corpus or default_resources()["corpus_source"].path)  # a bad corpus: one sentence, now
     definitions = build_definitions()
     selection = _selection(definitions, args.start)
     job = definitions.resolve_job_def(MAIN_JOB)
@@ -194,21 +222,23 @@ def cmd_run(args) -> int:
     storage = StorageResource(storage_dir=args.storage).path()
     print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
-    stages: dict[str, float] = {}
+    step_time: dict[str, float] = {}
     with dg.DagsterInstance.get() as instance:
         for lo, hi in contiguous_ranges(layers):
             subset = (None if args.start is None else
                       selection.resolve(definitions.resolve_asset_graph()))
             result = job.execute_in_process(run_config=config, instance=instance, tags=range_tags(lo, hi),
                                             raise_on_error=False, asset_selection=subset)
+            for warning in run_warnings(result):
+                print(f"warning: {warning}", file=sys.stderr)
             if not result.success:
-                print(f"error: {_failure_message(result)}", file=sys.stderr)
+                print(f"error: {failure_message(result)}", file=sys.stderr)
                 return 1
             print(f"run {result.run_id} succeeded (layers {lo}–{hi})", flush=True)
             for step, sec in step_seconds(instance, result.run_id).items():
-                stages[step] = stages.get(step, 0.0) + sec
+                step_time[step] = step_time.get(step, 0.0) + sec
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
-    print(stage_table(stages) + "\n")
+    print(stage_table(step_time) + "\n")
     print(summarize(storage, layers))
     if bundled_llms(args):
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))

@@ -93,10 +93,11 @@ def _wait_ready(port: int, api_key: str, process: subprocess.Popen, log_path: Pa
 
 @contextlib.contextmanager
 def run_llama_server(log_dir: Path, model_path: str | None = None, api_key: str = TEST_API_KEY,
-                     threads: int | None = None, startup_timeout: float = 120.0):
+                     threads: int | None = None, startup_timeout: float = 120.0, n_ctx: int = 2048):
     """Start `python -m llama_cpp.server` on 127.0.0.1 with a free port; stop it on exit.
 
-    logits_all is on so /v1/completions can echo prompt logprobs; the server requires `api_key`.
+    logits_all is on so /v1/completions can echo prompt logprobs; the server requires `api_key`. n_ctx: its
+    context window (2048: the small context of issue 16 item 9, where the default explainer prompt did not fit).
     """
     if model_path is None:
         model_path = str(bundled_gguf())
@@ -108,7 +109,7 @@ def run_llama_server(log_dir: Path, model_path: str | None = None, api_key: str 
         log_path = log_dir / f"llama_server_{port}.log"
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--model_alias", MODEL_ALIAS,
                "--host", HOST, "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-               "--n_ctx", "2048", "--logits_all", "true", "--verbose", "false", "--api_key", api_key]
+               "--n_ctx", str(n_ctx), "--logits_all", "true", "--verbose", "false", "--api_key", api_key]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         server = LlamaServer(f"http://{HOST}:{port}/v1", port, api_key, MODEL_ALIAS, process, log_path)

@@ -34,6 +34,34 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path, monkeypat
     assert not (tmp_path / "home" / "storage").exists()
 
 
+def _corpus(tmp_path, kind: str) -> str:
+    """A bad corpus of one kind, written under tmp_path."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    if kind == "missing":
+        return str(tmp_path / "nowhere")
+    if kind == "latin-1":
+        (folder / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    elif kind == "jsonl without text":
+        (folder / "c.jsonl").write_text('{"body": "no text field"}\n')
+        return str(folder / "c.jsonl")
+    elif kind == "broken jsonl":
+        (folder / "c.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+        return str(folder / "c.jsonl")
+    return str(folder)  # "empty": a folder with no text files
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"), ("empty", "holds no .txt or .md files"), ("latin-1", "is not UTF-8"),
+    ("jsonl without text", "text"), ("broken jsonl", "JSON"),
+])
+def test_a_bad_corpus_is_one_sentence_and_nothing_else(kind, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["run", "--layers", "0", "--corpus", _corpus(tmp_path, kind)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
 def test_core_imports_no_dagster():
     code = ("import sys; import ndx_pipeline.core.data.activations, ndx_pipeline.core.llm.backend, ndx_pipeline.core.method.scoring, "
             "ndx_pipeline.core.method.explainer, ndx_pipeline.core.data.excerpts, ndx_pipeline.core.data.corpus; "

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -96,7 +97,8 @@ def test_export_writes_simulation_results_with_our_scores(store, exported):
     score = pl.read_parquet(asset_path(store, "scores", 0)).filter(pl.col("neuron") == 7).row(0, named=True)
     assert scored["explanation"] == score["explanation"]
     assert scored["scored_simulation"]["ev_correlation_score"] == pytest.approx(score["score"], abs=1e-6)
-    assert scored["scored_simulation"]["rsquared_score"] == pytest.approx(score["rsquared"], abs=1e-6)
+    assert math.isnan(score["rsquared"])  # no calibration excerpts in this store: nothing calibrated to report
+    assert scored["scored_simulation"]["rsquared_score"] is None
     seqs = scored["scored_simulation"]["scored_sequence_simulations"]
     assert len(seqs) == 4
     for s in seqs:
@@ -207,3 +209,28 @@ def test_import_rejects_bad_files_with_the_file_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NdxInputError, match="holds no NeuronRecord files"):
         neuron_record_files(tmp_path / "empty")
+
+
+def test_export_writes_the_calibrated_simulation_beside_the_raw_one():
+    from ndx_pipeline.core.method.scoring import Calibration
+    from ndx_pipeline.reports.interop import simulation_results
+
+    expl = pl.DataFrame({"layer": [0], "neuron": [3], "explanation_id": ["0/3/explanation/0"],
+                         "explanation": ["commas"], "status": ["ok"]})
+    sims = pl.DataFrame({"layer": [0, 0, 0], "neuron": [3, 3, 3], "explanation_id": ["0/3/explanation/0"] * 3,
+                         "excerpt_id": ["a", "b", "c"], "split": ["score_top", "score_random", "calibration"],
+                         "tokens": [["x", ","], ["y", "z"], ["w", ","]], "true_activations": [[0.0, 2.0], [0.0, 0.5],
+                                                                                             [0.0, 1.0]],
+                         "simulated_activations": [[1.0, 9.0], [0.0, 3.0], [0.0, 5.0]]})
+    out = simulation_results(0, 3, sims, expl, {"0/3/explanation/0": Calibration(0.25, -0.5, "ok")})
+    (scored,) = out["scored_explanations"]
+    seqs = scored["scored_simulation"]["scored_sequence_simulations"]
+    assert len(seqs) == 2  # the calibration excerpt is not a scored one
+    first = seqs[0]["simulation"]
+    assert first["activation_scale"] == "neuron_activations" and first["expected_activations"] == [-0.25, 1.75]
+    assert first["uncalibrated_simulation"]["expected_activations"] == [1.0, 9.0]
+    assert first["uncalibrated_simulation"]["activation_scale"] == "simulated_normalized_activations"
+    true = np.array([0.0, 2.0, 0.0, 0.5])
+    predicted = 0.25 * np.array([1.0, 9.0, 0.0, 3.0]) - 0.5
+    assert scored["scored_simulation"]["rsquared_score"] == pytest.approx(
+        1 - np.mean((true - predicted) ** 2) / np.mean(true ** 2), abs=1e-6)

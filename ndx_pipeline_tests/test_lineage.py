@@ -20,7 +20,9 @@ import pytest
 from ndx_pipeline.core.contract import EXPLANATION_SCHEMA, RECORD_SCHEMA, SIMULATION_SCHEMA, explanation_id
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.method.explainer import explainer_messages, prompt_sha256
+from ndx_pipeline.core.llm.backend import sent_prompt_sha256
+from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
+from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, explainer_messages, prompt_sha256
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
@@ -51,6 +53,19 @@ EXPLANATIONS = {
     (1, 5): None,  # this explanation failed: the neuron has a NaN score and no simulations
     (1, 9): "parentheses",
 }
+
+
+# The store's explanations come from an OpenAI-compatible server: their prompt hash is of the messages it was sent.
+FIXTURE_EXPLAINER = "openai-compatible:fixture-model"
+
+
+def sent_sha(messages: list[dict]) -> str:
+    """The prompt hash an OpenAI-compatible explainer stores for `messages` (as its backend sends them)."""
+    backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "fixture-model", context_tokens=4096)
+    try:
+        return sent_prompt_sha256(backend.sent_prompt(messages, LEAD_IN))
+    finally:
+        backend.close()
 
 
 def tokenize(text: str) -> list[tuple[str, int, int]]:
@@ -117,7 +132,7 @@ def build_store(root: Path, baseline: bool = True) -> Path:
             text = EXPLANATIONS[(layer, neuron)]
             eid = explanation_id(layer, neuron)
             expl_rows.append({"layer": layer, "neuron": neuron, "explanation_id": eid, "explanation": text,
-                              "explainer": "fixture-explainer", "prompt_sha256": prompt_sha256(messages),
+                              "explainer": FIXTURE_EXPLAINER, "prompt_sha256": sent_sha(messages),
                               "status": "ok" if text else "failed",
                               "error": None if text else "the explainer returned no text after the lead-in",
                               "prompt_tokens": 100, "completion_tokens": 8, "seconds": 0.1})
@@ -155,12 +170,15 @@ def test_lineage_resolves_every_link_to_document_text(store):
     assert result["score"]["score"] == pytest.approx(scores["score"])
     assert result["score"]["explanation_id"] == "0/3/explanation/0"
 
-    # The explanation, its explainer, and the exact prompt: rebuilt, hashed, equal to the stored hash.
+    # The explanation, its explainer, and the exact prompt as sent: rebuilt, hashed, equal to the stored hash.
     e = result["explanation"]
-    assert e["explanation"] == EXPLANATIONS[(0, 3)] and e["explainer"] == "fixture-explainer"
-    assert e["prompt_verified"] and e["prompt_sha256"] == e["rebuilt_prompt_sha256"]
-    assert prompt_sha256(e["prompt"]["messages"], e["prompt"]["assistant_prefix"]) == e["prompt_sha256"]
-    assert e["prompt"]["messages"][-1]["role"] == "user"
+    assert e["explanation"] == EXPLANATIONS[(0, 3)] and e["explainer"] == FIXTURE_EXPLAINER
+    assert e["prompt_verified"] and e["prompt_sha256"] == e["rebuilt_prompt_sha256"] and e["prompt_note"] is None
+    assert sent_prompt_sha256(e["prompt"]["sent"]) == e["prompt_sha256"]
+    sent = e["prompt"]["sent"]["messages"]  # the system message as rewritten for a chat API, no prefill
+    assert sent[0]["content"].endswith("Write nothing else.") and sent[-1]["role"] == "user"
+    assert prompt_sha256(e["prompt"]["messages"], e["prompt"]["assistant_prefix"]) != e["prompt_sha256"]
+    assert e["prompt"]["messages"][-1]["role"] == "user" and e["prompt"]["excerpts_shown"] == SPLITS["explain_n"]
 
     # Every scored excerpt, with true and simulated activations and its document.
     sims = pl.read_parquet(asset_path(store, "simulations", 0)).filter(pl.col("neuron") == 3)
@@ -214,6 +232,65 @@ def test_tampered_prompt_hash_and_text_are_caught(store, tmp_path):
     result = lineage(copy, 0, 7)
     assert not result["explanation"]["prompt_verified"]
     assert result["checks"]["text_mismatches"] and not result["checks"]["all_links_resolved"]
+
+
+def _with_explanation(store, tmp_path, **changes) -> Path:
+    """A copy of the store whose explanation of layer 0 neuron 3 has `changes`."""
+    import shutil
+
+    copy = tmp_path / "storage"
+    shutil.copytree(store, copy)
+    path = asset_path(copy, "explanations", 0)
+    expl = pl.read_parquet(path)
+    mine = pl.col("neuron") == 3
+    expl = expl.with_columns([pl.when(mine).then(pl.lit(v, dtype=expl.schema[k])).otherwise(pl.col(k)).alias(k)
+                              for k, v in changes.items()])
+    write_parquet_atomic(expl, path)
+    return copy
+
+
+def _explain_excerpts(store) -> list:
+    excerpts = pl.read_parquet(asset_path(store, "top_excerpts", 0))
+    explain = excerpts.filter((pl.col("neuron") == 3) & (pl.col("split") == "explain")).sort("rank")
+    return list(zip(explain["tokens"].to_list(), explain["activations"].to_list()))
+
+
+def test_local_explainer_prompt_is_rebuilt_as_sent_with_its_fit(store, tmp_path):
+    """An in-process explainer's row: the chat-template text with the prefill, fitted (one excerpt, no repeat) and
+    without the digest, as the row says; lineage rebuilds exactly that and verifies it."""
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
+
+    backend = LocalTransformersBackend()
+    shown = _explain_excerpts(store)
+    fit = PromptFit(1, len(shown), repeat=False)
+    sent = backend.sent_prompt(fit.messages(shown, digest=False), LEAD_IN)
+    copy = _with_explanation(store, tmp_path, explainer=backend.name, prompt_sha256=sent_prompt_sha256(sent),
+                             excerpts_shown=1, prompt_fitted=fit.describe(shown, 2048))
+    e = lineage(copy, 0, 3)["explanation"]
+    assert e["prompt_verified"], e["prompt_note"]
+    assert e["prompt"]["sent"] == sent and e["prompt"]["sent"]["text"].endswith(LEAD_IN)
+    assert e["prompt"]["digest"] is False and e["prompt"]["excerpts_shown"] == 1
+    assert "excerpt 2 of 2 left out" in e["prompt"]["prompt_fitted"]
+
+
+def test_prompt_that_cannot_be_rebuilt_is_not_claimed_verified(store, tmp_path):
+    shown = _explain_excerpts(store)
+    copy = _with_explanation(store, tmp_path, explainer="someones-backend:m",
+                             prompt_sha256=prompt_sha256(explainer_messages(shown)))
+    result = lineage(copy, 0, 3)
+    e = result["explanation"]
+    assert not e["prompt_verified"] and e["rebuilt_prompt_sha256"] is None
+    assert "not a known backend" in e["prompt_note"] and not result["checks"]["all_links_resolved"]
+    assert "cannot be checked" in format_lineage(result)
+
+
+def test_template_hash_of_an_openai_row_is_not_taken_for_the_sent_prompt(store, tmp_path):
+    """Rows written before the fix hashed the template, not what the server was sent: shown, not verified."""
+    shown = _explain_excerpts(store)
+    copy = _with_explanation(store, tmp_path, prompt_sha256=prompt_sha256(explainer_messages(shown)))
+    e = lineage(copy, 0, 3)["explanation"]
+    assert not e["prompt_verified"] and "template" in e["prompt_note"]
+    assert "DOES NOT match" in format_lineage(lineage(copy, 0, 3))
 
 
 def test_missing_layer_or_neuron_is_a_clear_error(store, tmp_path):

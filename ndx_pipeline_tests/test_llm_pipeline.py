@@ -59,7 +59,7 @@ def partition_metadata(instance, stage):
 
 def server_llm(proxy, **extra):
     return LLMResource(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
-                       api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, **extra)
+                       api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,13 @@ def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, t
     proxy.reset_counts()
     instance = materialize(LLM_STAGES, server, explainer_llm=server_llm(proxy, max_tokens=20),
                            simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0))
-    assert proxy.total() == 0
+    # nothing to generate; the explainer only asks the server for its context window (which llama-cpp-python
+    # does not say) before fitting its prompts
+    assert set(proxy.requests) <= {"/v1/models", "/props"}, dict(proxy.requests)
     for stage in ("explanations", "simulations"):
         meta = partition_metadata(instance, stage)
         assert meta["llm_requests"].value == 0 and meta["llm_cache_hit_rate"].value == 1.0
-    print(f"\nserver run: {first} requests; rerun: 0 requests, cache hit rate 100 %")
+    print(f"\nserver run: {first} requests; rerun: no LLM requests ({dict(proxy.requests)}), cache hit rate 100 %")
 
     # the key is nowhere on disk
     for path in server.rglob("*"):
@@ -154,7 +156,7 @@ KILLED_RUN = textwrap.dedent("""
     from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
-                      api_key=dg.EnvVar("NDX_TEST_LLM_KEY"), server="llama_cpp", max_concurrency=1, max_tokens=20)
+                      api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, max_tokens=20)
     explanations = next(a for a in build_definitions().assets if dg.AssetKey("explanations") in a.keys)
     dg.materialize([explanations], partition_key="0",
                    resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm,

@@ -19,15 +19,24 @@ import threading
 import time
 
 import numpy as np
+import polars as pl
 import pytest
 
-from ndx_pipeline.core.llm.backend import Completion, LLMBackend, RecordableLLMError, map_concurrently
+from ndx_pipeline.core.llm.backend import (
+    Completion,
+    LLMBackend,
+    PromptTooLongError,
+    RecordableLLMError,
+    map_concurrently,
+    sent_prompt_sha256,
+)
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
 from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api, continuation_after, grammar_safe
 from ndx_pipeline.core.llm.openai.logprobs import (
     LogprobAlignmentError,
+    LogprobsUnavailableError,
     detect_logprob_alignment,
     slot_candidates,
     values_from_candidates,
@@ -39,7 +48,7 @@ from ndx_pipeline.core.llm.openai.transport import (
     parse_retry_after,
     redact_secret,
 )
-from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, parse_explanation
+from ndx_pipeline.core.method.explainer import LEAD_IN, explain_layer, explainer_messages, parse_explanation
 from ndx_pipeline.core.method.simulator import expected_values, simulate_excerpt, simulation_prompt
 from ndx_pipeline.core.method.simulator_json import (
     JSONSimulationError,
@@ -51,11 +60,13 @@ from ndx_pipeline.core.method.simulator_json import (
     parse_json_simulation,
 )
 from ndx_pipeline.core.models import bundled_gguf
-from ndx_pipeline_tests.llm_server import (
+from ndx_pipeline_tests.llm_server import (  # noqa: F401  (fault_proxy, llama_server: fixtures)
     TEST_API_KEY,
     Fault,
     FaultProxy,
+    fault_proxy,
     gguf_with_bos,
+    llama_server,
     run_llama_server,
 )
 
@@ -433,9 +444,14 @@ def captured_logs():
     root.setLevel(level)
 
 
+SERVER_CONTEXT = 2048  # the test server's n_ctx (llm_server.run_llama_server)
+
+
 def _backend(base_url, cache=None, **kw):
     kw.setdefault("retry", RetryPolicy(max_attempts=6, initial_delay=0.05, max_delay=0.5, timeout=120,
                                        deadline=300))
+    # known here, so that no test's planned faults are taken by a context probe (tests of the probe pass None)
+    kw.setdefault("context_tokens", SERVER_CONTEXT)
     return OpenAICompatibleBackend(base_url, "smollm2-135m-instruct-q4_1", TEST_API_KEY, cache=cache,
                                    server="llama_cpp", **kw)
 
@@ -453,10 +469,10 @@ def echo_run(llama_server, cache_root, captured_logs):
         probs = backend.value_probabilities(prompt)  # the echo again (from the cache) plus the "10" probes
         total_s = time.perf_counter() - started
         entry = backend.cache.get(cache_key("openai-compatible", backend.model, "completions",
-                                            backend.echo_body(prompt)))
+                                            backend.echo_body(prompt), backend.origin))
         yield {"prompt": prompt, "candidates": candidates, "alignment": alignment, "layout": layout,
                "probs": probs, "requests": proxy.total(), "stats": backend.stats.snapshot(),
-               "response": entry["response"], "echo_s": echo_s, "total_s": total_s}
+               "response": entry["response"], "echo_s": echo_s, "total_s": total_s, "base_url": proxy.base_url}
         backend.close()
     finally:
         proxy.close()
@@ -477,6 +493,9 @@ def test_explainer_chat(fault_proxy, cache_root):
     stored = json.loads(entry.read_text())
     assert LEAD_IN in stored["request"]["messages"][0]["content"]  # the lead-in instruction was sent
     assert stored["request"]["seed"] == 7 and stored["request"]["temperature"] == 1.0
+    # what rows hash (issue 16 item 7) is what the server got: the rewritten messages, no prefill
+    assert sent_prompt_sha256(backend.sent_prompt(messages, LEAD_IN)) == \
+        sent_prompt_sha256({"messages": stored["request"]["messages"]})
     print(f"\nexplainer: {explanation!r}, {completion.prompt_tokens}+{completion.completion_tokens} tokens")
 
 
@@ -538,19 +557,15 @@ def test_auto_alignment_follows_the_served_model(llama_server, tmp_path):
 
 @pytest.mark.llm_server
 def test_cache_rerun_makes_zero_requests(echo_run, cache_root):
-    with_port = FaultProxy(1)  # no upstream: nothing may get past the cache
-    try:
-        backend = _backend(with_port.base_url, cache_root / "sim")
-        again = backend.value_probabilities(echo_run["prompt"])
-        assert with_port.total() == 0
-        np.testing.assert_array_equal(again, echo_run["probs"])
-        stats = backend.stats.snapshot()
-        assert stats["calls"] == stats["requests"] == 0 and stats["cache_hits"] >= 1
-        assert stats["cache_hit_rate"] == 1.0
-        print(f"\nfirst run: {echo_run['requests']} requests; rerun: {with_port.total()} requests, "
-              f"{stats['cache_hits']} cache hits")
-    finally:
-        with_port.close()
+    # the same endpoint (the cache key names it), with the network cut: nothing may get past the cache
+    backend = _backend(echo_run["base_url"], cache_root / "sim")
+    backend._send = lambda *args, **kwargs: pytest.fail("a cached request reached the network")
+    again = backend.value_probabilities(echo_run["prompt"])
+    np.testing.assert_array_equal(again, echo_run["probs"])
+    stats = backend.stats.snapshot()
+    assert stats["calls"] == stats["requests"] == 0 and stats["cache_hits"] >= 1
+    assert stats["cache_hit_rate"] == 1.0
+    print(f"\nfirst run: {echo_run['requests']} requests; rerun: 0 requests, {stats['cache_hits']} cache hits")
 
 
 def _json_body(backend, tokens):
@@ -567,7 +582,7 @@ def test_json_simulator(fault_proxy, cache_root):
     assert values.shape == (4,) and ((values >= 0) & (values <= 10)).all()
     assert fault_proxy.forwarded["/v1/chat/completions"] == 1
     real = backend.cache.get(cache_key("openai-compatible", backend.model, "chat.completions",
-                                       _json_body(backend, tokens)))["response"]
+                                       _json_body(backend, tokens), backend.origin))["response"]
     print(f"\njson simulator: {values.tolist()} in {seconds:.1f}s")
 
     # malformed answers (served by the proxy from the real one, edited): each raises its own error
@@ -643,7 +658,8 @@ def test_faults_are_retried_or_reported(fault_proxy):
     assert fault_proxy.total() == 1
 
     # a wrong key: the real server says 401, not retried, and the message carries no key
-    wrong = OpenAICompatibleBackend(fault_proxy.base_url, backend.model, "sk-test-WRONG456", retry=policy)
+    wrong = OpenAICompatibleBackend(fault_proxy.base_url, backend.model, "sk-test-WRONG456", retry=policy,
+                                    context_tokens=SERVER_CONTEXT)
     fault_proxy.reset_counts()
     with pytest.raises(LLMRejectedError) as err:
         wrong.request("completions", body)
@@ -734,6 +750,110 @@ def test_kill9_midway_then_rerun_calls_only_for_the_rest(fault_proxy, cache_root
           f"{stats['cache_hits']} cache hits; third run 0 requests")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 16: the defects an outside review found, on the real server (unit versions in test_llm_defects.py)
+
+
+@pytest.mark.llm_server
+def test_answer_without_logprobs_is_not_cached_and_each_server_has_its_own_entries(fault_proxy, llama_server,
+                                                                                    cache_root):
+    cache = cache_root / "poison"
+    prompt = simulation_prompt(SIM_EXPLANATION, ["The", " cat"])
+    backend = _backend(fault_proxy.base_url, cache)
+
+    def strip_logprobs(doc):
+        doc["choices"][0]["logprobs"] = None
+        return doc
+
+    fault_proxy.plan(Fault.rewriting(strip_logprobs))  # an HTTP 200 without the logprobs the simulator reads
+    with pytest.raises(LogprobsUnavailableError):
+        backend.value_probabilities(prompt)
+    assert len(LLMCache(cache)) == 0
+    probs = backend.value_probabilities(prompt)  # asked again, not failed from the cache
+    assert probs.shape == (2, 11) and probs[:, 0].min() > 0
+    assert fault_proxy.forwarded["/v1/completions"] >= 2
+    # the same model name at another address is another endpoint: nothing of the first one's answers
+    other = FaultProxy(llama_server.port)
+    try:
+        again = _backend(other.base_url, cache)
+        again.value_probabilities(prompt)
+        assert other.forwarded["/v1/completions"] >= 1 and again.stats.snapshot()["cache_hits"] == 0
+    finally:
+        other.close()
+
+
+@pytest.mark.llm_server
+def test_non_finite_number_in_an_answer_fails_that_neuron_only(fault_proxy, cache_root):
+    backend = _backend(fault_proxy.base_url, cache_root / "nan", max_concurrency=1)
+
+    def poison(doc):
+        doc["usage"]["prompt_tokens"] = float("nan")  # the proxy writes it as the bare JSON literal NaN
+        return doc
+
+    fault_proxy.plan(Fault.rewriting(poison))
+    excerpts = pl.DataFrame([{"layer": 0, "neuron": n, "excerpt_id": f"0/{n}/top/0", "split": "explain", "rank": 0,
+                              "tokens": ["We", " met", " in", word], "activations": [0.0, 0.0, 0.0, 5.0]}
+                             for n, word in ((1, " May"), (2, " June"))])
+    rows = explain_layer(excerpts, backend, max_tokens=12)
+    assert rows["status"].to_list() == ["failed", "ok"], rows["error"].to_list()
+    assert "NaN" in rows["error"][0] and rows["explanation"][1]
+    assert len(LLMCache(cache_root / "nan")) == 1
+
+
+@pytest.fixture(scope="module")
+def default_excerpts():
+    """Layer 0, neurons 5 and 9 of the bundled model with the default excerpt settings: the run of issue 16
+    item 9, whose explainer prompts (~2.2k tokens) did not fit a 2048-token llama.cpp server."""
+    from ndx_pipeline.core import stages
+
+    records = stages.activation_records(stages.corpus(), None, [0], neurons=[5, 9], token_table=False)
+    return stages.top_excerpts(records.layers[0].records)
+
+
+@pytest.mark.llm_server
+def test_explainer_prompt_is_fitted_to_a_2048_token_server(fault_proxy, default_excerpts, cache_root):
+    """The backend knows nothing of the context (llama-cpp-python says it nowhere but in a refusal): the first
+    prompt is refused, the context is read from the refusal, and both explanations succeed on fitted prompts whose
+    rows say what was left out and hash what was sent."""
+    cache = cache_root / "fit"
+    backend = _backend(fault_proxy.base_url, cache, context_tokens=None, max_concurrency=1)
+    started = time.perf_counter()
+    rows = explain_layer(default_excerpts, backend)
+    seconds = time.perf_counter() - started
+    for row in rows.iter_rows(named=True):
+        print(f"\nneuron {row['neuron']}: {row['status']} {row['explanation'] or row['error']!r}; "
+              f"{row['excerpts_shown']} excerpts shown; {row['prompt_fitted']}; {row['prompt_tokens']} prompt tokens")
+    assert rows["status"].to_list() == ["ok", "ok"], rows["error"].to_list()
+    assert backend.context_window() == SERVER_CONTEXT
+    assert all(1 <= n < 5 for n in rows["excerpts_shown"]) and all("left out" in f for f in rows["prompt_fitted"])
+    assert all(t + 60 <= SERVER_CONTEXT for t in rows["prompt_tokens"])
+    assert fault_proxy.requests["/v1/chat/completions"] == 3  # one refused, two answered
+    sent = {sent_prompt_sha256({"messages": json.loads(p.read_text())["request"]["messages"]})
+            for p in cache.glob("??/*.json")}
+    assert set(rows["prompt_sha256"]) == sent
+    print(f"explained in {seconds:.1f}s; requests: {dict(fault_proxy.requests)}")
+
+    # a fresh backend given the context: fitted up front to the same prompts, every answer from the cache
+    fault_proxy.reset_counts()
+    again = explain_layer(default_excerpts, _backend(fault_proxy.base_url, cache, context_tokens=SERVER_CONTEXT))
+    assert again["prompt_sha256"].to_list() == rows["prompt_sha256"].to_list()
+    assert again["explanation"].to_list() == rows["explanation"].to_list()
+    assert fault_proxy.requests["/v1/chat/completions"] == 0
+
+
+@pytest.mark.llm_server
+def test_simulation_prompt_too_long_fails_that_excerpt_with_a_reason(fault_proxy):
+    backend = _backend(fault_proxy.base_url, None, context_tokens=None)
+    tokens = [" cat"] * 1500
+    with pytest.raises(PromptTooLongError, match="simulation prompt of this excerpt does not fit .* 2048 tokens"):
+        simulate_excerpt(backend, SIM_EXPLANATION, tokens)
+    sent = fault_proxy.forwarded["/v1/completions"]
+    with pytest.raises(PromptTooLongError, match="2048 tokens"):  # now known: not sent at all
+        simulate_excerpt(backend, SIM_EXPLANATION, tokens)
+    assert fault_proxy.forwarded["/v1/completions"] == sent
+    assert simulate_excerpt(backend, SIM_EXPLANATION, ["The", " cat"]).shape == (2,)  # short ones still go
+
+
 @pytest.mark.llm_server
 def test_api_key_never_leaks(fault_proxy, cache_root, captured_logs, capsys):
     """Last on purpose: checks every cache file, key, and log line this module produced."""
@@ -750,6 +870,12 @@ def test_api_key_never_leaks(fault_proxy, cache_root, captured_logs, capsys):
     with pytest.raises(LLMRejectedError) as err:
         backend.request("completions", {"model": backend.model, **CHEAP, "prompt": "Rome is in"})
     assert SECRET_MARK not in str(err.value) and "[redacted]" in str(err.value)
+    # …also when the message is long enough to be cut inside the key (issue 16 item 3: 15 of 17 characters)
+    # ("Error code: 403 - " and 165 x: the old cut at 200 characters kept "sk-test-SECRET1")
+    fault_proxy.plan(Fault.respond({"error": {"message": "x" * 165 + f" {TEST_API_KEY} is not allowed"}}, status=403))
+    with pytest.raises(LLMRejectedError) as err:
+        backend.request("completions", {"model": backend.model, **CHEAP, "prompt": "Oslo is in"})
+    assert not [TEST_API_KEY[i:i + 6] for i in range(len(TEST_API_KEY) - 5) if TEST_API_KEY[i:i + 6] in str(err.value)]
     files = [p for p in cache_root.rglob("*") if p.is_file()]
     assert len(files) >= 5
     for path in files:

@@ -26,25 +26,51 @@ SYSTEM = (
 )
 
 
+# The first few-shot example and the target neuron, without the digest line: one common 0–10 scale over both
+# excerpts of the target (m = 2.0), escaped newline and tab tokens.
+FIRST_SHOT = (
+    "Neuron 1\nActivations:\n<start>\nSalt\t0\n and\t10\n pepper\t0\n are\t0\n on\t0\n the\t0\n table\t0\n"
+    ",\t0\n bread\t0\n and\t9\n butter\t0\n too\t0\n<end>\n\n"
+    "The same excerpts again, listing only the tokens where the neuron fires:\n<start>\n and\t10\n and\t9\n<end>"
+)
+TARGET = "Neuron 5\nActivations:\n<start>\nx\t0\n =\t2\n 1\t10\n\\n\t0\n<end>\n<start>\nif\t0\n x\t0\n\\t\t0\ny\t0\n<end>"
+
+
 def test_explainer_prompt_exact_text():
     messages = explainer_messages(EXCERPTS)
     assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(FEW_SHOTS) + ["user"]
     assert messages[0]["content"] == SYSTEM
-    assert messages[1]["content"] == (
-        "Neuron 1\nActivations:\n<start>\nSalt\t0\n and\t10\n pepper\t0\n are\t0\n on\t0\n the\t0\n table\t0\n"
-        ",\t0\n bread\t0\n and\t9\n butter\t0\n too\t0\n<end>\n\n"
-        "The same excerpts again, listing only the tokens where the neuron fires:\n<start>\n and\t10\n and\t9\n<end>"
-        '\n\nStrongest tokens: "and"'
-    )
+    assert messages[1]["content"] == FIRST_SHOT + '\n\nStrongest tokens: "and"'
     assert messages[2]["content"] == 'Its main job is to detect the word "and".'
     assert messages[4]["content"] == 'Its main job is to detect month names such as "March" and "June".'
-    # The target: one common 0–10 scale over both excerpts (m = 2.0), escaped newline and tab tokens; the digest
-    # lists tokens reaching half the strongest activation (" =" at 0.5 of 2.0 does not).
-    assert messages[-1]["content"] == (
-        "Neuron 5\nActivations:\n<start>\nx\t0\n =\t2\n 1\t10\n\\n\t0\n<end>\n<start>\nif\t0\n x\t0\n\\t\t0\ny\t0\n"
-        '<end>\n\nStrongest tokens: "1"'
-    )
+    # The digest lists tokens reaching half the strongest activation (" =" at 0.5 of 2.0 does not).
+    assert messages[-1]["content"] == TARGET + '\n\nStrongest tokens: "1"'
     assert prompt_sha256(messages) == "b8c2661d283f13b3a11fefbe7a91811cf48fd350c8703763f1301a66557a3e22"
+
+
+SYSTEM_WITHOUT_DIGEST = (
+    "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. You will see "
+    "short excerpts of text, one token per line. After each token comes a tab and how strongly the neuron fires on "
+    "that token, an integer from 0 (not at all) to 10 (as strongly as it ever does here). Finish the sentence about "
+    "the neuron with a few words naming the tokens, or the kind of tokens, that make it fire."
+)
+
+
+def test_explainer_prompt_with_and_without_the_digest_exact_text():
+    """digest=True is the prompt above; digest=False drops the "Strongest tokens" line from every user message
+    (the few-shot examples' too) and the system text's sentence about it, and nothing else."""
+    assert explainer_messages(EXCERPTS, digest=True) == explainer_messages(EXCERPTS)
+    messages = explainer_messages(EXCERPTS, digest=False)
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(FEW_SHOTS) + ["user"]
+    assert messages[0]["content"] == SYSTEM_WITHOUT_DIGEST
+    assert messages[1]["content"] == FIRST_SHOT
+    assert messages[2]["content"] == 'Its main job is to detect the word "and".'
+    assert messages[-1]["content"] == TARGET
+    assert not any("Strongest tokens" in m["content"] for m in messages)
+    with_digest = explainer_messages(EXCERPTS)
+    assert [m["content"] for m in messages[1:]] == [
+        m["content"].split("\n\nStrongest tokens: ")[0] for m in with_digest[1:]]
+    assert prompt_sha256(messages) == "734c303929461f1e11411e0acc8ea07d3675489c2f394a8b6cc54199fec7520b"
 
 
 def test_digest_lists_strongest_tokens_in_order_escaping_whitespace():
@@ -86,6 +112,22 @@ def test_simulator_prompt_exact_text_and_slots():
     (' "commas"', "commas"),
     (' month names such as "March" and "June".', 'month names such as "March" and "June"'),  # inner quotes kept
     (" method names, e.g. load and save", "method names, e.g. load and save"),
+    # issue 16 item 5: abbreviations, initials, decimals and file extensions do not end the sentence
+    (" method names, e.g. Python and Ruby keywords.", "method names, e.g. Python and Ruby keywords"),
+    (" U.S. states", "U.S. states"),
+    (" U.S. State capitals", "U.S. State capitals"),
+    (" names of U.S. states. This neuron also fires on cities.", "names of U.S. states"),
+    (" programming languages, i.e. Python, Ruby", "programming languages, i.e. Python, Ruby"),
+    (" Python vs. Ruby keywords", "Python vs. Ruby keywords"),
+    (" the word for, a.k.a. The loop keyword", "the word for, a.k.a. The loop keyword"),
+    (" books by J. K. Rowling", "books by J. K. Rowling"),
+    (" version numbers like 3.5 and 2.7. Also dates.", "version numbers like 3.5 and 2.7"),
+    (" file names ending in .py. Python files mostly", "file names ending in .py"),
+    (" file extensions such as .py and .txt", "file extensions such as .py and .txt"),
+    (" places in the U.S.", "places in the U.S."),
+    (" keywords like if, for, etc.", "keywords like if, for, etc."),
+    (" keywords like if, for, etc. This neuron also fires on commas.", "keywords like if, for, etc."),
+    (" the letter A. This neuron also fires on B.", "the letter A"),
     (f"{LEAD_IN} the word 'the'.\nNeuron 5", "the word 'the'"),
     ('  "months"  ', "months"),
 ])

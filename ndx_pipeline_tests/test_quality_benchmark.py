@@ -1,11 +1,14 @@
-"""benchmarks/quality.py end to end on synthetic activation records with a scripted LLM (no model): every method
-gets a score column, the table has a row per layer and method, and the last line printed is the JSON summary."""
+"""benchmarks/quality.py end to end on synthetic activation records with a scripted LLM (no model): every method's
+number is checked against an independent computation, the table has a row per layer and method, and the last line
+printed is the JSON summary."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pytest
 
 from ndx_pipeline.core.contract import TOKEN_TABLE_SCHEMA
 from ndx_pipeline_tests.test_baselines import ScriptedBackend
@@ -60,3 +63,35 @@ def test_quality_benchmark_table_and_last_json_line(capsys):
     assert summary["neurons"] == 6 and summary["layers"] == [0, 4]
     assert sum(1 for line in lines if line.split()[:2] == ["0", "lookup"]) == 1
     assert summary["parse_failure_rate"] == {"explainer": 0.0, "token_list": 0.0}
+
+
+SCORED_WINDOWS = [102, 106, 110, 114, 118, 201, 204, 207, 210, 213]  # score_top ranks 2, 6, …; random 1, 4, …
+
+
+def pearson(a, b) -> float:
+    return float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])
+
+
+def test_quality_benchmark_numbers_are_the_method_s_numbers():
+    quality = load_quality()
+    recs, table = synthetic()
+    summary_scores = quality.evaluate(recs, table, ScriptedBackend(), k=2, seed=1)["scores"]
+    # every scored excerpt is ["t<w % 3>", "b"] with true activations [w, 0]
+    true = [v for w in SCORED_WINDOWS for v in (float(w), 0.0)]
+    # the scripted simulator predicts 0, 1, 2, … along each excerpt whatever the explanation: every LLM method
+    # (ours, best-of-k, the random and both token-list baselines) gets the same pooled correlation
+    simulated = pearson(true, [v for _ in SCORED_WINDOWS for v in (0.0, 1.0)])
+    for method in ("k1", "best_of_k", "random", "token_list", "token_template"):
+        assert summary_scores[method].to_list() == pytest.approx([simulated] * 6, abs=1e-6), method
+    # the lookup table, held out: each scored token's corpus mean without the scored excerpts' own activations
+    # (1e-6: the true activations are stored as float32)
+    counts = {"t0": 50, "t1": 50, "t2": 50, "b": 50}
+    sums = {"t0": 5000.0, "t1": 5050.0, "t2": 5100.0, "b": 0.0}
+    for w in SCORED_WINDOWS:
+        counts[f"t{w % 3}"] -= 1
+        sums[f"t{w % 3}"] -= float(w)
+        counts["b"] -= 1
+    held_out = [v for w in SCORED_WINDOWS for v in (sums[f"t{w % 3}"] / counts[f"t{w % 3}"], 0.0)]
+    assert summary_scores["lookup"].to_list() == pytest.approx([pearson(true, held_out)] * 6, abs=1e-6)
+    in_sample = [v for w in SCORED_WINDOWS for v in (100.0 + w % 3, 0.0)]
+    assert summary_scores["lookup_in_sample"].to_list() == pytest.approx([pearson(true, in_sample)] * 6, abs=1e-6)

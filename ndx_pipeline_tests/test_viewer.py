@@ -205,6 +205,29 @@ def test_layer_pages_replace_stale_ones_and_the_index_covers_written_layers(tmp_
     assert neuron_page_path(out, 1, 9).exists()
 
 
+def _prompt_block(page: Path) -> str:
+    text = html.unescape(page.read_text())
+    return text[text.index("<h3>Explainer prompt</h3>"):text.index("show the lineage as JSON")]
+
+
+def test_prompt_block_shows_the_prompt_as_sent_and_says_when_it_cannot(viewer, tmp_path):
+    """The fixture's explainer is an OpenAI-compatible server: the block shows the messages it was sent (the
+    system message asking for the lead-in, no prefilled answer) and says the hash matches them."""
+    page = viewer.parent / "0" / "3.html"
+    block, text = _prompt_block(page), html.unescape(page.read_text())
+    assert "show the exact prompt the explainer saw" in block
+    assert "Write nothing else." in block and "assistant (continues)" not in block
+    assert "matches the rebuilt prompt, as sent" in text
+    # an explainer whose sending lineage cannot rebuild: said so, never a match
+    storage = FIXTURE.build_store(tmp_path)
+    path = asset_path(storage, "explanations", 0)
+    write_parquet_atomic(pl.read_parquet(path).with_columns(pl.lit("someones-backend:m").alias("explainer")), path)
+    out = write_viewer(storage, layers=[0]).parent
+    block, text = _prompt_block(out / "0" / "3.html"), html.unescape((out / "0" / "3.html").read_text())
+    assert "cannot be checked" in text and "not a known backend" in text and "matches the rebuilt" not in text
+    assert "rebuilt from the excerpts (not verified)" in block and "exact prompt the explainer saw" not in block
+
+
 def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(NdxInputError, match="does not exist"):
         write_viewer(tmp_path / "missing")

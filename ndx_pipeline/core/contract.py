@@ -136,6 +136,8 @@ EXPLANATION_SCHEMA = {
     "prompt_tokens": pl.Int64,
     "completion_tokens": pl.Int64,
     "seconds": pl.Float64,
+    "excerpts_shown": pl.Int32,  # explain excerpts in the prompt (fewer than the neuron has when they did not fit)
+    "prompt_fitted": pl.String,  # what was left out to fit the explainer's context window; null: nothing
 }
 # best-of-k adds these to `explanations`; baseline explanations add `baseline` (and the random one `donor_neuron`)
 CANDIDATE_COLUMNS = {"candidate": pl.Int32, "calibration_score": pl.Float64, "calibration_status": pl.String,
@@ -162,10 +164,15 @@ SCORE_SCHEMA = {
     "score": pl.Float64,
     "score_top": pl.Float64,
     "score_random": pl.Float64,
-    "rsquared": pl.Float64,
-    "absolute_dev_explained": pl.Float64,
     "status": pl.String,
     "scored_tokens": pl.Int64,
+    # calibrated on the neuron's calibration excerpts (a least-squares line from simulated to true activations):
+    "calibrated_ev": pl.Float64,  # explained variance of the scored tokens by the calibrated simulation
+    "rsquared": pl.Float64,  # the reference's 1 − mean((r − p)²)/mean(r²), calibrated
+    "absolute_dev_explained": pl.Float64,  # the reference's 1 − mean|r − p|/mean|r|, calibrated
+    "calibration_slope": pl.Float64,
+    "calibration_intercept": pl.Float64,
+    "calibration_status": pl.String,
 }  # plus one Float64 `baseline_<name>` column per configured baseline
 
 SCHEMAS = {

@@ -163,12 +163,12 @@ class Simulated:
 
 def simulations(explanations: pl.DataFrame, baseline_explanations: pl.DataFrame, excerpts: pl.DataFrame,
                 simulator, *, mode: str = "all_at_once", what: str = "simulations", log: Log = quiet) -> Simulated:
-    """Every scored excerpt simulated from each neuron's kept explanation, and from each baseline explanation,
-    the same way."""
-    scorer = SimulationScorer(mode)
-    ours = scorer.judge(explanations, excerpts, simulator, progress=Progress(what, 0, log, unit="excerpts"))
-    theirs = scorer.judge(baseline_explanations, excerpts, simulator,
-                          progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
+    """Every scored excerpt simulated from each neuron's kept explanation (and its calibration excerpts, for the
+    calibrated score), and from each baseline explanation, the same way."""
+    ours = SimulationScorer(mode, calibrated=True).judge(explanations, excerpts, simulator,
+                                                        progress=Progress(what, 0, log, unit="excerpts"))
+    theirs = SimulationScorer(mode).judge(baseline_explanations, excerpts, simulator,
+                                          progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
     return Simulated(ours, theirs)
 
 

@@ -1,15 +1,27 @@
 """Checks of each stage's output, as plain functions (the Dagster layer turns them into asset checks).
 
-Each returns (passed, description, details) where details is a small dict of counts for the UI.
+Each returns a `Check`: passed, a description, a small dict of counts for the UI, and how serious a failure is
+("error": the layer's data must not flow on; "warn": worth a look, nothing stops).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import polars as pl
 
-Check = tuple[bool, str, dict]
+from ndx_pipeline.core.contract import STATUS_OK
+
+ERROR, WARN = "error", "warn"
+FAILURE_SHARE_WARN = 0.25  # above this share of failed LLM items, a stage's failure check warns
+
+
+class Check(NamedTuple):
+    passed: bool
+    description: str
+    details: dict
+    severity: str = ERROR
 
 
 def top_windows_ordered(records: pl.DataFrame) -> Check:
@@ -140,3 +152,17 @@ def baselines_explained(baseline_explanations: pl.DataFrame, excerpts: pl.DataFr
     failed = int((baseline_explanations["status"] != "ok").sum()) if len(baseline_explanations) else 0
     return (not problems, f"{list(names) or 'no baselines'} for {len(neurons)} neurons ({failed} failed)"
             if not problems else "; ".join(problems), {"rows": len(baseline_explanations), "failed": failed})
+
+
+def failure_share(frame: pl.DataFrame, what: str, blocking: bool = True,
+                  warn_above: float = FAILURE_SHARE_WARN) -> Check:
+    """How many of an LLM stage's items failed (rows whose `status` is not ok). Every item failed: an error (the
+    layer has nothing to go on with) when `blocking`, else a warning; more than `warn_above` of them: a warning."""
+    total = len(frame)
+    failed = int((frame["status"] != STATUS_OK).sum()) if total else 0
+    details = {"items": total, "failed": failed}
+    if total and failed == total:
+        return Check(False, f"every one of the {total} {what} failed", details, ERROR if blocking else WARN)
+    if total and failed > warn_above * total:
+        return Check(False, f"{failed} of {total} {what} failed (more than {warn_above:.0%})", details, WARN)
+    return Check(True, f"{failed} of {total} {what} failed", details)

@@ -1,5 +1,5 @@
-"""The asset checks, declared once: per asset, each check's name and what it guarantees. All are blocking: a failed
-check stops the layer's downstream steps. The checks themselves are plain functions in `core.validation`; each
+"""The asset checks, declared once: per asset, each check's name and what it guarantees. All are blocking: a check
+that fails with ERROR severity stops the layer's downstream steps (a WARN result does not). The checks themselves are plain functions in `core.validation`; each
 asset evaluates its own (through `materialize.Outputs.check`) on every layer it writes."""
 
 from __future__ import annotations
@@ -7,6 +7,12 @@ from __future__ import annotations
 import dagster as dg
 
 from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.validation import FAILURE_SHARE_WARN
+
+FAILURES = "failure_share"
+FAILURES_BLOCK = (f"warns when more than {FAILURE_SHARE_WARN:.0%} of the layer's items failed; an error (the "
+                  "layer goes no further) when every one did")
+FAILURES_WARN = f"warns when more than {FAILURE_SHARE_WARN:.0%} of the layer's items failed, or all of them"
 
 CHECKS: dict[str, dict[str, str]] = {
     c.ACTIVATION_RECORDS: {"top_windows_ordered": "top windows ranked by max activation",
@@ -15,13 +21,16 @@ CHECKS: dict[str, dict[str, str]] = {
                                             "the lookup baseline is off)"},
     c.TOP_EXCERPTS: {"splits_disjoint": "no explained window is scored",
                      "excerpt_counts": "the configured excerpts per split and neuron"},
-    c.EXPLANATIONS: {"every_neuron_explained": "one kept row per neuron: ok, or failed with why"},
+    c.EXPLANATIONS: {"every_neuron_explained": "one kept row per neuron: ok, or failed with why",
+                     FAILURES: FAILURES_BLOCK},
     c.BASELINE_EXPLANATIONS: {"baselines_explained": "one row per neuron for each configured baseline, none for "
-                                                     "others"},
+                                                     "others",
+                              FAILURES: FAILURES_WARN},
     c.CALIBRATION_SIMULATIONS: {"calibration_simulations_well_formed": "one value in [0, 10] per token"},
-    c.SIMULATIONS: {"simulations_well_formed": "one value in [0, 10] per token"},
-    c.BASELINE_SIMULATIONS: {"baseline_simulations_well_formed": "one value in [0, 10] per token"},
-    c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why"},
+    c.SIMULATIONS: {"simulations_well_formed": "one value in [0, 10] per token", FAILURES: FAILURES_BLOCK},
+    c.BASELINE_SIMULATIONS: {"baseline_simulations_well_formed": "one value in [0, 10] per token",
+                             FAILURES: FAILURES_WARN},
+    c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why", FAILURES: FAILURES_BLOCK},
 }
 
 

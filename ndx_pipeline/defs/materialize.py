@@ -15,7 +15,7 @@ import polars as pl
 
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, read_asset, write_parquet_atomic
-from ndx_pipeline.core.validation import Check
+from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.defs.checks import CHECKS
 from ndx_pipeline.defs.metadata import content_hash, file_metadata
 
@@ -63,18 +63,21 @@ class Outputs:
         partition = None if layer is None else str(layer)
         self.context.add_asset_metadata(metadata, asset_key=asset, partition_key=partition)
 
-    def check(self, asset: str, name: str, layer: int, result: Check) -> None:
-        self.checks[asset][name][layer] = result
+    def check(self, asset: str, name: str, layer: int, result: tuple) -> None:
+        self.checks[asset][name][layer] = Check(*result)
 
     def result(self, asset: str, **extra) -> dg.MaterializeResult:
         """The asset's materialization: data version = hash of its files; each declared check over every layer
         of the run (passed when every layer passed), with per-layer details."""
         results = []
         for name, per_layer in self.checks[asset].items():
+            failed = [c for c in per_layer.values() if not c.passed]
+            severity = (dg.AssetCheckSeverity.ERROR if any(c.severity == ERROR for c in failed)
+                        else dg.AssetCheckSeverity.WARN)
             results.append(dg.AssetCheckResult(
-                check_name=name, asset_key=asset, passed=all(ok for ok, _, _ in per_layer.values()),
-                description="; ".join(f"layer {layer}: {desc}" for layer, (_, desc, _) in sorted(per_layer.items())),
-                metadata={f"layer_{layer}_{k}": v for layer, (_, _, d) in per_layer.items() for k, v in d.items()},
+                check_name=name, asset_key=asset, passed=not failed, severity=severity,
+                description="; ".join(f"layer {layer}: {c.description}" for layer, c in sorted(per_layer.items())),
+                metadata={f"layer_{layer}_{k}": v for layer, c in per_layer.items() for k, v in c.details.items()},
             ))
         missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])
         if missing:

@@ -127,15 +127,19 @@ class LLMResource(dg.ConfigurableResource):
 
     backend `local`: an in-process transformers chat model (default: the bundled SmolLM2-135M-Instruct).
     backend `openai`: any OpenAI-compatible server (OpenAI, vLLM, llama.cpp) at `base_url`. The API key comes only
-    from the environment: set `api_key` to an EnvVar (the definitions use NDX_EXPLAINER_API_KEY /
-    NDX_SIMULATOR_API_KEY, else OPENAI_API_KEY, when set); it is never logged, cached or stored.
+    from the environment: `api_key_env` holds the NAME of the variable (the definitions use NDX_EXPLAINER_API_KEY /
+    NDX_SIMULATOR_API_KEY, else OPENAI_API_KEY, when set), read where the run executes; the key itself never enters
+    configuration (so never the launchpad's run config), logs, the cache or stored rows.
     Every answer is cached under `<storage>/llm_cache` by the content of its request: reruns cost nothing.
     """
 
     backend: str = Field(default="local", description=f"{' | '.join(BACKENDS)}")
     model: str = Field(default=BUNDLED_MODEL, description="Model id, folder or .gguf (local); model name (openai).")
     base_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:8000/v1 (openai backend).")
-    api_key: str | None = Field(default=None, description="Set from an environment variable only.")
+    api_key_env: str | None = Field(
+        default=None, description="The NAME of the environment variable holding the API key (e.g. "
+                                  "NDX_EXPLAINER_API_KEY), never the key itself: keys are accepted only through "
+                                  "an environment variable, read when the run starts. Empty: no key.")
     server: str = Field(default="openai", description="openai | vllm | llama_cpp: logprob alignment presets.")
     simulator_mode: str = Field(default="all_at_once",
                                 description=f"{' | '.join(SIMULATOR_MODES)} (json: chat models without logprobs).")
@@ -146,23 +150,28 @@ class LLMResource(dg.ConfigurableResource):
     timeout_s: float = 120.0
     deadline_s: float = Field(default=600.0, description="Give up on one request (all retries) after this long.")
     max_attempts: int = 8
+    context_tokens: int | None = Field(
+        default=None, description="The model's context window in tokens (prompt and answer). Empty: the local "
+                                  "model's own limit, or what the server says (vLLM, llama.cpp), else what it says "
+                                  "when it refuses a prompt as too long. The explainer prompt is fitted to it.")
 
     def spec(self) -> LLMSpec:
-        return LLMSpec(backend=self.backend, model=self.model, base_url=self.base_url, api_key=self.api_key,
+        return LLMSpec(backend=self.backend, model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                        server=self.server, max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
-                       deadline_s=self.deadline_s, max_attempts=self.max_attempts)
+                       deadline_s=self.deadline_s, max_attempts=self.max_attempts,
+                       context_tokens=self.context_tokens)
 
     def build(self, storage: StorageResource | None = None, stats=None) -> LLMBackend:
         """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage)."""
         return build_backend(self.spec(), llm_cache_dir(storage.path()) if storage else None, stats)
 
 
-def api_key_from_env(*names: str):
-    """An EnvVar for the first of `names` set in the environment (None when none is): the key itself never
-    enters configuration, only the variable's name."""
+def api_key_from_env(*names: str) -> str | None:
+    """The name of the first of `names` set in the environment (None when none is): the key itself never enters
+    configuration, only the variable's name."""
     for name in names:
         if os.environ.get(name):
-            return dg.EnvVar(name)
+            return name
     return None
 
 
@@ -174,7 +183,8 @@ def default_resources() -> dict:
         prefix = f"NDX_{stage.upper()}_"
         fields = {"backend": env(prefix + "BACKEND") or "local", "model": env(prefix + "MODEL") or BUNDLED_MODEL,
                   "base_url": env(prefix + "BASE_URL") or None, "server": env(prefix + "SERVER") or "openai",
-                  "api_key": api_key_from_env(prefix + "API_KEY", "OPENAI_API_KEY"), **extra}
+                  "api_key_env": api_key_from_env(prefix + "API_KEY", "OPENAI_API_KEY"),
+                  "context_tokens": int(env(prefix + "CONTEXT_TOKENS") or 0) or None, **extra}
         return LLMResource(**fields)
 
     return {

@@ -39,18 +39,21 @@ from ndx_pipeline.core.contract import (
     CORPUS,
     EXPLANATIONS,
     RECORD_SCHEMA,
+    SCORED_SPLITS,
+    SCORES,
     SIMULATIONS,
     TOKEN_TABLE,
     empty,
 )
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.method.scoring import absolute_dev_explained, pooled_correlation, rsquared
+from ndx_pipeline.core.method.scoring import Calibration, absolute_dev_explained, pooled_correlation, rsquared
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic, write_text_atomic
 
 ACTIVATIONS_DIR = "collated-activations"
 EXPLANATIONS_DIR = "explanations"
 PROVENANCE_DIR = "ndx-provenance"
 SIMULATED_SCALE = "simulated_normalized_activations"
+NEURON_SCALE = "neuron_activations"  # a calibrated simulation is on the neuron's own scale
 IMPORTED_DOC_PREFIX = "neuron-record:"
 EXTRA_SCHEMA = {
     "neuron_skewness": pl.Float64,
@@ -148,44 +151,70 @@ def neuron_provenance(rows: pl.DataFrame) -> dict:
     return out
 
 
-def simulation_results(layer: int, neuron: int, simulations: pl.DataFrame, explanations: pl.DataFrame) -> dict:
-    """NeuronSimulationResults for one neuron: every explanation that has simulations, scored as we score."""
+def _sequence(tokens, values, scale: str, uncalibrated: dict | None = None) -> dict:
+    return _dc("SequenceSimulation", tokens=list(tokens), expected_activations=_f32_list(values),
+               activation_scale=scale,
+               # We keep only the expected values, not the per-token distributions.
+               distribution_values=[[] for _ in values], distribution_probabilities=[[] for _ in values],
+               uncalibrated_simulation=uncalibrated)
+
+
+def _scores_of(true, predicted, calibrated: bool) -> dict:
+    """The three ScoredSimulation numbers; rsquared and absolute deviation only on calibrated predictions (on the
+    raw 0–10 scale against raw activations they mean nothing, and our scores leave them undefined too)."""
+    return {"ev_correlation_score": _nan_to_none(pooled_correlation(true, predicted).value),
+            "rsquared_score": _nan_to_none(rsquared(true, predicted)) if calibrated else None,
+            "absolute_dev_explained_score": (_nan_to_none(absolute_dev_explained(true, predicted)) if calibrated
+                                             else None)}
+
+
+def simulation_results(layer: int, neuron: int, simulations: pl.DataFrame, explanations: pl.DataFrame,
+                       calibrations: dict[str, Calibration] | None = None) -> dict:
+    """NeuronSimulationResults for one neuron: every explanation that has simulations, scored as we score.
+
+    With a calibration line for the explanation (`calibrations[explanation_id]`, from our scores), each sequence's
+    `simulation` is the calibrated one (on the neuron's activation scale) and `uncalibrated_simulation` the raw
+    0–10 expected values, as neuron-explainer's calibrated simulator writes them."""
     scored = []
     expl = explanations.filter((pl.col("neuron") == neuron) & (pl.col("status") == "ok")).sort("explanation_id")
     for e in expl.iter_rows(named=True):
-        sims = simulations.filter((pl.col("neuron") == neuron) & (pl.col("explanation_id") == e["explanation_id"]))
+        sims = simulations.filter((pl.col("neuron") == neuron) & (pl.col("explanation_id") == e["explanation_id"])
+                                  & pl.col("split").is_in(list(SCORED_SPLITS)))
         if sims.is_empty():
             continue
-        order = {"score_top": 0, "score_random": 1}
+        fit = (calibrations or {}).get(e["explanation_id"])
+        calibrated = fit is not None and math.isfinite(fit.slope) and math.isfinite(fit.intercept)
+        order = {split: i for i, split in enumerate(SCORED_SPLITS)}
         sims = sims.with_columns(pl.col("split").replace_strict(order, default=2).alias("_o")).sort(["_o", "excerpt_id"])
-        sequences = []
+        sequences, true_all, predicted_all = [], [], []
         for s in sims.iter_rows(named=True):
             true, sim = list(s["true_activations"]), list(s["simulated_activations"])
-            sequences.append(_dc(
-                "ScoredSequenceSimulation",
-                simulation=_dc("SequenceSimulation", tokens=list(s["tokens"]), expected_activations=_f32_list(sim),
-                               activation_scale=SIMULATED_SCALE,
-                               # We keep only the expected values, not the per-token distributions.
-                               distribution_values=[[] for _ in sim], distribution_probabilities=[[] for _ in sim],
-                               uncalibrated_simulation=None),
-                true_activations=_f32_list(true),
-                ev_correlation_score=_nan_to_none(pooled_correlation([true], [sim]).value),
-                rsquared_score=_nan_to_none(rsquared([true], [sim])),
-                absolute_dev_explained_score=_nan_to_none(absolute_dev_explained([true], [sim])),
-            ))
-        true_all, sim_all = sims["true_activations"].to_list(), sims["simulated_activations"].to_list()
+            raw = _sequence(s["tokens"], sim, SIMULATED_SCALE)
+            predicted = fit.apply([sim]).tolist() if calibrated else sim
+            simulation = _sequence(s["tokens"], predicted, NEURON_SCALE, uncalibrated=raw) if calibrated else raw
+            sequences.append(_dc("ScoredSequenceSimulation", simulation=simulation, true_activations=_f32_list(true),
+                                 **_scores_of([true], [predicted], calibrated)))
+            true_all.append(true)
+            predicted_all.append(predicted)
         scored.append(_dc(
             "ScoredExplanation",
             explanation=e["explanation"],
-            scored_simulation=_dc(
-                "ScoredSimulation",
-                scored_sequence_simulations=sequences,
-                ev_correlation_score=_nan_to_none(pooled_correlation(true_all, sim_all).value),
-                rsquared_score=_nan_to_none(rsquared(true_all, sim_all)),
-                absolute_dev_explained_score=_nan_to_none(absolute_dev_explained(true_all, sim_all)),
-            ),
+            scored_simulation=_dc("ScoredSimulation", scored_sequence_simulations=sequences,
+                                  **_scores_of(true_all, predicted_all, calibrated)),
         ))
     return _dc("NeuronSimulationResults", neuron_id=neuron_id(layer, neuron), scored_explanations=scored)
+
+
+def calibration_lines(scores_path: Path) -> dict[str, Calibration]:
+    """explanation_id → the calibration line our scores fitted (none when there are no scores, or no line)."""
+    if not scores_path.exists():
+        return {}
+    scores = pl.read_parquet(scores_path)
+    if "calibration_slope" not in scores.columns:
+        return {}
+    return {r["explanation_id"]: Calibration(r["calibration_slope"], r["calibration_intercept"],
+                                             r["calibration_status"])
+            for r in scores.iter_rows(named=True) if r["calibration_slope"] is not None}
 
 
 @dataclass
@@ -214,6 +243,7 @@ def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.P
     expl_path = asset_path(storage_dir, EXPLANATIONS, layer)
     sims = pl.read_parquet(sims_path) if sims_path.exists() else None
     expl = pl.read_parquet(expl_path) if expl_path.exists() else None
+    calibrations = calibration_lines(asset_path(storage_dir, SCORES, layer))
     result = ExportResult(layer, [], [], [])
     doc_ids: set[str] = set()
     for n in wanted:
@@ -222,7 +252,7 @@ def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.P
         result.provenance.append(_write_json(neuron_provenance(rows), out / PROVENANCE_DIR / str(layer) / f"{n}.json"))
         doc_ids.update(rows["doc_id"].drop_nulls().to_list())
         if sims is not None and expl is not None:
-            nsr = simulation_results(layer, n, sims, expl)
+            nsr = simulation_results(layer, n, sims, expl, calibrations)
             if nsr["scored_explanations"]:
                 result.simulation_results.append(
                     _write_json(nsr, out / EXPLANATIONS_DIR / str(layer) / f"{n}.jsonl", lines=True))

@@ -5,8 +5,11 @@
     scores ──explanation_id──► explanations ──prompt_sha256──► the explainer prompt, rebuilt from the explain excerpts
        └──explanation_id──► simulations ──excerpt_id──► top_excerpts ──doc_id + char span──► corpus text
 
-and returns one JSON-ready dict. Nothing is trusted blindly: the prompt is rebuilt and its hash compared with the
-stored one, each excerpt's text is cut out of its document by character span and compared with the concatenation
+and returns one JSON-ready dict. Nothing is trusted blindly: the prompt is rebuilt as the explainer's backend sent
+it (known from the stored `explainer` name: `local:…` renders the model's chat template, `openai-compatible:…`
+rewrites the system message; fitted to the context as the row's `excerpts_shown` / `prompt_fitted` say) and its hash
+compared with the stored one — where the sent form cannot be rebuilt, lineage says so rather than claim a match —,
+each excerpt's text is cut out of its document by character span and compared with the concatenation
 of its tokens, and the `checks` field says what held. Dagster run ids, partitions and code/data versions are not in
 the Parquet files; the Dagster layer passes them in as `runs` (stage → info).
 """
@@ -24,7 +27,9 @@ import polars as pl
 
 from ndx_pipeline.core.contract import SCORED_SPLITS, STAGES
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.method.explainer import LEAD_IN, explainer_messages, prompt_sha256
+from ndx_pipeline.core.llm.backend import sent_prompt_sha256
+from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
+from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, prompt_sha256
 from ndx_pipeline.core.storage import asset_path, read_asset
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -190,6 +195,37 @@ def _excerpt_entry(documents: Documents, ex: Mapping) -> dict:
     return entry
 
 
+def rebuild_prompt(chosen: Mapping, shown: list) -> dict:
+    """The explainer prompt of a stored explanation as its backend sent it, rebuilt from the neuron's explain
+    excerpts (`shown`, in rank order), and whether its hash is the stored one.
+
+    Keys: sent (the rebuilt sent prompt, None when it cannot be rebuilt), messages and assistant_prefix (the
+    template, as fitted), digest (whether the "Strongest tokens" line was in it: rows do not say, so both are
+    tried), excerpts_shown, prompt_fitted, sha256 (of `sent`), verified, note (why not verified, None when it is).
+    """
+    stored = chosen.get("prompt_sha256")
+    fit = PromptFit.parse(chosen.get("prompt_fitted"), chosen.get("excerpts_shown"), len(shown))
+    tried = []
+    for digest in (True, False):
+        messages = fit.messages(shown, digest)
+        sent, why = rebuild_sent_prompt(chosen.get("explainer"), messages, LEAD_IN)
+        sha = sent_prompt_sha256(sent) if sent is not None else None
+        tried.append({"sent": sent, "messages": messages, "assistant_prefix": LEAD_IN, "digest": digest,
+                      "excerpts_shown": fit.excerpts, "prompt_fitted": chosen.get("prompt_fitted"), "sha256": sha,
+                      "verified": bool(stored) and sha == stored, "note": why})
+        if sent is None or sha == stored:
+            break
+    out = next((t for t in tried if t["verified"]), tried[0])
+    if not chosen:
+        out["note"] = "no explanation row to check the prompt against"
+    elif out["sent"] is not None and not out["verified"]:
+        old = stored in {prompt_sha256(t["messages"]) for t in tried}
+        out["note"] = ("the stored hash is of the template messages (rows written before the sent prompt was "
+                       "hashed); the prompt shown is rebuilt as sent, not verified" if old else
+                       "the stored hash differs from the rebuilt prompt's")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- lineage
 
 
@@ -210,10 +246,9 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     chosen = _row(expl_rows.filter(pl.col("explanation_id") == explanation_id)) if explanation_id else {}
     excerpts = data.neuron("excerpts", neuron).sort(["split", "kind", "rank"])
 
-    # The explainer prompt, rebuilt exactly as explain_layer built it: explain excerpts in rank order.
+    # The explainer prompt, rebuilt as explain_layer built it (explain excerpts in rank order) and its backend sent it.
     explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
-    messages = explainer_messages(list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
-    rebuilt_sha = prompt_sha256(messages)
+    prompt = rebuild_prompt(chosen, list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
     explanation = {
         "explanation_id": explanation_id,
         "explanation": chosen.get("explanation", score.get("explanation")),
@@ -221,9 +256,10 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "status": chosen.get("status"),
         "error": chosen.get("error"),
         "prompt_sha256": chosen.get("prompt_sha256"),
-        "rebuilt_prompt_sha256": rebuilt_sha,
-        "prompt_verified": bool(chosen) and chosen.get("prompt_sha256") == rebuilt_sha,
-        "prompt": {"messages": messages, "assistant_prefix": LEAD_IN},
+        "rebuilt_prompt_sha256": prompt.pop("sha256"),
+        "prompt_verified": prompt.pop("verified"),
+        "prompt_note": prompt.pop("note"),
+        "prompt": prompt,
         "excerpts": [_excerpt_entry(data.documents, ex) | {"activations": list(ex["activations"])}
                      for ex in explain.iter_rows(named=True)],
     }
@@ -299,7 +335,8 @@ def lineage(storage_dir: str | os.PathLike, layer: int, neuron: int, runs: Mappi
     """Everything behind the score of `neuron` in `layer`, as a JSON-ready dict.
 
     Keys: layer, neuron, subject_model, score (the scores row), explanation (id, text, explainer, prompt_sha256,
-    the rebuilt prompt and whether its hash matches, its explain excerpts), explanations (all candidates),
+    the prompt rebuilt as its backend sent it, whether its hash matches and if not why — `prompt_note` —, its
+    explain excerpts), explanations (all candidates),
     simulator, neuron_stats, excerpts (every scored excerpt: tokens, true and simulated activations, doc_id,
     source, char_start, char_end and the text cut from the document), runs (stage → run id, partition, code and
     data version, as passed in), files, checks. Raises NdxInputError when the layer or neuron is not there.
@@ -329,6 +366,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _prompt_check(e: Mapping) -> str:
+    if e["prompt_verified"]:
+        return "matches the rebuilt prompt, as sent"
+    if e.get("rebuilt_prompt_sha256") is None:
+        return f"cannot be checked: {e.get('prompt_note')}"
+    return f"DOES NOT match the rebuilt prompt {e['rebuilt_prompt_sha256']}: {e.get('prompt_note')}"
+
+
 def format_lineage(result: Mapping, max_text: int = 160) -> str:
     """A human-readable account of a lineage dict, for the terminal."""
     s, e, c = result["score"], result["explanation"], result["checks"]
@@ -338,8 +383,7 @@ def format_lineage(result: Mapping, max_text: int = 160) -> str:
         f"  status: {s.get('status')}",
         f"explanation {e['explanation_id']}: {e['explanation']!r}",
         f"  explainer: {e['explainer']}   simulator: {result.get('simulator')}",
-        f"  prompt sha256: {e['prompt_sha256']}  "
-        f"({'matches the rebuilt prompt' if e['prompt_verified'] else 'DOES NOT match the rebuilt prompt ' + str(e['rebuilt_prompt_sha256'])})",
+        f"  prompt sha256: {e['prompt_sha256']}  ({_prompt_check(e)})",
         "",
         f"scored excerpts ({len(result['excerpts'])}):",
     ]

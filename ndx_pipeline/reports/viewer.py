@@ -342,9 +342,18 @@ def _excerpt_head(entry: Mapping, note: str) -> dict:
             "char_start": entry.get("char_start"), "char_end": entry.get("char_end"), "note": note}
 
 
-def _prompt_text(messages: Sequence[Mapping], prefix: str) -> str:
+def _prompt_text(prompt: Mapping) -> str:
+    """The explainer prompt as its backend sent it (lineage's rebuild): the text the model read (an in-process
+    model's chat template), or the messages sent (a chat API: no prefill); the template messages when the sent
+    form could not be rebuilt."""
+    sent = prompt.get("sent")
+    if sent is not None and "text" in sent:
+        return f"── the text the model read (its chat template, answer prefilled) ──\n{sent['text']} …"
+    messages = sent["messages"] if sent is not None else prompt["messages"]
     parts = [f"── {m['role']} ──\n{m['content']}" for m in messages]
-    parts.append(f"── assistant (continues) ──\n{prefix} …")
+    prefix = sent.get("assistant_prefix") if sent is not None else prompt.get("assistant_prefix")
+    if prefix:
+        parts.append(f"── assistant (continues) ──\n{prefix} …")
     return "\n\n".join(parts)
 
 
@@ -420,8 +429,11 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
     score_stats = [{"label": "score", "value": score.get("score"), "note": "pooled, top + random", "main": True}]
     score_stats += [{"label": c.replace("_", " "), "value": score.get(c), "note": "", "main": False}
                     for c in baseline_columns(data.scores)]
-    score_stats += [{"label": c.replace("_", " "), "value": score.get(c), "note": "", "main": False}
-                    for c in ("rsquared", "absolute_dev_explained") if c in score]
+    # explained variance only means something once the simulation is calibrated onto the neuron's scale
+    score_stats += [{"label": label, "value": score.get(c), "note": "calibrated" if c == "calibrated_ev" else "",
+                     "main": False}
+                    for c, label in (("calibrated_ev", "explained variance"), ("rsquared", "rsquared"),
+                                     ("absolute_dev_explained", "absolute dev explained")) if c in score]
     moments = [{"label": label, "text": str(stats[k]) if k == "token_count" else fmt_score(stats[k], 4)}
                for k, label in (("max", "max activation"), ("mean", "mean"), ("variance", "variance"),
                                 ("token_count", "tokens seen")) if stats.get(k) is not None]
@@ -446,9 +458,11 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
             mean=_num(stats.get("mean"))),
         all_links_resolved=bool(lin["checks"].get("all_links_resolved")),
         explanation_id=expl.get("explanation_id"), prompt_sha=(expl.get("prompt_sha256") or "")[:16],
-        prompt_verified=bool(expl.get("prompt_verified")), runs=lin["runs"],
+        prompt_verified=bool(expl.get("prompt_verified")), prompt_note=expl.get("prompt_note"),
+        prompt_rebuilt=expl.get("rebuilt_prompt_sha256") is not None,
+        prompt_fitted=expl["prompt"].get("prompt_fitted"), runs=lin["runs"],
         documents=_document_rows(lin["excerpts"] + expl["excerpts"]),
-        prompt=_prompt_text(expl["prompt"]["messages"], expl["prompt"]["assistant_prefix"]),
+        prompt=_prompt_text(expl["prompt"]),
         lineage_json=script_json(lin))
 
 

@@ -1,8 +1,12 @@
 """A persistent, content-addressed cache of LLM requests, and the counters that account for LLM work.
 
-Key: sha256 of a canonical JSON of (backend kind, model, endpoint, the whole request body). Credentials never
-enter a request body (they travel in HTTP headers), and `cache_key` drops any field that looks like one, so a
-key and a stored entry can be shown to anyone.
+Key: sha256 of a canonical JSON of (backend kind, model, endpoint, the whole request body, and — for backends that
+talk to a server — the server's identity, `origin`: its normalised base URL and kind, never a credential).
+Credentials never enter a request body (they travel in HTTP headers), and `cache_key` drops any field that looks
+like one, so a key and a stored entry can be shown to anyone.
+
+Only answers a stage can use are stored (`cached_call(..., usable=...)`), and never one holding NaN or Infinity
+(`NonFiniteAnswerError`): a bad answer fails its item once instead of failing every rerun from the cache.
 
 Layout: one JSON file per key, `<directory>/<key[:2]>/<key>.json`, written to a temporary file in the same folder
 and renamed over the target. Readers see either no entry or a whole one; concurrent writers (threads or
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -23,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ndx_pipeline.core.llm.errors import NonFiniteAnswerError
 
 CACHE_FORMAT = 1
 
@@ -38,11 +45,25 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def cache_key(kind: str, model: str, endpoint: str, request: Mapping[str, Any]) -> str:
-    """The content address of one LLM request."""
+def cache_key(kind: str, model: str, endpoint: str, request: Mapping[str, Any], origin: Any = None) -> str:
+    """The content address of one LLM request; `origin` (None for in-process backends, whose keys predate it) names
+    the server that answers."""
     material = {"format": CACHE_FORMAT, "kind": kind, "model": model, "endpoint": endpoint,
                 "request": _scrub(request)}
+    if origin is not None:
+        material["origin"] = origin
     return hashlib.sha256(canonical_json(material).encode("utf-8")).hexdigest()
+
+
+def non_finite_at(value: Any, path: str = "answer") -> str | None:
+    """Where in `value` the first NaN or ±Infinity is (e.g. "answer.choices[0].logprobs"), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, Mapping):
+        return next((p for k, v in value.items() if (p := non_finite_at(v, f"{path}.{k}"))), None)
+    if isinstance(value, list | tuple):
+        return next((p for i, v in enumerate(value) if (p := non_finite_at(v, f"{path}[{i}]"))), None)
+    return None
 
 
 class LLMCache:
@@ -79,12 +100,14 @@ class LLMCache:
         return True, entry["response"]
 
     def put(self, key: str, kind: str, model: str, endpoint: str, request: Mapping[str, Any],
-            response: Any) -> Path:
+            response: Any, origin: Any = None) -> Path:
         """Store one entry atomically; returns its path."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "format": CACHE_FORMAT, "kind": kind, "model": model, "endpoint": endpoint,
                  "request": _scrub(request), "response": response, "stored_at": time.time()}
+        if origin is not None:
+            entry["origin"] = origin
         data = canonical_json(entry).encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=target.parent)
         try:
@@ -166,16 +189,29 @@ class LLMStats:
 
 
 def cached_call(cache: LLMCache | None, stats: LLMStats, kind: str, model: str, endpoint: str,
-                request: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+                request: Mapping[str, Any], compute: Callable[[], Any], *,
+                usable: Callable[[Any], bool] | None = None, origin: Any = None) -> Any:
     """The answer to one logical request: from `cache` when it holds one (counted as a hit in `stats`), else
     `compute()` — which accounts for its own calls, retries and tokens — stored under the request's content address.
-    Every backend answers through here, so a rerun costs nothing whatever the backend."""
-    key = cache_key(kind, model, endpoint, request)
+    Every backend answers through here, so a rerun costs nothing whatever the backend.
+
+    usable: whether the stage can use an answer (e.g. it has the logprobs the simulator reads). An answer it cannot
+    use is returned (the caller fails that item with its own reason) but not stored, and a stored one is asked
+    again. An answer holding NaN or Infinity raises NonFiniteAnswerError (counted as a failure), never stored.
+    origin: the answering server's identity, part of the key (see `cache_key`)."""
+    key = cache_key(kind, model, endpoint, request, origin)
     if cache is not None:
-        hit, response = cache.lookup(key, stats)
-        if hit:
-            return response
+        entry = cache.get(key)
+        if entry is not None and (usable is None or usable(entry["response"])):
+            stats.add(cache_hits=1)
+            return entry["response"]
     response = compute()
-    if cache is not None:
-        cache.put(key, kind, model, endpoint, request, response)
+    where = non_finite_at(response)
+    if where is not None:
+        stats.add(failures=1)
+        raise NonFiniteAnswerError(
+            f"the {endpoint} answer holds a number JSON cannot represent (NaN or Infinity, at {where}); it is not "
+            "used or cached")
+    if cache is not None and (usable is None or usable(response)):
+        cache.put(key, kind, model, endpoint, request, response, origin)
     return response

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import numpy as np
 
-from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, SimulationPrompt
+from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, PromptTooLongError, SimulationPrompt
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.models import loadable, resolve_model, special_token_wrap
 
@@ -38,6 +38,36 @@ def load_causal_lm(model_name: str):
         return _causal_lm(model_name)
 
 
+@lru_cache(maxsize=8)
+def _tokenizer(model_name: str):
+    from transformers import AutoTokenizer
+
+    path, kwargs = loadable(resolve_model(model_name))
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(model_name: str):
+    """The model's tokenizer alone (enough to render and count prompts, e.g. for lineage, without the weights)."""
+    with _LOAD_LOCK:
+        return _tokenizer(model_name)
+
+
+def chat_prompt_text(tokenizer, messages: list[dict], assistant_prefix: str) -> str:
+    """The text the model reads for a chat: its chat template (a plain transcript for a base model), the
+    generation prompt, then the prefilled start of the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # a base model: a plain transcript
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+    return text + assistant_prefix
+
+
+def sent_chat_prompt(model_name: str, messages: list[dict], assistant_prefix: str) -> dict:
+    """What the in-process backend for `model_name` puts before the model for a chat (see
+    `LLMBackend.sent_prompt`); needs only the tokenizer."""
+    return {"text": chat_prompt_text(load_tokenizer(resolve_model(model_name).name), messages, assistant_prefix)}
+
+
 class LocalTransformersBackend(LLMBackend):
     """An in-process transformers causal LM (CPU or CUDA).
 
@@ -48,10 +78,11 @@ class LocalTransformersBackend(LLMBackend):
     KIND = "local-transformers"
 
     def __init__(self, model_name: str | None = None, cache: LLMCache | str | None = None,
-                 stats: LLMStats | None = None):
+                 stats: LLMStats | None = None, context_tokens: int | None = None):
         self.model_name = resolve_model(model_name).name
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
+        self.context_tokens = int(context_tokens) if context_tokens else None
 
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
         def timed() -> dict:
@@ -72,12 +103,37 @@ class LocalTransformersBackend(LLMBackend):
         return load_causal_lm(self.model_name)
 
     def chat_prompt_text(self, messages: list[dict], assistant_prefix: str) -> str:
-        _, tok = self._lm()
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # a base model: a plain transcript
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-        return text + assistant_prefix
+        return chat_prompt_text(load_tokenizer(self.model_name), messages, assistant_prefix)
+
+    def sent_prompt(self, messages: list[dict], assistant_prefix: str) -> dict:
+        """The chat-template text the model reads, ending in the prefilled `assistant_prefix`."""
+        return {"text": self.chat_prompt_text(messages, assistant_prefix)}
+
+    def context_window(self) -> int | None:
+        """The `context_tokens` setting, else the model's own limit (max_position_embeddings or the like)."""
+        if self.context_tokens:
+            return self.context_tokens
+        config = self._lm()[0].config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        limit = getattr(load_tokenizer(self.model_name), "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
+
+    def count_tokens(self, sent: Mapping, limit: int | None = None) -> int:
+        """Exact, by the model's tokenizer (a sent chat prompt, or {"prompt": text})."""
+        text = sent["text"] if "text" in sent else sent.get("prompt")
+        if not isinstance(text, str):
+            return super().count_tokens(sent, limit)
+        return len(load_tokenizer(self.model_name).encode(text, add_special_tokens=False))
+
+    def _check_length(self, tokens: int, max_tokens: int, what: str) -> None:
+        context = self.context_window()
+        if context is not None and tokens + max_tokens > context:
+            self.stats.add(failures=1)
+            raise PromptTooLongError(f"the {what} has {tokens} tokens plus {max_tokens} for the answer, more than "
+                                     f"the model's context of {context} tokens", context)
 
     def chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> Completion:
         request = {"messages": messages, "assistant_prefix": assistant_prefix, "max_tokens": int(max_tokens),
@@ -92,6 +148,7 @@ class LocalTransformersBackend(LLMBackend):
         model, tok = self._lm()
         text = self.chat_prompt_text(messages, assistant_prefix)
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        self._check_length(int(ids.shape[1]), int(max_tokens), "explainer prompt")
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
@@ -145,6 +202,7 @@ class LocalTransformersBackend(LLMBackend):
         ids, slots = self.encode_prompt(prompt)
         n, s = len(ids), len(slots)
         extra = ten_id is None and s > 0
+        self._check_length(n + (s if extra else 0), 0, "simulation prompt of this excerpt")
         with torch.inference_mode():
             if extra:
                 total = n + s

@@ -7,45 +7,70 @@ settings, the CLI and the Dagster resources then offer it with nothing else to c
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import LLMBackend
 from ndx_pipeline.core.llm.cache import LLMStats
-from ndx_pipeline.core.llm.local import LocalTransformersBackend
+from ndx_pipeline.core.llm.local import LocalTransformersBackend, sent_chat_prompt
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
+from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
+from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
 class LLMSpec:
-    """How to reach one LLM. `api_key` is the secret itself, read from the environment by the caller; it is handed
-    to the backend's client and nowhere else."""
+    """How to reach one LLM. `api_key_env` is the NAME of the environment variable holding the API key (None: no
+    key); the key is read from it when the backend is built, handed to the backend's client and nowhere else.
+    `context_tokens`: the model's context window (None: ask the model or server)."""
 
     backend: str = "local"
     model: str | None = None
     base_url: str | None = None
-    api_key: str | None = None
+    api_key_env: str | None = None
     server: str = "openai"
     max_concurrency: int = 4
     timeout_s: float = 120.0
     deadline_s: float = 600.0
     max_attempts: int = 8
+    context_tokens: int | None = None
 
-    def __repr__(self) -> str:  # never the key
+    def __repr__(self) -> str:
         return f"LLMSpec(backend={self.backend!r}, model={self.model!r}, base_url={self.base_url!r})"
 
 
+def api_key(spec: LLMSpec) -> str | None:
+    """The API key from the variable `spec.api_key_env` names (None when it names none). A value that is not a
+    variable name (a key pasted where its name goes) is refused without being repeated."""
+    name = spec.api_key_env
+    if not name:
+        return None
+    if not ENV_NAME.fullmatch(name):
+        raise NdxInputError("api_key_env must be the NAME of an environment variable that holds the API key (e.g. "
+                            "NDX_EXPLAINER_API_KEY), not the key itself; the value given is not shown here. A key "
+                            "typed into run config is stored with the run: revoke it.")
+    value = os.environ.get(name)
+    if not value:
+        raise NdxInputError(f"api_key_env names the environment variable {name}, which is not set where the run "
+                            "executes: set it there (or leave api_key_env empty for a server without keys).")
+    return value
+
+
 def _local(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
-    return LocalTransformersBackend(spec.model, cache=cache_dir, stats=stats)
+    return LocalTransformersBackend(spec.model, cache=cache_dir, stats=stats, context_tokens=spec.context_tokens)
 
 
 def _openai(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
     if not spec.base_url:
         raise NdxInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1).")
     retry = RetryPolicy(max_attempts=spec.max_attempts, timeout=spec.timeout_s, deadline=spec.deadline_s)
-    return OpenAICompatibleBackend(spec.base_url, spec.model, spec.api_key, cache=cache_dir, stats=stats,
-                                   server=spec.server, retry=retry, max_concurrency=spec.max_concurrency)
+    return OpenAICompatibleBackend(spec.base_url, spec.model, api_key(spec), cache=cache_dir, stats=stats,
+                                   server=spec.server, retry=retry, max_concurrency=spec.max_concurrency,
+                                   context_tokens=spec.context_tokens)
 
 
 BACKENDS: dict[str, Callable[[LLMSpec, os.PathLike | None, LLMStats | None], LLMBackend]] = {
@@ -60,3 +85,25 @@ def build_backend(spec: LLMSpec, cache_dir: os.PathLike | None = None, stats: LL
     if builder is None:
         raise NdxInputError(f"LLM backend {spec.backend!r} is not known (available: {', '.join(BACKENDS)}).")
     return builder(spec, cache_dir, stats)
+
+
+# How each backend sends a chat, by the kind its `name` starts with ("local:…", "openai-compatible:…"): lineage
+# rebuilds the sent prompt of a stored explanation from the template messages.
+SENT_PROMPTS: dict[str, Callable[[str, list[dict], str], dict]] = {
+    "local": sent_chat_prompt,
+    OPENAI_KIND: lambda model, messages, prefix: {"messages": chat_messages_for_api(messages, prefix)},
+}
+
+
+def rebuild_sent_prompt(backend_name: str | None, messages: list[dict],
+                        assistant_prefix: str) -> tuple[dict | None, str | None]:
+    """(the prompt as the backend named `backend_name` sent it, None) — or (None, why it cannot be rebuilt)."""
+    kind, _, model = (backend_name or "").partition(":")
+    build = SENT_PROMPTS.get(kind)
+    if build is None or not model:
+        return None, (f"the explainer {backend_name!r} is not a known backend, so the prompt it was sent cannot be "
+                      "rebuilt" if backend_name else "the explanation names no explainer")
+    try:
+        return build(model, messages, assistant_prefix), None
+    except Exception as exc:  # e.g. the tokenizer of a local model is not on this machine
+        return None, f"the prompt {backend_name} was sent cannot be rebuilt here: {str(exc).splitlines()[0][:200]}"

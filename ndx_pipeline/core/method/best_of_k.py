@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import CALIBRATION, SCORED_SPLITS, explanation_id
+from ndx_pipeline.core.contract import CALIBRATION, explanation_id
 from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.method.simulator import simulate_layer
@@ -41,16 +41,6 @@ def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: 
         frames.append(frame.with_columns(pl.Series("explanation_id", ids, dtype=pl.String),
                                          pl.lit(c, dtype=pl.Int32).alias("candidate")))
     return pl.concat(frames).sort(["layer", "neuron", "candidate"])
-
-
-def simulate_split(explanations: pl.DataFrame, excerpts: pl.DataFrame, backend, split: str, **kwargs) -> pl.DataFrame:
-    """`simulator.simulate_layer` on the excerpts of one split (it simulates the scored splits only, so the split
-    is relabelled for the call and restored in its output)."""
-    chosen = excerpts.filter(pl.col("split") == split)
-    if split not in SCORED_SPLITS:
-        chosen = chosen.with_columns(pl.lit(SCORED_SPLITS[0]).alias("split"))
-    sims = simulate_layer(explanations, chosen, backend, **kwargs)
-    return sims.with_columns(pl.lit(split).alias("split"))
 
 
 def no_calibration_scores() -> pl.DataFrame:
@@ -93,6 +83,6 @@ def select_best(candidates: pl.DataFrame, calibration: pl.DataFrame, simulator_b
     score) and choose one per neuron. Returns (candidates with calibration_score / calibration_status / selected,
     the calibration simulations)."""
     ok = candidates.filter(pl.col("status") == "ok")
-    sims = simulate_split(ok, calibration, simulator_backend, CALIBRATION, **simulate_kwargs)
-    scores = score_layer(sims, ok) if len(ok) else no_calibration_scores()
+    sims = simulate_layer(ok, calibration, simulator_backend, splits=(CALIBRATION,), **simulate_kwargs)
+    scores = score_layer(sims, ok, splits=(CALIBRATION,)) if len(ok) else no_calibration_scores()
     return choose(candidates, scores), sims

@@ -1,24 +1,27 @@
 """The explainer: a prompt that shows a neuron's top excerpts as token⇥activation lines, and the parsing of the one
 phrase the LLM writes back.
 
-Under the excerpts a line lists the strongest tokens ("Strongest tokens: ..."): measured on the bundled 135M model
-(benchmarks/prompts.py), it cannot find the high values among hundreds of lines by itself, but it can name a token
-it is shown. The answer is completed after the lead-in `LEAD_IN` and stored without it.
+Under the excerpts a line lists the strongest tokens ("Strongest tokens: ..."; `digest=False` leaves it out):
+measured on the bundled 135M model (benchmarks/prompts.py), it cannot find the high values among hundreds of lines
+by itself, but it can name a token it is shown. The answer is completed after the lead-in `LEAD_IN` and stored
+without it.
+
+The prompt is fitted to the explainer's context window (`fit_prompt`): the zero-activation repeat goes first, then
+excerpts from the weakest end, then the last excerpt is cut around its peak; the row says what was left out
+(`excerpts_shown`, `prompt_fitted`) and its `prompt_sha256` is the hash of the prompt as the backend sent it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
-from ndx_pipeline.core.llm.backend import RecordableLLMError
+from ndx_pipeline.core.llm.backend import PromptTooLongError, RecordableLLMError, sent_prompt_sha256
 from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
 from ndx_pipeline.core.progress import Progress
 
@@ -27,12 +30,12 @@ SPARSE_FRACTION = 0.2  # below this share of non-zero values, the excerpts are r
 MAX_EXPLANATION_TOKENS = 60
 TEMPERATURE = 1.0
 
+SYSTEM_DIGEST = "Below the excerpts, the tokens with the highest values are listed again. "  # only with the digest
 SYSTEM = (
     "You are looking inside a language model at one neuron, a unit that fires on some pattern in text. You will see "
     "short excerpts of text, one token per line. After each token comes a tab and how strongly the neuron fires on "
-    "that token, an integer from 0 (not at all) to 10 (as strongly as it ever does here). Below the excerpts, the "
-    "tokens with the highest values are listed again. Finish the sentence about the neuron with a few words naming "
-    "the tokens, or the kind of tokens, that make it fire."
+    f"that token, an integer from 0 (not at all) to 10 (as strongly as it ever does here). {SYSTEM_DIGEST}Finish the "
+    "sentence about the neuron with a few words naming the tokens, or the kind of tokens, that make it fire."
 )
 DIGEST_SIZE = 5  # tokens listed under the excerpts
 DIGEST_FRACTION = 0.5  # only tokens reaching this share of the strongest activation are listed
@@ -80,15 +83,29 @@ FEW_SHOTS = (
 )
 
 
-def neuron_block(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], max_activation: float | None = None) -> str:
-    """All excerpts of one neuron on the common 0–10 scale, repeated without zero lines when activity is sparse."""
+def _scaled(excerpts, max_activation: float | None) -> list:
     if max_activation is None:
         max_activation = max((max(a, default=0.0) for _, a in excerpts), default=0.0)
-    shown = [display_scale(acts, max_activation) for _, acts in excerpts]
-    blocks = [excerpt_block(toks, s) for (toks, _), s in zip(excerpts, shown)]
+    return [display_scale(acts, max_activation) for _, acts in excerpts]
+
+
+def _sparse(shown: list) -> bool:
     values = [v for s in shown for v in s]
-    text = "\n".join(blocks)
-    if values and sum(1 for v in values if v) < SPARSE_FRACTION * len(values):
+    return bool(values) and sum(1 for v in values if v) < SPARSE_FRACTION * len(values)
+
+
+def has_repeat(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> bool:
+    """Whether `neuron_block` repeats these excerpts without their zero lines (activity is sparse)."""
+    return _sparse(_scaled(excerpts, None))
+
+
+def neuron_block(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], max_activation: float | None = None,
+                 repeat: bool = True) -> str:
+    """All excerpts of one neuron on the common 0–10 scale, repeated without zero lines when activity is sparse
+    (and `repeat`)."""
+    shown = _scaled(excerpts, max_activation)
+    text = "\n".join(excerpt_block(toks, s) for (toks, _), s in zip(excerpts, shown))
+    if repeat and _sparse(shown):
         sparse = [excerpt_block(toks, s, skip_zeros=True) for (toks, _), s in zip(excerpts, shown)]
         text += "\n\nThe same excerpts again, listing only the tokens where the neuron fires:\n" + "\n".join(sparse)
     return text
@@ -132,29 +149,174 @@ def digest(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> str:
     return f"Strongest tokens: {listed or '(none)'}"
 
 
-def _user_message(number: int, excerpts) -> str:
-    return f"Neuron {number}\nActivations:\n{neuron_block(excerpts)}\n\n{digest(excerpts)}"
+def _user_message(number: int, excerpts, digest_line: bool = True, repeat: bool = True) -> str:
+    text = f"Neuron {number}\nActivations:\n{neuron_block(excerpts, repeat=repeat)}"
+    return f"{text}\n\n{digest(excerpts)}" if digest_line else text
 
 
-def explainer_messages(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list[dict]:
-    """Chat messages for one neuron. The assistant's answer is to be continued from `LEAD_IN`."""
-    messages = [{"role": "system", "content": SYSTEM}]
+def explainer_messages(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], digest: bool = True,
+                       repeat: bool = True) -> list[dict]:
+    """Chat messages for one neuron. The assistant's answer is to be continued from `LEAD_IN`. digest: list the
+    strongest tokens under the excerpts (and say so in the system message); repeat: the zero-activation repeat of
+    sparse excerpts (the few-shot examples keep theirs)."""
+    system = SYSTEM if digest else SYSTEM.replace(SYSTEM_DIGEST, "")
+    messages = [{"role": "system", "content": system}]
     for i, shot in enumerate(FEW_SHOTS, start=1):
-        messages.append({"role": "user", "content": _user_message(i, shot.excerpts)})
+        messages.append({"role": "user", "content": _user_message(i, shot.excerpts, digest)})
         messages.append({"role": "assistant", "content": f"{LEAD_IN} {shot.explanation}."})
-    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, excerpts)})
+    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, excerpts, digest, repeat)})
     return messages
 
 
 def prompt_sha256(messages: list[dict], assistant_prefix: str = LEAD_IN) -> str:
-    """A stable hash of exactly what the explainer was shown."""
-    payload = json.dumps({"messages": messages, "assistant_prefix": assistant_prefix}, sort_keys=True,
-                         ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    """The hash of the template messages with the prefilled lead-in: what a backend that sends them as they are
+    (the default `LLMBackend.sent_prompt`) sends. Rows store the hash of what their backend sent."""
+    return sent_prompt_sha256({"messages": messages, "assistant_prefix": assistant_prefix})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting the prompt to the context window
+
+MIN_CUT = 8  # the shortest an excerpt is cut to before the prompt is given up as too long
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """What of a neuron's `total` explain excerpts a prompt shows: the first `excerpts` (strongest first), with the
+    zero-activation repeat or not, each cut to `cut` tokens around its peak or whole."""
+
+    excerpts: int
+    total: int
+    repeat: bool = True
+    cut: int | None = None
+
+    def apply(self, excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> list:
+        shown = list(excerpts[: self.excerpts])
+        return [cut_excerpt(toks, acts, self.cut) for toks, acts in shown] if self.cut else shown
+
+    def messages(self, excerpts, digest: bool = True) -> list[dict]:
+        return explainer_messages(self.apply(excerpts), digest, self.repeat)
+
+    def describe(self, excerpts, context: int | None = None) -> str | None:
+        """What was left out, in words (None: nothing); `parse` reads it back."""
+        parts = []
+        if not self.repeat and has_repeat(self.apply(excerpts)):
+            parts.append("the zero-activation repeat left out")
+        if self.excerpts < self.total:
+            first = self.excerpts + 1
+            parts.append(f"excerpt {first} of {self.total} left out" if first == self.total else
+                         f"excerpts {first}–{self.total} of {self.total} left out")
+        if self.cut:
+            parts.append(f"excerpts cut to {self.cut} tokens around their peak")
+        if not parts:
+            return None
+        return "; ".join(parts) + (f" (to fit a context of {context} tokens)" if context else "")
+
+    @classmethod
+    def parse(cls, text: str | None, excerpts_shown: int | None, total: int) -> PromptFit:
+        """The fit a row describes (`prompt_fitted`, `excerpts_shown`; rows from before fitting have neither)."""
+        text = text or ""
+        cut = re.search(r"cut to (\d+) tokens", text)
+        shown = total if excerpts_shown is None else min(int(excerpts_shown), total)
+        return cls(shown, total, "repeat left out" not in text, int(cut.group(1)) if cut else None)
+
+
+def cut_excerpt(tokens: Sequence[str], acts: Sequence[float], length: int) -> tuple[list, list]:
+    """`length` tokens of an excerpt around its strongest activation."""
+    tokens, acts = list(tokens), list(acts)
+    if len(tokens) <= length:
+        return tokens, acts
+    peak = max(range(len(acts)), key=lambda i: acts[i])
+    start = max(0, min(peak - length // 2, len(tokens) - length))
+    return tokens[start:start + length], acts[start:start + length]
+
+
+def candidate_fits(excerpts) -> Iterator[PromptFit]:
+    """Ever smaller prompts: all, no repeat, fewer excerpts from the end, then the first one cut shorter."""
+    total = len(excerpts)
+    yield PromptFit(total, total)
+    if has_repeat(excerpts):
+        yield PromptFit(total, total, repeat=False)
+    for n in range(total - 1, 0, -1):
+        yield PromptFit(n, total, repeat=False)
+    cut = len(excerpts[0][0]) // 2 if excerpts else 0
+    while cut >= MIN_CUT:
+        yield PromptFit(1, total, repeat=False, cut=cut)
+        cut //= 2
+
+
+def fit_prompt(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS,
+               digest: bool = True) -> tuple[list[dict], PromptFit, dict]:
+    """(messages, fit, the prompt as `backend` sends it): the largest prompt of `candidate_fits` whose tokens and
+    `max_tokens` of answer fit the backend's context window (everything when the window is not known). Raises
+    PromptTooLongError when even the smallest does not fit."""
+    context = backend.context_window()
+    needed, fit = None, None
+    for fit in candidate_fits(excerpts):
+        messages = fit.messages(excerpts, digest)
+        sent = backend.sent_prompt(messages, LEAD_IN)
+        if context is None:
+            return messages, fit, sent
+        needed = backend.count_tokens(sent, limit=context - max_tokens)
+        if needed + max_tokens <= context:
+            return messages, fit, sent
+    raise PromptTooLongError(
+        f"the explainer prompt does not fit the model's context of {context} tokens: even with one excerpt of "
+        f"{fit.cut or len(excerpts[0][0])} tokens it needs about {needed} tokens plus {max_tokens} for the answer",
+        context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The answer
 
 
 class ExplanationParseError(ValueError):
     pass
+
+
+# Words after which a dot does not end a sentence. "etc." does, before a word that starts a new one.
+ABBREVIATIONS = frozenset({"e.g", "i.e", "etc", "vs", "cf", "a.k.a", "aka", "approx", "incl", "esp", "resp", "viz",
+                           "mr", "mrs", "dr"})
+SENTENCE_STARTS = frozenset({"It", "Its", "This", "These", "That", "Those", "The", "They", "There", "In", "Also",
+                             "However", "He", "She", "We", "I", "A", "An", "For", "When", "If", "Note"})
+_CANDIDATE_END = re.compile(r"\.\s+(?=[\"'“(]?[A-Z])")
+
+
+def _ends_sentence(text: str, dot: int) -> bool:
+    """Whether the dot at `dot` (followed by a space and a capital) ends a sentence."""
+    word = re.search(r"(\S*)$", text[:dot]).group(1).lstrip("(\"'“")
+    following = re.match(r"\s+[\"'“(]?([A-Za-z]+)(\.?)", text[dot + 1:])
+    next_word, next_dot = (following.group(1), following.group(2)) if following else ("", "")
+    lowered = word.lower()
+    if lowered == "etc":
+        return next_word in SENTENCE_STARTS
+    if lowered in ABBREVIATIONS:
+        return False
+    if re.fullmatch(r"(?:[A-Za-z]\.)+[A-Za-z]", word):  # U.S, e.g, a.k.a
+        return False
+    if re.fullmatch(r"[A-Z]", word) and (len(next_word) == 1 and next_dot or  # initials: J. K. Rowling
+                                         re.search(r"(?:^|\s)[A-Z]\.\s+$", text[:dot - 1])):
+        return False
+    return True
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to the dot that ends its first sentence, that dot included (abbreviations, initials, decimals
+    and file extensions do not end one)."""
+    for match in _CANDIDATE_END.finditer(text):
+        if _ends_sentence(text, match.start()):
+            return text[:match.start() + 1]
+    return text
+
+
+def _strip_final_dot(text: str) -> str:
+    """Without the final dot, unless it belongs to an abbreviation ("etc.", "U.S.")."""
+    if not text.endswith("."):
+        return text
+    word = re.search(r"(\S*)\.$", text).group(1).lstrip("(\"'“").lower()
+    if word in ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)+[a-z]", word):
+        return text
+    return text.rstrip(".").strip()
 
 
 def parse_explanation(completion: str) -> str:
@@ -164,10 +326,10 @@ def parse_explanation(completion: str) -> str:
     if text.lower().startswith(LEAD_IN.lower()):
         text = text[len(LEAD_IN):].strip()
     text = text.split("\n", 1)[0].strip()
-    text = re.split(r"\.\s+(?=[A-Z])", text, maxsplit=1)[0].strip()
+    text = first_sentence(text).strip()
     if len(text) >= 2 and text[0] == text[-1] == '"' and text.count('"') == 2:
         text = text[1:-1].strip()
-    text = text.rstrip(".").strip()
+    text = _strip_final_dot(text)
     if not text:
         raise ExplanationParseError("the explainer returned no text after the lead-in")
     if "<start>" in text or "<end>" in text or "\t" in text:
@@ -181,28 +343,49 @@ def neuron_seed(seed: int, layer: int, neuron: int) -> int:
     return (seed * 1_000_003 + layer * 65_537 + neuron) % (2**31)
 
 
-def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
-                  seed: int = 0, on_neuron=None, progress: Progress | None = None):
-    """One explanation per neuron from its `explain` excerpts, at the backend's concurrency.
+def chat_fitted(excerpts, backend, row: dict, max_tokens: int, temperature: float, seed: int,
+                digest: bool = True):
+    """The backend's answer to the neuron's prompt fitted to its context; fills `row`'s prompt_sha256 (of the sent
+    prompt), excerpts_shown and prompt_fitted. A server that tells its context only by refusing a prompt gets the
+    prompt fitted to what it said, once."""
+    for attempt in range(2):
+        row.update(prompt_sha256=None, excerpts_shown=None, prompt_fitted=None)  # nothing sent yet
+        context = backend.context_window()
+        messages, fit, sent = fit_prompt(excerpts, backend, max_tokens, digest)
+        row.update(prompt_sha256=sent_prompt_sha256(sent), excerpts_shown=fit.excerpts,
+                   prompt_fitted=fit.describe(excerpts, context))
+        try:
+            return backend.chat(messages, LEAD_IN, max_tokens, temperature, seed)
+        except PromptTooLongError:
+            if attempt or backend.context_window() in (None, context):
+                raise
 
-    A neuron whose call fails (after the backend's retries) or whose answer cannot be parsed gets status `failed`
-    and the reason; the others go on. `on_neuron(row)` is called as each neuron finishes. For k candidates per
-    neuron see `best_of_k.explain_candidates` (its candidate 0 is exactly this explanation).
+
+def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                  seed: int = 0, on_neuron=None, progress: Progress | None = None, digest: bool = True):
+    """One explanation per neuron from its `explain` excerpts, at the backend's concurrency, each prompt fitted
+    to the backend's context window (`fit_prompt`; the row's excerpts_shown and prompt_fitted say what was left
+    out). digest: the "Strongest tokens" line under the excerpts.
+
+    A neuron whose call fails (after the backend's retries), whose prompt cannot fit, or whose answer cannot be
+    parsed gets status `failed` and the reason; the others go on. `on_neuron(row)` is called as each neuron
+    finishes. For k candidates per neuron see `best_of_k.explain_candidates` (its candidate 0 is exactly this
+    explanation).
     """
     explain = excerpts.filter(pl.col("split") == EXPLAIN).sort(["layer", "neuron", "rank"])
     jobs = []
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
-        shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
-        jobs.append((int(layer), int(neuron), explainer_messages(shown)))
+        jobs.append((int(layer), int(neuron), list(zip(group["tokens"].to_list(), group["activations"].to_list()))))
 
     def run(job):
-        layer, neuron, messages = job
+        layer, neuron, shown = job
         started = time.perf_counter()
         row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron),
-               "explainer": backend.name, "prompt_sha256": prompt_sha256(messages), "explanation": None,
-               "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None}
+               "explainer": backend.name, "prompt_sha256": None, "explanation": None, "status": "ok",
+               "error": None, "prompt_tokens": None, "completion_tokens": None}
         try:
-            completion = backend.chat(messages, LEAD_IN, max_tokens, temperature, neuron_seed(seed, layer, neuron))
+            completion = chat_fitted(shown, backend, row, max_tokens, temperature, neuron_seed(seed, layer, neuron),
+                                     digest)
             row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
             row["explanation"] = parse_explanation(completion.text)
         except (ExplanationParseError, RecordableLLMError) as exc:

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 
 import polars as pl
 
+from ndx_pipeline.core.contract import CALIBRATION, SCORED_SPLITS
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.method.simulator import SIMULATOR_MODES, simulate_layer
 from ndx_pipeline.core.progress import Progress
@@ -38,17 +39,20 @@ class Scorer(ABC):
 
 
 class SimulationScorer(Scorer):
-    """Simulate, then correlate (Bills et al. 2023): `mode` all_at_once (prompt logprobs) or json (chat models)."""
+    """Simulate, then correlate (Bills et al. 2023): `mode` all_at_once (prompt logprobs) or json (chat models).
+    `calibrated`: also simulate the calibration excerpts, from which `score` fits the line that maps simulated
+    values onto true activations (the calibrated explained variance beside the correlation)."""
 
     name = "simulation"
 
-    def __init__(self, mode: str = "all_at_once"):
+    def __init__(self, mode: str = "all_at_once", calibrated: bool = False):
         if mode not in SIMULATOR_MODES:
             raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
-        self.mode = mode
+        self.mode, self.calibrated = mode, calibrated
 
     def judge(self, explanations, excerpts, backend, progress=None):
-        return simulate_layer(explanations, excerpts, backend, mode=self.mode, progress=progress)
+        splits = (*SCORED_SPLITS, CALIBRATION) if self.calibrated else SCORED_SPLITS
+        return simulate_layer(explanations, excerpts, backend, mode=self.mode, progress=progress, splits=splits)
 
     def score(self, judgements, explanations):
         return score_layer(judgements, explanations)

@@ -62,21 +62,82 @@ def absolute_dev_explained(true_excerpts, simulated_excerpts) -> float:
     return float(1 - np.mean(np.abs(r - p)) / denom) if denom > 0 else float("nan")
 
 
-def score_layer(simulations, explanations, baselines=None):
-    """One row per explained neuron: pooled score over score_top + score_random, and over each split alone.
+@dataclass(frozen=True)
+class Calibration:
+    """A least-squares line from simulated to true activations, fitted on a neuron's calibration excerpts (which
+    neither the explainer nor the scoring sees); `apply` maps simulated values onto the true scale."""
+
+    slope: float
+    intercept: float
+    status: str
+
+    def apply(self, simulated) -> np.ndarray:
+        return self.slope * _flatten(simulated) + self.intercept
+
+
+CALIBRATION_NO_TOKENS = "undefined: no calibration excerpts were simulated"
+CALIBRATION_CONSTANT = "ok: simulated activations constant on the calibration excerpts (mapped to their mean)"
+
+
+def fit_calibration(true_excerpts, simulated_excerpts) -> Calibration:
+    """The line true ≈ slope · simulated + intercept that minimises the squared error over all pooled tokens (the
+    reference's linear calibrated simulator). A constant simulation maps to the true mean."""
+    r, p = _flatten(true_excerpts), _flatten(simulated_excerpts)
+    if r.shape != p.shape:
+        raise ValueError(f"true ({r.size} tokens) and simulated ({p.size} tokens) activations differ in length.")
+    if r.size == 0:
+        return Calibration(float("nan"), float("nan"), CALIBRATION_NO_TOKENS)
+    pc = p - p.mean()
+    if not (pc * pc).sum() > 0:
+        return Calibration(0.0, float(r.mean()), CALIBRATION_CONSTANT)
+    slope = float((pc * (r - r.mean())).sum() / (pc * pc).sum())
+    return Calibration(slope, float(r.mean() - slope * p.mean()), STATUS_OK)
+
+
+def explained_variance(true_excerpts, predicted_excerpts) -> float:
+    """1 − Σ(r − p)² / Σ(r − r̄)², pooled: the share of the true activations' variance the prediction explains
+    (NaN when the true activations are constant)."""
+    r, p = _flatten(true_excerpts), _flatten(predicted_excerpts)
+    rc = r - r.mean() if r.size else r
+    denom = float((rc * rc).sum())
+    return float(1 - ((r - p) ** 2).sum() / denom) if denom > 0 else float("nan")
+
+
+def _calibrated(row: dict, sims: pl.DataFrame, scored_true, scored_sim) -> None:
+    """Fit the calibration on the neuron's calibration rows and add the calibrated metrics to `row`."""
+    cal = sims.filter(pl.col("split") == contract.CALIBRATION)
+    failed = cal.filter(pl.col("status") != STATUS_OK) if "status" in cal.columns else cal.clear()
+    if len(failed):
+        fit = Calibration(float("nan"), float("nan"),
+                          f"failed: {len(failed)} of {len(cal)} calibration simulations failed")
+    else:
+        fit = fit_calibration(cal["true_activations"].to_list(), cal["simulated_activations"].to_list())
+    predicted = [fit.apply(s) for s in scored_sim]
+    row.update(calibrated_ev=explained_variance(scored_true, predicted), rsquared=rsquared(scored_true, predicted),
+               absolute_dev_explained=absolute_dev_explained(scored_true, predicted),
+               calibration_slope=fit.slope, calibration_intercept=fit.intercept, calibration_status=fit.status)
+
+
+def score_layer(simulations, explanations, baselines=None, splits=contract.SCORED_SPLITS):
+    """One row per explained neuron: the pooled score over the excerpts of `splits` (score_top + score_random),
+    and over each scored split alone; then, from the calibration rows of the same simulations, the calibrated
+    explained variance (and the reference's rsquared / absolute deviation explained, on calibrated predictions).
 
     When `explanations` holds best-of-k candidates (a boolean `selected` column), only the selected one of each
     neuron is scored. baselines: {name: score_layer output of a baseline} adds a Float64 column `baseline_<name>`
-    per baseline (NaN where that baseline has no score for the neuron); see `baselines.with_baselines`."""
+    per baseline (NaN where that baseline has no score for the neuron), see `with_baselines`."""
     explanations = contract.kept(explanations)
+    undefined = {k: float("nan") for k in ("score", "score_top", "score_random", "calibrated_ev", "rsquared",
+                                           "absolute_dev_explained", "calibration_slope", "calibration_intercept")}
     rows = []
     for expl in explanations.sort(["layer", "neuron"]).iter_rows(named=True):
         row = {"layer": expl["layer"], "neuron": expl["neuron"], "explanation_id": expl["explanation_id"],
                "explanation": expl["explanation"]}
-        sims = simulations.filter(pl.col("explanation_id") == expl["explanation_id"])
-        failed = sims.filter(pl.col("status") != "ok") if "status" in sims.columns else sims.clear()
+        mine = simulations.filter(pl.col("explanation_id") == expl["explanation_id"])
+        sims = mine.filter(pl.col("split").is_in(list(splits)))
+        failed = sims.filter(pl.col("status") != STATUS_OK) if "status" in sims.columns else sims.clear()
         reason = None
-        if expl["status"] != "ok":
+        if expl["status"] != STATUS_OK:
             reason = f"failed: explanation failed ({expl.get('error') or 'no reason given'})"
         elif sims.is_empty():
             reason = "failed: no simulations"
@@ -85,9 +146,8 @@ def score_layer(simulations, explanations, baselines=None):
             reason = (f"failed: {len(failed)} of {len(sims)} simulations failed "
                       f"({failed['error'][0] or 'no reason given'})")
         if reason:
-            row.update(score=float("nan"), score_top=float("nan"), score_random=float("nan"),
-                       rsquared=float("nan"), absolute_dev_explained=float("nan"), status=reason, scored_tokens=0)
-            rows.append(row)
+            rows.append({**row, **undefined, "status": reason, "scored_tokens": 0,
+                         "calibration_status": "undefined: not scored"})
             continue
         true, sim = sims["true_activations"].to_list(), sims["simulated_activations"].to_list()
         pooled = pooled_correlation(true, sim)
@@ -96,9 +156,9 @@ def score_layer(simulations, explanations, baselines=None):
             part = sims.filter(pl.col("split") == split)
             parts[split] = pooled_correlation(part["true_activations"].to_list(),
                                               part["simulated_activations"].to_list()).value
-        row.update(score=pooled.value, score_top=parts["score_top"], score_random=parts["score_random"],
-                   rsquared=rsquared(true, sim), absolute_dev_explained=absolute_dev_explained(true, sim),
+        row.update(score=pooled.value, score_top=parts[contract.SCORE_TOP], score_random=parts[contract.SCORE_RANDOM],
                    status=pooled.status, scored_tokens=int(sum(len(t) for t in true)))
+        _calibrated(row, mine, true, sim)
         rows.append(row)
     frame = contract.frame(rows, contract.SCORE_SCHEMA)
     return with_baselines(frame, baselines) if baselines else frame

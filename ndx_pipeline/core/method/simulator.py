@@ -78,15 +78,16 @@ def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once
 
 
 def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = "all_at_once",
-                   progress: Progress | None = None):
+                   progress: Progress | None = None, splits: Sequence[str] = SCORED_SPLITS):
     """Simulate every scored excerpt of every neuron whose explanation is `ok` (one forward pass or request per
     excerpt, at the backend's concurrency). An excerpt whose call or answer fails gets status `failed`, an empty
     prediction and the reason; the others go on. `on_neuron(explanation_row)` is called as each neuron finishes;
-    `progress` counts excerpts."""
+    `progress` counts excerpts. `splits`: which excerpts (the scored ones by default; calibration too when the
+    score is to be calibrated)."""
     if mode not in SIMULATOR_MODES:
         raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
     ok = usable(explanations)  # best-of-k candidates: only the kept one is scored
-    scored = excerpts.filter(pl.col("split").is_in(list(SCORED_SPLITS)))
+    scored = excerpts.filter(pl.col("split").is_in(list(splits)))
     jobs = []
     for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
         mine = scored.filter((pl.col("layer") == expl["layer"]) & (pl.col("neuron") == expl["neuron"]))

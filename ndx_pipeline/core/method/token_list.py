@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, frame, token_list_explanation_id
-from ndx_pipeline.core.llm.backend import RecordableLLMError
+from ndx_pipeline.core.llm.backend import RecordableLLMError, sent_prompt_sha256
 from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,
@@ -24,7 +24,6 @@ from ndx_pipeline.core.method.explainer import (
     ExplanationParseError,
     neuron_seed,
     parse_explanation,
-    prompt_sha256,
     shown_token,
     token_list_text,
 )
@@ -92,7 +91,8 @@ def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TO
             row.update(explanation=template_explanation(tokens), explainer=TEMPLATE_EXPLAINER)
         else:
             messages = token_list_messages(tokens)
-            row.update(explainer=f"token-list:{backend.name}", prompt_sha256=prompt_sha256(messages))
+            row.update(explainer=f"token-list:{backend.name}",
+                       prompt_sha256=sent_prompt_sha256(backend.sent_prompt(messages, LEAD_IN)))
             try:
                 completion = backend.chat(messages, LEAD_IN, max_tokens, temperature,
                                           neuron_seed(seed + SEED_OFFSET, layer, neuron))

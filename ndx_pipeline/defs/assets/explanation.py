@@ -9,7 +9,7 @@ import polars as pl
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
     GROUP,
     LLM_POOL,
@@ -79,12 +79,15 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                       **llm_accounting(backend, before, started))
             out.check(c.EXPLANATIONS, "every_neuron_explained", layer,
                       validation.every_neuron_explained(frame, excerpts))
+            out.check(c.EXPLANATIONS, FAILURES, layer, validation.failure_share(kept, "explanations"))
             base = made.baseline_explanations
             out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines),
                       failed=int((base["status"] != "ok").sum()), token_list_explainer=quality.token_list_explainer,
                       prompt_template_sha=PROMPT_SHAS["token_list"])
             out.check(c.BASELINE_EXPLANATIONS, "baselines_explained", layer,
                       validation.baselines_explained(base, excerpts, quality.simulated_baselines))
+            out.check(c.BASELINE_EXPLANATIONS, FAILURES, layer,
+                      validation.failure_share(base, "baseline explanations", blocking=False))
             cal = made.calibration_simulations
             out.write(c.CALIBRATION_SIMULATIONS, cal, layer, candidates_per_neuron=k,
                       failed_excerpts=int((cal["status"] != "ok").sum()),

@@ -2,15 +2,16 @@
 on the same excerpts."""
 
 import dagster as dg
+import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import viewer_dir
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import GROUP, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
-from ndx_pipeline.defs.metadata import baseline_metadata, neuron_table, score_histogram
+from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, neuron_table, score_histogram
 from ndx_pipeline.defs.partitions import layers
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
@@ -46,6 +47,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
                   mean_score=float(valid.mean()) if len(valid) else float("nan"),
                   median_score=float(valid.median()) if len(valid) else float("nan"),
                   undefined_or_failed=len(frame) - len(valid),
+                  mean_calibrated_ev=finite_mean(frame["calibrated_ev"]),
                   score_histogram=dg.MetadataValue.md(score_histogram(frame["score"])),
                   top_10_neurons=neuron_table(frame, best=True), bottom_10_neurons=neuron_table(frame, best=False),
                   explainer=_names(expl["explainer"]), simulator=_names(sims["simulator"]),
@@ -56,4 +58,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
                   **({"note": BUNDLED_MODEL_NOTE} if any(is_bundled(s) for s in simulators) else {}),
                   neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path()) / "index.html")))
         out.check(c.SCORES, "scores_valid", layer, validation.scores_valid(frame))
+        out.check(c.SCORES, FAILURES, layer, validation.failure_share(
+            frame.with_columns(pl.when(pl.col("score").is_nan()).then(pl.lit("undefined")).otherwise(pl.lit("ok"))
+                               .alias("status")), "neurons' scores (undefined or failed)"))
     return out.result(c.SCORES)

@@ -8,7 +8,7 @@ import dagster as dg
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import GROUP, LLM_POOL, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
 from ndx_pipeline.defs.metadata import llm_accounting
 from ndx_pipeline.defs.partitions import layers
@@ -47,10 +47,13 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
                       prompt_template_sha=PROMPT_SHAS["simulator"], failed_excerpts=int((ours["status"] != "ok").sum()),
                       **llm_accounting(backend, before, started))
             out.check(c.SIMULATIONS, "simulations_well_formed", layer, validation.simulations_well_formed(ours))
+            out.check(c.SIMULATIONS, FAILURES, layer, validation.failure_share(ours, "simulated excerpts"))
             out.write(c.BASELINE_SIMULATIONS, theirs, layer, excerpts=len(theirs), simulator=backend.name,
                       failed_excerpts=int((theirs["status"] != "ok").sum()))
             out.check(c.BASELINE_SIMULATIONS, "baseline_simulations_well_formed", layer,
                       validation.simulations_well_formed(theirs))
+            out.check(c.BASELINE_SIMULATIONS, FAILURES, layer,
+                      validation.failure_share(theirs, "baseline excerpts", blocking=False))
     finally:
         backend.close()
     yield from out.results(c.SIMULATIONS, c.BASELINE_SIMULATIONS)

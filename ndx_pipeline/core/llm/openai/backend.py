@@ -10,8 +10,13 @@
 - JSON-constrained chat (`chat_json`), for the JSON simulator of chat-only models: the method builds the prompt
   and the schema and parses the answer (`core/method/simulator_json.py`); this module only knows how each server
   takes a schema (`JSON_MODES`) and which tokens llama.cpp's schema converter cannot pin (`grammar_safe`).
-- Every request goes through the content-addressed cache (`cache.cached_call`) and the retry loop
-  (`transport.call_with_retries`); the backend also bounds its in-flight requests (`max_concurrency`).
+- Every request goes through the content-addressed cache (`cache.cached_call`, keyed by the server's identity
+  too: its normalised base URL and kind) and the retry loop (`transport.call_with_retries`); only answers the
+  stage can use are cached. The backend also bounds its in-flight requests (`max_concurrency`).
+- Context: the window is the `context_tokens` setting, else what the server says (vLLM's `/v1/models`
+  `max_model_len`, llama.cpp's `/props`), else what it says when it refuses a prompt as too long (llama-cpp-python
+  says nothing before). Prompts are counted by the server where it can (llama-cpp-python's `/extras/tokenize/count`,
+  vLLM's `/tokenize`) when an upper estimate does not already fit; one that cannot fit is never sent.
 
 The API key is handed to the `openai` client and nowhere else: not in `name`, cache keys or entries, log lines or
 exception messages (those are redacted in case a server echoes it).
@@ -22,28 +27,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ndx_pipeline.core.llm.backend import VALUES, Completion, ExcerptSimulationError, LLMBackend, SimulationPrompt
+from ndx_pipeline.core.llm.backend import (
+    MESSAGE_OVERHEAD,
+    VALUES,
+    Completion,
+    ExcerptSimulationError,
+    LLMBackend,
+    PromptTooLongError,
+    SimulationPrompt,
+    estimate_tokens,
+    sent_prompt_sha256,
+)
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.llm.openai.logprobs import (
     LOGPROB_ALIGNMENTS,
     LogprobsUnavailableError,
     NoValueCandidatesError,
+    has_echoed_logprobs,
+    has_top_logprobs,
     slot_candidates,
     ten_layout,
     values_from_candidates,
 )
 from ndx_pipeline.core.llm.openai.transport import (
+    LLMRejectedError,
     LLMRequestError,
     MalformedResponseError,
     RateGate,
     RetryPolicy,
     call_with_retries,
+    context_limit_in,
     redact_secret,
 )
 
@@ -72,6 +94,15 @@ def chat_messages_for_api(messages: list[dict], assistant_prefix: str) -> list[d
     else:
         messages.insert(0, {"role": "system", "content": instruction})
     return messages
+
+
+def has_content(response: dict) -> bool:
+    """Whether a chat answer carries text (only such answers are cached)."""
+    try:
+        content = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return False
+    return isinstance(content, str) and bool(content.strip())
 
 
 def continuation_after(text: str, prefix: str) -> str:
@@ -115,6 +146,59 @@ def response_format(mode: str, schema: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The server's identity and what it can tell
+
+
+def normalize_base_url(base_url: str) -> str:
+    """The server a base URL names, as one string: scheme and host in lower case, default port, user name,
+    password, query and trailing slash dropped (so no credential written into a URL reaches a cache key)."""
+    parts = urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    return urlunsplit((scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+# Where a model's context window is written in a `/v1/models` entry: vLLM, LM Studio, others.
+MODEL_CONTEXT_FIELDS = ("max_model_len", "context_length", "max_context_length", "context_window")
+
+
+def context_from_models(data: Mapping, model: str) -> int | None:
+    """The context window a `/v1/models` answer gives for `model` (or for its only model), or None."""
+    entries = [e for e in (data.get("data") or []) if isinstance(e, Mapping)]
+    entry = next((e for e in entries if e.get("id") == model), entries[0] if len(entries) == 1 else None)
+    for name in MODEL_CONTEXT_FIELDS:
+        value = (entry or {}).get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_from_props(data: Mapping) -> int | None:
+    """The context window llama.cpp's server gives at `/props`, or None."""
+    for value in ((data.get("default_generation_settings") or {}).get("n_ctx"), data.get("n_ctx")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_count(usage: Mapping, name: str) -> int:
+    """A token count the server reported; 0 when it is missing or not a finite number (the answer is then
+    refused as a whole by the cache's check, not here)."""
+    value = usage.get(name) if isinstance(usage, Mapping) else None
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) else 0
+
+
+def sent_of(body: Mapping) -> dict:
+    """The prompt part of a request body, in `sent_prompt` form."""
+    return {"messages": body["messages"]} if "messages" in body else {"prompt": body.get("prompt", "")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The backend
 
 # Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
@@ -142,6 +226,7 @@ class OpenAICompatibleBackend(LLMBackend):
     (NoValueCandidatesError); below it such slots predict 0, as in the reference method.
     max_concurrency: the most requests this backend has in flight at once (all threads together), and the
     default width of `map`.
+    context_tokens: the model's context window in tokens (None: ask the server, see the module docstring).
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
@@ -149,7 +234,7 @@ class OpenAICompatibleBackend(LLMBackend):
                  server: str | None = None, logprob_alignment: str | None = None, json_mode: str | None = None,
                  top_logprobs: int | None = None, ten_probe: str = "auto", probe_threshold: float = 0.01,
                  max_empty_slot_fraction: float = 0.5, retry: RetryPolicy | None = None,
-                 max_concurrency: int = 4):
+                 max_concurrency: int = 4, context_tokens: int | None = None):
         import openai
 
         preset = SERVER_PRESETS.get(server or "openai")
@@ -164,6 +249,15 @@ class OpenAICompatibleBackend(LLMBackend):
         if ten_probe not in ("auto", "always", "never"):
             raise ValueError(f"ten_probe must be 'auto', 'always' or 'never', not {ten_probe!r}")
         self.base_url = base_url
+        self.server = server or "openai"
+        # Part of every cache key: the same model name on another server, or another kind of server at the same
+        # address, answers differently (changing this invalidates older entries of this backend, not the local one's)
+        self.origin = {"base_url": normalize_base_url(base_url), "server": self.server}
+        self.context_tokens = int(context_tokens) if context_tokens else None
+        self._context_lock = threading.Lock()
+        self._probed: list[int | None] = []  # [the server's answer] once asked
+        self._learned: int | None = None  # from a refusal
+        self._counts: dict[str, int] = {}
         self.model = model
         self.top_logprobs = int(top_logprobs or preset[2])
         self.ten_probe = ten_probe
@@ -185,7 +279,7 @@ class OpenAICompatibleBackend(LLMBackend):
         return f"{KIND}:{self.model}"
 
     def __repr__(self) -> str:
-        return f"OpenAICompatibleBackend(base_url={self.base_url!r}, model={self.model!r})"
+        return f"OpenAICompatibleBackend(base_url={self.origin['base_url']!r}, model={self.model!r})"
 
     def close(self) -> None:
         self._client.close()
@@ -215,14 +309,21 @@ class OpenAICompatibleBackend(LLMBackend):
             raise MalformedResponseError(f"the server's answer to {endpoint} has no choices")
         return data
 
-    def request(self, endpoint: str, body: dict) -> dict:
+    def request(self, endpoint: str, body: dict, usable: Callable[[dict], bool] | None = None,
+                what: str = "prompt") -> dict:
         """One logical request (`endpoint` "chat.completions" or "completions"): from the cache, else from the
-        server with retries, then cached. Raises LLMRequestError when no answer could be had."""
+        server with retries, then cached when `usable` accepts it. Raises LLMRequestError when no answer could be
+        had, PromptTooLongError when the prompt (`what`, in reasons) cannot fit the context window."""
         return cached_call(self.cache, self.stats, KIND, self.model, endpoint, body,
-                           lambda: self._fetch(endpoint, body))
+                           lambda: self._fetch(endpoint, body, what), usable=usable, origin=self.origin)
 
-    def _fetch(self, endpoint: str, body: dict) -> dict:
+    def _fetch(self, endpoint: str, body: dict, what: str = "prompt") -> dict:
         """The server's answer to one logical request, with retries, accounted in `stats`."""
+        try:
+            self.check_fits(sent_of(body), int(body.get("max_tokens") or 0), what)
+        except PromptTooLongError:
+            self.stats.add(failures=1)
+            raise
         started = time.monotonic()
         try:
             data = call_with_retries(
@@ -231,18 +332,102 @@ class OpenAICompatibleBackend(LLMBackend):
         except LLMRequestError as exc:
             self.stats.add(failures=1, seconds=time.monotonic() - started)
             log.warning("LLM request to %s failed: %s", endpoint, self._redact(str(exc)))
+            limit = context_limit_in(exc.reason) if isinstance(exc, LLMRejectedError) and exc.status == 400 else None
+            if limit is not None:
+                with self._context_lock:
+                    self._learned = min(limit, self._learned or limit)
+                raise PromptTooLongError(f"the {what} does not fit the model's context window of {limit} tokens "
+                                         f"({exc.reason})", limit) from None
             raise
         usage = data.get("usage") or {}
-        self.stats.add(calls=1, seconds=time.monotonic() - started,
-                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                       completion_tokens=int(usage.get("completion_tokens") or 0))
+        self.stats.add(calls=1, seconds=time.monotonic() - started, prompt_tokens=token_count(usage, "prompt_tokens"),
+                       completion_tokens=token_count(usage, "completion_tokens"))
         return data
 
     def _log_retry(self, reason: str, delay: float) -> None:
         self.stats.add(retries=1)
         log.warning("LLM request failed (%s); retrying in %.1fs", reason, delay)
 
+    # -- context -----------------------------------------------------------------------------------------------
+
+    def context_window(self) -> int | None:
+        """The `context_tokens` setting, else what the server says (asked once), else what it said when it refused
+        a prompt as too long; the smallest of them when several are known. None: not known (yet)."""
+        with self._context_lock:
+            if not self._probed and not self.context_tokens:
+                self._probed.append(self._probe_context())
+            known = [c for c in (self.context_tokens or (self._probed[0] if self._probed else None), self._learned)
+                     if c]
+        return min(known) if known else None
+
+    def _root_url(self) -> str:
+        root = self.base_url.rstrip("/")
+        return root[: -len("/v1")] if root.endswith("/v1") else root
+
+    def _get_json(self, url: str) -> dict | None:
+        try:
+            data = self._client.get(url, cast_to=object, options={"timeout": min(10.0, self.retry.timeout)})
+        except Exception as exc:  # any failure only means "the server did not say"
+            log.debug("no answer from %s: %s", normalize_base_url(url), self._redact(str(exc))[:200])
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _post_json(self, url: str, body: dict) -> dict | None:
+        try:
+            data = self._client.post(url, cast_to=object, body=body,
+                                     options={"timeout": min(10.0, self.retry.timeout)})
+        except Exception as exc:
+            log.debug("no answer from %s: %s", normalize_base_url(url), self._redact(str(exc))[:200])
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _probe_context(self) -> int | None:
+        """What the server says its context window is: `/v1/models` (vLLM: `max_model_len`), then llama.cpp's
+        `/props`. llama-cpp-python's server says it nowhere (its refusals say it, see `_fetch`)."""
+        found = context_from_models(self._get_json(f"{self.base_url.rstrip('/')}/models") or {}, self.model)
+        if found is None and self.server == "llama_cpp":
+            found = context_from_props(self._get_json(f"{self._root_url()}/props") or {})
+        if found is not None:
+            log.info("the LLM server at %s says its context window is %d tokens", self.origin["base_url"], found)
+        return found
+
+    def count_tokens(self, sent: Mapping, limit: int | None = None) -> int:
+        """An upper estimate of the prompt tokens of `sent`; when it does not fit `limit`, the server's own count
+        where it gives one (llama-cpp-python, vLLM), with room for the chat template."""
+        estimate = estimate_tokens(sent)
+        if limit is None or estimate <= limit:
+            return estimate
+        key = sent_prompt_sha256(sent)
+        if key not in self._counts:
+            exact = self._count_on_server(sent)
+            if exact is None:
+                return estimate
+            if len(self._counts) > 10_000:
+                self._counts.clear()
+            self._counts[key] = exact
+        return self._counts[key]
+
+    def _count_on_server(self, sent: Mapping) -> int | None:
+        messages = sent.get("messages")
+        overhead = MESSAGE_OVERHEAD * (len(messages) + 1) if isinstance(messages, list) else MESSAGE_OVERHEAD
+        if self.server == "llama_cpp":
+            text = "\n".join(m.get("content") or "" for m in messages) if isinstance(messages, list) else \
+                str(sent.get("prompt", ""))
+            data = self._post_json(f"{self._root_url()}/extras/tokenize/count", {"model": self.model, "input": text})
+        elif self.server == "vllm":
+            body = {"model": self.model, **({"messages": messages} if isinstance(messages, list) else
+                                           {"prompt": str(sent.get("prompt", ""))})}
+            data = self._post_json(f"{self._root_url()}/tokenize", body)
+        else:
+            return None
+        count = (data or {}).get("count")
+        return int(count) + overhead if isinstance(count, int) else None
+
     # -- explainer ---------------------------------------------------------------------------------------------
+
+    def sent_prompt(self, messages: list[dict], assistant_prefix: str) -> dict:
+        """The messages as sent: the system message asks for the lead-in, which a chat API cannot prefill."""
+        return {"messages": chat_messages_for_api(messages, assistant_prefix)}
 
     def chat_body(self, messages: list[dict], assistant_prefix: str, max_tokens: int, temperature: float,
                   seed: int) -> dict:
@@ -251,16 +436,16 @@ class OpenAICompatibleBackend(LLMBackend):
 
     def chat(self, messages, assistant_prefix, max_tokens, temperature, seed) -> Completion:
         completion = self._chat_completion(self.chat_body(messages, assistant_prefix, max_tokens, temperature,
-                                                          seed))
+                                                          seed), "explainer prompt")
         return dataclasses.replace(completion, text=continuation_after(completion.text, assistant_prefix))
 
-    def _chat_completion(self, body: dict) -> Completion:
+    def _chat_completion(self, body: dict, what: str) -> Completion:
         """The assistant's text of one chat request, with the token counts the server reported."""
-        data = self.request("chat.completions", body)
+        data = self.request("chat.completions", body, usable=has_content, what=what)
         message = (data["choices"][0] or {}).get("message") or {}
         usage = data.get("usage") or {}
-        return Completion(message.get("content") or "", int(usage.get("prompt_tokens") or 0),
-                          int(usage.get("completion_tokens") or 0))
+        return Completion(message.get("content") or "", token_count(usage, "prompt_tokens"),
+                          token_count(usage, "completion_tokens"))
 
     # -- simulator, all at once --------------------------------------------------------------------------------
 
@@ -271,7 +456,7 @@ class OpenAICompatibleBackend(LLMBackend):
     def _probe_after_one(self, prefix: str) -> dict[str, float]:
         body = {"model": self.model, "prompt": prefix + "1", "max_tokens": 1, "temperature": 0.0,
                 "logprobs": self.top_logprobs}
-        data = self.request("completions", body)
+        data = self.request("completions", body, usable=has_top_logprobs, what="simulation prompt")
         try:
             tops = data["choices"][0]["logprobs"]["top_logprobs"]
             return dict(tops[0])
@@ -281,7 +466,8 @@ class OpenAICompatibleBackend(LLMBackend):
     def slot_candidates(self, prompt: SimulationPrompt) -> tuple[list[dict], str, str]:
         """Per slot, the value candidates (token → logprob) as the server returned them; the alignment used; and
         how the server writes "10" ("single", "split", "unknown")."""
-        data = self.request("completions", self.echo_body(prompt))
+        data = self.request("completions", self.echo_body(prompt), usable=has_echoed_logprobs,
+                            what="simulation prompt of this excerpt")
         candidates, alignment = slot_candidates(data, prompt, self.logprob_alignment)
         return candidates, alignment, ten_layout(data, prompt)
 
@@ -334,7 +520,7 @@ class OpenAICompatibleBackend(LLMBackend):
     def chat_json(self, messages: list[dict], schema: dict, max_tokens: int, seed: int) -> Completion:
         """A greedy chat answer, constrained per `json_mode` (to `schema` where the server takes one). Raises
         LLMRequestError when no answer could be had."""
-        return self._chat_completion(self.json_body(messages, schema, max_tokens, seed))
+        return self._chat_completion(self.json_body(messages, schema, max_tokens, seed), "JSON simulation prompt")
 
     def can_pin(self, token: str) -> bool:
         """False for the tokens llama-cpp-python's schema converter cannot pin (see `grammar_safe`)."""

@@ -63,6 +63,23 @@ def _logprobs_block(response: dict) -> dict:
     return lp
 
 
+def has_echoed_logprobs(response: dict) -> bool:
+    """Whether an echo answer carries the logprobs the simulator reads (only such answers are cached)."""
+    try:
+        _logprobs_block(response)
+    except LogprobsUnavailableError:
+        return False
+    return True
+
+
+def has_top_logprobs(response: dict) -> bool:
+    """Whether a completion answer carries top logprobs for its first generated token (the "10" probe's answer)."""
+    try:
+        return bool(response["choices"][0]["logprobs"]["top_logprobs"][0])
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
 def detect_logprob_alignment(logprobs: dict, min_votes: int = 5) -> str:
     """"openai" or "llama_cpp" for one echoed response (see LOGPROB_ALIGNMENTS)."""
     tokens, tops = logprobs["tokens"], logprobs["top_logprobs"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -52,12 +53,50 @@ class MalformedResponseError(LLMRequestError):
 # Secrets
 
 
+SECRET_RUN = 6  # a run of this many characters of a secret (or the whole of a shorter one) counts as the secret
+
+
 def redact_secret(text: str, secret: str | None) -> str:
-    """`text` with every occurrence of `secret` replaced (a secret under 4 characters is left alone: it would
-    match ordinary text)."""
-    if isinstance(secret, str) and len(secret) >= 4 and secret in text:
-        text = text.replace(secret, REDACTED)
-    return text
+    """`text` with the secret replaced: the whole of it, and any run of at least SECRET_RUN of its characters — a
+    prefix left by a cut, a suffix, a piece from the middle — so a message cut before it was redacted, or a server
+    that echoes part of a key, leaks nothing a reader could use. A secret under 4 characters is left alone: it
+    would match ordinary text."""
+    if not isinstance(secret, str) or len(secret) < 4:
+        return text
+    run = min(SECRET_RUN, len(secret))
+    covered = [False] * len(text)
+    for piece in {secret[i:i + run] for i in range(len(secret) - run + 1)}:
+        start = text.find(piece)
+        while start >= 0:
+            covered[start:start + run] = [True] * run
+            start = text.find(piece, start + 1)
+    if not any(covered):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if covered[i]:
+            while i < len(text) and covered[i]:
+                i += 1
+            out.append(REDACTED)
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+# How servers say that a prompt does not fit: OpenAI, vLLM and llama-cpp-python ("This model's maximum context
+# length is 2048 tokens…"), llama.cpp ("…exceed context window of 2048"), llama-server ("… context size (2048)").
+_CONTEXT_LIMIT = (re.compile(r"maximum context length is (\d+)"), re.compile(r"context window of (\d+)"),
+                  re.compile(r"context (?:size|length) \(?(\d+)\)?"))
+
+
+def context_limit_in(text: str) -> int | None:
+    """The context window a server's refusal names, or None when the message is not about the context."""
+    for pattern in _CONTEXT_LIMIT:
+        found = pattern.search(text)
+        if found:
+            return int(found.group(1))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,8 +162,9 @@ class Verdict:
     retry_after: float | None = None
 
 
-def classify_error(exc: BaseException) -> Verdict | None:
-    """How the retry loop treats an exception raised by one attempt; None: not a transport error, re-raise."""
+def classify_error(exc: BaseException, redact: Callable[[str], str] = lambda s: s) -> Verdict | None:
+    """How the retry loop treats an exception raised by one attempt; None: not a transport error, re-raise.
+    A server's message is redacted whole, before it is cut to one short line."""
     if isinstance(exc, MalformedResponseError):
         return Verdict(True, exc.reason)
     if isinstance(exc, LLMRequestError):
@@ -140,7 +180,7 @@ def classify_error(exc: BaseException) -> Verdict | None:
             return Verdict(True, f"connection error ({type(exc.__cause__ or exc).__name__})")
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            detail = short_text(exc.message)
+            detail = short_text(exc.message, redact=redact)
             if status == 429:
                 return Verdict(True, f"HTTP 429 rate limited: {detail}", status,
                                parse_retry_after(exc.response.headers))
@@ -203,7 +243,7 @@ def call_with_retries(attempt: Callable[[float], Any], policy: RetryPolicy, *, g
         try:
             return attempt(min(policy.timeout, remaining))
         except Exception as exc:
-            verdict = classify_error(exc)
+            verdict = classify_error(exc, redact)
             if verdict is None:
                 raise
             reason = redact(verdict.reason)
