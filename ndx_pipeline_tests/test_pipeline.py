@@ -113,8 +113,9 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     assert len(ok) >= 1 and all(len(e) > 0 for e in ok["explanation"])
     assert all(len(h) == 64 for h in expl["prompt_sha256"])
 
-    sims = frames["simulations"]
-    assert len(sims) == 10 * len(ok)
+    every = frames["simulations"]  # the 10 scored excerpts and the 6 calibration ones of each explained neuron
+    assert len(every) == 16 * len(ok) and every.filter(pl.col("split") == "calibration").height == 6 * len(ok)
+    sims = every.filter(pl.col("split").is_in(["score_top", "score_random"]))
     for row in sims.iter_rows(named=True):
         assert len(row["simulated_activations"]) == len(row["true_activations"]) == len(row["tokens"])
         assert all(0.0 <= v <= 10.0 for v in row["simulated_activations"])
@@ -127,9 +128,20 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     for row in scores.iter_rows(named=True):
         if row["status"] == "ok":
             assert -1 <= row["score"] <= 1
-            mine = sims.filter(pl.col("neuron") == row["neuron"])
+            mine = sims.filter(pl.col("neuron") == row["neuron"])  # scored excerpts only
             again = pooled_correlation(mine["true_activations"].to_list(), mine["simulated_activations"].to_list())
             assert row["score"] == pytest.approx(again.value, abs=1e-12)
+            # calibrated on the calibration excerpts alone: the least-squares line refitted here gives the same EV
+            cal = every.filter((pl.col("neuron") == row["neuron"]) & (pl.col("split") == "calibration"))
+            r = np.concatenate([np.array(v) for v in cal["true_activations"]])
+            p = np.concatenate([np.array(v) for v in cal["simulated_activations"]])
+            slope, intercept = np.polyfit(p, r, 1)
+            assert (row["calibration_slope"], row["calibration_intercept"]) == (
+                pytest.approx(slope, rel=1e-4, abs=1e-6), pytest.approx(intercept, rel=1e-4, abs=1e-6))
+            true = np.concatenate([np.array(v) for v in mine["true_activations"]])
+            fitted = slope * np.concatenate([np.array(v) for v in mine["simulated_activations"]]) + intercept
+            ev = 1 - ((true - fitted) ** 2).sum() / ((true - true.mean()) ** 2).sum()
+            assert row["calibrated_ev"] == pytest.approx(ev, rel=1e-4, abs=1e-6)
         else:
             assert math.isnan(row["score"]) and row["status"]
 

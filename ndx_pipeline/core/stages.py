@@ -20,8 +20,10 @@ from ndx_pipeline.core.contract import (
     BASELINE_EXPLANATION_SCHEMA,
     CALIBRATION,
     LOOKUP_BASELINE,
+    RANDOM_BASELINE,
     SIMULATED_BASELINES,
     SIMULATION_SCHEMA,
+    TOKEN_LIST_BASELINE,
     TOKEN_TABLE_SCHEMA,
 )
 from ndx_pipeline.core.data import activations as act
@@ -33,9 +35,11 @@ from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
 from ndx_pipeline.core.method import best_of_k
-from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
+from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explanation_work
 from ndx_pipeline.core.method.scorers import SimulationScorer
 from ndx_pipeline.core.method.scoring import with_baselines
+from ndx_pipeline.core.method.token_list import explain_token_lists, token_list_work
+from ndx_pipeline.core.method.work import run_together
 from ndx_pipeline.core.progress import Log, Progress, quiet
 
 # ---------------------------------------------------------------------------------------------------------- corpus
@@ -119,13 +123,16 @@ class Explained:
 
 def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, chooser=None,
                  baselines: Sequence[str] = (), token_list_explainer: str = "llm", seed: int = 0,
-                 max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                 max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, digest: bool = True,
                  simulator_mode: str = "all_at_once", what: str = "explanations", log: Log = quiet) -> Explained:
     """One explanation per neuron by the `explainer` backend; with `candidates` = k > 1, k candidates each,
     simulated by `chooser` on the calibration excerpts and the best kept (all stored, the kept one `selected`).
     The random and token-list baselines of `baselines` get their explanations here too, to be simulated beside
-    ours (`token_list_explainer`: "llm" — the explainer reads only the strongest tokens — or "template")."""
-    progress = Progress(what, 0, log, unit="explanations")
+    ours (`token_list_explainer`: "llm" — the explainer reads only the strongest tokens — or "template").
+
+    `excerpts` may hold several layers: everything asked of the explainer (every candidate of every neuron, and
+    the token-list baseline) goes out in one wave; then best-of-k's calibration simulations in a second."""
+    wanted = [b for b in baselines if b in SIMULATED_BASELINES]
     if candidates > 1:
         calibration = excerpts.filter(pl.col("split") == CALIBRATION)
         if calibration.is_empty():
@@ -134,21 +141,27 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
                 "none: set calibration_top_excerpts or calibration_random_excerpts above 0.")
         if chooser is None:
             raise ValueError("best-of-k needs a simulator backend (chooser) to score the candidates")
-        found = best_of_k.explain_candidates(excerpts, explainer, candidates, max_tokens, temperature, seed,
-                                             progress=progress)
-        chosen, calibration_sims = best_of_k.select_best(
+        ours = best_of_k.candidates_work(excerpts, explainer, candidates, max_tokens, temperature, seed, digest)
+    else:
+        ours = explanation_work(excerpts, explainer, max_tokens, temperature, (seed,), digest)
+    works = [ours]
+    token_list = None
+    if TOKEN_LIST_BASELINE in wanted:
+        if token_list_explainer == "llm":
+            works.append(token_list_work(excerpts, explainer, max_tokens=max_tokens, temperature=temperature,
+                                         seed=seed))
+        else:
+            token_list = explain_token_lists(excerpts, None)
+    found, *rest = run_together(explainer, works, Progress(what, 0, log, unit="requests"))
+    token_list = rest[0] if rest else token_list
+    out = Explained(found)
+    if candidates > 1:
+        out.explanations, out.calibration_simulations = best_of_k.select_best(
             found, calibration, chooser, mode=simulator_mode,
             progress=Progress(f"{what}: best-of-{candidates} calibration", 0, log, unit="excerpts"))
-        out = Explained(chosen, calibration_simulations=calibration_sims)
-    else:
-        out = Explained(explain_layer(excerpts, explainer, max_tokens, temperature, seed, progress=progress))
-    wanted = [b for b in baselines if b in SIMULATED_BASELINES]
     if wanted:
-        out.baseline_explanations = baselines_mod.baseline_explanations(
-            out.explanations, excerpts, seed, names=wanted,
-            token_list_backend=explainer if token_list_explainer == "llm" else None,
-            max_tokens=max_tokens, temperature=temperature,
-            progress=Progress(f"{what}: token-list baseline", 0, log, unit="explanations"))
+        random = (baselines_mod.random_explanations(out.explanations, seed) if RANDOM_BASELINE in wanted else None)
+        out.baseline_explanations = baselines_mod.as_baselines(random, token_list)
     return out
 
 
@@ -164,12 +177,12 @@ class Simulated:
 def simulations(explanations: pl.DataFrame, baseline_explanations: pl.DataFrame, excerpts: pl.DataFrame,
                 simulator, *, mode: str = "all_at_once", what: str = "simulations", log: Log = quiet) -> Simulated:
     """Every scored excerpt simulated from each neuron's kept explanation (and its calibration excerpts, for the
-    calibrated score), and from each baseline explanation, the same way."""
-    ours = SimulationScorer(mode, calibrated=True).judge(explanations, excerpts, simulator,
-                                                        progress=Progress(what, 0, log, unit="excerpts"))
-    theirs = SimulationScorer(mode).judge(baseline_explanations, excerpts, simulator,
-                                          progress=Progress(f"{what}: baselines", 0, log, unit="excerpts"))
-    return Simulated(ours, theirs)
+    calibrated score), and from each baseline explanation, the same way — all in one wave (the frames may hold
+    several layers)."""
+    ours = SimulationScorer(mode, calibrated=True).judgements(explanations, excerpts, simulator)
+    theirs = SimulationScorer(mode).judgements(baseline_explanations, excerpts, simulator)
+    found, baseline = run_together(simulator, [ours, theirs], Progress(what, 0, log, unit="excerpts"))
+    return Simulated(found, baseline)
 
 
 # ---------------------------------------------------------------------------------------------------------- scores

@@ -106,6 +106,8 @@ class QualityResource(dg.ConfigurableResource):
     token_list_explainer: str = Field(default="llm", description="llm (the explainer reads only the token list) | "
                                                                  "template (a fixed sentence, no LLM).")
     lookup_held_out: bool = True
+    explainer_digest: bool = Field(default=True, description="Show the explainer a line naming the strongest tokens "
+                                                              "under the excerpts (see README for the measurement).")
 
     def checked(self) -> QualityResource:
         unknown = sorted(set(self.baselines) - set(BASELINES))
@@ -146,7 +148,9 @@ class LLMResource(dg.ConfigurableResource):
     max_tokens: int = 60
     temperature: float = 1.0
     seed: int = 0
-    max_concurrency: int = Field(default=4, description="Requests in flight at once (openai backend).")
+    max_concurrency: int | None = Field(
+        default=None, description="openai backend: requests in flight at once (default by server: openai 16, vllm "
+                                  "48, llama_cpp 2); local backend: requests computed together (default 8).")
     timeout_s: float = 120.0
     deadline_s: float = Field(default=600.0, description="Give up on one request (all retries) after this long.")
     max_attempts: int = 8

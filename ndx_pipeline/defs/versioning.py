@@ -59,7 +59,7 @@ def code_versions(resources: dict) -> dict[str, str]:
     q = _config(resources["quality"])
     k = q.get("explanation_candidates") or 1
     calibration = {name: q.get(name) for name in ("calibration_top_excerpts", "calibration_random_excerpts")}
-    choosing = {"explanation_candidates": k}
+    choosing = {"explanation_candidates": k, "explainer_digest": q.get("explainer_digest", True)}
     if k > 1:  # best-of-k: the simulator takes part in choosing
         choosing["simulator"] = [simulator, simulator_prompt_sha()]
     simulated_baselines = sorted(b for b in q.get("baselines", ()) if b in c.SIMULATED_BASELINES)

@@ -33,7 +33,7 @@ class LLMSpec:
     base_url: str | None = None
     api_key_env: str | None = None
     server: str = "openai"
-    max_concurrency: int = 4
+    max_concurrency: int | None = None  # None: the backend's own default (a server preset's, a batch)
     timeout_s: float = 120.0
     deadline_s: float = 600.0
     max_attempts: int = 8
@@ -61,7 +61,9 @@ def api_key(spec: LLMSpec) -> str | None:
 
 
 def _local(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
-    return LocalTransformersBackend(spec.model, cache=cache_dir, stats=stats, context_tokens=spec.context_tokens)
+    batch = {"batch_size": spec.max_concurrency} if spec.max_concurrency else {}
+    return LocalTransformersBackend(spec.model, cache=cache_dir, stats=stats, context_tokens=spec.context_tokens,
+                                    **batch)
 
 
 def _openai(spec: LLMSpec, cache_dir, stats) -> LLMBackend:

@@ -150,23 +150,26 @@ def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFra
 # All baselines of a layer, for the stages
 
 
-def baseline_explanations(explanations: pl.DataFrame, excerpts: pl.DataFrame, seed: int = 0, token_list_backend=None,
-                          names: Sequence[str] = SIMULATED_BASELINES, **token_list_kwargs) -> pl.DataFrame:
-    """The explanations the random and token-list baselines simulate (those of `names`), one of each per neuron, in
-    the explanations schema plus a String column `baseline` ("random" / "token_list"). The token-list one is written
-    by `token_list_backend` (the explainer LLM) reading only the strongest tokens, or by the fixed template when
-    None. Simulate them like any explanation (`simulator.simulate_layer(frame, excerpts, simulator_backend)`)."""
+def as_baselines(random: pl.DataFrame | None = None, token_list: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The baseline_explanations table: the random and token-list explanations (either may be absent), in the
+    explanations schema plus `baseline` ("random" / "token_list")."""
     common = list(EXPLANATION_SCHEMA)
-    parts = []
-    if RANDOM_BASELINE in names:
-        parts.append(random_explanations(explanations, seed).select(common)
-                     .with_columns(pl.lit(RANDOM_BASELINE).alias("baseline")))
-    if TOKEN_LIST_BASELINE in names:
-        parts.append(explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
-                     .select(common).with_columns(pl.lit(TOKEN_LIST_BASELINE).alias("baseline")))
+    parts = [f.select(common).with_columns(pl.lit(name).alias("baseline"))
+             for name, f in ((RANDOM_BASELINE, random), (TOKEN_LIST_BASELINE, token_list)) if f is not None]
     if not parts:
         return pl.DataFrame(schema=BASELINE_EXPLANATION_SCHEMA)
     return pl.concat(parts).sort(["layer", "neuron", "baseline"])
+
+
+def baseline_explanations(explanations: pl.DataFrame, excerpts: pl.DataFrame, seed: int = 0, token_list_backend=None,
+                          names: Sequence[str] = SIMULATED_BASELINES, **token_list_kwargs) -> pl.DataFrame:
+    """The explanations the random and token-list baselines simulate (those of `names`), one of each per neuron
+    (`as_baselines`). The token-list one is written by `token_list_backend` (the explainer LLM) reading only the
+    strongest tokens, or by the fixed template when None. Simulate them like any explanation."""
+    return as_baselines(
+        random_explanations(explanations, seed) if RANDOM_BASELINE in names else None,
+        explain_token_lists(excerpts, token_list_backend, seed=seed, **token_list_kwargs)
+        if TOKEN_LIST_BASELINE in names else None)
 
 
 def baseline_scores(simulations: pl.DataFrame, baseline_expl: pl.DataFrame | None = None,

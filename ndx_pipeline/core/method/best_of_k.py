@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import CALIBRATION, explanation_id
-from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explain_layer
+from ndx_pipeline.core.contract import CALIBRATION
+from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explanation_work
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.method.simulator import simulate_layer
+from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress
 
 CANDIDATE_SEED_STRIDE = 7919
@@ -26,21 +27,25 @@ def candidate_seed(seed: int, candidate: int) -> int:
     return seed + CANDIDATE_SEED_STRIDE * candidate
 
 
-def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
-                       temperature: float = TEMPERATURE, seed: int = 0, on_neuron=None,
-                       progress: Progress | None = None) -> pl.DataFrame:
+def candidates_work(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
+                    temperature: float = TEMPERATURE, seed: int = 0, digest: bool = True) -> Work:
     """k explanations per neuron (explainer rows plus an Int32 `candidate` column), explanation_id
-    `<layer>/<neuron>/explanation/<candidate>`."""
+    `<layer>/<neuron>/explanation/<candidate>`, all asked at once."""
     if k < 1:
         raise ValueError(f"best-of-k needs k ≥ 1, not {k}")
-    frames = []
-    for c in range(k):
-        frame = explain_layer(excerpts, backend, max_tokens, temperature, candidate_seed(seed, c), on_neuron,
-                              progress)
-        ids = [explanation_id(int(layer), int(neuron), c) for layer, neuron in zip(frame["layer"], frame["neuron"])]
-        frames.append(frame.with_columns(pl.Series("explanation_id", ids, dtype=pl.String),
-                                         pl.lit(c, dtype=pl.Int32).alias("candidate")))
-    return pl.concat(frames).sort(["layer", "neuron", "candidate"])
+    work = explanation_work(excerpts, backend, max_tokens, temperature, [candidate_seed(seed, c) for c in range(k)],
+                            digest)
+    if k == 1:  # the single explanation, as a candidate
+        one = work.table
+        work.table = lambda rows: one(rows).with_columns(pl.lit(0, dtype=pl.Int32).alias("candidate"))
+    return work
+
+
+def explain_candidates(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
+                       temperature: float = TEMPERATURE, seed: int = 0,
+                       progress: Progress | None = None, digest: bool = True) -> pl.DataFrame:
+    return run_together(backend, [candidates_work(excerpts, backend, k, max_tokens, temperature, seed, digest)],
+                        progress)[0]
 
 
 def no_calibration_scores() -> pl.DataFrame:

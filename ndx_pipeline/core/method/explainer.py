@@ -23,6 +23,7 @@ import polars as pl
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
 from ndx_pipeline.core.llm.backend import PromptTooLongError, RecordableLLMError, sent_prompt_sha256
 from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
+from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress
 
 LEAD_IN = "Its main job is to detect"
@@ -361,30 +362,29 @@ def chat_fitted(excerpts, backend, row: dict, max_tokens: int, temperature: floa
                 raise
 
 
-def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
-                  seed: int = 0, on_neuron=None, progress: Progress | None = None, digest: bool = True):
-    """One explanation per neuron from its `explain` excerpts, at the backend's concurrency, each prompt fitted
-    to the backend's context window (`fit_prompt`; the row's excerpts_shown and prompt_fitted say what was left
-    out). digest: the "Strongest tokens" line under the excerpts.
+def explanation_work(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                     seeds: Sequence[int] = (0,), digest: bool = True) -> Work:
+    """One explanation per neuron and seed from the neuron's `explain` excerpts, each prompt fitted to the
+    backend's context window (`fit_prompt`; the row's excerpts_shown and prompt_fitted say what was left out).
+    digest: the "Strongest tokens" line under the excerpts. With several `seeds` (best-of-k: one per candidate)
+    the rows carry an Int32 `candidate` (the seed's position) and ids `<layer>/<neuron>/explanation/<candidate>`.
 
     A neuron whose call fails (after the backend's retries), whose prompt cannot fit, or whose answer cannot be
-    parsed gets status `failed` and the reason; the others go on. `on_neuron(row)` is called as each neuron
-    finishes. For k candidates per neuron see `best_of_k.explain_candidates` (its candidate 0 is exactly this
-    explanation).
-    """
+    parsed gets status `failed` and the reason; the others go on."""
     explain = excerpts.filter(pl.col("split") == EXPLAIN).sort(["layer", "neuron", "rank"])
-    jobs = []
+    shown = []
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
-        jobs.append((int(layer), int(neuron), list(zip(group["tokens"].to_list(), group["activations"].to_list()))))
+        shown.append((int(layer), int(neuron), list(zip(group["tokens"].to_list(), group["activations"].to_list()))))
+    items = [(c, seed, layer, neuron, ex) for c, seed in enumerate(seeds) for layer, neuron, ex in shown]
 
-    def run(job):
-        layer, neuron, shown = job
+    def run(item) -> dict:
+        candidate, seed, layer, neuron, ex = item
         started = time.perf_counter()
-        row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron),
-               "explainer": backend.name, "prompt_sha256": None, "explanation": None, "status": "ok",
-               "error": None, "prompt_tokens": None, "completion_tokens": None}
+        row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron, candidate),
+               "candidate": candidate, "explainer": backend.name, "prompt_sha256": None, "explanation": None,
+               "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None}
         try:
-            completion = chat_fitted(shown, backend, row, max_tokens, temperature, neuron_seed(seed, layer, neuron),
+            completion = chat_fitted(ex, backend, row, max_tokens, temperature, neuron_seed(seed, layer, neuron),
                                      digest)
             row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
             row["explanation"] = parse_explanation(completion.text)
@@ -393,15 +393,16 @@ def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, t
         row["seconds"] = time.perf_counter() - started
         return row
 
-    def done(outcome):
-        if outcome.error is not None:  # not an LLM failure: a bug or an interruption, which must surface
-            raise outcome.error
-        if progress is not None:
-            progress.advance()
-        if on_neuron:
-            on_neuron(outcome.value)
+    def table(rows: list[dict]) -> pl.DataFrame:
+        out = frame(rows, EXPLANATION_SCHEMA, {"candidate": pl.Int32} if len(seeds) > 1 else None)
+        return out.sort(["layer", "neuron", "candidate"]) if len(seeds) > 1 else out
 
-    if progress is not None:
-        progress.expect(len(jobs))
-    rows = [o.value for o in backend.map(run, jobs, on_done=done)]
-    return frame(rows, EXPLANATION_SCHEMA)
+    return Work(items, run, table)
+
+
+def explain_layer(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
+                  seed: int = 0, progress: Progress | None = None, digest: bool = True) -> pl.DataFrame:
+    """One explanation per neuron (`explanation_work` with one seed), at the backend's concurrency. For k candidates
+    per neuron see `best_of_k.explain_candidates` (its candidate 0 is exactly this explanation)."""
+    return run_together(backend, [explanation_work(excerpts, backend, max_tokens, temperature, (seed,), digest)],
+                        progress)[0]

@@ -18,7 +18,8 @@ import polars as pl
 
 from ndx_pipeline.core.contract import CALIBRATION, SCORED_SPLITS
 from ndx_pipeline.core.method.scoring import score_layer
-from ndx_pipeline.core.method.simulator import SIMULATOR_MODES, simulate_layer
+from ndx_pipeline.core.method.simulator import SIMULATOR_MODES, simulation_work
+from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress
 
 
@@ -28,10 +29,14 @@ class Scorer(ABC):
     name: str  # the scorer's name in settings, assets and columns
 
     @abstractmethod
+    def judgements(self, explanations: pl.DataFrame, excerpts: pl.DataFrame, backend) -> Work:
+        """The work of judging every kept, usable explanation on its neuron's scored excerpts (one row per pair,
+        failures recorded in the row), for a stage to run with other work in one wave."""
+
     def judge(self, explanations: pl.DataFrame, excerpts: pl.DataFrame, backend,
               progress: Progress | None = None) -> pl.DataFrame:
-        """Judgements of every kept, usable explanation on its neuron's scored excerpts (one row per pair, failures
-        recorded in the row)."""
+        """`judgements` run at the backend's concurrency."""
+        return run_together(backend, [self.judgements(explanations, excerpts, backend)], progress)[0]
 
     @abstractmethod
     def score(self, judgements: pl.DataFrame, explanations: pl.DataFrame) -> pl.DataFrame:
@@ -50,9 +55,9 @@ class SimulationScorer(Scorer):
             raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
         self.mode, self.calibrated = mode, calibrated
 
-    def judge(self, explanations, excerpts, backend, progress=None):
+    def judgements(self, explanations, excerpts, backend):
         splits = (*SCORED_SPLITS, CALIBRATION) if self.calibrated else SCORED_SPLITS
-        return simulate_layer(explanations, excerpts, backend, mode=self.mode, progress=progress, splits=splits)
+        return simulation_work(explanations, excerpts, backend, self.mode, splits)
 
     def score(self, judgements, explanations):
         return score_layer(judgements, explanations)

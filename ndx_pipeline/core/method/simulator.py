@@ -15,6 +15,7 @@ from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
 from ndx_pipeline.core.method.display import END, START, escape_token
 from ndx_pipeline.core.method.explainer import FEW_SHOTS
 from ndx_pipeline.core.method.simulator_json import simulate_excerpt_json
+from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress
 
 # Measured on the bundled 135M model (issue 7, benchmarks/prompts.py): after "token<TAB>" only ~7 % of the slot's
@@ -77,24 +78,23 @@ def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once
     raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
 
 
-def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = "all_at_once",
-                   progress: Progress | None = None, splits: Sequence[str] = SCORED_SPLITS):
-    """Simulate every scored excerpt of every neuron whose explanation is `ok` (one forward pass or request per
-    excerpt, at the backend's concurrency). An excerpt whose call or answer fails gets status `failed`, an empty
-    prediction and the reason; the others go on. `on_neuron(explanation_row)` is called as each neuron finishes;
-    `progress` counts excerpts. `splits`: which excerpts (the scored ones by default; calibration too when the
-    score is to be calibrated)."""
+def simulation_work(explanations, excerpts, backend, mode: str = "all_at_once",
+                    splits: Sequence[str] = SCORED_SPLITS) -> Work:
+    """Every excerpt of `splits` (the scored ones by default; calibration too when the score is to be calibrated)
+    of every neuron whose kept explanation is `ok`, simulated from the explanation alone: one forward pass or
+    request per excerpt. An excerpt whose call or answer fails gets status `failed`, an empty prediction and the
+    reason; the others go on. The items come explanation by explanation, so that a batch shares its prompt head."""
     if mode not in SIMULATOR_MODES:
         raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")
     ok = usable(explanations)  # best-of-k candidates: only the kept one is scored
     scored = excerpts.filter(pl.col("split").is_in(list(splits)))
-    jobs = []
+    items = []
     for expl in ok.sort(["layer", "neuron"]).iter_rows(named=True):
         mine = scored.filter((pl.col("layer") == expl["layer"]) & (pl.col("neuron") == expl["neuron"]))
-        jobs += [(expl, ex) for ex in mine.iter_rows(named=True)]
+        items += [(expl, ex) for ex in mine.iter_rows(named=True)]
 
-    def run(job):
-        expl, ex = job
+    def run(item) -> dict:
+        expl, ex = item
         row = {"layer": ex["layer"], "neuron": ex["neuron"], "explanation_id": expl["explanation_id"],
                "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
                "true_activations": ex["activations"], "simulated_activations": [], "simulator": backend.name,
@@ -108,21 +108,10 @@ def simulate_layer(explanations, excerpts, backend, on_neuron=None, mode: str = 
             row["status"], row["error"] = "failed", str(exc)
         return row
 
-    if progress is not None:
-        progress.expect(len(jobs))
-    remaining = {}
-    for expl, _ in jobs:
-        remaining[expl["explanation_id"]] = remaining.get(expl["explanation_id"], 0) + 1
+    return Work(items, run, lambda rows: frame(rows, SIMULATION_SCHEMA))
 
-    def done(outcome):
-        if outcome.error is not None:
-            raise outcome.error
-        expl = outcome.item[0]
-        if progress is not None:
-            progress.advance()
-        remaining[expl["explanation_id"]] -= 1
-        if on_neuron and remaining[expl["explanation_id"]] == 0:
-            on_neuron(expl)
 
-    rows = [o.value for o in backend.map(run, jobs, on_done=done)]
-    return frame(rows, SIMULATION_SCHEMA)
+def simulate_layer(explanations, excerpts, backend, mode: str = "all_at_once", progress: Progress | None = None,
+                   splits: Sequence[str] = SCORED_SPLITS):
+    """`simulation_work` run at the backend's concurrency; `progress` counts excerpts."""
+    return run_together(backend, [simulation_work(explanations, excerpts, backend, mode, splits)], progress)[0]

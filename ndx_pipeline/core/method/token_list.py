@@ -28,6 +28,7 @@ from ndx_pipeline.core.method.explainer import (
     token_list_text,
 )
 from ndx_pipeline.core.method.explainer import strongest_tokens as _strongest
+from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress
 
 __all__ = ["explain_token_lists", "shown_token", "strongest_tokens", "template_explanation", "token_list_messages",
@@ -71,19 +72,19 @@ def token_list_messages(tokens: Sequence[str]) -> list[dict]:
     return messages
 
 
-def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_LIST_SIZE,
-                        max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
-                        on_neuron=None, progress: Progress | None = None) -> pl.DataFrame:
+def token_list_work(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_LIST_SIZE,
+                    max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0) -> Work:
     """One token-list explanation per neuron from its `explain` excerpts: by `backend` (an LLMBackend) reading only
     the strongest tokens, or by the fixed template when backend is None. Explanations-shaped rows (explanation_id
     `<layer>/<neuron>/token_list`) plus `strongest_tokens` (list of str)."""
     explain = excerpts.filter(pl.col("split") == EXPLAIN).sort(["layer", "neuron", "rank"])
-    rows = []
-    if progress is not None:
-        progress.expect(explain.select("layer", "neuron").n_unique() if len(explain) else 0)
+    items = []
     for (layer, neuron), group in explain.group_by(["layer", "neuron"], maintain_order=True):
-        layer, neuron = int(layer), int(neuron)
-        tokens = strongest_tokens(list(zip(group["tokens"].to_list(), group["activations"].to_list())), n_tokens)
+        shown = list(zip(group["tokens"].to_list(), group["activations"].to_list()))
+        items.append((int(layer), int(neuron), strongest_tokens(shown, n_tokens)))
+
+    def run(item) -> dict:
+        layer, neuron, tokens = item
         started = time.perf_counter()
         row = {"layer": layer, "neuron": neuron, "explanation_id": token_list_explanation_id(layer, neuron),
                "status": "ok", "strongest_tokens": tokens}
@@ -101,9 +102,16 @@ def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TO
             except (ExplanationParseError, RecordableLLMError) as exc:  # fails this neuron only
                 row.update(status="failed", error=str(exc))
         row["seconds"] = time.perf_counter() - started
-        rows.append(row)
-        if progress is not None:
-            progress.advance()
-        if on_neuron:
-            on_neuron(row)
-    return frame(rows, EXPLANATION_SCHEMA, {"strongest_tokens": pl.List(pl.String)})
+        return row
+
+    return Work(items, run, lambda rows: frame(rows, EXPLANATION_SCHEMA, {"strongest_tokens": pl.List(pl.String)}))
+
+
+def explain_token_lists(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_LIST_SIZE,
+                        max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, seed: int = 0,
+                        progress: Progress | None = None) -> pl.DataFrame:
+    """`token_list_work` run at once (without a backend: the template, no LLM)."""
+    work = token_list_work(excerpts, backend, n_tokens, max_tokens, temperature, seed)
+    if backend is None:
+        return work.table([work.run(item) for item in work.items])
+    return run_together(backend, [work], progress)[0]

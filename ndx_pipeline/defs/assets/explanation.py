@@ -51,18 +51,22 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
         backend = explainer_llm.build(storage)
         chooser = simulator_llm.build(storage) if k > 1 else None
     out = Outputs(context, storage.path())
+    layers = layers_of(context)
     try:
-        for layer in layers_of(context):
-            started, before = time.perf_counter(), backend.stats.snapshot()
-            excerpts = read(storage.path(), c.TOP_EXCERPTS, layer)
-            with bad_input_fails_the_run():
-                made = stages.explanations(
-                    excerpts, backend, candidates=k, chooser=chooser, baselines=quality.baselines,
-                    token_list_explainer=quality.token_list_explainer, seed=explainer_llm.seed,
-                    max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
-                    simulator_mode=simulator_llm.simulator_mode, what=f"layer {layer} explanations",
-                    log=context.log.info)
-            frame, kept = made.explanations, c.kept(made.explanations)
+        # every layer of the run in one wave: one set of requests in flight under the explainer's limit
+        excerpts = {layer: read(storage.path(), c.TOP_EXCERPTS, layer) for layer in layers}
+        started, before = time.perf_counter(), backend.stats.snapshot()
+        with bad_input_fails_the_run():
+            made = stages.explanations(
+                pl.concat(list(excerpts.values())), backend, candidates=k, chooser=chooser,
+                baselines=quality.baselines, token_list_explainer=quality.token_list_explainer,
+                seed=explainer_llm.seed, max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
+                digest=quality.explainer_digest, simulator_mode=simulator_llm.simulator_mode,
+                what=f"explanations, layers {layers}", log=context.log.info)
+        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers)}
+        for layer in layers:
+            frame = made.explanations.filter(pl.col("layer") == layer)
+            kept = c.kept(frame)
             for row in kept.iter_rows(named=True):
                 context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
                                  f"{row['explanation'] or row['error']!r}")
@@ -75,20 +79,20 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                                  frame.filter(pl.col("candidate") == 0)["calibration_score"]),
                              "candidates": candidates_table(frame)}
             out.write(c.EXPLANATIONS, frame, layer, neurons=len(kept), failed=int((kept["status"] != "ok").sum()),
-                      explainer=backend.name, prompt_template_sha=PROMPT_SHAS["explainer"], **best_of_k,
-                      **llm_accounting(backend, before, started))
+                      explainer=backend.name, prompt_template_sha=PROMPT_SHAS["explainer"],
+                      digest=quality.explainer_digest, **best_of_k, **accounting)
             out.check(c.EXPLANATIONS, "every_neuron_explained", layer,
-                      validation.every_neuron_explained(frame, excerpts))
+                      validation.every_neuron_explained(frame, excerpts[layer]))
             out.check(c.EXPLANATIONS, FAILURES, layer, validation.failure_share(kept, "explanations"))
-            base = made.baseline_explanations
+            base = made.baseline_explanations.filter(pl.col("layer") == layer)
             out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines),
                       failed=int((base["status"] != "ok").sum()), token_list_explainer=quality.token_list_explainer,
                       prompt_template_sha=PROMPT_SHAS["token_list"])
             out.check(c.BASELINE_EXPLANATIONS, "baselines_explained", layer,
-                      validation.baselines_explained(base, excerpts, quality.simulated_baselines))
+                      validation.baselines_explained(base, excerpts[layer], quality.simulated_baselines))
             out.check(c.BASELINE_EXPLANATIONS, FAILURES, layer,
                       validation.failure_share(base, "baseline explanations", blocking=False))
-            cal = made.calibration_simulations
+            cal = made.calibration_simulations.filter(pl.col("layer") == layer)
             out.write(c.CALIBRATION_SIMULATIONS, cal, layer, candidates_per_neuron=k,
                       failed_excerpts=int((cal["status"] != "ok").sum()),
                       simulator=chooser.name if chooser is not None else "")

@@ -4,6 +4,7 @@ explanation, by the same simulator, in the same step."""
 import time
 
 import dagster as dg
+import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
@@ -34,18 +35,24 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
     with bad_input_fails_the_run():
         backend = simulator_llm.build(storage)
     out = Outputs(context, storage.path())
+    layers = layers_of(context)
     try:
-        for layer in layers_of(context):
-            started, before = time.perf_counter(), backend.stats.snapshot()
-            made = stages.simulations(
-                read(storage.path(), c.EXPLANATIONS, layer), read(storage.path(), c.BASELINE_EXPLANATIONS, layer),
-                read(storage.path(), c.TOP_EXCERPTS, layer), backend, mode=simulator_llm.simulator_mode,
-                what=f"layer {layer} simulations", log=context.log.info)
-            ours, theirs = made.simulations, made.baseline_simulations
+        def every_layer(asset: str) -> pl.DataFrame:
+            return pl.concat([read(storage.path(), asset, layer) for layer in layers])
+
+        # every layer of the run, ours and the baselines, in one wave
+        started, before = time.perf_counter(), backend.stats.snapshot()
+        made = stages.simulations(every_layer(c.EXPLANATIONS), every_layer(c.BASELINE_EXPLANATIONS),
+                                  every_layer(c.TOP_EXCERPTS), backend, mode=simulator_llm.simulator_mode,
+                                  what=f"simulations, layers {layers}", log=context.log.info)
+        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers)}
+        for layer in layers:
+            ours = made.simulations.filter(pl.col("layer") == layer)
+            theirs = made.baseline_simulations.filter(pl.col("layer") == layer)
             out.write(c.SIMULATIONS, ours, layer, excerpts=len(ours), neurons=ours["neuron"].n_unique(),
                       simulator=backend.name, simulator_mode=simulator_llm.simulator_mode,
                       prompt_template_sha=PROMPT_SHAS["simulator"], failed_excerpts=int((ours["status"] != "ok").sum()),
-                      **llm_accounting(backend, before, started))
+                      **accounting)
             out.check(c.SIMULATIONS, "simulations_well_formed", layer, validation.simulations_well_formed(ours))
             out.check(c.SIMULATIONS, FAILURES, layer, validation.failure_share(ours, "simulated excerpts"))
             out.write(c.BASELINE_SIMULATIONS, theirs, layer, excerpts=len(theirs), simulator=backend.name,

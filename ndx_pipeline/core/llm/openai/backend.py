@@ -203,10 +203,14 @@ def sent_of(body: Mapping) -> dict:
 
 # Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
 # most 5 candidates per position; vLLM's default limit is 20; llama-cpp-python has none.
+# (logprob alignment, JSON mode, top logprobs, requests in flight). In flight: OpenAI's API takes many at once
+# within its rate limits (429s are waited out); a vLLM server batches whatever arrives, so dozens keep it busy;
+# llama-cpp-python's server answers one request at a time unless started with more slots, so more than two only
+# queue there (and time out sooner).
 SERVER_PRESETS = {
-    "openai": ("openai", "json_schema", 5),
-    "vllm": ("openai", "json_schema", 20),
-    "llama_cpp": ("auto", "json_object_schema", 20),
+    "openai": ("openai", "json_schema", 5, 16),
+    "vllm": ("openai", "json_schema", 20, 48),
+    "llama_cpp": ("auto", "json_object_schema", 20, 2),
 }
 
 
@@ -225,7 +229,7 @@ class OpenAICompatibleBackend(LLMBackend):
     max_empty_slot_fraction: above this share of slots without any value candidate, the excerpt fails
     (NoValueCandidatesError); below it such slots predict 0, as in the reference method.
     max_concurrency: the most requests this backend has in flight at once (all threads together), and the
-    default width of `map`.
+    default width of `map` (None: the server preset's, see SERVER_PRESETS).
     context_tokens: the model's context window in tokens (None: ask the server, see the module docstring).
     """
 
@@ -234,7 +238,7 @@ class OpenAICompatibleBackend(LLMBackend):
                  server: str | None = None, logprob_alignment: str | None = None, json_mode: str | None = None,
                  top_logprobs: int | None = None, ten_probe: str = "auto", probe_threshold: float = 0.01,
                  max_empty_slot_fraction: float = 0.5, retry: RetryPolicy | None = None,
-                 max_concurrency: int = 4, context_tokens: int | None = None):
+                 max_concurrency: int | None = None, context_tokens: int | None = None):
         import openai
 
         preset = SERVER_PRESETS.get(server or "openai")
@@ -264,7 +268,7 @@ class OpenAICompatibleBackend(LLMBackend):
         self.probe_threshold = float(probe_threshold)
         self.max_empty_slot_fraction = float(max_empty_slot_fraction)
         self.retry = retry or RetryPolicy()
-        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_concurrency = max(1, int(max_concurrency or preset[3]))
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
         self._gate = RateGate()
