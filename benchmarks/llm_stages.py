@@ -35,8 +35,14 @@ import polars as pl  # noqa: E402
 from ndx_pipeline.core import stages  # noqa: E402
 from ndx_pipeline.core.contract import CALIBRATION, EXPLAIN, SCORED_SPLITS  # noqa: E402
 from ndx_pipeline.core.llm.local import LocalTransformersBackend  # noqa: E402
-from ndx_pipeline.core.method.explainer import LEAD_IN, MAX_EXPLANATION_TOKENS, TEMPERATURE  # noqa: E402
-from ndx_pipeline.core.method.explainer import explainer_messages, neuron_seed, parse_explanation  # noqa: E402
+from ndx_pipeline.core.method.explainer import (  # noqa: E402
+    LEAD_IN,
+    MAX_EXPLANATION_TOKENS,
+    TEMPERATURE,
+    explainer_messages,
+    neuron_seed,
+    parse_explanation,
+)
 from ndx_pipeline.core.method.simulator import simulation_prompt  # noqa: E402
 
 

@@ -61,11 +61,12 @@ def log(msg: str) -> None:
 
 
 def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = None, corpus: str | None = None,
-            top_k: int = 20, random_k: int = 20, cache_dir: str | None = None):
+            top_k: int = 20, random_k: int = 20, cache_dir: str | None = None, quantile_k: int = 0):
     """(activation_records, token table) of the chosen neurons of `layers`, from one extraction pass (the
-    pipeline's own stage; cached as Parquet under cache_dir when given)."""
+    pipeline's own stage; cached as Parquet under cache_dir when given). `quantile_k`: activation-quantile samples
+    per bucket (none by default: the quality methods do not use them)."""
     tag = (f"{model or 'bundled'}-{corpus or 'default'}-L{'_'.join(map(str, layers))}-n{neurons}-s{seed}-k{top_k}"
-           f"-r{random_k}")
+           f"-r{random_k}" + (f"-q{quantile_k}" if quantile_k else ""))
     tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
     if cache_dir:
         rec_path, tab_path = Path(cache_dir) / f"{tag}.records.parquet", Path(cache_dir) / f"{tag}.table.parquet"
@@ -73,7 +74,8 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
             log(f"extraction: cached {rec_path}")
             return pl.read_parquet(rec_path), pl.read_parquet(tab_path)
     extraction = stages.activation_records(stages.corpus(corpus), model, layers, neurons_per_layer=neurons, seed=seed,
-                                           top_k=top_k, random_k=random_k, quantile_k=0, token_table=True, log=log)
+                                           top_k=top_k, random_k=random_k, quantile_k=quantile_k, token_table=True,
+                                           log=log)
     log(f"extraction: {extraction.stats.tokens} tokens, layers {layers}, {extraction.stats.seconds:.0f} s")
     records = pl.concat([found.records for found in extraction.layers.values()])
     table = pl.concat([found.token_table for found in extraction.layers.values()])
@@ -102,7 +104,7 @@ def median(values) -> float:
 
 
 def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, seed: int = 0,
-             calibration_top: int = 3, calibration_random: int = 3) -> dict:
+             calibration_top: int = 3, calibration_random: int = 3, digest: bool = True) -> dict:
     """Every method on every neuron of `records` with one LLM `backend` as explainer and simulator, through the
     pipeline's own stages (`ndx_pipeline.core.stages`): the same splits, explanations, baselines, simulations and
     scores as a run; k1 is candidate 0 of each neuron scored as if it had been kept.
@@ -112,7 +114,7 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     excerpts = stages.top_excerpts(records, calibration_top=calibration_top, calibration_random=calibration_random)
     timings = {}
     t = time.perf_counter()
-    made = stages.explanations(excerpts, backend, candidates=k, chooser=backend, seed=seed,
+    made = stages.explanations(excerpts, backend, candidates=k, chooser=backend, seed=seed, digest=digest,
                                baselines=SIMULATED_BASELINES, token_list_explainer="llm", log=log)
     chosen = made.explanations if k > 1 else bk.choose(made.explanations, bk.no_calibration_scores())
     # the pipeline runs one token-list explainer or the other; here the fixed template runs beside the LLM one
@@ -155,7 +157,7 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     for name, frame in texts.items():
         joined = joined.join(frame.select("layer", "neuron", pl.col("explanation").alias(f"{name}_text")),
                              on=["layer", "neuron"], how="left")
-    return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen,
+    return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen, "digest": digest,
             "token_list": texts["token_list"], "timings": timings}
 
 
@@ -197,7 +199,7 @@ def report(result: dict, k: int, title: str = "", seconds: float | None = None) 
     summary.update({
         "median": {name: round(median(joined[name].to_list()), 5) for name in METHODS},
         "defined": {name: len(finite(joined[name].to_list())) for name in METHODS},
-        "neurons": len(joined), "layers": layers, "k": k,
+        "neurons": len(joined), "layers": layers, "k": k, "digest": result.get("digest", True),
         "parse_failure_rate": {n: round(v, 4) for n, v in failures.items()},
         "best_of_k_replaced_k1": round(picked_other, 4),
     })
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=None,
                         help="evaluate only the first N neurons (by index) of each layer's pool: a quick run")
     parser.add_argument("--k", type=int, default=3, help="candidates for best-of-k")
+    parser.add_argument("--digest", choices=("on", "off"), default="on",
+                        help='the "Strongest tokens" line under the explainer\'s excerpts (issue 16: measure both)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibration-top", type=int, default=3)
     parser.add_argument("--calibration-random", type=int, default=3)
@@ -235,12 +239,13 @@ def main() -> None:
     # a cache always (a temporary one without --cache-dir): the k1 and best-of-k views share most requests
     with tempfile.TemporaryDirectory(prefix="ndx-quality-") as tmp:
         backend = LocalTransformersBackend(args.llm, cache=Path(args.cache_dir or tmp) / "llm_cache")
-        result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random)
+        result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random,
+                          digest=args.digest == "on")
     if args.out:
         result["scores"].write_parquet(args.out)
     title = (f"quality benchmark: {len(result['scores'])} neurons (layers {layers}, the first "
              f"{args.neurons or args.pool} of {args.pool} seeded neurons each), "
-             f"k={args.k}, seed {args.seed}, explainer and simulator {backend.name}")
+             f"k={args.k}, seed {args.seed}, digest {args.digest}, explainer and simulator {backend.name}")
     report(result, args.k, title, time.perf_counter() - t0)
 
 

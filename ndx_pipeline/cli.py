@@ -90,6 +90,8 @@ def run_config(args) -> dict:
     put("quality", "explanation_candidates", args.candidates)
     if args.baselines is not None:
         put("quality", "baselines", [b.strip() for b in args.baselines.split(",") if b.strip() not in ("", "none")])
+    if args.scorers is not None:
+        put("quality", "scorers", [x.strip() for x in args.scorers.split(",") if x.strip() not in ("", "none")])
     put("explainer_llm", "model", args.explainer_model)
     put("simulator_llm", "model", args.simulator_model)
     logger = "console" if args.verbose else CONSOLE_LOGGER
@@ -164,16 +166,41 @@ def summarize(storage: Path, layers: list[int]) -> str:
         row += "".join(f"  {_mean(frame[col]) if col in frame.columns else '    nan':>10}" for col in baselines)
         lines.append(row)
     if baselines:
-        lines.append("(mean and median score = pooled Pearson correlation of simulated and true activations; cal_ev = the"
-                     " variance the simulation explains once calibrated on each neuron's calibration excerpts; then"
+        lines.append("(mean and median score = pooled Pearson correlation of simulated and true activations; cal_ev ="
+                     " the variance the simulation explains once calibrated on each neuron's calibration excerpts; then"
                      " the mean score of each baseline on the same excerpts: lookup = each token's mean activation,"
                      " random = another neuron's explanation, token_list = from the strongest tokens alone)")
+    lines += scorer_lines(storage, layers)
     lines.append("")
     lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
     for asset in c.LAYER_ASSETS:
         lines.append(f"               {storage / asset}/<layer>.parquet")
     lines.append(f"Neuron viewer: {viewer_dir(storage) / 'index.html'} (open it in a browser, no server needed)")
     return "\n".join(lines)
+
+
+def scorer_lines(storage: Path, layers: list[int]) -> list[str]:
+    """The scorers beside simulation that ran: per layer and scorer, the mean score of our explanations and of the
+    random and token-list baselines judged the same way (nothing when none ran)."""
+    rows = []
+    for layer in layers:
+        for name, (_, asset) in c.SCORER_ASSETS.items():
+            path = asset_path(storage, asset, layer)
+            frame = pl.read_parquet(path) if path.exists() else None
+            if frame is None or frame.is_empty():
+                continue
+            valid = frame["score"].drop_nans().drop_nulls()
+            rows.append(f"{layer:>5}  {name:<10}  {frame['metric'][0]:<17}  {len(frame):>7}  {len(valid):>6}  "
+                        f"{_mean(frame['score'])}" + "".join(f"  {_mean(frame[c.baseline_column(b)]):>10}"
+                                                             for b in c.SIMULATED_BASELINES))
+    if not rows:
+        return []
+    head = (f"{'layer':>5}  {'scorer':<10}  {'metric':<17}  {'neurons':>7}  {'scored':>6}  {'mean':>7}"
+            + "".join(f"  {b:>10}" for b in c.SIMULATED_BASELINES))
+    return ["", "Scorers beside simulation (held-out excerpts; 0.5 is chance):", head, *rows,
+            "(detection / fuzzing: balanced accuracy of the scorer LLM's verdicts on held-out excerpts; embedding: ROC"
+            " AUC of their similarity to the explanation; random and token_list: those baselines' explanations judged"
+            " the same way)"]
 
 
 def bundled_llms(args) -> bool:
@@ -328,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.add_argument("--candidates", type=int, help="best-of-k: candidate explanations per neuron (default 1)")
     run.add_argument("--baselines", help="comma list of lookup,random,token_list, or none (default: all three)")
+    run.add_argument("--scorers", help="comma list of detection,fuzzing,embedding (beside simulation), or none "
+                                       "(default: embedding)")
     run.add_argument("--explainer-model", dest="explainer_model")
     run.add_argument("--simulator-model", dest="simulator_model")
     lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")

@@ -87,7 +87,8 @@ def test_jobs_and_automation_conditions():
     llm = defs.resolve_job_def(EXPLAIN_AND_SCORE_JOB)
     assert {k.to_user_string() for k in llm.asset_layer.executable_asset_keys} == {
         "explanations", "baseline_explanations", "calibration_simulations", "simulations", "baseline_simulations",
-        "scores", "neuron_viewer"}
+        "scores", "scorer_excerpts", "detection_judgements", "detection_scores", "fuzzing_judgements",
+        "fuzzing_scores", "embedding_judgements", "embedding_scores", "neuron_viewer"}
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         cond = graph.get(key).automation_condition

@@ -126,8 +126,13 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     storage = settings / "storage"
     simulated = sum(int((pl.read_parquet(asset_path(storage, name, 0))["status"] == "ok").sum())
                     for name in ("explanations", "baseline_explanations"))
-    # 10 scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all)
-    assert counters["simulator_calls"] == 10 * simulated and simulated >= 2
+    ours = int((pl.read_parquet(asset_path(storage, "explanations", 0))["status"] == "ok").sum())
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    calibration = excerpts.filter(pl.col("split") == "calibration").group_by("neuron").len()["len"].unique().to_list()
+    # 10 scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all); ours
+    # also on its neuron's calibration excerpts (the calibrated scores' fit)
+    assert len(calibration) == 1 and calibration[0] >= 1
+    assert counters["simulator_calls"] == 10 * simulated + calibration[0] * ours and simulated >= 2
     sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0))
     assert set(sims["simulator"]) == {f"local:{other / bundled_gguf().name}"}
     after = statuses(instance, defs_b)
@@ -139,7 +144,8 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
 def test_unchanged_output_keeps_children_fresh(settings, counters):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions()
-    run(defs, instance, selection=["corpus", "activation_records", "top_excerpts", "explanations"])
+    run(defs, instance, selection=["corpus", "activation_records", "token_table", "top_excerpts", "explanations",
+                                   "baseline_explanations", "calibration_simulations"])
     first = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
     run(defs, instance, selection=["top_excerpts"])  # same input, same content
     second = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
@@ -164,3 +170,28 @@ def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
 
     monkeypatch.setattr(explainer_mod, "SYSTEM", explainer_mod.SYSTEM + " Be brief.")
     assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
+
+
+def test_changing_one_scorer_changes_only_its_own_assets(settings, monkeypatch):
+    """Each scorer beside simulation is versioned apart: its prompt or its model changes its judgements' code
+    version alone (its scores follow as stale children); switching one on or off touches only its two assets."""
+    def versions():
+        g = build_definitions().resolve_asset_graph()
+        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()}
+
+    monkeypatch.setenv("NDX_SCORERS", "detection,fuzzing,embedding")
+    base = versions()
+    import ndx_pipeline.core.method.detection as detection_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(detection_mod, "DETECTION_SYSTEM", detection_mod.DETECTION_SYSTEM + " Be strict.")
+        assert [a for a in ALL if versions()[a] != base[a]] == ["detection_judgements"]
+    with monkeypatch.context() as m:
+        m.setenv("NDX_SCORER_MODEL", "/models/other.gguf")  # the scorer LLM judges detection and fuzzing
+        assert [a for a in ALL if versions()[a] != base[a]] == ["detection_judgements", "fuzzing_judgements"]
+    with monkeypatch.context() as m:
+        m.setenv("NDX_EMBEDDING_MODEL", "/models/other-embedder")
+        assert [a for a in ALL if versions()[a] != base[a]] == ["embedding_judgements"]
+    with monkeypatch.context() as m:
+        m.setenv("NDX_SCORERS", "detection,embedding")
+        assert [a for a in ALL if versions()[a] != base[a]] == ["fuzzing_judgements", "fuzzing_scores"]

@@ -335,6 +335,12 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
         for x in result["excerpts"]:
             assert x["document_found"] and x["text"] is not None and x["text_matches_tokens"] is not False
         assert result["checks"]["all_links_resolved"] or result["checks"]["texts_unverifiable"]
+        # the default embedding scorer: its score and the held-out excerpts it judged, each back to its document
+        embedding = result["scorers"]["embedding"]
+        assert embedding["score"]["metric"] == "roc_auc" and len(embedding["judged"]) == 10
+        assert {x["split"] for x in embedding["judged"]} == {"activating", "non_activating"}
+        assert result["checks"]["scorer_excerpts_resolved"]
+    assert "Scorers beside simulation" in run.stdout and "embedding" in run.stdout
 
 
 def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):

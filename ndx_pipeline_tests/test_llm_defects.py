@@ -353,7 +353,7 @@ def test_explainer_prompt_is_fitted_and_the_row_says_what_was_left_out():
     row = rows.row(0, named=True)
     assert row["status"] == "ok", row["error"]
     assert 1 <= row["excerpts_shown"] < 5
-    assert "repeat" in row["prompt_fitted"] and f"of 5" in row["prompt_fitted"]
+    assert "repeat" in row["prompt_fitted"] and "of 5" in row["prompt_fitted"]
     # nothing left out where it fits
     roomy = explain_layer(excerpts, SmallContext(full + 100)).row(0, named=True)
     assert roomy["excerpts_shown"] == 5 and roomy["prompt_fitted"] is None

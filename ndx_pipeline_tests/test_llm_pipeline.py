@@ -40,9 +40,12 @@ def materialize(stages, storage, **resources):
     base = {
         "storage": StorageResource(storage_dir=str(storage)), "corpus_source": CorpusResource(),
         "subject_model": SubjectModelResource(window_tokens=16),
-        "selection": SelectionResource(neurons=NEURONS, score_top_excerpts=2, score_random_excerpts=1),
+        # small counts: a 2-core CPU serves every request of these tests (short explainer prompts, 3 scored and 2
+        # calibration excerpts per neuron)
+        "selection": SelectionResource(neurons=NEURONS, explain_excerpts=3, score_top_excerpts=2,
+                                       score_random_excerpts=1),
         "explainer_llm": LLMResource(max_tokens=20), "simulator_llm": LLMResource(max_tokens=0, temperature=0.0),
-        "quality": QualityResource(),
+        "quality": QualityResource(calibration_top_excerpts=1, calibration_random_excerpts=1),
     }
     base.update(resources)
     assets = list({id(by_key[s]): by_key[s] for s in stages}.values())
@@ -202,3 +205,55 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     assert len(pl.read_parquet(asset_path(storage, "explanations", 0))) == n
     print(f"\nkilled after {paid} of {n} explanation requests; rerun made {rerun}, "
           f"{meta['llm_cache_hits'].value} from the cache")
+
+
+def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(upstream, proxy, monkeypatch):
+    """The chat-only scorers through the OpenAI-compatible backend (no logprobs asked): one request per batch, a
+    malformed answer fails exactly that batch's rows with the reason, a rerun asks nothing, the key is not kept."""
+    from ndx_pipeline.core import contract as c
+    from ndx_pipeline.core import stages
+    from ndx_pipeline.core.llm.registry import LLMSpec, build_backend
+    from ndx_pipeline.core.method.scorers import make_scorer
+    from ndx_pipeline_tests.llm_server import Fault
+
+    monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
+    records = pl.read_parquet(asset_path(upstream, "activation_records", 0))
+    excerpts = pl.read_parquet(asset_path(upstream, "top_excerpts", 0))
+    held = stages.scorer_excerpts(records, excerpts, 2)
+    ours = c.frame([{"layer": 0, "neuron": n, "explanation_id": f"ours-{n}", "explanation": "punctuation marks",
+                     "explainer": "test", "prompt_sha256": "0" * 64, "status": "ok", "error": None, "selected": True}
+                    for n in NEURONS], c.EXPLANATION_SCHEMA)
+    theirs = c.empty(c.BASELINE_EXPLANATIONS)
+    spec = LLMSpec(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
+                   api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1)
+    cache = upstream.parent / f"scorer-cache-{os.getpid()}"
+    for name in ("detection", "fuzzing"):
+        scorer = make_scorer(name, batch_size=4)
+        backend = build_backend(spec, cache)
+        proxy.reset_counts()
+        proxy.plan(Fault.respond({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "I cannot tell."}, "finish_reason": "stop"}]}))
+        found = stages.judged(scorer, ours, theirs, held, backend)
+        backend.close()
+        judged = found.judgements
+        assert proxy.requests["/v1/chat/completions"] == 2  # one batch of 4 per neuron
+        batches = judged.group_by(["neuron", "prompt"]).agg(pl.col("status").unique())
+        assert len(batches) == 2 and all(len(s) == 1 for s in batches["status"])
+        failed = judged.filter(pl.col("status") == "failed")
+        # the planned answer fails its batch; the 135M model may fail the other batch's form too, with a reason
+        assert len(failed) >= 4 and failed["error"].str.contains("verdict").all()
+        ok = judged.filter(pl.col("status") == "ok")
+        assert ok["verdict"].is_not_null().all() and set(ok["scorer"]) <= {backend.name}
+        scores = found.scores
+        assert scores.filter(pl.col("status").str.starts_with("failed"))["neuron"].len() == len(failed) // 4
+        # again: every answer from the cache (the malformed one too: an answer is kept as the server gave it),
+        # the same judgements
+        proxy.reset_counts()
+        backend = build_backend(spec, cache)
+        again = stages.judged(scorer, ours, theirs, held, backend).judgements
+        backend.close()
+        assert proxy.requests.get("/v1/chat/completions", 0) == 0
+        assert again.sort(["neuron", "excerpt_id", "label"]).equals(judged.sort(["neuron", "excerpt_id", "label"]))
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert TEST_API_KEY.encode() not in path.read_bytes(), path

@@ -67,7 +67,14 @@ def test_definitions_snapshot():
                                                                                   "top_excerpts"],
         "scores": ["baseline_explanations", "baseline_simulations", "explanations", "simulations", "token_table",
                    "top_excerpts"],
-        "neuron_viewer": ["activation_records", "corpus", "explanations", "scores", "simulations", "top_excerpts"],
+        "scorer_excerpts": ["activation_records", "top_excerpts"],
+        **{f"{scorer}_judgements": ["baseline_explanations", "explanations", "scorer_excerpts"]
+           for scorer in ("detection", "fuzzing", "embedding")},
+        **{f"{scorer}_scores": sorted(["baseline_explanations", "explanations", f"{scorer}_judgements"])
+           for scorer in ("detection", "fuzzing", "embedding")},
+        "neuron_viewer": ["activation_records", "corpus", "detection_judgements", "detection_scores",
+                          "embedding_judgements", "embedding_scores", "explanations", "fuzzing_judgements",
+                          "fuzzing_scores", "scorer_excerpts", "scores", "simulations", "top_excerpts"],
     }
     assert specs["corpus"].partitions_def is None
     for name in ASSETS[1:]:
@@ -77,7 +84,9 @@ def test_definitions_snapshot():
 @pytest.mark.slow
 def test_all_six_assets_on_the_bundled_model(tmp_path):
     storage = tmp_path / "storage"
-    result, instance = run_job(storage, "1", selection={"neurons": [5, 77, 900, 1500]})
+    result, instance = run_job(storage, "1", selection={"neurons": [5, 77, 900, 1500]},
+                               quality={"scorers": ["detection", "fuzzing", "embedding"], "scorer_excerpts": 3,
+                                        "scorer_batch": 6})
     assert result.success, failure_text(result)
     frames = {"corpus": pl.read_parquet(asset_path(storage, "corpus"))}
     for name in list(CONTRACT)[1:]:
@@ -171,6 +180,8 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     assert "SmolLM2-135M" in meta["note"].value and "capable model" in meta["note"].value
     assert not [p for p in leftovers(storage) if p.endswith(".tmp")]
 
+    check_scorers(storage, frames, expl, base_expl)
+
     index = storage / "neuron_viewer" / "index.html"
     assert index.exists() and (storage / "neuron_viewer" / "1" / "900.html").exists()
     index_html = index.read_text()
@@ -180,6 +191,50 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     page = (storage / "neuron_viewer" / "1" / "900.html").read_text()
     runs = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
     assert runs in page  # the lineage section names the run that produced the records
+    assert 'id="scorers"' in page and "detection" in page and "fuzzing" in page and "embedding" in page
+    assert 'id="scorers"' in index_html
+
+
+def check_scorers(storage, frames, expl, base_expl):
+    """Detection, fuzzing and embedding beside simulation: held-out excerpts the explainer never saw, judged for our
+    explanation and each baseline's; each score recomputed from its judgements."""
+    from ndx_pipeline.core.method.metrics import classification, roc_auc
+
+    records, excerpts = frames["activation_records"], frames["top_excerpts"]
+    held = pl.read_parquet(asset_path(storage, "scorer_excerpts", 1))
+    assert held.group_by(["neuron", "split"]).len()["len"].to_list() == [3] * 8
+    for (neuron,), g in held.group_by(["neuron"]):
+        seen = set(excerpts.filter((pl.col("neuron") == neuron) & pl.col("split").is_in(["explain", "calibration"]))
+                   ["window_index"])
+        assert not seen & set(g["window_index"])
+        bounds = records.filter(pl.col("neuron") == neuron)["quantile_boundaries"][0]
+        assert g.filter(pl.col("split") == "activating")["max_activation"].min() >= bounds[1] * (1 - 1e-6)
+        assert g.filter(pl.col("split") == "non_activating")["max_activation"].max() < bounds[0]
+        for row in g.iter_rows(named=True):  # the very window of the records
+            rec = records.filter((pl.col("neuron") == neuron) & (pl.col("window_index") == row["window_index"]))
+            assert rec["tokens"][0].to_list() == row["tokens"]
+    judged_ids = set(expl.filter(pl.col("status") == "ok")["explanation_id"]) | set(
+        base_expl.filter((pl.col("status") == "ok") & pl.col("baseline").is_in(["random", "token_list"]))
+        ["explanation_id"])
+    for scorer in ("detection", "fuzzing", "embedding"):
+        judgements = pl.read_parquet(asset_path(storage, f"{scorer}_judgements", 1))
+        scores = pl.read_parquet(asset_path(storage, f"{scorer}_scores", 1))
+        assert set(judgements["explanation_id"]) == judged_ids, scorer
+        assert set(judgements["excerpt_id"]) <= set(held["excerpt_id"])
+        assert len(scores) == 4 and {"baseline_random", "baseline_token_list"} <= set(scores.columns)
+        for row in scores.filter(pl.col("status") == "ok").iter_rows(named=True):
+            mine = judgements.filter(pl.col("explanation_id") == row["explanation_id"])
+            if scorer == "embedding":
+                assert row["score"] == pytest.approx(roc_auc(mine["label"], mine["similarity"]))
+                assert len(mine) == 6
+            else:
+                assert row["score"] == pytest.approx(classification(mine["label"], mine["verdict"]).balanced_accuracy)
+                assert mine["prompt_sha256"].n_unique() == 1  # 6 excerpts in one prompt
+        failed = judgements.filter(pl.col("status") != "ok")
+        assert failed["error"].is_not_null().all()
+        if scorer == "fuzzing":  # each activating excerpt once rightly marked, once not
+            assert judgements.filter(pl.col("label"))["marked"].list.len().min() >= 1
+            assert (judgements.group_by(["explanation_id", "excerpt_id"]).len()["len"] == 2).all()
 
 
 def test_missing_corpus_fails_clearly_and_writes_nothing(tmp_path):
@@ -237,7 +292,11 @@ def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path)
             assert kept["calibration_score"][0] == ok["calibration_score"].max()
     kept_ids = set(expl.filter(pl.col("selected"))["explanation_id"])
     sims = pl.read_parquet(asset_path(storage, "simulations", 0))
-    assert set(sims["explanation_id"]) <= kept_ids and not set(sims["excerpt_id"]) & calibration_ids
+    assert set(sims["explanation_id"]) <= kept_ids
+    # the kept one is also simulated on the calibration excerpts (its calibrated scores' fit), marked as such
+    scored = sims.filter(pl.col("split") != "calibration")
+    assert not set(scored["excerpt_id"]) & calibration_ids
+    assert set(sims.filter(pl.col("split") == "calibration")["excerpt_id"]) <= calibration_ids
     scores = pl.read_parquet(asset_path(storage, "scores", 0))
     assert set(scores["explanation_id"]) == kept_ids and "baseline_lookup" in scores.columns
     meta = instance.get_latest_materialization_event(dg.AssetKey("explanations")).asset_materialization.metadata

@@ -23,6 +23,12 @@ CALIBRATION_SIMULATIONS = "calibration_simulations"
 SIMULATIONS = "simulations"
 BASELINE_SIMULATIONS = "baseline_simulations"
 SCORES = "scores"
+# The scorers beside simulation (each its own step: judgements, and one score row per neuron), and the held-out
+# excerpts they judge
+SCORER_EXCERPTS = "scorer_excerpts"
+DETECTION_JUDGEMENTS, DETECTION_SCORES = "detection_judgements", "detection_scores"
+FUZZING_JUDGEMENTS, FUZZING_SCORES = "fuzzing_judgements", "fuzzing_scores"
+EMBEDDING_JUDGEMENTS, EMBEDDING_SCORES = "embedding_judgements", "embedding_scores"
 NEURON_VIEWER = "neuron_viewer"
 
 # The paper's chain, in order: what lineage follows from a score back to its documents.
@@ -30,7 +36,9 @@ STAGES = (CORPUS, ACTIVATION_RECORDS, TOP_EXCERPTS, EXPLANATIONS, SIMULATIONS, S
 # Every asset, upstream first. Each stage also writes the files beside its main output that the later stages read
 # (the token table, the baselines' explanations and simulations, best-of-k's calibration simulations).
 ASSETS = (CORPUS, ACTIVATION_RECORDS, TOKEN_TABLE, TOP_EXCERPTS, EXPLANATIONS, BASELINE_EXPLANATIONS,
-          CALIBRATION_SIMULATIONS, SIMULATIONS, BASELINE_SIMULATIONS, SCORES, NEURON_VIEWER)
+          CALIBRATION_SIMULATIONS, SIMULATIONS, BASELINE_SIMULATIONS, SCORES, SCORER_EXCERPTS, DETECTION_JUDGEMENTS,
+          DETECTION_SCORES, FUZZING_JUDGEMENTS, FUZZING_SCORES, EMBEDDING_JUDGEMENTS, EMBEDDING_SCORES,
+          NEURON_VIEWER)
 PARQUET_ASSETS = tuple(a for a in ASSETS if a != NEURON_VIEWER)
 LAYER_ASSETS = tuple(a for a in PARQUET_ASSETS if a != CORPUS)
 
@@ -41,6 +49,16 @@ QUANTILE_KIND_PREFIX = "quantile_"
 
 EXPLAIN, SCORE_TOP, SCORE_RANDOM, CALIBRATION = "explain", "score_top", "score_random", "calibration"
 SCORED_SPLITS = (SCORE_TOP, SCORE_RANDOM)
+
+# the scorers' held-out excerpts (`scorer_excerpts`): windows that fire strongly, and windows that do not
+ACTIVATING, NON_ACTIVATING = "activating", "non_activating"
+SCORER_SPLITS = (ACTIVATING, NON_ACTIVATING)
+
+# The scorers beside simulation: name → (judgements asset, scores asset). Which run is a setting (`quality.scorers`).
+DETECTION, FUZZING, EMBEDDING = "detection", "fuzzing", "embedding"
+SCORERS = (DETECTION, FUZZING, EMBEDDING)
+SCORER_ASSETS = {DETECTION: (DETECTION_JUDGEMENTS, DETECTION_SCORES), FUZZING: (FUZZING_JUDGEMENTS, FUZZING_SCORES),
+                 EMBEDDING: (EMBEDDING_JUDGEMENTS, EMBEDDING_SCORES)}
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -175,6 +193,40 @@ SCORE_SCHEMA = {
     "calibration_status": pl.String,
 }  # plus one Float64 `baseline_<name>` column per configured baseline
 
+# One row per explanation (ours, or a baseline's: `baseline` names it, null for ours) × excerpt shown to a scorer
+JUDGEMENT_SCHEMA = {
+    **_UNIT,
+    "explanation_id": pl.String,
+    "baseline": pl.String,
+    "excerpt_id": pl.String,
+    "split": pl.String,  # activating / non_activating (scorer_excerpts)
+    "marked": pl.List(pl.Int32),  # fuzzing: the token positions marked in the excerpt shown; null otherwise
+    "label": pl.Boolean,  # the truth: the excerpt is activating (detection, embedding), correctly marked (fuzzing)
+    "verdict": pl.Boolean,  # the scorer LLM's answer (null: failed, or no LLM)
+    "similarity": pl.Float64,  # embedding: cosine similarity of excerpt and explanation (null otherwise)
+    "prompt": pl.Int32,  # which of the explanation's prompts showed the excerpt (null without an LLM)
+    "prompt_sha256": pl.String,  # of that prompt as the backend sent it
+    "scorer": pl.String,  # the model that judged (backend or embedding model name)
+    "status": pl.String,
+    "error": pl.String,
+}
+
+# One row per neuron: our explanation's score by one scorer, beside the baselines' scored the same way
+SCORER_SCORE_SCHEMA = {
+    **_UNIT,
+    "explanation_id": pl.String,
+    "explanation": pl.String,
+    "scorer": pl.String,  # detection / fuzzing / embedding
+    "metric": pl.String,  # balanced_accuracy (detection, fuzzing) / roc_auc (embedding)
+    "score": pl.Float64,
+    "precision": pl.Float64,
+    "recall": pl.Float64,
+    "f1": pl.Float64,
+    "judged": pl.Int64,  # excerpts judged
+    "status": pl.String,
+    **{BASELINE_COLUMN_PREFIX + name: pl.Float64 for name in SIMULATED_BASELINES},
+}
+
 SCHEMAS = {
     CORPUS: CORPUS_SCHEMA,
     ACTIVATION_RECORDS: RECORD_SCHEMA,
@@ -186,6 +238,9 @@ SCHEMAS = {
     SIMULATIONS: SIMULATION_SCHEMA,
     BASELINE_SIMULATIONS: SIMULATION_SCHEMA,
     SCORES: SCORE_SCHEMA,
+    SCORER_EXCERPTS: EXCERPT_SCHEMA,
+    **{judgements: JUDGEMENT_SCHEMA for judgements, _ in SCORER_ASSETS.values()},
+    **{scores: SCORER_SCORE_SCHEMA for _, scores in SCORER_ASSETS.values()},
 }
 
 

@@ -6,6 +6,8 @@ the settings it needs as arguments and a `log` callable for progress lines.
 
     corpus ─► activation_records (+ token_table) ─► top_excerpts ─► explanations (+ baseline_explanations,
     calibration_simulations) ─► simulations (+ baseline_simulations) ─► scores
+    top_excerpts ─► scorer_excerpts ─► <scorer>_judgements + <scorer>_scores (detection, fuzzing, embedding; each
+    beside the simulation score, reading the explanations and baseline_explanations)
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from ndx_pipeline.core.data.units import neurons_of_layer
 from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
-from ndx_pipeline.core.method import best_of_k
+from ndx_pipeline.core.method import best_of_k, judging
 from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explanation_work
-from ndx_pipeline.core.method.scorers import SimulationScorer
+from ndx_pipeline.core.method.scorers import Scorer, SimulationScorer
 from ndx_pipeline.core.method.scoring import with_baselines
 from ndx_pipeline.core.method.token_list import explain_token_lists, token_list_work
 from ndx_pipeline.core.method.work import run_together
@@ -220,3 +222,29 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
     for name in missing:
         frame = frame.with_columns(pl.lit(float("nan")).alias(contract.baseline_column(name)))
     return Scored(frame, missing)
+
+
+# --------------------------------------------------------------------------------------------------------- scorers
+
+
+def scorer_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5) -> pl.DataFrame:
+    """Per neuron, `count` activating and `count` non-activating windows that neither the explainer nor best-of-k
+    saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge."""
+    return judging.held_out_excerpts(records, excerpts, count)
+
+
+@dataclass
+class Judged:
+    judgements: pl.DataFrame  # one row per explanation (ours and the baselines') × excerpt shown
+    scores: pl.DataFrame  # one row per neuron, with the baselines' scores beside ours
+
+
+def judged(scorer: Scorer, explanations: pl.DataFrame, baseline_explanations: pl.DataFrame,
+           excerpts: pl.DataFrame, backend, *, what: str = "judgements", log: Log = quiet) -> Judged:
+    """Every kept explanation and every baseline explanation judged by `scorer` on the held-out `excerpts`, in
+    one wave through `backend` (the scorer LLM, or the embedder for the embedding scorer; the frames may hold
+    several layers), then scored."""
+    ours = scorer.judgements(explanations, excerpts, backend)
+    theirs = scorer.judgements(baseline_explanations, excerpts, backend)
+    found = pl.concat(run_together(backend, [ours, theirs], Progress(what, 0, log, unit=scorer.unit)))
+    return Judged(found, judging.scores_with_baselines(found, explanations, baseline_explanations, scorer.score))

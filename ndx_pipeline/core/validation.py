@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import polars as pl
 
-from ndx_pipeline.core.contract import STATUS_OK
+from ndx_pipeline.core.contract import ACTIVATING, CALIBRATION, EXPLAIN, NON_ACTIVATING, STATUS_OK
 
 ERROR, WARN = "error", "warn"
 FAILURE_SHARE_WARN = 0.25  # above this share of failed LLM items, a stage's failure check warns
@@ -166,3 +166,69 @@ def failure_share(frame: pl.DataFrame, what: str, blocking: bool = True,
     if total and failed > warn_above * total:
         return Check(False, f"{failed} of {total} {what} failed (more than {warn_above:.0%})", details, WARN)
     return Check(True, f"{failed} of {total} {what} failed", details)
+
+
+def scorer_excerpts_held_out(scorer_excerpts: pl.DataFrame, excerpts: pl.DataFrame, per_split: int) -> Check:
+    """The scorers' excerpts: per neuron, no window the explainer saw (explain) or best-of-k chose on
+    (calibration), no window both activating and non-activating, and `per_split` of each (no rows at all when
+    `per_split` is 0: no scorer runs)."""
+    if per_split == 0:
+        return (scorer_excerpts.is_empty(), "none: no scorer runs" if scorer_excerpts.is_empty()
+                else f"{len(scorer_excerpts)} rows although no scorer runs", {"rows": len(scorer_excerpts)})
+    seen = {(int(n), w) for n, w in excerpts.filter(pl.col("split").is_in([EXPLAIN, CALIBRATION]))
+            .select("neuron", "window_index").iter_rows()}
+    leaks, bad_counts = set(), set()
+    for (neuron,), g in scorer_excerpts.group_by(["neuron"], maintain_order=True):
+        windows = g["window_index"].to_list()
+        if any((int(neuron), w) in seen for w in windows) or len(set(windows)) != len(windows):
+            leaks.add(int(neuron))
+        counts = dict(g.group_by("split").len().iter_rows())
+        if counts != {ACTIVATING: per_split, NON_ACTIVATING: per_split}:
+            bad_counts.add(int(neuron))
+    missing = sorted(set(excerpts["neuron"].unique().to_list()) - set(scorer_excerpts["neuron"].unique().to_list()))
+    ok = not leaks and not bad_counts and not missing
+    desc = (f"{scorer_excerpts['neuron'].n_unique()} neurons × {per_split} activating + {per_split} non-activating, "
+            "none seen by the explainer" if ok else
+            f"neurons {sorted(leaks)[:10]} judge windows the explainer saw (or one twice); neurons "
+            f"{sorted(bad_counts)[:10]} have other counts; neurons {missing[:10]} have none")
+    return ok, desc, {"rows": len(scorer_excerpts), "leaking_neurons": len(leaks), "wrong_counts": len(bad_counts)}
+
+
+def judgements_well_formed(judgements: pl.DataFrame, scorer_excerpts: pl.DataFrame) -> Check:
+    """Every row judges an excerpt of its neuron in scorer_excerpts; ok rows carry a verdict or a similarity in
+    [-1, 1]; failed rows carry a reason."""
+    known = {(int(n), e) for n, e in scorer_excerpts.select("neuron", "excerpt_id").iter_rows()}
+    bad = 0
+    for row in judgements.iter_rows(named=True):
+        if (int(row["neuron"]), row["excerpt_id"]) not in known:
+            bad += 1
+        elif row["status"] == STATUS_OK:
+            sim = row["similarity"]
+            bad += row["verdict"] is None and (sim is None or not math.isfinite(sim) or not -1.0001 <= sim <= 1.0001)
+        else:
+            bad += not row["error"]
+    failed = int((judgements["status"] != STATUS_OK).sum()) if len(judgements) else 0
+    return (bad == 0, f"{len(judgements)} judgements ({failed} failed, each with a reason)" if bad == 0 else
+            f"{bad} judgements are malformed or judge an excerpt that is not in scorer_excerpts",
+            {"judgements": len(judgements), "failed": failed, "malformed": bad})
+
+
+def scorer_scores_valid(scores: pl.DataFrame, explanations: pl.DataFrame, on: bool) -> Check:
+    """A scorer's scores: one row per neuron with a kept explanation, each in [0, 1] (balanced accuracy, ROC AUC)
+    or NaN with a status saying why; no rows when the scorer is off."""
+    if not on:
+        return (scores.is_empty(), "none: the scorer is off" if scores.is_empty()
+                else f"{len(scores)} rows although the scorer is off", {"neurons": len(scores)})
+    kept = explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+    want, have = sorted(kept["neuron"].to_list()), sorted(scores["neuron"].to_list())
+    bad = 0
+    for row in scores.iter_rows(named=True):
+        s = row["score"]
+        if s is None or math.isnan(s):
+            bad += row["status"] == STATUS_OK or not row["status"]
+        else:
+            bad += not (0.0 <= s <= 1.0) or row["status"] != STATUS_OK
+    ok = bad == 0 and want == have
+    return (ok, f"{len(scores)} neurons, scores in [0, 1] or NaN with a status" if ok else
+            f"{bad} invalid score rows; neurons {have[:10]} scored, {want[:10]} explained",
+            {"neurons": len(scores), "invalid": bad})

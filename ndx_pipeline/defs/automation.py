@@ -38,7 +38,8 @@ EXTRACTION_JOB = "extract_activations"
 EXPLAIN_AND_SCORE_JOB = "explain_and_score"
 EXTRACTION_ASSETS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.TOP_EXCERPTS)
 EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS, c.SIMULATIONS,
-                            c.BASELINE_SIMULATIONS, c.SCORES, c.NEURON_VIEWER)
+                            c.BASELINE_SIMULATIONS, c.SCORES, c.SCORER_EXCERPTS,
+                            *(a for pair in c.SCORER_ASSETS.values() for a in pair), c.NEURON_VIEWER)
 
 explain_neurons = dg.define_asset_job(
     MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=layers,
@@ -48,7 +49,8 @@ extract_activations = dg.define_asset_job(
     description="The subject-model stages: corpus, activation_records (+ token_table), top_excerpts.")
 explain_and_score = dg.define_asset_job(
     EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS), partitions_def=layers,
-    description="The LLM stages: explanations, simulations, scores (with their baselines) and the viewer.")
+    description="The LLM stages: explanations, simulations, scores (with their baselines), the scorers beside "
+                "simulation (detection, fuzzing, embedding) and the viewer.")
 
 
 def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_RECORDS) -> list[int]:

@@ -1,6 +1,7 @@
 """The asset checks, declared once: per asset, each check's name and what it guarantees. All are blocking: a check
-that fails with ERROR severity stops the layer's downstream steps (a WARN result does not). The checks themselves are plain functions in `core.validation`; each
-asset evaluates its own (through `materialize.Outputs.check`) on every layer it writes."""
+that fails with ERROR severity stops the layer's downstream steps (a WARN result does not). The checks themselves
+are plain functions in `core.validation`; each asset evaluates its own (through `materialize.Outputs.check`) on
+every layer it writes."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ CHECKS: dict[str, dict[str, str]] = {
     c.BASELINE_SIMULATIONS: {"baseline_simulations_well_formed": "one value in [0, 10] per token",
                              FAILURES: FAILURES_WARN},
     c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why", FAILURES: FAILURES_BLOCK},
+    c.SCORER_EXCERPTS: {"held_out_from_the_explainer": "no window the explainer or best-of-k saw; the configured "
+                                                       "activating and non-activating excerpts per neuron (none when "
+                                                       "no scorer runs)"},
+    **{judgements: {"judgements_well_formed": "each row an excerpt of scorer_excerpts with a verdict or a "
+                                              "similarity, or failed with why (no rows when the scorer is off)",
+                    FAILURES: FAILURES_WARN}
+       for judgements, _ in c.SCORER_ASSETS.values()},
+    **{scores: {"scorer_scores_valid": "one row per explained neuron, each score in [0, 1] or NaN with a status "
+                                       "saying why (no rows when the scorer is off)"}
+       for _, scores in c.SCORER_ASSETS.values()},
 }
 
 

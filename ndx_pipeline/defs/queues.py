@@ -3,8 +3,10 @@ deploy/README.md and `ndx_pipeline.scale_out`):
 
 - the subject-model steps (`activation_records` and its token table) run the subject model: a GPU machine (celery
   queue `gpu`; on Kubernetes a pod asking for one `nvidia.com/gpu` and tolerating the usual GPU-node taint);
-- the LLM steps (explanations, simulations and their baseline/calibration outputs): celery queue `llm`, CPU pods;
-- the light steps (corpus, top_excerpts, scores, neuron_viewer): celery's default queue `dagster`, CPU pods.
+- the LLM steps (explanations, simulations and their baseline/calibration outputs; the detection and fuzzing
+  scorers): celery queue `llm`, CPU pods;
+- the light steps (corpus, top_excerpts, scores, scorer_excerpts, the embedding scorer, neuron_viewer): celery's
+  default queue `dagster`, CPU pods.
 
 `STEP_QUEUES` says it per step (a step is an asset, or a multi-asset with the files written beside it) and
 `step_tags(step)` gives the step tags that say so (harmless on one machine: only the celery and k8s executors read
@@ -36,6 +38,10 @@ STEP_QUEUES = {
     "explanations": LLM_QUEUE,
     "simulations": LLM_QUEUE,
     "scores": DEFAULT_QUEUE,
+    "scorer_excerpts": DEFAULT_QUEUE,
+    "detection": LLM_QUEUE,  # the scorer LLM
+    "fuzzing": LLM_QUEUE,
+    "embedding": DEFAULT_QUEUE,  # a 22M-parameter sentence model on the CPU
     "neuron_viewer": DEFAULT_QUEUE,
 }
 

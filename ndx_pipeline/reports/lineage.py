@@ -4,6 +4,7 @@
 
     scores ──explanation_id──► explanations ──prompt_sha256──► the explainer prompt, rebuilt from the explain excerpts
        └──explanation_id──► simulations ──excerpt_id──► top_excerpts ──doc_id + char span──► corpus text
+    <scorer>_scores ──explanation_id──► <scorer>_judgements ──excerpt_id──► scorer_excerpts ──doc_id + span──► text
 
 and returns one JSON-ready dict. Nothing is trusted blindly: the prompt is rebuilt as the explainer's backend sent
 it (known from the stored `explainer` name: `local:…` renders the model's chat template, `openai-compatible:…`
@@ -25,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from ndx_pipeline.core.contract import SCORED_SPLITS, STAGES
+from ndx_pipeline.core.contract import SCORED_SPLITS, SCORER_ASSETS, SCORER_EXCERPTS, STAGES
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
@@ -82,6 +83,13 @@ class LayerData:
         records = asset_path(storage_dir, "activation_records", layer)
         self.records = pl.read_parquet(records) if records.exists() else None
         self.documents = documents or Documents(storage_dir)
+        # the scorers beside simulation, where they ran (older storage has none of these files)
+        self.scorer_excerpts = _optional(storage_dir, SCORER_EXCERPTS, layer)
+        self.scorers: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
+        for name, (judgements, scores) in SCORER_ASSETS.items():
+            found = _optional(storage_dir, scores, layer), _optional(storage_dir, judgements, layer)
+            if found[0] is not None and len(found[0]) and found[1] is not None:
+                self.scorers[name] = found
 
     def neurons(self) -> list[int]:
         return sorted(int(n) for n in self.scores["neuron"].unique())
@@ -91,6 +99,11 @@ class LayerData:
         if frame is None:
             return pl.DataFrame()
         return frame.filter(pl.col("neuron") == neuron)
+
+
+def _optional(storage_dir: str | os.PathLike, asset: str, layer: int) -> pl.DataFrame | None:
+    path = asset_path(storage_dir, asset, layer)
+    return pl.read_parquet(path) if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -291,6 +304,7 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     scored.sort(key=lambda e: (SCORED_SPLITS.index(e["split"]) if e["split"] in SCORED_SPLITS else 9,
                                e.get("rank") if e.get("rank") is not None else 0))
 
+    scorers = scorer_lineage(data, neuron)
     records = data.neuron("records", neuron)
     stats = {}
     if len(records):
@@ -307,9 +321,14 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "text_mismatches": [e["excerpt_id"] for e in every if e["text_matches_tokens"] is False],
         "texts_unverifiable": [e["excerpt_id"] for e in every if e["text_matches_tokens"] is None],
     }
+    judged = [x for found in scorers.values() for x in found["judged"]]
+    checks["scorer_judgements"] = len(judged)
+    checks["scorer_excerpts_resolved"] = all(x["document_found"] and x["text_matches_tokens"] is not False
+                                             for x in judged)
     checks["all_links_resolved"] = bool(
         scored and not unresolved and checks["documents_found"] and checks["texts_match_tokens"]
         and checks["prompt_sha256_matches"] and all(e["text"] is not None for e in every)
+        and checks["scorer_excerpts_resolved"]
     )
     simulator = next((e["simulator"] for e in scored if e.get("simulator")), None)
     result = {
@@ -322,12 +341,50 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "simulator": simulator,
         "neuron_stats": stats,
         "excerpts": scored,
+        "scorers": scorers,
         "runs": run_info,
         "files": {stage: str(asset_path(data.storage_dir, stage, None if stage == "corpus" else layer))
-                  for stage in STAGES},
+                  for stage in STAGES} | {asset: str(asset_path(data.storage_dir, asset, layer))
+                                          for name in scorers for asset in (*SCORER_ASSETS[name], SCORER_EXCERPTS)},
         "checks": checks,
     }
     return json_safe(result)
+
+
+def scorer_lineage(data: LayerData, neuron: int) -> dict:
+    """Per scorer that ran for the layer: the neuron's score row (ours, with the baselines' beside it) and every
+    excerpt it judged for our explanation — the excerpt and its document, the truth (`label`), the verdict or
+    similarity, whether the verdict was right (`correct`), the marked positions (fuzzing), and the baselines'
+    verdicts or similarities on the same excerpt."""
+    out = {}
+    excerpts = data.neuron("scorer_excerpts", neuron)
+    by_id = {ex["excerpt_id"]: ex for ex in excerpts.iter_rows(named=True)}
+    for name, (scores, judgements) in data.scorers.items():
+        score = _row(scores.filter(pl.col("neuron") == neuron))
+        if not score:
+            continue
+        mine = judgements.filter(pl.col("neuron") == neuron)
+        theirs: dict[tuple, dict] = {}
+        for r in mine.filter(pl.col("baseline").is_not_null()).iter_rows(named=True):
+            theirs.setdefault((r["excerpt_id"], tuple(r["marked"] or ())), {})[r["baseline"]] = (
+                r["similarity"] if r["similarity"] is not None else r["verdict"])
+        judged = []
+        for r in mine.filter(pl.col("explanation_id") == score["explanation_id"]).iter_rows(named=True):
+            ex = by_id.get(r["excerpt_id"])
+            entry = _excerpt_entry(data.documents, ex) if ex is not None else {
+                "excerpt_id": r["excerpt_id"], "split": r["split"], "tokens": None, "document_found": False,
+                "text_matches_tokens": None, "text": None}
+            entry.update(activations=list(ex["activations"]) if ex is not None else None,
+                         label=r["label"], verdict=r["verdict"], similarity=r["similarity"],
+                         marked=list(r["marked"]) if r["marked"] is not None else None, prompt=r["prompt"],
+                         status=r["status"], error=r["error"],
+                         correct=None if r["verdict"] is None else r["verdict"] == r["label"],
+                         baselines=theirs.get((r["excerpt_id"], tuple(r["marked"] or ())), {}))
+            judged.append(entry)
+        judged.sort(key=lambda e: (not e["label"], e["excerpt_id"], e["marked"] or []))
+        out[name] = {"score": score, "scorer": mine["scorer"].drop_nulls().first() if len(mine) else None,
+                     "judged": judged}
+    return out
 
 
 def lineage(storage_dir: str | os.PathLike, layer: int, neuron: int, runs: Mapping[str, Any] | None = None,
@@ -398,6 +455,17 @@ def format_lineage(result: Mapping, max_text: int = 160) -> str:
             f" max sim {_fmt(max((v for v in sim if v is not None), default=None))}; {ok}"
         )
         lines.append(f"      {text}")
+    if result.get("scorers"):
+        lines.append("")
+        lines.append("scorers beside simulation (our explanation; the baselines judged on the same excerpts):")
+    for name, found in (result.get("scorers") or {}).items():
+        sc = found["score"]
+        right = sum(1 for x in found["judged"] if x.get("correct"))
+        answered = sum(1 for x in found["judged"] if x.get("correct") is not None)
+        tally = f"; {right} of {answered} verdicts right" if answered else ""
+        lines.append(f"  {name:<10} {sc.get('metric')} {_fmt(sc.get('score'))}  (random "
+                     f"{_fmt(sc.get('baseline_random'))}, token list {_fmt(sc.get('baseline_token_list'))})  "
+                     f"{sc.get('status')}; {len(found['judged'])} excerpts judged by {found.get('scorer')}{tally}")
     lines.append("")
     lines.append("runs:")
     for stage, info in result["runs"].items():

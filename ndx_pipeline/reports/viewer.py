@@ -38,10 +38,13 @@ from ndx_pipeline.core.contract import (
     SCORE_RANDOM,
     SCORE_TOP,
     SCORED_SPLITS,
+    SCORER_ASSETS,
     SCORES,
+    SIMULATED_BASELINES,
     SIMULATIONS,
     STATUS_OK,
     TOP,
+    baseline_column,
 )
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
@@ -256,6 +259,32 @@ def bundled_llm_used(storage_dir: Path, layers: list[int]) -> bool:
     return False
 
 
+def scorer_scores(storage_dir: Path, layer: int) -> dict[str, pl.DataFrame]:
+    """scorer → its scores of the layer, for the scorers beside simulation that ran (a file with rows)."""
+    out = {}
+    for name, (_, asset) in SCORER_ASSETS.items():
+        path = asset_path(storage_dir, asset, layer)
+        if path.exists():
+            frame = pl.read_parquet(path)
+            if len(frame):
+                out[name] = frame
+    return out
+
+
+def scorer_summary(storage_dir: Path, layers: list[int]) -> list[dict]:
+    """Per layer and scorer that ran: neurons, how many got a score, and the mean score of our explanations and of
+    each simulated baseline (the scorer's own floor)."""
+    rows = []
+    for layer in layers:
+        for name, frame in scorer_scores(storage_dir, layer).items():
+            valid = [v for v in frame["score"].to_list() if _num(v) is not None]
+            rows.append({"layer": layer, "scorer": name, "metric": frame["metric"][0].replace("_", " "),
+                         "neurons": len(frame), "scored": len(valid), "mean": _mean(valid),
+                         "baselines": [_mean([v for v in frame[baseline_column(b)].to_list() if _num(v) is not None])
+                                       for b in SIMULATED_BASELINES]})
+    return rows
+
+
 def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[str]]:
     rows, extra = [], []
     for layer in layers:
@@ -263,6 +292,10 @@ def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[
         for c in baseline_columns(scores):
             if c not in extra:
                 extra.append(c)
+        for name, frame in scorer_scores(storage_dir, layer).items():  # our explanation's score by each scorer
+            scores = scores.join(frame.select("neuron", pl.col("score").alias(name)), on="neuron", how="left")
+            if name not in extra:
+                extra.append(name)
         rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
         records = pl.read_parquet(rec_path, columns=["neuron", "kind", "tokens", "activations"]) \
             if rec_path.exists() else None
@@ -284,7 +317,8 @@ def _mean(values: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------------- index page
 
 
-def render_index(rows: list[dict], extra: list[str], layers: list[int], note: str | None = None) -> str:
+def render_index(rows: list[dict], extra: list[str], layers: list[int], note: str | None = None,
+                 scorers: list[dict] | None = None) -> str:
     baselines = [c for c in extra if c.startswith(BASELINE_COLUMN_PREFIX)]
     table = []
     for r in rows:
@@ -308,7 +342,8 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int], note: st
             "baselines": [_mean([v for r in mine if (v := _num(r.get(c))) is not None]) for c in baselines]})
     all_scores = [s for r in rows if (s := _num(r.get("score"))) is not None]
     return _render(
-        "index.html.j2", note=note, layers=layers, rows=table, summary=summary,
+        "index.html.j2", note=note, layers=layers, rows=table, summary=summary, scorers=scorers or [],
+        scorer_baselines=[b.replace("_", " ") for b in SIMULATED_BASELINES],
         extra_labels=[c.replace("_", " ") for c in extra],
         baseline_labels=[c.removeprefix(BASELINE_COLUMN_PREFIX).replace("_", " ") for c in baselines],
         neuron_count=len(rows), high_scores=sum(1 for s in all_scores if s >= 0.5), mean_score=_mean(all_scores))
@@ -330,7 +365,8 @@ def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
         raise NdxInputError(f"layers {missing} have no scores under {storage_dir}: materialize them first.")
     rows, extra = _index_rows(storage_dir, chosen)
     note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen) else None
-    return write_text_atomic(render_index(rows, extra, chosen, note), out / "index.html")
+    return write_text_atomic(render_index(rows, extra, chosen, note, scorer_summary(storage_dir, chosen)),
+                             out / "index.html")
 
 
 # ---------------------------------------------------------------------------------------------------- neuron page
@@ -389,6 +425,58 @@ def _scored_sections(excerpts: list[dict], pos_scale: float, neg_scale: float) -
         if items:
             sections.append({"title": SCORED_TITLES[split], "excerpts": items})
     return sections, sim_range
+
+
+SCORER_QUESTIONS = {"detection": "does the neuron fire on the excerpt?",
+                    "fuzzing": "are the marked tokens what the explanation names?",
+                    "embedding": "how close is the excerpt to the explanation (cosine similarity)?"}
+
+
+def _judged_note(entry: Mapping, scorer: str) -> str:
+    """What an excerpt's header says of one judgement: the truth, our explanation's verdict or similarity, and the
+    baselines' on the same excerpt."""
+    if scorer == "fuzzing":
+        truth = "marks on its strongest tokens" if entry["label"] else "marks put elsewhere"
+    else:
+        truth = "activating" if entry["label"] else "non-activating"
+    if entry.get("status") != STATUS_OK:
+        return f"{truth} · failed: {entry.get('error') or 'no reason given'}"
+    theirs = entry.get("baselines") or {}
+    if entry.get("similarity") is not None:
+        mine = f"similarity {entry['similarity']:.3f}"
+        others = ", ".join(f"{b.replace('_', ' ')} {v:.3f}" for b, v in theirs.items() if v is not None)
+    else:
+        mine = f"verdict {int(entry['verdict'])} {'✓' if entry['correct'] else '✗'}"
+        others = ", ".join(f"{b.replace('_', ' ')} {int(v)} {'✓' if v == entry['label'] else '✗'}"
+                           for b, v in theirs.items() if v is not None)
+    return f"truth: {truth} · ours: {mine}" + (f" · baselines: {others}" if others else "")
+
+
+def _scorer_sections(scorers: Mapping, pos_scale: float, neg_scale: float) -> list[dict]:
+    """Per scorer that ran: its scores (ours and the baselines'), and every excerpt it judged for our explanation
+    as a heatmap of the real activations, the marked tokens outlined (fuzzing), with right/wrong marks."""
+    out = []
+    for name, found in scorers.items():
+        score = found["score"]
+        stats = [{"label": score.get("metric", "").replace("_", " "), "value": score.get("score"), "main": True}]
+        stats += [{"label": f"baseline {b.replace('_', ' ')}", "value": score.get(baseline_column(b)), "main": False}
+                  for b in SIMULATED_BASELINES]
+        stats += [{"label": k, "value": score.get(k), "main": False} for k in ("precision", "recall", "f1")
+                  if score.get(k) is not None]
+        items = []
+        for entry in found["judged"]:
+            cells = heatmap(entry.get("tokens") or [], entry.get("activations"), pos_scale, neg_scale)
+            for i in entry.get("marked") or []:
+                if i < len(cells):
+                    cells[i]["attrs"]["data-mark"] = "1"
+            items.append({"head": _excerpt_head(entry, _judged_note(entry, name)), "cells": cells,
+                          "correct": entry.get("correct")})
+        answered = [i for i in items if i["correct"] is not None]
+        out.append({"name": name, "question": SCORER_QUESTIONS.get(name, ""), "stats": stats,
+                    "status": score.get("status") or "", "status_ok": score.get("status") == STATUS_OK,
+                    "model": found.get("scorer"), "judged": items,
+                    "right": sum(1 for i in answered if i["correct"]), "answered": len(answered)})
+    return out
 
 
 def _record_items(frame: pl.DataFrame, split_of: Mapping, pos_scale: float, neg_scale: float) -> list[dict]:
@@ -450,6 +538,7 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
         subject_model=lin.get("subject_model") or "not recorded",
         score_stats=score_stats, moments=moments, candidates=candidates,
         pos_scale=pos_scale, legend_neg=legend_neg, sim_range=sim_range, scored=scored,
+        scorers=_scorer_sections(lin.get("scorers") or {}, pos_scale, neg_scale),
         top=_record_items(top, split_of, pos_scale, neg_scale),
         random=_record_items(rnd, split_of, pos_scale, neg_scale),
         histogram=histogram_svg(
@@ -461,7 +550,8 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
         prompt_verified=bool(expl.get("prompt_verified")), prompt_note=expl.get("prompt_note"),
         prompt_rebuilt=expl.get("rebuilt_prompt_sha256") is not None,
         prompt_fitted=expl["prompt"].get("prompt_fitted"), runs=lin["runs"],
-        documents=_document_rows(lin["excerpts"] + expl["excerpts"]),
+        documents=_document_rows(lin["excerpts"] + expl["excerpts"] + list(
+            {x["excerpt_id"]: x for found in (lin.get("scorers") or {}).values() for x in found["judged"]}.values())),
         prompt=_prompt_text(expl["prompt"]),
         lineage_json=script_json(lin))
 

@@ -233,15 +233,16 @@ class LocalTransformersBackend(LLMBackend):
         with torch.inference_mode():
             prefix = None
             if shared > 0:
-                prefix = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True).past_key_values
+                head = torch.tensor([rows[0][:shared]], device=device)
+                prefix = kv_cache(model(input_ids=head, use_cache=True))
             caches, first = [], []
             for i, row in enumerate(rows):
                 own = row[shared:]
                 out = model(input_ids=torch.tensor([own], device=device),
                             position_ids=torch.arange(shared, shared + len(own), device=device)[None],
-                            past_key_values=copy.deepcopy(prefix) if prefix is not None else None, use_cache=True,
-                            logits_to_keep=1)
-                caches.append(out.past_key_values)
+                            **kv_input(model, copy.deepcopy(prefix) if prefix is not None else None),
+                            use_cache=True, logits_to_keep=1)
+                caches.append(kv_cache(out))
                 first.append(draw(i, out.logits[0, -1]) if max_tokens > 0 else pad)
             if max_tokens <= 0 or all(done):
                 return new
@@ -270,8 +271,8 @@ class LocalTransformersBackend(LLMBackend):
             while not all(done):
                 mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
                 out = model(input_ids=step[:, None].to(device), attention_mask=mask.to(device),
-                            position_ids=position[:, None].to(device), past_key_values=cache, use_cache=True)
-                cache, position = out.past_key_values, position + 1
+                            position_ids=position[:, None].to(device), **kv_input(model, cache), use_cache=True)
+                cache, position = kv_cache(out), position + 1
                 step = torch.tensor([pad if done[i] else draw(i, out.logits[i, -1]) for i in range(len(rows))])
         return new
 
@@ -379,7 +380,7 @@ class LocalTransformersBackend(LLMBackend):
             return self._heads[head]
         model, _ = self._lm()
         with torch.inference_mode():
-            cache = model(input_ids=torch.tensor([head], device=model.device), use_cache=True).past_key_values
+            cache = kv_cache(model(input_ids=torch.tensor([head], device=model.device), use_cache=True))
         self._heads[head] = cache
         while len(self._heads) > HEADS_KEPT:
             self._heads.popitem(last=False)
@@ -429,7 +430,7 @@ class LocalTransformersBackend(LLMBackend):
             cache = copy.deepcopy(self._head_cache(head))
             cache.batch_repeat_interleave(b)
             hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 position_ids=positions.to(device), past_key_values=cache,
+                                 position_ids=positions.to(device), **kv_input(model.model, cache),
                                  use_cache=True).last_hidden_state
             out = []
             for i, r in enumerate(requests):
@@ -439,6 +440,24 @@ class LocalTransformersBackend(LLMBackend):
                 probs = torch.softmax(model.lm_head(hidden[i, rows]).float(), dim=-1).cpu()
                 out.append(_values(probs, s, digit_ids, ten_id))
         return out
+
+
+def kv_input(model, cache) -> dict:
+    """The keyword that hands a key/value cache to `model.forward`: `cache` in newer transformers 5 releases,
+    `past_key_values` before (which newer releases still take, with a deprecation warning)."""
+    return {"cache": cache} if "cache" in _forward_parameters(type(model)) else {"past_key_values": cache}
+
+
+@lru_cache(maxsize=None)
+def _forward_parameters(cls) -> frozenset:
+    import inspect
+
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def kv_cache(out):
+    """The key/value cache of a forward's output, under either name (see `kv_input`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> int:

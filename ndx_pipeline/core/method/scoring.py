@@ -118,6 +118,20 @@ def _calibrated(row: dict, sims: pl.DataFrame, scored_true, scored_sim) -> None:
                calibration_slope=fit.slope, calibration_intercept=fit.intercept, calibration_status=fit.status)
 
 
+def unscored_reason(explanation: dict, judgements: pl.DataFrame, what: str) -> str | None:
+    """Why an explanation gets no score from its `judgements` (simulations, or a scorer's verdicts), None when it
+    gets one: its explanation failed, nothing was judged, or any judgement failed (a score over fewer excerpts
+    would be another score: none rather than a different number)."""
+    if explanation["status"] != STATUS_OK:
+        return f"failed: explanation failed ({explanation.get('error') or 'no reason given'})"
+    if judgements.is_empty():
+        return f"failed: no {what}"
+    failed = judgements.filter(pl.col("status") != STATUS_OK) if "status" in judgements.columns else judgements.clear()
+    if len(failed):
+        return f"failed: {len(failed)} of {len(judgements)} {what} failed ({failed['error'][0] or 'no reason given'})"
+    return None
+
+
 def score_layer(simulations, explanations, baselines=None, splits=contract.SCORED_SPLITS):
     """One row per explained neuron: the pooled score over the excerpts of `splits` (score_top + score_random),
     and over each scored split alone; then, from the calibration rows of the same simulations, the calibrated
@@ -135,16 +149,7 @@ def score_layer(simulations, explanations, baselines=None, splits=contract.SCORE
                "explanation": expl["explanation"]}
         mine = simulations.filter(pl.col("explanation_id") == expl["explanation_id"])
         sims = mine.filter(pl.col("split").is_in(list(splits)))
-        failed = sims.filter(pl.col("status") != STATUS_OK) if "status" in sims.columns else sims.clear()
-        reason = None
-        if expl["status"] != STATUS_OK:
-            reason = f"failed: explanation failed ({expl.get('error') or 'no reason given'})"
-        elif sims.is_empty():
-            reason = "failed: no simulations"
-        elif len(failed):
-            # A score over fewer excerpts would not be the pooled score: none rather than a different number.
-            reason = (f"failed: {len(failed)} of {len(sims)} simulations failed "
-                      f"({failed['error'][0] or 'no reason given'})")
+        reason = unscored_reason(expl, sims, "simulations")
         if reason:
             rows.append({**row, **undefined, "status": reason, "scored_tokens": 0,
                          "calibration_status": "undefined: not scored"})

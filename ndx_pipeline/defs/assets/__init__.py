@@ -1,3 +1,4 @@
 """The assets, one module per stage group: extraction (corpus, activation_records + token_table, top_excerpts),
 explanation (explanations + baseline_explanations + calibration_simulations), simulation (simulations +
-baseline_simulations), scoring (scores), viewer (neuron_viewer). Each is a thin skin over `core.stages`."""
+baseline_simulations), scoring (scores), scorers (scorer_excerpts; detection, fuzzing and embedding judgements
+and scores), viewer (neuron_viewer). Each is a thin skin over `core.stages`."""

@@ -1,0 +1,139 @@
+"""The scorers beside simulation: the held-out excerpts they judge (`scorer_excerpts`), then one step per scorer —
+detection and fuzzing by the scorer LLM, embedding by a sentence-embedding model — writing its judgements and one
+score row per neuron (ours, beside the random and token-list baselines' scored the same way). Each step is
+versioned on its own (its prompt, its model, whether it runs), so changing one scorer makes only its two assets
+stale; a scorer that is off writes empty files."""
+
+import time
+
+import dagster as dg
+import polars as pl
+
+from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.method.scorers import make_scorer
+from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
+from ndx_pipeline.defs.checks import FAILURES, check_specs
+from ndx_pipeline.defs.materialize import (
+    GROUP,
+    LLM_POOL,
+    SINGLE_RUN,
+    Outputs,
+    bad_input_fails_the_run,
+    layers_of,
+    read,
+)
+from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, llm_accounting
+from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.queues import step_tags
+from ndx_pipeline.defs.resources import QualityResource, StorageResource
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+
+JUDGED = (c.SCORER_EXCERPTS, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS)  # what every scorer step reads
+
+
+@dg.asset(name=c.SCORER_EXCERPTS, op_tags=step_tags(c.SCORER_EXCERPTS), group_name=GROUP,
+          deps=[c.ACTIVATION_RECORDS, c.TOP_EXCERPTS], partitions_def=layers, backfill_policy=SINGLE_RUN,
+          code_version=CODE_VERSIONS[c.SCORER_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
+          check_specs=check_specs(c.SCORER_EXCERPTS),
+          description="Per neuron, held-out activating windows (across the upper activation quantiles) and "
+                      "non-activating ones that the explainer never saw: what detection, fuzzing and embedding "
+                      "judge (no rows when no scorer runs).")
+def scorer_excerpts(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
+    with bad_input_fails_the_run():
+        q = quality.checked()
+    count = q.scorer_excerpts if q.scorers else 0
+    out = Outputs(context, storage.path())
+    for layer in layers_of(context):
+        records, excerpts = read(storage.path(), c.ACTIVATION_RECORDS, layer), read(storage.path(), c.TOP_EXCERPTS,
+                                                                                      layer)
+        frame = c.empty(c.SCORER_EXCERPTS)
+        if count:
+            with bad_input_fails_the_run():
+                frame = stages.scorer_excerpts(records, excerpts, count)
+        out.write(c.SCORER_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique(), per_split=count,
+                  scorers=str(q.scorers), quantile_buckets=str(sorted(frame["kind"].unique().to_list())))
+        out.check(c.SCORER_EXCERPTS, "held_out_from_the_explainer", layer,
+                  validation.scorer_excerpts_held_out(frame, excerpts, count))
+    return out.result(c.SCORER_EXCERPTS)
+
+
+def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str, scores_text: str):
+    """The multi-asset of one scorer: `<name>_judgements` and `<name>_scores`, judged by the resource `backend`
+    (`scorer_llm` or `embedder`) for every layer of the run in one wave."""
+    judgements, scores = c.SCORER_ASSETS[name]
+
+    def spec(asset: str, deps, description: str) -> dg.AssetSpec:
+        return dg.AssetSpec(asset, deps=deps, partitions_def=layers, code_version=CODE_VERSIONS[asset],
+                            automation_condition=FOLLOW_UPSTREAM, description=description)
+
+    @dg.multi_asset(
+        name=name, op_tags=step_tags(name), group_name=GROUP, pool=pool, can_subset=False,
+        backfill_policy=SINGLE_RUN, required_resource_keys={backend, "quality", "storage"},
+        specs=[spec(judgements, list(JUDGED), judgements_text),
+               spec(scores, [judgements, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS], scores_text)],
+        check_specs=check_specs(judgements, scores),
+    )
+    def step(context: dg.AssetExecutionContext):
+        storage = context.resources.storage
+        with bad_input_fails_the_run():
+            q = context.resources.quality.checked()
+        on = name in q.scorers
+        out = Outputs(context, storage.path())
+        layers_run = layers_of(context)
+        found = {asset: {layer: read(storage.path(), asset, layer) for layer in layers_run} for asset in JUDGED}
+        made, accounting, model = None, {}, ""
+        if on:
+            resource = getattr(context.resources, backend)
+            with bad_input_fails_the_run():
+                judge = resource.build(storage)
+            scorer = make_scorer(name, q.scorer_batch, getattr(resource, "seed", 0))
+            every = {asset: pl.concat(list(frames.values())) for asset, frames in found.items()}
+            try:
+                # every layer of the run, ours and the baselines, in one wave
+                started, before = time.perf_counter(), judge.stats.snapshot()
+                made = stages.judged(scorer, every[c.EXPLANATIONS], every[c.BASELINE_EXPLANATIONS],
+                                     every[c.SCORER_EXCERPTS], judge, what=f"{name}, layers {layers_run}",
+                                     log=context.log.info)
+                accounting = {**llm_accounting(judge, before, started),
+                              "llm_accounting_covers_layers": str(layers_run)}
+                model = judge.name
+            finally:
+                judge.close()
+        for layer in layers_run:
+            mine = made.judgements.filter(pl.col("layer") == layer) if made else c.empty(judgements)
+            scored = made.scores.filter(pl.col("layer") == layer) if made else c.empty(scores)
+            out.write(judgements, mine, layer, runs=on, scorer=model, judged=len(mine),
+                      failed=int((mine["status"] != c.STATUS_OK).sum()),
+                      prompt_template_sha=PROMPT_SHAS.get(name, ""), **accounting)
+            out.check(judgements, "judgements_well_formed", layer,
+                      validation.judgements_well_formed(mine, found[c.SCORER_EXCERPTS][layer]))
+            out.check(judgements, FAILURES, layer,
+                      validation.failure_share(mine, f"{name} judgements", blocking=False))
+            valid = scored["score"].drop_nans().drop_nulls()
+            out.write(scores, scored, layer, runs=on, neurons=len(scored), scored=len(valid),
+                      metric=scored["metric"][0] if len(scored) else "", mean_score=finite_mean(scored["score"]),
+                      median_score=float(valid.median()) if len(valid) else float("nan"),
+                      **baseline_metadata(scored, c.SIMULATED_BASELINES))
+            out.check(scores, "scorer_scores_valid", layer,
+                      validation.scorer_scores_valid(scored, found[c.EXPLANATIONS][layer], on))
+        yield from out.results(judgements, scores)
+
+    return step
+
+
+detection = scorer_step(
+    c.DETECTION, "scorer_llm", LLM_POOL,
+    "Detection: per explanation (ours and the baselines') × held-out excerpt, the scorer LLM's verdict on whether the "
+    "neuron fires on it (no rows when detection is off).",
+    "Detection: balanced accuracy (precision, recall, F1) of each neuron's explanation, beside the baselines'.")
+fuzzing = scorer_step(
+    c.FUZZING, "scorer_llm", LLM_POOL,
+    "Fuzzing: per explanation × activating excerpt shown with its strongest tokens marked, or as many others, the "
+    "scorer LLM's verdict on whether the marks fit the explanation (no rows when fuzzing is off).",
+    "Fuzzing: balanced accuracy (precision, recall, F1) of each neuron's explanation, beside the baselines'.")
+embedding = scorer_step(
+    c.EMBEDDING, "embedder", None,
+    "Embedding: per explanation × held-out excerpt, the cosine similarity of their sentence embeddings (no rows "
+    "when the embedding scorer is off).",
+    "Embedding: ROC AUC of the similarities, activating vs non-activating, per neuron, beside the baselines'.")
