@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import polars as pl
 
+from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import ACTIVATING, CALIBRATION, EXPLAIN, NON_ACTIVATING, STATUS_OK
 
 ERROR, WARN = "error", "warn"
@@ -78,7 +79,7 @@ def every_neuron_explained(explanations: pl.DataFrame, excerpts: pl.DataFrame) -
     """One kept row per neuron of the layer's excerpts: ok with text, or failed with a reason. With best-of-k
     candidates (a `selected` column) exactly one candidate per neuron is the kept one."""
     want = set(excerpts["neuron"].unique().to_list())
-    kept = explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+    kept = contract.kept(explanations)
     have = kept["neuron"].to_list()
     missing = sorted(want - set(have))
     dup = len(have) - len(set(have))
@@ -219,7 +220,7 @@ def scorer_scores_valid(scores: pl.DataFrame, explanations: pl.DataFrame, on: bo
     if not on:
         return (scores.is_empty(), "none: the scorer is off" if scores.is_empty()
                 else f"{len(scores)} rows although the scorer is off", {"neurons": len(scores)})
-    kept = explanations.filter(pl.col("selected")) if "selected" in explanations.columns else explanations
+    kept = contract.kept(explanations)
     want, have = sorted(kept["neuron"].to_list()), sorted(scores["neuron"].to_list())
     bad = 0
     for row in scores.iter_rows(named=True):

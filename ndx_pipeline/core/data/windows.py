@@ -37,10 +37,10 @@ def tokenize_windows(tokenizer, doc_ids: list[str], texts: list[str], window_tok
         raise NdxInputError(f"window_tokens={window_tokens} is too small; use at least 2.")
     rows_doc, rows_start, rows_len, rows_cs, rows_ce, chunks = [], [], [], [], [], []
     for d, text in enumerate(texts):
-        try:
+        if getattr(tokenizer, "is_fast", False):  # only fast tokenizers give character offsets
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             offsets = enc["offset_mapping"]
-        except (NotImplementedError, ValueError, TypeError):
+        else:  # char_start/char_end stay -1; lineage finds the span from the token texts (resolve_excerpt_text)
             enc = tokenizer(text, add_special_tokens=False, verbose=False)
             offsets = None
         ids = enc["input_ids"]

@@ -10,7 +10,7 @@ import polars as pl
 
 from ndx_pipeline.core.contract import ACTIVATING, JUDGEMENT_SCHEMA, STATUS_FAILED, frame
 from ndx_pipeline.core.llm.backend import RecordableLLMError
-from ndx_pipeline.core.method.judging import Shown, base_row, by_neuron, judged
+from ndx_pipeline.core.method.judging import Shown, base_row, by_neuron, judged_explanations
 from ndx_pipeline.core.method.work import Work
 
 
@@ -25,7 +25,7 @@ def similarity_work(explanations: pl.DataFrame, excerpts: pl.DataFrame, embedder
     neuron's rows with the reason."""
     pools = by_neuron(excerpts)
     targets: dict[tuple[int, int], list[dict]] = {}
-    for expl in judged(explanations):
+    for expl in judged_explanations(explanations):
         targets.setdefault((int(expl["layer"]), int(expl["neuron"])), []).append(expl)
     items = [(expls, pools[key]) for key, expls in sorted(targets.items()) if key in pools]
 

@@ -225,7 +225,7 @@ class Shown:
         return excerpt_text(self.excerpt["tokens"], self.marked or ())
 
 
-def judged(explanations: pl.DataFrame) -> list[dict]:
+def judged_explanations(explanations: pl.DataFrame) -> list[dict]:
     """The explanations a scorer judges: every kept, usable one (ours; or a baseline's, named by `baseline`)."""
     ok = contract.usable(explanations).sort(["layer", "neuron", "explanation_id"])
     return [{**r, "baseline": r.get("baseline")} for r in ok.iter_rows(named=True)]
@@ -273,7 +273,7 @@ def verdict_work(explanations: pl.DataFrame, excerpts: pl.DataFrame, backend, *,
         order = neuron_rng(seed, layer, neuron).permutation(len(mine))
         mine = [mine[i] for i in order]
         batches[(layer, neuron)] = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    items = [(expl, b, batch) for expl in judged(explanations)
+    items = [(expl, b, batch) for expl in judged_explanations(explanations)
              for b, batch in enumerate(batches.get((int(expl["layer"]), int(expl["neuron"])), []))]
 
     def run(item) -> list[dict]:
