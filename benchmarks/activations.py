@@ -7,7 +7,16 @@ Measures in one process, on the same tokens and batches:
       every neuron of those layers),
 and, in fresh subprocesses, (c) the peak RSS of extraction over a 50k-token and a 200k-token corpus.
 
-Prints a table, then as its last line one JSON object: {"ratio": b/a, "rss_growth": (rss200k - rss50k) / rss50k, …}.
+Then the materializations a user runs, files written (`--materialize`, on by default): the extraction job
+(corpus → activation_records + token_table → top_excerpts) through Dagster, in process, on the same corpus:
+  (d) every neuron of every layer, both signs (lookup baseline off: its token table would be distinct tokens × units),
+      against (d0) a bare forward of the whole model: `whole_model_ratio` = d / d0;
+  (e) a 16384-latent TopK dictionary (SAELens files written here, chosen directions) on one layer, against (e0) a bare
+      forward to that layer: `dict_ratio` = e / e0; and in fresh subprocesses the peak RSS of that materialization
+      on a 50k- and a 200k-token corpus: `dict_rss_growth`.
+
+Prints a table, then as its last line one JSON object: {"ratio": b/a, "rss_growth": (rss200k - rss50k) / rss50k,
+"whole_model_ratio": …, "dict_ratio": …, "dict_rss_growth": …}.
 On a shared 2-core machine the forward's own speed drifts by ±15 % between runs, more than the gap being measured, so
 it also times the selections' update() inside (b) and reports "ratio_attributed" = (a + that time) / a.
 
@@ -169,8 +178,154 @@ def rss_child(args) -> None:
     texts = TokenTexts(tok)
     for layer in layers:
         act.records_frame(layer, selections[layer], windows, texts)
-    print(json.dumps({"tokens": windows.total_tokens,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"tokens": windows.total_tokens, "peak_rss_mib": peak_rss_mib()}))
+
+
+DICT_LATENTS, DICT_K = 16_384, 32
+
+
+def write_dictionary(root, model, tokenizer, windows, layer: int, hook: str = "resid_post"):
+    """A SAELens TopK dictionary of DICT_LATENTS latents on `layer`'s residual stream: directions of the model's own
+    activations at seeded tokens of the first windows, a zero input offset. Returns its folder."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from ndx_pipeline.core.data.activations import batch_inputs
+    from ndx_pipeline.core.data.subject_model import attach_hook, hook_point
+    from ndx_pipeline.core.models import special_token_wrap
+
+    seen = []
+    module, side = hook_point(model, layer, hook)
+    handle = attach_hook(module, side, lambda x: seen.append(x.reshape(-1, x.shape[-1]).float()))
+    prefix, suffix = special_token_wrap(tokenizer)
+    try:
+        with torch.inference_mode():
+            ids, attn = batch_inputs(windows, np.arange(min(64, len(windows))), prefix, suffix, 0)
+            model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(attn))
+    finally:
+        handle.remove()
+    h = torch.cat(seen)
+    rng = np.random.default_rng(0)
+    picks = h[torch.as_tensor(rng.choice(len(h), DICT_LATENTS, replace=True))]
+    W = (picks + 0.1 * torch.randn(picks.shape, generator=torch.Generator().manual_seed(0)) * picks.std())
+    W = (W / W.norm(dim=1, keepdim=True)).T.contiguous()
+    folder = Path(root) / f"layer{layer}-topk-{DICT_LATENTS}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": W, "b_enc": torch.zeros(DICT_LATENTS), "b_dec": torch.zeros(W.shape[0]),
+               "W_dec": W.T.contiguous()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "k": DICT_K, "d_in": int(W.shape[0]), "d_sae": DICT_LATENTS,
+        "hook_name": f"blocks.{layer}.hook_{hook}", "apply_b_dec_to_input": True, "normalize_activations": "none"}))
+    return folder
+
+
+def write_corpus(path, ids, texts):
+    with open(path, "w", encoding="utf-8") as f:
+        for doc_id, text in zip(ids, texts):
+            f.write(json.dumps({"doc_id": doc_id, "text": text}) + "\n")
+    return path
+
+
+def materialize(args, corpus_path, storage, layers, selection: dict) -> dict:
+    """Seconds for the extraction job (corpus, activation_records + token_table, top_excerpts) through Dagster in
+    process, over the layer range; and the bytes it wrote."""
+    import dagster as dg
+
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import EXTRACTION_JOB
+    from ndx_pipeline.defs.partitions import range_tags
+
+    resources = {
+        "storage": {"config": {"storage_dir": str(storage)}},
+        "corpus_source": {"config": {"path": str(corpus_path)}},
+        "subject_model": {"config": {"batch_size": args.batch_size, "device": args.device}},
+        # random_k 34: every unit keeps ≥ 14 random windows outside its 20 top ones (score_random's need) on any corpus
+        "selection": {"config": {"neurons_per_layer": -1, "quantile_k": args.quantile_k, "random_k": 34, **selection}},
+        "quality": {"config": {"baselines": ["random", "token_list"], "scorers": []}},
+    }
+    job = build_definitions().resolve_job_def(EXTRACTION_JOB)
+    started = time.perf_counter()
+    result = job.execute_in_process(run_config={"resources": resources}, instance=dg.DagsterInstance.ephemeral(),
+                                    tags=range_tags(min(layers), max(layers)), raise_on_error=True)
+    seconds = time.perf_counter() - started
+    assert result.success
+    written = sum(p.stat().st_size for p in storage.rglob("*.parquet"))
+    return {"seconds": seconds, "bytes": written}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set since it started (VmHWM; getrusage's ru_maxrss would carry the parent's
+    peak over fork and exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dict_rss_child(args) -> None:
+    """Materialize the dictionary's layer on a corpus of --dict-rss-child tokens; print peak RSS in MiB."""
+    import tempfile
+    from pathlib import Path
+
+    from ndx_pipeline.core.data.subject_model import load_subject_model
+    from ndx_pipeline.core.data.windows import tokenize_windows
+
+    _, tok = load_subject_model(args.model, args.device, args.dtype)
+    ids, texts = corpus_of(tok, args.dict_rss_child)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "corpus.jsonl", ids, texts)
+        windows = tokenize_windows(tok, ids, texts, 64)
+        baseline = peak_rss_mib()
+        materialize(args, corpus, Path(tmp) / "storage", [args.dict_layer],
+                    {"units": "dictionary", "dictionary": args.dictionary})
+    print(json.dumps({"tokens": windows.total_tokens, "before_mib": baseline, "peak_rss_mib": peak_rss_mib()}))
+
+
+def materializations(args, model, tok) -> dict:
+    """(d) whole model, both signs, and (e) the dictionary, each against its bare forward; (e) RSS growth."""
+    import tempfile
+    from pathlib import Path
+
+    from ndx_pipeline.core.data.subject_model import num_layers
+    from ndx_pipeline.core.data.windows import tokenize_windows
+
+    out = {}
+    ids, texts = corpus_of(tok, args.tokens)
+    windows = tokenize_windows(tok, ids, texts, 64)
+    every_layer = list(range(num_layers(args.model)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = write_corpus(tmp / "corpus.jsonl", ids, texts)
+        out["whole_forward_s"] = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
+        whole = materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"})
+        out["whole_materialize_s"], out["whole_parquet_mib"] = whole["seconds"], whole["bytes"] / 2**20
+        out["whole_model_ratio"] = whole["seconds"] / out["whole_forward_s"]
+        out["whole_peak_rss_mib"] = peak_rss_mib()  # this process so far: the model, (a)-(c) and (d)
+        del whole
+        folder = write_dictionary(tmp / "dictionaries", model, tok, windows, args.dict_layer)
+        args.dictionary = str(folder)
+        out["dict_forward_s"] = bare_forward(model, tok, windows, args.dict_layer, args.batch_size,
+                                             at_projection=False)
+        d = materialize(args, corpus, tmp / "dict", [args.dict_layer],
+                        {"units": "dictionary", "dictionary": str(folder)})
+        out["dict_materialize_s"], out["dict_parquet_mib"] = d["seconds"], d["bytes"] / 2**20
+        out["dict_ratio"] = d["seconds"] / out["dict_forward_s"]
+        rss = {}
+        for n in (50_000, 200_000):
+            cmd = [sys.executable, __file__, "--dict-rss-child", str(n), "--dict-layer", str(args.dict_layer),
+                   "--dictionary", str(folder), "--device", args.device, "--dtype", args.dtype,
+                   "--batch-size", str(args.batch_size), "--quantile-k", str(args.quantile_k)] + (
+                       ["--model", args.model] if args.model else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            rss[n] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        out["dict_rss50k_mib"], out["dict_rss200k_mib"] = rss[50_000], rss[200_000]
+        out["dict_rss_growth"] = (rss[200_000] - rss[50_000]) / rss[50_000]
+    return out
 
 
 def main() -> None:
@@ -185,13 +340,32 @@ def main() -> None:
                         help="windows per activation-quantile bucket, as the pipeline keeps (0 = none)")
     parser.add_argument("--tokens", type=int, default=20_000, help="corpus size for the speed ratio")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of (a), (b), (a2)")
+    parser.add_argument("--materialize", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the whole-model and dictionary materializations (d), (e)")
+    parser.add_argument("--only-materialize", action="store_true", help="skip (a)-(c)")
+    parser.add_argument("--dict-layer", type=int, default=15, dest="dict_layer")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--dict-rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--dictionary", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from ndx_pipeline.cli import parse_layers
 
     args.layers = parse_layers(args.layers)
     if args.rss_child:
         rss_child(args)
+        return
+    if args.dict_rss_child:
+        dict_rss_child(args)
+        return
+    if args.only_materialize:
+        import torch
+
+        from ndx_pipeline.core.data.subject_model import load_subject_model
+
+        model, tok = load_subject_model(args.model, args.device, args.dtype)
+        found = materializations(args, model, tok)
+        print_materializations(found, torch.get_num_threads())
+        print(json.dumps({k: round(v, 4) for k, v in found.items()}))
         return
 
     import torch
@@ -216,7 +390,8 @@ def main() -> None:
     for n in (50_000, 200_000):
         cmd = [sys.executable, __file__, "--rss-child", str(n), "--layers", ",".join(map(str, args.layers)),
                "--neurons", args.neurons, "--device", args.device, "--dtype", args.dtype,
-               "--batch-size", str(args.batch_size), "--quantile-k", str(args.quantile_k)] + (["--model", args.model] if args.model else [])
+               "--batch-size", str(args.batch_size), "--quantile-k", str(args.quantile_k)] + (
+                   ["--model", args.model] if args.model else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -239,7 +414,11 @@ def main() -> None:
     print(f"{'peak RSS, 200k tokens, MiB':<44} {rss[200_000]:12.0f}")
     growth = (rss[200_000] - rss[50_000]) / rss[50_000]
     print(f"{'rss_growth (target ≤ 0.10)':<44} {growth:12.3f}")
-    print(json.dumps({"ratio": round(b / a, 4), "ratio_paired_median": round(paired, 4),
+    found = materializations(args, model, tok) if args.materialize else {}
+    if found:
+        print_materializations(found, torch.get_num_threads())
+    print(json.dumps({**{k: round(v, 4) for k, v in found.items()}, "ratio": round(b / a, 4),
+                      "ratio_paired_median": round(paired, 4),
                       "ratio_attributed": round(attributed, 4), "selection_s": round(sel, 3),
                       "rounds": args.repeats, "rss_growth": round(growth, 4), "bare_s": round(a, 3),
                       "bare_blocks_s": round(a_blocks, 3),
@@ -248,6 +427,24 @@ def main() -> None:
                       "rss200k_mib": round(rss[200_000], 1), "neurons": n_neurons, "layers": args.layers,
                       "quantile_k": args.quantile_k,
                       "device": args.device}))
+
+
+def print_materializations(found: dict, threads: int) -> None:
+    print(f"materializations through Dagster (extraction job: files written), torch threads {threads}")
+    rows = [("(d0) bare forward, whole model, s", "whole_forward_s"),
+            ("(d) every neuron, both signs, all layers, s", "whole_materialize_s"),
+            ("    Parquet written, MiB", "whole_parquet_mib"),
+            ("whole_model_ratio d/d0 (target ≤ 1.3)", "whole_model_ratio"),
+            ("    peak RSS of this process after (d), MiB", "whole_peak_rss_mib"),
+            ("(e0) bare forward to the dictionary's layer, s", "dict_forward_s"),
+            (f"(e) {DICT_LATENTS}-latent dictionary, s", "dict_materialize_s"),
+            ("    Parquet written, MiB", "dict_parquet_mib"),
+            ("dict_ratio e/e0 (target ≤ 1.3)", "dict_ratio"),
+            ("peak RSS, dictionary, 50k tokens, MiB", "dict_rss50k_mib"),
+            ("peak RSS, dictionary, 200k tokens, MiB", "dict_rss200k_mib"),
+            ("dict_rss_growth (target ≤ 0.10)", "dict_rss_growth")]
+    for label, key in rows:
+        print(f"{label:<44} {found[key]:12.3f}")
 
 
 if __name__ == "__main__":

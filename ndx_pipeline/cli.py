@@ -17,7 +17,8 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
-from ndx_pipeline.core.data.subject_model import check_layers
+from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
+from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
@@ -84,6 +85,11 @@ def run_config(args) -> dict:
     put("subject_model", "model", args.model)
     put("subject_model", "device", args.device)
     put("subject_model", "batch_size", args.batch_size)
+    put("selection", "units", args.units)
+    put("selection", "dictionary", args.dictionary)
+    put("selection", "dictionary_hook", args.dictionary_hook)
+    if args.dictionary and args.units is None:
+        put("selection", "units", DICTIONARY)
     put("selection", "neurons_per_layer", args.neurons_per_layer)
     put("selection", "neurons", args.neurons)
     put("selection", "seed", args.seed)
@@ -293,7 +299,8 @@ def cmd_lineage(args) -> int:
     """Print where one neuron's score came from, down to the document text of every scored excerpt."""
     storage = _storage(args)
     runs = _runs([args.layer])
-    result = lineage(storage, args.layer, args.neuron, runs=runs[args.layer] if runs else None)
+    unit = negative_id(args.neuron) if args.negative else args.neuron
+    result = lineage(storage, args.layer, unit, runs=runs[args.layer] if runs else None)
     print(lineage_json(result) if args.json else format_lineage(result))
     return 0
 
@@ -347,7 +354,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")
     run.add_argument("--corpus", help="folder of .txt/.md, .jsonl or .parquet (default: pydoc_data.topics)")
     run.add_argument("--storage", help="where the Parquet files go (default: $DAGSTER_HOME/storage)")
-    run.add_argument("--neurons-per-layer", type=int, dest="neurons_per_layer")
+    run.add_argument("--units", choices=UNIT_CHOICES,
+                     help="positive (default) | negative | both sides of MLP neurons, or dictionary latents")
+    run.add_argument("--dictionary", help="a SAELens or sparsify dictionary folder (or a folder of them, one per "
+                                          "layer): explain its latents")
+    run.add_argument("--dictionary-hook", dest="dictionary_hook", choices=HOOK_POINTS,
+                     help="where the dictionary reads, when its files do not say")
+    run.add_argument("--neurons-per-layer", type=int, dest="neurons_per_layer",
+                     help="neurons (or latents) per layer, seeded; -1: all")
     run.add_argument("--neurons", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                      help="explicit neuron indices, e.g. 3,17,400")
     run.add_argument("--seed", type=int)
@@ -361,7 +375,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--simulator-model", dest="simulator_model")
     lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")
     lin.add_argument("layer", type=int)
-    lin.add_argument("neuron", type=int)
+    lin.add_argument("neuron", type=int, help="the unit id: a neuron's index (its negative side: -1 - index, or "
+                                               "the index with --negative), or a dictionary latent's index")
+    lin.add_argument("--negative", action="store_true", help="the negative side of neuron NEURON")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     view = sub.add_parser("view", help="write the static HTML neuron viewer and print its index path")
     view.add_argument("--layers", help="layers to (re)write, default every scored layer")

@@ -134,3 +134,16 @@ def test_dg_check_defs_passes():
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All definitions loaded successfully" in done.stdout + done.stderr
+
+
+def test_unit_choices_reach_the_selection_resource(tmp_path):
+    from ndx_pipeline.cli import parser, run_config
+
+    config = run_config(parser().parse_args(["run", "--units", "both"]))
+    assert config["resources"]["selection"]["config"] == {"units": "both"}
+    config = run_config(parser().parse_args(["run", "--dictionary", str(tmp_path), "--dictionary-hook", "mlp_out",
+                                             "--neurons-per-layer", "-1"]))
+    assert config["resources"]["selection"]["config"] == {"units": "dictionary", "dictionary": str(tmp_path),
+                                                          "dictionary_hook": "mlp_out", "neurons_per_layer": -1}
+    assert parser().parse_args(["lineage", "3", "-6"]).neuron == -6
+    assert parser().parse_args(["lineage", "3", "5", "--negative"]).negative

@@ -17,7 +17,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.contract import EXPLANATION_SCHEMA, RECORD_SCHEMA, SIMULATION_SCHEMA, explanation_id
+from ndx_pipeline.core.contract import (
+    EXPLANATION_SCHEMA,
+    RECORD_SCHEMA,
+    SIMULATION_SCHEMA,
+    describe_ids,
+    explanation_id,
+)
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import sent_prompt_sha256
@@ -109,7 +115,8 @@ def _records(layer: int, windows: list[dict]) -> pl.DataFrame:
             for rank, w in enumerate(picks):
                 rows.append({"layer": layer, "neuron": neuron, "kind": kind, "rank": rank, **windows[w],
                              "activations": acts[w].tolist(), "window_index": w,
-                             "max_activation": float(acts[w].max()), **stats})
+                             "max_activation": float(acts[w].max()), **stats,
+                             **{k: v[0] for k, v in describe_ids([neuron]).items()}})
     return pl.DataFrame(rows, schema=RECORD_SCHEMA)
 
 

@@ -19,6 +19,7 @@ def test_token_table_sums_and_counts_by_token_id():
                          [[4.0, 0, 40.0], [8.0, 0, 80.0], [16.0, 0, 160.0]]])
     mask = torch.tensor([[True, True, False], [True, True, True]])  # the 99s are padding
     ids = torch.tensor([[5, 7, 0], [7, 9, 5]])  # the padded id 0 is not in the vocabulary: ignored as padding
+    acts = acts[..., [0, 2]]  # the selection is given its units' columns (UnitSet.encode picks them)
     sel.update(acts, mask, torch.tensor([0, 1]), ids)
     vocab, counts, sums = sel.token_table()
     assert vocab.tolist() == [5, 7, 9]

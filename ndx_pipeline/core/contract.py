@@ -45,6 +45,7 @@ LAYER_ASSETS = tuple(a for a in PARQUET_ASSETS if a != CORPUS)
 # ------------------------------------------------------------------------------------------------------ vocabulary
 
 TOP, RANDOM = "top", "random"  # record kinds; quantile samples are `quantile_<bucket>`
+DEAD = "dead"  # the one record of a unit that never fired over the corpus (no window; nothing downstream explains it)
 QUANTILE_KIND_PREFIX = "quantile_"
 
 EXPLAIN, SCORE_TOP, SCORE_RANDOM, CALIBRATION = "explain", "score_top", "score_random", "calibration"
@@ -100,6 +101,38 @@ def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str
     return f"{layer}/{neuron}/lookup" + ("" if held_out else "-in-sample")
 
 
+# Units (see `RECORD_SCHEMA`'s unit columns): what a row's `neuron` id names
+MLP_NEURON, DICTIONARY_LATENT = "mlp_neuron", "dictionary_latent"
+
+
+def negative_id(neuron: int) -> int:
+    """The unit id of a neuron's negative side: -1 - index (neuron 0's negative side is -1)."""
+    return -1 - int(neuron)
+
+
+def unit_index(unit_id: int) -> tuple[int, int]:
+    """(neuron or latent index, polarity +1/-1) of a unit id."""
+    return (int(unit_id), 1) if unit_id >= 0 else (-1 - int(unit_id), -1)
+
+
+def seed_key(unit_id: int) -> int:
+    """A non-negative stand-in for a unit id in seeds (numpy's seeds take no negative numbers): the id itself for a
+    neuron's positive side or a latent, 2**32 + index for a neuron's negative side."""
+    return int(unit_id) if unit_id >= 0 else (1 << 32) + (-1 - int(unit_id))
+
+
+def unit_label(unit_id: int, kind: str = MLP_NEURON) -> str:
+    """How a unit is named to people: "neuron 5", "neuron 5 (negative)", "latent 5"."""
+    index, sign = unit_index(unit_id)
+    return f"latent {index}" if kind == DICTIONARY_LATENT else f"neuron {index}" + (" (negative)" if sign < 0 else "")
+
+
+def describe_ids(ids: Sequence[int], kind: str = MLP_NEURON, source: str | None = None) -> dict:
+    """The unit columns (`UNIT_COLUMNS`) of units `ids`, one list per column."""
+    return {"unit_kind": [kind] * len(ids), "polarity": [unit_index(u)[1] for u in ids],
+            "unit_index": [unit_index(u)[0] for u in ids], "unit_source": [source] * len(ids)}
+
+
 # ------------------------------------------------------------------------------------------------------ schemas
 
 CORPUS_SCHEMA = {"doc_id": pl.String, "source": pl.String, "text": pl.String}
@@ -123,6 +156,15 @@ RECORD_SCHEMA = {
     "neuron_token_count": pl.Int64,
     "quantile_boundaries": pl.List(pl.Float64),  # the neuron's bucket boundaries (null without quantile samples)
 }
+# Which unit a row is. The `neuron` column is the unit's id within its layer: a neuron's index (its positive side),
+# -1 - index for a neuron's negative side (whose activations are stored negated), or a dictionary latent's index.
+UNIT_COLUMNS = {
+    "unit_kind": pl.String,  # mlp_neuron | dictionary_latent
+    "polarity": pl.Int8,  # +1, or -1 for a neuron's negative side
+    "unit_index": pl.Int32,  # the neuron's or latent's index (the id without its sign)
+    "unit_source": pl.String,  # the dictionary: format, architecture, latents, hook and file (null for neurons)
+}
+RECORD_SCHEMA.update(UNIT_COLUMNS)
 
 TOKEN_TABLE_SCHEMA = {
     **_UNIT,

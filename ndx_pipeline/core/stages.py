@@ -12,9 +12,10 @@ the settings it needs as arguments and a `log` callable for progress lines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 
 from ndx_pipeline.core import contract
@@ -31,8 +32,18 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data import excerpts as exc
 from ndx_pipeline.core.data.corpus import read_corpus
-from ndx_pipeline.core.data.subject_model import check_layers, load_subject_model, mlp_width
-from ndx_pipeline.core.data.units import neurons_of_layer
+from ndx_pipeline.core.data.subject_model import check_layers, hook_width, load_subject_model, mlp_width
+from ndx_pipeline.core.data.units import (
+    DICTIONARY,
+    POLARITIES,
+    POSITIVE,
+    UNIT_CHOICES,
+    DictionaryLatents,
+    MlpNeurons,
+    UnitSet,
+    dictionaries_by_layer,
+    neurons_of_layer,
+)
 from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
@@ -55,13 +66,38 @@ def corpus(source: str | None = None) -> pl.DataFrame:
 # ---------------------------------------------------------------------------------------------- activation records
 
 
-@dataclass
 class LayerRecords:
-    """One layer's extraction output."""
+    """One layer's extraction output. Its frames are built from the layer's selection on first use and dropped with
+    it by `release()`, so a caller that writes layer after layer holds one layer's rows at a time (a whole model's
+    records held at once come to gigabytes)."""
 
-    units: list[int]
-    records: pl.DataFrame
-    token_table: pl.DataFrame  # empty when the lookup baseline is off
+    def __init__(self, units: list[int], build: Callable[[], tuple[pl.DataFrame, pl.DataFrame]],
+                 description: str = "", dead: int = 0):
+        self.units = units  # the unit ids (`neuron` column)
+        self.description = description  # the unit set in words: how many of what kind, from where
+        self.dead = dead  # units that never fired (one `dead` record each, not explained)
+        self._build = build
+        self._frames: tuple[pl.DataFrame, pl.DataFrame] | None = None
+
+    def _built(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        if self._frames is None:
+            if self._build is None:
+                raise RuntimeError("this layer's records were released after they were written.")
+            self._frames = self._build()
+        return self._frames
+
+    @property
+    def records(self) -> pl.DataFrame:
+        return self._built()[0]
+
+    @property
+    def token_table(self) -> pl.DataFrame:
+        """Empty when the lookup baseline is off."""
+        return self._built()[1]
+
+    def release(self) -> None:
+        """Drop the frames and the selection they come from."""
+        self._frames = self._build = None
 
 
 @dataclass
@@ -71,20 +107,65 @@ class Extraction:
     device: str
 
 
+TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
+
+
+def unit_sets(model: str | None, layers: Sequence[int], *, units: str = POSITIVE, neurons: Sequence[int] | None = None,
+              neurons_per_layer: int = 6, seed: int = 0, dictionary: str | None = None,
+              dictionary_hook: str | None = None) -> dict[int, UnitSet]:
+    """{layer: UnitSet} of a run: MLP neurons on one side or both (`units` = positive | negative | both), or the
+    latents of the dictionary (or folder of dictionaries, one per layer) at `dictionary` (`units` = dictionary).
+    `neurons` / `neurons_per_layer` choose the neurons or latents (neurons_per_layer -1: all of them)."""
+    if units == DICTIONARY:
+        if not dictionary:
+            raise NdxInputError("units=dictionary needs a dictionary: give the path of its folder (or of a folder "
+                                "holding one folder per layer).")
+        found = dictionaries_by_layer(dictionary, dictionary_hook, layers)
+        out = {}
+        for layer in layers:
+            d = found[layer]
+            d.check_fits(hook_width(model, d.hook), f"{d.hook} of layer {layer}")
+            latents = neurons_of_layer(layer, d.n_latents, neurons, neurons_per_layer, seed, what="latents")
+            out[layer] = DictionaryLatents(layer, d, latents)
+        return out
+    if dictionary:
+        raise NdxInputError(f"a dictionary was given but units={units!r}: set units=dictionary to explain its "
+                            "latents, or leave the dictionary out.")
+    if units not in POLARITIES:
+        raise NdxInputError(f"units={units!r} is not known: use one of {', '.join(UNIT_CHOICES)}.")
+    width = mlp_width(model)
+    return {layer: MlpNeurons(layer, neurons_of_layer(layer, width, neurons, neurons_per_layer, seed), units)
+            for layer in layers}
+
+
 def activation_records(documents: pl.DataFrame, model: str | None, layers: Sequence[int], *,
-                       neurons: Sequence[int] | None = None, neurons_per_layer: int = 6, seed: int = 0,
+                       units: str = POSITIVE, neurons: Sequence[int] | None = None, neurons_per_layer: int = 6,
+                       seed: int = 0, dictionary: str | None = None, dictionary_hook: str | None = None,
                        top_k: int = 20, random_k: int = 20, quantile_k: int = 4, token_table: bool = True,
                        device: str = "cpu", dtype: str = "float32", batch_size: int = 16, window_tokens: int = 64,
                        log: Log = quiet) -> Extraction:
-    """One pass of the subject model over the corpus for every layer of `layers`: per chosen neuron its top,
-    random and quantile windows and moments, and (token_table) the per-token table of the lookup baseline."""
+    """One pass of the subject model over the corpus for every layer of `layers`: per chosen unit (see
+    `unit_sets`) its top, random and quantile windows and moments, and (token_table) the per-token table of the
+    lookup baseline."""
     layers = check_layers(model, layers)
-    width = mlp_width(model)
-    layer_units = {layer: neurons_of_layer(layer, width, neurons, neurons_per_layer, seed) for layer in layers}
+    layer_units = unit_sets(model, layers, units=units, neurons=neurons, neurons_per_layer=neurons_per_layer,
+                            seed=seed, dictionary=dictionary, dictionary_hook=dictionary_hook)
     log(f"loading subject model {model or 'bundled'} on {device}")
     subject, tokenizer = load_subject_model(model, device, dtype)
     windows = tokenize_windows(tokenizer, documents["doc_id"].to_list(), documents["text"].to_list(), window_tokens)
-    log(f"{windows.total_tokens} tokens in {len(windows)} windows; layers {layers}")
+    described: dict[str, list[int]] = {}
+    for layer, unit_set in layer_units.items():
+        described.setdefault(unit_set.describe_set(), []).append(layer)
+    log(f"{windows.total_tokens} tokens in {len(windows)} windows; "
+        + "; ".join(f"layers {where}: {what}" for what, where in described.items()))
+    if token_table:
+        real = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
+        cells = len(np.unique(windows.ids[real])) * sum(len(u.ids) for u in layer_units.values())
+        if cells > TOKEN_TABLE_CELLS:
+            raise NdxInputError(
+                f"the lookup baseline's token table would hold {cells:,} cells (distinct tokens × units over the run's "
+                f"layers; at most {TOKEN_TABLE_CELLS:,}): leave `lookup` out of the baselines for a run this wide, or "
+                "choose fewer units.")
     progress = Progress("activations", windows.total_tokens, log, unit="tokens")
     selections, stats = act.extract(subject, tokenizer, windows, layer_units, top_k, random_k, seed, batch_size,
                                     lambda done, total, seconds: progress.set(done), token_table=token_table,
@@ -92,10 +173,18 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
     texts = TokenTexts(tokenizer)
     out = {}
     for layer in layers:
-        table = (act.token_table_frame(layer, selections[layer], texts) if token_table
-                 else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
-        out[layer] = LayerRecords(layer_units[layer], act.records_frame(layer, selections[layer], windows, texts),
-                                  table)
+        unit_set, selection = layer_units[layer], selections.pop(layer)
+
+        def build(layer=layer, unit_set=unit_set, selection=selection):
+            table = (act.token_table_frame(layer, selection, texts) if token_table
+                     else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
+            return act.records_frame(layer, selection, windows, texts, unit_set), table
+
+        dead = int((selection.moments()[2] <= 0).sum())
+        if dead:
+            log(f"layer {layer}: {dead} of {len(unit_set.ids)} units never fired over the corpus (recorded as dead, "
+                "not explained)")
+        out[layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead)
     return Extraction(out, stats, device)
 
 

@@ -12,7 +12,18 @@ from typing import NamedTuple
 import polars as pl
 
 from ndx_pipeline.core import contract
-from ndx_pipeline.core.contract import ACTIVATING, CALIBRATION, EXPLAIN, NON_ACTIVATING, STATUS_OK
+from ndx_pipeline.core.contract import (
+    ACTIVATING,
+    CALIBRATION,
+    DEAD,
+    EXPLAIN,
+    NON_ACTIVATING,
+    RANDOM,
+    SCORE_RANDOM,
+    SCORE_TOP,
+    STATUS_OK,
+    TOP,
+)
 
 ERROR, WARN = "error", "warn"
 FAILURE_SHARE_WARN = 0.25  # above this share of failed LLM items, a stage's failure check warns
@@ -26,39 +37,44 @@ class Check(NamedTuple):
 
 
 def top_windows_ordered(records: pl.DataFrame) -> Check:
-    """Per neuron, `top` rows have ranks 0..k-1 and non-increasing max activation."""
-    bad = []
-    for (neuron,), g in records.filter(pl.col("kind") == "top").group_by(["neuron"], maintain_order=True):
-        g = g.sort("rank")
-        maxima = g["max_activation"].to_list()
-        if g["rank"].to_list() != list(range(len(g))) or any(a < b for a, b in zip(maxima, maxima[1:])):
-            bad.append(int(neuron))
+    """Per unit, `top` rows have ranks 0..k-1 and non-increasing max activation."""
+    top = records.filter(pl.col("kind") == TOP).select("neuron", "rank", "max_activation").sort(["neuron", "rank"])
+    bad = (top.group_by("neuron", maintain_order=True)
+           .agg(((pl.col("rank") != pl.int_range(pl.len())).any() | (pl.col("max_activation").diff() > 0).any())
+                .alias("bad"))
+           .filter(pl.col("bad"))["neuron"].to_list())
     return (not bad, "top windows are ranked by max activation" if not bad
             else f"neurons {bad[:10]} have top windows out of order", {"neurons_out_of_order": len(bad)})
 
 
 def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_k: int) -> Check:
-    """Every selected neuron has exactly top_k `top` rows and random_k `random` rows (when the corpus allows)."""
+    """Every selected unit has exactly top_k `top` rows and random_k `random` rows (when the corpus allows), or, when
+    it never fired, exactly one `dead` row and nothing else."""
     counts = records.group_by(["neuron", "kind"]).len()
-    got = {(int(n), k): int(c) for n, k, c in counts.iter_rows()}
-    missing = [n for n in neurons if got.get((n, "top"), 0) != top_k or got.get((n, "random"), 0) != random_k]
-    extra = sorted({int(n) for n in records["neuron"].unique()} - set(neurons))
+    got: dict[int, dict[str, int]] = {}
+    for n, k, c in counts.iter_rows():
+        got.setdefault(int(n), {})[k] = int(c)
+    dead = [n for n in neurons if got.get(n, {}).get(DEAD)]
+    missing = [n for n in neurons if (got.get(n) != {DEAD: 1} if n in dead else
+                                      got.get(n, {}).get(TOP, 0) != top_k or got.get(n, {}).get(RANDOM, 0) != random_k)]
+    extra = sorted(set(got) - set(neurons))
     ok = not missing and not extra
-    desc = (f"{len(neurons)} neurons × ({top_k} top + {random_k} random) rows" if ok else
-            f"row counts differ for neurons {missing[:10]}; unexpected neurons {extra[:10]}")
-    return ok, desc, {"rows": len(records), "neurons": len(neurons), "neurons_with_wrong_counts": len(missing)}
+    desc = (f"{len(neurons)} units × ({top_k} top + {random_k} random) rows" + (f", {len(dead)} dead" if dead else "")
+            if ok else f"row counts differ for units {missing[:10]}; unexpected units {extra[:10]}")
+    return ok, desc, {"rows": len(records), "neurons": len(neurons), "neurons_with_wrong_counts": len(missing),
+                      "dead_units": len(dead)}
 
 
 def splits_disjoint(excerpts: pl.DataFrame) -> Check:
     """No window shown to the explainer, or used to choose among candidate explanations (calibration), is scored,
-    per neuron; and no calibration window was shown to the explainer."""
-    leaks = []
-    for (neuron,), g in excerpts.group_by(["neuron"], maintain_order=True):
-        explain = set(g.filter(pl.col("split") == "explain")["window_index"])
-        scored = set(g.filter(pl.col("split").is_in(["score_top", "score_random"]))["window_index"])
-        calibration = set(g.filter(pl.col("split") == "calibration")["window_index"])
-        if explain & scored or calibration & (explain | scored):
-            leaks.append(int(neuron))
+    per unit; and no calibration window was shown to the explainer."""
+    rows = excerpts.select("neuron", "split", "window_index")
+    explain = rows.filter(pl.col("split") == EXPLAIN)
+    scored = rows.filter(pl.col("split").is_in([SCORE_TOP, SCORE_RANDOM]))
+    calibration = rows.filter(pl.col("split") == CALIBRATION)
+    key = ["neuron", "window_index"]
+    leaks = sorted(set(explain.join(scored, on=key, how="semi")["neuron"].to_list())
+                   | set(calibration.join(pl.concat([explain, scored]), on=key, how="semi")["neuron"].to_list()))
     return (not leaks, "explain and score excerpts are disjoint" if not leaks
             else f"neurons {leaks[:10]} are scored on windows the explainer saw", {"leaking_neurons": len(leaks)})
 

@@ -1,5 +1,5 @@
-"""Automation: the conditions assets carry, the jobs, the corpus-folder sensor, the nightly re-scoring schedule, and
-the staleness query behind it.
+"""Automation: the conditions assets carry, the jobs, the corpus- and dictionary-folder sensors, the nightly
+re-scoring schedule, and the staleness query behind it.
 
 Declarative automation: every downstream asset carries an AutomationCondition that follows its upstream layer.
 Dagster evaluates them only while the `default_automation_condition_sensor` is running: switch it on in the UI
@@ -19,6 +19,9 @@ from dagster._time import get_current_datetime
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.data.corpus import TEXT_SUFFIXES
+from ndx_pipeline.core.data.dictionaries import load_dictionary
+from ndx_pipeline.core.data.units import DICTIONARY, dictionary_folders
+from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.defs.partitions import contiguous_ranges, layers, range_tags
 
 # Downstream layers follow their upstream layer; activation_records re-extracts, when the corpus changes, only the
@@ -109,6 +112,62 @@ def corpus_sensor(corpus_path: str | None = None):
 
 
 corpus_folder_sensor = corpus_sensor()  # watches NDX_CORPUS, read at each evaluation
+
+DICTIONARIES_ENV = "NDX_DICTIONARIES"
+
+
+def dictionary_state(root: Path) -> dict[str, list[int]]:
+    """dictionary folder → [size, mtime_ns] of its files (cfg.json and weights), for every dictionary under root."""
+    state = {}
+    for folder in dictionary_folders(root):
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
+        stats = [p.stat() for p in files]
+        state[folder.as_posix()] = [sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+    return state
+
+
+def dictionary_run_config(folder: str) -> dict:
+    """The run config that explains a dictionary's latents (the other settings stay as configured)."""
+    return {"resources": {"selection": {"config": {"units": DICTIONARY, "dictionary": folder}}}}
+
+
+def dictionary_sensor(dictionaries_path: str | None = None):
+    @dg.sensor(name="dictionary_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Watches a folder of sparse dictionaries (SAELens or sparsify folders, NDX_DICTIONARIES): "
+                           "a new or changed one runs the whole graph for its layer on its latents.")
+    def sensor(context: dg.SensorEvaluationContext):
+        path = dictionaries_path or os.environ.get(DICTIONARIES_ENV)
+        if not path:
+            return dg.SkipReason(f"no dictionary folder configured (set {DICTIONARIES_ENV})")
+        root = Path(path).expanduser()
+        if not root.exists():
+            return dg.SkipReason(f"dictionary folder {root} does not exist")
+        before = json.loads(context.cursor) if context.cursor else {}
+        state = dictionary_state(root)
+        changed = [folder for folder in state if before.get(folder) != state[folder]]
+        context.update_cursor(json.dumps(state))
+        requests = []
+        for folder in changed:
+            try:
+                d = load_dictionary(folder)
+            except NdxInputError as e:  # one bad file does not hold up the others; it is retried when it changes
+                context.log.warning(f"dictionary {folder} skipped: {e}")
+                continue
+            if d.layer is None or d.hook is None:
+                context.log.warning(f"dictionary {folder} skipped: its files do not say which layer and hook it "
+                                    "reads (run it with ndx-pipeline run --dictionary … --dictionary-hook …).")
+                continue
+            context.log.info(f"new dictionary for layer {d.layer}: {d.describe()}")
+            requests.append(dg.RunRequest(
+                run_key=f"dictionary-{folder}-{state[folder][0]}-{state[folder][1]}", partition_key=str(d.layer),
+                run_config=dictionary_run_config(folder), tags={"ndx/dictionary": folder}))
+        return requests or dg.SkipReason(f"no new dictionary among {len(state)} under {root}")
+
+    return sensor
+
+
+dictionary_folder_sensor = dictionary_sensor()  # watches NDX_DICTIONARIES, read at each evaluation
 
 
 def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_SCORE_ASSETS) -> list[int]:

@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from ndx_pipeline.core.contract import BASELINES, EMBEDDING, SCORERS, SIMULATED_BASELINES
+from ndx_pipeline.core.data.units import POSITIVE
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import LLMBackend
 from ndx_pipeline.core.llm.embeddings import BUNDLED_EMBEDDING_MODEL, EMBEDDING_BACKENDS, EmbeddingSpec, build_embedder
@@ -78,11 +79,21 @@ class SubjectModelResource(dg.ConfigurableResource):
 
 
 class SelectionResource(dg.ConfigurableResource):
-    """Which neurons are explained, and how many excerpts each keeps and uses."""
+    """Which units are explained (MLP neurons on either side, or a dictionary's latents), and how many excerpts
+    each keeps and uses."""
 
+    units: str = Field(default=POSITIVE, description="positive | negative | both (MLP neurons: the side of each "
+                                                     "neuron explained; both: two units per neuron) | dictionary "
+                                                     "(the latents of `dictionary`).")
+    dictionary: str | None = Field(default=None, description="units=dictionary: a SAELens or sparsify dictionary "
+                                                             "folder, or a folder holding one per layer.")
+    dictionary_hook: str | None = Field(default=None, description="Where the dictionary reads, when its files do "
+                                                                  "not say: resid_pre, resid_post, mlp_in, mlp_out, "
+                                                                  "mlp_hidden.")
     neurons_per_layer: int = Field(default=DEFAULT_NEURONS_PER_LAYER,
-                                   description="Neurons per layer, chosen with `seed`.")
-    neurons: list[int] | None = Field(default=None, description="Explicit neuron indices (overrides the count).")
+                                   description="Neurons (or latents) per layer, chosen with `seed`; -1: all.")
+    neurons: list[int] | None = Field(default=None, description="Explicit neuron (or latent) indices (overrides "
+                                                                "the count).")
     seed: int = 0
     top_k: int = 20
     random_k: int = 20

@@ -23,6 +23,7 @@ from ndx_pipeline.defs.resources import default_resources
 
 # Bump when a stage's method changes in a way that changes its output.
 METHOD_REVISIONS = {asset: 1 for asset in c.ASSETS}
+METHOD_REVISIONS[c.ACTIVATION_RECORDS] = 2  # unit columns; a unit that never fired gets one `dead` row
 NOT_VERSIONED = {"api_key_env", "max_concurrency", "timeout_s", "deadline_s", "max_attempts", "device", "batch_size",
                  "storage_dir"}
 SPLIT_COUNTS = ("explain_excerpts", "score_top_excerpts", "score_random_excerpts")

@@ -43,6 +43,7 @@ from ndx_pipeline.core.contract import (
     SCORES,
     SIMULATIONS,
     TOKEN_TABLE,
+    describe_ids,
     empty,
 )
 from ndx_pipeline.core.errors import NdxInputError
@@ -441,6 +442,7 @@ def import_neuron_records(source: str | os.PathLike, layers: Iterable[int] | Non
                     "neuron_mean": rec["mean"], "neuron_variance": rec["variance"], "neuron_max": neuron_max,
                     "neuron_token_count": token_count, "neuron_skewness": rec["skewness"],
                     "neuron_kurtosis": rec["kurtosis"], "quantile_boundaries": rec["quantile_boundaries"],
+                    **{k: v[0] for k, v in describe_ids([neuron]).items()},
                     **{k: where.get(k) for k in PROVENANCE_FIELDS},
                 }
                 for k in rows:

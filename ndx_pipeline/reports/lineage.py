@@ -26,7 +26,15 @@ from typing import Any
 
 import polars as pl
 
-from ndx_pipeline.core.contract import SCORED_SPLITS, SCORER_ASSETS, SCORER_EXCERPTS, STAGES
+from ndx_pipeline.core.contract import (
+    MLP_NEURON,
+    SCORED_SPLITS,
+    SCORER_ASSETS,
+    SCORER_EXCERPTS,
+    STAGES,
+    unit_index,
+    unit_label,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
@@ -242,6 +250,15 @@ def rebuild_prompt(chosen: Mapping, shown: list) -> dict:
 # ---------------------------------------------------------------------------------------------------- lineage
 
 
+def unit_of(records: pl.DataFrame, unit_id: int) -> dict:
+    """What a unit is, from its activation records: kind, polarity, index, source and the label people read."""
+    first = _row(records) if len(records) else {}
+    kind = first.get("unit_kind") or MLP_NEURON
+    index, polarity = unit_index(unit_id)
+    return {"kind": kind, "polarity": polarity, "index": index, "source": first.get("unit_source"),
+            "label": unit_label(unit_id, kind)}
+
+
 def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None = None,
                    subject_model: str | None = None) -> dict:
     """Lineage of one neuron from already-read layer files (the viewer calls this once per neuron)."""
@@ -307,6 +324,7 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     scorers = scorer_lineage(data, neuron)
     records = data.neuron("records", neuron)
     stats = {}
+    unit = unit_of(records, neuron)
     if len(records):
         first = _row(records)
         stats = {k: first.get(f"neuron_{k}") for k in ("mean", "variance", "max", "token_count")}
@@ -334,6 +352,7 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     result = {
         "layer": layer,
         "neuron": neuron,
+        "unit": unit,
         "subject_model": _subject_model(subject_model, records, run_info),
         "score": score,
         "explanation": explanation,
@@ -435,7 +454,9 @@ def format_lineage(result: Mapping, max_text: int = 160) -> str:
     """A human-readable account of a lineage dict, for the terminal."""
     s, e, c = result["score"], result["explanation"], result["checks"]
     lines = [
-        f"layer {result['layer']} neuron {result['neuron']}  (subject model: {result.get('subject_model') or 'n/a'})",
+        f"layer {result['layer']} {result['unit']['label']}  (unit id {result['neuron']}; subject model: "
+        f"{result.get('subject_model') or 'n/a'})" + (f"\n  {result['unit']['source']}" if result['unit']['source']
+                                                     else ""),
         f"score {_fmt(s.get('score'))}  (top {_fmt(s.get('score_top'))}, random {_fmt(s.get('score_random'))})"
         f"  status: {s.get('status')}",
         f"explanation {e['explanation_id']}: {e['explanation']!r}",

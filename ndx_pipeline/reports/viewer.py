@@ -34,6 +34,7 @@ from ndx_pipeline.core.contract import (
     ACTIVATION_RECORDS,
     BASELINE_COLUMN_PREFIX,
     EXPLANATIONS,
+    MLP_NEURON,
     RANDOM,
     SCORE_RANDOM,
     SCORE_TOP,
@@ -45,12 +46,19 @@ from ndx_pipeline.core.contract import (
     STATUS_OK,
     TOP,
     baseline_column,
+    unit_label,
 )
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
-from ndx_pipeline.reports.lineage import Documents, LayerData, available_layers, json_safe, neuron_lineage
+from ndx_pipeline.reports.lineage import (
+    Documents,
+    LayerData,
+    available_layers,
+    json_safe,
+    neuron_lineage,
+)
 
 PACKAGE = "ndx_pipeline.reports"  # templates/ and static/ are its package data
 TOP_TOKENS = 8
@@ -297,11 +305,13 @@ def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[
             if name not in extra:
                 extra.append(name)
         rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
-        records = pl.read_parquet(rec_path, columns=["neuron", "kind", "tokens", "activations"]) \
+        records = pl.read_parquet(rec_path, columns=["neuron", "kind", "tokens", "activations", "unit_kind"]) \
             if rec_path.exists() else None
         for row in scores.sort("neuron").iter_rows(named=True):
-            toks = top_tokens(records.filter(pl.col("neuron") == row["neuron"])) if records is not None else []
-            rows.append(row | {"layer": layer, "top_tokens": toks})
+            mine = records.filter(pl.col("neuron") == row["neuron"]) if records is not None else None
+            toks = top_tokens(mine) if mine is not None else []
+            kind = mine["unit_kind"][0] if mine is not None and len(mine) and mine["unit_kind"][0] else MLP_NEURON
+            rows.append(row | {"layer": layer, "top_tokens": toks, "label": unit_label(row["neuron"], kind)})
     return rows, extra
 
 
@@ -325,7 +335,8 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int], note: st
         status = r.get("status") or ""
         extras = [_num(r.get(c)) for c in extra]
         table.append({
-            "layer": r["layer"], "neuron": r["neuron"], "score": _num(r.get("score")),
+            "layer": r["layer"], "neuron": r["neuron"], "label": r.get("label") or unit_label(r["neuron"]),
+            "score": _num(r.get("score")),
             "score_data": _data_number(_num(r.get("score"))), "explanation": r.get("explanation"),
             "explanation_lower": (r.get("explanation") or "").lower(),
             "tokens": r["top_tokens"],
@@ -532,7 +543,8 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
     scored, sim_range = _scored_sections(lin["excerpts"], pos_scale, neg_scale)
     status = score.get("status") or ""
     return _render(
-        "neuron.html.j2", layer=data.layer, neuron=neuron, previous=neighbours[0], next=neighbours[1],
+        "neuron.html.j2", layer=data.layer, neuron=neuron, unit=lin["unit"], previous=neighbours[0],
+        next=neighbours[1],
         explanation=expl.get("explanation") or "(no explanation)", status=status, status_ok=status == STATUS_OK,
         explainer=expl.get("explainer"), simulator=lin.get("simulator"),
         subject_model=lin.get("subject_model") or "not recorded",

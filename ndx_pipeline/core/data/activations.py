@@ -25,8 +25,17 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import RANDOM, RECORD_SCHEMA, TOKEN_TABLE_SCHEMA, TOP, quantile_kind
-from ndx_pipeline.core.data.units import as_unit_sets
+from ndx_pipeline.core.contract import (
+    DEAD,
+    RANDOM,
+    RECORD_SCHEMA,
+    TOKEN_TABLE_SCHEMA,
+    TOP,
+    UNIT_COLUMNS,
+    describe_ids,
+    quantile_kind,
+)
+from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
@@ -50,15 +59,15 @@ def random_windows(n_windows: int, count: int, seed: int) -> np.ndarray:
 class LayerSelection:
     """Streaming top-k / random-sample / moments for the chosen neurons of one layer."""
 
-    def __init__(self, neurons, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu",
+    def __init__(self, ids, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu",
                  token_vocab: np.ndarray | None = None, quantile_k: int = 0, seed: int = 0):
-        """token_vocab: the distinct token ids the corpus holds (sorted); when given, a per-token table of counts
+        """ids: the units' ids (`UnitSet.ids`), in the order of the columns `update` is given.
+        token_vocab: the distinct token ids the corpus holds (sorted); when given, a per-token table of counts
         and activation sums is kept for the lookup-table baseline."""
         import torch
 
-        self.neurons = torch.as_tensor(list(neurons), dtype=torch.long, device=device)
-        self.all_neurons = list(neurons) == list(range(len(neurons)))
-        n, t = len(neurons), window_tokens
+        self.ids = [int(u) for u in ids]
+        n, t = len(self.ids), window_tokens
         self.top_k = top_k
         self.top_max = torch.full((n, top_k), float("-inf"), device=device)
         self.top_window = torch.full((n, top_k), -1, dtype=torch.long, device=device)
@@ -92,14 +101,11 @@ class LayerSelection:
             self.token_sum = torch.zeros((len(vocab), n), dtype=torch.float64, device=device)
 
     def update(self, acts, mask, window_index, token_ids=None) -> None:
-        """acts: [B, T, all neurons] (any float dtype); mask: [B, T] bool; window_index: [B] long;
-        token_ids: [B, T] long, the window's token ids (needed only for the token table)."""
+        """acts: [B, T, units] (any float dtype), the units' activations in `ids` order; mask: [B, T] bool;
+        window_index: [B] long; token_ids: [B, T] long, the window's token ids (needed only for the token table)."""
         import torch
 
-        if self.all_neurons and acts.shape[-1] == len(self.neurons):
-            a = acts.float()  # every neuron, in order: no gather (a strided gather costs as much as a layer's MLP)
-        else:
-            a = acts.index_select(-1, self.neurons).float()  # [B, T, n]
+        a = acts.float()
         padded = ~mask.all(dim=1)  # [B] windows shorter than the window width
         if bool(padded.any()):
             a = a.masked_fill(~mask[..., None], 0.0)
@@ -173,7 +179,7 @@ class LayerSelection:
 
         if not self.quantile_k or self.q_bounds is not None:
             return
-        maxima = torch.cat(self.pilot_max, dim=1) if self.pilot_max else torch.zeros((len(self.neurons), 1))
+        maxima = torch.cat(self.pilot_max, dim=1) if self.pilot_max else torch.zeros((len(self.ids), 1))
         levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float32, device=maxima.device)
         self.q_bounds = torch.quantile(maxima.float(), levels, dim=1).T.contiguous()  # [n, levels]
         self.pilot_max = []
@@ -329,7 +335,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
         real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
         vocab = np.unique(windows.ids[real_tokens])
     selections = {
-        layer: LayerSelection(units.units, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
+        layer: LayerSelection(units.ids, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
                               quantile_k=quantile_k, seed=seed)
         for layer, units in unit_sets.items()
     }
@@ -347,9 +353,9 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
     deepest = max(unit_sets)
     state: dict = {}
 
-    def hook_for(layer):
-        def hook(module, args):
-            x = unit_sets[layer].encode(args[0])
+    def consumer(layer):
+        def consume(hooked):
+            x = unit_sets[layer].encode(hooked)
             if x.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
                 x = x.view(state["batch"], -1, x.shape[-1])
             x = x[:, state["lo"] : state["hi"], :]
@@ -359,12 +365,11 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
             if layer == deepest:
                 raise _StopForward
 
-        return hook
+        return consume
 
-    handles = [units.hook_module(model).register_forward_pre_hook(hook_for(layer))
-               for layer, units in unit_sets.items()]
+    handles = [units.attach(model, consumer(layer)) for layer, units in unit_sets.items()]
     t = windows.window_tokens
-    p, s = len(prefix), len(suffix)
+    p = len(prefix)
     started = time.perf_counter()
     done_tokens = 0
     try:
@@ -407,50 +412,105 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
     return selections, stats
 
 
-def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts) -> pl.DataFrame:
-    """The contract's activation_records rows for one layer: `top` rows (rank 0 strongest), then `random` rows, then
-    (with quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index."""
+def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts,
+                  units: UnitSet | None = None) -> pl.DataFrame:
+    """The contract's activation_records rows for one layer, per unit: `top` rows (rank 0 strongest), then `random`
+    rows, then (with quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index. A unit
+    that never fired (its max over the corpus ≤ 0) gets one `dead` row instead, with no window: nothing downstream
+    explains it.
+
+    Columnar from the selection's tensors to Arrow: rows are gathered with numpy and the list columns (tokens,
+    activations) are cut from fixed-width arrays, so no Python runs per row."""
     mean, var, mx = selection.moments()
-    neurons = selection.neurons.cpu().tolist()
+    ids = np.asarray(selection.ids, dtype=np.int64)
+    fired = mx > 0
+    blocks = []  # (unit positions, kind, ranks, windows, activations [rows, T])
+
+    def block(kind, keep, windows_of, acts_of):
+        u, r = np.nonzero(keep & fired[:, None])
+        blocks.append((u, kind, r, windows_of[u, r], acts_of[u, r]))
+
     top_window = selection.top_window.cpu().numpy()
-    top_acts = selection.top_acts.cpu().numpy()
-    sample_acts = selection.sample_acts.cpu().numpy()
-    q_windows = q_acts = q_bounds = None
+    block(TOP, top_window >= 0, top_window, selection.top_acts.cpu().numpy())
+    sample = np.broadcast_to(selection.sample[None, :], (len(ids), len(selection.sample)))
+    block(RANDOM, sample >= 0, sample, selection.sample_acts.cpu().numpy())
+    q_bounds = None
     if selection.quantile_k:
         q_windows, q_acts, q_bounds, _ = selection.quantile_samples()
-    rows = {k: [] for k in RECORD_SCHEMA}
+        for bucket in range(q_windows.shape[1]):
+            block(quantile_kind(bucket), q_windows[:, bucket] >= 0, q_windows[:, bucket], q_acts[:, bucket])
+    unit = np.concatenate([b[0] for b in blocks])
+    order = np.argsort(unit, kind="stable")  # per unit: top, random, quantile buckets, each by rank
+    unit = unit[order]
+    window = np.concatenate([b[3] for b in blocks])[order].astype(np.int64)
+    acts = np.concatenate([b[4] for b in blocks])[order].astype(np.float32, copy=False)
+    length = windows.length[window].astype(np.int64)
+    real = np.arange(acts.shape[1])[None, :] < length[:, None]
+    # per-unit columns, gathered to rows
+    per_unit = pl.DataFrame({
+        "neuron": ids.astype(np.int32), "neuron_mean": mean.astype(np.float64),
+        "neuron_variance": var.astype(np.float64), "neuron_max": mx.astype(np.float32),
+        "neuron_token_count": np.full(len(ids), selection.count, dtype=np.int64),
+        "quantile_boundaries": (_rows(q_bounds.astype(np.float64)).cast(pl.List(pl.Float64))
+                                if q_bounds is not None else pl.Series([None] * len(ids), dtype=pl.List(pl.Float64))),
+        **(units.describe() if units is not None else describe_ids(selection.ids)),
+    }, schema_overrides=UNIT_COLUMNS)
+    live = pl.DataFrame({
+        "layer": np.full(len(unit), layer, dtype=np.int32),
+        "kind": np.concatenate([np.full(len(b[0]), b[1]) for b in blocks])[order],
+        "rank": np.concatenate([b[2] for b in blocks])[order].astype(np.int32),
+        "doc_id": pl.Series(windows.doc_ids, dtype=pl.String).gather(windows.doc_index[window]),
+        "token_start": windows.token_start[window].astype(np.int32),
+        "tokens": window_token_lists(windows, token_texts, window),
+        "activations": _ragged(acts, length),
+        "window_index": window.astype(np.int32),
+        "char_start": windows.char_start[window].astype(np.int32),
+        "char_end": windows.char_end[window].astype(np.int32),
+        "max_activation": np.where(real, acts, -np.inf).max(axis=1, initial=-np.inf).astype(np.float32),
+    }).hstack(per_unit[unit])
+    dead = np.nonzero(~fired)[0]
+    if not len(dead):
+        return live.select(RECORD_SCHEMA.keys()).cast(RECORD_SCHEMA)
+    # a unit that never fired: one `dead` row (no window), in `ids` order among the others
+    gone = per_unit[dead].with_columns(pl.lit(layer, dtype=pl.Int32).alias("layer"), pl.lit(DEAD).alias("kind"),
+                                       pl.lit(0, dtype=pl.Int32).alias("rank"),
+                                       pl.col("neuron_max").alias("max_activation"))
+    gone = gone.select([pl.col(c) if c in gone.columns else pl.lit(None).alias(c) for c in RECORD_SCHEMA])
+    position = pl.DataFrame({"neuron": ids.astype(np.int32), "_position": np.arange(len(ids))})
+    return (pl.concat([live.select(RECORD_SCHEMA.keys()).cast(RECORD_SCHEMA), gone.cast(RECORD_SCHEMA)])
+            .join(position, on="neuron", how="left", maintain_order="left")
+            .sort("_position", maintain_order=True).drop("_position"))
 
-    def add(i, kind, rank, w, acts):
-        n = int(windows.length[w])
-        rows["layer"].append(layer)
-        rows["neuron"].append(neurons[i])
-        rows["kind"].append(kind)
-        rows["rank"].append(rank)
-        rows["doc_id"].append(windows.doc_ids[windows.doc_index[w]])
-        rows["token_start"].append(int(windows.token_start[w]))
-        rows["tokens"].append(token_texts(windows.ids[w, :n]))
-        rows["activations"].append(acts[:n].astype(np.float32).tolist())
-        rows["window_index"].append(int(w))
-        rows["char_start"].append(int(windows.char_start[w]))
-        rows["char_end"].append(int(windows.char_end[w]))
-        rows["max_activation"].append(float(acts[:n].max()))
-        rows["neuron_mean"].append(float(mean[i]))
-        rows["neuron_variance"].append(float(var[i]))
-        rows["neuron_max"].append(float(mx[i]))
-        rows["neuron_token_count"].append(selection.count)
-        rows["quantile_boundaries"].append(None if q_bounds is None else [float(b) for b in q_bounds[i]])
 
-    for i in range(len(neurons)):
-        for rank, w in enumerate(top_window[i]):
-            if w >= 0:
-                add(i, TOP, rank, int(w), top_acts[i, rank])
-        for rank, w in enumerate(selection.sample):
-            add(i, RANDOM, rank, int(w), sample_acts[i, rank])
-        for bucket in range(len(q_windows[i]) if q_windows is not None else 0):
-            for rank, w in enumerate(q_windows[i, bucket]):
-                if w >= 0:
-                    add(i, quantile_kind(bucket), rank, int(w), q_acts[i, bucket, rank])
-    return pl.DataFrame(rows, schema=RECORD_SCHEMA)
+def _rows(matrix: np.ndarray) -> pl.Series:
+    """A 2-D array as an Array series, one row per row, built from the flat buffer (no per-row conversion)."""
+    return pl.Series(np.ascontiguousarray(matrix).reshape(-1)).reshape(matrix.shape)
+
+
+def _ragged(matrix: np.ndarray, length: np.ndarray) -> pl.Series:
+    """Each row of a 2-D array cut to its length, as a List series: the kept values and their offsets handed to
+    Arrow as they are (no per-row conversion, one copy)."""
+    import pyarrow as pa
+
+    kept = np.arange(matrix.shape[1])[None, :] < length[:, None]
+    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(matrix[kept])))
+
+
+def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.ndarray) -> pl.Series:
+    """The token texts of each given window (a List(String) row per entry of `window`), decoding each distinct
+    token id once and building each distinct window's list once."""
+    import pyarrow as pa
+
+    distinct, inverse = np.unique(window, return_inverse=True)
+    length = windows.length[distinct].astype(np.int64)
+    ids = windows.ids[distinct]  # [m, T]
+    kept = np.arange(ids.shape[1])[None, :] < length[:, None]
+    vocab, position = np.unique(ids[kept], return_inverse=True)
+    texts = pa.array(token_texts(vocab), type=pa.large_string()).take(pa.array(position.reshape(-1)))
+    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+    lists = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), texts))
+    return lists.gather(inverse.reshape(-1))
 
 
 def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:
@@ -460,7 +520,7 @@ def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenT
     looked up without token ids; the rare ids that decode to the same text are merged (counts and sums added)."""
     ids, counts, sums = selection.token_table()
     texts = token_texts(ids)
-    neurons = selection.neurons.cpu().tolist()
+    neurons = selection.ids
     frame = pl.DataFrame({"token": texts, "count": counts.astype(np.int64)})
     frame = frame.with_columns([pl.Series(f"s{i}", sums[:, i], dtype=pl.Float64) for i in range(len(neurons))])
     frame = frame.filter(pl.col("count") > 0).group_by("token", maintain_order=True).sum()

@@ -127,3 +127,69 @@ def mlp_output_projections(model, layers) -> dict[int, object]:
     return out
 
 
+
+
+# Where in a block a unit set reads its activations (dictionaries name theirs; MLP neurons read `mlp_hidden`):
+# hook → (which module, its input or its output)
+HOOK_POINTS = {
+    "resid_pre": ("block", "input"),  # the residual stream entering the block
+    "resid_post": ("block", "output"),  # the residual stream leaving the block
+    "mlp_in": ("mlp", "input"),  # what the MLP reads (after the block's pre-MLP norm); transcoders read this
+    "mlp_out": ("mlp", "output"),  # what the MLP adds to the residual stream
+    "mlp_hidden": ("down_proj", "input"),  # the MLP's hidden units: the neurons
+}
+
+
+def hidden_width(name: str | None) -> int:
+    """The residual stream's width (hidden size) of a model, from its config or GGUF header."""
+    source = resolve_model(name)
+    if source.gguf_file:
+        meta = gguf_metadata(Path(source.path) / source.gguf_file)
+        width = meta.get(f"{meta.get('general.architecture', '')}.embedding_length")
+        if width:
+            return int(width)
+    config = load_config(source)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    raise NdxInputError(f"model {source.name!r} has a config that gives no hidden size.")
+
+
+def hook_width(name: str | None, hook: str) -> int:
+    """How wide the activations at `hook` are: the MLP width for its hidden units, else the hidden size."""
+    return mlp_width(name) if hook == "mlp_hidden" else hidden_width(name)
+
+
+def hook_point(model, layer: int, hook: str):
+    """(module, "input" | "output"): where a forward (pre-)hook reads the activations at `hook` of `layer`."""
+    if hook not in HOOK_POINTS:
+        raise NdxInputError(f"hook {hook!r} is not known: use one of {', '.join(HOOK_POINTS)}.")
+    where, side = HOOK_POINTS[hook]
+    projection = mlp_output_projections(model, [layer])[layer]
+    if where == "down_proj":
+        return projection, side
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer"))
+    _, blocks = transformer_blocks(model, n_layers)
+    block = blocks[layer]
+    if where == "block":
+        return block, side
+    for name, module in block.named_modules():
+        if name and any(m is projection for m in module.children()):
+            return module, side
+    raise NdxInputError(f"layer {layer} has no MLP module around its output projection: hook {hook!r} cannot be read "
+                        "on this architecture (use resid_pre, resid_post or mlp_hidden).")
+
+
+def attach_hook(module, side: str, consume):
+    """Call consume(tensor) with the module's first input ("input") or its output ("output") on every forward;
+    returns the removable handle."""
+    if side == "input":
+        def pre_hook(_module, args, kwargs):
+            consume(args[0] if args else kwargs["hidden_states"])
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_module, _args, output):
+        consume(output[0] if isinstance(output, tuple) else output)
+
+    return module.register_forward_hook(hook)

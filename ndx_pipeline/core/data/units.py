@@ -1,76 +1,189 @@
 """The unit seam: what gets explained in one layer, and how its activations are read off the subject model.
 
-A `UnitSet` names the module of a layer to hook (a forward pre-hook reads that module's input), turns what the
-hook sees into one activation per unit and token (`encode`), and says which of those columns are explained
-(`units`, stored in the contract's `neuron` column). The streaming selection (`activations.extract`) works on
-whatever `encode` returns, so a new kind of unit — the other sign of a neuron, a sparse autoencoder's latents
-encoded on the fly — is a new `UnitSet` and nothing else: one forward pass still serves every layer's units.
+A `UnitSet` says where in a layer it reads (`hook`: the MLP's hidden units, the residual stream, …), turns what it
+reads into one activation per unit and token (`encode`), and names its units (`ids`, stored in the contract's `neuron`
+column, and `describe`, the contract's unit columns). The streaming selection (`activations.extract`) works on
+whatever `encode` returns, so a new kind of unit is a new `UnitSet` and nothing else: one forward pass still serves
+every layer's units.
 
-Implemented here: `MlpNeurons`, the paper's units — coordinates of the input to the layer's MLP output
-projection (the post-activation hidden units), ranked by their most positive activation.
+Implemented here:
+- `MlpNeurons`: the paper's units, coordinates of the input to the layer's MLP output projection (the post-activation
+  hidden units), on their positive side, their negative side, or both. A unit's id is the neuron's index for the
+  positive side and `-1 - index` for the negative side (neuron 0's negative side is -1), so both sides of a neuron are
+  two units with their own records, explanations and scores. The negative side's activations are stored negated:
+  for every unit, larger means "fires more", and the simulator's 0–10 scale reads the same way.
+- `DictionaryLatents`: the latents of a sparse autoencoder or transcoder the user points at (`dictionaries`),
+  encoded on the fly from the activations at the dictionary's hook. A latent's id is its index in the dictionary.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from ndx_pipeline.core.data.subject_model import mlp_output_projections
+from ndx_pipeline.core.contract import DICTIONARY_LATENT, MLP_NEURON, describe_ids, negative_id
+from ndx_pipeline.core.data.dictionaries import Dictionary, load_dictionary
+from ndx_pipeline.core.data.subject_model import attach_hook, hook_point
 from ndx_pipeline.core.errors import NdxInputError
+
+POSITIVE, NEGATIVE, BOTH = "positive", "negative", "both"
+POLARITIES = (POSITIVE, NEGATIVE, BOTH)
+DICTIONARY = "dictionary"
+UNIT_CHOICES = (*POLARITIES, DICTIONARY)  # a run's `units`: a neuron side, or a dictionary's latents
+ALL_UNITS = -1  # neurons_per_layer that takes every neuron (or latent) of a layer
 
 
 class UnitSet(ABC):
     """The units of one layer that one extraction pass keeps records for."""
 
-    kind: str  # what the units are, in words stored with the run ("mlp_neuron", …)
+    kind: str  # what the units are, stored with every record (`unit_kind`)
+    hook: str  # where in the layer they are read (subject_model.HOOK_POINTS)
 
-    def __init__(self, layer: int, units: Sequence[int]):
+    def __init__(self, layer: int, ids: Sequence[int]):
         self.layer = int(layer)
-        self.units = [int(u) for u in units]
+        self.ids = [int(u) for u in ids]
+
+    def attach(self, model, consume):
+        """Have consume(activations at this set's hook) called on every forward; returns the removable handle."""
+        module, side = hook_point(model, self.layer, self.hook)
+        return attach_hook(module, side, consume)
 
     @abstractmethod
-    def hook_module(self, model):
-        """The module whose input (a forward pre-hook's first argument) carries this layer's activations."""
-
     def encode(self, hooked):
-        """[batch, tokens, width] activations whose columns `units` are explained; the identity by default."""
-        return hooked
+        """[..., width] activations at the hook → [..., len(ids)] activations of the units, in `ids` order."""
+
+    def describe(self) -> dict:
+        """The contract's unit columns, one list per column, in `ids` order."""
+        return describe_ids(self.ids, self.kind, self.source())
+
+    def describe_set(self) -> str:
+        """The set in words, for run metadata and logs."""
+        return f"{len(self.ids)} {self.kind} units" + (f" from {self.source()}" if self.source() else "")
+
+    def source(self) -> str | None:
+        """Where the units come from beyond the subject model (a dictionary file and its hook); None for neurons."""
+        return None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer}, units={len(self.units)})"
+        return f"{type(self).__name__}(layer={self.layer}, units={len(self.ids)})"
 
 
 class MlpNeurons(UnitSet):
-    """MLP neurons: the input of the layer's MLP output projection (GPT-2 `mlp.c_proj`, Llama `mlp.down_proj`, …)."""
+    """MLP neurons: the input of the layer's MLP output projection (GPT-2 `mlp.c_proj`, Llama `mlp.down_proj`, …),
+    on one side or both (`polarity`)."""
 
-    kind = "mlp_neuron"
+    kind = MLP_NEURON
+    hook = "mlp_hidden"
 
-    def hook_module(self, model):
-        return mlp_output_projections(model, [self.layer])[self.layer]
+    def __init__(self, layer: int, neurons: Sequence[int], polarity: str = POSITIVE):
+        if polarity not in POLARITIES:
+            raise NdxInputError(f"polarity {polarity!r} is not known: use one of {', '.join(POLARITIES)}.")
+        self.neurons = sorted(set(int(n) for n in neurons))
+        self.polarity = polarity
+        ids = ([n for n in self.neurons] if polarity != NEGATIVE else []) + (
+            [negative_id(n) for n in self.neurons] if polarity != POSITIVE else [])
+        super().__init__(layer, ids)
+        self._index = None
+
+    def describe_set(self) -> str:
+        return f"{len(self.neurons)} MLP neurons, {self.polarity} side" + ("s" if self.polarity == BOTH else "")
+
+    def encode(self, hooked):
+        import torch
+
+        if self.neurons == list(range(hooked.shape[-1])):
+            chosen = hooked  # every neuron, in order: no gather (a strided gather costs as much as a layer's MLP)
+        else:
+            if self._index is None or self._index.device != hooked.device:
+                self._index = torch.as_tensor(self.neurons, dtype=torch.long, device=hooked.device)
+            chosen = hooked.index_select(-1, self._index)
+        if self.polarity == POSITIVE:
+            return chosen
+        if self.polarity == NEGATIVE:
+            return -chosen
+        return torch.cat([chosen, -chosen], dim=-1)
+
+
+class DictionaryLatents(UnitSet):
+    """Latents of a sparse autoencoder or transcoder, encoded from the activations at the dictionary's hook."""
+
+    kind = DICTIONARY_LATENT
+
+    def __init__(self, layer: int, dictionary: Dictionary, latents: Sequence[int]):
+        if dictionary.hook is None:
+            raise NdxInputError(f"dictionary {dictionary.path} does not say where it reads: give its hook "
+                                "(resid_pre, resid_post, mlp_in, mlp_out or mlp_hidden).")
+        self.dictionary = dictionary
+        self.hook = dictionary.hook
+        super().__init__(layer, sorted(set(int(i) for i in latents)))
+        self._all = self.ids == list(range(dictionary.n_latents))
+
+    def encode(self, hooked):
+        return self.dictionary.encode(hooked, None if self._all else self.ids)
+
+    def source(self) -> str:
+        return self.dictionary.describe()
+
+
+def dictionary_folders(path: str | Path) -> list[Path]:
+    """The dictionaries at `path`: the folder itself when it holds a cfg.json (or `path` is one of a dictionary's
+    files), else every folder below it that does, sorted."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise NdxInputError(f"dictionary path {root} does not exist.")
+    if root.is_file() or (root / "cfg.json").is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob("cfg.json"))
+
+
+def dictionaries_by_layer(path: str | Path, hook: str | None, layers: Sequence[int]) -> dict[int, Dictionary]:
+    """{layer: dictionary} for the requested layers, from one dictionary or a folder of them (one per layer). A
+    dictionary whose files name no layer serves the one requested layer."""
+    found: dict[int, Dictionary] = {}
+    folders = dictionary_folders(path)
+    if not folders:
+        raise NdxInputError(f"dictionary path {path} holds no dictionary (no cfg.json in it or below it).")
+    for folder in folders:
+        d = load_dictionary(folder, hook=hook, layer=None)
+        if d.layer is None:
+            if len(folders) > 1 or len(layers) != 1:
+                raise NdxInputError(f"dictionary {folder} does not say which layer it reads: run it alone with one "
+                                    "layer.")
+            d = load_dictionary(folder, hook=hook, layer=layers[0])
+        if d.layer in found:
+            raise NdxInputError(f"dictionaries {found[d.layer].path} and {folder} both read layer {d.layer}.")
+        found[d.layer] = d
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        raise NdxInputError(f"no dictionary at {path} reads layer(s) {missing}; it has layers {sorted(found)}.")
+    return {layer: found[layer] for layer in layers}
 
 
 def choose_neurons(width: int, per_layer: int, seed: int, layer: int) -> list[int]:
-    """A seeded choice of `per_layer` distinct neurons of one layer (different layers get different choices)."""
+    """A seeded choice of `per_layer` distinct neurons (or latents) of one layer (different layers get different
+    choices)."""
     if per_layer <= 0:
         raise NdxInputError(f"neurons_per_layer={per_layer}: at least one neuron must be selected.")
     rng = np.random.default_rng([seed, layer])
     return sorted(int(i) for i in rng.choice(width, size=min(per_layer, width), replace=False))
 
 
-def neurons_of_layer(layer: int, width: int, neurons: Sequence[int] | None, per_layer: int, seed: int) -> list[int]:
-    """The neurons a run explains in one layer: the explicit list when given (checked against the layer's width),
-    else a seeded choice of `per_layer`."""
+def neurons_of_layer(layer: int, width: int, neurons: Sequence[int] | None, per_layer: int, seed: int,
+                     what: str = "neurons") -> list[int]:
+    """The neurons (or latents) a run explains in one layer: the explicit list when given (checked against the
+    layer's width), else a seeded choice of `per_layer` (ALL_UNITS, -1: every one of them)."""
     if neurons is None:
-        return choose_neurons(width, per_layer, seed, layer)
+        return list(range(width)) if per_layer == ALL_UNITS else choose_neurons(width, per_layer, seed, layer)
     bad = [n for n in neurons if not 0 <= n < width]
     if bad or not neurons:
-        raise NdxInputError(f"neurons {bad or '[]'} are not valid: layer {layer} has neurons 0..{width - 1}.")
+        raise NdxInputError(f"{what} {bad or '[]'} are not valid: layer {layer} has {what} 0..{width - 1}.")
     return sorted(set(int(n) for n in neurons))
 
 
 def as_unit_sets(layer_units: dict) -> dict[int, UnitSet]:
-    """{layer: UnitSet}; a plain list of indices stands for those MLP neurons."""
+    """{layer: UnitSet}; a plain list of indices stands for those MLP neurons' positive side."""
     return {int(layer): units if isinstance(units, UnitSet) else MlpNeurons(layer, units)
             for layer, units in layer_units.items()}

@@ -34,6 +34,7 @@ from ndx_pipeline.core.contract import (
     frame,
     lookup_explanation_id,
     random_explanation_id,
+    seed_key,
 )
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.method.token_list import explain_token_lists
@@ -136,7 +137,7 @@ def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFra
                          "explainer": "random", "status": "failed",
                          "error": f"no other neuron of layer {layer} has a usable explanation"})
             continue
-        pick = others[int(np.random.default_rng([seed, layer, neuron]).integers(len(others)))]
+        pick = others[int(np.random.default_rng([seed, layer, seed_key(neuron)]).integers(len(others)))]
         rows.append({"layer": layer, "neuron": neuron,
                      "explanation_id": random_explanation_id(layer, neuron, int(pick["neuron"])),
                      "explanation": pick["explanation"], "explainer": f"random:{pick['explanation_id']}",

@@ -32,6 +32,7 @@ from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import (
     ACTIVATING,
     CALIBRATION,
+    DEAD,
     EXCERPT_SCHEMA,
     EXPLAIN,
     JUDGEMENT_SCHEMA,
@@ -45,10 +46,15 @@ from ndx_pipeline.core.contract import (
     TOP,
     frame,
     quantile_kind,
+    seed_key,
 )
 from ndx_pipeline.core.data.excerpts import excerpt_row
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.llm.backend import RecordableLLMError, sent_prompt_sha256, short_text
+from ndx_pipeline.core.llm.backend import (
+    RecordableLLMError,
+    sent_prompt_sha256,
+    short_text,
+)
 from ndx_pipeline.core.method.display import escape_token
 from ndx_pipeline.core.method.metrics import classification, roc_auc
 from ndx_pipeline.core.method.scoring import unscored_reason, with_baselines
@@ -84,6 +90,8 @@ def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int 
             ["layer", "neuron"], maintain_order=True):
         layer, neuron = int(layer), int(neuron)
         by_kind = {k: g.sort("rank").to_dicts() for (k,), g in group.group_by(["kind"], maintain_order=True)}
+        if DEAD in by_kind:
+            continue  # never fired: not explained, so nothing to judge
         top = by_kind.get(TOP, [])
         bounds = next((b for b in group["quantile_boundaries"].to_list() if b), None)
         median = bounds[MEDIAN_BOUNDARY] if bounds else None
@@ -232,7 +240,7 @@ def judged_explanations(explanations: pl.DataFrame) -> list[dict]:
 
 
 def neuron_rng(seed: int, layer: int, neuron: int, stream: int = 0) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(layer), int(neuron), int(stream)])
+    return np.random.default_rng([int(seed), int(layer), seed_key(neuron), int(stream)])
 
 
 def by_neuron(excerpts: pl.DataFrame) -> dict[tuple[int, int], list[dict]]:

@@ -47,8 +47,10 @@ def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, sto
     specs=[
         dg.AssetSpec(c.ACTIVATION_RECORDS, deps=[c.CORPUS], partitions_def=layers,
                      code_version=CODE_VERSIONS[c.ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
-                     description="Per neuron: top windows by max activation, a seeded random sample, activation-"
-                                 "quantile samples, and the neuron's mean/variance/max over the corpus."),
+                     description="Per unit (an MLP neuron's positive or negative side, or a dictionary latent): top "
+                                 "windows by max activation, a seeded random sample, activation-quantile samples, "
+                                 "and the unit's mean/variance/max over the corpus; one `dead` row for a unit that "
+                                 "never fired."),
         dg.AssetSpec(c.TOKEN_TABLE, deps=[c.CORPUS], partitions_def=layers,
                      code_version=CODE_VERSIONS[c.TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
                      description="Per neuron × token text: count and activation sum over the corpus, counted in the "
@@ -62,8 +64,9 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     with bad_input_fails_the_run():
         quality.checked()
         extraction = stages.activation_records(
-            read(storage.path(), c.CORPUS), subject_model.model, layers_of(context), neurons=selection.neurons,
-            neurons_per_layer=selection.neurons_per_layer, seed=selection.seed, top_k=selection.top_k,
+            read(storage.path(), c.CORPUS), subject_model.model, layers_of(context), units=selection.units,
+            neurons=selection.neurons, neurons_per_layer=selection.neurons_per_layer, seed=selection.seed,
+            dictionary=selection.dictionary, dictionary_hook=selection.dictionary_hook, top_k=selection.top_k,
             random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted,
             device=subject_model.resolved_device(), dtype=subject_model.dtype, batch_size=subject_model.batch_size,
             window_tokens=subject_model.window_tokens, log=context.log.info)
@@ -72,6 +75,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     random_k = min(selection.random_k, stats.windows)
     for layer, found in extraction.layers.items():
         out.write(c.ACTIVATION_RECORDS, found.records, layer, neurons=len(found.units),
+                  units=found.description, dead_units=found.dead,
                   tokens_processed=stats.tokens, windows=stats.windows,
                   tokens_per_second=round(stats.tokens_per_second, 1),
                   wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
@@ -83,6 +87,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                   distinct_tokens=found.token_table["token"].n_unique())
         out.check(c.TOKEN_TABLE, "token_table_complete", layer,
                   validation.token_table_complete(found.token_table, found.records, counted))
+        found.release()  # one layer's rows in memory at a time
     yield from out.results(c.ACTIVATION_RECORDS, c.TOKEN_TABLE)
 
 

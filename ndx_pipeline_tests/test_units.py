@@ -1,0 +1,387 @@
+"""Units beyond positive neurons, on the real bundled model: a neuron's negative side (its most negative windows,
+stored negated) and both sides as two units kept apart; dictionary latents read from SAELens and sparsify folders
+written here (ReLU, JumpReLU, TopK, a TopK transcoder) equal an independent `encode(h)` of activations captured by the
+test's own hooks; a latent that never fires is recorded as dead and never reaches the explainer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ndx_pipeline.core import stages
+from ndx_pipeline.core.contract import DEAD, DICTIONARY_LATENT, MLP_NEURON, RECORD_SCHEMA, negative_id, unit_label
+from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data.dictionaries import load_dictionary
+from ndx_pipeline.core.data.units import DictionaryLatents, MlpNeurons, dictionaries_by_layer
+from ndx_pipeline.core.data.windows import TokenTexts
+from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.models import special_token_wrap
+
+TOP_K, RANDOM_K = 8, 6
+TOL = dict(rtol=1e-4, atol=1e-4)
+# Latents read the residual stream, whose norm reaches ~300 on this model: a window run alone and the same window in a
+# padded batch differ there by ~1e-6 of that in float32, ~1e-3 after projection onto a latent direction.
+LATENT_TOL = dict(rtol=1e-4, atol=2e-3)
+
+
+def captured(model, tokenizer, windows, modules: dict):
+    """{name: [per window: [tokens, width]]}: the input ("in") or output ("out") of named modules, one window at a
+    time, by hooks this test registers itself."""
+    prefix, suffix = special_token_wrap(tokenizer)
+    out = {name: [] for name in modules}
+    for w in range(len(windows)):
+        ids = windows.ids[w, : windows.length[w]].tolist()
+        seen = {}
+        handles = []
+        for name, (module, side) in modules.items():
+            if side == "in":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, a, name=name: seen.setdefault(name, a[0].clone())))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, o, name=name: seen.setdefault(name, (o[0] if isinstance(o, tuple) else o).clone())))
+        try:
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([prefix + ids + suffix]))
+        finally:
+            for h in handles:
+                h.remove()
+        for name, x in seen.items():
+            out[name].append(x[0, len(prefix) : len(prefix) + len(ids)].float().numpy())
+    return out
+
+
+def check_selection(sel, per_window: list[np.ndarray], tol=TOL):
+    """The kept top windows are a brute force's top windows over `per_window` ([tokens, units] each; windows whose
+    maxima tie within float noise may swap) and hold exactly those windows' activations."""
+    for i in range(per_window[0].shape[1]):
+        maxima = np.array([a[:, i].max() for a in per_window])
+        np.testing.assert_allclose(sel.top_max[i].numpy(), np.sort(maxima)[::-1][:TOP_K], **tol)
+        kept = sel.top_window[i].tolist()
+        assert len(set(kept)) == TOP_K
+        others = np.delete(maxima, kept)
+        weakest = sel.top_max[i, -1].item()
+        assert others.max() <= weakest + tol["atol"] + tol["rtol"] * abs(weakest)
+        for rank, w in enumerate(kept):
+            n = len(per_window[w])
+            assert maxima[w] == pytest.approx(sel.top_max[i, rank].item(), rel=tol["rtol"], abs=tol["atol"])
+            np.testing.assert_allclose(sel.top_acts[i, rank, :n].numpy(), per_window[w][:, i], **tol)
+
+
+# ------------------------------------------------------------------------------------------------ neuron polarity
+
+NEURONS = [3, 250, 1000]
+
+
+@pytest.fixture(scope="module")
+def hidden(subject, small_windows):
+    model, tok = subject
+    return captured(model, tok, small_windows, {layer: (model.layers[layer].mlp.down_proj, "in") for layer in (0, 2)})
+
+
+@pytest.fixture(scope="module")
+def sided(subject, small_windows):
+    model, tok = subject
+    units = {0: MlpNeurons(0, NEURONS, "negative"), 2: MlpNeurons(2, NEURONS, "both")}
+    selections, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
+                                batch_size=7)
+    return units, selections
+
+
+def test_negative_side_keeps_the_most_negative_windows_negated(sided, hidden):
+    units, selections = sided
+    assert units[0].ids == [negative_id(n) for n in NEURONS] == [-4, -251, -1001]
+    check_selection(selections[0], [-a[:, NEURONS] for a in hidden[0]])
+    mean, _, mx = selections[0].moments()
+    every = np.concatenate(hidden[0])[:, NEURONS].astype(np.float64)
+    np.testing.assert_allclose(mx, -every.min(axis=0), **TOL)
+    np.testing.assert_allclose(mean, -every.mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_both_sides_are_two_units_kept_apart(sided, hidden, small_windows, subject):
+    units, selections = sided
+    assert units[2].ids == [3, 250, 1000, -4, -251, -1001]
+    check_selection(selections[2], [np.concatenate([a[:, NEURONS], -a[:, NEURONS]], axis=1) for a in hidden[2]])
+    records = act.records_frame(2, selections[2], small_windows, TokenTexts(subject[1]), units[2])
+    assert records.schema == pl.Schema(RECORD_SCHEMA)
+    by_unit = records.group_by("neuron").agg(pl.col("polarity").unique(), pl.col("unit_index").unique(),
+                                             pl.col("unit_kind").unique(), pl.len())
+    got = {r["neuron"]: (r["polarity"], r["unit_index"], r["unit_kind"], r["len"]) for r in by_unit.to_dicts()}
+    for n in NEURONS:
+        assert got[n] == ([1], [n], [MLP_NEURON], TOP_K + RANDOM_K)
+        assert got[negative_id(n)] == ([-1], [n], [MLP_NEURON], TOP_K + RANDOM_K)
+    # a random window holds the neuron's values on the positive unit and their negation on the negative one
+    pos = records.filter((pl.col("neuron") == 250) & (pl.col("kind") == "random")).sort("rank")
+    neg = records.filter((pl.col("neuron") == -251) & (pl.col("kind") == "random")).sort("rank")
+    for a, b in zip(pos["activations"].to_list(), neg["activations"].to_list()):
+        np.testing.assert_array_equal(np.array(a), -np.array(b))
+    # excerpts per unit: each side gets its own disjoint splits
+    excerpts = stages.top_excerpts(records, explain=1, score_top=1, score_random=1)
+    assert sorted(excerpts["neuron"].unique().to_list()) == sorted(units[2].ids)
+    assert unit_label(-251) == "neuron 250 (negative)" and unit_label(250) == "neuron 250"
+
+
+# ------------------------------------------------------------------------------------------------ dictionaries
+
+LATENTS = 12
+LAYER_OF = {"relu": 1, "jumprelu": 2, "topk": 3, "sparsify_sae": 4, "sparsify_transcoder": 5}
+
+
+def saelens_folder(root, name, architecture, W, b_enc, b_dec, hook_name, threshold=None, k=None):
+    folder = root / name
+    folder.mkdir()
+    tensors = {"W_enc": W, "b_enc": b_enc, "b_dec": b_dec, "W_dec": np.ascontiguousarray(W.T)}
+    if threshold is not None:
+        tensors["threshold"] = threshold
+    save_file({key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in tensors.items()},
+              str(folder / "sae_weights.safetensors"))
+    cfg = {"architecture": architecture, "d_in": W.shape[0], "d_sae": W.shape[1], "hook_name": hook_name,
+           "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    if k:
+        cfg["k"] = k
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def sparsify_folder(root, hookpoint, W, b_enc, b_dec, k, transcode):
+    folder = root / hookpoint
+    folder.mkdir()
+    save_file({"encoder.weight": torch.from_numpy(np.ascontiguousarray(W.T)), "encoder.bias": torch.from_numpy(b_enc),
+               "W_dec": torch.from_numpy(W.T.copy()), "b_dec": torch.from_numpy(b_dec)},
+              str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"num_latents": W.shape[1], "k": k, "d_in": W.shape[0],
+                                                 "transcode": transcode, "expansion_factor": 0,
+                                                 "normalize_decoder": True, "multi_topk": False,
+                                                 "skip_connection": False}))
+    return folder
+
+
+def directions(per_window, seed):
+    """Latent directions chosen from the model's own activations (unit vectors of seeded token positions), a bias
+    that lets each fire on its ~3 % most aligned tokens, and an input offset: weights made by the test."""
+    every = np.concatenate(per_window)
+    rng = np.random.default_rng(seed)
+    picks = every[rng.choice(len(every), LATENTS, replace=False)]
+    W = (picks / np.linalg.norm(picks, axis=1, keepdims=True)).T.astype(np.float32)  # [d, n]
+    b_dec = (every.mean(axis=0) * 0.5).astype(np.float32)
+    pre = (every - b_dec) @ W
+    b_enc = (-np.quantile(pre, 0.97, axis=0)).astype(np.float32)
+    b_enc[-1] = -1e6  # the last latent never fires: recorded dead
+    return W, b_enc, b_dec
+
+
+def encoded(h, W, b_enc, b_dec, architecture, threshold=None, k=None):
+    """An independent encode(h) in numpy, per architecture."""
+    pre = (h.astype(np.float64) - b_dec) @ W + b_enc
+    if architecture == "relu":
+        return np.maximum(pre, 0)
+    if architecture == "jumprelu":
+        return np.where(pre > threshold, np.maximum(pre, 0), 0)
+    keep = np.argsort(-pre, axis=1, kind="stable")[:, :k]
+    out = np.zeros_like(pre)
+    np.put_along_axis(out, keep, np.maximum(np.take_along_axis(pre, keep, axis=1), 0), axis=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dictionary_run(subject, small_windows, tmp_path_factory):
+    model, tok = subject
+    L = LAYER_OF
+    h = captured(model, tok, small_windows, {
+        "resid_post_1": (model.layers[L["relu"]], "out"),
+        "mlp_out_2": (model.layers[L["jumprelu"]].mlp, "out"),
+        "resid_pre_3": (model.layers[L["topk"]], "in"),
+        "resid_post_4": (model.layers[L["sparsify_sae"]], "out"),
+        "mlp_in_5": (model.layers[L["sparsify_transcoder"]].mlp, "in"),
+    })
+    root = tmp_path_factory.mktemp("dictionaries")
+    made = {}
+    W, b, d = directions(h["resid_post_1"], 1)
+    made["relu"] = (saelens_folder(root, "relu", "standard", W, b, d, "blocks.1.hook_resid_post"),
+                    h["resid_post_1"], dict(W=W, b_enc=b, b_dec=d, architecture="relu"))
+    W, b, d = directions(h["mlp_out_2"], 2)
+    threshold = np.full(LATENTS, 0.05, dtype=np.float32)
+    made["jumprelu"] = (saelens_folder(root, "jumprelu", "jumprelu", W, b, d, "blocks.2.hook_mlp_out", threshold),
+                        h["mlp_out_2"], dict(W=W, b_enc=b, b_dec=d, architecture="jumprelu", threshold=threshold))
+    W, b, d = directions(h["resid_pre_3"], 3)
+    b[:-1] += 0.5  # TopK does the choosing: most latents are positive, 3 are kept per token
+    made["topk"] = (saelens_folder(root, "topk", "topk", W, b, d, "blocks.3.hook_resid_pre", k=3),
+                    h["resid_pre_3"], dict(W=W, b_enc=b, b_dec=d, architecture="topk", k=3))
+    W, b, d = directions(h["resid_post_4"], 4)
+    (root / "sparsify").mkdir()
+    made["sparsify_sae"] = (sparsify_folder(root / "sparsify", "layers.4", W, b, d, 4, False),
+                            h["resid_post_4"], dict(W=W, b_enc=b, b_dec=d, architecture="topk", k=4))
+    W, b, _ = directions(h["mlp_in_5"], 5)
+    zero = np.zeros(W.shape[0], dtype=np.float32)
+    made["sparsify_transcoder"] = (sparsify_folder(root / "sparsify", "layers.5.mlp", W, b, zero, 2, True),
+                                   h["mlp_in_5"], dict(W=W, b_enc=b, b_dec=zero, architecture="topk", k=2))
+    latents = list(range(LATENTS))
+    units = {L[name]: DictionaryLatents(L[name], load_dictionary(folder), latents)
+             for name, (folder, _, _) in made.items()}
+    selections, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
+                                batch_size=7)
+    return made, units, selections, root
+
+
+@pytest.mark.parametrize("name", list(LAYER_OF))
+def test_latents_equal_an_independent_encoding(dictionary_run, name):
+    made, units, selections, _ = dictionary_run
+    folder, per_window, spec = made[name]
+    unit_set = units[LAYER_OF[name]]
+    assert unit_set.dictionary.layer == LAYER_OF[name]
+    latent_acts = [encoded(a, spec["W"], spec["b_enc"], spec["b_dec"], spec["architecture"], spec.get("threshold"),
+                           spec.get("k")) for a in per_window]
+    live = [i for i in range(LATENTS) if max(a[:, i].max() for a in latent_acts) > 0]
+    assert LATENTS - 1 not in live and len(live) >= LATENTS // 2
+    sel = selections[LAYER_OF[name]]
+    check_selection(sel, latent_acts, LATENT_TOL)
+    np.testing.assert_allclose(sel.moments()[2], np.concatenate(latent_acts).max(axis=0), **LATENT_TOL)
+
+
+def test_dictionary_records_name_their_units_and_skip_the_dead(dictionary_run, small_windows, subject):
+    _, units, selections, _ = dictionary_run
+    layer = LAYER_OF["sparsify_transcoder"]
+    records = act.records_frame(layer, selections[layer], small_windows, TokenTexts(subject[1]), units[layer])
+    assert records.schema == pl.Schema(RECORD_SCHEMA)
+    assert set(records["unit_kind"].unique()) == {DICTIONARY_LATENT}
+    assert set(records["polarity"].unique()) == {1}
+    source = records["unit_source"][0]
+    assert "sparsify" in source and "transcoder" in source and "mlp_in" in source and "layers.5.mlp" in source
+    dead = records.filter(pl.col("kind") == DEAD)
+    assert dead["neuron"].to_list() == [LATENTS - 1] and dead["window_index"].to_list() == [None]
+    assert records.filter(pl.col("neuron") == LATENTS - 1).height == 1
+    excerpts = stages.top_excerpts(records, explain=1, score_top=1, score_random=1)
+    assert LATENTS - 1 not in excerpts["neuron"].to_list()
+    assert excerpts["neuron"].n_unique() == records.filter(pl.col("kind") != DEAD)["neuron"].n_unique()
+
+
+def test_a_folder_of_dictionaries_serves_each_layer(dictionary_run):
+    _, _, _, root = dictionary_run
+    found = dictionaries_by_layer(root / "sparsify", None, [4, 5])
+    assert {layer: d.hook for layer, d in found.items()} == {4: "resid_post", 5: "mlp_in"}
+    with pytest.raises(NdxInputError, match=r"no dictionary .* reads layer\(s\) \[6\]"):
+        dictionaries_by_layer(root / "sparsify", None, [4, 6])
+    with pytest.raises(NdxInputError, match="does not exist"):
+        dictionaries_by_layer(root / "nowhere", None, [4])
+
+
+def test_a_dictionary_that_does_not_fit_the_model_is_refused(dictionary_run):
+    _, _, _, root = dictionary_run
+    # the relu dictionary reads the 576-wide residual stream; told it reads the 1536-wide MLP hidden units:
+    with pytest.raises(NdxInputError, match="576-wide activations but mlp_hidden of layer 1 .* 1536 wide"):
+        stages.unit_sets(None, [1], units="dictionary", dictionary=str(root / "relu"), dictionary_hook="mlp_hidden",
+                         neurons_per_layer=4)
+    with pytest.raises(NdxInputError, match="units=dictionary needs a dictionary"):
+        stages.unit_sets(None, [1], units="dictionary")
+    with pytest.raises(NdxInputError, match="units='sideways' is not known"):
+        stages.unit_sets(None, [1], units="sideways")
+
+
+# ------------------------------------------------------------------------------------------------ through Dagster
+
+SMALL_RUN = dict(
+    subject_model={"window_tokens": 24},
+    quality={"baselines": ["lookup", "random"], "scorers": ["embedding"], "scorer_excerpts": 2,
+             "calibration_top_excerpts": 1, "calibration_random_excerpts": 1},
+)
+SMALL_SELECTION = {"explain_excerpts": 2, "score_top_excerpts": 2, "score_random_excerpts": 1}
+
+
+def run_graph(storage, partition: str, selection: dict, instance=None, extra_config: dict | None = None):
+    import dagster as dg
+
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import MAIN_JOB
+
+    resources = {"storage": {"config": {"storage_dir": str(storage)}},
+                 "selection": {"config": {**SMALL_SELECTION, **selection}},
+                 **{name: {"config": values} for name, values in SMALL_RUN.items()}}
+    for name, values in (extra_config or {}).get("resources", {}).items():
+        resources.setdefault(name, {"config": {}})["config"].update(values["config"])
+    job = build_definitions().resolve_job_def(MAIN_JOB)
+    return job.execute_in_process(run_config={"resources": resources}, instance=instance or dg.DagsterInstance.ephemeral(),
+                                  partition_key=partition, raise_on_error=False)
+
+
+def read(storage, asset, layer):
+    from ndx_pipeline.core.storage import asset_path
+
+    return pl.read_parquet(asset_path(storage, asset, layer))
+
+
+@pytest.mark.slow
+def test_both_sides_of_a_neuron_go_end_to_end_as_two_units(tmp_path):
+    from ndx_pipeline.reports.lineage import format_lineage, lineage
+
+    storage = tmp_path / "storage"
+    result = run_graph(storage, "0", {"units": "both", "neurons": [5, 77]})
+    assert result.success
+    units = [5, 77, -6, -78]
+    records = read(storage, "activation_records", 0)
+    assert sorted(records["neuron"].unique()) == sorted(units)
+    assert dict(records.group_by("neuron").agg(pl.col("polarity").first()).iter_rows()) == {5: 1, 77: 1, -6: -1,
+                                                                                            -78: -1}
+    for asset in ("top_excerpts", "explanations", "scores", "embedding_scores"):
+        assert sorted(read(storage, asset, 0)["neuron"].unique()) == sorted(units), asset
+    scores = read(storage, "scores", 0)
+    assert scores.filter(pl.col("neuron") == -6)["explanation_id"][0] == "0/-6/explanation/0"
+    # the negative unit's scored activations are the neuron's values negated: its windows are where it goes negative
+    sims = read(storage, "simulations", 0).filter(pl.col("neuron") == -6, pl.col("split") == "score_top")
+    assert max(max(a) for a in sims["true_activations"]) > 0
+    found = lineage(storage, 0, -6)
+    assert found["unit"] == {"kind": MLP_NEURON, "polarity": -1, "index": 5, "source": None,
+                             "label": "neuron 5 (negative)"}
+    assert found["checks"]["all_links_resolved"]
+    assert format_lineage(found).startswith("layer 0 neuron 5 (negative)  (unit id -6;")
+    page = (storage / "neuron_viewer" / "0" / "-6.html").read_text()
+    assert "neuron 5 (negative)" in page
+
+
+@pytest.mark.slow
+def test_a_new_dictionary_is_noticed_by_the_sensor_and_explained_through_dagster(subject, small_windows, tmp_path):
+    """A SAELens dictionary lands in the watched folder; the sensor asks for its layer's run on its latents; the run
+    explains and scores the live latents, records the dead one, and lineage names the dictionary."""
+    import dagster as dg
+
+    from ndx_pipeline.defs.automation import dictionary_sensor
+    from ndx_pipeline.reports.lineage import lineage
+
+    model, tok = subject
+    h = captured(model, tok, small_windows, {"resid_post_1": (model.layers[1], "out")})["resid_post_1"]
+    W, b_enc, b_dec = directions(h, 11)
+    watched = tmp_path / "dictionaries"
+    watched.mkdir()
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = dictionary_sensor(str(watched))
+    context = dg.build_sensor_context(instance=instance)
+    assert isinstance(sensor(context), dg.SkipReason)  # nothing there yet
+    folder = saelens_folder(watched, "layer1-relu", "standard", W, b_enc, b_dec, "blocks.1.hook_resid_post")
+    context = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    requests = sensor(context)
+    assert len(requests) == 1 and requests[0].partition_key == "1"
+    assert requests[0].run_config["resources"]["selection"]["config"] == {"units": "dictionary",
+                                                                          "dictionary": folder.as_posix()}
+    again = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    assert isinstance(sensor(again), dg.SkipReason)  # seen: no second run
+
+    storage = tmp_path / "storage"
+    result = run_graph(storage, requests[0].partition_key, {"neurons": [0, 3, LATENTS - 1]}, instance,
+                       requests[0].run_config)
+    assert result.success
+    records = read(storage, "activation_records", 1)
+    assert set(records["unit_kind"]) == {DICTIONARY_LATENT}
+    assert records.filter(pl.col("neuron") == LATENTS - 1)["kind"].to_list() == [DEAD]
+    assert "layer1-relu" in records["unit_source"][0] and "resid_post" in records["unit_source"][0]
+    for asset in ("top_excerpts", "explanations", "simulations", "scores"):
+        assert sorted(read(storage, asset, 1)["neuron"].unique()) == [0, 3], asset  # no LLM call for the dead one
+    found = lineage(storage, 1, 3)
+    assert found["unit"]["label"] == "latent 3" and "layer1-relu" in found["unit"]["source"]
+    assert found["checks"]["all_links_resolved"]
+    # the stored top activations are the latent's encoding of the residual stream of the stored window
+    top = records.filter((pl.col("neuron") == 3) & (pl.col("kind") == "top")).sort("rank").row(0, named=True)
+    assert top["max_activation"] == pytest.approx(records.filter(pl.col("neuron") == 3)["neuron_max"][0])
