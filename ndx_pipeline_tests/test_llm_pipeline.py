@@ -139,8 +139,11 @@ def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
     storage = tmp_path / "json"
     copy_upstream(upstream, storage)
+    # the JSON simulator on our explanations alone: the baselines' simulations go the same way (first test)
     materialize(LLM_STAGES, storage, explainer_llm=server_llm(proxy, max_tokens=20),
-                simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"))
+                simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"),
+                quality=QualityResource(baselines=["lookup"], scorers=[], calibration_top_excerpts=1,
+                                        calibration_random_excerpts=1))
     sims = pl.read_parquet(asset_path(storage, "simulations", 0))
     assert len(sims) > 0
     for row in sims.iter_rows(named=True):

@@ -304,8 +304,9 @@ def run_graph(storage, partition: str, selection: dict, instance=None, extra_con
     for name, values in (extra_config or {}).get("resources", {}).items():
         resources.setdefault(name, {"config": {}})["config"].update(values["config"])
     job = build_definitions().resolve_job_def(MAIN_JOB)
-    return job.execute_in_process(run_config={"resources": resources}, instance=instance or dg.DagsterInstance.ephemeral(),
-                                  partition_key=partition, raise_on_error=False)
+    return job.execute_in_process(run_config={"resources": resources},
+                                  instance=instance or dg.DagsterInstance.ephemeral(), partition_key=partition,
+                                  raise_on_error=False)
 
 
 def read(storage, asset, layer):

@@ -74,18 +74,27 @@ def folder_state(root: Path) -> dict[str, list[int]]:
     return state
 
 
+CORPUS_ENV, DICTIONARIES_ENV = "NDX_CORPUS", "NDX_DICTIONARIES"
+
+
+def watched_folder(path: str | None, env: str, what: str, unset_note: str = "") -> Path | dg.SkipReason:
+    """The folder a sensor watches (given, else from the environment variable), or why it skips."""
+    path = path or os.environ.get(env)
+    if not path:
+        return dg.SkipReason(f"no {what} configured (set {env}){unset_note}")
+    root = Path(path).expanduser()
+    return root if root.exists() else dg.SkipReason(f"{what} {root} does not exist")
+
+
 def corpus_sensor(corpus_path: str | None = None):
     @dg.sensor(name="corpus_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.STOPPED,
                description="Watches the corpus folder: a new, changed or removed file re-runs the corpus and every "
                            "layer that already has activation records.")
     def sensor(context: dg.SensorEvaluationContext):
-        path = corpus_path or os.environ.get("NDX_CORPUS")
-        if not path:
-            return dg.SkipReason("no corpus folder configured (set NDX_CORPUS); the bundled corpus never changes")
-        root = Path(path).expanduser()
-        if not root.exists():
-            return dg.SkipReason(f"corpus path {root} does not exist")
+        root = watched_folder(corpus_path, CORPUS_ENV, "corpus folder", "; the bundled corpus never changes")
+        if isinstance(root, dg.SkipReason):
+            return root
         cursor = json.loads(context.cursor) if context.cursor else {"generation": 0, "state": None}
         state = folder_state(root)
         if cursor["state"] is None:
@@ -113,9 +122,6 @@ def corpus_sensor(corpus_path: str | None = None):
 
 corpus_folder_sensor = corpus_sensor()  # watches NDX_CORPUS, read at each evaluation
 
-DICTIONARIES_ENV = "NDX_DICTIONARIES"
-
-
 def dictionary_state(root: Path) -> dict[str, list[int]]:
     """dictionary folder → [size, mtime_ns] of its files (cfg.json and weights), for every dictionary under root."""
     state = {}
@@ -137,12 +143,9 @@ def dictionary_sensor(dictionaries_path: str | None = None):
                description="Watches a folder of sparse dictionaries (SAELens or sparsify folders, NDX_DICTIONARIES): "
                            "a new or changed one runs the whole graph for its layer on its latents.")
     def sensor(context: dg.SensorEvaluationContext):
-        path = dictionaries_path or os.environ.get(DICTIONARIES_ENV)
-        if not path:
-            return dg.SkipReason(f"no dictionary folder configured (set {DICTIONARIES_ENV})")
-        root = Path(path).expanduser()
-        if not root.exists():
-            return dg.SkipReason(f"dictionary folder {root} does not exist")
+        root = watched_folder(dictionaries_path, DICTIONARIES_ENV, "dictionary folder")
+        if isinstance(root, dg.SkipReason):
+            return root
         before = json.loads(context.cursor) if context.cursor else {}
         state = dictionary_state(root)
         changed = [folder for folder in state if before.get(folder) != state[folder]]

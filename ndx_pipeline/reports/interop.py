@@ -186,7 +186,8 @@ def simulation_results(layer: int, neuron: int, simulations: pl.DataFrame, expla
         fit = (calibrations or {}).get(e["explanation_id"])
         calibrated = fit is not None and math.isfinite(fit.slope) and math.isfinite(fit.intercept)
         order = {split: i for i, split in enumerate(SCORED_SPLITS)}
-        sims = sims.with_columns(pl.col("split").replace_strict(order, default=2).alias("_o")).sort(["_o", "excerpt_id"])
+        sims = (sims.with_columns(pl.col("split").replace_strict(order, default=2).alias("_o"))
+                .sort(["_o", "excerpt_id"]))
         sequences, true_all, predicted_all = [], [], []
         for s in sims.iter_rows(named=True):
             true, sim = list(s["true_activations"]), list(s["simulated_activations"])
