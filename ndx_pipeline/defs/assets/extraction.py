@@ -7,6 +7,7 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
+from ndx_pipeline.core.progress import Progress
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
 from ndx_pipeline.defs.checks import check_specs
 from ndx_pipeline.defs.materialize import (
@@ -73,6 +74,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     out = Outputs(context, storage.path())
     stats = extraction.stats
     random_k = min(selection.random_k, stats.windows)
+    written = Progress("activation records written", len(extraction.layers), context.log.info, unit="layers")
     for layer, found in extraction.layers.items():
         out.write(c.ACTIVATION_RECORDS, found.records, layer, neurons=len(found.units),
                   units=found.description, dead_units=found.dead,
@@ -88,6 +90,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         out.check(c.TOKEN_TABLE, "token_table_complete", layer,
                   validation.token_table_complete(found.token_table, found.records, counted))
         found.release()  # one layer's rows in memory at a time
+        written.advance()
     yield from out.results(c.ACTIVATION_RECORDS, c.TOKEN_TABLE)
 
 
