@@ -6,6 +6,7 @@ import pytest
 from ndx_pipeline.core.contract import RECORD_SCHEMA
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.stages import top_excerpts
 
 
 def records(top_windows, random_windows, neuron=3):
@@ -48,3 +49,16 @@ def test_random_windows_that_are_top_windows_are_never_scored():
 def test_too_few_windows_is_a_clear_error():
     with pytest.raises(NdxInputError, match="layer 0 neuron 3 has 10 top"):
         split_excerpts(records(list(range(10)), list(range(50, 70))))
+
+
+def test_a_unit_that_fired_in_too_few_windows_is_left_out_and_the_others_kept():
+    """A sparse latent with 3 firing windows cannot fill explain and score_top: it is left out (its records stay),
+    while a unit with enough windows is split as usual; when no unit has enough, it is the corpus that is too small."""
+    both = pl.concat([records(list(range(100, 120)), list(range(200, 220)), neuron=3),
+                      records([100, 101, 102], list(range(200, 220)), neuron=-4)])
+    out = split_excerpts(both)
+    assert out["neuron"].unique().to_list() == [3] and len(out) == 15
+    calibrated = top_excerpts(both, calibration_top=1, calibration_random=1)
+    assert calibrated["neuron"].unique().to_list() == [3]
+    with pytest.raises(NdxInputError, match="layer 0 neuron -4 has 3 top"):
+        split_excerpts(records([100, 101, 102], list(range(200, 220)), neuron=-4))

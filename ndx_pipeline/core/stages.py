@@ -22,6 +22,7 @@ from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import (
     BASELINE_EXPLANATION_SCHEMA,
     CALIBRATION,
+    EXPLAIN,
     LOOKUP_BASELINE,
     RANDOM_BASELINE,
     SIMULATED_BASELINES,
@@ -32,7 +33,12 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data import excerpts as exc
 from ndx_pipeline.core.data.corpus import read_corpus
-from ndx_pipeline.core.data.subject_model import check_layers, hook_width, load_subject_model, mlp_width
+from ndx_pipeline.core.data.subject_model import (
+    check_layers,
+    hook_width,
+    load_subject_model,
+    mlp_width,
+)
 from ndx_pipeline.core.data.units import (
     DICTIONARY,
     POLARITIES,
@@ -48,7 +54,11 @@ from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
 from ndx_pipeline.core.method import best_of_k, judging
-from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explanation_work
+from ndx_pipeline.core.method.explainer import (
+    MAX_EXPLANATION_TOKENS,
+    TEMPERATURE,
+    explanation_work,
+)
 from ndx_pipeline.core.method.scorers import Scorer, SimulationScorer
 from ndx_pipeline.core.method.scoring import with_baselines
 from ndx_pipeline.core.method.token_list import explain_token_lists, token_list_work
@@ -193,11 +203,13 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
 
 def top_excerpts(records: pl.DataFrame, explain: int = 5, score_top: int = 5, score_random: int = 5,
                  calibration_top: int = 0, calibration_random: int = 0) -> pl.DataFrame:
-    """The explain / score_top / score_random splits of each neuron's records (disjoint), plus the calibration
-    split best-of-k chooses on when its counts are above 0 (disjoint from all three)."""
+    """The explain / score_top / score_random splits of each unit's records (disjoint), plus the calibration
+    split best-of-k chooses on when its counts are above 0 (disjoint from all three). Units that fired in too few
+    windows to fill the splits (and dead ones) are left out: nothing downstream explains them."""
     frame = exc.split_excerpts(records, explain, score_top, score_random)
-    if calibration_top or calibration_random:
-        frame = pl.concat([frame, exc.calibration_excerpts(records, calibration_top, calibration_random)])
+    if calibration_top or calibration_random:  # for the units the splits keep (not those too sparse to explain)
+        kept = records.join(frame.select("layer", "neuron").unique(), on=["layer", "neuron"], how="semi")
+        frame = pl.concat([frame, exc.calibration_excerpts(kept, calibration_top, calibration_random)])
     return frame
 
 
@@ -317,9 +329,10 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
 
 
 def scorer_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5) -> pl.DataFrame:
-    """Per neuron, `count` activating and `count` non-activating windows that neither the explainer nor best-of-k
-    saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge."""
-    return judging.held_out_excerpts(records, excerpts, count)
+    """Per explained unit, `count` activating and `count` non-activating windows that neither the explainer nor
+    best-of-k saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge."""
+    explained = excerpts.filter(pl.col("split") == EXPLAIN).select("layer", "neuron").unique()
+    return judging.held_out_excerpts(records.join(explained, on=["layer", "neuron"], how="semi"), excerpts, count)
 
 
 @dataclass

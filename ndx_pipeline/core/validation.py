@@ -48,18 +48,19 @@ def top_windows_ordered(records: pl.DataFrame) -> Check:
 
 
 def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_k: int) -> Check:
-    """Every selected unit has exactly top_k `top` rows and random_k `random` rows (when the corpus allows), or, when
-    it never fired, exactly one `dead` row and nothing else."""
+    """Every selected unit has random_k `random` rows (when the corpus allows) and 1..top_k `top` rows (top_k
+    unless it fired in fewer windows), or, when it never fired, exactly one `dead` row and nothing else."""
     counts = records.group_by(["neuron", "kind"]).len()
     got: dict[int, dict[str, int]] = {}
     for n, k, c in counts.iter_rows():
         got.setdefault(int(n), {})[k] = int(c)
     dead = [n for n in neurons if got.get(n, {}).get(DEAD)]
     missing = [n for n in neurons if (got.get(n) != {DEAD: 1} if n in dead else
-                                      got.get(n, {}).get(TOP, 0) != top_k or got.get(n, {}).get(RANDOM, 0) != random_k)]
+                                      not 1 <= got.get(n, {}).get(TOP, 0) <= top_k
+                                      or got.get(n, {}).get(RANDOM, 0) != random_k)]
     extra = sorted(set(got) - set(neurons))
     ok = not missing and not extra
-    desc = (f"{len(neurons)} units × ({top_k} top + {random_k} random) rows" + (f", {len(dead)} dead" if dead else "")
+    desc = (f"{len(neurons)} units × (≤ {top_k} top + {random_k} random) rows" + (f", {len(dead)} dead" if dead else "")
             if ok else f"row counts differ for units {missing[:10]}; unexpected units {extra[:10]}")
     return ok, desc, {"rows": len(records), "neurons": len(neurons), "neurons_with_wrong_counts": len(missing),
                       "dead_units": len(dead)}
@@ -86,8 +87,10 @@ def excerpt_counts(excerpts: pl.DataFrame, explain_n: int, score_top_n: int, sco
     n_neurons = excerpts["neuron"].n_unique()
     splits_per_neuron = (excerpts.filter(pl.col("split").is_in(list(want))).group_by("neuron")
                          .agg(pl.col("split").n_unique())["split"].to_list())
-    bad += [-1] if any(x != sum(1 for v in want.values() if v) for x in splits_per_neuron) else []
-    return (not bad, f"{n_neurons} neurons × {want}" if not bad else f"wrong excerpt counts for neurons {bad[:10]}",
+    missing_split = any(x != sum(1 for v in want.values() if v) for x in splits_per_neuron)
+    ok = not bad and not missing_split
+    return (ok, f"{n_neurons} neurons × {want}" if ok else
+            f"wrong excerpt counts for neurons {bad[:10]}" + ("; a split is missing" if missing_split else ""),
             {"neurons": n_neurons, "rows": len(excerpts)})
 
 

@@ -414,10 +414,10 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
 
 def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts,
                   units: UnitSet | None = None) -> pl.DataFrame:
-    """The contract's activation_records rows for one layer, per unit: `top` rows (rank 0 strongest), then `random`
-    rows, then (with quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index. A unit
-    that never fired (its max over the corpus ≤ 0) gets one `dead` row instead, with no window: nothing downstream
-    explains it.
+    """The contract's activation_records rows for one layer, per unit: `top` rows (rank 0 strongest; only windows
+    where the unit fired, max > 0, so a rarely firing unit has fewer than top_k), then `random` rows, then (with
+    quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index. A unit that never fired (its
+    max over the corpus ≤ 0) gets one `dead` row instead, with no window: nothing downstream explains it.
 
     Columnar from the selection's tensors to Arrow: rows are gathered with numpy and the list columns (tokens,
     activations) are cut from fixed-width arrays, so no Python runs per row."""
@@ -431,7 +431,9 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         blocks.append((u, kind, r, windows_of[u, r], acts_of[u, r]))
 
     top_window = selection.top_window.cpu().numpy()
-    block(TOP, top_window >= 0, top_window, selection.top_acts.cpu().numpy())
+    # a top row only where the unit fired in the window: a sparse latent seen in 3 windows has 3 top rows, not 3 and
+    # 17 windows of zeros
+    block(TOP, (top_window >= 0) & (selection.top_max.cpu().numpy() > 0), top_window, selection.top_acts.cpu().numpy())
     sample = np.broadcast_to(selection.sample[None, :], (len(ids), len(selection.sample)))
     block(RANDOM, sample >= 0, sample, selection.sample_acts.cpu().numpy())
     q_bounds = None

@@ -91,7 +91,15 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
     top, random = ranked_windows(records)
     need_random = RANDOM_STRIDE * (score_random_n - 1) + SCORE_RANDOM_OFFSET + 1 if score_random_n else 0
     need_top = max(TOP_STRIDE * (explain_n - 1) + EXPLAIN_OFFSET, TOP_STRIDE * (score_top_n - 1) + SCORE_TOP_OFFSET) + 1
-    short = _counts(top, random).filter((pl.col("top") < need_top) | (pl.col("random") < need_random))
+    counts = _counts(top, random)
+    if not len(counts):
+        layers = sorted(set(records["layer"].to_list()))
+        raise NdxInputError(f"no unit of layer(s) {layers} fired over the corpus (every one is recorded dead): "
+                            "nothing to explain; choose other units or a larger corpus.")
+    # a unit that fired in too few windows to fill the explain and score_top splits is left out (too sparse to
+    # explain: its records say how often it fired); only when no unit has enough is it the corpus that is too small
+    enough = counts.filter(pl.col("top") >= need_top)
+    short = (enough if len(enough) else counts).filter((pl.col("top") < need_top) | (pl.col("random") < need_random))
     if len(short):
         layer, neuron, n_top, n_random = short.row(0)
         raise NdxInputError(
@@ -101,6 +109,7 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
             f"{RANDOM_STRIDE * (score_random_n - 1) + SCORE_RANDOM_OFFSET + 1} random windows outside the top "
             "ones): use a larger corpus or smaller excerpt counts."
         )
+    top, random = (frame.join(enough.select(UNIT_KEY), on=UNIT_KEY, how="semi") for frame in (top, random))
     return _gathered(records, [
         _taken(top, EXPLAIN, explain_n, TOP_STRIDE, EXPLAIN_OFFSET),
         _taken(top, SCORE_TOP, score_top_n, TOP_STRIDE, SCORE_TOP_OFFSET),

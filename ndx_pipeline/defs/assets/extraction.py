@@ -2,6 +2,7 @@
 the lookup baseline), and the explain / score splits of each neuron's records."""
 
 import dagster as dg
+import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
@@ -97,18 +98,25 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
 @dg.asset(name=c.TOP_EXCERPTS, op_tags=step_tags(c.TOP_EXCERPTS), group_name=GROUP, deps=[c.ACTIVATION_RECORDS],
           partitions_def=layers, backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.TOP_EXCERPTS],
           automation_condition=FOLLOW_UPSTREAM, check_specs=check_specs(c.TOP_EXCERPTS),
-          description="Disjoint explain / score_top / score_random excerpts per neuron (interleaved splits), and "
-                      "the calibration excerpts best-of-k chooses on.")
+          description="Disjoint explain / score_top / score_random excerpts per unit (interleaved splits), and "
+                      "the calibration excerpts best-of-k chooses on; units that fired in too few windows (and dead "
+                      "ones) are left out.")
 def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource, quality: QualityResource,
                  storage: StorageResource):
     out = Outputs(context, storage.path())
     for layer in layers_of(context):
+        records = read(storage.path(), c.ACTIVATION_RECORDS, layer)
         with bad_input_fails_the_run():
             frame = stages.top_excerpts(
-                read(storage.path(), c.ACTIVATION_RECORDS, layer), selection.explain_excerpts,
-                selection.score_top_excerpts, selection.score_random_excerpts,
+                records, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts,
                 quality.checked().calibration_top_excerpts, quality.calibration_random_excerpts)
-        out.write(c.TOP_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique())
+        fired = records.filter(pl.col("kind") != c.DEAD)["neuron"].n_unique()
+        sparse = fired - frame["neuron"].n_unique()
+        if sparse:
+            context.log.info(f"layer {layer}: {sparse} of {fired} units that fired did so in too few windows to fill "
+                             "the explain and score splits: left out")
+        out.write(c.TOP_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique(), too_sparse_units=sparse,
+                  dead_units=records.filter(pl.col("kind") == c.DEAD).height)
         out.check(c.TOP_EXCERPTS, "splits_disjoint", layer, validation.splits_disjoint(frame))
         out.check(c.TOP_EXCERPTS, "excerpt_counts", layer, validation.excerpt_counts(
             frame, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts))
