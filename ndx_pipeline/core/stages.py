@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import polars as pl
 
 from ndx_pipeline.core import contract
@@ -117,9 +116,6 @@ class Extraction:
     device: str
 
 
-TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
-
-
 def unit_sets(model: str | None, layers: Sequence[int], *, units: str = POSITIVE, neurons: Sequence[int] | None = None,
               neurons_per_layer: int = 6, seed: int = 0, dictionary: str | None = None,
               dictionary_hook: str | None = None) -> dict[int, UnitSet]:
@@ -168,14 +164,6 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
         described.setdefault(unit_set.describe_set(), []).append(layer)
     log(f"{windows.total_tokens} tokens in {len(windows)} windows; "
         + "; ".join(f"layers {where}: {what}" for what, where in described.items()))
-    if token_table:
-        real = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
-        cells = len(np.unique(windows.ids[real])) * sum(len(u.ids) for u in layer_units.values())
-        if cells > TOKEN_TABLE_CELLS:
-            raise NdxInputError(
-                f"the lookup baseline's token table would hold {cells:,} cells (distinct tokens × units over the run's "
-                f"layers; at most {TOKEN_TABLE_CELLS:,}): leave `lookup` out of the baselines for a run this wide, or "
-                "choose fewer units.")
     progress = Progress("activations", windows.total_tokens, log, unit="tokens")
     selections, stats = act.extract(subject, tokenizer, windows, layer_units, top_k, random_k, seed, batch_size,
                                     lambda done, total, seconds: progress.set(done), token_table=token_table,
@@ -190,7 +178,7 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                      else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
             return act.records_frame(layer, selection, windows, texts, unit_set), table
 
-        dead = int((selection.moments()[2] <= 0).sum())
+        dead = int((~selection.fired()).sum())
         if dead:
             log(f"layer {layer}: {dead} of {len(unit_set.ids)} units never fired over the corpus (recorded as dead, "
                 "not explained)")
@@ -208,8 +196,8 @@ def top_excerpts(records: pl.DataFrame, explain: int = 5, score_top: int = 5, sc
     windows to fill the splits (and dead ones) are left out: nothing downstream explains them."""
     frame = exc.split_excerpts(records, explain, score_top, score_random)
     if calibration_top or calibration_random:  # for the units the splits keep (not those too sparse to explain)
-        kept = records.join(frame.select("layer", "neuron").unique(), on=["layer", "neuron"], how="semi")
-        frame = pl.concat([frame, exc.calibration_excerpts(kept, calibration_top, calibration_random)])
+        kept = frame.select("layer", "neuron").unique()
+        frame = pl.concat([frame, exc.calibration_excerpts(records, calibration_top, calibration_random, kept)])
     return frame
 
 

@@ -122,6 +122,7 @@ def corpus_sensor(corpus_path: str | None = None):
 
 corpus_folder_sensor = corpus_sensor()  # watches NDX_CORPUS, read at each evaluation
 
+
 def dictionary_state(root: Path) -> dict[str, list[int]]:
     """dictionary folder → [size, mtime_ns] of its files (cfg.json and weights), for every dictionary under root."""
     state = {}

@@ -34,8 +34,8 @@ from ndx_pipeline.core.contract import (
     ACTIVATION_RECORDS,
     BASELINE_COLUMN_PREFIX,
     EXPLANATIONS,
-    MLP_NEURON,
     RANDOM,
+    RECORD_SCHEMA,
     SCORE_RANDOM,
     SCORE_TOP,
     SCORED_SPLITS,
@@ -46,7 +46,6 @@ from ndx_pipeline.core.contract import (
     STATUS_OK,
     TOP,
     baseline_column,
-    unit_label,
 )
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
@@ -58,6 +57,7 @@ from ndx_pipeline.reports.lineage import (
     available_layers,
     json_safe,
     neuron_lineage,
+    unit_of,
 )
 
 PACKAGE = "ndx_pipeline.reports"  # templates/ and static/ are its package data
@@ -305,13 +305,13 @@ def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[
             if name not in extra:
                 extra.append(name)
         rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
-        records = pl.read_parquet(rec_path, columns=["neuron", "kind", "tokens", "activations", "unit_kind"]) \
-            if rec_path.exists() else None
+        wanted = ["neuron", "kind", "tokens", "activations", "unit_kind"]
+        records = (pl.read_parquet(rec_path, columns=[c for c in wanted if c in pl.read_parquet_schema(rec_path)])
+                   if rec_path.exists() else pl.DataFrame(schema={k: RECORD_SCHEMA[k] for k in wanted}))
         for row in scores.sort("neuron").iter_rows(named=True):
-            mine = records.filter(pl.col("neuron") == row["neuron"]) if records is not None else None
-            toks = top_tokens(mine) if mine is not None else []
-            kind = mine["unit_kind"][0] if mine is not None and len(mine) and mine["unit_kind"][0] else MLP_NEURON
-            rows.append(row | {"layer": layer, "top_tokens": toks, "label": unit_label(row["neuron"], kind)})
+            mine = records.filter(pl.col("neuron") == row["neuron"])
+            rows.append(row | {"layer": layer, "top_tokens": top_tokens(mine),
+                               "label": unit_of(mine, row["neuron"])["label"]})
     return rows, extra
 
 
@@ -335,7 +335,7 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int], note: st
         status = r.get("status") or ""
         extras = [_num(r.get(c)) for c in extra]
         table.append({
-            "layer": r["layer"], "neuron": r["neuron"], "label": r.get("label") or unit_label(r["neuron"]),
+            "layer": r["layer"], "neuron": r["neuron"], "label": r["label"],
             "score": _num(r.get("score")),
             "score_data": _data_number(_num(r.get("score"))), "explanation": r.get("explanation"),
             "explanation_lower": (r.get("explanation") or "").lower(),

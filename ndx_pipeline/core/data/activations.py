@@ -42,6 +42,7 @@ from ndx_pipeline.core.models import special_token_wrap
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
 PILOT_WINDOWS = 1024
+TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
 
 
 def pilot_windows(n_windows: int, seed: int, size: int = PILOT_WINDOWS) -> np.ndarray:
@@ -231,6 +232,10 @@ class LayerSelection:
         self.top_window = self.top_window.gather(1, order)
         self.top_acts = self.top_acts.gather(1, order[..., None].expand(-1, -1, self.top_acts.shape[-1]))
 
+    def fired(self) -> np.ndarray:
+        """Per unit, whether it fired anywhere in the corpus (its max > 0); a unit that never did is recorded dead."""
+        return self.max.cpu().numpy() > 0
+
     def moments(self):
         mean = self.sum / max(self.count, 1)
         var = (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0.0)
@@ -334,6 +339,12 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
     if token_table:
         real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
         vocab = np.unique(windows.ids[real_tokens])
+        cells = len(vocab) * sum(len(u.ids) for u in unit_sets.values())
+        if cells > TOKEN_TABLE_CELLS:
+            raise NdxInputError(
+                f"the lookup baseline's token table would hold {cells:,} cells (distinct tokens × units over the run's "
+                f"layers; at most {TOKEN_TABLE_CELLS:,}): leave `lookup` out of the baselines for a run this wide, or "
+                "choose fewer units.")
     selections = {
         layer: LayerSelection(units.ids, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
                               quantile_k=quantile_k, seed=seed)
@@ -423,7 +434,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     activations) are cut from fixed-width arrays, so no Python runs per row."""
     mean, var, mx = selection.moments()
     ids = np.asarray(selection.ids, dtype=np.int64)
-    fired = mx > 0
+    fired = selection.fired()
     blocks = []  # (unit positions, kind, ranks, windows, activations [rows, T])
 
     def block(kind, keep, windows_of, acts_of):
@@ -478,10 +489,9 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
                                        pl.lit(0, dtype=pl.Int32).alias("rank"),
                                        pl.col("neuron_max").alias("max_activation"))
     gone = gone.select([pl.col(c) if c in gone.columns else pl.lit(None).alias(c) for c in RECORD_SCHEMA])
-    position = pl.DataFrame({"neuron": ids.astype(np.int32), "_position": np.arange(len(ids))})
+    position = pl.Series("_position", np.concatenate([unit, dead]))
     return (pl.concat([live.select(RECORD_SCHEMA.keys()).cast(RECORD_SCHEMA), gone.cast(RECORD_SCHEMA)])
-            .join(position, on="neuron", how="left", maintain_order="left")
-            .sort("_position", maintain_order=True).drop("_position"))
+            .with_columns(position).sort("_position", maintain_order=True).drop("_position"))
 
 
 def _rows(matrix: np.ndarray) -> pl.Series:
@@ -489,14 +499,20 @@ def _rows(matrix: np.ndarray) -> pl.Series:
     return pl.Series(np.ascontiguousarray(matrix).reshape(-1)).reshape(matrix.shape)
 
 
+def _lists(values, length: np.ndarray) -> pl.Series:
+    """Arrow `values` cut into consecutive lists of `length[i]` items, as a List series (offsets, no copy per row)."""
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values))
+
+
 def _ragged(matrix: np.ndarray, length: np.ndarray) -> pl.Series:
-    """Each row of a 2-D array cut to its length, as a List series: the kept values and their offsets handed to
-    Arrow as they are (no per-row conversion, one copy)."""
+    """Each row of a 2-D array cut to its length, as a List series."""
     import pyarrow as pa
 
     kept = np.arange(matrix.shape[1])[None, :] < length[:, None]
-    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
-    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(matrix[kept])))
+    return _lists(pa.array(matrix[kept]), length)
 
 
 def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.ndarray) -> pl.Series:
@@ -510,9 +526,7 @@ def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.nda
     kept = np.arange(ids.shape[1])[None, :] < length[:, None]
     vocab, position = np.unique(ids[kept], return_inverse=True)
     texts = pa.array(token_texts(vocab), type=pa.large_string()).take(pa.array(position.reshape(-1)))
-    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
-    lists = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), texts))
-    return lists.gather(inverse.reshape(-1))
+    return _lists(texts, length).gather(inverse.reshape(-1))
 
 
 def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:

@@ -99,7 +99,7 @@ def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int =
     # a unit that fired in too few windows to fill the explain and score_top splits is left out (too sparse to
     # explain: its records say how often it fired); only when no unit has enough is it the corpus that is too small
     enough = counts.filter(pl.col("top") >= need_top)
-    short = (enough if len(enough) else counts).filter((pl.col("top") < need_top) | (pl.col("random") < need_random))
+    short = enough.filter(pl.col("random") < need_random) if len(enough) else counts
     if len(short):
         layer, neuron, n_top, n_random = short.row(0)
         raise NdxInputError(
@@ -121,16 +121,20 @@ CALIBRATION_TOP_STRIDE = 2  # odd top ranks 1, 3, 5, …: never explain (0 mod 4
 CALIBRATION_TOP_OFFSET = 1
 
 
-def calibration_excerpts(records: pl.DataFrame, top_n: int = 3, random_n: int = 3) -> pl.DataFrame:
+def calibration_excerpts(records: pl.DataFrame, top_n: int = 3, random_n: int = 3,
+                         units: pl.DataFrame | None = None) -> pl.DataFrame:
     """Excerpts for choosing among candidate explanations (best-of-k), disjoint from every excerpt that
     `split_excerpts` puts in explain, score_top or score_random, whatever their counts.
 
     top[1, 3, 5, …] (the odd ranks: the paper's free offsets 1 and 3 of stride 4) and the random windows at
     positions 0, 2, 3, 5, … of the neuron's random list after dropping its top windows (score_random takes the
-    positions 1, 4, 7, …). Same columns as `split_excerpts`, with split `calibration`."""
+    positions 1, 4, 7, …). Same columns as `split_excerpts`, with split `calibration`. `units` (layer, neuron rows)
+    limits it to those units: the ones the splits kept."""
     if top_n < 0 or random_n < 0 or top_n + random_n == 0:
         raise NdxInputError("calibration needs a non-negative number of top and random excerpts, not both zero.")
     top, random = ranked_windows(records)
+    if units is not None:  # only these units (layer, neuron): those the splits kept
+        top, random = (f.join(units, on=UNIT_KEY, how="semi") for f in (top, random))
     free_top = (pl.col("top") > CALIBRATION_TOP_OFFSET) & pl.lit(top_n > 0)
     free_random = (pl.col("random") > 0) & pl.lit(random_n > 0)
     none_free = _counts(top, random).filter(~(free_top | free_random))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import ModelSource, gguf_metadata, load_config, loadable, resolve_model
@@ -25,40 +26,52 @@ MLP_OUTPUT_PROJECTIONS = (
 )
 
 
+class Shape(NamedTuple):
+    layers: int
+    mlp_width: int | None
+    hidden: int | None  # the residual stream's width
+
+
 @lru_cache(maxsize=16)
-def _shape(source: ModelSource) -> tuple[int, int | None]:
-    """(layers, MLP width) of a model, from the GGUF header or the config."""
+def _shape(source: ModelSource) -> Shape:
+    """Layers, MLP width and hidden size of a model, from the GGUF header or the config."""
     if source.gguf_file:
         meta = gguf_metadata(Path(source.path) / source.gguf_file)
         arch = meta.get("general.architecture", "")
         layers, width = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.feed_forward_length")
+        hidden = meta.get(f"{arch}.embedding_length")
         if layers:
-            return int(layers), (int(width) if width else None)
+            return Shape(int(layers), int(width) if width else None, int(hidden) if hidden else None)
     config = load_config(source)
     n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not n:
         raise NdxInputError(f"model {source.name!r} has a config without num_hidden_layers.")
-    width = None
-    for attr in ("intermediate_size", "n_inner", "ffn_dim", "d_ff"):
-        if getattr(config, attr, None):
-            width = int(getattr(config, attr))
-            break
-    else:
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-        if hidden:
-            width = 4 * int(hidden)  # GPT-2 leaves n_inner unset: 4 × hidden
-    return int(n), width
+    hidden = next((int(getattr(config, a)) for a in ("hidden_size", "n_embd", "d_model") if getattr(config, a, None)),
+                  None)
+    width = next((int(getattr(config, a)) for a in ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+                  if getattr(config, a, None)), None)
+    if width is None and hidden:
+        width = 4 * hidden  # GPT-2 leaves n_inner unset: 4 × hidden
+    return Shape(int(n), width, hidden)
 
 
 def num_layers(name: str | None) -> int:
-    return _shape(resolve_model(name))[0]
+    return _shape(resolve_model(name)).layers
 
 
 def mlp_width(name: str | None) -> int:
-    width = _shape(resolve_model(name))[1]
+    width = _shape(resolve_model(name)).mlp_width
     if not width:
         raise NdxInputError(f"model {name!r} has a config that gives no MLP width.")
     return width
+
+
+def hidden_width(name: str | None) -> int:
+    """The residual stream's width (hidden size) of a model."""
+    hidden = _shape(resolve_model(name)).hidden
+    if not hidden:
+        raise NdxInputError(f"model {name!r} has a config that gives no hidden size.")
+    return hidden
 
 
 def check_layers(name: str | None, layers) -> list[int]:
@@ -76,16 +89,23 @@ def check_layers(name: str | None, layers) -> list[int]:
     return sorted(set(out))
 
 
+def load_tokenizer(name: str | None):
+    """The subject model's tokenizer alone (no weights)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = loadable(resolve_model(name))
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32"):
     """Load the model body (no LM head is needed) and its tokenizer, in eval mode."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    source = resolve_model(name)
     num_layers(name)  # clear error for an unknown model before any weights are touched
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    path, kwargs = loadable(source)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = load_tokenizer(name)
+    path, kwargs = loadable(resolve_model(name))
     model = AutoModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
     model.to(device).eval()
     return model, tokenizer
@@ -127,8 +147,6 @@ def mlp_output_projections(model, layers) -> dict[int, object]:
     return out
 
 
-
-
 # Where in a block a unit set reads its activations (dictionaries name theirs; MLP neurons read `mlp_hidden`):
 # hook → (which module, its input or its output)
 HOOK_POINTS = {
@@ -138,21 +156,6 @@ HOOK_POINTS = {
     "mlp_out": ("mlp", "output"),  # what the MLP adds to the residual stream
     "mlp_hidden": ("down_proj", "input"),  # the MLP's hidden units: the neurons
 }
-
-
-def hidden_width(name: str | None) -> int:
-    """The residual stream's width (hidden size) of a model, from its config or GGUF header."""
-    source = resolve_model(name)
-    if source.gguf_file:
-        meta = gguf_metadata(Path(source.path) / source.gguf_file)
-        width = meta.get(f"{meta.get('general.architecture', '')}.embedding_length")
-        if width:
-            return int(width)
-    config = load_config(source)
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if getattr(config, attr, None):
-            return int(getattr(config, attr))
-    raise NdxInputError(f"model {source.name!r} has a config that gives no hidden size.")
 
 
 def hook_width(name: str | None, hook: str) -> int:
@@ -165,14 +168,13 @@ def hook_point(model, layer: int, hook: str):
     if hook not in HOOK_POINTS:
         raise NdxInputError(f"hook {hook!r} is not known: use one of {', '.join(HOOK_POINTS)}.")
     where, side = HOOK_POINTS[hook]
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer"))
+    block = transformer_blocks(model, n_layers)[1][layer]
+    if where == "block":
+        return block, side
     projection = mlp_output_projections(model, [layer])[layer]
     if where == "down_proj":
         return projection, side
-    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer"))
-    _, blocks = transformer_blocks(model, n_layers)
-    block = blocks[layer]
-    if where == "block":
-        return block, side
     for name, module in block.named_modules():
         if name and any(m is projection for m in module.children()):
             return module, side

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,11 @@ class MlpNeurons(UnitSet):
             raise NdxInputError(f"polarity {polarity!r} is not known: use one of {', '.join(POLARITIES)}.")
         self.neurons = sorted(set(int(n) for n in neurons))
         self.polarity = polarity
-        ids = ([n for n in self.neurons] if polarity != NEGATIVE else []) + (
+        ids = (self.neurons if polarity != NEGATIVE else []) + (
             [negative_id(n) for n in self.neurons] if polarity != POSITIVE else [])
         super().__init__(layer, ids)
-        self._index = None
+        self._index = None  # the chosen neurons as a tensor on the hooked activations' device
+        self._every: dict[int, bool] = {}  # layer width → whether the chosen neurons are all of them, in order
 
     def describe_set(self) -> str:
         return f"{len(self.neurons)} MLP neurons, {self.polarity} side" + ("s" if self.polarity == BOTH else "")
@@ -94,7 +96,10 @@ class MlpNeurons(UnitSet):
     def encode(self, hooked):
         import torch
 
-        if self.neurons == list(range(hooked.shape[-1])):
+        width = hooked.shape[-1]
+        if width not in self._every:
+            self._every[width] = self.neurons == list(range(width))
+        if self._every[width]:
             chosen = hooked  # every neuron, in order: no gather (a strided gather costs as much as a layer's MLP)
         else:
             if self._index is None or self._index.device != hooked.device:
@@ -147,12 +152,12 @@ def dictionaries_by_layer(path: str | Path, hook: str | None, layers: Sequence[i
     if not folders:
         raise NdxInputError(f"dictionary path {path} holds no dictionary (no cfg.json in it or below it).")
     for folder in folders:
-        d = load_dictionary(folder, hook=hook, layer=None)
+        d = load_dictionary(folder, hook=hook)
         if d.layer is None:
             if len(folders) > 1 or len(layers) != 1:
                 raise NdxInputError(f"dictionary {folder} does not say which layer it reads: run it alone with one "
                                     "layer.")
-            d = load_dictionary(folder, hook=hook, layer=layers[0])
+            d = replace(d, layer=layers[0])
         if d.layer in found:
             raise NdxInputError(f"dictionaries {found[d.layer].path} and {folder} both read layer {d.layer}.")
         found[d.layer] = d

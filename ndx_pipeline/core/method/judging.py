@@ -32,7 +32,6 @@ from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import (
     ACTIVATING,
     CALIBRATION,
-    DEAD,
     EXCERPT_SCHEMA,
     EXPLAIN,
     JUDGEMENT_SCHEMA,
@@ -90,8 +89,6 @@ def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int 
             ["layer", "neuron"], maintain_order=True):
         layer, neuron = int(layer), int(neuron)
         by_kind = {k: g.sort("rank").to_dicts() for (k,), g in group.group_by(["kind"], maintain_order=True)}
-        if DEAD in by_kind:
-            continue  # never fired: not explained, so nothing to judge
         top = by_kind.get(TOP, [])
         bounds = next((b for b in group["quantile_boundaries"].to_list() if b), None)
         median = bounds[MEDIAN_BOUNDARY] if bounds else None
