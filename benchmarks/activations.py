@@ -38,10 +38,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def corpus_of(tokenizer, n_tokens: int):
-    """The bundled corpus (CPython's reference docs), repeated under new ids until it holds n_tokens tokens."""
+    """The bundled corpus (CPython's reference docs), cut or repeated under new ids until it holds n_tokens tokens;
+    n_tokens 0: the bundled corpus as it is."""
     from ndx_pipeline.core.data.corpus import read_corpus
 
     frame = read_corpus(None)
+    if n_tokens <= 0:
+        return frame["doc_id"].to_list(), frame["text"].to_list()
     ids, texts, total, rep = [], [], 0, 0
     while total < n_tokens:
         for doc_id, text in zip(frame["doc_id"], frame["text"]):
@@ -229,9 +232,14 @@ def write_corpus(path, ids, texts):
     return path
 
 
-def materialize(args, corpus_path, storage, layers, selection: dict) -> dict:
+SMALL_CORPUS_TOKENS = 64_000
+
+
+def materialize(args, corpus_path, storage, layers, selection: dict, tokens: int) -> dict:
     """Seconds for the extraction job (corpus, activation_records + token_table, top_excerpts) through Dagster in
-    process, over the layer range; and the bytes it wrote."""
+    process, over the layer range; and the bytes it wrote. The pipeline's default selection, except on a corpus of
+    under SMALL_CORPUS_TOKENS tokens: there random_k is 34, so that every one of 92k units keeps the 14 random
+    windows outside its 20 top ones that score_random needs (with 20 of ~300 windows, a few units would not)."""
     import dagster as dg
 
     from ndx_pipeline.definitions import build_definitions
@@ -242,8 +250,8 @@ def materialize(args, corpus_path, storage, layers, selection: dict) -> dict:
         "storage": {"config": {"storage_dir": str(storage)}},
         "corpus_source": {"config": {"path": str(corpus_path)}},
         "subject_model": {"config": {"batch_size": args.batch_size, "device": args.device}},
-        # random_k 34: every unit keeps ≥ 14 random windows outside its 20 top ones (score_random's need) on any corpus
-        "selection": {"config": {"neurons_per_layer": -1, "quantile_k": args.quantile_k, "random_k": 34, **selection}},
+        "selection": {"config": {"neurons_per_layer": -1, "quantile_k": args.quantile_k, **selection,
+                                 **({"random_k": 34} if tokens < SMALL_CORPUS_TOKENS else {})}},
         "quality": {"config": {"baselines": ["random", "token_list"], "scorers": []}},
     }
     job = build_definitions().resolve_job_def(EXTRACTION_JOB)
@@ -278,7 +286,7 @@ def dict_rss_child(args) -> None:
         corpus = write_corpus(Path(tmp) / "corpus.jsonl", ids, texts)
         baseline = peak_rss_mib()
         materialize(args, corpus, Path(tmp) / "storage", [args.dict_layer],
-                    {"units": "dictionary", "dictionary": args.dictionary})
+                    {"units": "dictionary", "dictionary": args.dictionary}, args.dict_rss_child)
     print(json.dumps({"tokens": args.dict_rss_child, "before_mib": baseline, "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -291,14 +299,15 @@ def materializations(args, model, tok) -> dict:
     from ndx_pipeline.core.data.windows import tokenize_windows
 
     out = {}
-    ids, texts = corpus_of(tok, args.tokens)
+    ids, texts = corpus_of(tok, args.materialize_tokens)
     windows = tokenize_windows(tok, ids, texts, 64)
+    out["materialize_tokens"] = windows.total_tokens
     every_layer = list(range(num_layers(args.model)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp / "corpus.jsonl", ids, texts)
         out["whole_forward_s"] = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
-        whole = materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"})
+        whole = materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"}, windows.total_tokens)
         out["whole_materialize_s"], out["whole_parquet_mib"] = whole["seconds"], whole["bytes"] / 2**20
         out["whole_model_ratio"] = whole["seconds"] / out["whole_forward_s"]
         out["whole_peak_rss_mib"] = peak_rss_mib()  # this process so far: the model, (a)-(c) and (d)
@@ -308,7 +317,7 @@ def materializations(args, model, tok) -> dict:
         out["dict_forward_s"] = bare_forward(model, tok, windows, args.dict_layer, args.batch_size,
                                              at_projection=False)
         d = materialize(args, corpus, tmp / "dict", [args.dict_layer],
-                        {"units": "dictionary", "dictionary": str(folder)})
+                        {"units": "dictionary", "dictionary": str(folder)}, windows.total_tokens)
         out["dict_materialize_s"], out["dict_parquet_mib"] = d["seconds"], d["bytes"] / 2**20
         out["dict_ratio"] = d["seconds"] / out["dict_forward_s"]
         rss = {}
@@ -337,6 +346,9 @@ def main() -> None:
     parser.add_argument("--quantile-k", type=int, default=4, dest="quantile_k",
                         help="windows per activation-quantile bucket, as the pipeline keeps (0 = none)")
     parser.add_argument("--tokens", type=int, default=20_000, help="corpus size for the speed ratio")
+    parser.add_argument("--materialize-tokens", type=int, default=20_000, dest="materialize_tokens",
+                        help="corpus size for the materializations (d), (e); 0: the bundled corpus as it is "
+                             "(113k tokens, as a new user runs it)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of (a), (b), (a2)")
     parser.add_argument("--materialize", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the whole-model and dictionary materializations (d), (e)")
@@ -429,7 +441,8 @@ def main() -> None:
 
 def print_materializations(found: dict, threads: int) -> None:
     print(f"materializations through Dagster (extraction job: files written), torch threads {threads}")
-    rows = [("(d0) bare forward, whole model, s", "whole_forward_s"),
+    rows = [("corpus tokens", "materialize_tokens"),
+            ("(d0) bare forward, whole model, s", "whole_forward_s"),
             ("(d) every neuron, both signs, all layers, s", "whole_materialize_s"),
             ("    Parquet written, MiB", "whole_parquet_mib"),
             ("whole_model_ratio d/d0 (target ≤ 1.3)", "whole_model_ratio"),

@@ -211,3 +211,38 @@ def test_corpus_shorter_than_top_k_is_a_clear_error(subject, small_windows):
     model, tok = subject
     with pytest.raises(NdxInputError, match="fewer than top_k=500"):
         act.extract(model, tok, small_windows, {0: [1]}, top_k=500)
+
+
+def test_a_mirrored_selection_equals_selecting_on_both_signs():
+    """Both sides of a neuron (`MlpNeurons(..., "both")`) are selected from the positive half alone: the kept windows,
+    activations, quantile samples, maxima and token table equal those of a plain selection given [x, -x], exactly
+    (the moments within float32 rounding).
+    1100 neurons × 8 windows a batch take the transposed gather early in the pass and the strided one later; one
+    window in each batch is shorter than the width."""
+    rng = np.random.default_rng(3)
+    n, t, n_windows, batch = 1100, 6, 96, 8
+    ids = list(range(n)) + [-1 - i for i in range(n)]
+    x = torch.tensor(rng.standard_normal((n_windows, t, n)), dtype=torch.float32)
+    token_ids = torch.tensor(rng.integers(0, 40, (n_windows, t)))
+    args = dict(window_tokens=t, top_k=4, sample=np.array([5, 17, 60]), token_vocab=np.arange(40), quantile_k=2,
+                seed=1)
+    plain, mirrored = act.LayerSelection(ids, **args), act.LayerSelection(ids, mirrored=True, **args)
+    pilot = 2  # batches that set the quantile boundaries
+    for b, b0 in enumerate(range(0, n_windows, batch)):
+        if b == pilot:
+            plain.end_pilot(), mirrored.end_pilot()
+        mask = torch.ones(batch, t, dtype=torch.bool)
+        mask[0, t - 2:] = False
+        index = torch.arange(b0, b0 + batch)
+        plain.update(torch.cat([x[index], -x[index]], dim=-1), mask, index, token_ids[index])
+        mirrored.update(x[index], mask, index, token_ids[index])
+    for sel in (plain, mirrored):
+        sel.finalize()
+    for name in ("top_max", "top_window", "top_acts", "sample_acts", "max", "q_window", "q_acts", "q_seen",
+                 "q_bounds", "token_count"):
+        assert torch.equal(getattr(plain, name), getattr(mirrored, name)), name
+    for name in ("sum", "sumsq"):  # float32 per-batch sums: the reduction's blocking depends on the width read
+        torch.testing.assert_close(getattr(plain, name), getattr(mirrored, name), rtol=1e-6, atol=1e-5)
+    for a, b in zip(plain.token_table(), mirrored.token_table()):
+        np.testing.assert_array_equal(a, b)
+    assert plain.count == mirrored.count and (mirrored.top_window >= 0).all()

@@ -42,6 +42,9 @@ class UnitSet(ABC):
 
     kind: str  # what the units are, stored with every record (`unit_kind`)
     hook: str  # where in the layer they are read (subject_model.HOOK_POINTS)
+    # True when the second half of `ids` is the first half negated: `read` then gives the first half alone and the
+    # selection derives the other (one pass over the activations serves both signs)
+    mirrored = False
 
     def __init__(self, layer: int, ids: Sequence[int]):
         self.layer = int(layer)
@@ -55,6 +58,10 @@ class UnitSet(ABC):
     @abstractmethod
     def encode(self, hooked):
         """[..., width] activations at the hook → [..., len(ids)] activations of the units, in `ids` order."""
+
+    def read(self, hooked):
+        """What the streaming selection is given: `encode`, or for a mirrored set the first half of it."""
+        return self.encode(hooked)
 
     def describe(self) -> dict:
         """The contract's unit columns, one list per column, in `ids` order."""
@@ -87,6 +94,7 @@ class MlpNeurons(UnitSet):
         ids = (self.neurons if polarity != NEGATIVE else []) + (
             [negative_id(n) for n in self.neurons] if polarity != POSITIVE else [])
         super().__init__(layer, ids)
+        self.mirrored = polarity == BOTH
         self._index = None  # the chosen neurons as a tensor on the hooked activations' device
         self._every: dict[int, bool] = {}  # layer width → whether the chosen neurons are all of them, in order
 
@@ -94,6 +102,13 @@ class MlpNeurons(UnitSet):
         return f"{len(self.neurons)} MLP neurons, {self.polarity} side" + ("s" if self.polarity == BOTH else "")
 
     def encode(self, hooked):
+        import torch
+
+        chosen = self.read(hooked)
+        return torch.cat([chosen, -chosen], dim=-1) if self.mirrored else chosen
+
+    def read(self, hooked):
+        """The chosen neurons' activations (negated for the negative side; for both sides, the positive half)."""
         import torch
 
         width = hooked.shape[-1]
@@ -105,11 +120,7 @@ class MlpNeurons(UnitSet):
             if self._index is None or self._index.device != hooked.device:
                 self._index = torch.as_tensor(self.neurons, dtype=torch.long, device=hooked.device)
             chosen = hooked.index_select(-1, self._index)
-        if self.polarity == POSITIVE:
-            return chosen
-        if self.polarity == NEGATIVE:
-            return -chosen
-        return torch.cat([chosen, -chosen], dim=-1)
+        return -chosen if self.polarity == NEGATIVE else chosen
 
 
 class DictionaryLatents(UnitSet):
