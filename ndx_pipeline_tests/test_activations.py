@@ -202,7 +202,23 @@ def test_padding_never_enters_statistics():
     sel.finalize()
     mean, var, mx = sel.moments()
     assert sel.count == 2 and mean[0] == pytest.approx(-5.5) and mx[0] == -5.0
-    assert sel.top_max[0, 0] == -5.0
+    # the padded 99 does not make the unit fire there: no top window (a window enters only where the unit fired)
+    assert sel.top_window[0, 0] == -1 and not sel.fired()[0]
+    sel.update(torch.tensor([[[2.0], [-1.0], [99.0]]]), mask, torch.tensor([1]))
+    sel.finalize()
+    assert sel.top_window[0, 0] == 1 and sel.top_max[0, 0] == 2.0
+
+
+def test_a_window_enters_the_top_windows_only_where_the_unit_fired():
+    """A unit silent (max ≤ 0) in a window never keeps it among its top ones, even with slots free; the windows where
+    it fired are kept by (max desc, window asc) as before."""
+    sel = act.LayerSelection([0, 1], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
+    acts = torch.tensor([[[0.0, -1.0], [0.0, -2.0]], [[0.5, 0.0], [0.0, 0.0]], [[-3.0, 0.0], [0.0, 0.0]],
+                         [[0.0, 0.0], [0.7, 0.0]]])  # windows 0..3: unit 0 fires in 1 and 3, unit 1 in none
+    sel.update(acts, torch.ones(4, 2, dtype=torch.bool), torch.arange(4))
+    sel.finalize()
+    assert sel.top_window.tolist() == [[3, 1, -1], [-1, -1, -1]]
+    assert sel.top_acts[0, 0].tolist() == [0.0, pytest.approx(0.7)] and sel.fired().tolist() == [True, False]
 
 
 def test_corpus_shorter_than_top_k_is_a_clear_error(subject, small_windows):
@@ -246,3 +262,25 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs():
     for a, b in zip(plain.token_table(), mirrored.token_table()):
         np.testing.assert_array_equal(a, b)
     assert plain.count == mirrored.count and (mirrored.top_window >= 0).all()
+
+
+def test_a_nonnegative_selection_writes_the_silent_windows_it_does_not_read():
+    """Sparse nonnegative units (dictionary latents): the quantile samples of windows where a unit is silent are
+    written as zeros instead of read; every kept array equals the plain selection's, exactly."""
+    rng = np.random.default_rng(4)
+    n, t, n_windows, batch = 900, 5, 64, 8
+    x = torch.tensor(rng.standard_normal((n_windows, t, n)), dtype=torch.float32)
+    x = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.03, x.abs(), 0.0)
+    args = dict(window_tokens=t, top_k=3, sample=np.array([2, 40]), quantile_k=2, seed=2)
+    plain, sparse = act.LayerSelection(range(n), **args), act.LayerSelection(range(n), nonnegative=True, **args)
+    for b, b0 in enumerate(range(0, n_windows, batch)):
+        if b == 2:
+            plain.end_pilot(), sparse.end_pilot()
+        index = torch.arange(b0, b0 + batch)
+        for sel in (plain, sparse):
+            sel.update(x[index], torch.ones(batch, t, dtype=torch.bool), index)
+    for sel in (plain, sparse):
+        sel.finalize()
+    assert (plain.q_window >= 0).sum() > n  # silent windows were sampled: the path under test ran
+    for name in ("top_max", "top_window", "top_acts", "sample_acts", "q_window", "q_acts", "q_seen", "sum", "max"):
+        assert torch.equal(getattr(plain, name), getattr(sparse, name)), name

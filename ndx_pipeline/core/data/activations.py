@@ -41,7 +41,9 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
-TRANSPOSE_FROM_COLUMNS = 2048  # columns gathered from one batch above which it is transposed first (LayerSelection)
+# a batch [B, T, units] is transposed before its columns are gathered when they number ≥ B × units / 4: measured on 2
+# CPU cores, a strided column costs ~3× a contiguous one, and the transpose as much as ~B × units / 4 strided columns
+TRANSPOSE_FROM_SHARE = 4
 PILOT_WINDOWS = 1024
 TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
 
@@ -62,13 +64,16 @@ class LayerSelection:
     """Streaming top-k / random-sample / moments for the chosen neurons of one layer."""
 
     def __init__(self, ids, window_tokens: int, top_k: int, sample: np.ndarray, device="cpu",
-                 token_vocab: np.ndarray | None = None, quantile_k: int = 0, seed: int = 0, mirrored: bool = False):
+                 token_vocab: np.ndarray | None = None, quantile_k: int = 0, seed: int = 0, mirrored: bool = False,
+                 nonnegative: bool = False):
         """ids: the units' ids (`UnitSet.ids`), in the order of the columns `update` is given.
         token_vocab: the distinct token ids the corpus holds (sorted); when given, a per-token table of counts
         and activation sums is kept for the lookup-table baseline.
         mirrored: the second half of the units is the first half negated (`UnitSet.mirrored`); `update` is then
         given the first half's columns only and derives the rest (sum(-x) = -sum(x), max(-x) = -min(x)), so both
-        signs of a neuron cost one pass over its activations, with results equal to selecting on [x, -x]."""
+        signs of a neuron cost one pass over its activations, with results equal to selecting on [x, -x].
+        nonnegative: the units are never below 0 (`UnitSet.nonnegative`: dictionary latents), so a unit's activations
+        in a window where its max is 0 are all 0 and are written, not read (a sparse latent is 0 in most windows)."""
         import torch
 
         self.ids = [int(u) for u in ids]
@@ -76,6 +81,7 @@ class LayerSelection:
         if mirrored and n % 2:
             raise ValueError("a mirrored selection has an even number of units (each side of each neuron).")
         self.mirrored = mirrored
+        self.nonnegative = nonnegative
         self.read_width = n // 2 if mirrored else n  # the columns `update` is given
         self.top_k = top_k
         self.top_max = torch.full((n, top_k), float("-inf"), device=device)
@@ -132,7 +138,12 @@ class LayerSelection:
         self.count += int(mask.sum())
         # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64; the token axis
         # first, then the batch (one reduction over both dims of a [B, T, units] view is 30× slower on CPU)
-        total, squares = a.sum(dim=1).sum(dim=0).double(), a.square().sum(dim=1).sum(dim=0).double()
+        total = torch.zeros(a.shape[-1], dtype=a.dtype, device=a.device)
+        squares = torch.zeros_like(total)
+        for x in a:  # one window at a time, so its square stays in cache (for the whole batch at once: 3-4× slower)
+            total += x.sum(dim=0)
+            squares += (x * x).sum(dim=0)
+        total, squares = total.double(), squares.double()
         per_window_max = a.amax(dim=1)  # [B, n]; a padded window's max over its real tokens only:
         short = padded.nonzero().squeeze(1)
         if len(short):
@@ -161,19 +172,27 @@ class LayerSelection:
                 if self.mirrored:
                     self.sample_acts[self.read_width :, slot, :] = -a[b].T
 
-    def _columns(self, a, b, unit):
+    def _columns(self, a, b, unit, maxima=None):
         """The activations [len(b), T] of units `unit` in windows `b` of the batch (a mirrored unit of the second half
-        is its first-half column negated).
+        is its first-half column negated); `maxima`, the units' max in those windows, spares reading the all-zero
+        columns of nonnegative units.
 
         A unit's activations in a window are strided in `a` ([B, T, units]); for many columns at once (early in the
         pass, when most windows enter the kept sets) the batch is transposed once to [B, units, T] and rows are taken
         whole: 3× faster per column, and one transpose serves the top-k and the quantile samples of the batch."""
         import torch
 
+        if self.nonnegative and maxima is not None:
+            silent = maxima <= 0
+            if bool(silent.any()):
+                out = torch.zeros((len(b), a.shape[1]), dtype=a.dtype, device=a.device)
+                if not bool(silent.all()):
+                    out[~silent] = self._columns(a, b[~silent], unit[~silent])
+                return out
         m = self.read_width
         negated = unit >= m if self.mirrored else None
         column = unit - m * negated if self.mirrored else unit
-        if len(b) >= TRANSPOSE_FROM_COLUMNS:
+        if len(b) * TRANSPOSE_FROM_SHARE >= a.shape[0] * a.shape[2]:
             if self._by_unit is None:
                 self._by_unit = a.transpose(1, 2).reshape(-1, a.shape[1])  # [B × units, T], contiguous
             out = self._by_unit.index_select(0, b * m + column)
@@ -186,13 +205,17 @@ class LayerSelection:
     def _top_k_update(self, a, per_window_max, window_index) -> None:
         """Merge the batch into each neuron's kept windows, vectorized over neurons and windows.
 
-        Only neurons where some window of the batch reaches the weakest kept max take part (early in the pass that
-        is all of them, later few): their k kept windows and the batch's B candidates are ordered by (max desc,
-        window asc) on the scalars alone and the first k stay, so the kept set is the top k of every window seen so
-        far whatever order the windows come in; only the windows that enter have their activations copied."""
+        Only windows where the unit fired (max > 0) are candidates: the records keep no other top window, and a
+        sparse latent (silent in most windows) then copies only the few windows where it fired. Only units where some
+        such window of the batch reaches the weakest kept max take part (early in the pass that is all of them, later
+        few): their k kept windows and the batch's B candidates are ordered by (max desc, window asc) on the scalars
+        alone and the first k stay, so the kept set is the top k of every window seen so far whatever order the
+        windows come in; only the windows that enter have their activations copied. A unit that fired in fewer than
+        k windows keeps empty slots (window -1, max -inf)."""
         import torch
 
-        rows = (per_window_max >= self.top_min[:, None]).any(dim=1).nonzero().squeeze(1)
+        fired = per_window_max > 0
+        rows = ((per_window_max >= self.top_min[:, None]) & fired).any(dim=1).nonzero().squeeze(1)
         if not len(rows):
             return
         k, n_b = self.top_k, per_window_max.shape[1]
@@ -203,6 +226,7 @@ class LayerSelection:
         bits = (cand_max + 0.0).view(torch.int32)
         order_key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
         key = (-order_key << 32) + (cand_window + 1)
+        key[:, k:].masked_fill_(~fired[rows], torch.iinfo(torch.long).max)  # a silent window never enters
         pick = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # [r, k]: < k a kept slot, ≥ k window
         # pick - k of the batch; the last is the weakest window kept
         chosen = torch.zeros_like(cand_max, dtype=torch.bool).scatter_(1, pick, True)
@@ -254,7 +278,7 @@ class LayerSelection:
         keep = last[target] == b
         neuron, b, target = neuron[keep], b[keep], target[keep]
         self.q_window.view(-1)[target] = window_index[b]
-        self.q_acts.view(-1, self.q_acts.shape[-1])[target] = self._columns(a, b, neuron)
+        self.q_acts.view(-1, self.q_acts.shape[-1])[target] = self._columns(a, b, neuron, per_window_max[neuron, b])
 
     def quantile_samples(self):
         """(windows [n, buckets, k] with -1 for empty slots, activations [n, buckets, k, T], boundaries [n, levels],
@@ -393,7 +417,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
                 "choose fewer units.")
     selections = {
         layer: LayerSelection(units.ids, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
-                              quantile_k=quantile_k, seed=seed, mirrored=units.mirrored)
+                              quantile_k=quantile_k, seed=seed, mirrored=units.mirrored, nonnegative=units.nonnegative)
         for layer, units in unit_sets.items()
     }
     order = np.arange(len(windows))

@@ -145,17 +145,20 @@ class Dictionary:
         with torch.no_grad():
             for start in range(0, x.shape[0], rows):
                 chunk = self._normalize(x[start:start + rows].to(torch.float32)) - b_dec_in
+                target = out[start:start + rows]  # written in place: no second copy of a chunk of latents
+                if self.architecture != "topk":
+                    pre = torch.addmm(b_enc, chunk, W_enc, out=target)
+                    above = pre > threshold if self.architecture == "jumprelu" else None
+                    pre.relu_()
+                    if above is not None:
+                        pre.mul_(above)
+                    continue
                 pre = torch.addmm(b_enc, chunk, W_enc)
-                if self.architecture == "relu":
-                    acts = torch.relu(pre)
-                elif self.architecture == "jumprelu":
-                    acts = torch.relu(pre) * (pre > threshold)
+                top = pre.topk(self.k, dim=-1, sorted=False)
+                if cols is None:
+                    target.zero_().scatter_(-1, top.indices, torch.relu(top.values))
                 else:
-                    top = pre.topk(self.k, dim=-1, sorted=False)
-                    acts = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
-                    if cols is not None:
-                        acts = acts[:, cols]
-                out[start:start + rows] = acts
+                    target.copy_(torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))[:, cols])
         return out.reshape(*lead, width)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ class UnitSet(ABC):
     # True when the second half of `ids` is the first half negated: `read` then gives the first half alone and the
     # selection derives the other (one pass over the activations serves both signs)
     mirrored = False
+    # True when no unit is ever below 0 (dictionary latents): the selection then knows a window where a unit's max is
+    # 0 holds only zeros for it
+    nonnegative = False
 
     def __init__(self, layer: int, ids: Sequence[int]):
         self.layer = int(layer)
@@ -127,6 +130,7 @@ class DictionaryLatents(UnitSet):
     """Latents of a sparse autoencoder or transcoder, encoded from the activations at the dictionary's hook."""
 
     kind = DICTIONARY_LATENT
+    nonnegative = True  # every architecture read here ends in a ReLU (TopK keeps the ReLU of its k largest)
 
     def __init__(self, layer: int, dictionary: Dictionary, latents: Sequence[int]):
         if dictionary.hook is None:
