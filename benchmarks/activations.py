@@ -21,6 +21,8 @@ On a shared 2-core machine the forward's own speed drifts by ±15 % between runs
 it also times the selections' update() inside (b) and reports "ratio_attributed" = (a + that time) / a.
 
     .venv/bin/python benchmarks/activations.py                  # bundled SmolLM2, layers 0,1,2, all 1536 neurons
+    .venv/bin/python benchmarks/activations.py --only-materialize --materialize-tokens 0   # (d), (e) on the bundled
+                                                                # corpus as it is (113k tokens), as a new user runs it
     .venv/bin/python benchmarks/activations.py --device cuda --model /path/to/gpt2 --layers 0-11
 """
 
