@@ -136,22 +136,24 @@ class LayerSelection:
             self.token_count.index_add_(0, rows, torch.ones_like(rows))
             self.token_sum.index_add_(0, rows, a[mask].double())
         self.count += int(mask.sum())
-        # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64; the token axis
-        # first, then the batch (one reduction over both dims of a [B, T, units] view is 30× slower on CPU)
+        # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64; one window at a
+        # time, so its square stays in cache (on CPU, one reduction over both dims of the strided [B, T, units] view is
+        # 30× slower, and squaring the whole batch first 3-4×)
         total = torch.zeros(a.shape[-1], dtype=a.dtype, device=a.device)
         squares = torch.zeros_like(total)
-        for x in a:  # one window at a time, so its square stays in cache (for the whole batch at once: 3-4× slower)
+        for x in a:
             total += x.sum(dim=0)
             squares += (x * x).sum(dim=0)
         total, squares = total.double(), squares.double()
         per_window_max = a.amax(dim=1)  # [B, n]; a padded window's max over its real tokens only:
         short = padded.nonzero().squeeze(1)
         if len(short):
-            per_window_max[short] = a[short].masked_fill(~mask[short][..., None], float("-inf")).amax(dim=1)
+            short_acts, short_pad = a[short], ~mask[short][..., None]
+            per_window_max[short] = short_acts.masked_fill(short_pad, float("-inf")).amax(dim=1)
         if self.mirrored:
             per_window_min = a.amin(dim=1)
             if len(short):
-                per_window_min[short] = a[short].masked_fill(~mask[short][..., None], float("inf")).amin(dim=1)
+                per_window_min[short] = short_acts.masked_fill(short_pad, float("inf")).amin(dim=1)
             total, squares = torch.cat([total, -total]), torch.cat([squares, squares])
             per_window_max = torch.cat([per_window_max, -per_window_min], dim=1)
         self.sum += total
@@ -564,7 +566,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         "token_start": of_window(windows.token_start, np.int32),
         "tokens": window_token_lists(windows, token_texts, seen, null=is_dead),
         "activations": _ragged(acts, length, null=is_dead),
-        "window_index": of_window(np.arange(len(windows)), np.int32),
+        "window_index": pa.array(seen.astype(np.int32), mask=is_dead),
         "char_start": of_window(windows.char_start, np.int32),
         "char_end": of_window(windows.char_end, np.int32),
         "max_activation": max_activation.astype(np.float32, copy=False),
