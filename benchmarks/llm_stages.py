@@ -8,9 +8,14 @@ chooses them, over the bundled corpus), with the bundled SmolLM2 as explainer an
   simulations   one at a time: one forward pass over each whole prompt; batched: the backend's
                 `value_probabilities` from `map` threads (the explanation's prompt head once, excerpts together)
 
+Both paths compute in float32 (the exact path) for `sim_speedup`, `explain_speedup` and `max_abs_dp`. Where the
+pipeline's default precision (`dtype: auto`) is another on this machine (bfloat16 on a CPU with native bfloat16),
+the batched paths run again in it, and `*_auto` compares them with the float32 one-at-a-time paths: what a default
+run gains, and how far its value probabilities and expected activations move.
+
 It prints rates and speed-ups, whether the batched explanations equal the one-at-a-time ones, the largest
 |Δp| between the two simulators' value probabilities, and as its LAST line one JSON object
-{"sim_speedup", "explain_speedup", "max_abs_dp", …}.
+{"sim_speedup", "explain_speedup", "max_abs_dp", …, "auto_dtype", "sim_speedup_auto", …}.
 
     .venv/bin/python benchmarks/llm_stages.py                 # 6 neurons: 6 explanations, 96 simulated excerpts
     .venv/bin/python benchmarks/llm_stages.py --neurons 3     # quicker
@@ -43,7 +48,8 @@ from ndx_pipeline.core.method.explainer import (  # noqa: E402
     neuron_seed,
     parse_explanation,
 )
-from ndx_pipeline.core.method.simulator import simulation_prompt  # noqa: E402
+from ndx_pipeline.core.method.simulator import expected_values, simulation_prompt  # noqa: E402
+from ndx_pipeline.core.models import AUTO_DTYPE, llm_dtype  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -70,7 +76,8 @@ def main() -> None:
     args = parser.parse_args()
 
     excerpts = excerpts_of(args.neurons, args.seed)
-    backend = LocalTransformersBackend(batch_size=args.batch) if args.batch else LocalTransformersBackend()
+    batch = {"batch_size": args.batch} if args.batch else {}
+    backend = LocalTransformersBackend(dtype="float32", **batch)
     backend._lm()  # load once, outside the timings
     jobs = []
     for (neuron,), group in excerpts.filter(pl.col("split") == EXPLAIN).sort(["neuron", "rank"]).group_by(
@@ -81,7 +88,7 @@ def main() -> None:
     def one_at_a_time_explanations():
         return [backend.chat_unbatched(m, LEAD_IN, MAX_EXPLANATION_TOKENS, TEMPERATURE, s).text for _, m, s in jobs]
 
-    def batched_explanations():
+    def batched_explanations(backend=backend):
         out = backend.map(lambda j: backend.chat(j[1], LEAD_IN, MAX_EXPLANATION_TOKENS, TEMPERATURE, j[2]), jobs)
         return [o.value.text for o in out]
 
@@ -124,6 +131,31 @@ def main() -> None:
         "neurons": len(jobs), "simulated_excerpts": len(prompts), "batch": backend.max_concurrency,
         **{k: round(v, 4) for k, v in rates.items()},
     }
+    auto = llm_dtype(AUTO_DTYPE)
+    if auto != "float32":  # the pipeline's default precision here: its batched paths against float32 alone
+        fast = LocalTransformersBackend(dtype=auto, **batch)
+        fast._lm()
+        log(f"explanations: batched in {auto}")
+        _, t_explain_fast = timed(lambda: batched_explanations(fast))
+        log(f"simulations: batched in {auto}")
+        fast_out, t_sim_fast = timed(lambda: fast.map(fast.value_probabilities, prompts))
+        dp_fast = max(float(np.abs(a - o.value).max()) for a, o in zip(probs_alone, fast_out))
+        ev_alone = np.concatenate([expected_values(a) for a in probs_alone])
+        ev_fast = np.concatenate([expected_values(o.value) for o in fast_out])
+        print(f"{auto}: explanations {t_explain_fast:.1f} s batched, simulations {t_sim_fast:.1f} s batched; max |Δp| "
+              f"against float32 one at a time {dp_fast:.3f}")
+        summary.update({
+            "auto_dtype": auto,
+            "sim_speedup_auto": round(t_sim_alone / t_sim_fast, 3),
+            "explain_speedup_auto": round(t_explain_alone / t_explain_fast, 3),
+            "max_abs_dp_auto": round(dp_fast, 4),
+            "expected_value_corr_auto": round(float(np.corrcoef(ev_alone, ev_fast)[0, 1]), 4),
+            "max_abs_expected_value_diff_auto": round(float(np.abs(ev_alone - ev_fast).max()), 3),
+            "simulations_per_s_batched_auto": round(len(prompts) / t_sim_fast, 4),
+            "explanations_per_s_batched_auto": round(len(jobs) / t_explain_fast, 4),
+        })
+    else:
+        summary["auto_dtype"] = auto
     print(json.dumps(summary))
 
 

@@ -20,7 +20,7 @@ from ndx_pipeline.core import stages
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
+from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
 from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
@@ -100,6 +100,8 @@ def run_config(args) -> dict:
         put("quality", "scorers", [x.strip() for x in args.scorers.split(",") if x.strip() not in ("", "none")])
     put("explainer_llm", "model", args.explainer_model)
     put("simulator_llm", "model", args.simulator_model)
+    for llm in ("explainer_llm", "simulator_llm", "scorer_llm"):
+        put(llm, "dtype", args.llm_dtype)
     logger = "console" if args.verbose else CONSOLE_LOGGER
     return {"resources": resources, "loggers": {logger: {"config": {"log_level": "INFO"}}}}
 
@@ -373,6 +375,9 @@ def parser() -> argparse.ArgumentParser:
                                        "(default: embedding)")
     run.add_argument("--explainer-model", dest="explainer_model")
     run.add_argument("--simulator-model", dest="simulator_model")
+    run.add_argument("--llm-dtype", dest="llm_dtype", choices=(AUTO_DTYPE, *DTYPES),
+                     help="precision of the in-process LLMs: auto (bfloat16 on a CPU with native bfloat16, else "
+                          "float32; default), float32 (exact) …")
     lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")
     lin.add_argument("layer", type=int)
     lin.add_argument("neuron", type=int, help="the unit id: a neuron's index (its negative side: -1 - index, or "

@@ -146,4 +146,7 @@ def test_unit_choices_reach_the_selection_resource(tmp_path):
     assert config["resources"]["selection"]["config"] == {"units": "dictionary", "dictionary": str(tmp_path),
                                                           "dictionary_hook": "mlp_out", "neurons_per_layer": -1}
     assert parser().parse_args(["lineage", "3", "-6"]).neuron == -6
+    config = run_config(parser().parse_args(["run", "--llm-dtype", "float32"]))
+    assert all(config["resources"][llm]["config"] == {"dtype": "float32"}
+               for llm in ("explainer_llm", "simulator_llm", "scorer_llm"))
     assert parser().parse_args(["lineage", "3", "5", "--negative"]).negative

@@ -6,11 +6,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.method.explainer import FEW_SHOTS, LEAD_IN, explainer_messages
-from ndx_pipeline.core.method.simulator import simulation_prompt
+from ndx_pipeline.core.method.simulator import expected_values, simulation_prompt
+from ndx_pipeline.core.models import llm_dtype
 
 
 def test_batcher_routes_answers_and_steps_down():
@@ -49,7 +52,7 @@ def test_a_failing_batch_fails_each_of_its_requests():
 
 @pytest.fixture(scope="module")
 def backend():
-    return LocalTransformersBackend(batch_size=4)
+    return LocalTransformersBackend(batch_size=4, dtype="float32")  # the exact path
 
 
 EXCERPTS = [
@@ -77,4 +80,40 @@ def test_batched_explanations_equal_one_at_a_time(backend):
     alone = [backend.chat_unbatched(m, LEAD_IN, 12, 1.0, seed).text for m, seed in jobs]
     together = backend.map(lambda j: backend.chat(j[0], LEAD_IN, 12, 1.0, j[1]), jobs)
     assert [o.value.text for o in together] == alone
+    assert len({o.value.completion_tokens for o in together}) > 1  # a finished row left the batch before others
     assert max(backend._chats.batches) > 1
+
+
+def test_a_precision_is_one_of_the_known_ones():
+    assert llm_dtype("float32") == "float32" and llm_dtype("bfloat16") == "bfloat16"
+    assert llm_dtype("auto") in ("float32", "bfloat16")
+    with pytest.raises(NdxInputError, match="simulator_llm.dtype must be one of float32, bfloat16, float16, not "
+                                            "'float64'"):
+        llm_dtype("float64", "simulator_llm.dtype")
+
+
+def test_bfloat16_simulation_stays_close_to_float32(backend):
+    """The faster precision computes in bfloat16 for real and says nearly what float32 says: value probabilities
+    within a few hundredths, expected activations that rise and fall together."""
+    fast = LocalTransformersBackend(batch_size=4, dtype="bfloat16")
+    assert fast._lm()[0].dtype == torch.bfloat16 and backend._lm()[0].dtype == torch.float32
+    prompts = [simulation_prompt(e, tokens) for e in ('the word "return"', "month names") for tokens in EXCERPTS]
+    exact = [backend.value_probabilities_unbatched(p) for p in prompts]
+    quick = [o.value for o in fast.map(fast.value_probabilities, prompts)]
+    dp = max(float(np.abs(a - b).max()) for a, b in zip(exact, quick))
+    ev_exact = np.concatenate([expected_values(a) for a in exact])
+    ev_quick = np.concatenate([expected_values(b) for b in quick])
+    assert 0 < dp < 0.1  # bfloat16 really differs, and only by rounding
+    assert np.corrcoef(ev_exact, ev_quick)[0, 1] > 0.95
+
+
+def test_answers_are_cached_per_precision(tmp_path):
+    prompt = simulation_prompt("month names", EXCERPTS[1])
+    exact = LocalTransformersBackend(cache=tmp_path, dtype="float32")
+    exact.value_probabilities(prompt)
+    quick = LocalTransformersBackend(cache=tmp_path, dtype="bfloat16")
+    quick.value_probabilities(prompt)
+    assert quick.stats.cache_hits == 0  # a float32 answer is not served for bfloat16
+    again = LocalTransformersBackend(cache=tmp_path, dtype="float32")
+    again.value_probabilities(prompt)
+    assert again.stats.cache_hits == 1

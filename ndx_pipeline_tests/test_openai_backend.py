@@ -514,7 +514,7 @@ def test_all_at_once_alignment_matches_in_process_model(echo_run):
     assert nxt > 5 * max(same, 1)
 
     server = echo_run["probs"]
-    local = LocalTransformersBackend().value_probabilities(echo_run["prompt"])
+    local = LocalTransformersBackend(dtype="float32").value_probabilities(echo_run["prompt"])
     assert server.shape == local.shape == (len(SIM_TOKENS), 11)
     present = server > 0
     assert present[:, :3].all() and (server[:, 10] > 0).all()  # 0, 1, 2 and (via the probe) 10 everywhere

@@ -1,6 +1,7 @@
 """Where models come from, for the subject model and for in-process LLMs alike: the bundled SmolLM2 GGUF, a .gguf
 file, a local folder or a model already in the Hugging Face cache (never the network); their config and header;
-the one-time conversion of a GGUF file into a checkpoint; and the special tokens a model wraps a text in.
+the one-time conversion of a GGUF file into a checkpoint; the precision a model computes in; and the special tokens
+a model wraps a text in.
 
 `BUNDLED_MODEL_NOTE` says what the bundled model is good for, wherever a run used it (run summary, metadata,
 viewer); `is_bundled` is the one test of whether a stored model name is that model.
@@ -24,6 +25,31 @@ BUNDLED_MODEL_NOTE = (
     "Expect scores near 0 with it; put a capable model behind the OpenAI-compatible backend for explanations worth "
     "reading."
 )
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+AUTO_DTYPE = "auto"
+
+
+def torch_dtype(name: str, setting: str = "dtype"):
+    """The torch dtype called `name` (one of DTYPES); any other name is one clear error naming `setting`."""
+    import torch
+
+    if name not in DTYPES:
+        raise NdxInputError(f"{setting} must be one of {', '.join(DTYPES)}, not {name!r}.")
+    return getattr(torch, name)
+
+
+def llm_dtype(name: str, setting: str = "dtype") -> str:
+    """The precision an in-process LLM computes in (`auto`: bfloat16 where this machine's CPU multiplies bfloat16
+    natively, i.e. has AVX512-BF16 (AMX-BF16 CPUs have it too), else float32)."""
+    if name != AUTO_DTYPE:
+        torch_dtype(name, setting)
+        return name
+    import torch
+
+    native = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    return "bfloat16" if native is not None and native() else "float32"
 
 
 def is_bundled(model_name: str | None) -> bool:

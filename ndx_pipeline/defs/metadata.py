@@ -82,9 +82,11 @@ def finite_mean(values: pl.Series) -> float:
 
 
 def llm_accounting(backend, before: dict, started: float) -> dict:
-    """One partition's LLM work on a backend shared by the run: requests, cache hits, tokens, failures, wall time."""
+    """One partition's LLM work on a backend shared by the run: requests, cache hits, tokens, failures, wall time;
+    and the precision an in-process model computed in."""
     delta = LLMStats.difference(backend.stats.snapshot(), before)
     return {
+        **({"llm_dtype": backend.dtype} if getattr(backend, "dtype", None) else {}),  # embedders have none
         "llm_requests": int(delta["requests"]), "llm_calls": int(delta["calls"]),
         "llm_retries": int(delta["retries"]), "llm_cache_hits": int(delta["cache_hits"]),
         "llm_failures": int(delta["failures"]), "prompt_tokens": int(delta["prompt_tokens"]),

@@ -21,14 +21,14 @@ from ndx_pipeline.core.llm.backend import LLMBackend
 from ndx_pipeline.core.llm.embeddings import BUNDLED_EMBEDDING_MODEL, EMBEDDING_BACKENDS, EmbeddingSpec, build_embedder
 from ndx_pipeline.core.llm.registry import BACKENDS, LLMSpec, build_backend
 from ndx_pipeline.core.method.simulator import SIMULATOR_MODES
-from ndx_pipeline.core.models import BUNDLED_MODEL
+from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL
 from ndx_pipeline.core.storage import llm_cache_dir
 
 SUBJECT_MODEL_ENV = "NDX_SUBJECT_MODEL"
-# The default run (3 layers of the bundled model on this 2-core CPU) must finish within 10 minutes: measured
-# 2026-11-22 at ~21 s per neuron (an explanation, a token-list explanation, 30 simulated excerpts for ours and
-# the two LLM baselines) plus ~40 s of loading and extraction; 3 × 6 neurons ≈ 7 minutes.
-DEFAULT_NEURONS_PER_LAYER = 6
+# The default run (3 layers of the bundled model on a 2-core CPU) should finish within 10 minutes: per neuron an
+# explanation, a token-list explanation, and 36 simulated excerpts (ours with calibration, the two LLM baselines);
+# see README for the measured time of 3 × 16.
+DEFAULT_NEURONS_PER_LAYER = 16
 TOKEN_LIST_EXPLAINERS = ("llm", "template")
 # The scorers beside simulation that run by default: embedding alone — no generation, ~1 s a layer on 2 CPU cores.
 # Detection and fuzzing ask the scorer LLM 6 prompts per neuron each (ours and two baselines, 10 excerpts in
@@ -186,12 +186,15 @@ class LLMResource(dg.ConfigurableResource):
         default=None, description="The model's context window in tokens (prompt and answer). Empty: the local "
                                   "model's own limit, or what the server says (vLLM, llama.cpp), else what it says "
                                   "when it refuses a prompt as too long. The explainer prompt is fitted to it.")
+    dtype: str = Field(default=AUTO_DTYPE, description="local backend: the precision the model computes in: auto "
+                                                       "(bfloat16 on a CPU with native bfloat16, else float32), "
+                                                       "float32 (exact: batched = one at a time), bfloat16.")
 
     def spec(self) -> LLMSpec:
         return LLMSpec(backend=self.backend, model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                        server=self.server, max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
                        deadline_s=self.deadline_s, max_attempts=self.max_attempts,
-                       context_tokens=self.context_tokens)
+                       context_tokens=self.context_tokens, dtype=self.dtype)
 
     def build(self, storage: StorageResource | None = None, stats=None) -> LLMBackend:
         """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage)."""
@@ -244,7 +247,8 @@ def default_resources() -> dict:
         fields = {"backend": env(prefix + "BACKEND") or "local", "model": env(prefix + "MODEL") or BUNDLED_MODEL,
                   "base_url": env(prefix + "BASE_URL") or None, "server": env(prefix + "SERVER") or "openai",
                   "api_key_env": api_key_from_env(prefix + "API_KEY", "OPENAI_API_KEY"),
-                  "context_tokens": int(env(prefix + "CONTEXT_TOKENS") or 0) or None, **extra}
+                  "context_tokens": int(env(prefix + "CONTEXT_TOKENS") or 0) or None,
+                  "dtype": env(prefix + "DTYPE") or env("NDX_LLM_DTYPE") or AUTO_DTYPE, **extra}
         return LLMResource(**fields)
 
     def names(variable: str, default) -> list[str]:

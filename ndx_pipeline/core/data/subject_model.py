@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.models import ModelSource, gguf_metadata, load_config, loadable, resolve_model
+from ndx_pipeline.core.models import ModelSource, gguf_metadata, load_config, loadable, resolve_model, torch_dtype
 
 # Relative names, inside one transformer block, of the MLP output projection, by architecture family.
 MLP_OUTPUT_PROJECTIONS = (
@@ -99,14 +99,13 @@ def load_tokenizer(name: str | None):
 
 def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32"):
     """Load the model body (no LM head is needed) and its tokenizer, in eval mode."""
-    import torch
     from transformers import AutoModel
 
     num_layers(name)  # clear error for an unknown model before any weights are touched
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtype = torch_dtype(dtype, "subject_model.dtype")
     tokenizer = load_tokenizer(name)
     path, kwargs = loadable(resolve_model(name))
-    model = AutoModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
     model.to(device).eval()
     return model, tokenizer
 

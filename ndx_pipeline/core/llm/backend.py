@@ -196,6 +196,7 @@ class LLMBackend(ABC):
     stats: LLMStats
     max_concurrency: int = 1
     context_tokens: int | None = None  # the context window when set explicitly; None: ask the model or server
+    dtype: str | None = None  # the precision an in-process model computes in; None: a server's own affair
 
     def sent_prompt(self, messages: list[dict], assistant_prefix: str) -> dict:
         """The chat request as this backend sends it (what `chat` puts before the model): the hash of this is

@@ -1,4 +1,4 @@
-"""An in-process transformers causal LM as an LLM backend (CPU or CUDA; default: the bundled SmolLM2).
+"""An in-process transformers causal LM as an LLM backend (on the CPU; default: the bundled SmolLM2).
 
 With a cache, every answer is stored under the content address of its request, so a rerun (or a run resumed after
 a crash) recomputes nothing it has already answered.
@@ -6,9 +6,11 @@ a crash) recomputes nothing it has already answered.
 Batched: the stages call `chat` and `value_probabilities` from `max_concurrency` threads at once (`map`); a
 `Batcher` computes what is waiting together.
 - Simulations: the excerpts of one explanation share their prompt's head (instructions, examples, explanation). Its
-  keys and values are computed once and kept for the explanation's next batch; the excerpts follow in one forward
-  pass over the batch, each with its own mask (and the extra "1" tokens that read P("0" | "1") for the value 10).
-  Probabilities equal the one-excerpt-at-a-time pass's within float32 rounding (≤ 1e-5 measured; tested ≤ 1e-4).
+  keys and values are computed once and kept for the explanation's next batch (and the instructions and examples,
+  the same in every head, only once); the excerpts follow in one forward pass over the batch, each with its own
+  mask (and the extra "1" tokens that read P("0" | "1") for the value 10).
+  Probabilities equal the one-excerpt-at-a-time pass's within float32 rounding (≤ 1e-5 measured; tested ≤ 1e-4)
+  when the model computes in float32; see the class for bfloat16.
 - Explanations: the prompts of all neurons share the instructions and worked examples; that common prefix is
   computed once per batch, then every neuron's own part, then the answers are sampled step by step together, each
   row from its own random generator seeded with its request's seed, as a lone request would draw them. What can
@@ -33,11 +35,12 @@ import numpy as np
 from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, PromptTooLongError, SimulationPrompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
-from ndx_pipeline.core.models import loadable, resolve_model, special_token_wrap
+from ndx_pipeline.core.models import AUTO_DTYPE, llm_dtype, loadable, resolve_model, special_token_wrap, torch_dtype
 
 _LOAD_LOCK = threading.Lock()
 BATCH_SIZE = 8  # requests computed together (measured on 2 CPU cores: benchmarks/llm_stages.py)
 HEADS_KEPT = 4  # simulation prompt heads whose keys and values are kept for the next batch
+MIN_SHARED_HEAD = 16  # tokens a head must share with the first one for its keys and values to be reused
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,19 @@ class _SimulationRequest:
 
 
 @lru_cache(maxsize=4)
-def _causal_lm(model_name: str):
-    import torch
+def _causal_lm(model_name: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, kwargs = loadable(resolve_model(model_name))
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
     model.eval()
     return model, tokenizer
 
 
-def load_causal_lm(model_name: str):
+def load_causal_lm(model_name: str, dtype: str = "float32"):
     with _LOAD_LOCK:
-        return _causal_lm(model_name)
+        return _causal_lm(model_name, dtype)
 
 
 @lru_cache(maxsize=8)
@@ -103,17 +105,25 @@ def sent_chat_prompt(model_name: str, messages: list[dict], assistant_prefix: st
 
 
 class LocalTransformersBackend(LLMBackend):
-    """An in-process transformers causal LM (CPU or CUDA).
+    """An in-process transformers causal LM, on the CPU.
 
-    With a cache, every answer is stored under the content address of its request, so a rerun (or a run resumed
-    after a crash) recomputes nothing it has already answered.
+    With a cache, every answer is stored under the content address of its request (and the precision), so a rerun
+    (or a run resumed after a crash) recomputes nothing it has already answered.
+
+    dtype: the precision it computes in. `auto` (the default) is bfloat16 on a CPU that multiplies bfloat16
+    natively (AVX512-BF16, AMX), else float32. float32 is the exact path: batched answers equal the one-at-a-time
+    ones within float32 rounding. In bfloat16 the rounding of a padded batch depends on what else is in it, so an
+    excerpt's value probabilities can move by a few hundredths with the batch's composition, and a sampled
+    explanation can change its wording (see benchmarks/llm_stages.py for the measured differences).
     """
 
     KIND = "local-transformers"
 
     def __init__(self, model_name: str | None = None, cache: LLMCache | str | None = None,
-                 stats: LLMStats | None = None, context_tokens: int | None = None, batch_size: int = BATCH_SIZE):
+                 stats: LLMStats | None = None, context_tokens: int | None = None, batch_size: int = BATCH_SIZE,
+                 dtype: str = AUTO_DTYPE):
         self.model_name = resolve_model(model_name).name
+        self.dtype = llm_dtype(dtype)
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
         self.context_tokens = int(context_tokens) if context_tokens else None
@@ -121,6 +131,7 @@ class LocalTransformersBackend(LLMBackend):
         self._chats = Batcher(self._chat_batch, self.max_concurrency)
         self._simulations = Batcher(self._simulation_batch, self.max_concurrency)
         self._heads: OrderedDict = OrderedDict()  # head ids → their keys and values (most recent last)
+        self._first_head = None  # (ids, keys and values) of the first simulation head: its start is every head's
 
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
         def timed() -> dict:
@@ -131,14 +142,17 @@ class LocalTransformersBackend(LLMBackend):
                            completion_tokens=response.get("completion_tokens", 0))
             return response
 
-        return cached_call(self.cache, self.stats, self.KIND, self.model_name, endpoint, request, timed)
+        # float32 answers keep the keys they had before other precisions were offered
+        origin = None if self.dtype == "float32" else {"dtype": self.dtype}
+        return cached_call(self.cache, self.stats, self.KIND, self.model_name, endpoint, request, timed,
+                           origin=origin)
 
     @property
     def name(self) -> str:
         return f"local:{self.model_name}"
 
     def _lm(self):
-        return load_causal_lm(self.model_name)
+        return load_causal_lm(self.model_name, self.dtype)
 
     def chat_prompt_text(self, messages: list[dict], assistant_prefix: str) -> str:
         return chat_prompt_text(load_tokenizer(self.model_name), messages, assistant_prefix)
@@ -205,7 +219,7 @@ class LocalTransformersBackend(LLMBackend):
         own part after it, one prompt at a time (on a CPU a padded batch saves no arithmetic here and its masked
         attention costs more); then one step per new token for all rows together, where batching pays (each step
         reads every weight once for the whole batch). Row i draws from its own generator seeded with its request's
-        seed. A row ends at the end-of-sequence token (kept)."""
+        seed. A row ends at the end-of-sequence token (kept), and leaves the batch."""
         import torch
         from transformers import DynamicCache
 
@@ -268,12 +282,21 @@ class LocalTransformersBackend(LLMBackend):
                 mask[i, shared : shared + width - n] = 0
             position = torch.tensor([shared + n for n in lengths])  # the position of each row's next token
             step = torch.tensor(first)
-            while not all(done):
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            live = list(range(len(rows)))  # the request of each row still in the batch
+            while True:
+                keep = [j for j, i in enumerate(live) if not done[i]]
+                if not keep:
+                    break
+                if len(keep) < len(live):  # a finished row leaves the batch: no more steps spent on it
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index.to(device))
+                    mask, position, step = mask[index], position[index], step[index]
+                    live = [live[j] for j in keep]
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
                 out = model(input_ids=step[:, None].to(device), attention_mask=mask.to(device),
                             position_ids=position[:, None].to(device), **kv_input(model, cache), use_cache=True)
                 cache, position = kv_cache(out), position + 1
-                step = torch.tensor([pad if done[i] else draw(i, out.logits[i, -1]) for i in range(len(rows))])
+                step = torch.tensor([draw(i, out.logits[j, -1]) for j, i in enumerate(live)])
         return new
 
     def value_token_ids(self) -> tuple[list[int], int | None]:
@@ -372,7 +395,9 @@ class LocalTransformersBackend(LLMBackend):
             return _values(torch.softmax(logits[0].float(), dim=-1).cpu(), s, digit_ids, ten_id)
 
     def _head_cache(self, head: tuple[int, ...]):
-        """The keys and values of a prompt head, computed once and kept for the next few batches."""
+        """The keys and values of a prompt head, computed once and kept for the next few batches. Heads differ only
+        after the instructions and worked examples (in the explanation): the part a head shares with the first head
+        ever computed is taken from that one's keys and values, and only the rest is computed."""
         import torch
 
         if head in self._heads:
@@ -380,7 +405,22 @@ class LocalTransformersBackend(LLMBackend):
             return self._heads[head]
         model, _ = self._lm()
         with torch.inference_mode():
-            cache = kv_cache(model(input_ids=torch.tensor([head], device=model.device), use_cache=True))
+            shared = 0
+            if self._first_head is not None:
+                shared = min(_common_prefix([self._first_head[0], head]), len(head) - 1)
+            if shared >= MIN_SHARED_HEAD:
+                cache = copy.deepcopy(self._first_head[1])
+                if shared < len(self._first_head[0]):
+                    cache.crop(shared - len(self._first_head[0]))  # (a negative count: tokens taken off the end)
+                out = model(input_ids=torch.tensor([head[shared:]], device=model.device),
+                            position_ids=torch.arange(shared, len(head), device=model.device)[None],
+                            **kv_input(model, cache), use_cache=True, logits_to_keep=1)
+                cache = kv_cache(out)
+            else:
+                cache = kv_cache(model(input_ids=torch.tensor([head], device=model.device), use_cache=True,
+                                       logits_to_keep=1))
+            if self._first_head is None:
+                self._first_head = (head, copy.deepcopy(cache))
         self._heads[head] = cache
         while len(self._heads) > HEADS_KEPT:
             self._heads.popitem(last=False)

@@ -38,6 +38,7 @@ class LLMSpec:
     deadline_s: float = 600.0
     max_attempts: int = 8
     context_tokens: int | None = None
+    dtype: str = "auto"  # local backend: the precision the model computes in (see LocalTransformersBackend)
 
     def __repr__(self) -> str:
         return f"LLMSpec(backend={self.backend!r}, model={self.model!r}, base_url={self.base_url!r})"
@@ -63,7 +64,7 @@ def api_key(spec: LLMSpec) -> str | None:
 def _local(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
     batch = {"batch_size": spec.max_concurrency} if spec.max_concurrency else {}
     return LocalTransformersBackend(spec.model, cache=cache_dir, stats=stats, context_tokens=spec.context_tokens,
-                                    **batch)
+                                    dtype=spec.dtype, **batch)
 
 
 def _openai(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
