@@ -3,7 +3,8 @@ Dagster skin; every layer imports only the layers beneath it; no function-level 
 
 Layers, lowest first (a module may import its own layer and those beneath it):
 
-    core: errors, contract, progress, models, storage   the vocabulary and the plumbing
+    core: errors, contract, progress, models, storage,  the vocabulary and the plumbing
+          heap
     core.llm                                            the LLM seam and its backends
     core.data, core.method                              the method's data and its method (method may use llm)
     core.stages, core.validation                        stage functions, output checks

@@ -38,6 +38,7 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.heap import release_freed_heap
 from ndx_pipeline.core.models import special_token_wrap
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
@@ -335,30 +336,9 @@ def batch_inputs(windows: Windows, idx, prefix: list[int], suffix: list[int], pa
     return ids, attn
 
 
-TRIM_EVERY_BATCHES = 32
+TRIM_EVERY_BATCHES = 32  # batches of a pass between heap trims: peak RSS stays flat with the corpus length
 
 
-def release_freed_heap() -> None:
-    """Give the heap's free pages back to the operating system (glibc's malloc_trim; elsewhere nothing).
-
-    A pass allocates and frees activation-sized temporaries of varying sizes batch after batch; glibc then keeps
-    the freed pages, fragmented, and the resident size creeps up with the corpus length (measured: +30 % peak RSS
-    from a 50k- to a 200k-token corpus). Trimming every TRIM_EVERY_BATCHES batches keeps it flat."""
-    import ctypes
-    import ctypes.util
-
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 — not glibc: no trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 class _StopForward(Exception):

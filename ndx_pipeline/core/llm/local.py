@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ndx_pipeline.core.heap import release_freed_heap
 from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, PromptTooLongError, SimulationPrompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
@@ -41,6 +42,7 @@ _LOAD_LOCK = threading.Lock()
 BATCH_SIZE = 8  # requests computed together (measured on 2 CPU cores: benchmarks/llm_stages.py)
 HEADS_KEPT = 4  # simulation prompt heads whose keys and values are kept for the next batch
 MIN_SHARED_HEAD = 16  # tokens a head must share with the first one for its keys and values to be reused
+TRIM_EVERY_SIMULATION_BATCHES = 4  # the heap is trimmed after every explanation batch and every 4th simulation one
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class LocalTransformersBackend(LLMBackend):
         for (max_tokens, temperature), members in groups.items():
             for i, new in zip(members, self._generate([requests[i] for i in members], max_tokens, temperature)):
                 out[i] = new
+        release_freed_heap()  # see core/heap.py: without it the LLM stages' peak RSS doubles
         return out
 
     def _generate(self, requests: Sequence[_ChatRequest], max_tokens: int, temperature: float) -> list[list[int]]:
@@ -434,6 +437,8 @@ class LocalTransformersBackend(LLMBackend):
         for head, members in groups.items():
             for i, probs in zip(members, self._values_after_head(head, [requests[i] for i in members])):
                 out[i] = probs
+        if len(self._simulations.batches) % TRIM_EVERY_SIMULATION_BATCHES == 0:
+            release_freed_heap()
         return out
 
     def _values_after_head(self, head: tuple[int, ...], requests: Sequence[_SimulationRequest]) -> list[np.ndarray]:
