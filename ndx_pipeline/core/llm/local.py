@@ -133,7 +133,7 @@ class LocalTransformersBackend(LLMBackend):
         self._chats = Batcher(self._chat_batch, self.max_concurrency)
         self._simulations = Batcher(self._simulation_batch, self.max_concurrency)
         self._heads: OrderedDict = OrderedDict()  # head ids → their keys and values (most recent last)
-        self._first_head = None  # (ids, keys and values) of the first simulation head: its start is every head's
+        self._first_head = None  # (ids, keys and values) of the first simulation head, whose start every head shares
 
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
         def timed() -> dict:
