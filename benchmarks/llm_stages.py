@@ -131,7 +131,7 @@ def main() -> None:
         "neurons": len(jobs), "simulated_excerpts": len(prompts), "batch": backend.max_concurrency,
         **{k: round(v, 4) for k, v in rates.items()},
     }
-    auto = llm_dtype(AUTO_DTYPE)
+    auto = summary["auto_dtype"] = llm_dtype(AUTO_DTYPE)
     if auto != "float32":  # the pipeline's default precision here: its batched paths against float32 alone
         fast = LocalTransformersBackend(dtype=auto, **batch)
         fast._lm()
@@ -145,7 +145,6 @@ def main() -> None:
         print(f"{auto}: explanations {t_explain_fast:.1f} s batched, simulations {t_sim_fast:.1f} s batched; max |Δp| "
               f"against float32 one at a time {dp_fast:.3f}")
         summary.update({
-            "auto_dtype": auto,
             "sim_speedup_auto": round(t_sim_alone / t_sim_fast, 3),
             "explain_speedup_auto": round(t_explain_alone / t_explain_fast, 3),
             "max_abs_dp_auto": round(dp_fast, 4),
@@ -154,8 +153,6 @@ def main() -> None:
             "simulations_per_s_batched_auto": round(len(prompts) / t_sim_fast, 4),
             "explanations_per_s_batched_auto": round(len(jobs) / t_explain_fast, 4),
         })
-    else:
-        summary["auto_dtype"] = auto
     print(json.dumps(summary))
 
 

@@ -48,8 +48,8 @@ def llm_dtype(name: str, setting: str = "dtype") -> str:
         return name
     import torch
 
-    native = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
-    return "bfloat16" if native is not None and native() else "float32"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a private helper: may go away
+    return "bfloat16" if native() else "float32"
 
 
 def is_bundled(model_name: str | None) -> bool:

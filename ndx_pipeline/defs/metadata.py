@@ -86,7 +86,7 @@ def llm_accounting(backend, before: dict, started: float) -> dict:
     and the precision an in-process model computed in."""
     delta = LLMStats.difference(backend.stats.snapshot(), before)
     return {
-        **({"llm_dtype": backend.dtype} if getattr(backend, "dtype", None) else {}),  # embedders have none
+        **({"llm_dtype": backend.dtype} if backend.dtype else {}),
         "llm_requests": int(delta["requests"]), "llm_calls": int(delta["calls"]),
         "llm_retries": int(delta["retries"]), "llm_cache_hits": int(delta["cache_hits"]),
         "llm_failures": int(delta["failures"]), "prompt_tokens": int(delta["prompt_tokens"]),

@@ -339,8 +339,6 @@ def batch_inputs(windows: Windows, idx, prefix: list[int], suffix: list[int], pa
 TRIM_EVERY_BATCHES = 32  # batches of a pass between heap trims: peak RSS stays flat with the corpus length
 
 
-
-
 class _StopForward(Exception):
     """Raised by the deepest hook: nothing above the last requested layer is computed."""
 

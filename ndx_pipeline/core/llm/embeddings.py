@@ -104,6 +104,7 @@ class Embedder(ABC):
     kind: str
     model_name: str
     origin: Any = None  # the server's identity in cache keys (None in-process)
+    dtype: str | None = None  # no precision to choose (a local embedder computes in float32), as for LLM servers
 
     @property
     @abstractmethod

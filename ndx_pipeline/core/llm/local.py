@@ -422,8 +422,8 @@ class LocalTransformersBackend(LLMBackend):
             else:
                 cache = kv_cache(model(input_ids=torch.tensor([head], device=model.device), use_cache=True,
                                        logits_to_keep=1))
-            if self._first_head is None:
-                self._first_head = (head, copy.deepcopy(cache))
+            if self._first_head is None:  # kept as computed: a batch works on a copy of a head's cache
+                self._first_head = (head, cache)
         self._heads[head] = cache
         while len(self._heads) > HEADS_KEPT:
             self._heads.popitem(last=False)

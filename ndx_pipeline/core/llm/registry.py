@@ -18,6 +18,7 @@ from ndx_pipeline.core.llm.local import LocalTransformersBackend, sent_chat_prom
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
 from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
 from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api
+from ndx_pipeline.core.models import AUTO_DTYPE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -38,7 +39,7 @@ class LLMSpec:
     deadline_s: float = 600.0
     max_attempts: int = 8
     context_tokens: int | None = None
-    dtype: str = "auto"  # local backend: the precision the model computes in (see LocalTransformersBackend)
+    dtype: str = AUTO_DTYPE  # local backend: the precision the model computes in (see LocalTransformersBackend)
 
     def __repr__(self) -> str:
         return f"LLMSpec(backend={self.backend!r}, model={self.model!r}, base_url={self.base_url!r})"
