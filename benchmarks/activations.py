@@ -10,10 +10,11 @@ and, in fresh subprocesses, (c) the peak RSS of extraction over a 50k-token and 
 Then the materializations a user runs, files written (`--materialize`, on by default): the extraction job
 (corpus → activation_records + token_table → top_excerpts) through Dagster, in process, on the same corpus:
   (d) every neuron of every layer, both signs (lookup baseline off: its token table would be distinct tokens × units),
-      against (d0) a bare forward of the whole model: `whole_model_ratio` = d / d0;
+      against (d0) a bare forward of the whole model (the mean of one run before and one after d):
+      `whole_model_ratio` = d / d0;
   (e) a 16384-latent TopK dictionary (SAELens files written here, chosen directions) on one layer, against (e0) a bare
-      forward to that layer: `dict_ratio` = e / e0; and in fresh subprocesses the peak RSS of that materialization
-      on a 50k- and a 200k-token corpus: `dict_rss_growth`.
+      forward to that layer (the mean of one before and one after e): `dict_ratio` = e / e0; and in fresh subprocesses
+      the peak RSS of that materialization on a 50k- and a 200k-token corpus: `dict_rss_growth`.
 
 Prints a table, then as its last line one JSON object: {"ratio": b/a, "rss_growth": (rss200k - rss50k) / rss50k,
 "whole_model_ratio": …, "dict_ratio": …, "dict_rss_growth": …}.
@@ -308,18 +309,25 @@ def materializations(args, model, tok) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp / "corpus.jsonl", ids, texts)
-        out["whole_forward_s"] = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
+        # the bare forward before and after the materialization, averaged: on a shared machine the forward's own
+        # speed drifts by 10-20 % within minutes, and a drift then falls on both sides of the ratio alike
+        before = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
         whole = materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"}, windows.total_tokens)
+        after = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
+        out["whole_forward_s"] = (before + after) / 2
+        out["whole_forward_before_s"], out["whole_forward_after_s"] = before, after
         out["whole_materialize_s"], out["whole_parquet_mib"] = whole["seconds"], whole["bytes"] / 2**20
         out["whole_model_ratio"] = whole["seconds"] / out["whole_forward_s"]
         out["whole_peak_rss_mib"] = peak_rss_mib()  # this process so far: the model, (a)-(c) and (d)
         del whole
         folder = write_dictionary(tmp / "dictionaries", model, tok, windows, args.dict_layer)
         args.dictionary = str(folder)
-        out["dict_forward_s"] = bare_forward(model, tok, windows, args.dict_layer, args.batch_size,
-                                             at_projection=False)
+        before = bare_forward(model, tok, windows, args.dict_layer, args.batch_size, at_projection=False)
         d = materialize(args, corpus, tmp / "dict", [args.dict_layer],
                         {"units": "dictionary", "dictionary": str(folder)}, windows.total_tokens)
+        after = bare_forward(model, tok, windows, args.dict_layer, args.batch_size, at_projection=False)
+        out["dict_forward_s"] = (before + after) / 2
+        out["dict_forward_before_s"], out["dict_forward_after_s"] = before, after
         out["dict_materialize_s"], out["dict_parquet_mib"] = d["seconds"], d["bytes"] / 2**20
         out["dict_ratio"] = d["seconds"] / out["dict_forward_s"]
         rss = {}
@@ -444,12 +452,16 @@ def main() -> None:
 def print_materializations(found: dict, threads: int) -> None:
     print(f"materializations through Dagster (extraction job: files written), torch threads {threads}")
     rows = [("corpus tokens", "materialize_tokens"),
-            ("(d0) bare forward, whole model, s", "whole_forward_s"),
+            ("(d0) bare forward, whole model, s (mean)", "whole_forward_s"),
+            ("    before (d), s", "whole_forward_before_s"),
+            ("    after (d), s", "whole_forward_after_s"),
             ("(d) every neuron, both signs, all layers, s", "whole_materialize_s"),
             ("    Parquet written, MiB", "whole_parquet_mib"),
             ("whole_model_ratio d/d0 (target ≤ 1.3)", "whole_model_ratio"),
             ("    peak RSS of this process after (d), MiB", "whole_peak_rss_mib"),
             ("(e0) bare forward to the dictionary's layer, s", "dict_forward_s"),
+            ("    before (e), s", "dict_forward_before_s"),
+            ("    after (e), s", "dict_forward_after_s"),
             (f"(e) {DICT_LATENTS}-latent dictionary, s", "dict_materialize_s"),
             ("    Parquet written, MiB", "dict_parquet_mib"),
             ("dict_ratio e/e0 (target ≤ 1.3)", "dict_ratio"),

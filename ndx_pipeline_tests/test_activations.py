@@ -266,21 +266,41 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs():
 
 def test_a_nonnegative_selection_writes_the_silent_windows_it_does_not_read():
     """Sparse nonnegative units (dictionary latents): the quantile samples of windows where a unit is silent are
-    written as zeros instead of read; every kept array equals the plain selection's, exactly."""
+    written as zeros instead of read; every kept array equals the plain selection's, exactly. A selection given only
+    the nonzero entries (`SparseActivations`, as dictionary latents are read) keeps the same windows, activations,
+    samples and token table too (its moments summed in float64, the plain one's per batch in float32), and ignores
+    an entry at a padding position."""
+    from ndx_pipeline.core.data.dictionaries import SparseActivations
+
     rng = np.random.default_rng(4)
     n, t, n_windows, batch = 900, 5, 64, 8
     x = torch.tensor(rng.standard_normal((n_windows, t, n)), dtype=torch.float32)
     x = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.03, x.abs(), 0.0)
-    args = dict(window_tokens=t, top_k=3, sample=np.array([2, 40]), quantile_k=2, seed=2)
-    plain, sparse = act.LayerSelection(range(n), **args), act.LayerSelection(range(n), nonnegative=True, **args)
+    token_ids = torch.tensor(rng.integers(0, 30, (n_windows, t)))
+    args = dict(window_tokens=t, top_k=3, sample=np.array([2, 40]), quantile_k=2, seed=2, token_vocab=np.arange(30))
+    plain, silent_written, entries = (act.LayerSelection(range(n), nonnegative=nonneg, **args)
+                                      for nonneg in (False, True, True))
     for b, b0 in enumerate(range(0, n_windows, batch)):
         if b == 2:
-            plain.end_pilot(), sparse.end_pilot()
+            for sel in (plain, silent_written, entries):
+                sel.end_pilot()
         index = torch.arange(b0, b0 + batch)
-        for sel in (plain, sparse):
-            sel.update(x[index], torch.ones(batch, t, dtype=torch.bool), index)
-    for sel in (plain, sparse):
+        mask = torch.ones(batch, t, dtype=torch.bool)
+        mask[1, t - 1] = False  # a window one token short: its last position is padding
+        real = torch.where(mask[..., None], x[index], 0.0)
+        for sel in (plain, silent_written):
+            sel.update(real, mask, index, token_ids[index])
+        window, position, unit = x[index].nonzero(as_tuple=True)  # with the entries at the padding position
+        entries.update(SparseActivations(window, position, unit, x[index][window, position, unit], batch, t, n),
+                       mask, index, token_ids[index])
+    for sel in (plain, silent_written, entries):
         sel.finalize()
     assert (plain.q_window >= 0).sum() > n  # silent windows were sampled: the path under test ran
-    for name in ("top_max", "top_window", "top_acts", "sample_acts", "q_window", "q_acts", "q_seen", "sum", "max"):
-        assert torch.equal(getattr(plain, name), getattr(sparse, name)), name
+    for other in (silent_written, entries):
+        for name in ("top_max", "top_window", "top_acts", "sample_acts", "q_window", "q_acts", "q_seen", "max",
+                     "token_count"):
+            assert torch.equal(getattr(plain, name), getattr(other, name)), name
+        for name in ("sum", "sumsq", "token_sum"):
+            torch.testing.assert_close(getattr(plain, name), getattr(other, name), rtol=1e-6, atol=1e-5)
+        assert other.count == plain.count
+    assert torch.equal(plain.sum, silent_written.sum)

@@ -365,6 +365,31 @@ def test_describe_and_check_fits(tmp_path):
         threshold=None).describe()
 
 
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu", "topk"])
+def test_sparse_entries_are_the_nonzero_latents(tmp_path, monkeypatch, architecture):
+    """`encode_sparse` (what the extraction reads) gives exactly the nonzero activations of the independent
+    recomputation, at their (window, position, latent), for all latents and for a chosen few (TopK choosing among all
+    of them first), across chunks of rows and with the chunk buffer reused from call to call."""
+    w = _weights(seed=15)
+    keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
+    cfg = v6_cfg("topk", k=4) if architecture == "topk" else v6_cfg(architecture) if architecture == "jumprelu" \
+        else old_cfg()
+    sae = load_dictionary(write_saelens(tmp_path / "sae", cfg, w, keys=keys))
+    pre = ref_pre(_inputs(shape=(4, 7)), w)
+    want = {"relu": ref_relu(pre), "jumprelu": ref_jumprelu(pre, w["threshold"]),
+            "topk": ref_topk(pre, 4)}[architecture]
+    x = torch.from_numpy(_inputs(shape=(4, 7)))
+    monkeypatch.setattr(dictionaries, "_CHUNK_ELEMENTS", N * 5)  # five rows at a time: 28 rows in 6 chunks
+    chosen = [17, 3, 30, 8]
+    for latents, expected in ((None, want), (chosen, want[..., chosen])):
+        for _ in range(2):  # the second call reuses the buffer the first one left
+            got = sae.encode_sparse(x, latents)
+            assert (got.batch, got.positions, got.units) == expected.shape
+            assert len(got.value) == (expected > 0).sum() and (got.value > 0).all()
+            close(got.dense(), expected)
+            np.testing.assert_array_equal(got.dense().numpy() > 0, expected > 0)
+
+
 def test_weights_move_once_per_device_and_rows_are_chunked(tmp_path, monkeypatch):
     w = _weights(seed=14)
     sae = load_dictionary(write_saelens(tmp_path / "sae", v6_cfg("topk", k=3), w))

@@ -38,7 +38,8 @@ class Check(NamedTuple):
 
 def top_windows_ordered(records: pl.DataFrame) -> Check:
     """Per unit, `top` rows have ranks 0..k-1 and non-increasing max activation."""
-    top = records.filter(pl.col("kind") == TOP).select("neuron", "rank", "max_activation").sort(["neuron", "rank"])
+    top = (records.select("kind", "neuron", "rank", "max_activation")  # narrow first: a filter copies what it keeps
+           .filter(pl.col("kind") == TOP).sort(["neuron", "rank"]))
     bad = (top.group_by("neuron", maintain_order=True)
            .agg(((pl.col("rank") != pl.int_range(pl.len())).any() | (pl.col("max_activation").diff() > 0).any())
                 .alias("bad"))
@@ -54,7 +55,7 @@ def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_
     got: dict[int, dict[str, int]] = {}
     for n, k, c in counts.iter_rows():
         got.setdefault(int(n), {})[k] = int(c)
-    dead = [n for n in neurons if got.get(n, {}).get(DEAD)]
+    dead = {n for n in neurons if got.get(n, {}).get(DEAD)}
     missing = [n for n in neurons if (got.get(n) != {DEAD: 1} if n in dead else
                                       not 1 <= got.get(n, {}).get(TOP, 0) <= top_k
                                       or got.get(n, {}).get(RANDOM, 0) != random_k)]

@@ -11,6 +11,9 @@
 - optionally (`token_table=True`), per token id of the corpus, the count of its occurrences and the running sum of
   each selected neuron's activation on it: the token lookup table behind the `baseline_lookup` score.
 
+Dense units (MLP neurons) are given to the selection as [batch, tokens, units] blocks; sparse ones (dictionary
+latents) as their nonzero entries (`SparseActivations`), so a batch costs what fires in it, not tokens × latents.
+
 Selection is streaming and vectorized: memory is O(layers × neurons × (top_k + random_k) × window), independent of
 the corpus length; the token table adds O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons).
 Kept activations are stored exactly, as float32.
@@ -35,6 +38,7 @@ from ndx_pipeline.core.contract import (
     describe_ids,
     quantile_kind,
 )
+from ndx_pipeline.core.data.dictionaries import SparseActivations
 from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
@@ -117,11 +121,13 @@ class LayerSelection:
             self.token_sum = torch.zeros((len(vocab), self.read_width), dtype=torch.float64, device=device)
 
     def update(self, acts, mask, window_index, token_ids=None) -> None:
-        """acts: [B, T, units] (any float dtype), the units' activations in `ids` order (mirrored: the first half's);
-        mask: [B, T] bool; window_index: [B] long; token_ids: [B, T] long, the window's token ids (needed only for the
-        token table)."""
+        """acts: [B, T, units] (any float dtype), the units' activations in `ids` order (mirrored: the first half's),
+        or for nonnegative units their nonzero entries (`SparseActivations`, positions < T); mask: [B, T] bool;
+        window_index: [B] long; token_ids: [B, T] long, the window's token ids (needed only for the token table)."""
         import torch
 
+        if isinstance(acts, SparseActivations):
+            return self._update_sparse(acts, mask, window_index, token_ids)
         a = acts.float()
         padded = ~mask.all(dim=1)  # [B] windows shorter than the window width
         if bool(padded.any()):
@@ -129,11 +135,7 @@ class LayerSelection:
         if self.token_vocab is not None:
             if token_ids is None:
                 raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
-            ids = token_ids[mask]
-            rows = self.token_row[ids.clamp(0, len(self.token_row) - 1)]
-            rows = torch.where(ids < len(self.token_row), rows, torch.full_like(rows, -1))
-            if bool((rows < 0).any()):
-                raise ValueError("a window holds a token id missing from the token table's vocabulary.")
+            rows = self._token_rows(token_ids[mask])
             self.token_count.index_add_(0, rows, torch.ones_like(rows))
             self.token_sum.index_add_(0, rows, a[mask].double())
         self.count += int(mask.sum())
@@ -152,20 +154,15 @@ class LayerSelection:
             short_acts, short_pad = a[short], ~mask[short][..., None]
             per_window_max[short] = short_acts.masked_fill(short_pad, float("-inf")).amax(dim=1)
         if self.mirrored:
-            per_window_min = a.amin(dim=1)
+            per_window_min = a.amin(dim=1)  # (aminmax, one op for both, is 4x slower on CPU)
             if len(short):
                 per_window_min[short] = short_acts.masked_fill(short_pad, float("inf")).amin(dim=1)
             total, squares = torch.cat([total, -total]), torch.cat([squares, squares])
             per_window_max = torch.cat([per_window_max, -per_window_min], dim=1)
         self.sum += total
         self.sumsq += squares
-        per_window_max = per_window_max.T  # [n, B]
-        self.max = torch.maximum(self.max, per_window_max.amax(dim=1))
         self._by_unit = None  # the batch transposed, made by `_columns` when it is worth it
-        if self.quantile_k:
-            self._quantile_update(a, per_window_max, window_index)
-
-        self._top_k_update(a, per_window_max, window_index)
+        self._select(a, per_window_max.T, window_index)
         self._by_unit = None
 
         for b, w in enumerate(window_index.tolist()):
@@ -174,6 +171,70 @@ class LayerSelection:
                 self.sample_acts[: self.read_width, slot, :] = a[b].T
                 if self.mirrored:
                     self.sample_acts[self.read_width :, slot, :] = -a[b].T
+
+    def _select(self, a, per_window_max, window_index) -> None:
+        """The batch's windows into each unit's max, quantile samples and top k; per_window_max: [units, B]."""
+        import torch
+
+        self.max = torch.maximum(self.max, per_window_max.amax(dim=1))
+        if self.quantile_k:
+            self._quantile_update(a, per_window_max, window_index)
+        self._top_k_update(a, per_window_max, window_index)
+
+    def _update_sparse(self, s: SparseActivations, mask, window_index, token_ids) -> None:
+        """`update` for units given as their nonzero entries (nonnegative units: a unit is 0 wherever it has no
+        entry). Moments, token sums and per-window maxima are sums and maxima over the entries alone; only the
+        windows that enter a unit's kept sets have their activations written out (`_sparse_columns`)."""
+        import torch
+
+        if self.mirrored or not self.nonnegative:
+            raise ValueError("sparse activations are read for nonnegative, unmirrored units only.")
+        s = s.only(mask[s.window, s.position])  # entries at real tokens only
+        n, value = self.read_width, s.value.float()
+        if self.token_vocab is not None:
+            if token_ids is None:
+                raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
+            rows = self._token_rows(token_ids[mask])
+            self.token_count.index_add_(0, rows, torch.ones_like(rows))
+            entry_rows = self._token_rows(token_ids[s.window, s.position])
+            self.token_sum.view(-1).index_add_(0, entry_rows * n + s.unit, value.double())
+        self.count += int(mask.sum())
+        self.sum.index_add_(0, s.unit, value.double())
+        self.sumsq.index_add_(0, s.unit, (value * value).double())
+        per_window_max = torch.zeros(s.batch * n, dtype=value.dtype, device=value.device)
+        per_window_max.scatter_reduce_(0, s.window * n + s.unit, value, reduce="amax")
+        self._select(s, per_window_max.view(s.batch, n).T, window_index)
+        for b, w in enumerate(window_index.tolist()):
+            slot = self.sample_slot.get(w)
+            if slot is not None:
+                here = s.window == b
+                self.sample_acts[s.unit[here], slot, s.position[here]] = value[here]
+
+    def _token_rows(self, ids):
+        """The token table's rows of token ids `ids`."""
+        import torch
+
+        rows = self.token_row[ids.clamp(0, len(self.token_row) - 1)]
+        rows = torch.where(ids < len(self.token_row), rows, torch.full_like(rows, -1))
+        if bool((rows < 0).any()):
+            raise ValueError("a window holds a token id missing from the token table's vocabulary.")
+        return rows
+
+    def _sparse_columns(self, s: SparseActivations, b, unit):
+        """The activations [len(b), T] of units `unit` in windows `b` of the batch, from its entries."""
+        import torch
+
+        width = self.top_acts.shape[-1]
+        if not len(b) or not len(s.value):
+            return torch.zeros((len(b), width), dtype=torch.float32, device=s.value.device)
+        # each entry's (window, unit) pair looked up among the distinct requested pairs (sorted)
+        key, inverse = torch.unique(b * s.units + unit, return_inverse=True)
+        entry_key = s.window * s.units + s.unit
+        at = torch.searchsorted(key, entry_key).clamp_max(len(key) - 1)
+        hit = key[at] == entry_key
+        found = torch.zeros((len(key), width), dtype=torch.float32, device=s.value.device)
+        found[at[hit], s.position[hit]] = s.value[hit].float()
+        return found[inverse]
 
     def _columns(self, a, b, unit, maxima=None):
         """The activations [len(b), T] of units `unit` in windows `b` of the batch (a mirrored unit of the second half
@@ -185,6 +246,8 @@ class LayerSelection:
         whole: 3× faster per column, and one transpose serves the top-k and the quantile samples of the batch."""
         import torch
 
+        if isinstance(a, SparseActivations):
+            return self._sparse_columns(a, b, unit)
         if self.nonnegative and maxima is not None:
             silent = maxima <= 0
             if bool(silent.any()):
@@ -269,14 +332,14 @@ class LayerSelection:
         # the reservoir count of each window's bucket when that window arrives (windows in batch order)
         seen = self.q_seen.gather(1, bucket) + onehot.cumsum(dim=1).gather(2, bucket[..., None]).squeeze(2)
         self.q_seen += onehot.sum(dim=1)
-        draw = (torch.rand((n, n_b), generator=self.q_rng, device=a.device) * seen).long()
+        draw = (torch.rand((n, n_b), generator=self.q_rng, device=per_window_max.device) * seen).long()
         slot = torch.where(seen <= k, seen - 1, draw)  # reservoir: fill, then replace with probability k/seen
         neuron, b = (slot < k).nonzero(as_tuple=True)
         if not len(neuron):
             return
         target = (neuron * buckets + bucket[neuron, b]) * k + slot[neuron, b]
         # two windows of one batch aimed at one slot: the later one wins, as if they had come one by one
-        last = torch.full((n * buckets * k,), -1, dtype=torch.long, device=a.device)
+        last = torch.full((n * buckets * k,), -1, dtype=torch.long, device=per_window_max.device)
         last.scatter_reduce_(0, target, b, reduce="amax")
         keep = last[target] == b
         neuron, b, target = neuron[keep], b[keep], target[keep]
@@ -416,11 +479,10 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
 
     def consumer(layer):
         def consume(hooked):
-            x = unit_sets[layer].read(hooked)
-            if x.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
-                x = x.view(state["batch"], -1, x.shape[-1])
-            x = x[:, state["lo"] : state["hi"], :]
-            if state["pad"]:
+            if hooked.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
+                hooked = hooked.view(state["batch"], -1, hooked.shape[-1])
+            x = unit_sets[layer].read(hooked[:, state["lo"] : state["hi"], :])
+            if state["pad"] and not isinstance(x, SparseActivations):
                 x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
             selections[layer].update(x, state["mask"], state["window_index"], state["token_ids"])
             if layer == deepest:
@@ -488,11 +550,11 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     mean, var, mx = selection.moments()
     ids = np.asarray(selection.ids, dtype=np.int64)
     fired = selection.fired()
-    blocks = []  # (unit positions, kind, ranks, windows, activations [rows, T])
+    blocks = []  # (unit positions, kind, ranks, windows, where the activations are: (array [units, ranks, T], u, r))
 
     def block(kind, keep, windows_of, acts_of):
         u, r = np.nonzero(keep & fired[:, None])
-        blocks.append((u, kind, r, windows_of[u, r], acts_of[u, r]))
+        blocks.append((u, kind, r, windows_of[u, r], (acts_of, u, r)))
 
     top_window = selection.top_window.cpu().numpy()
     # a top row only where the unit fired in the window: a sparse latent seen in 3 windows has 3 top rows, not 3 and
@@ -506,13 +568,24 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         for bucket in range(q_windows.shape[1]):
             block(quantile_kind(bucket), q_windows[:, bucket] >= 0, q_windows[:, bucket], q_acts[:, bucket])
     dead = np.nonzero(~fired)[0]  # a unit that never fired: one row, no window (-1), no activations
-    blocks.append((dead, DEAD, np.zeros(len(dead), dtype=np.int64), np.full(len(dead), -1),
-                   np.zeros((len(dead), windows.window_tokens), dtype=np.float32)))
+    blocks.append((dead, DEAD, np.zeros(len(dead), dtype=np.int64), np.full(len(dead), -1), None))
     unit = np.concatenate([b[0] for b in blocks])
     order = np.argsort(unit, kind="stable")  # per unit: top, random, quantile buckets, each by rank (or its dead row)
     unit = unit[order]
     window = np.concatenate([b[3] for b in blocks])[order].astype(np.int64)
-    acts = np.concatenate([b[4] for b in blocks])[order].astype(np.float32, copy=False)
+    # each block's activations copied once, straight to their rows (a dead row's stay 0)
+    row_of = np.empty_like(order)
+    row_of[order] = np.arange(len(order))
+    acts = np.empty((len(order), windows.window_tokens), dtype=np.float32)
+    start = 0
+    for u, *_, source in blocks:
+        rows = row_of[start : start + len(u)]
+        if source is None:
+            acts[rows] = 0.0
+        else:
+            acts_of, u, r = source
+            acts[rows] = acts_of[u, r]
+        start += len(rows)
     is_dead = window < 0
     seen = np.where(is_dead, 0, window)  # a dead row reads window 0, masked to null below
     length = np.where(is_dead, 0, windows.length[seen]).astype(np.int64)

@@ -72,6 +72,33 @@ _SAELENS_TRAINING_ONLY = ("batchtopk", "matryoshka_batchtopk")
 _SPARSIFY_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(\.mlp)?$")
 _SPARSIFY_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 
+
+@dataclass
+class SparseActivations:
+    """A batch of latent activations as its nonzero entries: entry i is unit `unit[i]` (a column of the unit set)
+    firing `value[i]` (> 0) at position `position[i]` of window `window[i]` of the batch; every other activation of
+    the [batch, positions, units] block is 0."""
+
+    window: torch.Tensor  # [E] long
+    position: torch.Tensor  # [E] long
+    unit: torch.Tensor  # [E] long
+    value: torch.Tensor  # [E] float32
+    batch: int
+    positions: int
+    units: int
+
+    def dense(self) -> torch.Tensor:
+        """The [batch, positions, units] block."""
+        out = torch.zeros((self.batch, self.positions, self.units), dtype=self.value.dtype, device=self.value.device)
+        out[self.window, self.position, self.unit] = self.value
+        return out
+
+    def only(self, keep: torch.Tensor) -> SparseActivations:
+        """The entries where `keep` [E] is set."""
+        return SparseActivations(self.window[keep], self.position[keep], self.unit[keep], self.value[keep],
+                                 self.batch, self.positions, self.units)
+
+
 # Largest pre-activation block (rows × latents) encoded at once; bounds memory for wide dictionaries.
 _CHUNK_ELEMENTS = 1 << 26
 
@@ -101,6 +128,7 @@ class Dictionary:
     input_norm: str = "none"
     model: str | None = None  # the model the file says it was trained on, if it says
     _on_device: dict = field(default_factory=dict, init=False, repr=False)
+    _scratch: dict = field(default_factory=dict, init=False, repr=False)  # device → reused block (`_buffer`)
 
     def _weights(self, device: torch.device):
         """The encoder tensors on `device`, moved there once and kept."""
@@ -128,38 +156,91 @@ class Dictionary:
     def encode(self, h: torch.Tensor, latents=None) -> torch.Tensor:
         """Latent activations of `h` [..., d_in] as float32 [..., n_latents], or only the columns `latents`, in
         that order. TopK selects among all latents before the columns are taken."""
+        self._check_width(h)
+        cols = self._columns(latents, h.device)
+        lead = h.shape[:-1]
+        width = self.n_latents if cols is None else len(cols)
+        out = torch.empty((math.prod(lead), width), dtype=torch.float32, device=h.device)
+        for start, pre, top in self._fired(h.reshape(-1, self.d_in), cols):
+            target = out[start:start + len(pre)]
+            if top is None:  # ReLU / JumpReLU: `pre` holds the requested columns' activations
+                target.copy_(pre)
+            elif cols is None:
+                target.zero_().scatter_(-1, top[1], top[0])
+            else:
+                target.copy_(torch.zeros_like(pre).scatter_(-1, top[1], top[0])[:, cols])
+        return out.reshape(*lead, width)
+
+    def encode_sparse(self, h: torch.Tensor, latents=None) -> SparseActivations:
+        """The nonzero latent activations of `h` [batch, positions, d_in], as entries (see `SparseActivations`):
+        what `encode` returns, without its zeros. A TopK dictionary never makes the dense [tokens, latents] block
+        of its output; a ReLU / JumpReLU one computes its pre-activations in a reused buffer and keeps what fired."""
+        self._check_width(h)
+        cols = self._columns(latents, h.device)
+        batch, positions = h.shape[0], h.shape[1]
+        width = self.n_latents if cols is None else len(cols)
+        position_of = None  # latent → its column among `latents` (-1: not requested), for TopK over a subset
+        if cols is not None and self.architecture == "topk":
+            position_of = torch.full((self.n_latents,), -1, dtype=torch.long, device=h.device)
+            position_of[cols] = torch.arange(len(cols), device=h.device)
+        tokens, units, values = [], [], []
+        for start, pre, top in self._fired(h.reshape(-1, self.d_in), cols, reuse=True):
+            if top is None:
+                row, unit = pre.nonzero(as_tuple=True)
+                value = pre[row, unit]
+            else:
+                row = torch.arange(len(pre), device=h.device)[:, None].expand_as(top[1]).reshape(-1)
+                unit, value = top[1].reshape(-1), top[0].reshape(-1)
+                keep = value > 0
+                if position_of is not None:
+                    unit = position_of[unit]
+                    keep &= unit >= 0
+                row, unit, value = row[keep], unit[keep], value[keep]
+            tokens.append(row + start)
+            units.append(unit)
+            values.append(value)
+        token = torch.cat(tokens)
+        return SparseActivations(token // positions, token % positions, torch.cat(units), torch.cat(values),
+                                 batch, positions, width)
+
+    def _check_width(self, h: torch.Tensor) -> None:
         if h.shape[-1] != self.d_in:
             raise NdxInputError(f"dictionary {self.path} reads {self.d_in}-wide activations but was given "
                                 f"{h.shape[-1]}-wide ones.")
-        W_enc, b_enc, b_dec_in, threshold = self._weights(h.device)
-        cols = self._columns(latents, h.device)
-        lead = h.shape[:-1]
-        x = h.reshape(-1, self.d_in)
-        width = self.n_latents if cols is None else len(cols)
-        out = torch.empty((x.shape[0], width), dtype=torch.float32, device=h.device)
-        # TopK needs every pre-activation; ReLU and JumpReLU only the requested columns.
-        if cols is not None and self.architecture != "topk":
+
+    def _fired(self, x: torch.Tensor, cols, reuse: bool = False):
+        """Chunks of rows of `x` [tokens, d_in]: (first row, activations, None) for ReLU / JumpReLU (the columns
+        `cols`, or all), or (first row, pre-activations, their k largest passed through relu) for TopK (which selects
+        among every latent), as (values, indices). `reuse`: the chunk's block is a buffer kept for the next call
+        (read it before then)."""
+        W_enc, b_enc, b_dec_in, threshold = self._weights(x.device)
+        if cols is not None and self.architecture != "topk":  # ReLU and JumpReLU need only the requested columns
             W_enc, b_enc = W_enc[:, cols], b_enc[cols]
             threshold = None if threshold is None else threshold[cols]
         rows = max(1, _CHUNK_ELEMENTS // max(1, W_enc.shape[1]))
         with torch.no_grad():
             for start in range(0, x.shape[0], rows):
                 chunk = self._normalize(x[start:start + rows].to(torch.float32)) - b_dec_in
-                target = out[start:start + rows]  # written in place: no second copy of a chunk of latents
-                if self.architecture != "topk":
-                    pre = torch.addmm(b_enc, chunk, W_enc, out=target)
-                    above = pre > threshold if self.architecture == "jumprelu" else None
-                    pre.relu_()
-                    if above is not None:
-                        pre.mul_(above)
+                shape = (len(chunk), W_enc.shape[1])
+                pre = torch.addmm(b_enc, chunk, W_enc, out=self._buffer(shape, x.device) if reuse else None)
+                if self.architecture == "topk":
+                    top = pre.topk(self.k, dim=-1, sorted=False)
+                    yield start, pre, (top.values.relu_(), top.indices)
                     continue
-                pre = torch.addmm(b_enc, chunk, W_enc)
-                top = pre.topk(self.k, dim=-1, sorted=False)
-                if cols is None:
-                    target.zero_().scatter_(-1, top.indices, torch.relu(top.values))
-                else:
-                    target.copy_(torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))[:, cols])
-        return out.reshape(*lead, width)
+                above = pre > threshold if self.architecture == "jumprelu" else None
+                pre.relu_()
+                if above is not None:
+                    pre.mul_(above)
+                yield start, pre, None
+
+    def _buffer(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """A float32 block of `shape`, the same memory on every call (the largest asked for so far): a fresh block of
+        pre-activations per batch would be fresh pages for the allocator to map and zero each time."""
+        key = str(device)
+        held = self._scratch.get(key)
+        if held is None or held.numel() < shape[0] * shape[1]:
+            held = self._scratch[key] = torch.empty(shape[0] * shape[1], dtype=torch.float32, device=device)
+        return held[: shape[0] * shape[1]].view(shape)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_norm == "layer_norm":

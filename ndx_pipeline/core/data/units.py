@@ -63,7 +63,8 @@ class UnitSet(ABC):
         """[..., width] activations at the hook → [..., len(ids)] activations of the units, in `ids` order."""
 
     def read(self, hooked):
-        """What the streaming selection is given: `encode`, or for a mirrored set the first half of it."""
+        """What the streaming selection is given ([batch, positions, width] hooked activations): `encode`, or for a
+        mirrored set the first half of it, or the nonzero entries of a sparse set (`SparseActivations`)."""
         return self.encode(hooked)
 
     def describe(self) -> dict:
@@ -143,6 +144,11 @@ class DictionaryLatents(UnitSet):
 
     def encode(self, hooked):
         return self.dictionary.encode(hooked, None if self._all else self.ids)
+
+    def read(self, hooked):
+        """The latents' nonzero activations (`SparseActivations`; `hooked` is [batch, positions, width]): a latent
+        fires at few tokens, so the selection works on those entries, never on a dense [.., latents] block."""
+        return self.dictionary.encode_sparse(hooked, None if self._all else self.ids)
 
     def source(self) -> str:
         return self.dictionary.describe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,11 +81,13 @@ def tokenize_windows(tokenizer, doc_ids: list[str], texts: list[str], window_tok
 
 
 class TokenTexts:
-    """`tokenizer.decode([id])` for each id, memoized (the contract's `tokens` column)."""
+    """`tokenizer.decode([id])` for each id, memoized (the contract's `tokens` column); callable from several threads
+    (layers' records are built two at a time): the tokenizer is called under a lock."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, ids) -> list[str]:
         out = []
@@ -92,6 +95,7 @@ class TokenTexts:
             i = int(i)
             s = self._cache.get(i)
             if s is None:
-                s = self._cache[i] = self.tokenizer.decode([i])
+                with self._lock:
+                    s = self._cache[i] = self.tokenizer.decode([i])
             out.append(s)
         return out

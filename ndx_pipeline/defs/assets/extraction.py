@@ -16,6 +16,7 @@ from ndx_pipeline.defs.materialize import (
     SINGLE_RUN,
     SUBJECT_MODEL_POOL,
     Outputs,
+    ahead,
     bad_input_fails_the_run,
     layers_of,
     read,
@@ -76,21 +77,30 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     stats = extraction.stats
     random_k = min(selection.random_k, stats.windows)
     written = Progress("activation records written", len(extraction.layers), context.log.info, unit="layers")
-    for layer, found in extraction.layers.items():
-        out.write(c.ACTIVATION_RECORDS, found.records, layer, neurons=len(found.units),
-                  units=found.description, dead_units=found.dead,
-                  tokens_processed=stats.tokens, windows=stats.windows,
-                  tokens_per_second=round(stats.tokens_per_second, 1),
-                  wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
-                  device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
-        out.check(c.ACTIVATION_RECORDS, "top_windows_ordered", layer, validation.top_windows_ordered(found.records))
-        out.check(c.ACTIVATION_RECORDS, "record_counts", layer,
-                  validation.record_counts(found.records, found.units, selection.top_k, random_k))
-        out.write(c.TOKEN_TABLE, found.token_table, layer, counted=counted,
-                  distinct_tokens=found.token_table["token"].n_unique())
-        out.check(c.TOKEN_TABLE, "token_table_complete", layer,
-                  validation.token_table_complete(found.token_table, found.records, counted))
-        found.release()  # one layer's rows in memory at a time
+
+    def build_and_write(item):  # on a worker thread: files and checks, nothing reported
+        layer, found = item
+        records, table = found.records, found.token_table
+        done = {"records": out.write_file(c.ACTIVATION_RECORDS, records, layer),
+                "table": out.write_file(c.TOKEN_TABLE, table, layer),
+                "top_windows_ordered": validation.top_windows_ordered(records),
+                "record_counts": validation.record_counts(records, found.units, selection.top_k, random_k),
+                "token_table_complete": validation.token_table_complete(table, records, counted),
+                "distinct_tokens": table["token"].n_unique()}
+        found.release()  # a layer's rows are in memory only while its files are written
+        return done
+
+    for (layer, found), done in ahead(extraction.layers.items(), build_and_write):
+        out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=len(found.units),
+                    units=found.description, dead_units=found.dead,
+                    tokens_processed=stats.tokens, windows=stats.windows,
+                    tokens_per_second=round(stats.tokens_per_second, 1),
+                    wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
+                    device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
+        for check in ("top_windows_ordered", "record_counts"):
+            out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
+        out.written(c.TOKEN_TABLE, layer, done["table"], counted=counted, distinct_tokens=done["distinct_tokens"])
+        out.check(c.TOKEN_TABLE, "token_table_complete", layer, done["token_table_complete"])
         written.advance()
     yield from out.results(c.ACTIVATION_RECORDS, c.TOKEN_TABLE)
 
@@ -104,20 +114,29 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
 def top_excerpts(context: dg.AssetExecutionContext, selection: SelectionResource, quality: QualityResource,
                  storage: StorageResource):
     out = Outputs(context, storage.path())
-    for layer in layers_of(context):
+
+    def split_and_write(layer):  # on a worker thread: the file and its checks, nothing reported
         records = read(storage.path(), c.ACTIVATION_RECORDS, layer)
         with bad_input_fails_the_run():
             frame = stages.top_excerpts(
                 records, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts,
                 quality.checked().calibration_top_excerpts, quality.calibration_random_excerpts)
-        fired = records.filter(pl.col("kind") != c.DEAD)["neuron"].n_unique()
-        sparse = fired - frame["neuron"].n_unique()
+        units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
+        return {"file": out.write_file(c.TOP_EXCERPTS, frame, layer),
+                "fired": units.filter(pl.col("kind") != c.DEAD)["neuron"].n_unique(),
+                "dead": units.filter(pl.col("kind") == c.DEAD).height, "neurons": frame["neuron"].n_unique(),
+                "splits_disjoint": validation.splits_disjoint(frame),
+                "excerpt_counts": validation.excerpt_counts(frame, selection.explain_excerpts,
+                                                            selection.score_top_excerpts,
+                                                            selection.score_random_excerpts)}
+
+    for layer, done in ahead(layers_of(context), split_and_write):
+        sparse = done["fired"] - done["neurons"]
         if sparse:
-            context.log.info(f"layer {layer}: {sparse} of {fired} units that fired did so in too few windows to fill "
-                             "the explain and score splits: left out")
-        out.write(c.TOP_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique(), too_sparse_units=sparse,
-                  dead_units=records.filter(pl.col("kind") == c.DEAD).height)
-        out.check(c.TOP_EXCERPTS, "splits_disjoint", layer, validation.splits_disjoint(frame))
-        out.check(c.TOP_EXCERPTS, "excerpt_counts", layer, validation.excerpt_counts(
-            frame, selection.explain_excerpts, selection.score_top_excerpts, selection.score_random_excerpts))
+            context.log.info(f"layer {layer}: {sparse} of {done['fired']} units that fired did so in too few windows "
+                             "to fill the explain and score splits: left out")
+        out.written(c.TOP_EXCERPTS, layer, done["file"], neurons=done["neurons"], too_sparse_units=sparse,
+                    dead_units=done["dead"])
+        for check in ("splits_disjoint", "excerpt_counts"):
+            out.check(c.TOP_EXCERPTS, check, layer, done[check])
     return out.result(c.TOP_EXCERPTS)
