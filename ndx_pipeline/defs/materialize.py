@@ -1,6 +1,7 @@
 """What every asset body shares: the layers of its run, turning a bad input into one clear run failure, reading
 upstream files, and writing its outputs — atomically, with per-layer metadata, check results, and a data version
-that hashes the bytes written (an unchanged output keeps its children fresh).
+that hashes the bytes written (an unchanged output keeps its children fresh); `ahead` builds and writes the next
+layers' files on worker threads while one layer is reported.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def ahead(items: Iterable[T], prepare: Callable[[T], R], depth: int = LAYERS_AHE
     next ones are built and written. Building frames and writing Parquet run in numpy, polars and Arrow outside the
     GIL, and one layer's single-threaded steps leave the second core idle: measured, 4 layers of a whole-model
     extraction's records and excerpts took 5.6 s one after the other, 4.3-4.6 s two at a time. An error in
-    `prepare` is raised here, at its item; the items after it are not prepared."""
+    `prepare` is raised here, at its item: the items after it are not yielded, and of them only those already in
+    flight (fewer than `depth`) were started."""
     items = iter(items)
     with ThreadPoolExecutor(max_workers=depth) as pool:
         flight: deque = deque()
