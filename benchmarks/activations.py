@@ -293,6 +293,18 @@ def dict_rss_child(args) -> None:
     print(json.dumps({"tokens": args.dict_rss_child, "before_mib": baseline, "peak_rss_mib": peak_rss_mib()}))
 
 
+def between_forwards(out: dict, name: str, forward, work):
+    """work() between two timings of its bare forward; their mean goes to out[name + "_forward_s"] (each to
+    `_before_s`, `_after_s`): on a shared machine the forward's own speed drifts by 10-20 % within minutes, and a
+    drift then falls on both sides of the ratio alike."""
+    before = forward()
+    done = work()
+    after = forward()
+    out[f"{name}_forward_s"] = (before + after) / 2
+    out[f"{name}_forward_before_s"], out[f"{name}_forward_after_s"] = before, after
+    return done
+
+
 def materializations(args, model, tok) -> dict:
     """(d) whole model, both signs, and (e) the dictionary, each against its bare forward; (e) RSS growth."""
     import tempfile
@@ -309,25 +321,21 @@ def materializations(args, model, tok) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = write_corpus(tmp / "corpus.jsonl", ids, texts)
-        # the bare forward before and after the materialization, averaged: on a shared machine the forward's own
-        # speed drifts by 10-20 % within minutes, and a drift then falls on both sides of the ratio alike
-        before = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
-        whole = materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"}, windows.total_tokens)
-        after = bare_forward(model, tok, windows, max(every_layer), args.batch_size)
-        out["whole_forward_s"] = (before + after) / 2
-        out["whole_forward_before_s"], out["whole_forward_after_s"] = before, after
+        whole = between_forwards(out, "whole", lambda: bare_forward(model, tok, windows, max(every_layer),
+                                                                     args.batch_size),
+                                 lambda: materialize(args, corpus, tmp / "whole", every_layer, {"units": "both"},
+                                                     windows.total_tokens))
         out["whole_materialize_s"], out["whole_parquet_mib"] = whole["seconds"], whole["bytes"] / 2**20
         out["whole_model_ratio"] = whole["seconds"] / out["whole_forward_s"]
         out["whole_peak_rss_mib"] = peak_rss_mib()  # this process so far: the model, (a)-(c) and (d)
         del whole
         folder = write_dictionary(tmp / "dictionaries", model, tok, windows, args.dict_layer)
         args.dictionary = str(folder)
-        before = bare_forward(model, tok, windows, args.dict_layer, args.batch_size, at_projection=False)
-        d = materialize(args, corpus, tmp / "dict", [args.dict_layer],
-                        {"units": "dictionary", "dictionary": str(folder)}, windows.total_tokens)
-        after = bare_forward(model, tok, windows, args.dict_layer, args.batch_size, at_projection=False)
-        out["dict_forward_s"] = (before + after) / 2
-        out["dict_forward_before_s"], out["dict_forward_after_s"] = before, after
+        d = between_forwards(out, "dict", lambda: bare_forward(model, tok, windows, args.dict_layer,
+                                                               args.batch_size, at_projection=False),
+                             lambda: materialize(args, corpus, tmp / "dict", [args.dict_layer],
+                                                 {"units": "dictionary", "dictionary": str(folder)},
+                                                 windows.total_tokens))
         out["dict_materialize_s"], out["dict_parquet_mib"] = d["seconds"], d["bytes"] / 2**20
         out["dict_ratio"] = d["seconds"] / out["dict_forward_s"]
         rss = {}

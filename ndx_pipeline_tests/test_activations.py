@@ -264,12 +264,11 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs():
     assert plain.count == mirrored.count and (mirrored.top_window >= 0).all()
 
 
-def test_a_nonnegative_selection_writes_the_silent_windows_it_does_not_read():
-    """Sparse nonnegative units (dictionary latents): the quantile samples of windows where a unit is silent are
-    written as zeros instead of read; every kept array equals the plain selection's, exactly. A selection given only
-    the nonzero entries (`SparseActivations`, as dictionary latents are read) keeps the same windows, activations,
-    samples and token table too (its moments summed in float64, the plain one's per batch in float32), and ignores
-    an entry at a padding position."""
+def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one():
+    """Sparse nonnegative units (dictionary latents): a nonnegative selection given the dense batch keeps exactly
+    what a plain one keeps, and one given only the nonzero entries (`SparseActivations`, as dictionary latents are
+    read) the same windows, activations, samples, quantile samples and token table too (its moments summed in
+    float64, the plain one's per batch in float32); it ignores an entry at a padding position."""
     from ndx_pipeline.core.data.dictionaries import SparseActivations
 
     rng = np.random.default_rng(4)

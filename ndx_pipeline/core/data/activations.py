@@ -77,8 +77,8 @@ class LayerSelection:
         mirrored: the second half of the units is the first half negated (`UnitSet.mirrored`); `update` is then
         given the first half's columns only and derives the rest (sum(-x) = -sum(x), max(-x) = -min(x)), so both
         signs of a neuron cost one pass over its activations, with results equal to selecting on [x, -x].
-        nonnegative: the units are never below 0 (`UnitSet.nonnegative`: dictionary latents), so a unit's activations
-        in a window where its max is 0 are all 0 and are written, not read (a sparse latent is 0 in most windows)."""
+        nonnegative: the units are never below 0 (`UnitSet.nonnegative`: dictionary latents); `update` may then be
+        given their nonzero entries alone (`SparseActivations`), a unit being 0 wherever it has none."""
         import torch
 
         self.ids = [int(u) for u in ids]
@@ -132,13 +132,9 @@ class LayerSelection:
         padded = ~mask.all(dim=1)  # [B] windows shorter than the window width
         if bool(padded.any()):
             a = a.masked_fill(~mask[..., None], 0.0)
-        if self.token_vocab is not None:
-            if token_ids is None:
-                raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
-            rows = self._token_rows(token_ids[mask])
-            self.token_count.index_add_(0, rows, torch.ones_like(rows))
+        rows = self._count_tokens(mask, token_ids)
+        if rows is not None:
             self.token_sum.index_add_(0, rows, a[mask].double())
-        self.count += int(mask.sum())
         # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64; one window at a
         # time, so its square stays in cache (on CPU, one reduction over both dims of the strided [B, T, units] view is
         # 30× slower, and squaring the whole batch first 3-4×)
@@ -165,12 +161,10 @@ class LayerSelection:
         self._select(a, per_window_max.T, window_index)
         self._by_unit = None
 
-        for b, w in enumerate(window_index.tolist()):
-            slot = self.sample_slot.get(w)
-            if slot is not None:
-                self.sample_acts[: self.read_width, slot, :] = a[b].T
-                if self.mirrored:
-                    self.sample_acts[self.read_width :, slot, :] = -a[b].T
+        for b, slot in self._sampled(window_index):
+            self.sample_acts[: self.read_width, slot, :] = a[b].T
+            if self.mirrored:
+                self.sample_acts[self.read_width :, slot, :] = -a[b].T
 
     def _select(self, a, per_window_max, window_index) -> None:
         """The batch's windows into each unit's max, quantile samples and top k; per_window_max: [units, B]."""
@@ -190,25 +184,39 @@ class LayerSelection:
         if self.mirrored or not self.nonnegative:
             raise ValueError("sparse activations are read for nonnegative, unmirrored units only.")
         s = s.only(mask[s.window, s.position])  # entries at real tokens only
-        n, value = self.read_width, s.value.float()
-        if self.token_vocab is not None:
-            if token_ids is None:
-                raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
-            rows = self._token_rows(token_ids[mask])
-            self.token_count.index_add_(0, rows, torch.ones_like(rows))
+        n, value = s.units, s.value
+        if self._count_tokens(mask, token_ids) is not None:
             entry_rows = self._token_rows(token_ids[s.window, s.position])
             self.token_sum.view(-1).index_add_(0, entry_rows * n + s.unit, value.double())
-        self.count += int(mask.sum())
         self.sum.index_add_(0, s.unit, value.double())
         self.sumsq.index_add_(0, s.unit, (value * value).double())
         per_window_max = torch.zeros(s.batch * n, dtype=value.dtype, device=value.device)
-        per_window_max.scatter_reduce_(0, s.window * n + s.unit, value, reduce="amax")
+        per_window_max.scatter_reduce_(0, s.cell, value, reduce="amax")
         self._select(s, per_window_max.view(s.batch, n).T, window_index)
+        for b, slot in self._sampled(window_index):
+            here = s.window == b
+            self.sample_acts[s.unit[here], slot, s.position[here]] = value[here]
+
+    def _count_tokens(self, mask, token_ids):
+        """Count the batch's real tokens and, with a token table, each token id's occurrences: the table's rows of
+        the real tokens (in `mask` order), for the caller's activation sums; None without a table."""
+        import torch
+
+        self.count += int(mask.sum())
+        if self.token_vocab is None:
+            return None
+        if token_ids is None:
+            raise ValueError("this selection keeps a token table: update() needs the windows' token ids.")
+        rows = self._token_rows(token_ids[mask])
+        self.token_count.index_add_(0, rows, torch.ones_like(rows))
+        return rows
+
+    def _sampled(self, window_index):
+        """(row in the batch, slot in the random sample) of each window of the batch that the sample holds."""
         for b, w in enumerate(window_index.tolist()):
             slot = self.sample_slot.get(w)
             if slot is not None:
-                here = s.window == b
-                self.sample_acts[s.unit[here], slot, s.position[here]] = value[here]
+                yield b, slot
 
     def _token_rows(self, ids):
         """The token table's rows of token ids `ids`."""
@@ -229,17 +237,15 @@ class LayerSelection:
             return torch.zeros((len(b), width), dtype=torch.float32, device=s.value.device)
         # each entry's (window, unit) pair looked up among the distinct requested pairs (sorted)
         key, inverse = torch.unique(b * s.units + unit, return_inverse=True)
-        entry_key = s.window * s.units + s.unit
-        at = torch.searchsorted(key, entry_key).clamp_max(len(key) - 1)
-        hit = key[at] == entry_key
+        at = torch.searchsorted(key, s.cell).clamp_max(len(key) - 1)
+        hit = key[at] == s.cell
         found = torch.zeros((len(key), width), dtype=torch.float32, device=s.value.device)
-        found[at[hit], s.position[hit]] = s.value[hit].float()
+        found[at[hit], s.position[hit]] = s.value[hit]
         return found[inverse]
 
-    def _columns(self, a, b, unit, maxima=None):
+    def _columns(self, a, b, unit):
         """The activations [len(b), T] of units `unit` in windows `b` of the batch (a mirrored unit of the second half
-        is its first-half column negated); `maxima`, the units' max in those windows, spares reading the all-zero
-        columns of nonnegative units.
+        is its first-half column negated; from a batch's nonzero entries, `_sparse_columns`).
 
         A unit's activations in a window are strided in `a` ([B, T, units]); for many columns at once (early in the
         pass, when most windows enter the kept sets) the batch is transposed once to [B, units, T] and rows are taken
@@ -248,13 +254,6 @@ class LayerSelection:
 
         if isinstance(a, SparseActivations):
             return self._sparse_columns(a, b, unit)
-        if self.nonnegative and maxima is not None:
-            silent = maxima <= 0
-            if bool(silent.any()):
-                out = torch.zeros((len(b), a.shape[1]), dtype=a.dtype, device=a.device)
-                if not bool(silent.all()):
-                    out[~silent] = self._columns(a, b[~silent], unit[~silent])
-                return out
         m = self.read_width
         negated = unit >= m if self.mirrored else None
         column = unit - m * negated if self.mirrored else unit
@@ -344,7 +343,7 @@ class LayerSelection:
         keep = last[target] == b
         neuron, b, target = neuron[keep], b[keep], target[keep]
         self.q_window.view(-1)[target] = window_index[b]
-        self.q_acts.view(-1, self.q_acts.shape[-1])[target] = self._columns(a, b, neuron, per_window_max[neuron, b])
+        self.q_acts.view(-1, self.q_acts.shape[-1])[target] = self._columns(a, b, neuron)
 
     def quantile_samples(self):
         """(windows [n, buckets, k] with -1 for empty slots, activations [n, buckets, k, T], boundaries [n, levels],

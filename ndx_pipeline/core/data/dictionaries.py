@@ -32,6 +32,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -92,6 +93,11 @@ class SparseActivations:
         out = torch.zeros((self.batch, self.positions, self.units), dtype=self.value.dtype, device=self.value.device)
         out[self.window, self.position, self.unit] = self.value
         return out
+
+    @cached_property
+    def cell(self) -> torch.Tensor:
+        """[E] each entry's (window, unit) cell, window × units + unit: its place among the batch's window maxima."""
+        return self.window * self.units + self.unit
 
     def only(self, keep: torch.Tensor) -> SparseActivations:
         """The entries where `keep` [E] is set."""
