@@ -71,9 +71,9 @@ def test_nightly_schedule_skips_when_nothing_is_stale():
 
     defs = build_definitions()
     with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
-                                        scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
-        result = nightly_rescore(ctx)
+        with dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
+                                       scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0)) as ctx:
+            result = nightly_rescore(ctx)
     assert isinstance(result, dg.SkipReason) and result.skip_message == "no stale layer"
     # the stale case runs on real materializations in test_incremental.py
 

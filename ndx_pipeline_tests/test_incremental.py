@@ -113,9 +113,11 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
 
     from ndx_pipeline.defs.automation import nightly_rescore
 
-    ctx = dg.build_schedule_context(instance=instance, repository_def=defs_b.get_repository_def(),
-                                    scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0))
-    requests = nightly_rescore(ctx)  # the nightly schedule re-scores exactly the stale layer
+    # closed here: the instance the schedule context opens would otherwise outlive this test's instance and stay
+    # Dagster's current defs-state storage, which a later definitions load in this process then fails to resolve
+    with dg.build_schedule_context(instance=instance, repository_def=defs_b.get_repository_def(),
+                                   scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0)) as ctx:
+        requests = nightly_rescore(ctx)  # the nightly schedule re-scores exactly the stale layer
     assert [(r.run_key, r.tags["dagster/asset_partition_range_start"]) for r in requests] == [
         ("rescore-20261123-0-0", "0")]
 
