@@ -77,7 +77,11 @@ RUN_TIMEOUT_S = 900
 def run_config(storage: Path, corpus: Path) -> dict:
     """Two neurons per layer, two scored excerpts each, 16-token windows, one explainer call per neuron and the
     lookup baseline only (the simulated baselines would double the simulator's work), no scorer beside simulation
-    (their steps still run on the workers; their files are written empty and compared all the same)."""
+    (their steps still run on the workers; their files are written empty and compared all the same).
+
+    The LLMs compute in float32, the exact path: the cluster's batches are not the in-process run's (the fault test
+    runs one layer against the reference's two, and the step rerun after the kill batches only what is left), and in
+    bfloat16 an explanation's wording can change with its batch's composition, and with it every request after it."""
     return {"resources": {
         "storage": {"config": {"storage_dir": str(storage)}},
         "corpus_source": {"config": {"path": str(corpus)}},
@@ -85,7 +89,8 @@ def run_config(storage: Path, corpus: Path) -> dict:
         "selection": {"config": {"neurons": NEURONS, "explain_excerpts": 2, "score_top_excerpts": 1,
                                  "score_random_excerpts": 1}},
         "quality": {"config": {"baselines": ["lookup"], "scorers": []}},
-        "explainer_llm": {"config": {"max_tokens": 16}},
+        "explainer_llm": {"config": {"max_tokens": 16, "dtype": "float32"}},
+        "simulator_llm": {"config": {"dtype": "float32"}},
     }}
 
 

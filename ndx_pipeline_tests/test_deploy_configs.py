@@ -30,7 +30,7 @@ DEPLOY = REPO / "deploy"
 PG_ENV = {"DAGSTER_PG_HOST": "db.internal", "DAGSTER_PG_PORT": "6543", "DAGSTER_PG_USER": "dagster",
           "DAGSTER_PG_PASSWORD": "not-in-any-file", "DAGSTER_PG_DB": "dagster"}
 IMAGE = "registry.example.com/ndx-pipeline:0.1.0"
-LAYER_STEPS = ["activation_records", "top_excerpts", "explanations", "simulations", "scores", "neuron_viewer"]
+LAYER_STEPS = ["activation_records", "explanations", "simulations", "scores", "neuron_viewer"]
 
 
 def _load(path: Path) -> dict:

@@ -149,10 +149,45 @@ def test_unchanged_output_keeps_children_fresh(settings, counters):
     run(defs, instance, selection=["corpus", "activation_records", "token_table", "top_excerpts", "explanations",
                                    "baseline_explanations", "calibration_simulations"])
     first = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
-    run(defs, instance, selection=["top_excerpts"])  # same input, same content
+    # same input, same content: split from the stored records, where the first run split the records in memory
+    run(defs, instance, selection=["top_excerpts"])
     second = instance.get_latest_materialization_event(dg.AssetKey("top_excerpts")).asset_materialization.tags
     assert first["dagster/data_version"] == second["dagster/data_version"]
+    assert counters["subject_model_loads"] == counters["extractions"] == 1  # alone, it ran no model
     assert statuses(instance, defs)["explanations"] == "FRESH"
+
+
+@pytest.mark.slow
+def test_extraction_step_writes_the_assets_selected(settings, counters, monkeypatch):
+    """activation_records, token_table and top_excerpts share a step: each run writes what it selected, and
+    top_excerpts is not split from records whose blocking check failed (as a blocking check stops later steps)."""
+    import ndx_pipeline.core.validation as validation
+
+    defs = build_definitions()
+    storage = settings / "storage"
+    with dg.instance_for_test() as instance:
+        run(defs, instance, selection=["corpus", "activation_records"])
+        assert [asset_path(storage, a, 0).exists() for a in ("activation_records", "token_table", "top_excerpts")] \
+            == [True, False, False]
+        assert materialized(instance) == {"corpus", "activation_records"}
+
+        monkeypatch.setattr(validation, "record_counts", lambda *a: (False, "made to fail", {}))
+        job = defs.resolve_job_def(MAIN_JOB)
+        result = job.execute_in_process(instance=instance, partition_key="0", raise_on_error=False,
+                                        asset_selection=[dg.AssetKey("activation_records"),
+                                                         dg.AssetKey("top_excerpts")])
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert failure.step_failure_data.user_failure_data.description == (
+            "top_excerpts not written for layer 0 (activation_records check record_counts failed)")
+        assert not asset_path(storage, "top_excerpts", 0).exists()
+        assert materialized(instance) == {"corpus", "activation_records"}
+        assert counters["extractions"] == 2
+
+
+def materialized(instance) -> set[str]:
+    return {k.to_user_string() for k in instance.get_asset_keys()
+            if instance.get_latest_materialization_event(k) is not None}
 
 
 def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):

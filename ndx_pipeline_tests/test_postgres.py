@@ -34,7 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PG_YAML = REPO / "deploy" / "postgres" / "dagster.yaml"
 LAYERS = ["0", "1", "2"]
-LAYER_ASSETS = ["activation_records", "token_table", "top_excerpts"]  # the extraction step writes the first two
+LAYER_ASSETS = ["activation_records", "token_table", "top_excerpts"]  # all three written by the extraction step
 NEURONS = [5, 9]
 PG_USER = "ndx_dagster"
 PG_DB = "ndx_dagster_test"

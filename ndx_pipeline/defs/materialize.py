@@ -20,7 +20,7 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, read_asset, write_parquet_atomic
 from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.defs.checks import CHECKS
-from ndx_pipeline.defs.metadata import content_hash, file_metadata
+from ndx_pipeline.defs.metadata import content_hash, file_digest, file_metadata
 
 T, R = TypeVar("T"), TypeVar("R")
 GROUP = "neuron_explanation"
@@ -82,6 +82,7 @@ class Outputs:
     def __init__(self, context: dg.AssetExecutionContext, storage_dir: Path):
         self.context, self.storage_dir = context, storage_dir
         self.paths: dict[str, list[Path]] = defaultdict(list)
+        self.digests: dict[Path, str] = {}  # of the files written, for the data versions
         self.checks: dict[str, dict[str, dict[int, Check]]] = defaultdict(lambda: defaultdict(dict))
 
     def write(self, asset: str, frame: pl.DataFrame, layer: int | None = None, **metadata) -> Path:
@@ -92,6 +93,7 @@ class Outputs:
         """Write one file of `asset` (atomically) without reporting it, so a worker thread may call it (`ahead`):
         (its path, its file metadata) for `written`."""
         path = write_parquet_atomic(frame, asset_path(self.storage_dir, asset, layer))
+        self.digests[path] = file_digest(path)  # here, on the writing thread, while the bytes are in the page cache
         return path, file_metadata(frame, path)
 
     def written(self, asset: str, layer: int | None, file: tuple[Path, dict], **metadata) -> Path:
@@ -124,8 +126,8 @@ class Outputs:
         missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])
         if missing:
             raise RuntimeError(f"{asset}: declared checks {sorted(missing)} were not evaluated")
-        return dg.MaterializeResult(asset_key=asset, data_version=dg.DataVersion(content_hash(self.paths[asset])),
-                                    check_results=results, **extra)
+        version = dg.DataVersion(content_hash(self.paths[asset], self.digests))
+        return dg.MaterializeResult(asset_key=asset, data_version=version, check_results=results, **extra)
 
     def results(self, *assets: str) -> Iterator[dg.MaterializeResult]:
         for asset in assets:

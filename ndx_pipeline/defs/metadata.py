@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -19,14 +20,22 @@ def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
 
 
-def content_hash(paths: list[Path]) -> str:
-    """sha256 over the bytes of the files a materialization wrote (its data version)."""
+def file_digest(path: Path) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(paths: list[Path], digests: Mapping[Path, str] | None = None) -> str:
+    """The data version of a materialization: sha256 over the names and byte digests (`file_digest`) of the files
+    it wrote; `digests` holds those already taken (by the thread that wrote the file, while its bytes were fresh)."""
     h = hashlib.sha256()
     for p in sorted(paths, key=str):
         h.update(str(p.name).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(((digests or {}).get(p) or file_digest(p)).encode())
     return h.hexdigest()[:24]
 
 

@@ -1,11 +1,13 @@
 """Where each step runs when the pipeline is spread over machines by Dagster's own executors (see
 deploy/README.md and `ndx_pipeline.scale_out`):
 
-- the subject-model steps (`activation_records` and its token table) run the subject model: a GPU machine (celery
-  queue `gpu`; on Kubernetes a pod asking for one `nvidia.com/gpu` and tolerating the usual GPU-node taint);
+- the subject-model step (`activation_records`, with the token table and top_excerpts split from the records it
+  writes) runs the subject model: a GPU machine (celery queue `gpu`; on Kubernetes a pod asking for one
+  `nvidia.com/gpu` and tolerating the usual GPU-node taint). top_excerpts materialized alone (a changed split count)
+  is the same step and goes there too, though it reads files and runs no model;
 - the LLM steps (explanations, simulations and their baseline/calibration outputs; the detection and fuzzing
   scorers): celery queue `llm`, CPU pods;
-- the light steps (corpus, top_excerpts, scores, scorer_excerpts, the embedding scorer, neuron_viewer): celery's
+- the light steps (corpus, scores, scorer_excerpts, the embedding scorer, neuron_viewer): celery's
   default queue `dagster`, CPU pods.
 
 `STEP_QUEUES` says it per step (a step is an asset, or a multi-asset with the files written beside it) and
@@ -34,7 +36,6 @@ GPU_K8S_CONFIG = {
 STEP_QUEUES = {
     "corpus": DEFAULT_QUEUE,
     "activation_records": GPU_QUEUE,
-    "top_excerpts": DEFAULT_QUEUE,
     "explanations": LLM_QUEUE,
     "simulations": LLM_QUEUE,
     "scores": DEFAULT_QUEUE,
