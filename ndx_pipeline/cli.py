@@ -254,7 +254,7 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    storage = StorageResource(storage_dir=args.storage).path()
+    storage = _storage(args)
     print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
     step_time: dict[str, float] = {}
@@ -283,8 +283,10 @@ def cmd_run(args) -> int:
 
 
 def _storage(args) -> Path:
+    """Where the Parquet files are: --storage, else where the pipeline's resources put them (NDX_STORAGE, else
+    $DAGSTER_HOME/storage)."""
     ensure_dagster_home()
-    return StorageResource(storage_dir=args.storage).path()
+    return StorageResource(storage_dir=args.storage or default_resources()["storage"].storage_dir).path()
 
 
 def _runs(layers) -> dict[int, dict] | None:
@@ -355,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
                      help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")
     run.add_argument("--corpus", help="folder of .txt/.md, .jsonl or .parquet (default: pydoc_data.topics)")
-    run.add_argument("--storage", help="where the Parquet files go (default: $DAGSTER_HOME/storage)")
+    run.add_argument("--storage",
+                     help="where the Parquet files go (default: $NDX_STORAGE, else $DAGSTER_HOME/storage)")
     run.add_argument("--units", choices=UNIT_CHOICES,
                      help="positive (default) | negative | both sides of MLP neurons, or dictionary latents")
     run.add_argument("--dictionary", help="a SAELens or sparsify dictionary folder (or a folder of them, one per "
@@ -395,7 +398,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("source", help="a <neuron>.json, a layer folder, or an export root with collated-activations/")
     imp.add_argument("--layers", help="only these layers")
     for p in (lin, view, export, imp):
-        p.add_argument("--storage", help="where the Parquet files are (default: $DAGSTER_HOME/storage)")
+        p.add_argument("--storage",
+                       help="where the Parquet files are (default: $NDX_STORAGE, else $DAGSTER_HOME/storage)")
     return top
 
 

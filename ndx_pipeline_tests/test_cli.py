@@ -150,3 +150,16 @@ def test_unit_choices_reach_the_selection_resource(tmp_path):
     assert all(config["resources"][llm]["config"] == {"dtype": "float32"}
                for llm in ("explainer_llm", "simulator_llm", "scorer_llm"))
     assert parser().parse_args(["lineage", "3", "5", "--negative"]).negative
+
+
+def test_commands_find_the_files_where_the_pipeline_wrote_them(tmp_path, monkeypatch):
+    """--storage, else NDX_STORAGE (where the pipeline's resources write when the run config says nothing), else
+    $DAGSTER_HOME/storage: the summary after `run`, lineage, viewer and export read where the run wrote."""
+    from ndx_pipeline.cli import _storage, parser
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("NDX_STORAGE", raising=False)
+    assert _storage(parser().parse_args(["run"])) == tmp_path / "home" / "storage"
+    monkeypatch.setenv("NDX_STORAGE", str(tmp_path / "elsewhere"))
+    assert _storage(parser().parse_args(["run"])) == tmp_path / "elsewhere"
+    assert _storage(parser().parse_args(["view", "--storage", str(tmp_path / "given")])) == tmp_path / "given"

@@ -158,9 +158,10 @@ def test_unchanged_output_keeps_children_fresh(settings, counters):
 
 
 @pytest.mark.slow
-def test_extraction_step_writes_the_assets_selected(settings, counters, monkeypatch):
-    """activation_records, token_table and top_excerpts share a step: each run writes what it selected, and
-    top_excerpts is not split from records whose blocking check failed (as a blocking check stops later steps)."""
+def test_extraction_step_writes_the_assets_selected(settings, monkeypatch):
+    """activation_records, token_table and top_excerpts share a step: each run writes what it selected;
+    top_excerpts is not split from records whose blocking check failed (as a blocking check stops later steps), and
+    a split the corpus cannot fill fails the step with its one-line reason after the records are materialized."""
     import ndx_pipeline.core.validation as validation
 
     defs = build_definitions()
@@ -171,18 +172,32 @@ def test_extraction_step_writes_the_assets_selected(settings, counters, monkeypa
             == [True, False, False]
         assert materialized(instance) == {"corpus", "activation_records"}
 
-        monkeypatch.setattr(validation, "record_counts", lambda *a: (False, "made to fail", {}))
         job = defs.resolve_job_def(MAIN_JOB)
+        with monkeypatch.context() as patch:
+            patch.setattr(validation, "record_counts", lambda *a: (False, "made to fail", {}))
+            result = job.execute_in_process(instance=instance, partition_key="0", raise_on_error=False,
+                                            asset_selection=[dg.AssetKey("activation_records"),
+                                                             dg.AssetKey("top_excerpts")])
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        assert failure.step_failure_data.user_failure_data.description == (
+            "top_excerpts not written for layer 0: activation_records check record_counts failed")
+        assert not asset_path(storage, "top_excerpts", 0).exists()
+        assert materialized(instance) == {"corpus", "activation_records"}
+
+        # a split the corpus cannot fill: the records stand (materialized), only top_excerpts has to run again
+        records = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
         result = job.execute_in_process(instance=instance, partition_key="0", raise_on_error=False,
+                                        run_config={"resources": {"selection": {"config": {"explain_excerpts": 50}}}},
                                         asset_selection=[dg.AssetKey("activation_records"),
                                                          dg.AssetKey("top_excerpts")])
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-        assert failure.step_failure_data.user_failure_data.description == (
-            "top_excerpts not written for layer 0 (activation_records check record_counts failed)")
-        assert not asset_path(storage, "top_excerpts", 0).exists()
-        assert materialized(instance) == {"corpus", "activation_records"}
-        assert counters["extractions"] == 2
+        assert failure.step_failure_data.user_failure_data.description.startswith(
+            "top_excerpts not written for layer 0: layer 0 neuron ")
+        assert "too few for 50 explain" in failure.step_failure_data.user_failure_data.description
+        latest = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
+        assert latest == result.run_id != records and materialized(instance) == {"corpus", "activation_records"}
 
 
 def materialized(instance) -> set[str]:

@@ -113,11 +113,14 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
             table = found.token_table
             done.update(table=out.write_file(c.TOKEN_TABLE, table, layer), distinct_tokens=table["token"].n_unique(),
                         token_table_complete=validation.token_table_complete(table, found.records, counted))
-        if excerpts:  # from the records just written, or (records not selected) from their file
-            unchecked = [name for name in RECORDS_CHECKS if name in done and not Check(*done[name]).passed]
-            done["excerpts"] = (None if unchecked else excerpts.split(
-                found.records if records_written else read(storage.path(), c.ACTIVATION_RECORDS, layer), layer))
-            done["records_failed"] = unchecked
+        if excerpts:  # from the records just written, or (records not selected) from their file; else why not
+            failed = [name for name in RECORDS_CHECKS if name in done and not Check(*done[name]).passed]
+            try:
+                done["excerpts"] = (f"activation_records check {', '.join(failed)} failed" if failed else
+                                    excerpts.split(found.records if records_written else
+                                                   read(storage.path(), c.ACTIVATION_RECORDS, layer), layer))
+            except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
+                done["excerpts"] = failure.description
         found.release()  # a layer's rows are in memory only while its files are written
         return done
 
@@ -137,15 +140,17 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                         distinct_tokens=done["distinct_tokens"])
             out.check(c.TOKEN_TABLE, "token_table_complete", layer, done["token_table_complete"])
         if excerpts:
-            if done["excerpts"] is None:
-                withheld[layer] = done["records_failed"]
+            if isinstance(done["excerpts"], str):
+                withheld.setdefault(done["excerpts"], []).append(layer)
             else:
                 excerpts.report(layer, done["excerpts"])
         written.advance()
+    # the records and token table are materialized whatever became of the split: a failed records check stops their
+    # layer here as a blocking check stops the steps after it, and after a bad split count only top_excerpts reruns
     yield from out.results(*(a for a in SUBJECT_MODEL_FILES if a in selected))
-    if withheld:  # as a blocking check stops the steps after it: these layers' records do not flow on
-        raise dg.Failure(description="top_excerpts not written for " + "; ".join(
-            f"layer {layer} (activation_records check {', '.join(names)} failed)" for layer, names in withheld.items()))
+    if withheld:
+        raise dg.Failure(description="; ".join(f"top_excerpts not written for layer{'s' if len(at) > 1 else ''} "
+                                               f"{', '.join(map(str, at))}: {why}" for why, at in withheld.items()))
     if excerpts:
         yield out.result(c.TOP_EXCERPTS)
 
