@@ -9,9 +9,9 @@ from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
 from ndx_pipeline.core.progress import Progress
-from ndx_pipeline.core.validation import Check
+from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
-from ndx_pipeline.defs.checks import check_specs
+from ndx_pipeline.defs.checks import CHECKS, check_specs
 from ndx_pipeline.defs.materialize import (
     GROUP,
     SINGLE_RUN,
@@ -81,8 +81,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     out = Outputs(context, storage.path())
     excerpts = _Excerpts(context, out, selection, quality) if c.TOP_EXCERPTS in selected else None
     if not selected & set(SUBJECT_MODEL_FILES):
-        for layer, done in ahead(layers_of(context), lambda layer: excerpts.split(
-                read(storage.path(), c.ACTIVATION_RECORDS, layer), layer)):
+        for layer, done in ahead(layers_of(context), excerpts.split):
             excerpts.report(layer, done)
         yield out.result(c.TOP_EXCERPTS)
         return
@@ -114,11 +113,10 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
             done.update(table=out.write_file(c.TOKEN_TABLE, table, layer), distinct_tokens=table["token"].n_unique(),
                         token_table_complete=validation.token_table_complete(table, found.records, counted))
         if excerpts:  # from the records just written, or (records not selected) from their file; else why not
-            failed = [name for name in RECORDS_CHECKS if name in done and not Check(*done[name]).passed]
+            failed = [name for name in CHECKS[c.ACTIVATION_RECORDS] if name in done and _stops(Check(*done[name]))]
             try:
                 done["excerpts"] = (f"activation_records check {', '.join(failed)} failed" if failed else
-                                    excerpts.split(found.records if records_written else
-                                                   read(storage.path(), c.ACTIVATION_RECORDS, layer), layer))
+                                    excerpts.split(layer, found.records if records_written else None))
             except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
                 done["excerpts"] = failure.description
         found.release()  # a layer's rows are in memory only while its files are written
@@ -133,7 +131,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                         tokens_per_second=round(stats.tokens_per_second, 1),
                         wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
                         device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
-            for check in RECORDS_CHECKS:
+            for check in CHECKS[c.ACTIVATION_RECORDS]:
                 out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
         if table_written:
             out.written(c.TOKEN_TABLE, layer, done["table"], counted=counted,
@@ -155,7 +153,9 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         yield out.result(c.TOP_EXCERPTS)
 
 
-RECORDS_CHECKS = ("top_windows_ordered", "record_counts")
+def _stops(check: Check) -> bool:
+    """A failed check that stops its layer's data, as a blocking asset check does: ERROR severity."""
+    return not check.passed and check.severity == ERROR
 
 
 class _Excerpts:
@@ -166,7 +166,10 @@ class _Excerpts:
                  quality: QualityResource):
         self.context, self.out, self.selection, self.quality = context, out, selection, quality
 
-    def split(self, records: pl.DataFrame, layer: int) -> dict:
+    def split(self, layer: int, records: pl.DataFrame | None = None) -> dict:
+        """Split `records` (default: the layer's stored activation_records) and write the file."""
+        if records is None:
+            records = read(self.out.storage_dir, c.ACTIVATION_RECORDS, layer)
         sel = self.selection
         with bad_input_fails_the_run():
             frame = stages.top_excerpts(
@@ -187,5 +190,5 @@ class _Excerpts:
                                   "windows to fill the explain and score splits: left out")
         self.out.written(c.TOP_EXCERPTS, layer, done["file"], neurons=done["neurons"], too_sparse_units=sparse,
                          dead_units=done["dead"])
-        for check in ("splits_disjoint", "excerpt_counts"):
+        for check in CHECKS[c.TOP_EXCERPTS]:
             self.out.check(c.TOP_EXCERPTS, check, layer, done[check])
