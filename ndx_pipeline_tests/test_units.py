@@ -14,13 +14,25 @@ import torch
 from safetensors.torch import save_file
 
 from ndx_pipeline.core import stages
-from ndx_pipeline.core.contract import DEAD, DICTIONARY_LATENT, MLP_NEURON, RECORD_SCHEMA, negative_id, unit_label
+from ndx_pipeline.core.contract import (
+    DEAD,
+    DICTIONARY_LATENT,
+    MLP_NEURON,
+    RECORD_SCHEMA,
+    negative_id,
+    unit_label,
+)
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data.dictionaries import load_dictionary
-from ndx_pipeline.core.data.units import DictionaryLatents, MlpNeurons, dictionaries_by_layer
+from ndx_pipeline.core.data.units import (
+    DictionaryLatents,
+    MlpNeurons,
+    dictionaries_by_layer,
+)
 from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
+from ndx_pipeline.core.storage import write_parquet_atomic
 
 TOP_K, RANDOM_K = 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -108,12 +120,20 @@ def test_negative_side_keeps_the_most_negative_windows_negated(sided, hidden):
     np.testing.assert_allclose(mean, -every.mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
-def test_both_sides_are_two_units_kept_apart(sided, hidden, small_windows, subject):
+def assert_stored_as_contract(records: pl.DataFrame, tmp_path):
+    """The records file holds the contract's columns and types, and the rows built (token texts held as codes)."""
+    path = write_parquet_atomic(records, tmp_path / "records.parquet")
+    stored = pl.read_parquet(path)
+    assert stored.schema == pl.Schema(RECORD_SCHEMA)
+    assert stored.equals(records.with_columns(pl.col("tokens").cast(pl.List(pl.String))))
+
+
+def test_both_sides_are_two_units_kept_apart(sided, hidden, small_windows, subject, tmp_path):
     units, selections = sided
     assert units[2].ids == [3, 250, 1000, -4, -251, -1001]
     check_selection(selections[2], [np.concatenate([a[:, NEURONS], -a[:, NEURONS]], axis=1) for a in hidden[2]])
     records = act.records_frame(2, selections[2], small_windows, TokenTexts(subject[1]), units[2])
-    assert records.schema == pl.Schema(RECORD_SCHEMA)
+    assert_stored_as_contract(records, tmp_path)
     by_unit = records.group_by("neuron").agg(pl.col("polarity").unique(), pl.col("unit_index").unique(),
                                              pl.col("unit_kind").unique(), pl.len())
     got = {r["neuron"]: (r["polarity"], r["unit_index"], r["unit_kind"], r["len"]) for r in by_unit.to_dicts()}
@@ -248,11 +268,11 @@ def test_latents_equal_an_independent_encoding(dictionary_run, name):
     np.testing.assert_allclose(sel.moments()[2], np.concatenate(latent_acts).max(axis=0), **LATENT_TOL)
 
 
-def test_dictionary_records_name_their_units_and_skip_the_dead(dictionary_run, small_windows, subject):
+def test_dictionary_records_name_their_units_and_skip_the_dead(dictionary_run, small_windows, subject, tmp_path):
     _, units, selections, _ = dictionary_run
     layer = LAYER_OF["sparsify_transcoder"]
     records = act.records_frame(layer, selections[layer], small_windows, TokenTexts(subject[1]), units[layer])
-    assert records.schema == pl.Schema(RECORD_SCHEMA)
+    assert_stored_as_contract(records, tmp_path)
     assert set(records["unit_kind"].unique()) == {DICTIONARY_LATENT}
     assert set(records["polarity"].unique()) == {1}
     source = records["unit_source"][0]

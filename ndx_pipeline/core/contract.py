@@ -286,6 +286,21 @@ SCHEMAS = {
 }
 
 
+def stored_dtype(dtype: pl.DataType) -> pl.DataType:
+    """The contract type of a column held as `dtype`: text may be held as codes (pl.Enum, pl.Categorical; the records'
+    token lists are built so), which the files store as the strings (`storage.write_parquet_atomic`)."""
+    if isinstance(dtype, pl.List):
+        return pl.List(stored_dtype(dtype.inner))
+    return pl.String if isinstance(dtype, (pl.Enum, pl.Categorical)) else dtype
+
+
+def conform(frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """`frame`'s columns of `schema`, in its order, cast to its types; text held as codes stays codes (see
+    `stored_dtype`: casting 11M tokens to strings would cost what holding them as codes saves)."""
+    cast = {name: dtype for name, dtype in schema.items() if stored_dtype(frame.schema[name]) != dtype}
+    return frame.select(schema.keys()).cast(cast)
+
+
 def frame(rows: Sequence[Mapping], schema: Mapping[str, pl.DataType],
           extra: Mapping[str, pl.DataType] | None = None, defaults: Mapping | None = None) -> pl.DataFrame:
     """Rows in `schema` (+ `extra` columns): a field a row lacks is `defaults[field]`, else null."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ndx_pipeline.core.contract import NEURON_VIEWER
+from ndx_pipeline.core.contract import NEURON_VIEWER, stored_dtype
 from ndx_pipeline.core.errors import NdxInputError
 
 LLM_CACHE_DIR = "llm_cache"
@@ -52,11 +52,73 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], mode: in
     return path
 
 
+ROW_GROUP_ROWS = 512**2
+
+
 def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike) -> Path:
-    """Write `frame` as Parquet at `path`, atomically. Without column statistics: a contract file is one row group
-    (≤ 512² rows) or a few, read whole, so min/max per row group would skip nothing, and computing them over the list
-    columns is 15–20 % of writing an activation_records file."""
-    return write_atomic(path, lambda tmp: frame.write_parquet(tmp, statistics=False))
+    """Write `frame` as Parquet at `path`, atomically, in row groups of ROW_GROUP_ROWS rows. A list-of-strings column
+    (the contract's `tokens`) may be given as List(String) or as codes, List(Enum): either way it is stored as
+    strings, dictionary-encoded with a canonical dictionary (`_dictionary_lists`), so the same rows give the same
+    bytes however they were held, and a reader sees List(String) (no Arrow schema is stored: the file's types are the
+    contract's). From codes, writing a whole-model activation_records file takes 0.40 s of CPU instead of 0.80 s:
+    its 11M token strings are not hashed again to find the dictionary the records were built with. Without column statistics: a
+    contract file is one row group or a few, read whole, so min/max per row group would skip nothing, and computing
+    them over the list columns is 15–20 % of writing an activation_records file. Float columns are stored
+    byte-stream-split (the records file 8 % smaller, at the same cost)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = frame.rechunk()  # one chunk per column: the pages written do not depend on how the frame was assembled
+    columns, dictionary, split = [], [], []
+    for name, dtype in frame.schema.items():
+        inner = dtype.inner if isinstance(dtype, pl.List) else None
+        path_of = f"{name}.list.element" if inner is not None else name
+        if inner is not None and _is_text(inner):
+            columns.append(_dictionary_lists(frame[name]))
+            dictionary.append(path_of)
+            continue
+        columns.append(frame[name].to_arrow())
+        if _is_text(dtype):
+            dictionary.append(path_of)
+        elif (inner or dtype) in (pl.Float32, pl.Float64):
+            split.append(path_of)
+    table = pa.Table.from_arrays(columns, names=frame.columns)
+    return write_atomic(path, lambda tmp: pq.write_table(
+        table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd", write_statistics=False, store_schema=False,
+        use_dictionary=dictionary, use_byte_stream_split=split))
+
+
+def _is_text(dtype: pl.DataType) -> bool:
+    return stored_dtype(dtype) == pl.String
+
+
+def _dictionary_lists(series: pl.Series):
+    """A List(String) or List(Enum) column as Arrow list<dictionary<int32, string>> whose dictionary is the distinct
+    strings the lists hold, in ascending (byte) order: the canonical form, whatever the column's categories were."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = series.to_arrow()
+    flat = lists.flatten()  # the items of the non-null lists, in order
+    if not pa.types.is_dictionary(flat.type):
+        flat = pc.dictionary_encode(flat.cast(pa.large_string()))
+    if flat.indices.null_count:
+        raise ValueError(f"column {series.name!r} holds null items inside its lists.")
+    codes = flat.indices.to_numpy()
+    present = np.flatnonzero(np.bincount(codes, minlength=len(flat.dictionary)))
+    values = flat.dictionary.cast(pa.large_string()).take(pa.array(present))
+    order = pc.sort_indices(values).to_numpy()
+    if len(present) == len(flat.dictionary) and (order == np.arange(len(order))).all():
+        indices = flat.indices  # already canonical (codes of the distinct texts in order, as records are built)
+    else:
+        rank = np.zeros(len(flat.dictionary), dtype=np.int32)
+        rank[present[order]] = np.arange(len(present), dtype=np.int32)
+        indices = pa.array(rank[codes])
+    items = pa.DictionaryArray.from_arrays(indices, values.take(pa.array(order)).cast(pa.string()))
+    lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return pa.LargeListArray.from_arrays(offsets, items, mask=lists.is_null() if lists.null_count else None)
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

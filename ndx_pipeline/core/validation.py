@@ -51,15 +51,18 @@ def top_windows_ordered(records: pl.DataFrame) -> Check:
 def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_k: int) -> Check:
     """Every selected unit has random_k `random` rows (when the corpus allows) and 1..top_k `top` rows (top_k
     unless it fired in fewer windows), or, when it never fired, exactly one `dead` row and nothing else."""
-    counts = records.group_by(["neuron", "kind"]).len()
-    got: dict[int, dict[str, int]] = {}
-    for n, k, c in counts.iter_rows():
-        got.setdefault(int(n), {})[k] = int(c)
-    dead = {n for n in neurons if got.get(n, {}).get(DEAD)}
-    missing = [n for n in neurons if (got.get(n) != {DEAD: 1} if n in dead else
-                                      not 1 <= got.get(n, {}).get(TOP, 0) <= top_k
-                                      or got.get(n, {}).get(RANDOM, 0) != random_k)]
-    extra = sorted(set(got) - set(neurons))
+    kind = pl.col("kind")
+    # narrow first: a group_by over the wide records frame costs 50 ms, over these two columns 3 ms
+    counts = records.select("neuron", "kind").group_by("neuron").agg(
+        top=(kind == TOP).sum(), random=(kind == RANDOM).sum(), dead=(kind == DEAD).sum(), rows=pl.len())
+    wanted = pl.DataFrame({"neuron": neurons}, schema={"neuron": records.schema["neuron"]})
+    per_unit = wanted.join(counts, on="neuron", how="left", maintain_order="left").fill_null(0)
+    is_dead = pl.col("dead") > 0
+    right = pl.when(is_dead).then(pl.col("rows") == 1).otherwise(
+        pl.col("top").is_between(1, top_k) & (pl.col("random") == random_k))
+    missing = per_unit.filter(~right)["neuron"].to_list()
+    dead = per_unit.filter(is_dead)["neuron"].to_list()
+    extra = sorted(counts.join(wanted, on="neuron", how="anti")["neuron"].to_list())
     ok = not missing and not extra
     desc = (f"{len(neurons)} units × (≤ {top_k} top + {random_k} random) rows" + (f", {len(dead)} dead" if dead else "")
             if ok else f"row counts differ for units {missing[:10]}; unexpected units {extra[:10]}")
@@ -148,7 +151,7 @@ def token_table_complete(table: pl.DataFrame, records: pl.DataFrame, counted: bo
     if not counted:
         return (table.is_empty(), "not counted: the lookup baseline is off" if table.is_empty()
                 else f"{len(table)} rows although the lookup baseline is off", {"rows": len(table)})
-    want = dict(records.group_by("neuron").agg(pl.col("neuron_token_count").first()).iter_rows())
+    want = dict(records.select("neuron", "neuron_token_count").group_by("neuron").first().iter_rows())
     got = dict(table.group_by("neuron").agg(pl.col("count").sum()).iter_rows()) if len(table) else {}
     bad = sorted(int(n) for n in want if got.get(n) != want[n])
     return (not bad, f"{len(want)} neurons, each over all {next(iter(want.values()), 0)} tokens" if not bad

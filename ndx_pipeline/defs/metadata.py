@@ -12,12 +12,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import baseline_column
+from ndx_pipeline.core.contract import baseline_column, stored_dtype
 from ndx_pipeline.core.llm.cache import LLMStats
 
 
 def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+    """The columns as the file stores them (text held as codes is stored as strings)."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(stored_dtype(dtype)))
+                                   for name, dtype in frame.schema.items()])
 
 
 def file_digest(path: Path) -> str:

@@ -35,6 +35,7 @@ from ndx_pipeline.core.contract import (
     TOKEN_TABLE_SCHEMA,
     TOP,
     UNIT_COLUMNS,
+    conform,
     describe_ids,
     quantile_kind,
 )
@@ -621,7 +622,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         "char_end": of_window(windows.char_end, np.int32),
         "max_activation": max_activation.astype(np.float32, copy=False),
     }).hstack(per_unit[unit])
-    return frame.select(RECORD_SCHEMA.keys()).cast(RECORD_SCHEMA)
+    return conform(frame, RECORD_SCHEMA)
 
 
 def _rows(matrix: np.ndarray) -> pl.Series:
@@ -649,8 +650,11 @@ def _ragged(matrix: np.ndarray, length: np.ndarray, null: np.ndarray | None = No
 
 def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.ndarray,
                        null: np.ndarray | None = None) -> pl.Series:
-    """The token texts of each given window (a List(String) row per entry of `window`; null where `null` is set),
-    decoding each distinct token id once and building each distinct window's list once."""
+    """The token texts of each given window (a list per entry of `window`; null where `null` is set), decoding each
+    distinct token id once and building each distinct window's list once. The texts are held as codes, List(Enum) of
+    the distinct texts in ascending order: a whole-model layer's records hold 11M tokens, and as codes they are
+    gathered, split into excerpts and written (`write_parquet_atomic` stores strings) without a string copied or
+    hashed; `.cast(pl.List(pl.String))` gives the strings."""
     import pyarrow as pa
 
     distinct, inverse = np.unique(window, return_inverse=True)
@@ -658,11 +662,13 @@ def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.nda
     ids = windows.ids[distinct]  # [m, T]
     kept = np.arange(ids.shape[1])[None, :] < length[:, None]
     vocab, position = np.unique(ids[kept], return_inverse=True)
-    texts = pa.array(token_texts(vocab), type=pa.large_string()).take(pa.array(position.reshape(-1)))
+    texts = token_texts(vocab)
+    enum = pl.Enum(pl.Series(texts, dtype=pl.String).unique().sort())  # ids with the same text (rare) share it
+    items = pa.array(texts, type=pa.large_string()).take(pa.array(position.reshape(-1)))
     inverse = pl.Series(inverse.reshape(-1), dtype=pl.Int64)
     if null is not None and null.any():
         inverse = inverse.scatter(np.nonzero(null)[0], None)
-    return _lists(texts, length).gather(inverse)
+    return _lists(items, length).cast(pl.List(enum)).gather(inverse)
 
 
 def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:

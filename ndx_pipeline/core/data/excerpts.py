@@ -18,6 +18,7 @@ from ndx_pipeline.core.contract import (
     SCORE_RANDOM,
     SCORE_TOP,
     TOP,
+    conform,
     excerpt_id,
 )
 from ndx_pipeline.core.errors import NdxInputError
@@ -80,7 +81,7 @@ def _gathered(records: pl.DataFrame, parts: list[pl.DataFrame]) -> pl.DataFrame:
     return (records[order["_row"]]
             .with_columns(order["split"],
                           pl.format("{}/{}/{}/{}", "layer", "neuron", "kind", "rank").alias("excerpt_id"))
-            .select(EXCERPT_SCHEMA.keys()).cast(EXCERPT_SCHEMA))
+            .pipe(conform, EXCERPT_SCHEMA))
 
 
 def split_excerpts(records: pl.DataFrame, explain_n: int = 5, score_top_n: int = 5,
