@@ -3,10 +3,11 @@
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.contract import RECORD_SCHEMA
+from ndx_pipeline.core.contract import EXCERPT_SCHEMA, RECORD_SCHEMA
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.stages import top_excerpts
+from ndx_pipeline.core.storage import write_parquet_atomic
 
 
 def records(top_windows, random_windows, neuron=3):
@@ -62,3 +63,22 @@ def test_a_unit_that_fired_in_too_few_windows_is_left_out_and_the_others_kept():
     assert calibrated["neuron"].unique().to_list() == [3]
     with pytest.raises(NdxInputError, match="layer 0 neuron -4 has 3 top"):
         split_excerpts(records([100, 101, 102], list(range(200, 220)), neuron=-4))
+
+
+def test_token_texts_held_as_codes_are_written_as_the_same_strings_and_bytes(tmp_path):
+    """Records built with their token texts as codes (List(Enum), as `records_frame` builds them: here with categories
+    out of order and some unused) and the same records as strings give byte-identical files, both for the records
+    and for the excerpts split from them, which read back as the contract's List(String)."""
+    texts = pl.DataFrame({"window_index": range(100, 140)}).select(
+        tokens=pl.concat_list(pl.format("w{}", "window_index"), pl.lit(" the"), pl.lit("é"), pl.lit("")))
+    as_strings = records(list(range(100, 120)), list(range(120, 140))).with_columns(texts["tokens"])
+    categories = pl.Enum(["unused", "é", " the", ""] + [f"w{w}" for w in range(139, 99, -1)])
+    as_codes = as_strings.with_columns(pl.col("tokens").cast(pl.List(categories)))
+    for name, frame in (("records", lambda r: r), ("excerpts", split_excerpts)):
+        paths = [write_parquet_atomic(frame(r), tmp_path / f"{name}-{held}.parquet")
+                 for held, r in (("strings", as_strings), ("codes", as_codes))]
+        assert paths[0].read_bytes() == paths[1].read_bytes(), name
+        stored = pl.read_parquet(paths[1])
+        assert stored.schema == pl.Schema(RECORD_SCHEMA if name == "records" else EXCERPT_SCHEMA)
+        assert stored.equals(frame(as_strings))
+    assert pl.read_parquet(paths[1])["tokens"][0].to_list() == ["w100", " the", "é", ""]
