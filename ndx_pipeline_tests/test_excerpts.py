@@ -3,7 +3,7 @@
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.contract import EXCERPT_SCHEMA, RECORD_SCHEMA
+from ndx_pipeline.core.contract import EXCERPT_SCHEMA, RECORD_SCHEMA, SCHEMAS, empty
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.stages import top_excerpts
@@ -82,3 +82,17 @@ def test_token_texts_held_as_codes_are_written_as_the_same_strings_and_bytes(tmp
         assert stored.schema == pl.Schema(RECORD_SCHEMA if name == "records" else EXCERPT_SCHEMA)
         assert stored.equals(frame(as_strings))
     assert pl.read_parquet(paths[1])["tokens"][0].to_list() == ["w100", " the", "é", ""]
+
+
+def test_every_contract_file_reads_back_with_its_schema(tmp_path):
+    """The files hold no Arrow schema: each asset's columns read back as the contract types from Parquet's own, for
+    an empty file and for rows with null and empty lists, empty strings and non-ASCII text."""
+    for asset, schema in SCHEMAS.items():
+        path = write_parquet_atomic(empty(asset), tmp_path / f"{asset}.parquet")
+        assert pl.read_parquet(path).schema == pl.Schema(schema), asset
+    rows = records([100, 101], [200]).with_columns(
+        tokens=pl.Series([["é", ""], None, []], dtype=pl.List(pl.String)),
+        quantile_boundaries=pl.Series([[0.5, float("nan")], None, []], dtype=pl.List(pl.Float64)),
+        doc_id=pl.Series(["d", None, ""]), max_activation=pl.Series([1.5, None, float("-inf")], dtype=pl.Float32))
+    path = write_parquet_atomic(rows, tmp_path / "rows.parquet")
+    assert pl.read_parquet(path).equals(rows)
