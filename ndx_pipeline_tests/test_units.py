@@ -14,21 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from ndx_pipeline.core import stages
-from ndx_pipeline.core.contract import (
-    DEAD,
-    DICTIONARY_LATENT,
-    MLP_NEURON,
-    RECORD_SCHEMA,
-    negative_id,
-    unit_label,
-)
+from ndx_pipeline.core.contract import DEAD, DICTIONARY_LATENT, MLP_NEURON, RECORD_SCHEMA, negative_id, unit_label
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data.dictionaries import load_dictionary
-from ndx_pipeline.core.data.units import (
-    DictionaryLatents,
-    MlpNeurons,
-    dictionaries_by_layer,
-)
+from ndx_pipeline.core.data.units import DictionaryLatents, MlpNeurons, dictionaries_by_layer
 from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap

@@ -83,7 +83,7 @@ def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike) -> Path:
         columns.append(frame[name].to_arrow())
         if _is_text(dtype):
             dictionary.append(path_of)
-        elif (inner or dtype) in (pl.Float32, pl.Float64):
+        elif (dtype if inner is None else inner) in (pl.Float32, pl.Float64):
             split.append(path_of)
     table = pa.Table.from_arrays(columns, names=frame.columns)
     return write_atomic(path, lambda tmp: pq.write_table(
@@ -110,7 +110,7 @@ def _dictionary_lists(series: pl.Series):
         raise ValueError(f"column {series.name!r} holds null items inside its lists.")
     codes = flat.indices.to_numpy()
     present = np.flatnonzero(np.bincount(codes, minlength=len(flat.dictionary)))
-    values = flat.dictionary.cast(pa.large_string()).take(pa.array(present))
+    values = flat.dictionary.cast(pa.string()).take(pa.array(present))
     order = pc.sort_indices(values).to_numpy()
     if len(present) == len(flat.dictionary) and (order == np.arange(len(order))).all():
         indices = flat.indices  # already canonical (codes of the distinct texts in order, as records are built)
@@ -118,7 +118,7 @@ def _dictionary_lists(series: pl.Series):
         rank = np.zeros(len(flat.dictionary), dtype=np.int32)
         rank[present[order]] = np.arange(len(present), dtype=np.int32)
         indices = pa.array(rank[codes])
-    items = pa.DictionaryArray.from_arrays(indices, values.take(pa.array(order)).cast(pa.string()))
+    items = pa.DictionaryArray.from_arrays(indices, values.take(pa.array(order)))
     lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     return pa.LargeListArray.from_arrays(offsets, items, mask=lists.is_null() if lists.null_count else None)
