@@ -194,6 +194,66 @@ def test_quantile_samples_follow_the_seed_and_reach_the_records(subject, small_w
     assert "quantile_0" in kinds and len(kinds) >= 4
 
 
+def test_quantile_samples_are_uniform_over_their_bucket():
+    """Each bucket's sample is a uniform draw of `quantile_k` of its windows, whatever their order or batch: 4000
+    units with the same activations draw independent samples, so each window of a bucket is kept by about
+    units × k / members of them. Windows arrive several per batch (buckets with free slots fill from one batch)."""
+    units, t, k, batch, n_windows = 4000, 2, 2, 5, 80
+    rng = np.random.default_rng(3)
+    maxima = rng.permutation(n_windows).astype(np.float32)  # window w's max, the same for every unit
+    sel = act.LayerSelection(range(units), window_tokens=t, top_k=1, sample=np.array([0]), quantile_k=k, seed=9)
+    pilot = 2
+    for number, b0 in enumerate(range(0, n_windows, batch)):
+        if number == pilot:
+            sel.end_pilot()
+        index = torch.arange(b0, b0 + batch)
+        acts = torch.tensor(maxima[b0 : b0 + batch])[:, None, None].expand(batch, t, units).contiguous()
+        sel.update(acts, torch.ones(batch, t, dtype=torch.bool), index)
+    windows, _, bounds, seen = sel.quantile_samples()
+    later = np.arange(pilot * batch, n_windows)
+    bucket_of = np.searchsorted(bounds[0], maxima[later], side="right")
+    checked = 0
+    for bucket in range(len(act.QUANTILE_LEVELS) + 1):
+        members = later[bucket_of == bucket]
+        assert (seen[:, bucket] == len(members)).all()
+        if len(members) <= k:  # every member kept by every unit
+            assert all(sorted(w[w >= 0].tolist()) == sorted(members.tolist()) for w in windows[:, bucket])
+            continue
+        kept = np.bincount(windows[:, bucket].reshape(-1), minlength=n_windows)[members]
+        expected = units * k / len(members)
+        assert kept.sum() == units * k
+        chi2 = ((kept - expected) ** 2 / expected).sum()  # ~ chi-square, len(members) - 1 degrees of freedom
+        dof = len(members) - 1
+        assert chi2 < dof + 6 * np.sqrt(2 * dof), (bucket, kept.tolist())
+        checked += 1
+    assert checked >= 2
+
+
+def test_keep_smallest_keeps_each_rows_k_smallest_keys():
+    """The merge behind the top windows and the quantile samples, against sorting: rows with no, one and several
+    entering windows, free slots (equal keys) and windows that are no candidates."""
+    rng = np.random.default_rng(0)
+    k, n_b, rows = 4, 6, 3000
+    kept = rng.integers(0, 1000, (rows, k))
+    kept[rng.random((rows, k)) < 0.2] = act.EMPTY_PRIORITY  # free slots
+    batch = rng.integers(0, 1400, (rows, n_b))
+    batch[rng.random((rows, n_b)) < 0.3] = act.NEVER_ENTERS
+    for r in range(rows):  # keys distinct within a row, except free slots and non-candidates
+        values = rng.permutation(5000)[: k + n_b]
+        kept[r] = np.where(kept[r] == act.EMPTY_PRIORITY, kept[r], values[:k])
+        batch[r] = np.where(batch[r] == act.NEVER_ENTERS, batch[r], values[k:])
+    key = torch.tensor(np.hstack([kept, batch]))
+    ev_row, ev_slot, en_row, en_b, weakest = act.keep_smallest(key, k)
+    assert torch.equal(ev_row, en_row)
+    after = key[:, :k].clone()
+    after[ev_row, ev_slot] = key[en_row, k + en_b]
+    expected = np.sort(np.hstack([kept, batch]), axis=1)[:, :k]
+    np.testing.assert_array_equal(np.sort(after.numpy(), axis=1), expected)
+    np.testing.assert_array_equal(key.gather(1, weakest[:, None]).squeeze(1).numpy(), expected[:, -1])
+    entering = np.bincount(en_row.numpy(), minlength=rows)
+    assert {0, 1} < set(entering.tolist()) and entering.max() > 2
+
+
 def test_padding_never_enters_statistics():
     sel = act.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
     acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])
