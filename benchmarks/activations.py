@@ -10,7 +10,8 @@ and, in fresh subprocesses, (c) the peak RSS of extraction over a 50k-token and 
 Then the materializations a user runs, files written (`--materialize`, on by default): the extraction job
 (corpus → activation_records + token_table → top_excerpts) through Dagster, in process, on the same corpus:
   (d) every neuron of every layer, both signs (lookup baseline off: its token table would be distinct tokens × units),
-      against (d0) a bare forward of the whole model (the mean of one run before and one after d):
+      against (d0) a bare forward of the whole model (the mean of one run before and one after d; every forward
+      under the allocator limits extraction sets, `reuse_freed_heap`, so that none is slowed by page faults):
       `whole_model_ratio` = d / d0;
   (e) a 16384-latent TopK dictionary (SAELens files written here, chosen directions) on one layer, against (e0) a bare
       forward to that layer (the mean of one before and one after e): `dict_ratio` = e / e0; and in fresh subprocesses
@@ -295,8 +296,9 @@ def dict_rss_child(args) -> None:
 
 def between_forwards(out: dict, name: str, forward, work):
     """work() between two timings of its bare forward; their mean goes to out[name + "_forward_s"] (each to
-    `_before_s`, `_after_s`): on a shared machine the forward's own speed drifts by 10-20 % within minutes, and a
-    drift then falls on both sides of the ratio alike."""
+    `_before_s`, `_after_s`): on a shared machine the forward's own speed drifts by 5-10 % within minutes, and a
+    drift then falls on both sides of the ratio alike. (Before `main` set the allocator's limits, the forward before
+    was 14 % slower than the one after for that reason alone, and their mean flattered the ratio.)"""
     before = forward()
     done = work()
     after = forward()
@@ -377,6 +379,12 @@ def main() -> None:
     parser.add_argument("--dictionary", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from ndx_pipeline.cli import parse_layers
+    from ndx_pipeline.core.heap import reuse_freed_heap
+
+    # every forward here, bare or in the pipeline, under the allocator limits extraction sets: under glibc's defaults
+    # a bare forward in a fresh process is 12 % slower (page faults; 31.1-31.3 s against 26.5-28.0 s over 30k tokens),
+    # and a ratio to that forward would flatter the pipeline
+    reuse_freed_heap()
 
     args.layers = parse_layers(args.layers)
     if args.rss_child:
