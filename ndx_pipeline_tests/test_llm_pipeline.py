@@ -1,6 +1,6 @@
 """The LLM stages through Dagster against a real OpenAI-compatible server (llama-cpp-python serving the bundled
-GGUF on 127.0.0.1), beside the in-process backend on the same neurons: contract-conformant outputs, a rerun that
-makes zero requests, and a run killed with SIGKILL midway through explanations that resumes without paying twice.
+GGUF on 127.0.0.1): contract-conformant outputs, a rerun that makes zero requests, and a run killed with SIGKILL
+midway through explanations that resumes without paying twice.
 """
 
 import os
@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from ndx_pipeline.core.contract import SCHEMAS
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.resources import (
@@ -89,25 +90,23 @@ def proxy(llama_server):  # noqa: F811
     llama_server.assert_alive()  # a test that crashed the server fails itself, not the next one
 
 
-def test_same_neurons_in_process_and_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch):
+def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch):
+    """(The same stages in process, on the bundled model: test_pipeline's end-to-end test.)"""
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
-    local, server = tmp_path / "local", tmp_path / "server"
-    copy_upstream(upstream, local)
+    server = tmp_path / "server"
     copy_upstream(upstream, server)
-    materialize(LLM_STAGES, local)
     instance = materialize(LLM_STAGES, server, explainer_llm=server_llm(proxy, max_tokens=20),
                            simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0))
     first = proxy.total()
     assert first >= len(NEURONS)  # at least one explanation request per neuron reached the server
 
-    for stage in ("explanations", "simulations", "scores"):
-        a, b = pl.read_parquet(asset_path(local, stage, 0)), pl.read_parquet(asset_path(server, stage, 0))
-        assert a.schema == b.schema, stage
-        assert sorted(a["neuron"].unique()) == sorted(b["neuron"].unique()) == NEURONS
-    for storage in (local, server):  # every score beside its three baselines, on both backends
-        scores = pl.read_parquet(asset_path(storage, "scores", 0))
-        assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
-        assert scores["baseline_lookup"].is_finite().all()  # no LLM in it: defined for every neuron
+    for stage in LLM_STAGES:  # the contract's columns and types, on every neuron (no calibration without best-of-k)
+        frame = pl.read_parquet(asset_path(server, stage, 0))
+        assert {c: frame.schema.get(c) for c in SCHEMAS[stage]} == SCHEMAS[stage], stage
+        assert sorted(frame["neuron"].unique()) == ([] if stage == "calibration_simulations" else NEURONS), stage
+    scores = pl.read_parquet(asset_path(server, "scores", 0))  # every score beside its three baselines
+    assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
+    assert scores["baseline_lookup"].is_finite().all()  # no LLM in it: defined for every neuron
     expl = pl.read_parquet(asset_path(server, "explanations", 0))
     assert set(expl["explainer"]) == {"openai-compatible:smollm2-135m-instruct-q4_1"}
     sims = pl.read_parquet(asset_path(server, "simulations", 0))
