@@ -382,8 +382,8 @@ def main() -> None:
     from ndx_pipeline.core.heap import reuse_freed_heap
 
     # every forward here, bare or in the pipeline, under the allocator limits extraction sets: under glibc's defaults
-    # a bare forward in a fresh process is 12 % slower (page faults; 31.1-31.3 s against 26.5-28.0 s over 30k tokens),
-    # and a ratio to that forward would flatter the pipeline
+    # a bare forward in a fresh process pays page faults the pass does not (`reuse_freed_heap`), and a ratio to it
+    # would flatter the pipeline
     reuse_freed_heap()
 
     args.layers = parse_layers(args.layers)

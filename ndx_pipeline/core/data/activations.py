@@ -109,9 +109,8 @@ class LayerSelection:
             self.pilot_max: list = []  # per-window maxima of the pilot batches, until the boundaries are set
             self.q_bounds = None  # [n, len(QUANTILE_LEVELS)]
             self.q_seen = torch.zeros((n, buckets), dtype=torch.long, device=device)
-            # each kept window's random priority (EMPTY_PRIORITY: a free slot), and per bucket the largest one kept
-            self.q_priority = torch.full((n * buckets, quantile_k), EMPTY_PRIORITY, dtype=torch.long, device=device)
-            self.q_limit = torch.full((n, buckets), EMPTY_PRIORITY, dtype=torch.long, device=device)
+            # each kept window's random priority (EMPTY_PRIORITY: a free slot)
+            self.q_priority = torch.full((n, buckets, quantile_k), EMPTY_PRIORITY, dtype=torch.long, device=device)
             self.q_window = torch.full((n, buckets, quantile_k), -1, dtype=torch.long, device=device)
             self.q_acts = torch.zeros((n, buckets, quantile_k, t), device=device)
             self.q_rng = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + 11)
@@ -299,12 +298,12 @@ class LayerSelection:
         key = (-order_key << 32) + (cand_window + 1)
         key[:, k:].masked_fill_(~fired[rows], NEVER_ENTERS)  # a silent window never enters
         # slots stay unordered until `finalize`, so only the entering windows' activations are copied
-        ev_row, ev_slot, en_row, en_b, weakest = keep_smallest(key, k)
-        if len(ev_row):
-            neuron = rows[ev_row]
-            self.top_acts[neuron, ev_slot] = self._columns(a, en_b, rows[en_row])
-            self.top_max[neuron, ev_slot] = per_window_max[rows[en_row], en_b]
-            self.top_window[neuron, ev_slot] = window_index[en_b]
+        row, slot, b, weakest = keep_smallest(key, k)
+        if len(row):
+            neuron = rows[row]
+            self.top_acts[neuron, slot] = self._columns(a, b, neuron)
+            self.top_max[neuron, slot] = per_window_max[neuron, b]
+            self.top_window[neuron, slot] = window_index[b]
         self.top_min[rows] = cand_max.gather(1, weakest[:, None]).squeeze(1)
 
     def end_pilot(self) -> None:
@@ -325,7 +324,8 @@ class LayerSelection:
         windows of lowest priority among those it has seen, a uniform sample of them without replacement, as a
         reservoir keeps. A window enters only if its priority is below the largest one its bucket keeps (any, while
         the bucket has a free slot), so after the first windows a batch costs a comparison per window; the few that
-        enter are merged as in `_top_k_update`, and the result does not depend on how the windows were batched."""
+        enter are merged by `keep_smallest`, as the top windows are, and the result does not depend on how the windows
+        were batched."""
         import torch
 
         if self.q_bounds is None:
@@ -337,20 +337,19 @@ class LayerSelection:
         bucket = (self.q_bounds[:, None, :] <= per_window_max[:, :, None]).sum(dim=2)
         self.q_seen.scatter_add_(1, bucket, torch.ones_like(bucket))
         priority = torch.randint(EMPTY_PRIORITY, (n, n_b), generator=self.q_rng, device=per_window_max.device)
-        enters = priority < self.q_limit.gather(1, bucket)
+        enters = priority < self.q_priority.amax(dim=2).gather(1, bucket)
         neuron, b = enters.nonzero(as_tuple=True)
         if not len(neuron):
             return
         rows, column = torch.unique(neuron * buckets + bucket[neuron, b], return_inverse=True)  # (unit, bucket) rows
         key = torch.full((len(rows), k + n_b), NEVER_ENTERS, dtype=torch.long, device=rows.device)
-        key[:, :k] = self.q_priority[rows]
+        key[:, :k] = self.q_priority.view(-1, k)[rows]
         key[column, k + b] = priority[neuron, b]
-        ev_row, ev_slot, en_row, en_b, weakest = keep_smallest(key, k)
-        row = rows[ev_row]
-        self.q_priority[row, ev_slot] = key[en_row, k + en_b]
-        self.q_limit.view(-1)[rows] = key.gather(1, weakest[:, None]).squeeze(1)
-        self.q_window.view(-1, k)[row, ev_slot] = window_index[en_b]
-        self.q_acts.view(-1, k, self.q_acts.shape[-1])[row, ev_slot] = self._columns(a, en_b, row // buckets)
+        row, slot, entering, _ = keep_smallest(key, k)
+        target = rows[row]  # (unit, bucket) rows of the slots taken
+        self.q_priority.view(-1, k)[target, slot] = key[row, k + entering]
+        self.q_window.view(-1, k)[target, slot] = window_index[entering]
+        self.q_acts.view(-1, k, self.q_acts.shape[-1])[target, slot] = self._columns(a, entering, target // buckets)
 
     def quantile_samples(self):
         """(windows [n, buckets, k] with -1 for empty slots, activations [n, buckets, k, T], boundaries [n, levels],
@@ -425,10 +424,9 @@ class ExtractionStats:
 
 def keep_smallest(key, k: int):
     """Per row of `key` ([rows, k + B] int64: a unit's k kept slots, then the batch's B windows), which k keys stay:
-    the k smallest. Returns (ev_row, ev_slot, en_row, en_b, weakest): each slot whose window leaves, paired with a
-    batch window that takes it (en_b; as many of each per row, in order), and per row the column of the largest key
-    kept. Equal keys are free slots (any of them may be taken) or batch windows keyed NEVER_ENTERS (no candidates:
-    none enters).
+    the k smallest. Returns (row, slot, b, weakest): each slot whose window leaves, in its row, with the batch window
+    b that takes it; and per row the column of the largest key kept. Equal keys are free slots (any of them may be
+    taken) or batch windows keyed NEVER_ENTERS (no candidates: none enters).
 
     Late in a pass most rows have one batch window below their largest kept key: that window takes the largest key's
     slot, without ordering the row (measured on a whole-model layer: `topk` over the k + B keys of ~1800 rows took
@@ -436,24 +434,25 @@ def keep_smallest(key, k: int):
     import torch
 
     kept = key[:, :k]
-    largest, slot = kept.max(dim=1)
-    below = key[:, k:] < largest[:, None]
+    slot = kept.argmax(dim=1)  # the largest kept key's
+    below = key[:, k:] < kept.gather(1, slot[:, None])
     entering = below.sum(dim=1)
     one, many = (entering == 1).nonzero().squeeze(1), (entering > 1).nonzero().squeeze(1)
-    ev_row, ev_slot, en_row, en_b = one, slot[one], one, below[one].int().argmax(dim=1)
+    row, taken, b = one, slot[one], below[one].int().argmax(dim=1)
     weakest = slot.clone()
     if len(one):
-        after = kept[one].scatter(1, ev_slot[:, None], key[one, k + en_b][:, None])
-        weakest[one] = torch.where(after.max(dim=1).values == key[one, k + en_b], k + en_b, after.argmax(dim=1))
+        largest = kept[one].scatter(1, taken[:, None], key[one, k + b][:, None]).argmax(dim=1)
+        weakest[one] = torch.where(largest == taken, k + b, largest)  # the entering window, or a slot it left
     if len(many):
         pick = torch.topk(key[many], k, dim=1, largest=False, sorted=True).indices  # < k a kept slot, ≥ k a window
         chosen = torch.zeros((len(many), key.shape[1]), dtype=torch.bool, device=key.device).scatter_(1, pick, True)
-        m_ev_row, m_ev_slot = (~chosen[:, :k]).nonzero(as_tuple=True)
-        m_en_row, m_en_b = chosen[:, k:].nonzero(as_tuple=True)
-        ev_row, ev_slot = torch.cat([ev_row, many[m_ev_row]]), torch.cat([ev_slot, m_ev_slot])
-        en_row, en_b = torch.cat([en_row, many[m_en_row]]), torch.cat([en_b, m_en_b])
+        # each entering window takes the slot of one leaving window of its row (as many of each per row, in order)
+        leaving_row, leaving_slot = (~chosen[:, :k]).nonzero(as_tuple=True)
+        row = torch.cat([row, many[leaving_row]])
+        taken = torch.cat([taken, leaving_slot])
+        b = torch.cat([b, chosen[:, k:].nonzero(as_tuple=True)[1]])
         weakest[many] = pick[:, k - 1]
-    return ev_row, ev_slot, en_row, en_b, weakest
+    return row, taken, b, weakest
 
 
 def torch_sort_windows(windows):
