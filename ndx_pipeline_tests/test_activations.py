@@ -129,7 +129,41 @@ def test_forward_stops_after_the_deepest_requested_layer(subject, small_windows)
     assert calls == []
 
 
-def test_ties_go_to_the_lower_window_index():
+@pytest.fixture(params=["compiled", "torch"])
+def selection_path(request, monkeypatch):
+    """Selections made in the test take the compiled update (dense units on the CPU) or the torch one (GPUs, sparse
+    units): each test that asks for this fixture runs on both."""
+    monkeypatch.setattr(act, "COMPILED_ON_CPU", request.param == "compiled")
+    return request.param
+
+
+def test_the_compiled_update_keeps_what_the_torch_update_keeps(subject, small_windows, monkeypatch):
+    """On the real model, every neuron of two layers on both sides, with quantile samples and the token table: the
+    compiled update keeps the same top windows and activations, random and quantile samples, maxima and token table
+    as the torch update, exactly; the moments agree within float32 rounding (summed per window, not per batch)."""
+    from ndx_pipeline.core.data.units import MlpNeurons
+
+    model, tok = subject
+    units = {layer: MlpNeurons(layer, range(1536), "both") for layer in (0, 2)}
+    runs = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(act, "COMPILED_ON_CPU", compiled)
+        runs[compiled], _ = act.extract(model, tok, small_windows, units, top_k=20, random_k=20, seed=5, batch_size=7,
+                                        quantile_k=3, token_table=True)
+    for layer in units:
+        fast, reference = runs[True][layer], runs[False][layer]
+        assert fast.compiled and not reference.compiled
+        for name in ("top_max", "top_window", "top_acts", "sample_acts", "max", "q_seen", "token_count", "token_sum"):
+            assert torch.equal(getattr(fast, name), getattr(reference, name)), name
+        for got, want in zip(fast.quantile_samples(), reference.quantile_samples()):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(fast.moments(), reference.moments()):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        assert fast.count == reference.count
+        assert (fast.top_window >= 0).float().mean() > 0.9 and (fast.q_window >= 0).any()
+
+
+def test_ties_go_to_the_lower_window_index(selection_path):
     sel = act.LayerSelection([0], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
     acts = torch.tensor([[[1.0], [0.0]], [[2.0], [0.0]], [[1.0], [0.0]]])  # windows 0, 1, 2: maxima 1, 2, 1
     mask = torch.ones(3, 2, dtype=torch.bool)
@@ -140,7 +174,7 @@ def test_ties_go_to_the_lower_window_index():
     assert sel.top_window[0].tolist() == [1, 3, 0]
 
 
-def test_ties_resolve_the_same_whatever_order_the_windows_come_in():
+def test_ties_resolve_the_same_whatever_order_the_windows_come_in(selection_path):
     """With quantile samples the pilot windows go first, so windows arrive out of index order; a tie must still go
     to the lower window index."""
     sel = act.LayerSelection([0], window_tokens=1, top_k=2, sample=np.array([], dtype=np.int64))
@@ -194,7 +228,7 @@ def test_quantile_samples_follow_the_seed_and_reach_the_records(subject, small_w
     assert "quantile_0" in kinds and len(kinds) >= 4
 
 
-def test_quantile_samples_are_uniform_over_their_bucket():
+def test_quantile_samples_are_uniform_over_their_bucket(selection_path):
     """Each bucket's sample is a uniform draw of `quantile_k` of its windows, whatever their order or batch: 4000
     units with the same activations draw independent samples, so each window of a bucket is kept by about
     units × k / members of them. Windows arrive several per batch (buckets with free slots fill from one batch)."""
@@ -253,7 +287,7 @@ def test_keep_smallest_keeps_each_rows_k_smallest_keys():
     assert {0, 1} < set(entering.tolist()) and entering.max() > 2
 
 
-def test_padding_never_enters_statistics():
+def test_padding_never_enters_statistics(selection_path):
     sel = act.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
     acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])
     mask = torch.tensor([[True, True, False]])
@@ -268,7 +302,7 @@ def test_padding_never_enters_statistics():
     assert sel.top_window[0, 0] == 1 and sel.top_max[0, 0] == 2.0
 
 
-def test_a_window_enters_the_top_windows_only_where_the_unit_fired():
+def test_a_window_enters_the_top_windows_only_where_the_unit_fired(selection_path):
     """A unit silent (max ≤ 0) in a window never keeps it among its top ones, even with slots free; the windows where
     it fired are kept by (max desc, window asc) as before."""
     sel = act.LayerSelection([0, 1], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
@@ -288,7 +322,7 @@ def test_corpus_shorter_than_top_k_is_a_clear_error(subject, small_windows):
         act.extract(model, tok, small_windows, {0: [1]}, top_k=500)
 
 
-def test_a_mirrored_selection_equals_selecting_on_both_signs():
+def test_a_mirrored_selection_equals_selecting_on_both_signs(selection_path):
     """Both sides of a neuron (`MlpNeurons(..., "both")`) are selected from the positive half alone: the kept windows,
     activations, quantile samples, maxima and token table equal those of a plain selection given [x, -x], exactly
     (the moments within float32 rounding).
@@ -323,7 +357,7 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs():
     assert plain.count == mirrored.count and (mirrored.top_window >= 0).all()
 
 
-def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one():
+def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one(selection_path):
     """Sparse nonnegative units (dictionary latents): a nonnegative selection given the dense batch keeps exactly
     what a plain one keeps, and one given only the nonzero entries (`SparseActivations`, as dictionary latents are
     read) the same windows, activations, samples, quantile samples and token table too (its moments summed in
@@ -355,9 +389,10 @@ def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one():
         sel.finalize()
     assert (plain.q_window >= 0).sum() > n  # silent windows were sampled: the path under test ran
     for other in (silent_written, entries):
-        for name in ("top_max", "top_window", "top_acts", "sample_acts", "q_window", "q_acts", "q_seen", "max",
-                     "token_count"):
+        for name in ("top_max", "top_window", "top_acts", "sample_acts", "q_seen", "max", "token_count"):
             assert torch.equal(getattr(plain, name), getattr(other, name)), name
+        for got, want in zip(other.quantile_samples(), plain.quantile_samples()):  # slots ordered by window
+            np.testing.assert_array_equal(got, want)
         for name in ("sum", "sumsq", "token_sum"):
             torch.testing.assert_close(getattr(plain, name), getattr(other, name), rtol=1e-6, atol=1e-5)
         assert other.count == plain.count

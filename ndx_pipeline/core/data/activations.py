@@ -14,9 +14,11 @@
 Dense units (MLP neurons) are given to the selection as [batch, tokens, units] blocks; sparse ones (dictionary
 latents) as their nonzero entries (`SparseActivations`), so a batch costs what fires in it, not tokens × latents.
 
-Selection is streaming and vectorized: memory is O(layers × neurons × (top_k + random_k) × window), independent of
-the corpus length; the token table adds O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons).
-Kept activations are stored exactly, as float32.
+Selection is streaming: memory is O(layers × neurons × (top_k + random_k) × window), independent of the corpus
+length. Dense units on the CPU take one compiled call per layer and batch (`selection_kernel`); on a GPU, and for
+sparse units, the update is vectorized torch (the reference the tests hold the compiled one to). The token table adds
+O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons). Kept activations are stored exactly, as
+float32.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ndx_pipeline.core.contract import (
     quantile_kind,
 )
 from ndx_pipeline.core.data.dictionaries import SparseActivations
+from ndx_pipeline.core.data.selection_kernel import update_batch
 from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
@@ -53,7 +56,15 @@ TRANSPOSE_FROM_SHARE = 4
 PILOT_WINDOWS = 1024
 EMPTY_PRIORITY = 2**62  # a quantile sample's free slot: above every priority drawn (below 2**62)
 NEVER_ENTERS = 2**63 - 1  # the merge key of a batch window that is no candidate (`keep_smallest`)
+# dense units on the CPU take the compiled update (`selection_kernel`); False: the torch path everywhere, the reference
+# that the tests compare the compiled one against
+COMPILED_ON_CPU = True
 TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
+
+
+# stand-ins for the quantile samples' arrays when a batch is not merged into them (the compiled update's arguments)
+_NO_QUANTILES = (np.zeros((1, 1), np.float32), *(np.zeros((1,) * d, np.int64) for d in (2, 3, 3)),
+                 np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1), np.int64))
 
 
 def pilot_windows(n_windows: int, seed: int, size: int = PILOT_WINDOWS) -> np.ndarray:
@@ -90,6 +101,7 @@ class LayerSelection:
             raise ValueError("a mirrored selection has an even number of units (each side of each neuron).")
         self.mirrored = mirrored
         self.nonnegative = nonnegative
+        self.compiled = COMPILED_ON_CPU and torch.device(device).type == "cpu"
         self.read_width = n // 2 if mirrored else n  # the columns `update` is given
         self.top_k = top_k
         self.top_max = torch.full((n, top_k), float("-inf"), device=device)
@@ -134,12 +146,14 @@ class LayerSelection:
         if isinstance(acts, SparseActivations):
             return self._update_sparse(acts, mask, window_index, token_ids)
         a = acts.float()
-        padded = ~mask.all(dim=1)  # [B] windows shorter than the window width
-        if bool(padded.any()):
-            a = a.masked_fill(~mask[..., None], 0.0)
         rows = self._count_tokens(mask, token_ids)
         if rows is not None:
             self.token_sum.index_add_(0, rows, a[mask].double())
+        if self.compiled:
+            return self._update_compiled(a.contiguous(), mask, window_index)
+        padded = ~mask.all(dim=1)  # [B] windows shorter than the window width
+        if bool(padded.any()):
+            a = a.masked_fill(~mask[..., None], 0.0)
         # per-batch sums in float32 (≤ batch × window terms), accumulated over the corpus in float64; one window at a
         # time, so its square stays in cache (on CPU, one reduction over both dims of the strided [B, T, units] view is
         # 30× slower, and squaring the whole batch first 3-4×)
@@ -165,11 +179,35 @@ class LayerSelection:
         self._by_unit = None  # the batch transposed, made by `_columns` when it is worth it
         self._select(a, per_window_max.T, window_index)
         self._by_unit = None
+        self._keep_sampled(a, window_index)
 
+    def _update_compiled(self, a, mask, window_index) -> None:
+        """`update` for dense units on the CPU, compiled (`selection_kernel`): the same kept sets, in one call."""
+        import torch
+
+        n, n_b = len(self.ids), a.shape[0]
+        per_window_max = torch.empty((n, n_b), dtype=torch.float32)
+        sample_quantiles = bool(self.quantile_k) and self.q_bounds is not None
+        if sample_quantiles:  # drawn as `_quantile_update` draws them: both paths keep the same samples
+            priority = torch.randint(EMPTY_PRIORITY, (n, n_b), generator=self.q_rng)
+            quantiles = (self.q_bounds, self.q_seen, self.q_priority, self.q_window, self.q_acts, priority)
+        else:
+            quantiles = _NO_QUANTILES
+        update_batch(a.numpy(), mask.numpy(), window_index.numpy(), self.mirrored, sample_quantiles,
+                     self.sum.numpy(), self.sumsq.numpy(), self.max.numpy(), per_window_max.numpy(),
+                     self.top_max.numpy(), self.top_window.numpy(), self.top_acts.numpy(), self.top_min.numpy(),
+                     *(x if isinstance(x, np.ndarray) else x.numpy() for x in quantiles))
+        if self.quantile_k and self.q_bounds is None:
+            self.pilot_max.append(per_window_max)
+        self._keep_sampled(a, window_index, mask)
+
+    def _keep_sampled(self, a, window_index, mask=None) -> None:
+        """The batch's windows that the random sample holds into it (mask: zero their padding first)."""
         for b, slot in self._sampled(window_index):
-            self.sample_acts[: self.read_width, slot, :] = a[b].T
+            x = (a[b] if mask is None else a[b].masked_fill(~mask[b][:, None], 0.0)).T
+            self.sample_acts[: self.read_width, slot, :] = x
             if self.mirrored:
-                self.sample_acts[self.read_width :, slot, :] = -a[b].T
+                self.sample_acts[self.read_width :, slot, :] = -x
 
     def _select(self, a, per_window_max, window_index) -> None:
         """The batch's windows into each unit's max, quantile samples and top k; per_window_max: [units, B]."""
