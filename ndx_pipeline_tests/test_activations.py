@@ -2,6 +2,9 @@
 forward pass, moments equal numpy, the random sample follows its seed, and nothing above the deepest requested
 layer is computed."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +164,24 @@ def test_the_compiled_update_keeps_what_the_torch_update_keeps(subject, small_wi
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
         assert fast.count == reference.count
         assert (fast.top_window >= 0).float().mean() > 0.9 and (fast.q_window >= 0).any()
+
+
+def test_the_compiled_update_works_where_no_cache_can_be_written():
+    """Installed read-only (an image whose package folder and home cannot be written), numba finds nowhere to cache
+    the compiled update: the module still imports, and the update compiles in the process."""
+    code = (
+        "from numba.core import caching\n"
+        "caching.CacheImpl._locator_classes = []  # numba's answer where no folder can be written\n"
+        "import numpy as np, torch\n"
+        "from ndx_pipeline.core.data import activations as act\n"
+        "sel = act.LayerSelection([0, 1], window_tokens=3, top_k=1, sample=np.array([], dtype=np.int64))\n"
+        "sel.update(torch.tensor([[[1.0, -1.0], [2.0, 0.5], [0.0, 0.0]]]), torch.tensor([[True, True, False]]),\n"
+        "           torch.tensor([4]))\n"
+        "print(sel.compiled, sel.top_window.tolist(), sel.top_acts.tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "True [[4], [4]] [[[1.0, 2.0, 0.0]], [[-1.0, 0.5, 0.0]]]"
 
 
 def test_ties_go_to_the_lower_window_index(selection_path):

@@ -26,7 +26,21 @@ from numba import njit
 _VECTOR_MATH = {"nsz", "arcp", "contract", "reassoc"}
 
 
-@njit(cache=True, nogil=True, fastmath=_VECTOR_MATH)
+def _compiled(**options):
+    """numba's njit (releasing the GIL), its machine code cached on disk: beside this module, else in the user's
+    cache folder (numba's choice; the first process compiles in ≈ 3 s, later ones load it in 0.2 s). Where neither can
+    be written (a read-only image whose home is read-only too), numba refuses to cache, and each process compiles
+    on first use instead of failing to import."""
+    def compile_(function):
+        try:
+            return njit(cache=True, nogil=True, **options)(function)
+        except RuntimeError:  # "cannot cache function …: no locator available"
+            return njit(nogil=True, **options)(function)
+
+    return compile_
+
+
+@_compiled(fastmath=_VECTOR_MATH)
 def _window_stats(a, mask, win_sum, win_sq, win_max, win_min):
     """Per window b and column c of a [B, T, m]: the sum, sum of squares, max and min over the window's real tokens
     (mask[b, t]); [B, m] each. A window with no real token has max -inf and min +inf."""
@@ -58,14 +72,14 @@ def _window_stats(a, mask, win_sum, win_sq, win_max, win_min):
         win_min[b] = lo
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _copy_window(dest, a, mask, b, column, sign):
     """dest[:] = sign × window b's activations of `column`, 0 at its padding."""
     for t in range(a.shape[1]):
         dest[t] = sign * a[b, t, column] if mask[b, t] else np.float32(0.0)
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def update_batch(a, mask, window_index, mirrored, sample_quantiles,
                  total, squares, running_max, per_window_max,
                  top_max, top_window, top_acts, top_min,
@@ -128,7 +142,7 @@ def update_batch(a, mask, window_index, mirrored, sample_quantiles,
         top_min[u] = floor
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _sample_quantiles(u, column, sign, a, mask, window_index, per_window_max, q_bounds, q_seen, q_priority, q_window,
                       q_acts, priority):
     """Unit u's windows of the batch into its buckets' bottom-k samples: a window takes the slot of its bucket's
