@@ -347,8 +347,8 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs(selection_path):
     """Both sides of a neuron (`MlpNeurons(..., "both")`) are selected from the positive half alone: the kept windows,
     activations, quantile samples, maxima and token table equal those of a plain selection given [x, -x], exactly
     (the moments within float32 rounding).
-    1100 neurons × 8 windows a batch take the transposed gather early in the pass and the strided one later; one
-    window in each batch is shorter than the width."""
+    On the torch path, 1100 neurons × 8 windows a batch take the transposed gather early in the pass and the strided
+    one later; one window in each batch is shorter than the width."""
     rng = np.random.default_rng(3)
     n, t, n_windows, batch = 1100, 6, 96, 8
     ids = list(range(n)) + [-1 - i for i in range(n)]
@@ -382,7 +382,8 @@ def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one(selec
     """Sparse nonnegative units (dictionary latents): a nonnegative selection given the dense batch keeps exactly
     what a plain one keeps, and one given only the nonzero entries (`SparseActivations`, as dictionary latents are
     read) the same windows, activations, samples, quantile samples and token table too (its moments summed in
-    float64, the plain one's per batch in float32); it ignores an entry at a padding position."""
+    float64, the plain one's in float32 per batch, or per window on the compiled path); it ignores an entry at a
+    padding position."""
     from ndx_pipeline.core.data.dictionaries import SparseActivations
 
     rng = np.random.default_rng(4)

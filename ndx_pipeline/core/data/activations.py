@@ -187,7 +187,8 @@ class LayerSelection:
 
         n, n_b = len(self.ids), a.shape[0]
         per_window_max = torch.empty((n, n_b), dtype=torch.float32)
-        sample_quantiles = bool(self.quantile_k) and self.q_bounds is not None
+        pilot = bool(self.quantile_k) and self.q_bounds is None
+        sample_quantiles = bool(self.quantile_k) and not pilot
         if sample_quantiles:  # drawn as `_quantile_update` draws them: both paths keep the same samples
             priority = torch.randint(EMPTY_PRIORITY, (n, n_b), generator=self.q_rng)
             quantiles = (self.q_bounds, self.q_seen, self.q_priority, self.q_window, self.q_acts, priority)
@@ -197,7 +198,7 @@ class LayerSelection:
                      self.sum.numpy(), self.sumsq.numpy(), self.max.numpy(), per_window_max.numpy(),
                      self.top_max.numpy(), self.top_window.numpy(), self.top_acts.numpy(), self.top_min.numpy(),
                      *(x if isinstance(x, np.ndarray) else x.numpy() for x in quantiles))
-        if self.quantile_k and self.q_bounds is None:
+        if pilot:
             self.pilot_max.append(per_window_max)
         self._keep_sampled(a, window_index, mask)
 
