@@ -28,8 +28,9 @@ pr.disable()
 st = pstats.Stats(pr)
 rows = {}
 for (fn, line, name), (cc, nc, tt, ct, callers) in st.stats.items():
-    if fn.endswith("core/activations.py") and name in ("extract", "update", "_top_k_update", "_quantile_update",
-                                                         "release_freed_heap", "batch_inputs", "finalize"):
+    if fn.endswith(("core/data/activations.py", "core/heap.py")) and name in (
+            "extract", "update", "_update_compiled", "_top_k_update", "_quantile_update", "end_pilot",
+            "release_freed_heap", "batch_inputs", "finalize"):
         rows[name] = (nc, ct)
 print(f"tokens {windows.total_tokens}, batches {-(-len(windows) // 16)}, bare forward {bare:.2f} s")
 for name, (nc, ct) in rows.items():

@@ -107,6 +107,10 @@ def test_stored_records_recompute_from_the_document(extracted, subject, small_wi
     selections, _ = extracted
     frame = act.records_frame(2, selections[2], small_windows, TokenTexts(tok))
     assert set(frame["kind"].unique()) == {"top", "random"}
+    # every row: as many activations as tokens, and its max_activation the largest of them
+    assert frame["activations"].list.len().equals(frame["tokens"].list.len())
+    assert frame["max_activation"].equals(frame["activations"].list.max(), check_names=False)
+    assert (frame["tokens"].list.len() < small_windows.window_tokens).any()  # windows cut short at a document's end
     texts = dict(zip(small_docs["doc_id"], small_docs["text"]))
     for row in frame.filter(frame["rank"].is_in([0, 7])).iter_rows(named=True):
         enc = tok(texts[row["doc_id"]], add_special_tokens=False)["input_ids"]
@@ -282,6 +286,28 @@ def test_quantile_samples_are_uniform_over_their_bucket(selection_path):
         assert chi2 < dof + 6 * np.sqrt(2 * dof), (bucket, kept.tolist())
         checked += 1
     assert checked >= 2
+
+
+def test_row_quantiles_equal_torch_quantile_to_the_bit():
+    """The compiled path's quantile boundaries (selection, not sorting) equal torch.quantile's exactly, as the two
+    update paths must bucket every window alike: rows of every length from 1, ties (rounded values, zero rows, ReLU
+    halves), infinities and NaN (its row all NaN)."""
+    rng = np.random.default_rng(0)
+    levels = torch.tensor(act.QUANTILE_LEVELS, dtype=torch.float32)
+    for trial in range(40):
+        m = int(rng.integers(1, 1500)) if trial else 1
+        x = torch.from_numpy(rng.standard_normal((64, m)).astype(np.float32) * 3)
+        if trial % 2:
+            x = x.round()
+        if trial % 3 == 0:
+            x = torch.relu(x)
+        if trial % 5 == 0:
+            x[:20] = 0.0
+        if trial % 7 == 0:
+            x[3, 0], x[4, -1], x[5, 0] = float("nan"), float("inf"), float("-inf")
+        want, got = torch.quantile(x, levels, dim=1).T, act.row_quantiles(x, levels)
+        assert torch.equal(got.isnan(), want.isnan()), trial
+        assert torch.equal(got.nan_to_num(0.0, 1e30, -1e30), want.nan_to_num(0.0, 1e30, -1e30)), trial
 
 
 def test_keep_smallest_keeps_each_rows_k_smallest_keys():

@@ -109,7 +109,9 @@ def _dictionary_lists(series: pl.Series):
     if flat.indices.null_count:
         raise ValueError(f"column {series.name!r} holds null items inside its lists.")
     codes = flat.indices.to_numpy()
-    present = np.flatnonzero(np.bincount(codes, minlength=len(flat.dictionary)))
+    used = np.zeros(len(flat.dictionary), dtype=bool)
+    used[codes] = True  # (half the time of a bincount, which widens 11M codes to int64 first)
+    present = np.flatnonzero(used)
     values = flat.dictionary.cast(pa.string()).take(pa.array(present))
     order = pc.sort_indices(values).to_numpy()
     if len(present) == len(flat.dictionary) and (order == np.arange(len(order))).all():

@@ -42,7 +42,7 @@ from ndx_pipeline.core.contract import (
     quantile_kind,
 )
 from ndx_pipeline.core.data.dictionaries import SparseActivations
-from ndx_pipeline.core.data.selection_kernel import update_batch
+from ndx_pipeline.core.data.selection_kernel import cut_windows, order_statistics, update_batch
 from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
@@ -353,7 +353,8 @@ class LayerSelection:
             return
         maxima = torch.cat(self.pilot_max, dim=1) if self.pilot_max else torch.zeros((len(self.ids), 1))
         levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float32, device=maxima.device)
-        self.q_bounds = torch.quantile(maxima.float(), levels, dim=1).T.contiguous()  # [n, levels]
+        self.q_bounds = (row_quantiles(maxima.float(), levels) if self.compiled
+                         else torch.quantile(maxima.float(), levels, dim=1).T.contiguous())  # [n, levels]
         self.pilot_max = []
 
     def _quantile_update(self, a, per_window_max, window_index) -> None:
@@ -428,6 +429,23 @@ class LayerSelection:
         if self.mirrored:
             sums = np.hstack([sums, -sums])
         return self.token_vocab.copy(), self.token_count.cpu().numpy(), sums
+
+
+def row_quantiles(x, levels):
+    """torch.quantile(x, levels, dim=1).T (linear interpolation) to the bit, for a CPU x [n, m]: the two values
+    around each level's rank found by selection (`order_statistics`) instead of sorting every row, and interpolated
+    as torch does (rank = level × (m - 1) in float32, then lerp); a row holding a NaN gives NaN. On the bundled model
+    (3072 units × 1024 pilot windows per layer, 2 cores) 70 → 34 ms per layer."""
+    import torch
+
+    ranks = levels * (x.shape[1] - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    needed, where = torch.unique(torch.cat([below, above]), return_inverse=True)  # sorted, distinct
+    nan = torch.isnan(x).any(dim=1)
+    values = torch.from_numpy(order_statistics(x.masked_fill(nan[:, None], 0.0).numpy(), needed.numpy()))
+    n_levels = len(levels)
+    bounds = torch.lerp(values[:, where[:n_levels]], values[:, where[n_levels:]], (ranks - below).expand(len(x), -1))
+    return bounds.masked_fill(nan[:, None], float("nan"))
 
 
 def batch_inputs(windows: Windows, idx, prefix: list[int], suffix: list[int], pad_id: int):
@@ -621,8 +639,9 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     max over the corpus ≤ 0) gets one `dead` row instead, with no window: nothing downstream explains it.
 
     Columnar from the selection's tensors to Arrow: the rows' order is settled on index arrays (dead rows in their
-    unit's place), the wide columns are gathered once in that order, and the list columns (tokens, activations) are
-    cut from fixed-width arrays, so no Python runs per row and no frame is sorted."""
+    unit's place), the wide columns are gathered once in that order, the activations are cut from the kept windows
+    straight into the list column's values (`cut_windows`: one copy, their max taken on the way) and the tokens from
+    the windows' ids, so no Python runs per row and no frame is sorted."""
     import pyarrow as pa
 
     mean, var, mx = selection.moments()
@@ -651,27 +670,21 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     order = np.argsort(unit, kind="stable")  # per unit: top, random, quantile buckets, each by rank (or its dead row)
     unit = unit[order]
     window = np.concatenate([b[3] for b in blocks])[order].astype(np.int64)
-    # each block's activations copied once, straight to their rows (a dead row's stay 0)
-    row_of = np.empty_like(order)
-    row_of[order] = np.arange(len(order))
-    acts = np.empty((len(order), windows.window_tokens), dtype=np.float32)
-    start = 0
-    for u, *_, source in blocks:
-        rows = row_of[start : start + len(u)]
-        if source is None:
-            acts[rows] = 0.0
-        else:
-            acts_of, u, r = source
-            acts[rows] = acts_of[u, r]
-        start += len(rows)
     is_dead = window < 0
     seen = np.where(is_dead, 0, window)  # a dead row reads window 0, masked to null below
-    length = np.where(is_dead, 0, windows.length[seen]).astype(np.int64)
-    max_activation = acts.max(axis=1)  # a window shorter than the width: its max over its real tokens only
-    short = np.nonzero((length < acts.shape[1]) & ~is_dead)[0]
-    if len(short):
-        real = np.arange(acts.shape[1])[None, :] < length[short, None]
-        max_activation[short] = np.where(real, acts[short], -np.inf).max(axis=1)
+    length = np.where(is_dead, 0, windows.length[seen]).astype(np.int64)  # a window's real tokens (0: dead row)
+    offset = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+    # each block's windows cut straight into the rows' activations, with their max over the real tokens
+    row_of = np.empty_like(order)
+    row_of[order] = np.arange(len(order))
+    values = np.empty(offset[-1], dtype=np.float32)
+    max_activation = np.empty(len(order), dtype=np.float32)
+    start = 0
+    for u, *_, source in blocks:
+        if source is not None:
+            acts_of, u, r = source
+            cut_windows(acts_of, u, r, row_of[start : start + len(u)], offset, length, values, max_activation)
+        start += len(u)
     max_activation = np.where(is_dead, mx[unit], max_activation)  # a dead unit's row: its max over the corpus
 
     def of_window(values, dtype):  # a window's value per row, null for a dead row
@@ -694,7 +707,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
             pl.Series(of_window(windows.doc_index, np.int64))),
         "token_start": of_window(windows.token_start, np.int32),
         "tokens": window_token_lists(windows, token_texts, seen, null=is_dead),
-        "activations": _ragged(acts, length, null=is_dead),
+        "activations": _lists(pa.array(values), length, null=is_dead),
         "window_index": pa.array(seen.astype(np.int32), mask=is_dead),
         "char_start": of_window(windows.char_start, np.int32),
         "char_end": of_window(windows.char_end, np.int32),
@@ -716,14 +729,6 @@ def _lists(values, length: np.ndarray, null: np.ndarray | None = None) -> pl.Ser
     offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
     mask = pa.array(null) if null is not None and null.any() else None
     return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask))
-
-
-def _ragged(matrix: np.ndarray, length: np.ndarray, null: np.ndarray | None = None) -> pl.Series:
-    """Each row of a 2-D array cut to its length, as a List series (null where `null` is set)."""
-    import pyarrow as pa
-
-    kept = np.arange(matrix.shape[1])[None, :] < length[:, None]
-    return _lists(pa.array(matrix[kept]), length, null)
 
 
 def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.ndarray,
