@@ -37,7 +37,7 @@ _VECTOR_MATH = {"nsz", "arcp", "contract", "reassoc"}
 
 def _compiled(**options):
     """numba's njit (releasing the GIL), its machine code cached on disk: beside this module, else in the user's
-    cache folder (numba's choice; the first process compiles in ≈ 3 s, later ones load it in 0.2 s). Where neither can
+    cache folder (numba's choice; the first process compiles in ≈ 8 s, later ones load it in 0.2 s). Where neither can
     be written (a read-only image whose home is read-only too), numba refuses to cache, and each process compiles
     on first use instead of failing to import."""
     def compile_(function):
