@@ -442,7 +442,9 @@ def row_quantiles(x, levels):
     below, above = ranks.long(), ranks.ceil().long()
     needed, where = torch.unique(torch.cat([below, above]), return_inverse=True)  # sorted, distinct
     nan = torch.isnan(x).any(dim=1)
-    values = torch.from_numpy(order_statistics(x.masked_fill(nan[:, None], 0.0).numpy(), needed.numpy()))
+    if bool(nan.any()):  # (selection needs comparable values; those rows' results are replaced below)
+        x = x.masked_fill(nan[:, None], 0.0)
+    values = torch.from_numpy(order_statistics(x.contiguous().numpy(), needed.numpy()))
     n_levels = len(levels)
     bounds = torch.lerp(values[:, where[:n_levels]], values[:, where[n_levels:]], (ranks - below).expand(len(x), -1))
     return bounds.masked_fill(nan[:, None], float("nan"))
