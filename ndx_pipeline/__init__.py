@@ -4,6 +4,10 @@
 without Dagster).
 """
 
+from ndx_pipeline.core.heap import keep_polars_freed_pages
+
+keep_polars_freed_pages()  # before anything imports polars
+
 __version__ = "0.1.0"
 
 

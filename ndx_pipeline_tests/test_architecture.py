@@ -33,7 +33,7 @@ RANKS = {
     "ndx_pipeline.definitions": 6,
     "ndx_pipeline.scale_out": 7,
     "ndx_pipeline.cli": 7,
-    "ndx_pipeline": 0,  # the package root: a docstring and the lazy `defs` attribute
+    "ndx_pipeline": 0,  # the package root: a docstring, the heap setting made before polars loads, the lazy `defs`
 }
 # Within rank 2, data must not reach into the method or the LLMs (the method reads data, never the reverse).
 FORBIDDEN = {
