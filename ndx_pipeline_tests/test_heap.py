@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ndx_pipeline.core.heap import POLARS_ALLOCATOR_SETTINGS
 
 # polars' jemalloc prints its options at exit when stats_print is on; the script adds it to what the package set
@@ -28,6 +30,7 @@ def _polars_allocator_options(env: dict) -> dict:
     return options
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="polars' wheels use jemalloc on Linux only")
 def test_polars_keeps_freed_pages_unless_the_user_set_its_allocator():
     env = {k: v for k, v in os.environ.items() if k != POLARS_ALLOCATOR_SETTINGS}
     ours = _polars_allocator_options(env)
