@@ -18,8 +18,8 @@ POLARS_KEEPS_FREED = "dirty_decay_ms:5000,muzzy_decay_ms:5000"
 
 
 def keep_polars_freed_pages() -> None:
-    """Have polars keep memory it frees for 5 s before handing the pages back to the OS (its default is 0.5 s for
-    pages in use, 1 s for pages already released lazily), unless the process has set `_RJEM_MALLOC_CONF` itself.
+    """Have polars keep memory it frees for 5 s before handing the pages back to the OS (its build's default: freed
+    pages 0.5 s, pages already released lazily 1 s), unless the process has set `_RJEM_MALLOC_CONF` itself.
     Takes effect only if polars is not imported yet (the package root calls it first thing); child processes
     (Dagster's step and run workers) inherit it.
 
@@ -28,8 +28,9 @@ def keep_polars_freed_pages() -> None:
     before the next layer asks for as much again, so each layer faults them in afresh. Measured on the whole-model
     materialization (30 layers, both signs, bundled corpus, 2-core VM, two runs each): after the pass 829k and 854k
     page faults, 15.6 and 14.3 s of system time, 22.8 and 21.9 s; with this 373k and 353k, 11.8 and 10.4 s, 20.5 and
-    19.8 s. On this VM a page the OS took back is also slow to get again (the hypervisor reclaims free guest memory:
-    writing 1.5 GB into fresh page cache runs at 0.7–0.8 GB/s, into pages just freed at 4.9 GB/s)."""
+    19.8 s (`benchmarks/activations.py`: 1.34–1.36× the bare forward before, 1.25–1.29× with it). On this VM a page
+    the OS took back is also slow to get again (the hypervisor reclaims free guest memory: writing 1.5 GB into fresh
+    page cache runs at 0.7–0.8 GB/s, into pages just freed at 4.9 GB/s)."""
     if "polars" not in sys.modules:
         os.environ.setdefault(POLARS_ALLOCATOR_SETTINGS, POLARS_KEEPS_FREED)
 
