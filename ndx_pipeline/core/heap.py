@@ -8,7 +8,6 @@ keeps a forward pass's freed activations for the next batch instead of mapping f
 from __future__ import annotations
 
 import os
-import sys
 
 _LIBC = None
 
@@ -20,8 +19,8 @@ POLARS_KEEPS_FREED = "dirty_decay_ms:5000,muzzy_decay_ms:5000"
 def keep_polars_freed_pages() -> None:
     """Have polars keep memory it frees for 5 s before handing the pages back to the OS (its build's default: freed
     pages 0.5 s, pages already released lazily 1 s), unless the process has set `_RJEM_MALLOC_CONF` itself.
-    Takes effect only if polars is not imported yet (the package root calls it first thing); child processes
-    (Dagster's step and run workers) inherit it.
+    It takes effect in a process that imports polars after it (the package root calls it first thing) and in the
+    child processes it starts (Dagster's step and run workers), whatever this one had imported before.
 
     Why: after an extraction pass, each layer's records and excerpts are built, gathered and written (≈ 1 s of work
     per layer on each of two threads), and with polars' default the pages of one layer's frames are back with the OS
@@ -31,8 +30,7 @@ def keep_polars_freed_pages() -> None:
     19.8 s (`benchmarks/activations.py`: 1.34–1.36× the bare forward before, 1.25–1.29× with it). On this VM a page
     the OS took back is also slow to get again (the hypervisor reclaims free guest memory: writing 1.5 GB into fresh
     page cache runs at 0.7–0.8 GB/s, into pages just freed at 4.9 GB/s)."""
-    if "polars" not in sys.modules:
-        os.environ.setdefault(POLARS_ALLOCATOR_SETTINGS, POLARS_KEEPS_FREED)
+    os.environ.setdefault(POLARS_ALLOCATOR_SETTINGS, POLARS_KEEPS_FREED)
 
 
 # mallopt parameters (glibc's malloc.h)

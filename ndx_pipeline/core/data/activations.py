@@ -675,7 +675,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     is_dead = window < 0
     seen = np.where(is_dead, 0, window)  # a dead row reads window 0, masked to null below
     length = np.where(is_dead, 0, windows.length[seen]).astype(np.int64)  # a window's real tokens (0: dead row)
-    offset = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+    offset = _offsets(length)
     # each block's windows cut straight into the rows' activations, with their max over the real tokens
     row_of = np.empty_like(order)
     row_of[order] = np.arange(len(order))
@@ -709,7 +709,7 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
             pl.Series(of_window(windows.doc_index, np.int64))),
         "token_start": of_window(windows.token_start, np.int32),
         "tokens": window_token_lists(windows, token_texts, seen, null=is_dead),
-        "activations": _lists(pa.array(values), length, null=is_dead),
+        "activations": _lists(pa.array(values), offset, null=is_dead),
         "window_index": pa.array(seen.astype(np.int32), mask=is_dead),
         "char_start": of_window(windows.char_start, np.int32),
         "char_end": of_window(windows.char_end, np.int32),
@@ -723,12 +723,16 @@ def _rows(matrix: np.ndarray) -> pl.Series:
     return pl.Series(np.ascontiguousarray(matrix).reshape(-1)).reshape(matrix.shape)
 
 
-def _lists(values, length: np.ndarray, null: np.ndarray | None = None) -> pl.Series:
-    """Arrow `values` cut into consecutive lists of `length[i]` items, as a List series (offsets, no copy per row);
-    rows where `null` is set are null lists (their length must be 0)."""
+def _offsets(length: np.ndarray) -> np.ndarray:
+    """Where each of consecutive lists of `length[i]` items starts, and (last) where the last one ends: int64."""
+    return np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
+
+
+def _lists(values, offsets: np.ndarray, null: np.ndarray | None = None) -> pl.Series:
+    """Arrow `values` cut at `offsets` (`_offsets`) into consecutive lists, as a List series (no copy per row); rows
+    where `null` is set are null lists (they must be empty)."""
     import pyarrow as pa
 
-    offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
     mask = pa.array(null) if null is not None and null.any() else None
     return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask))
 
@@ -753,7 +757,7 @@ def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.nda
     inverse = pl.Series(inverse.reshape(-1), dtype=pl.Int64)
     if null is not None and null.any():
         inverse = inverse.scatter(np.nonzero(null)[0], None)
-    return _lists(items, length).cast(pl.List(enum)).gather(inverse)
+    return _lists(items, _offsets(length)).cast(pl.List(enum)).gather(inverse)
 
 
 def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:
