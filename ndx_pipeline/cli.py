@@ -1,5 +1,6 @@
-"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows; trace a score
-to its documents; write the viewer; export to / import from OpenAI neuron-explainer JSON."""
+"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows, one variant at
+a time; compare variants; trace a score to its documents; write the viewer; export to / import from OpenAI
+neuron-explainer JSON; move a storage folder from before variants into one."""
 
 from __future__ import annotations
 
@@ -21,13 +22,22 @@ from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
-from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
+from ndx_pipeline.core.storage import asset_path, legacy_layer_files, migrate_storage, viewer_dir, write_text_atomic
+from ndx_pipeline.core.variants import (
+    DEFAULT_VARIANT,
+    VARIANT_RESOURCES,
+    check_name,
+    default_name,
+    record_variant,
+    variants_file,
+)
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.console import CONSOLE_LOGGER
-from ndx_pipeline.defs.partitions import contiguous_ranges, range_tags
+from ndx_pipeline.defs.partitions import add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
+from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
 from ndx_pipeline.reports.viewer import write_viewer
@@ -106,6 +116,62 @@ def run_config(args) -> dict:
     return {"resources": resources, "loggers": {logger: {"config": {"log_level": "INFO"}}}}
 
 
+def variant_settings(config: dict) -> dict:
+    """The settings of the run's variant: each per-variant resource as the definitions bind it (NDX_* variables),
+    with the command line's fields over it."""
+    resources = default_resources()
+    given = config["resources"]
+    out = {}
+    for name in VARIANT_RESOURCES:
+        fields = resources[name].model_dump()
+        fields.update(given.get(name, {}).get("config", {}))
+        out[name] = fields
+    return out
+
+
+def run_variant(args) -> str:
+    """The variant a run writes: --variant, else the name its units imply (`neurons`, `neurons-both`, the
+    dictionary folder's name)."""
+    if args.variant:
+        return check_name(args.variant, "--variant")
+    units = args.units or (DICTIONARY if args.dictionary else default_resources()["selection"].units)
+    return default_name(units, args.dictionary or default_resources()["selection"].dictionary)
+
+
+def refuse_legacy_layout(storage: Path) -> None:
+    """Layer files from before variants are never ignored and never mixed with a variant's: one sentence saying how
+    to move them."""
+    old = legacy_layer_files(storage)
+    if old:
+        raise NdxInputError(f"{storage} holds {len(old)} layer files in the layout from before variants "
+                            f"(e.g. {old[0].relative_to(storage)}): move them into a variant with `ndx-pipeline "
+                            f"migrate --storage {storage}` first.")
+
+
+def stopped_layers(result) -> dict[str, set[int]]:
+    """asset → the layers a failed blocking check stopped (from the checks' `failed_layers`)."""
+    out: dict[str, set[int]] = {}
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            data = event.asset_check_evaluation_data
+            if not data.passed and data.severity == dg.AssetCheckSeverity.ERROR:
+                entry = data.metadata.get("failed_layers")
+                text = getattr(entry, "value", entry) or ""
+                out.setdefault(data.asset_check_key.asset_key.to_user_string(), set()).update(
+                    int(x) for x in str(text).split(",") if x.strip())
+    return out
+
+
+def _step_failed(result) -> bool:
+    """Whether a step of the run failed for a reason other than a blocking check."""
+    return any(event.is_step_failure and not _blocking_check_failure(event) for event in result.all_events)
+
+
+def _blocking_check_failure(event) -> bool:
+    err = event.step_failure_data.error if event.step_failure_data else None
+    return err is not None and "DagsterAssetCheckFailedError" in (err.cls_name or "")
+
+
 def _failed_checks(result, severity: dg.AssetCheckSeverity) -> list[str]:
     out = []
     for event in result.all_events:
@@ -159,8 +225,8 @@ def _mean(series) -> str:
     return f"{valid.mean():7.3f}" if len(valid) else "    nan"
 
 
-def summarize(storage: Path, layers: list[int]) -> str:
-    frames = {layer: pl.read_parquet(asset_path(storage, c.SCORES, layer)) for layer in layers}
+def summarize(storage: Path, layers: list[int], variant: str) -> str:
+    frames = {layer: pl.read_parquet(asset_path(storage, c.SCORES, layer, variant)) for layer in layers}
     baselines = [c.baseline_column(b) for b in c.BASELINES
                  if any(c.baseline_column(b) in f.columns for f in frames.values())]
     head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}  {'cal_ev':>7}"
@@ -178,22 +244,23 @@ def summarize(storage: Path, layers: list[int]) -> str:
                      " the variance the simulation explains once calibrated on each neuron's calibration excerpts; then"
                      " the mean score of each baseline on the same excerpts: lookup = each token's mean activation,"
                      " random = another neuron's explanation, token_list = from the strongest tokens alone)")
-    lines += scorer_lines(storage, layers)
+    lines += scorer_lines(storage, layers, variant)
     lines.append("")
     lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
     for asset in c.LAYER_ASSETS:
-        lines.append(f"               {storage / asset}/<layer>.parquet")
-    lines.append(f"Neuron viewer: {viewer_dir(storage) / 'index.html'} (open it in a browser, no server needed)")
+        lines.append(f"               {storage / asset / variant}/<layer>.parquet")
+    lines.append(f"Neuron viewer: {viewer_dir(storage, variant) / 'index.html'} (open it in a browser, no server "
+                 "needed)")
     return "\n".join(lines)
 
 
-def scorer_lines(storage: Path, layers: list[int]) -> list[str]:
+def scorer_lines(storage: Path, layers: list[int], variant: str) -> list[str]:
     """The scorers beside simulation that ran: per layer and scorer, the mean score of our explanations and of the
     random and token-list baselines judged the same way (nothing when none ran)."""
     rows = []
     for layer in layers:
         for name, (_, asset) in c.SCORER_ASSETS.items():
-            path = asset_path(storage, asset, layer)
+            path = asset_path(storage, asset, layer, variant)
             frame = pl.read_parquet(path) if path.exists() else None
             if frame is None or frame.is_empty():
                 continue
@@ -250,35 +317,65 @@ def cmd_run(args) -> int:
         os.environ[SUBJECT_MODEL_ENV] = args.model
     layers = check_layers(args.model, parse_layers(args.layers))
     stages.corpus(args.corpus or default_resources()["corpus_source"].path)  # a bad corpus: one sentence, now
+    variant = run_variant(args)
+    storage = _storage(args)
+    refuse_legacy_layout(storage)
     definitions = build_definitions()
-    selection = _selection(definitions, args.start)
+    graph = definitions.resolve_asset_graph()
+    selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    storage = _storage(args)
-    print(f"ndx-pipeline: layers {layers} on instance {home}; Parquet under {storage}", flush=True)
+    if record_variant(variants_file(storage), variant, variant_settings(config)):
+        print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
+    print(f"ndx-pipeline: variant {variant}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
     step_time: dict[str, float] = {}
+    failed: dict[int, str] = {}  # layer → why it stopped (the other layers go on)
     with dg.DagsterInstance.get() as instance:
-        for lo, hi in contiguous_ranges(layers):
-            subset = (None if args.start is None else
-                      selection.resolve(definitions.resolve_asset_graph()))
-            result = job.execute_in_process(run_config=config, instance=instance, tags=range_tags(lo, hi),
-                                            raise_on_error=False, asset_selection=subset)
+        add_variant(instance, variant)
+        work = [(lo, hi, selection) for lo, hi in contiguous_ranges(layers)]
+        while work:
+            lo, hi, subset = work.pop(0)
+            result = job.execute_in_process(run_config=config, instance=instance, tags=range_tags(variant, lo, hi),
+                                            raise_on_error=False,
+                                            asset_selection=None if subset == selection and args.start is None
+                                            else list(subset))
             for warning in run_warnings(result):
                 print(f"warning: {warning}", file=sys.stderr)
-            if not result.success:
-                print(f"error: {failure_message(result)}", file=sys.stderr)
-                return 1
-            print(f"run {result.run_id} succeeded (layers {lo}–{hi})", flush=True)
             for step, sec in step_seconds(instance, result.run_id).items():
                 step_time[step] = step_time.get(step, 0.0) + sec
+            if result.success:
+                print(f"run {result.run_id} succeeded ({variant}, layers {lo}–{hi})", flush=True)
+                continue
+            stopped = stopped_layers(result)
+            if not stopped or _step_failed(result):
+                print(f"error: {failure_message(result)}", file=sys.stderr)
+                return 1
+            # a blocking check stopped some layers: the others go on with the assets after the checked ones
+            why = failure_message(result)
+            for at in stopped.values():
+                for layer in at:
+                    failed.setdefault(layer, why)
+            print(f"run {result.run_id}: layers {sorted(failed)} of {variant} stopped by a failed check; the other "
+                  "layers go on", file=sys.stderr, flush=True)
+            rest = [layer for layer in range(lo, hi + 1) if layer not in failed]
+            after = (dg.AssetSelection.assets(*stopped).downstream() - dg.AssetSelection.assets(*stopped)).resolve(
+                graph) & subset
+            if after:
+                work += [(a, b, after) for a, b in contiguous_ranges(rest)]
+    scored = [layer for layer in layers if layer not in failed]
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
     print(stage_table(step_time) + "\n")
-    print(summarize(storage, layers))
+    if scored:
+        print(summarize(storage, scored, variant))
     if bundled_llms(args):
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
     print(f"\nSee the runs in the UI: {ui}")
+    if failed:
+        for layer, why in sorted(failed.items()):
+            print(f"error: layer {layer} of variant {variant} failed: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -353,6 +450,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize corpus → … → scores for some layers and print a summary")
     run.add_argument("--layers", default=DEFAULT_LAYERS, help=f"e.g. 0,5,10 or 0-3 (default {DEFAULT_LAYERS})")
+    run.add_argument("--variant", help="the variant this run writes (default: from the units: neurons, "
+                                       "neurons-negative, neurons-both, or the dictionary folder's name); its "
+                                       "settings are recorded in the variants file")
     run.add_argument("--from", dest="start", metavar="ASSET",
                      help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")
@@ -397,13 +497,58 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="read NeuronRecord JSON files as activation_records")
     imp.add_argument("source", help="a <neuron>.json, a layer folder, or an export root with collated-activations/")
     imp.add_argument("--layers", help="only these layers")
+    comp = sub.add_parser("compare", help="variants side by side: scores per layer and pooled, differences with "
+                                          "bootstrap intervals")
+    comp.add_argument("variants", nargs="*", metavar="VARIANT", help="default: every variant with scores")
+    comp.add_argument("--layers", help="e.g. 0,5 or 0-3 (default: every layer a chosen variant has scores for)")
+    comp.add_argument("--json", action="store_true", help="machine-readable output")
+    comp.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
+    comp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default 0)")
+    mig = sub.add_parser("migrate", help="move layer files from the layout before variants (<asset>/<layer>.parquet) "
+                                         "into a variant, ids scoped to it, and record them on the instance")
+    mig.add_argument("--variant", help=f"the variant they become (default {DEFAULT_VARIANT})")
     for p in (lin, view, export, imp):
+        p.add_argument("--variant", help="the variant (default: the only one there is, else say which)")
+    for p in (lin, view, export, imp, mig, comp):
         p.add_argument("--storage",
                        help="where the Parquet files are (default: $NDX_STORAGE, else $DAGSTER_HOME/storage)")
     return top
 
 
-COMMANDS = {"run": cmd_run, "lineage": cmd_lineage, "view": cmd_view, "export": cmd_export, "import": cmd_import}
+def cmd_compare(args) -> int:
+    """Print variants side by side: their scores per layer and pooled, and their differences with bootstrap
+    intervals (paired over the units they share)."""
+    storage = _storage(args)
+    refuse_legacy_layout(storage)
+    result = compare(storage, args.variants, parse_layers(args.layers) if args.layers else None,
+                     resamples=args.resamples, seed=args.seed)
+    print(compare_json(result) if args.json else format_compare(result))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    """Move a storage folder's layer files from before variants into one variant: each file rewritten with its ids
+    scoped to the variant, the viewer's pages moved, the files recorded as materializations of the variant's
+    partitions; says what it did."""
+    storage = _storage(args)
+    variant = check_name(args.variant or DEFAULT_VARIANT, "--variant")
+    moved = migrate_storage(storage, variant)
+    if not moved:
+        print(f"nothing to move: {storage} holds no layer files in the layout from before variants")
+        return 0
+    with dg.DagsterInstance.get() as instance:
+        add_variant(instance, variant)
+        record_imported(instance, [(a, layer, variant, path) for a, layer, path in moved],
+                        source=f"{storage} (layout before variants)")
+    for asset, layer, path in moved:
+        print(f"{asset} layer {layer} -> {path}")
+    print(f"\nMoved {len(moved)} files into variant {variant} (ids prefixed with '{variant}/'); recorded on the "
+          "instance as its partitions.")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "lineage": cmd_lineage, "view": cmd_view, "export": cmd_export, "import": cmd_import,
+            "compare": cmd_compare, "migrate": cmd_migrate}
 
 
 def main(argv: list[str] | None = None) -> int:

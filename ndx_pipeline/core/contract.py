@@ -1,7 +1,8 @@
 """The data contract, once: every asset's name, every Parquet schema, and the shared vocabulary (splits, record
 kinds, baselines, identifiers). Stages, reports, the Dagster skin and the tests all read these names from here.
 
-Files live at `<storage>/<asset>/<layer>.parquet` (`<storage>/corpus.parquet` for the corpus; see `storage`). The
+Files live at `<storage>/<asset>/<variant>/<layer>.parquet` (`<storage>/corpus.parquet` for the corpus; see `storage`
+and `variants`). The
 columns below are what each stage writes; DESIGN.md lists the subset users may rely on.
 """
 
@@ -79,6 +80,15 @@ def quantile_kind(bucket: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ identifiers
+
+
+def scoped(frame: pl.DataFrame, column: str, scope: str | None) -> pl.DataFrame:
+    """`frame` with its `column` of ids prefixed by `<scope>/` (the variant), so that ids are unique across the
+    variants of one storage folder: latent 5 and neuron 5 of layer 6 are `latents/6/5/top/0` and `neurons/6/5/top/0`.
+    No scope: the ids as they are."""
+    if not scope or column not in frame.columns:
+        return frame
+    return frame.with_columns((pl.lit(f"{scope}/") + pl.col(column)).alias(column))
 
 
 def excerpt_id(layer: int, neuron: int, kind: str, rank: int) -> str:

@@ -190,15 +190,16 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
 
 
 def top_excerpts(records: pl.DataFrame, explain: int = 5, score_top: int = 5, score_random: int = 5,
-                 calibration_top: int = 0, calibration_random: int = 0) -> pl.DataFrame:
+                 calibration_top: int = 0, calibration_random: int = 0, scope: str | None = None) -> pl.DataFrame:
     """The explain / score_top / score_random splits of each unit's records (disjoint), plus the calibration
     split best-of-k chooses on when its counts are above 0 (disjoint from all three). Units that fired in too few
-    windows to fill the splits (and dead ones) are left out: nothing downstream explains them."""
+    windows to fill the splits (and dead ones) are left out: nothing downstream explains them. Excerpt ids are
+    prefixed with `scope` (the variant: `contract.scoped`)."""
     frame = exc.split_excerpts(records, explain, score_top, score_random)
     if calibration_top or calibration_random:  # for the units the splits keep (not those too sparse to explain)
         kept = frame.select("layer", "neuron").unique()
         frame = pl.concat([frame, exc.calibration_excerpts(records, calibration_top, calibration_random, kept)])
-    return frame
+    return contract.scoped(frame, "excerpt_id", scope)
 
 
 # ---------------------------------------------------------------------------------------------------- explanations
@@ -215,14 +216,16 @@ class Explained:
 def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, chooser=None,
                  baselines: Sequence[str] = (), token_list_explainer: str = "llm", seed: int = 0,
                  max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, digest: bool = True,
-                 simulator_mode: str = "all_at_once", what: str = "explanations", log: Log = quiet) -> Explained:
+                 simulator_mode: str = "all_at_once", scope: str | None = None, what: str = "explanations",
+                 log: Log = quiet) -> Explained:
     """One explanation per neuron by the `explainer` backend; with `candidates` = k > 1, k candidates each,
     simulated by `chooser` on the calibration excerpts and the best kept (all stored, the kept one `selected`).
     The random and token-list baselines of `baselines` get their explanations here too, to be simulated beside
     ours (`token_list_explainer`: "llm" — the explainer reads only the strongest tokens — or "template").
 
     `excerpts` may hold several layers: everything asked of the explainer (every candidate of every neuron, and
-    the token-list baseline) goes out in one wave; then best-of-k's calibration simulations in a second."""
+    the token-list baseline) goes out in one wave; then best-of-k's calibration simulations in a second.
+    Explanation ids are prefixed with `scope` (the variant: `contract.scoped`)."""
     wanted = [b for b in baselines if b in SIMULATED_BASELINES]
     if candidates > 1:
         calibration = excerpts.filter(pl.col("split") == CALIBRATION)
@@ -245,6 +248,7 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
             token_list = explain_token_lists(excerpts, None)
     found, *rest = run_together(explainer, works, Progress(what, 0, log, unit="requests"))
     token_list = rest[0] if rest else token_list
+    found = contract.scoped(found, "explanation_id", scope)
     out = Explained(found)
     if candidates > 1:
         out.explanations, out.calibration_simulations = best_of_k.select_best(
@@ -252,7 +256,8 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
             progress=Progress(f"{what}: best-of-{candidates} calibration", 0, log, unit="excerpts"))
     if wanted:
         random = (baselines_mod.random_explanations(out.explanations, seed) if RANDOM_BASELINE in wanted else None)
-        out.baseline_explanations = baselines_mod.as_baselines(random, token_list)
+        out.baseline_explanations = contract.scoped(baselines_mod.as_baselines(random, token_list),
+                                                    "explanation_id", scope)
     return out
 
 
@@ -316,11 +321,14 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
 # --------------------------------------------------------------------------------------------------------- scorers
 
 
-def scorer_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5) -> pl.DataFrame:
+def scorer_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5,
+                    scope: str | None = None) -> pl.DataFrame:
     """Per explained unit, `count` activating and `count` non-activating windows that neither the explainer nor
-    best-of-k saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge."""
+    best-of-k saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge. Excerpt
+    ids are prefixed with `scope` (the variant)."""
     explained = excerpts.filter(pl.col("split") == EXPLAIN).select("layer", "neuron").unique()
-    return judging.held_out_excerpts(records.join(explained, on=["layer", "neuron"], how="semi"), excerpts, count)
+    held = judging.held_out_excerpts(records.join(explained, on=["layer", "neuron"], how="semi"), excerpts, count)
+    return contract.scoped(held, "excerpt_id", scope)
 
 
 @dataclass

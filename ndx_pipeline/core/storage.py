@@ -1,4 +1,4 @@
-"""Where the data contract's files live, and how they are written and read: atomically (a temporary file beside the
+"""Where the data contract's files live (`<storage>/<asset>/<variant>/<layer>.parquet`), and how they are written and read: atomically (a temporary file beside the
 target, then a rename, so a reader never sees half a file and a failure leaves the previous file or nothing), and
 read with one clear error naming the missing upstream file."""
 
@@ -17,17 +17,93 @@ from ndx_pipeline.core.errors import NdxInputError
 LLM_CACHE_DIR = "llm_cache"
 
 
-def asset_path(storage_dir: str | os.PathLike, asset: str, layer: int | str | None = None) -> Path:
-    """`<storage>/<asset>/<layer>.parquet`, or `<storage>/<asset>.parquet` for unpartitioned assets."""
+def asset_path(storage_dir: str | os.PathLike, asset: str, layer: int | str | None = None,
+               variant: str | None = None) -> Path:
+    """`<storage>/<asset>/<variant>/<layer>.parquet`, or `<storage>/<asset>.parquet` for the unpartitioned corpus.
+    A layer file always belongs to a variant: there is no path for a layer without one."""
     base = Path(storage_dir)
     if layer is None:
         return base / f"{asset}.parquet"
-    return base / asset / f"{int(layer)}.parquet"
+    if not variant:
+        raise ValueError(f"{asset} layer {layer}: a layer file belongs to a variant, and none was given")
+    return base / asset / variant / f"{int(layer)}.parquet"
 
 
-def viewer_dir(storage_dir: str | os.PathLike) -> Path:
-    """The neuron viewer's folder: `<storage>/neuron_viewer`."""
-    return Path(storage_dir) / NEURON_VIEWER
+def variant_layers(storage_dir: str | os.PathLike, asset: str, variant: str) -> list[int]:
+    """The layers of `variant` that have a file of `asset`."""
+    folder = Path(storage_dir) / asset / variant
+    return sorted(int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit()) if folder.is_dir() else []
+
+
+def stored_variants(storage_dir: str | os.PathLike, asset: str = "activation_records") -> list[str]:
+    """The variants with at least one file of `asset`, by name."""
+    folder = Path(storage_dir) / asset
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.parquet"))) \
+        if folder.is_dir() else []
+
+
+def legacy_layer_files(storage_dir: str | os.PathLike) -> list[Path]:
+    """Layer files in the layout from before variants (`<storage>/<asset>/<layer>.parquet`)."""
+    base = Path(storage_dir)
+    return sorted(p for p in base.glob("*/*.parquet") if p.stem.isdigit() and p.parent.name != NEURON_VIEWER)
+
+
+ID_COLUMNS = ("excerpt_id", "explanation_id")  # the ids a variant scopes (`contract.scoped`)
+
+
+def migrate_storage(storage_dir: str | os.PathLike, variant: str) -> list[tuple[str, int, Path]]:
+    """Move every layer file of the layout from before variants (`legacy_layer_files`) into `variant`: rewritten at
+    `<asset>/<variant>/<layer>.parquet` with its id columns scoped to the variant, then the old file removed; the
+    viewer's old layer folders and index go under `neuron_viewer/<variant>`. Returns (asset, layer, new path) of each
+    file moved. A file already at the new place is never overwritten: that is one clear error, before anything
+    moves."""
+    from ndx_pipeline.core.contract import scoped
+
+    base = Path(storage_dir)
+    old = legacy_layer_files(base)
+    moves = [(p, p.parent.name, int(p.stem), asset_path(base, p.parent.name, int(p.stem), variant)) for p in old]
+    taken = [new for *_, new in moves if new.exists()]
+    if taken:
+        raise NdxInputError(f"variant {variant} already has {taken[0].relative_to(base)}: migrate into another "
+                            "variant (--variant NAME).")
+    done = []
+    for source, asset, layer, target in moves:
+        frame = pl.read_parquet(source)
+        for column in ID_COLUMNS:
+            frame = scoped(frame, column, variant)
+        write_parquet_atomic(frame, target)
+        source.unlink()
+        done.append((asset, layer, target))
+    viewer = base / NEURON_VIEWER
+    if viewer.is_dir():
+        pages = [p for p in viewer.iterdir() if (p.is_dir() and p.name.isdigit()) or p.name == "index.html"]
+        if pages:
+            (viewer / variant).mkdir(parents=True, exist_ok=True)
+            for p in pages:
+                os.replace(p, viewer / variant / p.name)
+    return done
+
+
+def viewer_dir(storage_dir: str | os.PathLike, variant: str | None = None) -> Path:
+    """The neuron viewer's folder, `<storage>/neuron_viewer` (its index of variants), or one variant's pages:
+    `<storage>/neuron_viewer/<variant>`."""
+    base = Path(storage_dir) / NEURON_VIEWER
+    return base / variant if variant else base
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Put the file at `source` at `path` too, atomically: a hard link where the file system allows it (the bytes
+    are stored once; a later atomic rewrite of either path leaves the other as it was), else a copy."""
+    import shutil
+
+    def place(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return write_atomic(path, place)
 
 
 def llm_cache_dir(storage_dir: str | os.PathLike) -> Path:
@@ -139,7 +215,9 @@ def read_parquet(path: str | os.PathLike, what: str) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def read_asset(storage_dir: str | os.PathLike, asset: str, layer: int | None = None) -> pl.DataFrame:
-    """An asset's file for a layer (or the unpartitioned asset's), or NdxInputError naming which is missing."""
-    what = f"{asset} for layer {layer}" if layer is not None else f"the {asset} asset's file"
-    return read_parquet(asset_path(storage_dir, asset, layer), what)
+def read_asset(storage_dir: str | os.PathLike, asset: str, layer: int | None = None,
+               variant: str | None = None) -> pl.DataFrame:
+    """An asset's file for a layer of a variant (or the unpartitioned asset's), or NdxInputError naming which is
+    missing."""
+    what = (f"{asset} for layer {layer} of variant {variant}" if layer is not None else f"the {asset} asset's file")
+    return read_parquet(asset_path(storage_dir, asset, layer, variant), what)

@@ -1,5 +1,6 @@
-"""Automation: the conditions assets carry, the jobs, the corpus- and dictionary-folder sensors, the nightly
-re-scoring schedule, and the staleness query behind it.
+"""Automation: the conditions assets carry, the jobs, the corpus- and dictionary-folder sensors, the variants-file
+sensor, the nightly re-scoring schedule, and the staleness query behind it. Each run they request carries the layers
+of one variant, and each sensor acts on the variants it was asked about only.
 
 Declarative automation: every downstream asset carries an AutomationCondition that follows its upstream layer.
 Dagster evaluates them only while the `default_automation_condition_sensor` is running: switch it on in the UI
@@ -22,7 +23,17 @@ from ndx_pipeline.core.data.corpus import TEXT_SUFFIXES
 from ndx_pipeline.core.data.dictionaries import load_dictionary
 from ndx_pipeline.core.data.units import DICTIONARY, dictionary_folders
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.defs.partitions import contiguous_ranges, layers, range_tags
+from ndx_pipeline.core.variants import default_name, read_variants, record_variant, variants_file
+from ndx_pipeline.defs.partitions import (
+    VARIANT,
+    contiguous_ranges,
+    layer_and_variant,
+    layer_variant,
+    partition_key,
+    range_tags,
+    variants,
+)
+from ndx_pipeline.defs.resources import StorageResource
 
 # Downstream layers follow their upstream layer; activation_records re-extracts, when the corpus changes, only the
 # layers that already have records (the corpus is one asset for all layers: "all missing layers" would be every
@@ -45,20 +56,33 @@ EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATI
                             *(a for pair in c.SCORER_ASSETS.values() for a in pair), c.NEURON_VIEWER)
 
 explain_neurons = dg.define_asset_job(
-    MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=layers,
+    MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=layer_variant,
     description="corpus → activation_records → … → scores → neuron_viewer for the chosen layers.")
 extract_activations = dg.define_asset_job(
-    EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS), partitions_def=layers,
+    EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS), partitions_def=layer_variant,
     description="The subject-model stages: corpus, activation_records (+ token_table), top_excerpts.")
 explain_and_score = dg.define_asset_job(
-    EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS), partitions_def=layers,
+    EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS), partitions_def=layer_variant,
     description="The LLM stages: explanations, simulations, scores (with their baselines), the scorers beside "
                 "simulation (detection, fuzzing, embedding) and the viewer.")
 
 
-def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_RECORDS) -> list[int]:
-    keys = instance.get_materialized_partitions(dg.AssetKey(asset))
-    return sorted(int(k) for k in keys)
+def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_RECORDS) -> dict[str, list[int]]:
+    """variant → its layers that have a materialization of `asset`."""
+    out: dict[str, list[int]] = {}
+    for key in instance.get_materialized_partitions(dg.AssetKey(asset)):
+        if "|" not in key:  # a partition of the layout from before variants (see `ndx-pipeline migrate`)
+            continue
+        layer, variant = layer_and_variant(key)
+        out.setdefault(variant, []).append(layer)
+    return {variant: sorted(found) for variant, found in sorted(out.items())}
+
+
+def variant_requests(found: dict[str, list[int]], run_key: str, tags: dict | None = None) -> list[dg.RunRequest]:
+    """One run per variant and contiguous range of its layers (each run with that variant's own settings)."""
+    return [dg.RunRequest(run_key=f"{run_key}-{variant}-layers-{lo}-{hi}",
+                          tags={**(tags or {}), **range_tags(variant, lo, hi)})
+            for variant, at in found.items() for lo, hi in contiguous_ranges(at)]
 
 
 def folder_state(root: Path) -> dict[str, list[int]]:
@@ -89,8 +113,9 @@ def watched_folder(path: str | None, env: str, what: str, unset_note: str = "") 
 def corpus_sensor(corpus_path: str | None = None):
     @dg.sensor(name="corpus_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.STOPPED,
-               description="Watches the corpus folder: a new, changed or removed file re-runs the corpus and every "
-                           "layer that already has activation records.")
+               description="Watches the corpus folder: a new, changed or removed file re-runs the corpus and, for "
+                           "every variant, each of its layers that already has activation records (with that "
+                           "variant's own settings).")
     def sensor(context: dg.SensorEvaluationContext):
         root = watched_folder(corpus_path, CORPUS_ENV, "corpus folder", "; the bundled corpus never changes")
         if isinstance(root, dg.SkipReason):
@@ -107,15 +132,15 @@ def corpus_sensor(corpus_path: str | None = None):
         # The generation number makes every change a new run key, so a later change (even one back to an earlier
         # state) is never deduplicated against an old run.
         generation = cursor["generation"] + 1
-        layers = materialized_layers(context.instance)
-        context.log.info(f"corpus change {generation}: {len(changed)} files ({changed[:5]}); layers {layers}")
+        found = materialized_layers(context.instance)
+        context.log.info(f"corpus change {generation}: {len(changed)} files ({changed[:5]}); layers by variant "
+                         f"{found}")
         context.update_cursor(json.dumps({"generation": generation, "state": state}))
         tags = {"ndx/corpus_generation": str(generation)}
-        if not layers:
+        if not found:
             return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey(c.CORPUS)],
                                   tags=tags)]
-        return [dg.RunRequest(run_key=f"corpus-{generation}-layers-{lo}-{hi}", tags={**tags, **range_tags(lo, hi)})
-                for lo, hi in contiguous_ranges(layers)]
+        return variant_requests(found, f"corpus-{generation}", tags)
 
     return sensor
 
@@ -133,17 +158,18 @@ def dictionary_state(root: Path) -> dict[str, list[int]]:
     return state
 
 
-def dictionary_run_config(folder: str) -> dict:
-    """The run config that explains a dictionary's latents (the other settings stay as configured)."""
-    return {"resources": {"selection": {"config": {"units": DICTIONARY, "dictionary": folder}}}}
+def dictionary_settings(folder: str) -> dict:
+    """A dictionary's variant: its latents (the other settings stay as the resources are configured)."""
+    return {"selection": {"units": DICTIONARY, "dictionary": folder}}
 
 
 def dictionary_sensor(dictionaries_path: str | None = None):
     @dg.sensor(name="dictionary_folder_sensor", job_name=MAIN_JOB, minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.STOPPED,
                description="Watches a folder of sparse dictionaries (SAELens or sparsify folders, NDX_DICTIONARIES): "
-                           "a new or changed one runs the whole graph for its layer on its latents.")
-    def sensor(context: dg.SensorEvaluationContext):
+                           "a new or changed one becomes a variant of its own (named after its folder, declared in "
+                           "the variants file) and runs the whole graph for its layer, for that variant only.")
+    def sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
         root = watched_folder(dictionaries_path, DICTIONARIES_ENV, "dictionary folder")
         if isinstance(root, dg.SkipReason):
             return root
@@ -151,7 +177,7 @@ def dictionary_sensor(dictionaries_path: str | None = None):
         state = dictionary_state(root)
         changed = [folder for folder in state if before.get(folder) != state[folder]]
         context.update_cursor(json.dumps(state))
-        requests = []
+        requests, names = [], []
         for folder in changed:
             try:
                 d = load_dictionary(folder)
@@ -162,11 +188,18 @@ def dictionary_sensor(dictionaries_path: str | None = None):
                 context.log.warning(f"dictionary {folder} skipped: its files do not say which layer and hook it "
                                     "reads (run it with ndx-pipeline run --dictionary … --dictionary-hook …).")
                 continue
-            context.log.info(f"new dictionary for layer {d.layer}: {d.describe()}")
+            name = default_name(DICTIONARY, folder)
+            record_variant(variants_file(storage.path()), name, dictionary_settings(folder))
+            context.log.info(f"new dictionary for layer {d.layer}: {d.describe()}; variant {name}")
+            names.append(name)
             requests.append(dg.RunRequest(
-                run_key=f"dictionary-{folder}-{state[folder][0]}-{state[folder][1]}", partition_key=str(d.layer),
-                run_config=dictionary_run_config(folder), tags={"ndx/dictionary": folder}))
-        return requests or dg.SkipReason(f"no new dictionary among {len(state)} under {root}")
+                run_key=f"dictionary-{folder}-{state[folder][0]}-{state[folder][1]}",
+                partition_key=str(partition_key(d.layer, name)), tags={"ndx/dictionary": folder, "ndx/variant": name}))
+        if not requests:
+            return dg.SkipReason(f"no new dictionary among {len(state)} under {root}")
+        new = [n for n in dict.fromkeys(names) if not context.instance.has_dynamic_partition(VARIANT, n)]
+        return dg.SensorResult(run_requests=requests,
+                               dynamic_partitions_requests=[variants.build_add_request(new)] if new else [])
 
     return sensor
 
@@ -174,14 +207,17 @@ def dictionary_sensor(dictionaries_path: str | None = None):
 dictionary_folder_sensor = dictionary_sensor()  # watches NDX_DICTIONARIES, read at each evaluation
 
 
-def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_SCORE_ASSETS) -> list[int]:
-    """Layers whose LLM-stage partitions are stale (code or upstream data changed since they were made)."""
+def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_SCORE_ASSETS) -> dict[str, list[int]]:
+    """variant → its layers whose LLM-stage partitions are stale (code or upstream data changed since they were
+    made)."""
     resolver = stale_status_resolver(instance, asset_graph)
-    out = []
-    for layer in materialized_layers(instance, c.SCORES):
-        if any(resolver.get_status(dg.AssetKey(a), str(layer)) == StaleStatus.STALE for a in assets
-               if a != c.NEURON_VIEWER):
-            out.append(layer)
+    out: dict[str, list[int]] = {}
+    for variant, at in materialized_layers(instance, c.SCORES).items():
+        for layer in at:
+            key = partition_key(layer, variant)
+            if any(resolver.get_status(dg.AssetKey(a), key) == StaleStatus.STALE for a in assets
+                   if a != c.NEURON_VIEWER):
+                out.setdefault(variant, []).append(layer)
     return out
 
 
@@ -196,8 +232,23 @@ def stale_status_resolver(instance: dg.DagsterInstance, asset_graph):
              description="Every night: re-explain, re-simulate and re-score the layers whose LLM stages are stale "
                          "(a changed prompt, model or upstream data). Cached answers cost nothing.")
 def nightly_rescore(context: dg.ScheduleEvaluationContext):
-    layers = stale_layers(context.instance, context.repository_def.asset_graph)
-    if not layers:
+    found = stale_layers(context.instance, context.repository_def.asset_graph)
+    if not found:
         return dg.SkipReason("no stale layer")
-    return [dg.RunRequest(run_key=f"rescore-{context.scheduled_execution_time:%Y%m%d}-{lo}-{hi}",
-                          tags=range_tags(lo, hi)) for lo, hi in contiguous_ranges(layers)]
+    return variant_requests(found, f"rescore-{context.scheduled_execution_time:%Y%m%d}")
+
+
+@dg.sensor(name="variants_file_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Makes every variant declared in the variants file (NDX_VARIANTS, else "
+                       "<storage>/variants.yaml) a key of the variant partition dimension, so the UI can launch it. "
+                       "It launches nothing.")
+def variants_file_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
+    path = variants_file(storage.path())
+    try:
+        declared = read_variants(path)
+    except NdxInputError as e:
+        return dg.SkipReason(str(e))
+    new = [name for name in declared if not context.instance.has_dynamic_partition(VARIANT, name)]
+    if not new:
+        return dg.SkipReason(f"{len(declared)} variants in {path}, none new")
+    return dg.SensorResult(dynamic_partitions_requests=[variants.build_add_request(new)])

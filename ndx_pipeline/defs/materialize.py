@@ -1,5 +1,5 @@
-"""What every asset body shares: the layers of its run, turning a bad input into one clear run failure, reading
-upstream files, and writing its outputs — atomically, with per-layer metadata, check results, and a data version
+"""What every asset body shares: the layers and the variant of its run (and the variant's settings), turning a bad
+input into one clear run failure, reading upstream files, and writing its outputs — atomically, with per-layer metadata, check results, and a data version
 that hashes the bytes written (an unchanged output keeps its children fresh); `ahead` builds and writes the next
 layers' files on worker threads while one layer is reported.
 """
@@ -17,10 +17,12 @@ import dagster as dg
 import polars as pl
 
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.storage import asset_path, read_asset, write_parquet_atomic
+from ndx_pipeline.core.storage import asset_path, link_atomic, read_asset, write_parquet_atomic
 from ndx_pipeline.core.validation import ERROR, Check
+from ndx_pipeline.core.variants import implied_settings, read_variants, settings_digest, variants_file
 from ndx_pipeline.defs.checks import CHECKS
 from ndx_pipeline.defs.metadata import content_hash, file_digest, file_metadata
+from ndx_pipeline.defs.partitions import layer_and_variant, partition_key
 
 T, R = TypeVar("T"), TypeVar("R")
 GROUP = "neuron_explanation"
@@ -30,7 +32,48 @@ SINGLE_RUN = dg.BackfillPolicy.single_run()  # one run carries every requested l
 
 
 def layers_of(context: dg.AssetExecutionContext) -> list[int]:
-    return sorted(int(k) for k in context.partition_keys)
+    """The layers of the run's variant (`variant_of`)."""
+    variant_of(context)
+    return sorted(layer_and_variant(k)[0] for k in context.partition_keys)
+
+
+def variant_of(context: dg.AssetExecutionContext) -> str:
+    """The one variant of the run's partitions: a run carries one variant (its settings are the run's)."""
+    found = sorted({layer_and_variant(k)[1] for k in context.partition_keys})
+    if len(found) != 1:
+        raise dg.Failure(description=f"one run carries the layers of one variant, and this one holds {found}: "
+                                     "launch one run per variant.")
+    return found[0]
+
+
+class VariantSettings:
+    """The settings of one variant: its fields in the variants file (or those its default name implies) applied over
+    the resources as the run configured them."""
+
+    def __init__(self, storage_dir: Path, variant: str):
+        self.variant, self.path = variant, variants_file(storage_dir)
+        with bad_input_fails_the_run():
+            declared = read_variants(self.path)
+        self.fields = declared.get(variant, implied_settings(variant))
+
+    def __call__(self, name: str, resource):
+        """`resource` (the run's resource `name`) with the variant's fields for it."""
+        fields = self.fields.get(name) or {}
+        if not fields:
+            return resource
+        unknown = sorted(set(fields) - set(type(resource).model_fields))
+        if unknown:
+            raise dg.Failure(description=f"variants file {self.path}: variant {self.variant!r} sets {name} fields "
+                                         f"{unknown}, which {name} does not have.")
+        try:
+            return type(resource)(**{**resource.model_dump(), **fields})
+        except Exception as e:  # a value of the wrong type: one sentence naming the file and the variant
+            raise dg.Failure(description=f"variants file {self.path}: variant {self.variant!r} sets {name} to "
+                                         f"values it cannot take ({str(e).splitlines()[0]}).") from None
+
+    def digest(self, **resources) -> str:
+        """A hash of the settings a stage ran with (recorded per partition: the variant's settings version)."""
+        return settings_digest({k: r.model_dump() for k, r in sorted(resources.items())})
 
 
 @contextmanager
@@ -42,10 +85,10 @@ def bad_input_fails_the_run() -> Iterator[None]:
         raise dg.Failure(description=str(e)) from None
 
 
-def read(storage_dir: Path, asset: str, layer: int | None = None) -> pl.DataFrame:
+def read(storage_dir: Path, asset: str, layer: int | None = None, variant: str | None = None) -> pl.DataFrame:
     """An upstream asset's file, or a run failure saying which one is missing."""
     with bad_input_fails_the_run():
-        return read_asset(storage_dir, asset, layer)
+        return read_asset(storage_dir, asset, layer, variant)
 
 
 LAYERS_AHEAD = 2  # layers whose files are being built and written while the run reports an earlier one
@@ -77,10 +120,11 @@ def ahead(items: Iterable[T], prepare: Callable[[T], R], depth: int = LAYERS_AHE
 
 
 class Outputs:
-    """The files one materialization writes, per asset and layer, with their metadata and check results."""
+    """The files one materialization writes, per asset and layer of its run's variant, with their metadata and check
+    results."""
 
-    def __init__(self, context: dg.AssetExecutionContext, storage_dir: Path):
-        self.context, self.storage_dir = context, storage_dir
+    def __init__(self, context: dg.AssetExecutionContext, storage_dir: Path, variant: str | None = None):
+        self.context, self.storage_dir, self.variant = context, storage_dir, variant
         self.paths: dict[str, list[Path]] = defaultdict(list)
         self.digests: dict[Path, str] = {}  # of the files written, for the data versions
         self.checks: dict[str, dict[str, dict[int, Check]]] = defaultdict(lambda: defaultdict(dict))
@@ -92,8 +136,15 @@ class Outputs:
     def write_file(self, asset: str, frame: pl.DataFrame, layer: int | None = None) -> tuple[Path, dict]:
         """Write one file of `asset` (atomically) without reporting it, so a worker thread may call it (`ahead`):
         (its path, its file metadata) for `written`."""
-        path = write_parquet_atomic(frame, asset_path(self.storage_dir, asset, layer))
+        path = write_parquet_atomic(frame, asset_path(self.storage_dir, asset, layer, self.variant))
         self.digests[path] = file_digest(path)  # here, on the writing thread, while the bytes are in the page cache
+        return path, file_metadata(frame, path)
+
+    def link_file(self, asset: str, source: Path, frame: pl.DataFrame, layer: int) -> tuple[Path, dict]:
+        """Put another variant's file of `asset` (holding `frame`) at this variant's path, a hard link (one copy of
+        the bytes), without reporting it, as `write_file` does."""
+        path = link_atomic(source, asset_path(self.storage_dir, asset, layer, self.variant))
+        self.digests[path] = file_digest(path)
         return path, file_metadata(frame, path)
 
     def written(self, asset: str, layer: int | None, file: tuple[Path, dict], **metadata) -> Path:
@@ -103,8 +154,12 @@ class Outputs:
         self.report(asset, layer, {**about, **metadata})
         return path
 
+    def read(self, asset: str, layer: int) -> pl.DataFrame:
+        """An upstream file of this run's variant."""
+        return read(self.storage_dir, asset, layer, self.variant)
+
     def report(self, asset: str, layer: int | None, metadata: dict) -> None:
-        partition = None if layer is None else str(layer)
+        partition = None if layer is None else str(partition_key(layer, self.variant))
         self.context.add_asset_metadata(metadata, asset_key=asset, partition_key=partition)
 
     def check(self, asset: str, name: str, layer: int, result: tuple) -> None:
@@ -121,7 +176,10 @@ class Outputs:
             results.append(dg.AssetCheckResult(
                 check_name=name, asset_key=asset, passed=not failed, severity=severity,
                 description="; ".join(f"layer {layer}: {c.description}" for layer, c in sorted(per_layer.items())),
-                metadata={f"layer_{layer}_{k}": v for layer, c in per_layer.items() for k, v in c.details.items()},
+                metadata={"variant": self.variant or "",
+                          "failed_layers": ",".join(str(layer) for layer, c in sorted(per_layer.items())
+                                                    if not c.passed),
+                          **{f"layer_{layer}_{k}": v for layer, c in per_layer.items() for k, v in c.details.items()}},
             ))
         missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])
         if missing:

@@ -1,6 +1,6 @@
 """What Dagster knows about how each stage's file was produced: run id, partition, code and data versions.
 
-Feeds `reports.lineage` (which reads only Parquet) with the runs behind a layer's files.
+Feeds `reports.lineage` (which reads only Parquet) with the runs behind the files of a layer of a variant.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import dagster as dg
 
 from ndx_pipeline.core.contract import STAGES
 from ndx_pipeline.defs.metadata import content_hash
+from ndx_pipeline.defs.partitions import add_variant, partition_key
 
 
 def _info(record, partition: str | None) -> dict:
@@ -27,11 +28,12 @@ def _info(record, partition: str | None) -> dict:
     return info
 
 
-def stage_runs(instance: dg.DagsterInstance, layer: int) -> dict[str, dict | None]:
-    """Stage → the latest materialization of that stage for `layer` (the corpus is unpartitioned)."""
+def stage_runs(instance: dg.DagsterInstance, layer: int, variant: str) -> dict[str, dict | None]:
+    """Stage → the latest materialization of that stage for `layer` of `variant`, on the partition
+    `<layer>|<variant>` (the corpus is unpartitioned)."""
     out: dict[str, dict | None] = {}
     for stage in STAGES:
-        partition = None if stage == "corpus" else str(int(layer))
+        partition = None if stage == "corpus" else str(partition_key(layer, variant))
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(stage),
                                   asset_partitions=[partition] if partition is not None else None),
@@ -42,11 +44,15 @@ def stage_runs(instance: dg.DagsterInstance, layer: int) -> dict[str, dict | Non
 
 
 def record_imported(instance: dg.DagsterInstance, written, source: str) -> None:
-    """Record files written outside a run (`ndx-pipeline import`) as materializations of their assets, with a data
-    version hashing their bytes, so lineage, staleness and the UI see them like any other."""
-    for asset, layer, path in written:
+    """Record files written outside a run (`ndx-pipeline import`: (asset, layer, variant, path) items, layer and
+    variant None for the corpus) as materializations of their assets on their `<layer>|<variant>` partition, with a
+    data version hashing their bytes, so lineage, staleness and the UI see them like any other. A variant not yet
+    known to the instance is added."""
+    for asset, layer, variant, path in written:
+        if layer is not None:
+            add_variant(instance, variant)
         instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key=asset, partition=None if layer is None else str(layer),
+            asset_key=asset, partition=None if layer is None else str(partition_key(layer, variant)),
             description=f"imported from {source}",
             metadata={"path": dg.MetadataValue.path(str(path)), "imported_from": source},
             tags={"dagster/data_version": content_hash([path])},

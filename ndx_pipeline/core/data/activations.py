@@ -475,6 +475,7 @@ class ExtractionStats:
     tokens: int
     windows: int
     seconds: float
+    batches: int = 0  # forward passes of the subject model (one per batch of windows)
 
     @property
     def tokens_per_second(self) -> float:
@@ -592,7 +593,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
     t = windows.window_tokens
     p = len(prefix)
     started = time.perf_counter()
-    done_tokens = 0
+    done_tokens = forward_passes = 0
     try:
         with torch.inference_mode():
             for batch_number, b0 in enumerate(range(0, len(order), batch_size)):
@@ -613,6 +614,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
                 state["token_ids"] = torch.as_tensor(windows.ids[idx], device=device) if token_table else None
                 state["pad"] = t - real
                 state["batch"] = len(idx)
+                forward_passes += 1
                 try:
                     model(input_ids=torch.as_tensor(ids, device=device),
                           attention_mask=torch.as_tensor(attn, device=device))
@@ -629,7 +631,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
     for sel in selections.values():
         sel.end_pilot()
         sel.finalize()
-    stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started)
+    stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started, forward_passes)
     return selections, stats
 
 

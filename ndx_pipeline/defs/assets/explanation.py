@@ -15,19 +15,20 @@ from ndx_pipeline.defs.materialize import (
     LLM_POOL,
     SINGLE_RUN,
     Outputs,
+    VariantSettings,
     bad_input_fails_the_run,
     layers_of,
-    read,
+    variant_of,
 )
 from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accounting
-from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
 
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
-    return dg.AssetSpec(asset, deps=[c.TOP_EXCERPTS], partitions_def=layers, code_version=CODE_VERSIONS[asset],
+    return dg.AssetSpec(asset, deps=[c.TOP_EXCERPTS], partitions_def=layer_variant, code_version=CODE_VERSIONS[asset],
                         automation_condition=FOLLOW_UPSTREAM, description=description)
 
 
@@ -46,24 +47,29 @@ def _spec(asset: str, description: str) -> dg.AssetSpec:
 )
 def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
                  quality: QualityResource, storage: StorageResource):
+    variant, layers = variant_of(context), layers_of(context)
+    settings = VariantSettings(storage.path(), variant)
+    quality, explainer_llm = settings("quality", quality), settings("explainer_llm", explainer_llm)
+    simulator_llm = settings("simulator_llm", simulator_llm)
     with bad_input_fails_the_run():
         k = quality.checked().explanation_candidates
         backend = explainer_llm.build(storage)
         chooser = simulator_llm.build(storage) if k > 1 else None
-    out = Outputs(context, storage.path())
-    layers = layers_of(context)
+    out = Outputs(context, storage.path(), variant)
     try:
         # every layer of the run in one wave: one set of requests in flight under the explainer's limit
-        excerpts = {layer: read(storage.path(), c.TOP_EXCERPTS, layer) for layer in layers}
+        excerpts = {layer: out.read(c.TOP_EXCERPTS, layer) for layer in layers}
         started, before = time.perf_counter(), backend.stats.snapshot()
         with bad_input_fails_the_run():
             made = stages.explanations(
                 pl.concat(list(excerpts.values())), backend, candidates=k, chooser=chooser,
                 baselines=quality.baselines, token_list_explainer=quality.token_list_explainer,
                 seed=explainer_llm.seed, max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
-                digest=quality.explainer_digest, simulator_mode=simulator_llm.simulator_mode,
-                what=f"explanations, layers {layers}", log=context.log.info)
-        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers)}
+                digest=quality.explainer_digest, simulator_mode=simulator_llm.simulator_mode, scope=variant,
+                what=f"explanations, {variant} layers {layers}", log=context.log.info)
+        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
+                      "variant": variant,
+                      "settings_version": settings.digest(quality=quality, explainer_llm=explainer_llm)}
         for layer in layers:
             frame = made.explanations.filter(pl.col("layer") == layer)
             kept = c.kept(frame)

@@ -1,6 +1,9 @@
 """The subject-model stages: the corpus, and one step per run for one extraction pass (activation records and the
 token table of the lookup baseline) with the explain / score splits of each unit's records (top_excerpts)."""
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import dagster as dg
 import polars as pl
 
@@ -9,7 +12,9 @@ from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
 from ndx_pipeline.core.progress import Progress
+from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.core.validation import ERROR, Check
+from ndx_pipeline.core.variants import extraction_key
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
 from ndx_pipeline.defs.checks import CHECKS, check_specs
 from ndx_pipeline.defs.materialize import (
@@ -17,12 +22,15 @@ from ndx_pipeline.defs.materialize import (
     SINGLE_RUN,
     SUBJECT_MODEL_POOL,
     Outputs,
+    VariantSettings,
     ahead,
     bad_input_fails_the_run,
     layers_of,
     read,
+    variant_of,
 )
-from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.metadata import file_digest
+from ndx_pipeline.defs.partitions import VARIANT, layer_variant, partition_key
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import (
     CorpusResource,
@@ -52,17 +60,18 @@ SUBJECT_MODEL_FILES = (c.ACTIVATION_RECORDS, c.TOKEN_TABLE)  # what only the sub
     name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=GROUP, pool=SUBJECT_MODEL_POOL,
     can_subset=True, backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=[c.CORPUS], partitions_def=layers,
+        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=[c.CORPUS], partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
                      description="Per unit (an MLP neuron's positive or negative side, or a dictionary latent): top "
                                  "windows by max activation, a seeded random sample, activation-quantile samples, "
                                  "and the unit's mean/variance/max over the corpus; one `dead` row for a unit that "
-                                 "never fired."),
-        dg.AssetSpec(c.TOKEN_TABLE, deps=[c.CORPUS], partitions_def=layers,
+                                 "never fired. Shared (one file, hard-linked) by the variants whose extraction "
+                                 "settings are equal."),
+        dg.AssetSpec(c.TOKEN_TABLE, deps=[c.CORPUS], partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
                      description="Per neuron × token text: count and activation sum over the corpus, counted in the "
                                  "same pass (the lookup-table baseline); no rows when that baseline is off."),
-        dg.AssetSpec(c.TOP_EXCERPTS, deps=[c.ACTIVATION_RECORDS], partitions_def=layers,
+        dg.AssetSpec(c.TOP_EXCERPTS, deps=[c.ACTIVATION_RECORDS], partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.TOP_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
                      description="Disjoint explain / score_top / score_random excerpts per unit (interleaved "
                                  "splits), and the calibration excerpts best-of-k chooses on; units that fired in too "
@@ -76,12 +85,19 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     """One step for the three assets of the subject-model pass; it writes the files of the assets selected. The
     records and the token table come from one pass over the corpus; top_excerpts is a reshuffle of the records,
     split from the rows in memory right after they are written (reading 30 layers' records back took a third of
-    the time after the pass) or, selected alone (a changed split count), from the records files."""
+    the time after the pass) or, selected alone (a changed split count), from the records files.
+
+    A layer whose records another variant already holds with the same extraction settings (`extraction_key`) is
+    not extracted again: its files are that variant's (hard links), checked and split here, and the subject model
+    runs only for the layers left (none at all when every layer is shared)."""
     selected = {key.to_user_string() for key in context.selected_asset_keys}
-    out = Outputs(context, storage.path())
+    variant, layers = variant_of(context), layers_of(context)
+    settings = VariantSettings(storage.path(), variant)
+    selection, quality = settings("selection", selection), settings("quality", quality)
+    out = Outputs(context, storage.path(), variant)
     excerpts = _Excerpts(context, out, selection, quality) if c.TOP_EXCERPTS in selected else None
     if not selected & set(SUBJECT_MODEL_FILES):
-        for layer, done in ahead(layers_of(context), excerpts.split):
+        for layer, done in ahead(layers, excerpts.split):
             excerpts.report(layer, done)
         yield out.result(c.TOP_EXCERPTS)
         return
@@ -89,53 +105,89 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     records_written, table_written = c.ACTIVATION_RECORDS in selected, c.TOKEN_TABLE in selected
     with bad_input_fails_the_run():
         quality.checked()
-        extraction = stages.activation_records(
-            read(storage.path(), c.CORPUS), subject_model.model, layers_of(context), units=selection.units,
-            neurons=selection.neurons, neurons_per_layer=selection.neurons_per_layer, seed=selection.seed,
-            dictionary=selection.dictionary, dictionary_hook=selection.dictionary_hook, top_k=selection.top_k,
-            random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
-            device=subject_model.resolved_device(), dtype=subject_model.dtype, batch_size=subject_model.batch_size,
-            window_tokens=subject_model.window_tokens, log=context.log.info)
-    stats = extraction.stats
-    random_k = min(selection.random_k, stats.windows)
-    written = Progress("activation records written", len(extraction.layers), context.log.info, unit="layers")
+        corpus_file = asset_path(storage.path(), c.CORPUS)
+        documents = read(storage.path(), c.CORPUS)
+    key = extraction_key(subject_model.model_dump(), {"corpus": file_digest(corpus_file)}, selection.model_dump(),
+                         counted)
+    shared = shared_extractions(context.instance, key, variant, layers,
+                                [a for a in SUBJECT_MODEL_FILES if a in selected], storage.path())
+    if shared:
+        context.log.info(f"{variant}: layers {sorted(shared)} share the extraction of "
+                         f"{', '.join(sorted(set(v for v, _ in shared.values())))} (same settings): no forward pass "
+                         "for them")
+    extracted = [layer for layer in layers if layer not in shared]
+    extraction = None
+    if extracted:
+        with bad_input_fails_the_run():
+            extraction = stages.activation_records(
+                documents, subject_model.model, extracted, units=selection.units,
+                neurons=selection.neurons, neurons_per_layer=selection.neurons_per_layer, seed=selection.seed,
+                dictionary=selection.dictionary, dictionary_hook=selection.dictionary_hook, top_k=selection.top_k,
+                random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
+                device=subject_model.resolved_device(), dtype=subject_model.dtype,
+                batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens, log=context.log.info)
+    written = Progress("activation records written", len(layers), context.log.info, unit="layers")
 
     def build_and_write(item):  # on a worker thread: files and checks, nothing reported
         layer, found = item
         done = {}
+        if isinstance(found, SharedLayer):
+            records = read(storage.path(), c.ACTIVATION_RECORDS, layer, found.variant)
+            units, random_k = sorted(set(records["neuron"].to_list())), found.random_k
+        else:
+            records, units, random_k = found.records, found.units, min(selection.random_k, extraction.stats.windows)
         if records_written:
-            records = found.records
-            done.update(records=out.write_file(c.ACTIVATION_RECORDS, records, layer),
-                        top_windows_ordered=validation.top_windows_ordered(records),
-                        record_counts=validation.record_counts(records, found.units, selection.top_k, random_k))
+            file = (out.link_file(c.ACTIVATION_RECORDS, found.path(c.ACTIVATION_RECORDS), records, layer)
+                    if isinstance(found, SharedLayer) else out.write_file(c.ACTIVATION_RECORDS, records, layer))
+            done.update(records=file, top_windows_ordered=validation.top_windows_ordered(records),
+                        record_counts=validation.record_counts(records, units, selection.top_k, random_k))
         if table_written:
-            table = found.token_table
-            done.update(table=out.write_file(c.TOKEN_TABLE, table, layer), distinct_tokens=table["token"].n_unique(),
-                        token_table_complete=validation.token_table_complete(table, found.records, counted))
+            if isinstance(found, SharedLayer):
+                table = read(storage.path(), c.TOKEN_TABLE, layer, found.variant)
+                table_file = out.link_file(c.TOKEN_TABLE, found.path(c.TOKEN_TABLE), table, layer)
+            else:
+                table = found.token_table
+                table_file = out.write_file(c.TOKEN_TABLE, table, layer)
+            done.update(table=table_file, distinct_tokens=table["token"].n_unique(),
+                        token_table_complete=validation.token_table_complete(table, records, counted))
         if excerpts:  # from the records just written, or (records not selected) from their file; else why not
             failed = [name for name in CHECKS[c.ACTIVATION_RECORDS] if name in done and _stops(Check(*done[name]))]
             try:
                 done["excerpts"] = (f"activation_records check {', '.join(failed)} failed" if failed else
-                                    excerpts.split(layer, found.records if records_written else None))
+                                    excerpts.split(layer, records if records_written else None))
             except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
                 done["excerpts"] = failure.description
-        found.release()  # a layer's rows are in memory only while its files are written
+        done["units"], done["dead"] = len(units), (found.dead if not isinstance(found, SharedLayer) else
+                                                   int((records["kind"] == c.DEAD).sum()))
+        done["description"] = (found.description if not isinstance(found, SharedLayer) else found.description)
+        if not isinstance(found, SharedLayer):
+            found.release()  # a layer's rows are in memory only while its files are written
         return done
 
+    stats = extraction.stats if extraction else None
+    pass_metadata = {} if stats is None else {
+        "tokens_processed": stats.tokens, "windows": stats.windows,
+        "tokens_per_second": round(stats.tokens_per_second, 1), "wall_seconds": round(stats.seconds, 2),
+        "device": extraction.device, "layers_in_this_pass": str(sorted(extraction.layers))}
+    todo = [(layer, shared[layer][1]) for layer in layers if layer in shared]
+    todo += list(extraction.layers.items()) if extraction else []
     withheld = {}
-    for (layer, found), done in ahead(extraction.layers.items(), build_and_write):
+    for (layer, found), done in ahead(todo, build_and_write):
+        is_shared = isinstance(found, SharedLayer)
+        origin = ({"shared_from_variant": found.variant, "tokens_processed": 0, "windows": found.windows,
+                   "random_k": found.random_k, "subject_model_forward_passes": 0} if is_shared else
+                  {**pass_metadata, "random_k": min(selection.random_k, stats.windows),
+                   "subject_model_forward_passes": stats.batches})
         if records_written:
-            out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=len(found.units),
-                        units=found.description, dead_units=found.dead,
-                        tokens_processed=stats.tokens, windows=stats.windows,
-                        tokens_per_second=round(stats.tokens_per_second, 1),
-                        wall_seconds=round(stats.seconds, 2), subject_model=subject_model.model,
-                        device=extraction.device, layers_in_this_pass=str(sorted(extraction.layers)))
+            out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=done["units"],
+                        units=done["description"], dead_units=done["dead"], subject_model=subject_model.model,
+                        extraction_key=key, variant=variant, **origin)
             for check in CHECKS[c.ACTIVATION_RECORDS]:
                 out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
         if table_written:
             out.written(c.TOKEN_TABLE, layer, done["table"], counted=counted,
-                        distinct_tokens=done["distinct_tokens"])
+                        distinct_tokens=done["distinct_tokens"], extraction_key=key, variant=variant,
+                        **({"shared_from_variant": found.variant} if is_shared else {}))
             out.check(c.TOKEN_TABLE, "token_table_complete", layer, done["token_table_complete"])
         if excerpts:
             if isinstance(done["excerpts"], str):
@@ -151,6 +203,52 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                                                f"{', '.join(map(str, at))}: {why}" for why, at in withheld.items()))
     if excerpts:
         yield out.result(c.TOP_EXCERPTS)
+
+
+@dataclass(frozen=True)
+class SharedLayer:
+    """A layer whose extraction another variant holds with the same settings."""
+
+    variant: str
+    storage_dir: Path
+    layer: int
+    windows: int
+    random_k: int
+    description: str
+
+    def path(self, asset: str) -> Path:
+        return asset_path(self.storage_dir, asset, self.layer, self.variant)
+
+
+def _metadata_value(record, name: str):
+    entry = (record.asset_materialization.metadata or {}).get(name)
+    return getattr(entry, "value", entry)
+
+
+def shared_extractions(instance: dg.DagsterInstance, key: str, variant: str, layers: list[int], assets: list[str],
+                       storage_dir: Path) -> dict[int, tuple[str, SharedLayer]]:
+    """layer → (the other variant, its files) for each of `layers` whose latest materializations of every asset of
+    `assets` in another variant were made with extraction settings `key`, and whose files are still there."""
+    others = [v for v in instance.get_dynamic_partitions(VARIANT) if v != variant]
+    found: dict[int, tuple[str, SharedLayer]] = {}
+    for layer in layers:
+        for other in others:
+            latest = {}
+            for asset in assets:
+                records = instance.fetch_materializations(dg.AssetRecordsFilter(
+                    asset_key=dg.AssetKey(asset), asset_partitions=[str(partition_key(layer, other))]), limit=1).records
+                latest[asset] = records[0] if records else None
+            if not all(r is not None and _metadata_value(r, "extraction_key") == key for r in latest.values()):
+                continue
+            if not all(asset_path(storage_dir, asset, layer, other).exists() for asset in assets):
+                continue
+            first = latest[assets[0]]
+            windows = int(_metadata_value(first, "windows") or 0)
+            shared = SharedLayer(other, storage_dir, layer, windows, int(_metadata_value(first, "random_k") or 0),
+                                 str(_metadata_value(first, "units") or ""))
+            found[layer] = (other, shared)
+            break
+    return found
 
 
 def _stops(check: Check) -> bool:
@@ -169,12 +267,13 @@ class _Excerpts:
     def split(self, layer: int, records: pl.DataFrame | None = None) -> dict:
         """Split `records` (default: the layer's stored activation_records) and write the file."""
         if records is None:
-            records = read(self.out.storage_dir, c.ACTIVATION_RECORDS, layer)
+            records = self.out.read(c.ACTIVATION_RECORDS, layer)
         sel = self.selection
         with bad_input_fails_the_run():
             frame = stages.top_excerpts(
                 records, sel.explain_excerpts, sel.score_top_excerpts, sel.score_random_excerpts,
-                self.quality.checked().calibration_top_excerpts, self.quality.calibration_random_excerpts)
+                self.quality.checked().calibration_top_excerpts, self.quality.calibration_random_excerpts,
+                scope=self.out.variant)
         units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
         return {"file": self.out.write_file(c.TOP_EXCERPTS, frame, layer),
                 "fired": units.filter(pl.col("kind") != c.DEAD)["neuron"].n_unique(),

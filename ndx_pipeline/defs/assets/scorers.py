@@ -19,12 +19,13 @@ from ndx_pipeline.defs.materialize import (
     LLM_POOL,
     SINGLE_RUN,
     Outputs,
+    VariantSettings,
     bad_input_fails_the_run,
     layers_of,
-    read,
+    variant_of,
 )
 from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, llm_accounting
-from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
@@ -33,24 +34,24 @@ JUDGED = (c.SCORER_EXCERPTS, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS)  # what ev
 
 
 @dg.asset(name=c.SCORER_EXCERPTS, op_tags=step_tags(c.SCORER_EXCERPTS), group_name=GROUP,
-          deps=[c.ACTIVATION_RECORDS, c.TOP_EXCERPTS], partitions_def=layers, backfill_policy=SINGLE_RUN,
+          deps=[c.ACTIVATION_RECORDS, c.TOP_EXCERPTS], partitions_def=layer_variant, backfill_policy=SINGLE_RUN,
           code_version=CODE_VERSIONS[c.SCORER_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORER_EXCERPTS),
           description="Per neuron, held-out activating windows (across the upper activation quantiles) and "
                       "non-activating ones that the explainer never saw: what detection, fuzzing and embedding "
                       "judge (no rows when no scorer runs).")
 def scorer_excerpts(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
+    variant = variant_of(context)
     with bad_input_fails_the_run():
-        q = quality.checked()
+        q = VariantSettings(storage.path(), variant)("quality", quality).checked()
     count = q.scorer_excerpts if q.scorers else 0
-    out = Outputs(context, storage.path())
+    out = Outputs(context, storage.path(), variant)
     for layer in layers_of(context):
-        records, excerpts = read(storage.path(), c.ACTIVATION_RECORDS, layer), read(storage.path(), c.TOP_EXCERPTS,
-                                                                                      layer)
+        records, excerpts = out.read(c.ACTIVATION_RECORDS, layer), out.read(c.TOP_EXCERPTS, layer)
         frame = c.empty(c.SCORER_EXCERPTS)
         if count:
             with bad_input_fails_the_run():
-                frame = stages.scorer_excerpts(records, excerpts, count)
+                frame = stages.scorer_excerpts(records, excerpts, count, scope=variant)
         out.write(c.SCORER_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique(), per_split=count,
                   scorers=str(q.scorers), quantile_buckets=str(sorted(frame["kind"].unique().to_list())))
         out.check(c.SCORER_EXCERPTS, "held_out_from_the_explainer", layer,
@@ -64,7 +65,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
     judgements, scores = c.SCORER_ASSETS[name]
 
     def spec(asset: str, deps, description: str) -> dg.AssetSpec:
-        return dg.AssetSpec(asset, deps=deps, partitions_def=layers, code_version=CODE_VERSIONS[asset],
+        return dg.AssetSpec(asset, deps=deps, partitions_def=layer_variant, code_version=CODE_VERSIONS[asset],
                             automation_condition=FOLLOW_UPSTREAM, description=description)
 
     @dg.multi_asset(
@@ -76,15 +77,16 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
     )
     def step(context: dg.AssetExecutionContext):
         storage = context.resources.storage
+        variant, layers_run = variant_of(context), layers_of(context)
+        settings = VariantSettings(storage.path(), variant)
         with bad_input_fails_the_run():
-            q = context.resources.quality.checked()
+            q = settings("quality", context.resources.quality).checked()
         on = name in q.scorers
-        out = Outputs(context, storage.path())
-        layers_run = layers_of(context)
-        found = {asset: {layer: read(storage.path(), asset, layer) for layer in layers_run} for asset in JUDGED}
+        out = Outputs(context, storage.path(), variant)
+        found = {asset: {layer: out.read(asset, layer) for layer in layers_run} for asset in JUDGED}
         made, accounting, model = None, {}, ""
         if on:
-            resource = getattr(context.resources, backend)
+            resource = settings(backend, getattr(context.resources, backend))
             with bad_input_fails_the_run():
                 judge = resource.build(storage)
             scorer = make_scorer(name, q.scorer_batch, getattr(resource, "seed", 0))
@@ -93,7 +95,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
                 # every layer of the run, ours and the baselines, in one wave
                 started, before = time.perf_counter(), judge.stats.snapshot()
                 made = stages.judged(scorer, every[c.EXPLANATIONS], every[c.BASELINE_EXPLANATIONS],
-                                     every[c.SCORER_EXCERPTS], judge, what=f"{name}, layers {layers_run}",
+                                     every[c.SCORER_EXCERPTS], judge, what=f"{name}, {variant} layers {layers_run}",
                                      log=context.log.info)
                 accounting = {**llm_accounting(judge, before, started),
                               "llm_accounting_covers_layers": str(layers_run)}

@@ -10,9 +10,17 @@ from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import viewer_dir
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
-from ndx_pipeline.defs.materialize import GROUP, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
+from ndx_pipeline.defs.materialize import (
+    GROUP,
+    SINGLE_RUN,
+    Outputs,
+    VariantSettings,
+    bad_input_fails_the_run,
+    layers_of,
+    variant_of,
+)
 from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, neuron_table, score_histogram
-from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS
@@ -25,16 +33,18 @@ def _names(values) -> str:
     return ", ".join(sorted(set(values.drop_nulls())))
 
 
-@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=list(READS), partitions_def=layers,
+@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=list(READS), partitions_def=layer_variant,
           backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORES),
           description="Pooled Pearson correlation of simulated vs true activations, per neuron, beside baselines.")
 def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
+    variant = variant_of(context)
+    quality = VariantSettings(storage.path(), variant)("quality", quality)
     with bad_input_fails_the_run():
         names = quality.checked().baselines
-    out = Outputs(context, storage.path())
+    out = Outputs(context, storage.path(), variant)
     for layer in layers_of(context):
-        sims, expl, base_sims, base_expl, table, excerpts = (read(storage.path(), a, layer) for a in READS)
+        sims, expl, base_sims, base_expl, table, excerpts = (out.read(a, layer) for a in READS)
         made = stages.scores(sims, expl, excerpts=excerpts, baselines=names, baseline_explanations=base_expl,
                              baseline_simulations=base_sims, token_table=table, lookup_held_out=quality.lookup_held_out)
         for name, why in made.missing.items():
@@ -56,7 +66,8 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
                   failed_simulations=int((sims["status"] != "ok").sum()),
                   missing_baselines=str(sorted(made.missing)), **baseline_metadata(frame, names),
                   **({"note": BUNDLED_MODEL_NOTE} if any(is_bundled(s) for s in simulators) else {}),
-                  neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path()) / "index.html")))
+                  variant=variant,
+                  neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path(), variant) / "index.html")))
         out.check(c.SCORES, "scores_valid", layer, validation.scores_valid(frame))
         out.check(c.SCORES, FAILURES, layer, validation.failure_share(
             frame.with_columns(pl.when(pl.col("score").is_nan()).then(pl.lit("undefined")).otherwise(pl.lit("ok"))

@@ -10,9 +10,18 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
-from ndx_pipeline.defs.materialize import GROUP, LLM_POOL, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, read
+from ndx_pipeline.defs.materialize import (
+    GROUP,
+    LLM_POOL,
+    SINGLE_RUN,
+    Outputs,
+    VariantSettings,
+    bad_input_fails_the_run,
+    layers_of,
+    variant_of,
+)
 from ndx_pipeline.defs.metadata import llm_accounting
-from ndx_pipeline.defs.partitions import layers
+from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import LLMResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
@@ -22,30 +31,33 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
     name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
     backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.SIMULATIONS, deps=[c.EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layers,
+        dg.AssetSpec(c.SIMULATIONS, deps=[c.EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="Simulated activations (expected value over 0–10) on every scored excerpt."),
-        dg.AssetSpec(c.BASELINE_SIMULATIONS, deps=[c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layers,
+        dg.AssetSpec(c.BASELINE_SIMULATIONS, deps=[c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.BASELINE_SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="The baseline explanations simulated on the same excerpts, the same way."),
     ],
     check_specs=check_specs(c.SIMULATIONS, c.BASELINE_SIMULATIONS),
 )
 def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource):
+    variant, layers = variant_of(context), layers_of(context)
+    settings = VariantSettings(storage.path(), variant)
+    simulator_llm = settings("simulator_llm", simulator_llm)
     with bad_input_fails_the_run():
         backend = simulator_llm.build(storage)
-    out = Outputs(context, storage.path())
-    layers = layers_of(context)
+    out = Outputs(context, storage.path(), variant)
     try:
         def every_layer(asset: str) -> pl.DataFrame:
-            return pl.concat([read(storage.path(), asset, layer) for layer in layers])
+            return pl.concat([out.read(asset, layer) for layer in layers])
 
         # every layer of the run, ours and the baselines, in one wave
         started, before = time.perf_counter(), backend.stats.snapshot()
         made = stages.simulations(every_layer(c.EXPLANATIONS), every_layer(c.BASELINE_EXPLANATIONS),
                                   every_layer(c.TOP_EXCERPTS), backend, mode=simulator_llm.simulator_mode,
-                                  what=f"simulations, layers {layers}", log=context.log.info)
-        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers)}
+                                  what=f"simulations, {variant} layers {layers}", log=context.log.info)
+        accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
+                      "variant": variant, "settings_version": settings.digest(simulator_llm=simulator_llm)}
         for layer in layers:
             ours = made.simulations.filter(pl.col("layer") == layer)
             theirs = made.baseline_simulations.filter(pl.col("layer") == layer)

@@ -1,0 +1,139 @@
+"""Variants: named setups of what is explained and how, kept side by side in one storage folder.
+
+A variant is a name and the settings of the per-variant resources (`VARIANT_RESOURCES`: which units, how many
+excerpts, the explainer, simulator, scorers and method settings). The subject model, the corpus and the storage are
+the instance's, shared by every variant. Every layer file of a variant lives at
+`<storage>/<asset>/<variant>/<layer>.parquet`, so no variant ever writes over another's.
+
+The variants file (`variants.yaml`, name → resource → field → value; `$NDX_VARIANTS`, else `<storage>/variants.yaml`)
+says what each variant is. `ndx-pipeline run --variant NAME` records there the settings it ran with; a user may
+write entries by hand, naming only the fields that differ from the configured resources. A run of a variant's
+partition applies the variant's fields over the run's resources.
+
+Two variants whose extraction settings are equal (`extraction_key`: subject model, corpus, unit set, record counts)
+share one extraction: the second one's activation records are the first one's file (a hard link), found through the
+Dagster instance, and no forward pass of the subject model is run for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ndx_pipeline.core.errors import NdxInputError
+
+VARIANTS_ENV = "NDX_VARIANTS"
+VARIANTS_FILE = "variants.yaml"
+# the resources whose settings a variant holds (the others are the instance's: storage, corpus, subject model)
+VARIANT_RESOURCES = ("selection", "quality", "explainer_llm", "simulator_llm", "scorer_llm", "embedder")
+# settings that never change what a stage writes, and are not recorded with a variant (how fast, where)
+NOT_RECORDED = {"max_concurrency", "timeout_s", "deadline_s", "max_attempts"}
+# the selection fields that change the extraction pass (the split counts only change top_excerpts)
+EXTRACTION_FIELDS = ("units", "dictionary", "dictionary_hook", "neurons_per_layer", "neurons", "seed", "top_k",
+                     "random_k", "quantile_k")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str, what: str = "variant name") -> str:
+    """`name`, or one sentence saying why it cannot name a variant (it is a partition key and a folder name)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise NdxInputError(f"{what} {name!r} is not usable: letters, digits, '.', '_' and '-' only, starting with a "
+                            "letter or digit, at most 64 characters.")
+    return name
+
+
+def default_name(units: str, dictionary: str | None = None) -> str:
+    """The name a run's variant gets when none is given: `neurons` (the positive side, the paper's units),
+    `neurons-negative`, `neurons-both`, or the dictionary folder's name."""
+    if units == "dictionary" and dictionary:
+        folder = Path(dictionary).expanduser().name or "dictionary"
+        cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-._") or "dictionary"
+        return check_name(cleaned[:64])
+    return "neurons" if units in (None, "positive") else f"neurons-{units}"
+
+
+DEFAULT_VARIANT = default_name("positive")
+
+
+def implied_settings(name: str) -> dict[str, dict[str, Any]]:
+    """The settings a variant's name implies when the variants file does not declare it: the neuron sides'
+    default names (`neurons-negative`, `neurons-both`) say which side; any other name, nothing."""
+    for units in ("negative", "both"):
+        if name == default_name(units):
+            return {"selection": {"units": units}}
+    return {}
+
+
+def variants_file(storage_dir: str | os.PathLike) -> Path:
+    """Where the variants are declared: `$NDX_VARIANTS`, else `<storage>/variants.yaml`."""
+    return Path(os.environ.get(VARIANTS_ENV) or Path(storage_dir) / VARIANTS_FILE).expanduser()
+
+
+def read_variants(path: str | os.PathLike) -> dict[str, dict[str, dict[str, Any]]]:
+    """name → resource → field → value, from the variants file (empty when there is none); a malformed file is one
+    sentence naming it and what is wrong."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise NdxInputError(f"variants file {path} is not readable YAML ({type(e).__name__}).") from None
+    if not isinstance(data, dict):
+        raise NdxInputError(f"variants file {path} must map variant names to settings.")
+    out = {}
+    for name, settings in data.items():
+        check_name(str(name), f"variant name in {path}:")
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise NdxInputError(f"variants file {path}: variant {name!r} must map resources to fields.")
+        unknown = sorted(set(settings) - set(VARIANT_RESOURCES))
+        if unknown:
+            raise NdxInputError(f"variants file {path}: variant {name!r} sets {unknown}, which a variant cannot "
+                                f"set (it may set {', '.join(VARIANT_RESOURCES)}).")
+        for resource, fields in settings.items():
+            if not isinstance(fields or {}, dict):
+                raise NdxInputError(f"variants file {path}: {name}.{resource} must map fields to values.")
+        out[str(name)] = {resource: dict(fields or {}) for resource, fields in settings.items()}
+    return out
+
+
+def record_variant(path: str | os.PathLike, name: str, settings: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Declare (or re-declare) variant `name` with `settings` in the variants file, atomically; the other
+    variants' entries are kept as they are. True when the entry changed."""
+    import yaml
+
+    from ndx_pipeline.core.storage import write_text_atomic
+
+    check_name(name)
+    path = Path(path)
+    variants = read_variants(path)
+    entry = {resource: {k: v for k, v in sorted(fields.items()) if k not in NOT_RECORDED}
+             for resource, fields in settings.items() if resource in VARIANT_RESOURCES}
+    if variants.get(name) == entry:
+        return False
+    variants[name] = entry
+    header = ("# ndx-pipeline variants: name -> resource -> field -> value. `ndx-pipeline run --variant NAME` records\n"
+              "# the settings it ran with; entries written by hand may name only the fields that differ.\n")
+    write_text_atomic(header + yaml.safe_dump(variants, sort_keys=True, allow_unicode=True), path)
+    return True
+
+
+def settings_digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def extraction_key(subject_model: Mapping[str, Any], corpus: Mapping[str, Any], selection: Mapping[str, Any],
+                   token_table_counted: bool) -> str:
+    """What the extraction pass's files depend on: equal keys, equal activation_records and token_table files."""
+    model = {k: subject_model.get(k) for k in ("model", "dtype", "window_tokens")}
+    return settings_digest(model, dict(corpus), {k: selection.get(k) for k in EXTRACTION_FIELDS},
+                           bool(token_table_counted))
