@@ -246,9 +246,10 @@ def materialize(args, corpus_path, storage, layers, selection: dict, tokens: int
     windows outside its 20 top ones that score_random needs (with 20 of ~300 windows, a few units would not)."""
     import dagster as dg
 
+    from ndx_pipeline.core.variants import DEFAULT_VARIANT
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import EXTRACTION_JOB
-    from ndx_pipeline.defs.partitions import range_tags
+    from ndx_pipeline.defs.partitions import add_variant, range_tags
 
     resources = {
         "storage": {"config": {"storage_dir": str(storage)}},
@@ -259,9 +260,11 @@ def materialize(args, corpus_path, storage, layers, selection: dict, tokens: int
         "quality": {"config": {"baselines": ["random", "token_list"], "scorers": []}},
     }
     job = build_definitions().resolve_job_def(EXTRACTION_JOB)
+    instance = dg.DagsterInstance.ephemeral()
+    add_variant(instance, DEFAULT_VARIANT)
     started = time.perf_counter()
-    result = job.execute_in_process(run_config={"resources": resources}, instance=dg.DagsterInstance.ephemeral(),
-                                    tags=range_tags(min(layers), max(layers)), raise_on_error=True)
+    result = job.execute_in_process(run_config={"resources": resources}, instance=instance,
+                                    tags=range_tags(DEFAULT_VARIANT, min(layers), max(layers)), raise_on_error=True)
     seconds = time.perf_counter() - started
     assert result.success
     written = sum(p.stat().st_size for p in storage.rglob("*.parquet"))

@@ -22,18 +22,27 @@ from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
-from ndx_pipeline.core.storage import asset_path, legacy_layer_files, migrate_storage, viewer_dir, write_text_atomic
+from ndx_pipeline.core.storage import (
+    asset_path,
+    legacy_layer_files,
+    migrate_storage,
+    stored_variants,
+    viewer_dir,
+    write_text_atomic,
+)
 from ndx_pipeline.core.variants import (
     DEFAULT_VARIANT,
     VARIANT_RESOURCES,
     check_name,
     default_name,
+    implied_settings,
+    read_variants,
     record_variant,
     variants_file,
 )
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
-from ndx_pipeline.defs.console import CONSOLE_LOGGER
+from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
@@ -112,18 +121,19 @@ def run_config(args) -> dict:
     put("simulator_llm", "model", args.simulator_model)
     for llm in ("explainer_llm", "simulator_llm", "scorer_llm"):
         put(llm, "dtype", args.llm_dtype)
-    logger = "console" if args.verbose else CONSOLE_LOGGER
+    logger = VERBOSE_LOGGER if args.verbose else CONSOLE_LOGGER
     return {"resources": resources, "loggers": {logger: {"config": {"log_level": "INFO"}}}}
 
 
-def variant_settings(config: dict) -> dict:
+def variant_settings(config: dict, declared: dict) -> dict:
     """The settings of the run's variant: each per-variant resource as the definitions bind it (NDX_* variables),
-    with the command line's fields over it."""
+    then the fields the variants file declares for the variant, then the command line's."""
     resources = default_resources()
     given = config["resources"]
     out = {}
     for name in VARIANT_RESOURCES:
         fields = resources[name].model_dump()
+        fields.update(declared.get(name, {}))
         fields.update(given.get(name, {}).get("config", {}))
         out[name] = fields
     return out
@@ -325,7 +335,8 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    if record_variant(variants_file(storage), variant, variant_settings(config)):
+    declared = read_variants(variants_file(storage)).get(variant) or implied_settings(variant)
+    if record_variant(variants_file(storage), variant, variant_settings(config, declared)):
         print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
     print(f"ndx-pipeline: variant {variant}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
@@ -359,8 +370,9 @@ def cmd_run(args) -> int:
             print(f"run {result.run_id}: layers {sorted(failed)} of {variant} stopped by a failed check; the other "
                   "layers go on", file=sys.stderr, flush=True)
             rest = [layer for layer in range(lo, hi + 1) if layer not in failed]
-            after = (dg.AssetSelection.assets(*stopped).downstream() - dg.AssetSelection.assets(*stopped)).resolve(
-                graph) & subset
+            # what the check held back: the selected steps the run skipped (whole steps, so never half a multi-asset)
+            after = set(subset) - {event.asset_key for event in result.all_events
+                                   if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
             if after:
                 work += [(a, b, after) for a, b in contiguous_ranges(rest)]
     scored = [layer for layer in layers if layer not in failed]
@@ -386,61 +398,94 @@ def _storage(args) -> Path:
     return StorageResource(storage_dir=args.storage or default_resources()["storage"].storage_dir).path()
 
 
-def _runs(layers) -> dict[int, dict] | None:
-    """Stage → run info for each layer, from the Dagster instance; None when there is no run history."""
+def _runs(layers, variant: str) -> dict[int, dict] | None:
+    """Stage → run info for each layer of `variant`, from the Dagster instance; None when there is no run history."""
     try:
         with dg.DagsterInstance.get() as instance:
-            return {layer: stage_runs(instance, layer) for layer in layers}
+            return {layer: stage_runs(instance, layer, variant) for layer in layers}
     except Exception as exc:  # the Parquet files alone still give the full data lineage
         print(f"note: no Dagster run history ({type(exc).__name__}); showing the data lineage only", file=sys.stderr)
         return None
 
 
+def chosen_variant(storage: Path, given: str | None, asset: str = c.SCORES) -> str:
+    """--variant, else the only variant of `storage` with files of `asset`; several or none: one sentence saying
+    which there are."""
+    refuse_legacy_layout(storage)
+    if given:
+        return check_name(given, "--variant")
+    found = stored_variants(storage, asset)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NdxInputError(f"no variant under {storage} has {asset}: run the pipeline first.")
+    raise NdxInputError(f"{len(found)} variants have {asset} ({', '.join(found)}): say which with --variant.")
+
+
 def cmd_lineage(args) -> int:
-    """Print where one neuron's score came from, down to the document text of every scored excerpt."""
+    """Print where one unit's score came from, down to the document text of every scored excerpt. The variant:
+    --variant, else the only one that has a score for the unit (or the only one there is)."""
     storage = _storage(args)
-    runs = _runs([args.layer])
     unit = negative_id(args.neuron) if args.negative else args.neuron
-    result = lineage(storage, args.layer, unit, runs=runs[args.layer] if runs else None)
+    variant = args.variant
+    if not variant:
+        refuse_legacy_layout(storage)
+        having = [v for v in stored_variants(storage, c.SCORES)
+                  if asset_path(storage, c.SCORES, args.layer, v).exists() and unit in pl.read_parquet(
+                      asset_path(storage, c.SCORES, args.layer, v), columns=["neuron"])["neuron"].to_list()]
+        if len(having) > 1:
+            raise NdxInputError(f"{len(having)} variants have unit {unit} of layer {args.layer} ({', '.join(having)})"
+                                ": say which with --variant.")
+        variant = having[0] if having else None  # none: the only variant there is says what it lacks
+    variant = chosen_variant(storage, variant)
+    runs = _runs([args.layer], variant)
+    result = lineage(storage, args.layer, unit, runs=runs[args.layer] if runs else None, variant=variant)
     print(lineage_json(result) if args.json else format_lineage(result))
     return 0
 
 
 def cmd_view(args) -> int:
-    """(Re)write the static neuron viewer from the stored files and print where it is."""
+    """(Re)write the static neuron viewer of a variant from the stored files (and the index of every variant, with
+    the compare page) and print where it is."""
     quiet_libraries()
     storage = _storage(args)
+    variant = chosen_variant(storage, args.variant)
     layers = parse_layers(args.layers) if args.layers else None
-    runs = _runs(layers or available_layers(storage))
-    print(write_viewer(storage, layers=layers, runs=runs))
+    runs = _runs(layers or available_layers(storage, variant=variant), variant)
+    print(write_viewer(storage, layers=layers, runs=runs, variant=variant))
     return 0
 
 
 def cmd_export(args) -> int:
-    """Write layers in OpenAI neuron-explainer's JSON shapes (NeuronRecord, NeuronSimulationResults)."""
+    """Write a variant's layers in OpenAI neuron-explainer's JSON shapes (NeuronRecord, NeuronSimulationResults)."""
     storage = _storage(args)
-    layers = parse_layers(args.layers) if args.layers else available_layers(storage, c.ACTIVATION_RECORDS)
+    variant = chosen_variant(storage, args.variant, c.ACTIVATION_RECORDS)
+    layers = (parse_layers(args.layers) if args.layers else
+              available_layers(storage, c.ACTIVATION_RECORDS, variant=variant))
     if not layers:
-        raise NdxInputError(f"no layer has activation_records under {storage}: run the pipeline first.")
+        raise NdxInputError(f"no layer of variant {variant} has activation_records under {storage}: run the "
+                            "pipeline first.")
     for layer in layers:
-        done = export_layer(storage, layer, args.out, neurons=args.neurons)
+        done = export_layer(storage, layer, args.out, neurons=args.neurons, variant=variant)
         print(f"layer {layer}: {len(done.neuron_records)} NeuronRecords, {len(done.simulation_results)} "
-              f"NeuronSimulationResults under {Path(args.out).resolve()}")
+              f"NeuronSimulationResults of variant {variant} under {Path(args.out).resolve()}")
     return 0
 
 
 def cmd_import(args) -> int:
-    """Read NeuronRecord JSON (ours, or OpenAI's released collated activations) as activation_records, record the
-    files as materializations on the instance, and say how to go on from there."""
+    """Read NeuronRecord JSON (ours, or OpenAI's released collated activations) as a variant's activation_records,
+    record the files as materializations on the instance, and say how to go on from there."""
     storage = _storage(args)
+    refuse_legacy_layout(storage)
+    variant = check_name(args.variant or "imported", "--variant")
     imported = import_neuron_records(args.source, layers=parse_layers(args.layers) if args.layers else None)
-    written = write_imported(storage, imported)
+    written = write_imported(storage, imported, variant=variant)
     with dg.DagsterInstance.get() as instance:
         record_imported(instance, written, source=str(Path(args.source).resolve()))
-    for asset, layer, path in written:
+    for asset, layer, _, path in written:
         print(f"{asset}{'' if layer is None else f' layer {layer}'}: {path}")
     layers = ",".join(str(x) for x in imported.layers())
-    print(f"\nNext: ndx-pipeline run --layers {layers} --from {c.TOP_EXCERPTS}")
+    print(f"\nNext: ndx-pipeline run --variant {variant} --layers {layers} --from {c.TOP_EXCERPTS}")
     return 0
 
 
@@ -507,8 +552,9 @@ def parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="move layer files from the layout before variants (<asset>/<layer>.parquet) "
                                          "into a variant, ids scoped to it, and record them on the instance")
     mig.add_argument("--variant", help=f"the variant they become (default {DEFAULT_VARIANT})")
-    for p in (lin, view, export, imp):
+    for p in (lin, view, export):
         p.add_argument("--variant", help="the variant (default: the only one there is, else say which)")
+    imp.add_argument("--variant", help="the variant the records become (default: imported)")
     for p in (lin, view, export, imp, mig, comp):
         p.add_argument("--storage",
                        help="where the Parquet files are (default: $NDX_STORAGE, else $DAGSTER_HOME/storage)")

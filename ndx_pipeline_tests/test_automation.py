@@ -44,21 +44,48 @@ def test_corpus_sensor_cursor_and_run_keys(tmp_path):
     assert [r.run_key for r in result] == ["corpus-1"]
     assert result[0].asset_selection == [dg.AssetKey("corpus")]
 
-    materialize_runless(instance, "activation_records", ["0", "1", "3"])
-    (folder / "a.txt").write_text("one, changed")  # changed file: corpus + every layer with records
+    instance.add_dynamic_partitions("variant", ["neurons", "sae"])
+    materialize_runless(instance, "activation_records", ["0|neurons", "1|neurons", "3|neurons", "1|sae"])
+    (folder / "a.txt").write_text("one, changed")  # changed file: corpus + every variant's layers with records
     result, cursor = tick(sensor, instance, cursor)
-    assert [r.run_key for r in result] == ["corpus-2-layers-0-1", "corpus-2-layers-3-3"]
-    assert result[0].tags["dagster/asset_partition_range_start"] == "0"
-    assert result[0].tags["dagster/asset_partition_range_end"] == "1"
+    assert [r.run_key for r in result] == ["corpus-2-neurons-layers-0-1", "corpus-2-neurons-layers-3-3",
+                                           "corpus-2-sae-layers-1-1"]
+    assert result[0].tags["dagster/asset_partition_range_start"] == "0|neurons"
+    assert result[0].tags["dagster/asset_partition_range_end"] == "1|neurons"
+    assert result[2].tags["dagster/asset_partition_range_start"] == result[2].tags[
+        "dagster/asset_partition_range_end"] == "1|sae"
+    assert all(r.run_config in ({}, None) for r in result)  # each variant's settings come from its own declaration
 
     (folder / "b.md").unlink()  # removed file
     result, cursor = tick(sensor, instance, cursor)
-    assert {r.run_key for r in result} == {"corpus-3-layers-0-1", "corpus-3-layers-3-3"}
+    assert {r.run_key for r in result} == {"corpus-3-neurons-layers-0-1", "corpus-3-neurons-layers-3-3",
+                                           "corpus-3-sae-layers-1-1"}
     (folder / "b.md").write_text("new file")  # back to an earlier set of files: still a new run key
     os.utime(folder / "b.md", ns=(1, 1))
     result, cursor = tick(sensor, instance, cursor)
-    assert {r.run_key for r in result} == {"corpus-4-layers-0-1", "corpus-4-layers-3-3"}
+    assert {r.run_key for r in result} == {"corpus-4-neurons-layers-0-1", "corpus-4-neurons-layers-3-3",
+                                           "corpus-4-sae-layers-1-1"}
     assert json.loads(cursor)["generation"] == 4
+
+
+def test_variants_file_sensor_adds_the_declared_variants(tmp_path):
+    from ndx_pipeline.core.variants import record_variant, variants_file
+    from ndx_pipeline.defs.automation import variants_file_sensor
+    from ndx_pipeline.defs.resources import StorageResource
+
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"storage": StorageResource(storage_dir=str(tmp_path))}
+    result = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(result, dg.SkipReason)
+    record_variant(variants_file(tmp_path), "explainer-b", {"explainer_llm": {"temperature": 0.5}})
+    result = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert result.dynamic_partitions_requests[0].partition_keys == ["explainer-b"] and not result.run_requests
+    instance.add_dynamic_partitions("variant", ["explainer-b"])
+    assert isinstance(variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources)),
+                      dg.SkipReason)
+    variants_file(tmp_path).write_text("[broken\n")
+    skip = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(skip, dg.SkipReason) and "not readable YAML" in skip.skip_message
 
 
 def test_corpus_sensor_without_a_folder_skips():

@@ -85,7 +85,7 @@ def test_lineage_and_view_commands(tmp_path, monkeypatch, capsys):
     assert "no score for neuron 99999" in capsys.readouterr().err
     assert main(["view", "--storage", str(storage)]) == 0
     index = capsys.readouterr().out.strip().splitlines()[-1]
-    assert index.endswith("index.html") and (storage / "neuron_viewer" / "0" / f"{neuron}.html").exists()
+    assert index.endswith("index.html") and (storage / "neuron_viewer" / "neurons" / "0" / f"{neuron}.html").exists()
 
 
 def test_export_then_import_commands_record_materializations(tmp_path, monkeypatch, capsys):
@@ -105,17 +105,20 @@ def test_export_then_import_commands_record_materializations(tmp_path, monkeypat
 
     assert main(["import", str(out), "--storage", str(fresh)]) == 0
     printed = capsys.readouterr().out
-    assert "Next: ndx-pipeline run --layers 0 --from top_excerpts" in printed
-    back = pl.read_parquet(asset_path(fresh, "activation_records", 0))
+    assert "Next: ndx-pipeline run --variant imported --layers 0 --from top_excerpts" in printed
+    back = pl.read_parquet(asset_path(fresh, "activation_records", 0, "imported"))
     assert back.select("neuron", "kind", "rank", "tokens").sort(["neuron", "kind", "rank"]).equals(
-        pl.read_parquet(asset_path(storage, "activation_records", 0)).select("neuron", "kind", "rank", "tokens")
+        pl.read_parquet(asset_path(storage, "activation_records", 0, "neurons")).select("neuron", "kind", "rank",
+                                                                                       "tokens")
         .sort(["neuron", "kind", "rank"]))
-    assert pl.read_parquet(asset_path(fresh, "token_table", 0)).is_empty()  # released records count no tokens
+    # released records count no tokens
+    assert pl.read_parquet(asset_path(fresh, "token_table", 0, "imported")).is_empty()
     with dg.DagsterInstance.get() as instance:  # the CLI's instance: the files are materializations of their assets
+        assert instance.has_dynamic_partition("variant", "imported")
         for asset in ("activation_records", "token_table"):
             event = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization
-            assert event.partition == "0" and "imported from" in event.description
-            assert event.tags["dagster/data_version"] == content_hash([asset_path(fresh, asset, 0)])
+            assert event.partition == "0|imported" and "imported from" in event.description
+            assert event.tags["dagster/data_version"] == content_hash([asset_path(fresh, asset, 0, "imported")])
 
 
 def test_run_from_an_asset_that_does_not_exist(tmp_path, monkeypatch, capsys):

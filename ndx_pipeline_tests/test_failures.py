@@ -12,6 +12,7 @@ from ndx_pipeline.core.contract import STATUS_FAILED, STATUS_OK
 from ndx_pipeline.core.validation import ERROR, WARN, failure_share
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline_tests.runs import execute_layers
 
 
 def test_failure_share_warns_then_errors():
@@ -53,8 +54,7 @@ def test_a_layer_whose_every_explanation_failed_stops_and_says_why(tmp_path):
         "explainer_llm": {"config": down},
     }}
     job = build_definitions().resolve_job_def(MAIN_JOB)
-    result = job.execute_in_process(run_config=config, instance=dg.DagsterInstance.ephemeral(), partition_key="0",
-                                    raise_on_error=False)
+    result = execute_layers(job, dg.DagsterInstance.ephemeral(), 0, run_config=config)
     assert not result.success
     checks = {(e.asset_check_evaluation_data.asset_check_key.name,
                e.asset_check_evaluation_data.asset_check_key.asset_key.to_user_string()):
@@ -69,4 +69,5 @@ def test_a_layer_whose_every_explanation_failed_stops_and_says_why(tmp_path):
     assert "explanations" in message and "every one of the 2 explanations failed" in message, message
     assert "\n" not in message
     assert not any(e.is_step_success and e.step_key == "simulations" for e in result.all_events)
+    assert stopped.metadata["failed_layers"].value == "0"  # which layers it stopped (the CLI goes on with others)
     assert any("baseline_explanations" in w for w in run_warnings(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from ndx_pipeline.core.contract import RECORD_SCHEMA
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, neuron_record_files, write_imported
 
 
@@ -26,6 +27,7 @@ def _load_fixture_builder():
 
 
 FIXTURE = _load_fixture_builder()
+V = FIXTURE.V  # the variant the fixture store holds
 
 # Field names of neuron-explainer's dataclasses (besides `dataclass_name`), as its loader expects them.
 NEURON_RECORD_FIELDS = {"neuron_id", "random_sample", "random_sample_by_quantile", "quantile_boundaries", "mean",
@@ -51,7 +53,7 @@ def store(tmp_path_factory) -> Path:
 def exported(store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export")
     for layer in (0, 1):
-        export_layer(store, layer, out)
+        export_layer(store, layer, out, variant=V)
     return out
 
 
@@ -69,7 +71,7 @@ def test_export_writes_neuron_records_in_openai_shapes(store, exported):
     assert all(r["dataclass_name"] == "ActivationRecord" and _fields(r) == {"tokens", "activations"} for r in top)
     maxima = [max(r["activations"]) for r in top]
     assert maxima == sorted(maxima, reverse=True)
-    records = pl.read_parquet(asset_path(store, "activation_records", 0)).filter(pl.col("neuron") == 3)
+    records = pl.read_parquet(asset_path(store, "activation_records", 0, V)).filter(pl.col("neuron") == 3)
     assert rec["mean"] == pytest.approx(records["neuron_mean"][0])
     assert rec["variance"] == pytest.approx(records["neuron_variance"][0])
     assert rec["random_sample_by_quantile"] is None and rec["skewness"] is None
@@ -94,7 +96,7 @@ def test_export_writes_simulation_results_with_our_scores(store, exported):
     check(nsr)
     assert nsr["neuron_id"] == {"dataclass_name": "NeuronId", "layer_index": 0, "neuron_index": 7}
     (scored,) = nsr["scored_explanations"]
-    score = pl.read_parquet(asset_path(store, "scores", 0)).filter(pl.col("neuron") == 7).row(0, named=True)
+    score = pl.read_parquet(asset_path(store, "scores", 0, V)).filter(pl.col("neuron") == 7).row(0, named=True)
     assert scored["explanation"] == score["explanation"]
     assert scored["scored_simulation"]["ev_correlation_score"] == pytest.approx(score["score"], abs=1e-6)
     assert math.isnan(score["rsquared"])  # no calibration excerpts in this store: nothing calibrated to report
@@ -113,18 +115,45 @@ def test_export_round_trips_through_import(store, exported, tmp_path):
     imported = import_neuron_records(exported)
     assert imported.layers() == [0, 1]
     for layer in (0, 1):
-        original = pl.read_parquet(asset_path(store, "activation_records", layer))
+        original = pl.read_parquet(asset_path(store, "activation_records", layer, V))
         back = imported.records.filter(pl.col("layer") == layer).select(list(RECORD_SCHEMA))
         key = ["neuron", "kind", "rank"]
         assert back.schema == original.schema
         assert back.sort(key).equals(original.sort(key)), f"layer {layer} does not round-trip"
-    # The exported documents come back too, so the imported rows resolve to text in a fresh store.
+    # The exported documents come back too, so the imported rows resolve to text in a fresh store, in the variant
+    # the import names.
     fresh = tmp_path / "fresh"
-    write_imported(fresh, imported)
+    written = write_imported(fresh, imported, variant="imported")
+    assert [(asset, layer, variant) for asset, layer, variant, _ in written] == [
+        ("corpus", None, None), ("activation_records", 0, "imported"), ("token_table", 0, "imported"),
+        ("activation_records", 1, "imported"), ("token_table", 1, "imported")]
+    assert [path for *_, path in written] == [
+        fresh / "corpus.parquet", *(fresh / asset / "imported" / f"{layer}.parquet"
+                                    for layer in (0, 1) for asset in ("activation_records", "token_table"))]
     corpus = pl.read_parquet(asset_path(fresh, "corpus"))
     texts = dict(zip(corpus["doc_id"], corpus["text"]))
-    for r in pl.read_parquet(asset_path(fresh, "activation_records", 0)).iter_rows(named=True):
+    for r in pl.read_parquet(asset_path(fresh, "activation_records", 0, "imported")).iter_rows(named=True):
         assert texts[r["doc_id"]][r["char_start"]:r["char_end"]] == "".join(r["tokens"])
+
+
+def test_export_reads_the_variant_it_is_given(store, tmp_path):
+    """Two variants in one store: each exports its own records and explanations; a variant without the layer is a
+    clear error."""
+    copy = tmp_path / "storage"
+    shutil.copytree(store, copy)
+    FIXTURE.copy_variant(copy, V, "other", layers=[0])
+    path = asset_path(copy, "explanations", 0, "other")
+    write_parquet_atomic(pl.read_parquet(path).with_columns(pl.lit("another explanation").alias("explanation")), path)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    export_layer(copy, 0, mine, variant=V)
+    export_layer(copy, 0, theirs, variant="other")
+    assert (mine / "collated-activations" / "0" / "3.json").read_text() == (
+        theirs / "collated-activations" / "0" / "3.json").read_text()  # the same records, copied
+    explained = [json.loads((out / "explanations" / "0" / "7.jsonl").read_text())["scored_explanations"][0]
+                 ["explanation"] for out in (mine, theirs)]
+    assert explained == ["the keyword return in code", "another explanation"]
+    with pytest.raises(NdxInputError, match=r"layer 1 of variant other has no activation_records"):
+        export_layer(copy, 1, theirs, variant="other")
 
 
 def _released_style_record(layer: int, neuron: int) -> dict:
@@ -183,11 +212,13 @@ def test_import_of_released_collated_activations(tmp_path):
         assert " the cat sat." not in scored_random["tokens"].list.join("").to_list()
     # Written into a store, they become the layer's activation_records and corpus documents.
     storage = tmp_path / "storage"
-    write_imported(storage, imported)
-    assert pl.read_parquet(asset_path(storage, "activation_records", 12)).height == rec.height
+    write_imported(storage, imported, variant=V)
+    assert pl.read_parquet(asset_path(storage, "activation_records", 12, V)).height == rec.height
     assert pl.read_parquet(asset_path(storage, "corpus")).height == imported.corpus.height
-    write_imported(storage, imported)  # importing again changes nothing and does not clash
+    write_imported(storage, imported, variant="again")  # importing again (another variant) adds no document
     assert pl.read_parquet(asset_path(storage, "corpus")).height == imported.corpus.height
+    assert pl.read_parquet(asset_path(storage, "activation_records", 12, "again")).equals(
+        pl.read_parquet(asset_path(storage, "activation_records", 12, V)))
 
 
 def test_import_rejects_bad_files_with_the_file_named(tmp_path):
@@ -234,3 +265,22 @@ def test_export_writes_the_calibrated_simulation_beside_the_raw_one():
     predicted = 0.25 * np.array([1.0, 9.0, 0.0, 3.0]) - 0.5
     assert scored["scored_simulation"]["rsquared_score"] == pytest.approx(
         1 - np.mean((true - predicted) ** 2) / np.mean(true ** 2), abs=1e-6)
+
+
+def test_imported_files_are_recorded_on_their_variant_partition(store, exported, tmp_path):
+    """`record_imported` reports each written file on its `<layer>|<variant>` partition (the corpus unpartitioned),
+    adding the variant to the instance; `stage_runs` finds them for that variant only."""
+    import dagster as dg
+
+    from ndx_pipeline.defs.partitions import VARIANT
+    from ndx_pipeline.defs.provenance import record_imported, stage_runs
+
+    written = write_imported(tmp_path / "storage", import_neuron_records(exported, layers=[1]), variant="imported")
+    with dg.DagsterInstance.ephemeral() as instance:
+        record_imported(instance, written, source=str(exported))
+        assert instance.get_dynamic_partitions(VARIANT) == ["imported"]
+        runs = stage_runs(instance, 1, "imported")
+        assert runs["activation_records"]["partition"] == "1|imported" and runs["corpus"]["partition"] is None
+        assert runs["activation_records"]["data_version"] and runs["scores"] is None
+        assert stage_runs(instance, 1, V)["activation_records"] is None
+        assert stage_runs(instance, 0, "imported")["activation_records"] is None

@@ -1,7 +1,8 @@
 """Lineage: from a score back to the explainer prompt, the simulations, the excerpts and the documents' text.
 
-`build_store` writes a small but complete data-contract store (corpus → … → scores, two layers) whose corpus holds
-HTML (`<script>`, `&amp;`); the viewer and interop tests load it from here.
+`build_store` writes a small but complete data-contract store (corpus → … → scores, two layers of one variant) whose
+corpus holds HTML (`<script>`, `&amp;`), and `copy_variant` a second variant beside the first; the viewer and interop
+tests load them from here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,13 @@ import pytest
 
 from ndx_pipeline.core.contract import (
     EXPLANATION_SCHEMA,
+    LOOKUP_BASELINE,
     RECORD_SCHEMA,
     SIMULATION_SCHEMA,
+    baseline_column,
     describe_ids,
     explanation_id,
+    scoped,
 )
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
@@ -30,8 +35,11 @@ from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
 from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, explainer_messages, prompt_sha256
 from ndx_pipeline.core.method.scoring import score_layer
-from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
-from ndx_pipeline.reports.lineage import format_lineage, lineage, lineage_json
+from ndx_pipeline.core.storage import asset_path, variant_layers, write_parquet_atomic
+from ndx_pipeline.core.variants import DEFAULT_VARIANT
+from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
+
+V = DEFAULT_VARIANT  # the variant build_store writes
 
 WINDOW = 8
 TOP_K, RANDOM_K = 8, 10
@@ -120,24 +128,25 @@ def _records(layer: int, windows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=RECORD_SCHEMA)
 
 
-def build_store(root: Path, baseline: bool = True) -> Path:
-    """A complete store under `root/storage`: corpus, and layers 0 and 1 through scores."""
+def build_store(root: Path, baseline: bool = True, variant: str = V) -> Path:
+    """A complete store under `root/storage`: corpus, and layers 0 and 1 of `variant` through scores (ids prefixed
+    with the variant, as the stages write them)."""
     storage = Path(root) / "storage"
     corpus = _corpus()
     write_parquet_atomic(corpus, asset_path(storage, "corpus"))
     windows = _windows(corpus)
     for layer in NEURONS:
         records = _records(layer, windows)
-        write_parquet_atomic(records, asset_path(storage, "activation_records", layer))
-        excerpts = split_excerpts(records, **SPLITS)
-        write_parquet_atomic(excerpts, asset_path(storage, "top_excerpts", layer))
+        write_parquet_atomic(records, asset_path(storage, "activation_records", layer, variant))
+        excerpts = scoped(split_excerpts(records, **SPLITS), "excerpt_id", variant)
+        write_parquet_atomic(excerpts, asset_path(storage, "top_excerpts", layer, variant))
         expl_rows, sim_rows = [], []
         for neuron in NEURONS[layer]:
             mine = excerpts.filter(pl.col("neuron") == neuron)
             explain = mine.filter(pl.col("split") == "explain").sort("rank")
             messages = explainer_messages(list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
             text = EXPLANATIONS[(layer, neuron)]
-            eid = explanation_id(layer, neuron)
+            eid = f"{variant}/{explanation_id(layer, neuron)}"
             expl_rows.append({"layer": layer, "neuron": neuron, "explanation_id": eid, "explanation": text,
                               "explainer": FIXTURE_EXPLAINER, "prompt_sha256": sent_sha(messages),
                               "status": "ok" if text else "failed",
@@ -156,12 +165,27 @@ def build_store(root: Path, baseline: bool = True) -> Path:
         sims = pl.DataFrame(sim_rows, schema=SIMULATION_SCHEMA)
         scores = score_layer(sims, expl)
         if baseline:
-            scores = scores.with_columns(
-                (pl.col("score") * 0.5).alias("baseline_token_lookup"))
-        write_parquet_atomic(expl, asset_path(storage, "explanations", layer))
-        write_parquet_atomic(sims, asset_path(storage, "simulations", layer))
-        write_parquet_atomic(scores, asset_path(storage, "scores", layer))
+            scores = scores.with_columns((pl.col("score") * 0.5).alias(baseline_column(LOOKUP_BASELINE)))
+        write_parquet_atomic(expl, asset_path(storage, "explanations", layer, variant))
+        write_parquet_atomic(sims, asset_path(storage, "simulations", layer, variant))
+        write_parquet_atomic(scores, asset_path(storage, "scores", layer, variant))
     return storage
+
+
+def copy_variant(storage: Path, source: str, target: str, layers=None, score_shift: float = 0.0) -> None:
+    """Variant `target` beside `source`: a copy of its files (of `layers`, default all), ids re-prefixed with the new
+    variant's name and every score moved by `score_shift` (so the two variants' scores differ by exactly that)."""
+    for folder in sorted(p for p in Path(storage).iterdir() if (p / source).is_dir()):
+        asset = folder.name
+        for layer in variant_layers(storage, asset, source):
+            if layers is not None and layer not in layers:
+                continue
+            frame = pl.read_parquet(asset_path(storage, asset, layer, source))
+            frame = frame.with_columns(pl.col(c).str.replace(f"^{re.escape(source)}/", f"{target}/")
+                                       for c in ("excerpt_id", "explanation_id") if c in frame.columns)
+            if asset == "scores":
+                frame = frame.with_columns(pl.col("score") + score_shift)
+            write_parquet_atomic(frame, asset_path(storage, asset, layer, target))
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +194,15 @@ def store(tmp_path_factory) -> Path:
 
 
 def test_lineage_resolves_every_link_to_document_text(store):
-    result = lineage(store, 0, 3)
-    assert result["layer"] == 0 and result["neuron"] == 3
+    result = lineage(store, 0, 3, variant=V)
+    assert result["variant"] == V and result["layer"] == 0 and result["neuron"] == 3
     assert result["checks"]["all_links_resolved"], result["checks"]
-    scores = pl.read_parquet(asset_path(store, "scores", 0)).filter(pl.col("neuron") == 3).row(0, named=True)
+    scores = pl.read_parquet(asset_path(store, "scores", 0, V)).filter(pl.col("neuron") == 3).row(0, named=True)
     assert result["score"]["score"] == pytest.approx(scores["score"])
-    assert result["score"]["explanation_id"] == "0/3/explanation/0"
+    assert result["score"]["explanation_id"] == f"{V}/0/3/explanation/0"
+    # the files of the variant, and the corpus every variant shares
+    assert result["files"]["scores"] == str(store / "scores" / V / "0.parquet")
+    assert result["files"]["corpus"] == str(store / "corpus.parquet")
 
     # The explanation, its explainer, and the exact prompt as sent: rebuilt, hashed, equal to the stored hash.
     e = result["explanation"]
@@ -188,8 +215,9 @@ def test_lineage_resolves_every_link_to_document_text(store):
     assert e["prompt"]["messages"][-1]["role"] == "user" and e["prompt"]["excerpts_shown"] == SPLITS["explain_n"]
 
     # Every scored excerpt, with true and simulated activations and its document.
-    sims = pl.read_parquet(asset_path(store, "simulations", 0)).filter(pl.col("neuron") == 3)
+    sims = pl.read_parquet(asset_path(store, "simulations", 0, V)).filter(pl.col("neuron") == 3)
     assert sorted(x["excerpt_id"] for x in result["excerpts"]) == sorted(sims["excerpt_id"].to_list())
+    assert all(x["excerpt_id"].startswith(f"{V}/0/3/") for x in result["excerpts"])
     corpus = dict(zip(*pl.read_parquet(asset_path(store, "corpus")).select("doc_id", "text").to_dict().values()))
     for x in result["excerpts"]:
         assert x["split"] in ("score_top", "score_random")
@@ -207,19 +235,21 @@ def test_runs_are_carried_and_completed(store):
     runs = {"activation_records": {"run_id": "r-1", "code_version": "c1", "data_version": "d1",
                                    "subject_model": "bundled:SmolLM2-135M-Instruct"},
             "scores": "r-2"}
-    result = lineage(store, 0, 7, runs=runs)
+    result = lineage(store, 0, 7, runs=runs, variant=V)
     assert result["runs"]["activation_records"] == {"run_id": "r-1", "code_version": "c1", "data_version": "d1",
                                                     "subject_model": "bundled:SmolLM2-135M-Instruct",
-                                                    "partition": "0"}
-    assert result["runs"]["scores"]["run_id"] == "r-2" and result["runs"]["scores"]["partition"] == "0"
+                                                    "partition": f"0|{V}"}
+    assert result["runs"]["scores"]["run_id"] == "r-2" and result["runs"]["scores"]["partition"] == f"0|{V}"
     assert result["runs"]["corpus"] is None
     assert result["subject_model"] == "bundled:SmolLM2-135M-Instruct"
     text = format_lineage(result)
-    assert "every link resolves" in text and "r-1" in text and "0/7/explanation/0" in text
+    assert "every link resolves" in text and "r-1" in text and f"{V}/0/7/explanation/0" in text
+    assert text.startswith(f"layer 0 neuron 7  (unit id 7; variant {V}; subject model: ")
+    assert f"partition 0|{V}" in text
 
 
 def test_failed_explanation_is_reported_not_hidden(store):
-    result = lineage(store, 1, 5)
+    result = lineage(store, 1, 5, variant=V)
     assert result["score"]["score"] is None and result["score"]["status"].startswith("failed")
     assert result["excerpts"] == [] and not result["checks"]["all_links_resolved"]
     json.loads(lineage_json(result))  # NaN became null
@@ -227,27 +257,23 @@ def test_failed_explanation_is_reported_not_hidden(store):
 
 def test_tampered_prompt_hash_and_text_are_caught(store, tmp_path):
     copy = tmp_path / "storage"
-    import shutil
-
     shutil.copytree(store, copy)
-    path = asset_path(copy, "explanations", 0)
+    path = asset_path(copy, "explanations", 0, V)
     expl = pl.read_parquet(path).with_columns(pl.lit("0" * 64).alias("prompt_sha256"))
     write_parquet_atomic(expl, path)
     corpus_path = asset_path(copy, "corpus")
     corpus = pl.read_parquet(corpus_path).with_columns(pl.col("text").str.replace_all("return", "RETURN"))
     write_parquet_atomic(corpus, corpus_path)
-    result = lineage(copy, 0, 7)
+    result = lineage(copy, 0, 7, variant=V)
     assert not result["explanation"]["prompt_verified"]
     assert result["checks"]["text_mismatches"] and not result["checks"]["all_links_resolved"]
 
 
 def _with_explanation(store, tmp_path, **changes) -> Path:
     """A copy of the store whose explanation of layer 0 neuron 3 has `changes`."""
-    import shutil
-
     copy = tmp_path / "storage"
     shutil.copytree(store, copy)
-    path = asset_path(copy, "explanations", 0)
+    path = asset_path(copy, "explanations", 0, V)
     expl = pl.read_parquet(path)
     mine = pl.col("neuron") == 3
     expl = expl.with_columns([pl.when(mine).then(pl.lit(v, dtype=expl.schema[k])).otherwise(pl.col(k)).alias(k)
@@ -257,7 +283,7 @@ def _with_explanation(store, tmp_path, **changes) -> Path:
 
 
 def _explain_excerpts(store) -> list:
-    excerpts = pl.read_parquet(asset_path(store, "top_excerpts", 0))
+    excerpts = pl.read_parquet(asset_path(store, "top_excerpts", 0, V))
     explain = excerpts.filter((pl.col("neuron") == 3) & (pl.col("split") == "explain")).sort("rank")
     return list(zip(explain["tokens"].to_list(), explain["activations"].to_list()))
 
@@ -273,7 +299,7 @@ def test_local_explainer_prompt_is_rebuilt_as_sent_with_its_fit(store, tmp_path)
     sent = backend.sent_prompt(fit.messages(shown, digest=False), LEAD_IN)
     copy = _with_explanation(store, tmp_path, explainer=backend.name, prompt_sha256=sent_prompt_sha256(sent),
                              excerpts_shown=1, prompt_fitted=fit.describe(shown, 2048))
-    e = lineage(copy, 0, 3)["explanation"]
+    e = lineage(copy, 0, 3, variant=V)["explanation"]
     assert e["prompt_verified"], e["prompt_note"]
     assert e["prompt"]["sent"] == sent and e["prompt"]["sent"]["text"].endswith(LEAD_IN)
     assert e["prompt"]["digest"] is False and e["prompt"]["excerpts_shown"] == 1
@@ -284,7 +310,7 @@ def test_prompt_that_cannot_be_rebuilt_is_not_claimed_verified(store, tmp_path):
     shown = _explain_excerpts(store)
     copy = _with_explanation(store, tmp_path, explainer="someones-backend:m",
                              prompt_sha256=prompt_sha256(explainer_messages(shown)))
-    result = lineage(copy, 0, 3)
+    result = lineage(copy, 0, 3, variant=V)
     e = result["explanation"]
     assert not e["prompt_verified"] and e["rebuilt_prompt_sha256"] is None
     assert "not a known backend" in e["prompt_note"] and not result["checks"]["all_links_resolved"]
@@ -295,29 +321,47 @@ def test_template_hash_of_an_openai_row_is_not_taken_for_the_sent_prompt(store, 
     """Rows written before the fix hashed the template, not what the server was sent: shown, not verified."""
     shown = _explain_excerpts(store)
     copy = _with_explanation(store, tmp_path, prompt_sha256=prompt_sha256(explainer_messages(shown)))
-    e = lineage(copy, 0, 3)["explanation"]
+    e = lineage(copy, 0, 3, variant=V)["explanation"]
     assert not e["prompt_verified"] and "template" in e["prompt_note"]
-    assert "DOES NOT match" in format_lineage(lineage(copy, 0, 3))
+    assert "DOES NOT match" in format_lineage(lineage(copy, 0, 3, variant=V))
 
 
-def test_missing_layer_or_neuron_is_a_clear_error(store, tmp_path):
-    with pytest.raises(NdxInputError, match=r"layer 4 has no scores .*scored layers: 0, 1"):
-        lineage(store, 4, 3)
-    with pytest.raises(NdxInputError, match=r"layer 0 has no score for neuron 99; scored neurons: 3, 7"):
-        lineage(store, 0, 99)
+def test_missing_variant_layer_or_neuron_is_a_clear_error(store, tmp_path):
+    with pytest.raises(NdxInputError, match=rf"layer 4 of variant {V} has no scores .*scored layers: 0, 1"):
+        lineage(store, 4, 3, variant=V)
+    with pytest.raises(NdxInputError,
+                       match=rf"layer 0 of variant {V} has no score for neuron 99; scored neurons: 3, 7"):
+        lineage(store, 0, 99, variant=V)
+    with pytest.raises(NdxInputError, match=rf"variant other has no scores .*variants with scores: {V}\)"):
+        lineage(store, 0, 3, variant="other")
     with pytest.raises(NdxInputError, match="does not exist"):
-        lineage(tmp_path / "nowhere", 0, 3)
+        lineage(tmp_path / "nowhere", 0, 3, variant=V)
+
+
+def test_each_variant_has_its_own_lineage(store, tmp_path):
+    """Two variants holding the same layer and unit: each lineage reads its own variant's files and ids only."""
+    copy = tmp_path / "storage"
+    shutil.copytree(store, copy)
+    copy_variant(copy, V, "other", layers=[0], score_shift=-0.25)
+    assert available_layers(copy, variant=V) == [0, 1] and available_layers(copy, variant="other") == [0]
+    assert available_layers(copy, "activation_records", variant="other") == [0]
+    mine, theirs = lineage(copy, 0, 3, variant=V), lineage(copy, 0, 3, variant="other")
+    assert theirs["variant"] == "other" and theirs["checks"]["all_links_resolved"]
+    assert theirs["score"]["score"] == pytest.approx(mine["score"]["score"] - 0.25)
+    assert theirs["explanation"]["explanation_id"] == "other/0/3/explanation/0"
+    assert all(x["excerpt_id"].startswith("other/") for x in theirs["excerpts"])
+    assert all(f"{os.sep}other{os.sep}" in path for stage, path in theirs["files"].items() if stage != "corpus")
+    with pytest.raises(NdxInputError, match=r"layer 1 of variant other has no scores .*scored layers: 0\)"):
+        lineage(copy, 1, 9, variant="other")
 
 
 def test_span_is_found_from_tokens_when_the_tokenizer_gave_none(store, tmp_path):
-    import shutil
-
     copy = tmp_path / "storage"
     shutil.copytree(store, copy)
-    path = asset_path(copy, "top_excerpts", 0)
+    path = asset_path(copy, "top_excerpts", 0, V)
     write_parquet_atomic(pl.read_parquet(path).with_columns(pl.lit(-1, pl.Int32).alias("char_start"),
                                                             pl.lit(-1, pl.Int32).alias("char_end")), path)
-    result = lineage(copy, 0, 3)
+    result = lineage(copy, 0, 3, variant=V)
     assert result["checks"]["all_links_resolved"]
     assert {x["span_from"] for x in result["excerpts"]} == {"token_search"}
 
@@ -333,10 +377,10 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     storage = home / "storage"
-    neurons = pl.read_parquet(asset_path(storage, "scores", 0))["neuron"].to_list()
+    neurons = pl.read_parquet(asset_path(storage, "scores", 0, V))["neuron"].to_list()
     assert neurons
     for n in neurons:
-        result = lineage(storage, 0, n)
+        result = lineage(storage, 0, n, variant=V)
         assert result["checks"]["prompt_sha256_matches"]
         assert result["excerpts"], f"neuron {n} has no scored excerpts"
         for x in result["excerpts"]:

@@ -11,6 +11,7 @@ from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline_tests.runs import execute_layers
 
 CONTRACT = {
     "corpus": {"doc_id": pl.String, "source": pl.String, "text": pl.String},
@@ -30,15 +31,13 @@ CONTRACT = {
 }
 
 
-def run_job(storage, partition="1", **resources):
+def run_job(storage, layer=1, **resources):
     config = {"storage": {"config": {"storage_dir": str(storage)}}}
     for name, values in resources.items():
         config[name] = {"config": values}
     job = build_definitions().resolve_job_def(MAIN_JOB)
     instance = dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(run_config={"resources": config}, instance=instance, partition_key=partition,
-                                    raise_on_error=False)
-    return result, instance
+    return execute_layers(job, instance, layer, run_config={"resources": config}), instance
 
 
 def failure_text(result):
@@ -77,20 +76,22 @@ def test_definitions_snapshot():
                           "fuzzing_scores", "scorer_excerpts", "scores", "simulations", "top_excerpts"],
     }
     assert specs["corpus"].partitions_def is None
-    for name in ASSETS[1:]:
-        assert specs[name].partitions_def.get_partition_keys() == [str(i) for i in range(30)]
+    for name in ASSETS[1:]:  # layer × variant, the variants added on the instance (dynamic)
+        dims = {d.name: d.partitions_def for d in specs[name].partitions_def.partitions_defs}
+        assert dims["layer"].get_partition_keys() == [str(i) for i in range(30)]
+        assert isinstance(dims["variant"], dg.DynamicPartitionsDefinition) and dims["variant"].name == "variant"
 
 
 @pytest.mark.slow
 def test_all_six_assets_on_the_bundled_model(tmp_path):
     storage = tmp_path / "storage"
-    result, instance = run_job(storage, "1", selection={"neurons": [5, 77, 900]},
+    result, instance = run_job(storage, 1, selection={"neurons": [5, 77, 900]},
                                quality={"scorers": ["detection", "fuzzing", "embedding"], "scorer_excerpts": 3,
                                         "scorer_batch": 6})
     assert result.success, failure_text(result)
     frames = {"corpus": pl.read_parquet(asset_path(storage, "corpus"))}
     for name in list(CONTRACT)[1:]:
-        frames[name] = pl.read_parquet(asset_path(storage, name, 1))
+        frames[name] = pl.read_parquet(asset_path(storage, name, 1, "neurons"))
     for name, columns in CONTRACT.items():
         for col, dtype in columns.items():
             assert frames[name].schema[col] == dtype, (name, col)
@@ -158,22 +159,22 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     # explanation, an explanation from the strongest tokens alone — each simulated and scored like ours
     assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
     assert scores["baseline_lookup"].is_finite().all()
-    table = pl.read_parquet(asset_path(storage, "token_table", 1))
+    table = pl.read_parquet(asset_path(storage, "token_table", 1, "neurons"))
     windows_tokens = records.filter(pl.col("kind") == "top")["tokens"].explode()
     first = windows_tokens[0]
     assert table.filter((pl.col("neuron") == 5) & (pl.col("token") == first))["count"][0] >= 1
     assert table.group_by("neuron").agg(pl.col("count").sum())["count"].n_unique() == 1  # every token, once each
-    base_expl = pl.read_parquet(asset_path(storage, "baseline_explanations", 1))
+    base_expl = pl.read_parquet(asset_path(storage, "baseline_explanations", 1, "neurons"))
     assert sorted(base_expl["baseline"].unique()) == ["random", "token_list"]
     for row in base_expl.filter((pl.col("baseline") == "random") & (pl.col("status") == "ok")).iter_rows(named=True):
         donor = expl.filter(pl.col("explanation") == row["explanation"])["neuron"].to_list()
         assert donor and row["neuron"] not in donor  # another neuron's explanation of the same layer
-    base_sims = pl.read_parquet(asset_path(storage, "baseline_simulations", 1))
+    base_sims = pl.read_parquet(asset_path(storage, "baseline_simulations", 1, "neurons"))
     assert set(base_sims["explanation_id"]) <= set(base_expl["explanation_id"])
     assert set(base_sims["excerpt_id"]) == set(sims["excerpt_id"]) or len(ok) < 3  # the very same excerpts
 
     event = instance.get_latest_materialization_event(dg.AssetKey("scores"))
-    assert event.dagster_event.partition == "1"
+    assert event.dagster_event.partition == "1|neurons"
     meta = event.asset_materialization.metadata
     assert meta["neurons"].value == 3 and "mean_score" in meta and "median_score" in meta
     assert "mean_baseline_lookup" in meta and "beats_lookup" in meta
@@ -182,13 +183,14 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
 
     check_scorers(storage, frames, expl, base_expl)
 
-    index = storage / "neuron_viewer" / "index.html"
-    assert index.exists() and (storage / "neuron_viewer" / "1" / "900.html").exists()
+    index = storage / "neuron_viewer" / "neurons" / "index.html"
+    assert index.exists() and (storage / "neuron_viewer" / "neurons" / "1" / "900.html").exists()
+    assert "neurons" in (storage / "neuron_viewer" / "index.html").read_text()  # the index of variants
     index_html = index.read_text()
     assert 'id="model-note"' in index_html and "capable model" in index_html  # said where users look
     assert "mean lookup" in index_html and "baseline lookup" in index_html
     assert meta["neuron_viewer"].value == str(index)
-    page = (storage / "neuron_viewer" / "1" / "900.html").read_text()
+    page = (storage / "neuron_viewer" / "neurons" / "1" / "900.html").read_text()
     runs = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
     assert runs in page  # the lineage section names the run that produced the records
     assert 'id="scorers"' in page and "detection" in page and "fuzzing" in page and "embedding" in page
@@ -201,7 +203,7 @@ def check_scorers(storage, frames, expl, base_expl):
     from ndx_pipeline.core.method.metrics import classification, roc_auc
 
     records, excerpts = frames["activation_records"], frames["top_excerpts"]
-    held = pl.read_parquet(asset_path(storage, "scorer_excerpts", 1))
+    held = pl.read_parquet(asset_path(storage, "scorer_excerpts", 1, "neurons"))
     assert held.group_by(["neuron", "split"]).len()["len"].to_list() == [3] * 6
     for (neuron,), g in held.group_by(["neuron"]):
         seen = set(excerpts.filter((pl.col("neuron") == neuron) & pl.col("split").is_in(["explain", "calibration"]))
@@ -217,8 +219,8 @@ def check_scorers(storage, frames, expl, base_expl):
         base_expl.filter((pl.col("status") == "ok") & pl.col("baseline").is_in(["random", "token_list"]))
         ["explanation_id"])
     for scorer in ("detection", "fuzzing", "embedding"):
-        judgements = pl.read_parquet(asset_path(storage, f"{scorer}_judgements", 1))
-        scores = pl.read_parquet(asset_path(storage, f"{scorer}_scores", 1))
+        judgements = pl.read_parquet(asset_path(storage, f"{scorer}_judgements", 1, "neurons"))
+        scores = pl.read_parquet(asset_path(storage, f"{scorer}_scores", 1, "neurons"))
         assert set(judgements["explanation_id"]) == judged_ids, scorer
         assert set(judgements["excerpt_id"]) <= set(held["excerpt_id"])
         assert len(scores) == 3 and {"baseline_random", "baseline_token_list"} <= set(scores.columns)
@@ -266,17 +268,17 @@ def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path)
     """explanation_candidates=2 on the bundled model: both candidates stored with their calibration scores (computed
     on calibration excerpts only), the best kept, and only the kept one simulated and scored."""
     storage = tmp_path / "storage"
-    result, instance = run_job(storage, "0", selection={"neurons": [3, 40], "score_top_excerpts": 2,
+    result, instance = run_job(storage, 0, selection={"neurons": [3, 40], "score_top_excerpts": 2,
                                                         "score_random_excerpts": 1},
                                subject_model={"window_tokens": 24},
                                quality={"explanation_candidates": 2, "baselines": ["lookup"]})
     assert result.success, failure_text(result)
-    expl = pl.read_parquet(asset_path(storage, "explanations", 0))
+    expl = pl.read_parquet(asset_path(storage, "explanations", 0, "neurons"))
     assert sorted(zip(expl["neuron"], expl["candidate"])) == [(3, 0), (3, 1), (40, 0), (40, 1)]
     assert expl.group_by("neuron").agg(pl.col("selected").sum())["selected"].to_list() == [1, 1]
-    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0, "neurons"))
     calibration_ids = set(excerpts.filter(pl.col("split") == "calibration")["excerpt_id"])
-    cal_sims = pl.read_parquet(asset_path(storage, "calibration_simulations", 0))
+    cal_sims = pl.read_parquet(asset_path(storage, "calibration_simulations", 0, "neurons"))
     assert set(cal_sims["excerpt_id"]) <= calibration_ids and len(cal_sims)
     from ndx_pipeline.core.method.scoring import pooled_correlation
 
@@ -291,13 +293,13 @@ def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path)
         if len(ok):
             assert kept["calibration_score"][0] == ok["calibration_score"].max()
     kept_ids = set(expl.filter(pl.col("selected"))["explanation_id"])
-    sims = pl.read_parquet(asset_path(storage, "simulations", 0))
+    sims = pl.read_parquet(asset_path(storage, "simulations", 0, "neurons"))
     assert set(sims["explanation_id"]) <= kept_ids
     # the kept one is also simulated on the calibration excerpts (its calibrated scores' fit), marked as such
     scored = sims.filter(pl.col("split") != "calibration")
     assert not set(scored["excerpt_id"]) & calibration_ids
     assert set(sims.filter(pl.col("split") == "calibration")["excerpt_id"]) <= calibration_ids
-    scores = pl.read_parquet(asset_path(storage, "scores", 0))
+    scores = pl.read_parquet(asset_path(storage, "scores", 0, "neurons"))
     assert set(scores["explanation_id"]) == kept_ids and "baseline_lookup" in scores.columns
     meta = instance.get_latest_materialization_event(dg.AssetKey("explanations")).asset_materialization.metadata
     assert meta["candidates_per_neuron"].value == 2 and meta["neurons"].value == 2

@@ -1,6 +1,6 @@
-"""Where the data contract's files live (`<storage>/<asset>/<variant>/<layer>.parquet`), and how they are written and read: atomically (a temporary file beside the
-target, then a rename, so a reader never sees half a file and a failure leaves the previous file or nothing), and
-read with one clear error naming the missing upstream file."""
+"""Where the data contract's files live (`<storage>/<asset>/<variant>/<layer>.parquet`), and how they are written and
+read: atomically (a temporary file beside the target, then a rename, so a reader never sees half a file and a failure
+leaves the previous file or nothing), and read with one clear error naming the missing upstream file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ndx_pipeline.core.contract import NEURON_VIEWER, stored_dtype
+from ndx_pipeline.core.contract import NEURON_VIEWER, scoped, stored_dtype
 from ndx_pipeline.core.errors import NdxInputError
 
 LLM_CACHE_DIR = "llm_cache"
@@ -57,8 +57,6 @@ def migrate_storage(storage_dir: str | os.PathLike, variant: str) -> list[tuple[
     viewer's old layer folders and index go under `neuron_viewer/<variant>`. Returns (asset, layer, new path) of each
     file moved. A file already at the new place is never overwritten: that is one clear error, before anything
     moves."""
-    from ndx_pipeline.core.contract import scoped
-
     base = Path(storage_dir)
     old = legacy_layer_files(base)
     moves = [(p, p.parent.name, int(p.stem), asset_path(base, p.parent.name, int(p.stem), variant)) for p in old]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.storage import write_text_atomic
 
 VARIANTS_ENV = "NDX_VARIANTS"
 VARIANTS_FILE = "variants.yaml"
@@ -37,11 +38,12 @@ NOT_RECORDED = {"max_concurrency", "timeout_s", "deadline_s", "max_attempts"}
 EXTRACTION_FIELDS = ("units", "dictionary", "dictionary_hook", "neurons_per_layer", "neurons", "seed", "top_k",
                      "random_k", "quantile_k")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESERVED = {"index.html", "compare.html"}  # the viewer's pages beside the variants' folders
 
 
 def check_name(name: str, what: str = "variant name") -> str:
     """`name`, or one sentence saying why it cannot name a variant (it is a partition key and a folder name)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED:
         raise NdxInputError(f"{what} {name!r} is not usable: letters, digits, '.', '_' and '-' only, starting with a "
                             "letter or digit, at most 64 characters.")
     return name
@@ -110,8 +112,6 @@ def record_variant(path: str | os.PathLike, name: str, settings: Mapping[str, Ma
     variants' entries are kept as they are. True when the entry changed."""
     import yaml
 
-    from ndx_pipeline.core.storage import write_text_atomic
-
     check_name(name)
     path = Path(path)
     variants = read_variants(path)
@@ -132,8 +132,9 @@ def settings_digest(*parts: Any) -> str:
 
 
 def extraction_key(subject_model: Mapping[str, Any], corpus: Mapping[str, Any], selection: Mapping[str, Any],
-                   token_table_counted: bool) -> str:
-    """What the extraction pass's files depend on: equal keys, equal activation_records and token_table files."""
+                   token_table_counted: bool, revision: Any = None) -> str:
+    """What the extraction pass's files depend on: equal keys, equal activation_records and token_table files.
+    `revision`: the extraction method's own revision (a new one never shares an older one's files)."""
     model = {k: subject_model.get(k) for k in ("model", "dtype", "window_tokens")}
     return settings_digest(model, dict(corpus), {k: selection.get(k) for k in EXTRACTION_FIELDS},
-                           bool(token_table_counted))
+                           bool(token_table_counted), revision)

@@ -10,6 +10,7 @@ import dagster as dg
 from dagster._core.log_manager import LOG_RECORD_METADATA_ATTR
 
 CONSOLE_LOGGER = "ndx_console"
+VERBOSE_LOGGER = "console"  # Dagster's own console logger: every event, traces included (`--verbose`)
 
 
 class StageLines(logging.Formatter):
@@ -45,4 +46,4 @@ def ndx_console(init_context: dg.InitLoggerContext) -> logging.Logger:
 
 @dg.definitions
 def loggers() -> dg.Definitions:
-    return dg.Definitions(loggers={CONSOLE_LOGGER: ndx_console})
+    return dg.Definitions(loggers={CONSOLE_LOGGER: ndx_console, VERBOSE_LOGGER: dg.colored_console_logger})

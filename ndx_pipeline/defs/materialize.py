@@ -1,7 +1,7 @@
 """What every asset body shares: the layers and the variant of its run (and the variant's settings), turning a bad
-input into one clear run failure, reading upstream files, and writing its outputs — atomically, with per-layer metadata, check results, and a data version
-that hashes the bytes written (an unchanged output keeps its children fresh); `ahead` builds and writes the next
-layers' files on worker threads while one layer is reported.
+input into one clear run failure, reading upstream files, and writing its outputs — atomically, with per-layer
+metadata, check results, and a data version that hashes the bytes written (an unchanged output keeps its children
+fresh); `ahead` builds and writes the next layers' files on worker threads while one layer is reported.
 """
 
 from __future__ import annotations
@@ -176,9 +176,11 @@ class Outputs:
             results.append(dg.AssetCheckResult(
                 check_name=name, asset_key=asset, passed=not failed, severity=severity,
                 description="; ".join(f"layer {layer}: {c.description}" for layer, c in sorted(per_layer.items())),
-                metadata={"variant": self.variant or "",
+                metadata={"variant": self.variant or "",  # the layers it stops (ERROR), and those it warns about
                           "failed_layers": ",".join(str(layer) for layer, c in sorted(per_layer.items())
-                                                    if not c.passed),
+                                                    if not c.passed and c.severity == ERROR),
+                          "warned_layers": ",".join(str(layer) for layer, c in sorted(per_layer.items())
+                                                    if not c.passed and c.severity != ERROR),
                           **{f"layer_{layer}_{k}": v for layer, c in per_layer.items() for k, v in c.details.items()}},
             ))
         missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])

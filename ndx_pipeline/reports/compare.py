@@ -6,7 +6,8 @@
   a 95 % bootstrap interval of the mean, each baseline's mean score and each scorer's mean score (finite values);
 - per pair of variants (A before B in the order given): the difference of the mean scores, B − A, with a 95 %
   bootstrap interval that resamples each side's units independently (unpaired: it holds for any two unit sets), and,
-  over the units both score (same layer and unit id, a finite score on each side), the paired comparison: how often
+  over the units both score (same layer, unit id and kind of unit — a dictionary's latent 5 is not neuron 5 — and a
+  finite score on each side), the paired comparison: how often
   B scores higher, lower or the same, and the mean of B − A with a 95 % bootstrap interval over the shared units.
 
 The bootstrap, exactly (so it can be recomputed): every interval starts a fresh `numpy.random.default_rng(seed)`.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import BASELINES, SCORER_ASSETS, SCORES, baseline_column
+from ndx_pipeline.core.contract import ACTIVATION_RECORDS, BASELINES, SCORER_ASSETS, SCORES, baseline_column
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, stored_variants, variant_layers
 from ndx_pipeline.reports.lineage import json_safe
@@ -125,13 +126,26 @@ def _choose(storage: Path, variants: Sequence[str] | None, layers: Sequence[int]
 def _read_scores(storage: Path, variant: str, layers: list[int]) -> pl.DataFrame:
     """`layer`, `neuron`, `score` and the baseline columns of the variant's scores files of `layers`, in unit order;
     a missing value is NaN, and so is a baseline column a file lacks."""
-    frames = [pl.DataFrame(schema={"layer": pl.Int32, "neuron": pl.Int32, "score": pl.Float64})]
+    frames = [pl.DataFrame(schema={"layer": pl.Int32, "neuron": pl.Int32, "unit_set": pl.String,
+                                   "score": pl.Float64})]
     for layer in set(layers) & set(variant_layers(storage, SCORES, variant)):
         frame = pl.read_parquet(asset_path(storage, SCORES, layer, variant))
         columns = ["score", *(col for col in map(baseline_column, BASELINES) if col in frame.columns)]
         frames.append(frame.select(pl.lit(layer, pl.Int32).alias("layer"), pl.col("neuron").cast(pl.Int32),
+                                   pl.lit(_unit_set(storage, layer, variant)).alias("unit_set"),
                                    *(pl.col(col).cast(pl.Float64) for col in columns)))
     return pl.concat(frames, how="diagonal").with_columns(pl.col(pl.Float64).fill_null(NAN)).sort(UNIT)
+
+
+def _unit_set(storage: Path, layer: int, variant: str) -> str:
+    """What the unit ids of a variant's layer name (the kinds and sources of its records' units): unit 5 of two
+    variants is the same unit only where this is equal (a dictionary's latent 5 is not neuron 5)."""
+    path = asset_path(storage, ACTIVATION_RECORDS, layer, variant)
+    if not path.exists():
+        return ""
+    frame = pl.read_parquet(path, columns=[c for c in ("unit_kind", "unit_source")
+                                           if c in pl.read_parquet_schema(path)])
+    return "; ".join(sorted({" ".join(str(v) for v in row) for row in frame.unique().iter_rows()}))
 
 
 def _read_scorer_scores(storage: Path, variant: str, layers: list[int]) -> pl.DataFrame:
@@ -176,7 +190,8 @@ def _pair_row(layer: int | str, a: str, b: str, scores_a: pl.DataFrame, scores_b
               seed: int) -> dict:
     values_a, values_b = _finite(scores_a["score"]), _finite(scores_b["score"])
     low, high = difference_interval(values_a, values_b, resamples, seed)
-    shared = (scores_a.select(*UNIT, "score").join(scores_b.select(*UNIT, "score"), on=UNIT, suffix="_b")
+    shared = (scores_a.select(*UNIT, "unit_set", "score").join(scores_b.select(*UNIT, "unit_set", "score"),
+                                                              on=[*UNIT, "unit_set"], suffix="_b")
               .filter(pl.col("score").is_finite() & pl.col("score_b").is_finite()).sort(UNIT))
     differences = (shared["score_b"] - shared["score"]).to_numpy()
     paired_low, paired_high = bootstrap_interval(differences, resamples, seed)

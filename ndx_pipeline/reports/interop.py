@@ -1,6 +1,6 @@
 """Interop with OpenAI's neuron-explainer (automated-interpretability) JSON formats.
 
-Export: a layer of our data contract as
+Export: a layer of one variant of our data contract as
   - `collated-activations/<layer>/<neuron>.json`: one `NeuronRecord` (neuron_id {layer_index, neuron_index},
     random_sample, random_sample_by_quantile, quantile_boundaries, mean, variance, skewness, kurtosis,
     most_positive_activation_records; records are `ActivationRecord` {tokens, activations}), the layout of the
@@ -13,11 +13,11 @@ Export: a layer of our data contract as
 Every object carries `dataclass_name` as neuron-explainer's serializer writes it. NaN is written as null.
 
 Import: `NeuronRecord` JSON files (ours, or OpenAI's released collated activations) become `activation_records`
-rows with the contract's columns. With a provenance sidecar the rows are exactly the exported ones. Without one
-(released data), each distinct token sequence becomes a document of its own: its text is the concatenated
-tokens, `doc_id` is a hash of them, `token_start` 0, and the char span covers the whole text, so lineage still
-resolves; `window_index` numbers the distinct sequences of a layer, so a random window that is also a top window
-is recognised as such by the excerpt splits.
+rows with the contract's columns, written into a variant of the caller's choosing. With a provenance sidecar the
+rows are exactly the exported ones. Without one (released data), each distinct token sequence becomes a document of
+its own: its text is the concatenated tokens, `doc_id` is a hash of them, `token_start` 0, and the char span covers
+the whole text, so lineage still resolves; `window_index` numbers the distinct sequences of a layer, so a random
+window that is also a top window is recognised as such by the excerpt splits.
 """
 
 from __future__ import annotations
@@ -228,24 +228,26 @@ class ExportResult:
 
 
 def export_layer(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.PathLike,
-                 neurons: Iterable[int] | None = None) -> ExportResult:
-    """Write one layer in neuron-explainer's shapes under `out_dir` (see the module docstring for the layout)."""
+                 neurons: Iterable[int] | None = None, *, variant: str) -> ExportResult:
+    """Write one layer of `variant` in neuron-explainer's shapes under `out_dir` (see the module docstring for the
+    layout, which names no variant: export one variant per folder)."""
     layer = int(layer)
-    rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
+    rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer, variant)
     if not rec_path.exists():
-        raise NdxInputError(f"layer {layer} has no activation_records at {rec_path}: materialize it first.")
+        raise NdxInputError(f"layer {layer} of variant {variant} has no activation_records at {rec_path}: "
+                            "materialize it first.")
     records = pl.read_parquet(rec_path)
     wanted = sorted(set(int(n) for n in neurons)) if neurons is not None else sorted(records["neuron"].unique())
     have = set(records["neuron"].unique().to_list())
     missing = [n for n in wanted if n not in have]
     if missing:
-        raise NdxInputError(f"layer {layer} has no activation records for neurons {missing}.")
+        raise NdxInputError(f"layer {layer} of variant {variant} has no activation records for neurons {missing}.")
     out = Path(out_dir)
-    sims_path = asset_path(storage_dir, SIMULATIONS, layer)
-    expl_path = asset_path(storage_dir, EXPLANATIONS, layer)
+    sims_path = asset_path(storage_dir, SIMULATIONS, layer, variant)
+    expl_path = asset_path(storage_dir, EXPLANATIONS, layer, variant)
     sims = pl.read_parquet(sims_path) if sims_path.exists() else None
     expl = pl.read_parquet(expl_path) if expl_path.exists() else None
-    calibrations = calibration_lines(asset_path(storage_dir, SCORES, layer))
+    calibrations = calibration_lines(asset_path(storage_dir, SCORES, layer, variant))
     result = ExportResult(layer, [], [], [])
     doc_ids: set[str] = set()
     for n in wanted:
@@ -463,13 +465,14 @@ def import_neuron_records(source: str | os.PathLike, layers: Iterable[int] | Non
     return ImportedRecords(frame, corpus)
 
 
-def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords,
-                   write_corpus: bool = True) -> list[tuple[str, int | None, Path]]:
-    """Write `activation_records/<layer>.parquet` for each imported layer (with an empty token table: released
-    records carry none, so the lookup baseline has nothing to count), and add the imported documents to
-    `corpus.parquet` (documents already there are kept; a doc_id with different text is an error).
-    Returns (asset, layer or None, path) for every file written, for the caller to record as materializations."""
-    written: list[tuple[str, int | None, Path]] = []
+def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords, write_corpus: bool = True, *,
+                   variant: str) -> list[tuple[str, int | None, str | None, Path]]:
+    """Write `activation_records/<variant>/<layer>.parquet` for each imported layer (with an empty token table:
+    released records carry none, so the lookup baseline has nothing to count), and add the imported documents to
+    `corpus.parquet`, which every variant shares (documents already there are kept; a doc_id with different text is
+    an error). Returns (asset, layer, variant, path) for every file written — layer and variant None for the
+    corpus —, for the caller to record as materializations."""
+    written: list[tuple[str, int | None, str | None, Path]] = []
     if write_corpus and not imported.corpus.is_empty():
         corpus_path = asset_path(storage_dir, CORPUS)
         if corpus_path.exists():
@@ -484,11 +487,10 @@ def write_imported(storage_dir: str | os.PathLike, imported: ImportedRecords,
         else:
             merged = imported.corpus
         if merged is not None:
-            written.append((CORPUS, None, write_parquet_atomic(merged, corpus_path)))
+            written.append((CORPUS, None, None, write_parquet_atomic(merged, corpus_path)))
     for layer in imported.layers():
         part = imported.records.filter(pl.col("layer") == layer)
-        written.append((ACTIVATION_RECORDS, layer,
-                        write_parquet_atomic(part, asset_path(storage_dir, ACTIVATION_RECORDS, layer))))
-        written.append((TOKEN_TABLE, layer,
-                        write_parquet_atomic(empty(TOKEN_TABLE), asset_path(storage_dir, TOKEN_TABLE, layer))))
+        for asset, frame in ((ACTIVATION_RECORDS, part), (TOKEN_TABLE, empty(TOKEN_TABLE))):
+            path = write_parquet_atomic(frame, asset_path(storage_dir, asset, layer, variant))
+            written.append((asset, layer, variant, path))
     return written

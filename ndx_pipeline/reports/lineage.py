@@ -1,6 +1,7 @@
 """Lineage of one neuron's score: every link from the score back to the text of the documents.
 
-`lineage(storage, layer, neuron)` follows the data contract's files:
+`lineage(storage, layer, neuron, variant=...)` follows the data contract's files of one variant (those under
+`<storage>/<asset>/<variant>/`; the corpus is every variant's):
 
     scores ──explanation_id──► explanations ──prompt_sha256──► the explainer prompt, rebuilt from the explain excerpts
        └──explanation_id──► simulations ──excerpt_id──► top_excerpts ──doc_id + char span──► corpus text
@@ -13,6 +14,9 @@ compared with the stored one — where the sent form cannot be rebuilt, lineage 
 each excerpt's text is cut out of its document by character span and compared with the concatenation
 of its tokens, and the `checks` field says what held. Dagster run ids, partitions and code/data versions are not in
 the Parquet files; the Dagster layer passes them in as `runs` (stage → info).
+
+Every function that reads a layer file takes the variant it belongs to, and never guesses one: two variants may hold
+the same layer and unit, explained differently.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
 from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, prompt_sha256
-from ndx_pipeline.core.storage import asset_path, read_asset
+from ndx_pipeline.core.storage import asset_path, read_asset, stored_variants, variant_layers
 
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_CHARS = 200
@@ -48,12 +52,9 @@ CONTEXT_CHARS = 200
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def available_layers(storage_dir: str | os.PathLike, asset: str = "scores") -> list[int]:
-    """The layers that have a file for `asset` under `storage_dir`, in order."""
-    folder = Path(storage_dir) / asset
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.stem) for p in folder.glob("*.parquet") if p.stem.isdigit())
+def available_layers(storage_dir: str | os.PathLike, asset: str = "scores", *, variant: str) -> list[int]:
+    """The layers of `variant` that have a file for `asset` under `storage_dir`, in order."""
+    return variant_layers(storage_dir, asset, variant)
 
 
 class Documents:
@@ -79,23 +80,24 @@ class Documents:
 
 
 class LayerData:
-    """The contract files of one layer, read once; `neuron(...)` filters them to one neuron."""
+    """The contract files of one layer of one variant, read once; `neuron(...)` filters them to one neuron."""
 
-    def __init__(self, storage_dir: str | os.PathLike, layer: int, documents: Documents | None = None):
+    def __init__(self, storage_dir: str | os.PathLike, layer: int, variant: str, documents: Documents | None = None):
         self.storage_dir = Path(storage_dir)
         self.layer = int(layer)
-        self.scores = read_asset(storage_dir, "scores", layer)
-        self.explanations = read_asset(storage_dir, "explanations", layer)
-        self.simulations = read_asset(storage_dir, "simulations", layer)
-        self.excerpts = read_asset(storage_dir, "top_excerpts", layer)
-        records = asset_path(storage_dir, "activation_records", layer)
-        self.records = pl.read_parquet(records) if records.exists() else None
+        self.variant = variant
+        self.scores = read_asset(storage_dir, "scores", layer, variant)
+        self.explanations = read_asset(storage_dir, "explanations", layer, variant)
+        self.simulations = read_asset(storage_dir, "simulations", layer, variant)
+        self.excerpts = read_asset(storage_dir, "top_excerpts", layer, variant)
+        self.records = _optional(storage_dir, "activation_records", layer, variant)
         self.documents = documents or Documents(storage_dir)
         # the scorers beside simulation, where they ran (older storage has none of these files)
-        self.scorer_excerpts = _optional(storage_dir, SCORER_EXCERPTS, layer)
+        self.scorer_excerpts = _optional(storage_dir, SCORER_EXCERPTS, layer, variant)
         self.scorers: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
         for name, (judgements, scores) in SCORER_ASSETS.items():
-            found = _optional(storage_dir, scores, layer), _optional(storage_dir, judgements, layer)
+            found = (_optional(storage_dir, scores, layer, variant),
+                     _optional(storage_dir, judgements, layer, variant))
             if found[0] is not None and len(found[0]) and found[1] is not None:
                 self.scorers[name] = found
 
@@ -109,8 +111,8 @@ class LayerData:
         return frame.filter(pl.col("neuron") == neuron)
 
 
-def _optional(storage_dir: str | os.PathLike, asset: str, layer: int) -> pl.DataFrame | None:
-    path = asset_path(storage_dir, asset, layer)
+def _optional(storage_dir: str | os.PathLike, asset: str, layer: int, variant: str) -> pl.DataFrame | None:
+    path = asset_path(storage_dir, asset, layer, variant)
     return pl.read_parquet(path) if path.exists() else None
 
 
@@ -168,9 +170,15 @@ def resolve_excerpt_text(documents: Documents, doc_id: str, char_start: int | No
     return out
 
 
-def normalize_runs(runs: Mapping[str, Any] | None, layer: int) -> dict[str, dict | None]:
+def partition_of(layer: int, variant: str) -> str:
+    """The Dagster partition of a layer of a variant, as the instance names it: `<layer>|<variant>`."""
+    return f"{int(layer)}|{variant}"
+
+
+def normalize_runs(runs: Mapping[str, Any] | None, layer: int, variant: str) -> dict[str, dict | None]:
     """`runs` as given by the Dagster layer (stage → run id, or stage → dict of run_id, partition, code_version,
-    data_version, …), with every stage present and the partition filled in where it is implied."""
+    data_version, …), with every stage present and the partition filled in where it is implied (`partition_of`;
+    none for the corpus)."""
     runs = runs or {}
     unknown = sorted(set(runs) - set(STAGES))
     out: dict[str, dict | None] = {}
@@ -181,7 +189,7 @@ def normalize_runs(runs: Mapping[str, Any] | None, layer: int) -> dict[str, dict
             continue
         entry = {"run_id": info} if isinstance(info, str) else dict(info)
         entry.setdefault("run_id", None)
-        entry.setdefault("partition", None if stage == "corpus" else str(layer))
+        entry.setdefault("partition", None if stage == "corpus" else partition_of(layer, variant))
         entry.setdefault("code_version", None)
         entry.setdefault("data_version", None)
         out[stage] = entry
@@ -262,15 +270,16 @@ def unit_of(records: pl.DataFrame, unit_id: int) -> dict:
 def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None = None,
                    subject_model: str | None = None) -> dict:
     """Lineage of one neuron from already-read layer files (the viewer calls this once per neuron)."""
-    layer = data.layer
+    layer, variant = data.layer, data.variant
     neuron = int(neuron)
     score_rows = data.neuron("scores", neuron)
     if score_rows.is_empty():
         known = data.neurons()
         shown = ", ".join(map(str, known[:20])) + (" …" if len(known) > 20 else "")
-        raise NdxInputError(f"layer {layer} has no score for neuron {neuron}; scored neurons: {shown or 'none'}.")
+        raise NdxInputError(f"layer {layer} of variant {variant} has no score for neuron {neuron}; scored neurons: "
+                            f"{shown or 'none'}.")
     score = _row(score_rows)
-    run_info = normalize_runs(runs, layer)
+    run_info = normalize_runs(runs, layer, variant)
     expl_rows = data.neuron("explanations", neuron)
     explanation_id = score.get("explanation_id")
     chosen = _row(expl_rows.filter(pl.col("explanation_id") == explanation_id)) if explanation_id else {}
@@ -350,6 +359,7 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     )
     simulator = next((e["simulator"] for e in scored if e.get("simulator")), None)
     result = {
+        "variant": variant,
         "layer": layer,
         "neuron": neuron,
         "unit": unit,
@@ -362,9 +372,10 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "excerpts": scored,
         "scorers": scorers,
         "runs": run_info,
-        "files": {stage: str(asset_path(data.storage_dir, stage, None if stage == "corpus" else layer))
-                  for stage in STAGES} | {asset: str(asset_path(data.storage_dir, asset, layer))
-                                          for name in scorers for asset in (*SCORER_ASSETS[name], SCORER_EXCERPTS)},
+        "files": {stage: str(asset_path(data.storage_dir, stage) if stage == "corpus" else
+                             asset_path(data.storage_dir, stage, layer, variant)) for stage in STAGES}
+                 | {asset: str(asset_path(data.storage_dir, asset, layer, variant))
+                    for name in scorers for asset in (*SCORER_ASSETS[name], SCORER_EXCERPTS)},
         "checks": checks,
     }
     return json_safe(result)
@@ -407,15 +418,16 @@ def scorer_lineage(data: LayerData, neuron: int) -> dict:
 
 
 def lineage(storage_dir: str | os.PathLike, layer: int, neuron: int, runs: Mapping[str, Any] | None = None,
-            subject_model: str | None = None) -> dict:
-    """Everything behind the score of `neuron` in `layer`, as a JSON-ready dict.
+            subject_model: str | None = None, *, variant: str) -> dict:
+    """Everything behind the score of `neuron` in `layer` of `variant`, as a JSON-ready dict.
 
-    Keys: layer, neuron, subject_model, score (the scores row), explanation (id, text, explainer, prompt_sha256,
-    the prompt rebuilt as its backend sent it, whether its hash matches and if not why — `prompt_note` —, its
-    explain excerpts), explanations (all candidates),
+    Keys: variant, layer, neuron, unit, subject_model, score (the scores row), explanation (id, text, explainer,
+    prompt_sha256, the prompt rebuilt as its backend sent it, whether its hash matches and if not why —
+    `prompt_note` —, its explain excerpts), explanations (all candidates),
     simulator, neuron_stats, excerpts (every scored excerpt: tokens, true and simulated activations, doc_id,
     source, char_start, char_end and the text cut from the document), runs (stage → run id, partition, code and
-    data version, as passed in), files, checks. Raises NdxInputError when the layer or neuron is not there.
+    data version, as passed in; the partition `<layer>|<variant>`), files (the variant's), checks. Raises
+    NdxInputError when the variant, layer or neuron is not there.
     """
     try:
         layer = int(layer)
@@ -424,13 +436,17 @@ def lineage(storage_dir: str | os.PathLike, layer: int, neuron: int, runs: Mappi
         raise NdxInputError(f"layer {layer!r} and neuron {neuron!r} must be integers.") from None
     if not Path(storage_dir).is_dir():
         raise NdxInputError(f"storage folder {storage_dir} does not exist: run the pipeline first.")
-    if not asset_path(storage_dir, "scores", layer).exists():
-        have = available_layers(storage_dir)
+    if not asset_path(storage_dir, "scores", layer, variant).exists():
+        have = available_layers(storage_dir, variant=variant)
+        if not have:
+            others = stored_variants(storage_dir, "scores")
+            raise NdxInputError(f"variant {variant} has no scores under {storage_dir} (variants with scores: "
+                                f"{', '.join(others) or 'none'}).")
         raise NdxInputError(
-            f"layer {layer} has no scores under {storage_dir} (scored layers: "
-            f"{', '.join(map(str, have)) or 'none'}): materialize the pipeline for layer {layer} first."
+            f"layer {layer} of variant {variant} has no scores under {storage_dir} (scored layers: "
+            f"{', '.join(map(str, have))}): materialize the pipeline for layer {layer} first."
         )
-    return neuron_lineage(LayerData(storage_dir, layer), neuron, runs, subject_model)
+    return neuron_lineage(LayerData(storage_dir, layer, variant), neuron, runs, subject_model)
 
 
 def lineage_json(result: Mapping, indent: int | None = 2) -> str:
@@ -454,7 +470,8 @@ def format_lineage(result: Mapping, max_text: int = 160) -> str:
     """A human-readable account of a lineage dict, for the terminal."""
     s, e, c = result["score"], result["explanation"], result["checks"]
     lines = [
-        f"layer {result['layer']} {result['unit']['label']}  (unit id {result['neuron']}; subject model: "
+        f"layer {result['layer']} {result['unit']['label']}  (unit id {result['neuron']}; variant "
+        f"{result.get('variant')}; subject model: "
         f"{result.get('subject_model') or 'n/a'})" + (f"\n  {result['unit']['source']}" if result['unit']['source']
                                                      else ""),
         f"score {_fmt(s.get('score'))}  (top {_fmt(s.get('score_top'))}, random {_fmt(s.get('score_random'))})"

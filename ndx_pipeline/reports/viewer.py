@@ -1,4 +1,5 @@
-"""A static neuron viewer: `index.html` over every scored layer and one page per neuron, opened from disk.
+"""A static neuron viewer: per variant, `index.html` over its scored layers and one page per unit; over the variants,
+an index and a comparison page. Every page is opened from disk.
 
 Python reads the contract's files and prepares plain values (scores and their classes, heatmap colours, histogram
 geometry, lineage rows); the Jinja2 templates in `templates/` turn them into HTML with autoescaping on, so every
@@ -7,10 +8,15 @@ piece of corpus or model text is escaped where it is written. The pages fetch no
 `<script type="application/json">` with `<`, `>` and `&` written as `\\u003c` … so corpus text can never close the
 element. Files are written to a temporary name and renamed into place.
 
-Layout under the output folder (default `<storage>/neuron_viewer`):
+Layout under `<storage>/neuron_viewer` (`storage.viewer_dir`):
 
-    index.html              every neuron of every layer that has scores
-    <layer>/<neuron>.html   one page per neuron
+    index.html                        every variant that has scores: units scored and mean score per layer
+    compare.html                      the variants side by side, layer by layer, and the units two variants share
+    <variant>/index.html              every unit of every layer of the variant whose pages are written
+    <variant>/<layer>/<unit>.html     one page per unit, linking to the same unit's page in the other variants
+
+Two variants hold the same unit when their layer, unit kind (neuron or dictionary latent) and unit id are equal:
+neuron 5 of `neurons` and of `neurons-both`, never latent 5 of a dictionary and neuron 5.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ndx_pipeline.core.contract import (
     ACTIVATION_RECORDS,
     BASELINE_COLUMN_PREFIX,
     EXPLANATIONS,
+    MLP_NEURON,
     RANDOM,
     RECORD_SCHEMA,
     SCORE_RANDOM,
@@ -50,7 +57,8 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
-from ndx_pipeline.core.storage import asset_path, viewer_dir, write_text_atomic
+from ndx_pipeline.core.storage import asset_path, stored_variants, viewer_dir, write_text_atomic
+from ndx_pipeline.reports.compare import ALL, compare
 from ndx_pipeline.reports.lineage import (
     Documents,
     LayerData,
@@ -256,22 +264,24 @@ def baseline_columns(scores: pl.DataFrame) -> list[str]:
     return cols
 
 
-def bundled_llm_used(storage_dir: Path, layers: list[int]) -> bool:
-    """Whether the bundled model explained or simulated any of these layers (read from the stored rows)."""
+def bundled_llm_used(storage_dir: Path, layers: list[int], variant: str) -> bool:
+    """Whether the bundled model explained or simulated any of these layers of `variant` (read from the stored
+    rows)."""
     for layer in layers:
         for asset, col in ((EXPLANATIONS, "explainer"), (SIMULATIONS, "simulator")):
-            path = asset_path(storage_dir, asset, layer)
+            path = asset_path(storage_dir, asset, layer, variant)
             if path.exists() and any(is_bundled(v) for v in
                                      pl.read_parquet(path, columns=[col])[col].drop_nulls().unique()):
                 return True
     return False
 
 
-def scorer_scores(storage_dir: Path, layer: int) -> dict[str, pl.DataFrame]:
-    """scorer → its scores of the layer, for the scorers beside simulation that ran (a file with rows)."""
+def scorer_scores(storage_dir: Path, layer: int, variant: str) -> dict[str, pl.DataFrame]:
+    """scorer → its scores of the layer of `variant`, for the scorers beside simulation that ran (a file with
+    rows)."""
     out = {}
     for name, (_, asset) in SCORER_ASSETS.items():
-        path = asset_path(storage_dir, asset, layer)
+        path = asset_path(storage_dir, asset, layer, variant)
         if path.exists():
             frame = pl.read_parquet(path)
             if len(frame):
@@ -279,12 +289,12 @@ def scorer_scores(storage_dir: Path, layer: int) -> dict[str, pl.DataFrame]:
     return out
 
 
-def scorer_summary(storage_dir: Path, layers: list[int]) -> list[dict]:
-    """Per layer and scorer that ran: neurons, how many got a score, and the mean score of our explanations and of
-    each simulated baseline (the scorer's own floor)."""
+def scorer_summary(storage_dir: Path, layers: list[int], variant: str) -> list[dict]:
+    """Per layer of `variant` and scorer that ran: neurons, how many got a score, and the mean score of our
+    explanations and of each simulated baseline (the scorer's own floor)."""
     rows = []
     for layer in layers:
-        for name, frame in scorer_scores(storage_dir, layer).items():
+        for name, frame in scorer_scores(storage_dir, layer, variant).items():
             valid = [v for v in frame["score"].to_list() if _num(v) is not None]
             rows.append({"layer": layer, "scorer": name, "metric": frame["metric"][0].replace("_", " "),
                          "neurons": len(frame), "scored": len(valid), "mean": _mean(valid),
@@ -293,18 +303,19 @@ def scorer_summary(storage_dir: Path, layers: list[int]) -> list[dict]:
     return rows
 
 
-def _index_rows(storage_dir: Path, layers: list[int]) -> tuple[list[dict], list[str]]:
+def _index_rows(storage_dir: Path, layers: list[int], variant: str) -> tuple[list[dict], list[str]]:
     rows, extra = [], []
     for layer in layers:
-        scores = pl.read_parquet(asset_path(storage_dir, SCORES, layer))
+        scores = pl.read_parquet(asset_path(storage_dir, SCORES, layer, variant))
         for c in baseline_columns(scores):
             if c not in extra:
                 extra.append(c)
-        for name, frame in scorer_scores(storage_dir, layer).items():  # our explanation's score by each scorer
+        # our explanation's score by each scorer
+        for name, frame in scorer_scores(storage_dir, layer, variant).items():
             scores = scores.join(frame.select("neuron", pl.col("score").alias(name)), on="neuron", how="left")
             if name not in extra:
                 extra.append(name)
-        rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer)
+        rec_path = asset_path(storage_dir, ACTIVATION_RECORDS, layer, variant)
         wanted = ["neuron", "kind", "tokens", "activations", "unit_kind"]
         records = (pl.read_parquet(rec_path, columns=[c for c in wanted if c in pl.read_parquet_schema(rec_path)])
                    if rec_path.exists() else pl.DataFrame(schema={k: RECORD_SCHEMA[k] for k in wanted}))
@@ -328,7 +339,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def render_index(rows: list[dict], extra: list[str], layers: list[int], note: str | None = None,
-                 scorers: list[dict] | None = None) -> str:
+                 scorers: list[dict] | None = None, *, variant: str, variants_href: str | None = None) -> str:
+    """A variant's index page; `variants_href` links to the index of every variant (None: no link)."""
     baselines = [c for c in extra if c.startswith(BASELINE_COLUMN_PREFIX)]
     table = []
     for r in rows:
@@ -353,31 +365,43 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int], note: st
             "baselines": [_mean([v for r in mine if (v := _num(r.get(c))) is not None]) for c in baselines]})
     all_scores = [s for r in rows if (s := _num(r.get("score"))) is not None]
     return _render(
-        "index.html.j2", note=note, layers=layers, rows=table, summary=summary, scorers=scorers or [],
+        "index.html.j2", variant=variant, variants_href=variants_href, note=note, layers=layers, rows=table,
+        summary=summary, scorers=scorers or [],
         scorer_baselines=[b.replace("_", " ") for b in SIMULATED_BASELINES],
         extra_labels=[c.replace("_", " ") for c in extra],
         baseline_labels=[c.removeprefix(BASELINE_COLUMN_PREFIX).replace("_", " ") for c in baselines],
         neuron_count=len(rows), high_scores=sum(1 for s in all_scores if s >= 0.5), mean_score=_mean(all_scores))
 
 
+def _pages_dir(storage_dir: Path, out_dir: str | os.PathLike | None, variant: str) -> tuple[Path, bool]:
+    """The folder of a variant's pages (`out_dir`, default `viewer_dir(storage, variant)`), and whether it is the
+    default one: only there do the pages sit beside the other variants' and under the index of every variant."""
+    default = viewer_dir(storage_dir, variant)
+    out = Path(out_dir) if out_dir is not None else default
+    return out, out.resolve() == default.resolve()
+
+
 def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                layers: Iterable[int] | None = None) -> Path:
-    """(Re)write `index.html` over `layers` (default: every scored layer whose pages are in `out_dir`, so the
-    per-layer `neuron_viewer` partitions can each rewrite the index without linking to pages not written yet)."""
+                layers: Iterable[int] | None = None, *, variant: str) -> Path:
+    """(Re)write the `index.html` of `variant` over `layers` (default: every scored layer whose pages are in
+    `out_dir`, so the per-layer `neuron_viewer` partitions can each rewrite the index without linking to pages not
+    written yet). `out_dir` defaults to `viewer_dir(storage, variant)`."""
     storage_dir = Path(storage_dir)
-    out = Path(out_dir) if out_dir is not None else viewer_dir(storage_dir)
-    have = available_layers(storage_dir)
+    out, default = _pages_dir(storage_dir, out_dir, variant)
+    have = available_layers(storage_dir, variant=variant)
     if layers is None:
         chosen = [x for x in have if (out / str(x)).is_dir()]
     else:
         chosen = sorted(set(int(x) for x in layers))
     missing = [x for x in chosen if x not in have]
     if missing:
-        raise NdxInputError(f"layers {missing} have no scores under {storage_dir}: materialize them first.")
-    rows, extra = _index_rows(storage_dir, chosen)
-    note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen) else None
-    return write_text_atomic(render_index(rows, extra, chosen, note, scorer_summary(storage_dir, chosen)),
-                             out / "index.html")
+        raise NdxInputError(f"layers {missing} of variant {variant} have no scores under {storage_dir}: "
+                            "materialize them first.")
+    rows, extra = _index_rows(storage_dir, chosen, variant)
+    note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen, variant) else None
+    page = render_index(rows, extra, chosen, note, scorer_summary(storage_dir, chosen, variant), variant=variant,
+                        variants_href="../index.html" if default else None)
+    return write_text_atomic(page, out / "index.html")
 
 
 # ---------------------------------------------------------------------------------------------------- neuron page
@@ -514,7 +538,10 @@ def _document_rows(excerpts: Iterable[Mapping]) -> list[dict]:
 
 
 def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | None = None,
-                       neighbours: tuple[int | None, int | None] = (None, None)) -> str:
+                       neighbours: tuple[int | None, int | None] = (None, None), others: Sequence[Mapping] = (),
+                       variants_href: str | None = None) -> str:
+    """One unit's page. `others` are the same unit's pages in the other variants (variant, href, score);
+    `variants_href` links to the index of every variant (None: no link)."""
     lin = neuron_lineage(data, neuron, runs)
     records = data.neuron("records", neuron)
     score = lin["score"]
@@ -543,8 +570,8 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
     scored, sim_range = _scored_sections(lin["excerpts"], pos_scale, neg_scale)
     status = score.get("status") or ""
     return _render(
-        "neuron.html.j2", layer=data.layer, neuron=neuron, unit=lin["unit"], previous=neighbours[0],
-        next=neighbours[1],
+        "neuron.html.j2", variant=data.variant, variants_href=variants_href, others=list(others), layer=data.layer,
+        neuron=neuron, unit=lin["unit"], previous=neighbours[0], next=neighbours[1],
         explanation=expl.get("explanation") or "(no explanation)", status=status, status_ok=status == STATUS_OK,
         explainer=expl.get("explainer"), simulator=lin.get("simulator"),
         subject_model=lin.get("subject_model") or "not recorded",
@@ -568,18 +595,42 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
         lineage_json=script_json(lin))
 
 
+def same_unit_pages(storage_dir: Path, out: Path, layer: int, variant: str) -> dict[int, list[dict]]:
+    """unit → its pages in the variants other than `variant` (those whose folder sits beside `out`): variant, href
+    (relative to a unit page in `out`) and score, for every unit of the same kind scored in `layer` whose page is
+    written there."""
+    kind = unit_kind(storage_dir, layer, variant)
+    found: dict[int, list[dict]] = {}
+    for other in stored_variants(storage_dir, SCORES):
+        if other == variant or not asset_path(storage_dir, SCORES, layer, other).exists() \
+                or unit_kind(storage_dir, layer, other) != kind:
+            continue
+        scores = pl.read_parquet(asset_path(storage_dir, SCORES, layer, other), columns=["neuron", "score"])
+        for n, score in zip(scores["neuron"].to_list(), scores["score"].to_list()):
+            if neuron_page_path(out.parent / other, layer, n).is_file():
+                found.setdefault(int(n), []).append({"variant": other, "href": f"../../{other}/{int(layer)}/{n}.html",
+                                                     "score": _num(score)})
+    return found
+
+
 def write_layer_pages(storage_dir: str | os.PathLike, layer: int, out_dir: str | os.PathLike | None = None,
-                      runs: Mapping[str, Any] | None = None, documents: Documents | None = None) -> list[Path]:
-    """Write `<out>/<layer>/<neuron>.html` for every scored neuron of `layer`; pages of neurons no longer scored
-    are removed. `runs` is the lineage's stage → run info for this layer."""
-    out = Path(out_dir) if out_dir is not None else viewer_dir(storage_dir)
-    data = LayerData(storage_dir, layer, documents)
+                      runs: Mapping[str, Any] | None = None, documents: Documents | None = None, *,
+                      variant: str) -> list[Path]:
+    """Write `<out>/<layer>/<unit>.html` for every scored unit of `layer` of `variant` (`out` defaults to
+    `viewer_dir(storage, variant)`); pages of units no longer scored are removed. `runs` is the lineage's stage →
+    run info for this layer. Each page links to the same unit's page in the other variants whose page is written
+    at that moment (`same_unit_pages`): a page written before another variant's gains the link when rewritten."""
+    storage_dir = Path(storage_dir)
+    out, default = _pages_dir(storage_dir, out_dir, variant)
+    data = LayerData(storage_dir, layer, variant, documents)
     neurons = data.neurons()
+    others = same_unit_pages(storage_dir, out, layer, variant)
     written = []
     for i, n in enumerate(neurons):
         neighbours = (neurons[i - 1] if i > 0 else None, neurons[i + 1] if i + 1 < len(neurons) else None)
-        written.append(write_text_atomic(render_neuron_page(data, n, runs, neighbours),
-                                          neuron_page_path(out, layer, n)))
+        page = render_neuron_page(data, n, runs, neighbours, others.get(n, ()),
+                                  variants_href="../../index.html" if default else None)
+        written.append(write_text_atomic(page, neuron_page_path(out, layer, n)))
     keep = {p.name for p in written}
     for stale in (out / str(int(layer))).glob("*.html"):
         if stale.name not in keep:
@@ -588,24 +639,87 @@ def write_layer_pages(storage_dir: str | os.PathLike, layer: int, out_dir: str |
 
 
 def write_viewer(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 layers: Iterable[int] | None = None,
-                 runs: Mapping[int, Mapping[str, Any]] | None = None) -> Path:
-    """Write the whole viewer (neuron pages of `layers`, default every scored layer, then the index) and return
-    the index path. `runs` maps layer → (stage → run info) for the lineage sections."""
+                 layers: Iterable[int] | None = None, runs: Mapping[int, Mapping[str, Any]] | None = None, *,
+                 variant: str) -> Path:
+    """Write the viewer of `variant` (the unit pages of `layers`, default every scored layer of the variant, then
+    its index) into `out_dir` (default `viewer_dir(storage, variant)`) and return its index path. `runs` maps
+    layer → (stage → run info) for the lineage sections. In the default folder the pages over every variant
+    (`write_variants_index`) are refreshed too."""
     storage_dir = Path(storage_dir)
     if not storage_dir.is_dir():
         raise NdxInputError(f"storage folder {storage_dir} does not exist: run the pipeline first.")
-    have = available_layers(storage_dir)
+    have = available_layers(storage_dir, variant=variant)
     chosen = sorted(set(int(x) for x in layers)) if layers is not None else have
     if not chosen:
-        raise NdxInputError(f"no layer has scores under {storage_dir}: run the pipeline first.")
+        scored = stored_variants(storage_dir, SCORES)
+        raise NdxInputError(f"no layer of variant {variant} has scores under {storage_dir} (variants with scores: "
+                            f"{', '.join(scored) or 'none'}): run the pipeline first.")
     missing = [x for x in chosen if x not in have]
     if missing:
-        raise NdxInputError(f"layers {missing} have no scores under {storage_dir} (scored layers: {have}).")
-    out = Path(out_dir) if out_dir is not None else viewer_dir(storage_dir)
+        raise NdxInputError(f"layers {missing} of variant {variant} have no scores under {storage_dir} (scored "
+                            f"layers: {have}).")
+    out, default = _pages_dir(storage_dir, out_dir, variant)
     documents = Documents(storage_dir)
     runs = runs or {}
     for layer in chosen:
-        write_layer_pages(storage_dir, layer, out, runs.get(layer) or runs.get(str(layer)), documents)
+        write_layer_pages(storage_dir, layer, out, runs.get(layer) or runs.get(str(layer)), documents,
+                          variant=variant)
     # The index covers the layers just written and any other scored layer whose pages are already there.
-    return write_index(storage_dir, out)
+    index = write_index(storage_dir, out, variant=variant)
+    if default:
+        write_variants_index(storage_dir)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+
+
+def unit_kind(storage_dir: Path, layer: int, variant: str) -> str:
+    """The kind of the units of a layer of a variant, from its activation records (a neuron where none say)."""
+    path = asset_path(storage_dir, ACTIVATION_RECORDS, layer, variant)
+    if not path.exists() or "unit_kind" not in pl.read_parquet_schema(path):
+        return MLP_NEURON
+    return pl.scan_parquet(path).select(pl.col("unit_kind").drop_nulls().first()).collect().item() or MLP_NEURON
+
+
+def variants_overview(storage_dir: Path) -> dict:
+    """`reports.compare.compare` over every variant with scores, as the pages over the variants show it: `sections`,
+    per layer (then pooled, with more than one layer), the variants that have units there and the pairs of them
+    whose units are of one kind (`unit_kind`: a neuron's id and a dictionary latent's name different units, so their
+    differences mean nothing); beside them compare's `baselines`, `scorers`, `resamples` and `seed`. The figures are
+    those `ndx-pipeline compare` prints. No variant with scores: no section."""
+    if not stored_variants(storage_dir, SCORES):
+        return {"sections": [], "baselines": [], "scorers": [], "resamples": None, "seed": None}
+    result = compare(storage_dir)
+    kinds = {(r["layer"], r["variant"]): unit_kind(storage_dir, r["layer"], r["variant"])
+             for r in result["summary"] if r["layer"] != ALL and r["units"]}
+
+    def comparable(layer: int | str, a: str, b: str) -> bool:
+        layers = result["layers"] if layer == ALL else [layer]
+        both = [x for x in layers if (x, a) in kinds and (x, b) in kinds]
+        return bool(both) and all(kinds[x, a] == kinds[x, b] for x in both)
+
+    sections = []
+    for layer in [*result["layers"], *([ALL] if len(result["layers"]) > 1 else [])]:
+        rows = [r for r in result["summary"] if r["layer"] == layer and r["units"]]
+        pairs = [r for r in result["pairs"] if r["layer"] == layer and comparable(layer, r["a"], r["b"])]
+        sections.append({"layer": layer, "rows": rows, "pairs": pairs})
+    return {"sections": sections, "baselines": result["baselines"], "scorers": result["scorers"],
+            "resamples": result["resamples"], "seed": result["seed"]}
+
+
+def write_variants_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """(Re)write the pages over every variant that has scores, in `out_dir` (default `viewer_dir(storage)`, which
+    holds each variant's folder): `index.html` (per variant and layer: units, how many scored, mean score; linking
+    to the variant's index where its pages are written) and `compare.html` (`variants_overview`). Returns the index
+    path."""
+    storage_dir = Path(storage_dir)
+    out = Path(out_dir) if out_dir is not None else viewer_dir(storage_dir)
+    overview = variants_overview(storage_dir)
+    variants = stored_variants(storage_dir, SCORES)
+    written = {v for v in variants if (out / v / "index.html").is_file()}
+    summary = [{"variant": v, "written": v in written,
+                "layers": [r for s in overview["sections"] if s["layer"] != ALL for r in s["rows"]
+                           if r["variant"] == v]} for v in variants]
+    write_text_atomic(_render("compare.html.j2", written=written, all_layers=ALL, **overview), out / "compare.html")
+    return write_text_atomic(_render("variants.html.j2", variants=summary), out / "index.html")

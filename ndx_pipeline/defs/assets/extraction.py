@@ -39,7 +39,7 @@ from ndx_pipeline.defs.resources import (
     StorageResource,
     SubjectModelResource,
 )
-from ndx_pipeline.defs.versioning import CODE_VERSIONS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, METHOD_REVISIONS
 
 
 @dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=GROUP, code_version=CODE_VERSIONS[c.CORPUS],
@@ -108,7 +108,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         corpus_file = asset_path(storage.path(), c.CORPUS)
         documents = read(storage.path(), c.CORPUS)
     key = extraction_key(subject_model.model_dump(), {"corpus": file_digest(corpus_file)}, selection.model_dump(),
-                         counted)
+                         counted, [METHOD_REVISIONS[a] for a in SUBJECT_MODEL_FILES])
     shared = shared_extractions(context.instance, key, variant, layers,
                                 [a for a in SUBJECT_MODEL_FILES if a in selected], storage.path())
     if shared:
