@@ -8,12 +8,15 @@ Everything the README's "Scale out" commands start, started for real on this mac
 - one sqlite Dagster instance (the CLI's instance settings) in a DAGSTER_HOME that every process shares, and one
   storage folder for the Parquet files and the LLM cache;
 - the run: `dagster job execute -m ndx_pipeline.scale_out -a celery_definitions -j explain_neurons` with
-  deploy/celery/celery.yaml, two layers in one run (the partition-range tags), two neurons each, small counts.
+  deploy/celery/celery.yaml, two layers of the variant `neurons` in one run (the partition-range tags `0|neurons` …
+  `1|neurons`; the variant made a key of the instance's variant dimension first, as the CLI does), two neurons
+  each, small counts.
 
 `test_two_workers_run_every_step_where_its_queue_says` checks that every step executed in a worker process (the
 pid of its events is a worker's, never the launcher's), that the extraction step ran only on `ndx-subject`, and that
-every Parquet file of the data contract equals an in-process run of the same config (`polars.DataFrame.equals`:
-scores to the last bit; only the `seconds` wall-time column is left out). It prints both wall times.
+every Parquet file of the data contract (`<asset>/neurons/<layer>.parquet`) equals an in-process run of the same
+config (`polars.DataFrame.equals`: scores to the last bit; only the `seconds` wall-time column is left out). It
+prints both wall times.
 
 `test_worker_killed_mid_llm_step_run_finishes_on_the_other` runs layer 0 alone and kills (SIGKILL, the whole
 process group) the worker executing `explanations` right after its first LLM answer is cached (or, when answers
@@ -45,9 +48,11 @@ from dagster._core.events import DagsterEventType
 
 from ndx_pipeline.core.contract import CORPUS, EXPLANATIONS, PARQUET_ASSETS, SIMULATIONS
 from ndx_pipeline.core.storage import asset_path, llm_cache_dir
+from ndx_pipeline.core.variants import DEFAULT_VARIANT
 from ndx_pipeline.defs.automation import MAIN_JOB
-from ndx_pipeline.defs.partitions import range_tags
+from ndx_pipeline.defs.partitions import add_variant, partition_key, range_tags
 from ndx_pipeline.defs.queues import DEFAULT_QUEUE, GPU_QUEUE, LLM_QUEUE, STEP_QUEUES
+from ndx_pipeline_tests.runs import execute_layers
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -55,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CELERY_YAML = REPO / "deploy" / "celery" / "celery.yaml"
 LAYERS = (0, 1)
+VARIANT = DEFAULT_VARIANT  # "neurons"
 NEURONS = [5, 9]
 SUBJECT_WORKER, LLM_WORKER = "ndx-subject", "ndx-llm"
 WORKER_QUEUES = {SUBJECT_WORKER: (GPU_QUEUE, LLM_QUEUE, DEFAULT_QUEUE), LLM_WORKER: (LLM_QUEUE, DEFAULT_QUEUE)}
@@ -274,6 +280,7 @@ class Cluster:
         (self.home / "dagster.yaml").write_text(instance_settings(self.home))
         # Create the instance's tables once, before several processes open it at the same time.
         self.instance = dg.DagsterInstance.from_config(str(self.home))
+        add_variant(self.instance, VARIANT)  # a key of the variant dimension before a run names it (as the CLI does)
         self.run_yaml = root / "run.yaml"
         self.run_yaml.write_text(yaml.safe_dump(run_config(self.storage, corpus)))
         self.redis = RedisServer(_redis_server_binary(), root)
@@ -298,7 +305,7 @@ class Cluster:
 
     def launch(self, layers=LAYERS) -> float:
         """Start one run of `layers` (the README's command); returns its start time."""
-        tags = range_tags(layers[0], layers[-1])
+        tags = range_tags(VARIANT, layers[0], layers[-1])
         with open(self.launcher_log, "a") as log:
             self.launcher = subprocess.Popen(
                 [str(VENV_BIN / "dagster"), "job", "execute", "-m", "ndx_pipeline.scale_out", "-a",
@@ -409,7 +416,7 @@ def cache_entries(storage: Path) -> set[str]:
 
 
 def contract_files(storage: Path, layers=LAYERS) -> list[Path]:
-    return [asset_path(storage, asset, None if asset == CORPUS else layer)
+    return [asset_path(storage, asset, None if asset == CORPUS else layer, None if asset == CORPUS else VARIANT)
             for asset in PARQUET_ASSETS for layer in (layers if asset != CORPUS else (None,))]
 
 
@@ -424,8 +431,9 @@ def assert_same_files(storage: Path, reference: Path, layers=LAYERS) -> None:
         a, b = (f.drop([c for c in WALL_TIME_COLUMNS if c in f.columns]) for f in (a, b))
         assert a.schema == b.schema, ours
         assert a.equals(b), f"{ours.relative_to(storage)} differs from the in-process run's"
-    scores = pl.read_parquet(asset_path(storage, "scores", LAYERS[0]))
+    scores = pl.read_parquet(asset_path(storage, "scores", layers[0], VARIANT))
     assert scores["score"].dtype == pl.Float64 and sorted(scores["neuron"].unique().to_list()) == NEURONS
+    assert scores["explanation_id"].str.starts_with(f"{VARIANT}/{layers[0]}/").all()  # ids scoped by the variant
 
 
 def assert_no_temporary_files(storage: Path) -> None:
@@ -467,8 +475,7 @@ def reference(tmp_path_factory, corpus) -> dict:
     job = build_definitions().resolve_job_def(MAIN_JOB)
     with dg.instance_for_test() as instance:
         started = time.perf_counter()
-        result = job.execute_in_process(run_config=run_config(storage, corpus), instance=instance,
-                                        tags=range_tags(LAYERS[0], LAYERS[-1]))
+        result = execute_layers(job, instance, LAYERS, VARIANT, run_config=run_config(storage, corpus))
         seconds = time.perf_counter() - started
         assert result.success
         steps = step_seconds(instance.all_logs(result.run_id))
@@ -513,7 +520,8 @@ def test_two_workers_run_every_step_where_its_queue_says(cluster_factory, refere
     run_id = cluster.run_id()
     run = cluster.instance.get_run_by_id(run_id)
     assert run.status == dg.DagsterRunStatus.SUCCESS
-    assert run.tags["dagster/asset_partition_range_start"] == str(LAYERS[0])
+    assert run.tags["dagster/asset_partition_range_start"] == str(partition_key(LAYERS[0], VARIANT)) == "0|neurons"
+    assert run.tags["dagster/asset_partition_range_end"] == str(partition_key(LAYERS[-1], VARIANT))
     records = cluster.instance.all_logs(run_id)
     launcher_pid = cluster.launcher.pid
     run_start, run_end = (next(r for r in records if r.dagster_event and r.dagster_event.event_type == kind)

@@ -33,6 +33,10 @@ def test_interleaved_splits_match_the_paper():
     assert by["score_random"]["rank"].to_list() == [1, 4, 7, 10, 13]
     assert out["excerpt_id"].n_unique() == len(out) == 15
     assert by["explain"]["excerpt_id"][0] == "0/3/top/0"
+    # as the pipeline writes them: each id scoped to its variant, the rows otherwise the same
+    scoped = top_excerpts(records(top, rand), scope="neurons-both")
+    assert scoped["excerpt_id"].to_list() == [f"neurons-both/{i}" for i in out["excerpt_id"]]
+    assert scoped.drop("excerpt_id").equals(out.drop("excerpt_id"))
 
 
 def test_random_windows_that_are_top_windows_are_never_scored():

@@ -15,18 +15,22 @@ from ndx_pipeline.core.models import bundled_gguf
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB, stale_layers, stale_status_resolver
+from ndx_pipeline.defs.partitions import partition_key
+from ndx_pipeline_tests.runs import execute_layers
 
 ALL = list(ASSETS)
+VARIANT = "neurons"  # the default variant: the configured resources, as they are
+LAYER0 = str(partition_key(0, VARIANT))  # "0|neurons"
 
 
-def statuses(instance, defs, partition="0"):
+def statuses(instance, defs, partition=LAYER0):
     from dagster._core.definitions.data_version import StaleStatus  # noqa: F401
 
     resolver = stale_status_resolver(instance, defs.resolve_asset_graph())
     return {a: resolver.get_status(dg.AssetKey(a), None if a == "corpus" else partition).value for a in ALL}
 
 
-def causes(instance, defs, asset, partition="0"):
+def causes(instance, defs, asset, partition=LAYER0):
     resolver = stale_status_resolver(instance, defs.resolve_asset_graph())
     return [(c.category.value, c.reason) for c in resolver.get_stale_causes(dg.AssetKey(asset), partition)]
 
@@ -71,10 +75,10 @@ def counters(monkeypatch):
     return counts
 
 
-def run(defs, instance, selection=None, partition="0"):
+def run(defs, instance, selection=None, layer=0):
     job = defs.resolve_job_def(MAIN_JOB)
-    result = job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False,
-                                    asset_selection=[dg.AssetKey(a) for a in selection] if selection else None)
+    result = execute_layers(job, instance, layer, variant=VARIANT,
+                            asset_selection=[dg.AssetKey(a) for a in selection] if selection else None)
     assert result.success
     return result
 
@@ -108,7 +112,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     assert before["simulations"] == "STALE"
     assert ("CODE", "has a new code version") in causes(instance, defs_b, "simulations")
     assert all(before[a] == "FRESH" for a in ["corpus", "activation_records", "top_excerpts", "explanations"])
-    assert stale_layers(instance, defs_b.resolve_asset_graph()) == [0]
+    assert stale_layers(instance, defs_b.resolve_asset_graph()) == {VARIANT: [0]}
     import datetime
 
     from ndx_pipeline.defs.automation import nightly_rescore
@@ -118,24 +122,24 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     with dg.build_schedule_context(instance=instance, repository_def=defs_b.get_repository_def(),
                                    scheduled_execution_time=datetime.datetime(2026, 11, 23, 3, 0)) as ctx:
         requests = nightly_rescore(ctx)  # the nightly schedule re-scores exactly the stale layer
-    assert [(r.run_key, r.tags["dagster/asset_partition_range_start"]) for r in requests] == [
-        ("rescore-20261123-0-0", "0")]
+    assert [(r.run_key, r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+            for r in requests] == [("rescore-20261123-neurons-layers-0-0", LAYER0, LAYER0)]
 
     for key in counters:
         counters[key] = 0
     run(defs_b, instance, selection=["simulations", "baseline_simulations", "scores"])
     assert counters["subject_model_loads"] == counters["extractions"] == counters["explainer_calls"] == 0
     storage = settings / "storage"
-    simulated = sum(int((pl.read_parquet(asset_path(storage, name, 0))["status"] == "ok").sum())
+    simulated = sum(int((pl.read_parquet(asset_path(storage, name, 0, VARIANT))["status"] == "ok").sum())
                     for name in ("explanations", "baseline_explanations"))
-    ours = int((pl.read_parquet(asset_path(storage, "explanations", 0))["status"] == "ok").sum())
-    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    ours = int((pl.read_parquet(asset_path(storage, "explanations", 0, VARIANT))["status"] == "ok").sum())
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0, VARIANT))
     calibration = excerpts.filter(pl.col("split") == "calibration").group_by("neuron").len()["len"].unique().to_list()
     # 10 scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all); ours
     # also on its neuron's calibration excerpts (the calibrated scores' fit)
     assert len(calibration) == 1 and calibration[0] >= 1
     assert counters["simulator_calls"] == 10 * simulated + calibration[0] * ours and simulated >= 2
-    sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0))
+    sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0, VARIANT))
     assert set(sims["simulator"]) == {f"local:{other / bundled_gguf().name}"}
     after = statuses(instance, defs_b)
     assert after["simulations"] == "FRESH" and after["scores"] == "FRESH"
@@ -168,29 +172,27 @@ def test_extraction_step_writes_the_assets_selected(settings, monkeypatch):
     storage = settings / "storage"
     with dg.instance_for_test() as instance:
         run(defs, instance, selection=["corpus", "activation_records"])
-        assert [asset_path(storage, a, 0).exists() for a in ("activation_records", "token_table", "top_excerpts")] \
-            == [True, False, False]
+        assert [asset_path(storage, a, 0, VARIANT).exists()
+                for a in ("activation_records", "token_table", "top_excerpts")] == [True, False, False]
         assert materialized(instance) == {"corpus", "activation_records"}
 
         job = defs.resolve_job_def(MAIN_JOB)
         with monkeypatch.context() as patch:
             patch.setattr(validation, "record_counts", lambda *a: (False, "made to fail", {}))
-            result = job.execute_in_process(instance=instance, partition_key="0", raise_on_error=False,
-                                            asset_selection=[dg.AssetKey("activation_records"),
-                                                             dg.AssetKey("top_excerpts")])
+            result = execute_layers(job, instance, 0, variant=VARIANT,
+                                    asset_selection=[dg.AssetKey("activation_records"), dg.AssetKey("top_excerpts")])
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert failure.step_failure_data.user_failure_data.description == (
             "top_excerpts not written for layer 0: activation_records check record_counts failed")
-        assert not asset_path(storage, "top_excerpts", 0).exists()
+        assert not asset_path(storage, "top_excerpts", 0, VARIANT).exists()
         assert materialized(instance) == {"corpus", "activation_records"}
 
         # a split the corpus cannot fill: the records stand (materialized), only top_excerpts has to run again
         records = instance.get_latest_materialization_event(dg.AssetKey("activation_records")).run_id
-        result = job.execute_in_process(instance=instance, partition_key="0", raise_on_error=False,
-                                        run_config={"resources": {"selection": {"config": {"explain_excerpts": 50}}}},
-                                        asset_selection=[dg.AssetKey("activation_records"),
-                                                         dg.AssetKey("top_excerpts")])
+        result = execute_layers(job, instance, 0, variant=VARIANT,
+                                run_config={"resources": {"selection": {"config": {"explain_excerpts": 50}}}},
+                                asset_selection=[dg.AssetKey("activation_records"), dg.AssetKey("top_excerpts")])
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert failure.step_failure_data.user_failure_data.description.startswith(

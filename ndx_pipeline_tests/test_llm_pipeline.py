@@ -18,6 +18,7 @@ import pytest
 from ndx_pipeline.core.contract import SCHEMAS
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
+from ndx_pipeline.defs.partitions import add_variant, partition_key
 from ndx_pipeline.defs.resources import (
     CorpusResource,
     LLMResource,
@@ -30,6 +31,8 @@ from ndx_pipeline_tests.llm_server import TEST_API_KEY, FaultProxy, llama_server
 
 pytestmark = [pytest.mark.llm_server, pytest.mark.slow]
 NEURONS = [11, 700]
+VARIANT = "neurons"  # the default variant: the resources given, as they are
+PARTITION = str(partition_key(0, VARIANT))  # "0|neurons"
 # whole steps: an asset and the files its step writes beside it
 UPSTREAM = ("corpus", "activation_records", "token_table", "top_excerpts")
 EXPLANATION_STEP = ("explanations", "baseline_explanations", "calibration_simulations")
@@ -51,7 +54,8 @@ def materialize(stages, storage, **resources):
     base.update(resources)
     assets = list({id(by_key[s]): by_key[s] for s in stages}.values())
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(assets, partition_key="0", resources=base, instance=instance, raise_on_error=False,
+    add_variant(instance, VARIANT)
+    result = dg.materialize(assets, partition_key=PARTITION, resources=base, instance=instance, raise_on_error=False,
                             selection=list(stages))
     assert result.success, [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
     return instance
@@ -77,8 +81,8 @@ def copy_upstream(src, dst):
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset_path(src, "corpus"), asset_path(dst, "corpus"))
     for stage in UPSTREAM[1:]:
-        asset_path(dst, stage, 0).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(asset_path(src, stage, 0), asset_path(dst, stage, 0))
+        asset_path(dst, stage, 0, VARIANT).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(asset_path(src, stage, 0, VARIANT), asset_path(dst, stage, 0, VARIANT))
 
 
 @pytest.fixture
@@ -101,15 +105,16 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
     assert first >= len(NEURONS)  # at least one explanation request per neuron reached the server
 
     for stage in LLM_STAGES:  # the contract's columns and types, on every neuron (no calibration without best-of-k)
-        frame = pl.read_parquet(asset_path(server, stage, 0))
+        frame = pl.read_parquet(asset_path(server, stage, 0, VARIANT))
         assert {c: frame.schema.get(c) for c in SCHEMAS[stage]} == SCHEMAS[stage], stage
         assert sorted(frame["neuron"].unique()) == ([] if stage == "calibration_simulations" else NEURONS), stage
-    scores = pl.read_parquet(asset_path(server, "scores", 0))  # every score beside its three baselines
+    scores = pl.read_parquet(asset_path(server, "scores", 0, VARIANT))  # every score beside its three baselines
     assert {"baseline_lookup", "baseline_random", "baseline_token_list"} <= set(scores.columns)
     assert scores["baseline_lookup"].is_finite().all()  # no LLM in it: defined for every neuron
-    expl = pl.read_parquet(asset_path(server, "explanations", 0))
+    expl = pl.read_parquet(asset_path(server, "explanations", 0, VARIANT))
     assert set(expl["explainer"]) == {"openai-compatible:smollm2-135m-instruct-q4_1"}
-    sims = pl.read_parquet(asset_path(server, "simulations", 0))
+    assert expl["explanation_id"].str.starts_with(f"{VARIANT}/0/").all()  # ids scoped to the variant
+    sims = pl.read_parquet(asset_path(server, "simulations", 0, VARIANT))
     for row in sims.filter(pl.col("status") == "ok").iter_rows(named=True):
         assert len(row["simulated_activations"]) == len(row["tokens"])
         assert all(0 <= v <= 10 for v in row["simulated_activations"])
@@ -143,14 +148,14 @@ def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
                 simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"),
                 quality=QualityResource(baselines=["lookup"], scorers=[], calibration_top_excerpts=1,
                                         calibration_random_excerpts=1))
-    sims = pl.read_parquet(asset_path(storage, "simulations", 0))
+    sims = pl.read_parquet(asset_path(storage, "simulations", 0, VARIANT))
     assert len(sims) > 0
     for row in sims.iter_rows(named=True):
         if row["status"] == "ok":
             assert len(row["simulated_activations"]) == len(row["tokens"])
         else:  # a malformed answer is recorded, never silently zero
             assert row["error"] and row["simulated_activations"] == []
-    scores = pl.read_parquet(asset_path(storage, "scores", 0))
+    scores = pl.read_parquet(asset_path(storage, "scores", 0, VARIANT))
     assert len(scores) == len(NEURONS)
 
 
@@ -158,15 +163,18 @@ KILLED_RUN = textwrap.dedent("""
     import sys
     import dagster as dg
     from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.partitions import add_variant, partition_key
     from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
                       api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, max_tokens=20)
     explanations = next(a for a in build_definitions().assets if dg.AssetKey("explanations") in a.keys)
-    dg.materialize([explanations], partition_key="0",
+    instance = dg.DagsterInstance.ephemeral()
+    add_variant(instance, "neurons")
+    dg.materialize([explanations], partition_key=str(partition_key(0, "neurons")),
                    resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm,
                               "simulator_llm": llm, "quality": QualityResource(baselines=[])},
-                   instance=dg.DagsterInstance.ephemeral())
+                   instance=instance)
 """)
 
 
@@ -175,9 +183,9 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     storage = tmp_path / "killed"
     copy_upstream(upstream, storage)
     # more neurons for this one: the upstream has 2; explanations only read top_excerpts, so widen it
-    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0))
+    excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0, VARIANT))
     widened = pl.concat([excerpts.with_columns(pl.col("neuron") + 10_000 * k) for k in range(3)])
-    widened.write_parquet(asset_path(storage, "top_excerpts", 0))
+    widened.write_parquet(asset_path(storage, "top_excerpts", 0, VARIANT))
     n = widened["neuron"].n_unique()
     log = tmp_path / "killed_run.log"
     with open(log, "wb") as out:
@@ -193,7 +201,7 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
         proc.wait(30)
     tail = log.read_text(errors="replace")[-3000:]
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, dict(proxy.forwarded), tail)
-    assert not asset_path(storage, "explanations", 0).exists()  # nothing half-written
+    assert not asset_path(storage, "explanations", 0, VARIANT).exists()  # nothing half-written
     paid = proxy.forwarded["/v1/chat/completions"]
     assert 3 <= paid < n, (paid, n)
 
@@ -204,7 +212,7 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
     meta = partition_metadata(instance, "explanations")
     assert meta["llm_cache_hits"].value >= 2
     assert rerun == n - meta["llm_cache_hits"].value <= n - 2
-    assert len(pl.read_parquet(asset_path(storage, "explanations", 0))) == n
+    assert len(pl.read_parquet(asset_path(storage, "explanations", 0, VARIANT))) == n
     print(f"\nkilled after {paid} of {n} explanation requests; rerun made {rerun}, "
           f"{meta['llm_cache_hits'].value} from the cache")
 
@@ -219,8 +227,8 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
     from ndx_pipeline_tests.llm_server import Fault
 
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
-    records = pl.read_parquet(asset_path(upstream, "activation_records", 0))
-    excerpts = pl.read_parquet(asset_path(upstream, "top_excerpts", 0))
+    records = pl.read_parquet(asset_path(upstream, "activation_records", 0, VARIANT))
+    excerpts = pl.read_parquet(asset_path(upstream, "top_excerpts", 0, VARIANT))
     held = stages.scorer_excerpts(records, excerpts, 2)
     ours = c.frame([{"layer": 0, "neuron": n, "explanation_id": f"ours-{n}", "explanation": "punctuation marks",
                      "explainer": "test", "prompt_sha256": "0" * 64, "status": "ok", "error": None, "selected": True}

@@ -2,17 +2,18 @@
 
 A real PostgreSQL server (Debian's `postgresql` package) is initialised into a temporary folder and started on
 127.0.0.1 with a free port and a password login; the instance is built from the repository's yaml with the
-connection read from DAGSTER_PG_* environment variables. One run writes the corpus, then three processes each
-run one layer partition (activation_records → top_excerpts) at the same time against the same database. The
-test then reads everything back: each run succeeded, every Dagster event a run emitted is in the event log
-(counted by type), one materialization per asset per partition with the right partition key, and each
-partition's Parquet file is readable and holds that layer only.
+connection read from DAGSTER_PG_* environment variables. One run writes the corpus, the variant `neurons` is made
+a key of the instance's variant dimension, then three processes each run one layer × variant partition
+(`<layer>|neurons`: activation_records → top_excerpts) at the same time against the same database. The test then
+reads everything back: each run succeeded, every Dagster event a run emitted is in the event log (counted by type),
+one materialization per asset per partition with the right partition key, and each partition's Parquet file
+(`<asset>/neurons/<layer>.parquet`) is readable and holds that layer only, its ids scoped to the variant.
 
 Run with `pytest -m postgres`. Skipped, with the reason, when PostgreSQL's server programs are not installed
 and cannot be installed (`apt-get install postgresql` needs root).
 
-Run as a module (`python -m ndx_pipeline_tests.test_postgres PARTITION STORAGE CORPUS OUT.json`) it is the worker
-one of those processes runs.
+Run as a module (`python -m ndx_pipeline_tests.test_postgres LAYER STORAGE CORPUS OUT.json`) it is the worker
+one of those processes runs (partition `<LAYER>|neurons`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PG_YAML = REPO / "deploy" / "postgres" / "dagster.yaml"
 LAYERS = ["0", "1", "2"]
+VARIANT = "neurons"  # the default variant (`core.variants.DEFAULT_VARIANT`)
 LAYER_ASSETS = ["activation_records", "token_table", "top_excerpts"]  # all three written by the extraction step
 NEURONS = [5, 9]
 PG_USER = "ndx_dagster"
@@ -211,11 +213,20 @@ def small_corpus(tmp_path):
 # The worker (one layer run in its own process)
 
 
-def _worker(partition: str, storage: str, corpus: str, out: str) -> int:
+def _partition(layer: str) -> str:
+    """The layer's partition key of the variant: `<layer>|neurons`."""
+    from ndx_pipeline.defs.partitions import partition_key
+
+    return str(partition_key(int(layer), VARIANT))
+
+
+def _worker(layer: str, storage: str, corpus: str, out: str) -> int:
     import dagster as dg
 
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import MAIN_JOB
+
+    partition = _partition(layer)
 
     job = build_definitions().resolve_job_def(MAIN_JOB)
     instance = dg.DagsterInstance.get()  # $DAGSTER_HOME/dagster.yaml: the Postgres instance
@@ -257,8 +268,10 @@ def test_concurrent_layer_runs_lose_no_events_and_keep_partitions_intact(pg_home
     from dagster._core.events import DagsterEventType as T
 
     from ndx_pipeline.core.storage import asset_path
+    from ndx_pipeline.core.variants import DEFAULT_VARIANT
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import MAIN_JOB
+    from ndx_pipeline.defs.partitions import add_variant
 
     storage = tmp_path / "storage"
     instance = dg.DagsterInstance.get()
@@ -266,6 +279,11 @@ def test_concurrent_layer_runs_lose_no_events_and_keep_partitions_intact(pg_home
     first = job.execute_in_process(run_config=small_run_config(str(storage), str(small_corpus)), instance=instance,
                                    asset_selection=[dg.AssetKey("corpus")], raise_on_error=False)
     assert first.success
+    assert VARIANT == DEFAULT_VARIANT
+    # The variant is a key of the dynamic dimension once, before the workers start (as the CLI adds it).
+    assert add_variant(instance, VARIANT)
+    partitions = {layer: _partition(layer) for layer in LAYERS}
+    assert partitions["1"] == "1|neurons"
 
     # Three layer runs at once, each in its own process, all writing to the same Postgres database.
     procs, outs = [], {}
@@ -291,7 +309,8 @@ def test_concurrent_layer_runs_lose_no_events_and_keep_partitions_intact(pg_home
     for layer, run_id in run_ids.items():
         run = instance.get_run_by_id(run_id)
         assert run.status == dg.DagsterRunStatus.SUCCESS
-        assert run.tags["dagster/partition"] == layer
+        assert run.tags["dagster/partition"] == partitions[layer]
+        assert run.tags["dagster/partition/layer"] == layer and run.tags["dagster/partition/variant"] == VARIANT
 
         # No lost events: every Dagster event the run emitted is stored, type by type, with no duplicates.
         # (The *_PLANNED events are written by the instance when the run is created, not by the run itself.)
@@ -315,28 +334,35 @@ def test_concurrent_layer_runs_lose_no_events_and_keep_partitions_intact(pg_home
             (r.dagster_event.asset_key.to_user_string(), r.dagster_event.partition)
             for r in records if r.dagster_event_type == T.ASSET_MATERIALIZATION
         )
-        assert materialized == [(asset, layer) for asset in sorted(LAYER_ASSETS)]
+        assert materialized == [(asset, partitions[layer]) for asset in sorted(LAYER_ASSETS)]
         # The event log of one run is in order and its storage ids are unique.
         ids = [r.storage_id for r in log]
         assert len(set(ids)) == len(ids) and ids == sorted(ids)
         assert [r.dagster_event_type for r in records if r.is_dagster_event][-1] == T.RUN_SUCCESS
 
     # Intact partitions: across all runs, exactly one materialization per asset per layer, from that layer's run,
-    # and its Parquet file holds that layer's rows only.
+    # and its Parquet file (the variant's) holds that layer's rows only, with ids scoped to the variant.
+    layer_of = {p: layer for layer, p in partitions.items()}
     for asset in LAYER_ASSETS:
         key = dg.AssetKey(asset)
-        assert instance.get_materialized_partitions(key) == set(LAYERS)
+        assert instance.get_materialized_partitions(key) == set(partitions.values())
         events = instance.fetch_materializations(key, limit=100).records
-        assert sorted(e.partition_key for e in events) == LAYERS
+        assert sorted(e.partition_key for e in events) == sorted(partitions.values())
         for e in events:
-            layer = e.partition_key
+            layer = layer_of[e.partition_key]
             assert e.run_id == run_ids[layer]
-            frame = pl.read_parquet(asset_path(storage, asset, int(layer)))
+            path = asset_path(storage, asset, int(layer), VARIANT)
+            assert path == storage / asset / VARIANT / f"{layer}.parquet"
+            frame = pl.read_parquet(path)
             assert len(frame) > 0, asset
             assert frame["layer"].unique().to_list() == [int(layer)]
             assert sorted(frame["neuron"].unique().to_list()) == NEURONS
+            if asset == "top_excerpts":  # its ids: `neurons/<layer>/<neuron>/<kind>/<rank>`
+                assert frame["excerpt_id"].str.starts_with(f"{VARIANT}/{layer}/").all(), asset
             assert e.asset_materialization.metadata["rows"].value == len(frame)
-    records = pl.read_parquet(asset_path(storage, "activation_records", 1))
+    # Nothing outside the variant's folders: no layer file of the layout from before variants.
+    assert not [p for a in LAYER_ASSETS for p in (storage / a).glob("*.parquet")]
+    records = pl.read_parquet(asset_path(storage, "activation_records", 1, VARIANT))
     assert records.filter(pl.col("kind") == "top").group_by("neuron").len()["len"].to_list() == [20, 20]
     assert not [p for p in storage.rglob("*.tmp")]
     assert instance.get_runs_count() == 1 + len(LAYERS)

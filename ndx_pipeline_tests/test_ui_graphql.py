@@ -2,24 +2,31 @@
 
 1. `dagster dev -w workspace.yaml` (the venv's, the repository's workspace) starts in a temporary folder with its
    own DAGSTER_HOME (the instance template the CLI writes: sqlite, run queue).
-2. Through `dagster_graphql.DagsterGraphQLClient` a run of job `explain_neurons` is launched for layer 1 (partition
-   tag, small run config), queued, dequeued by the daemon, executed by the run launcher; we wait for SUCCESS.
-3. Lineage of `scores` for that partition, read with raw GraphQL (the client has no call for it): the upstream
-   asset keys down to `corpus`, each one's materialization for the layer made by our run, and the input event
-   pointers each materialization records, checked against the instance's event log (they name the parents'
-   materializations of the same layer, from the same run).
-4. Staleness: everything FRESH for layer 1 (MISSING for layer 2). Then a configuration change: dagster dev is
-   restarted with NDX_SIMULATOR_MODEL set to the bundled GGUF's path (the same weights, a different simulator
-   setting), which changes the code version of `simulations` only. `simulations` turns STALE with a CODE cause,
-   nothing upstream changes, and `scores` is still FRESH (Dagster's staleness is not transitive). After
-   `simulations` alone is rematerialized through GraphQL, its output (the simulator's name is in the data) has a
-   new data version, and `scores` turns STALE, its root cause being that new data version of `simulations`.
+2. The variant `neurons` is made a key of the `variant` partition dimension through GraphQL
+   (`addDynamicPartition`, as the UI's "add partition" does). Through `dagster_graphql.DagsterGraphQLClient` ONE run
+   of job `explain_neurons` is launched for layers 0 and 1 of that variant (the partition-range tags `0|neurons` …
+   `1|neurons`, small run config), queued, dequeued by the daemon, executed by the run launcher; we wait for
+   SUCCESS. That one run materialized every asset for both partitions (a multi-partition single-run backfill, which
+   has had upstream bugs: dagster-io/dagster #18852, #23996, #28861, #17404): it is the instance's only run, and
+   each asset's materializations of `0|neurons` and `1|neurons` carry its run id.
+3. Lineage of `scores` for partition `1|neurons`, read with raw GraphQL (the client has no call for it): the
+   upstream asset keys down to `corpus`, each one's materialization for the partition made by our run, and the input
+   event pointers each materialization records, checked against the instance's event log (they name the parents'
+   materializations from the same run), with the input data versions (of both partitions the step read).
+4. Staleness: everything FRESH for `0|neurons` and `1|neurons` (MISSING for `2|neurons`). Then a configuration
+   change: dagster dev is restarted with NDX_SIMULATOR_MODEL set to the bundled GGUF's path (the same weights, a
+   different simulator setting), which changes the code version of `simulations` only. `simulations` turns STALE
+   with a CODE cause, nothing upstream changes, and `scores` is still FRESH (Dagster's staleness is not transitive).
+   After `simulations` alone is rematerialized through GraphQL for the single partition `1|neurons` (with the tags
+   the launchpad takes from the job's partition set), its output (the simulator's name is in the data) has a new
+   data version, and `scores` turns STALE, its root cause being that new data version of `simulations`.
 
 Marked `ui`; 1–2 minutes on two cores. Run with `pytest -m ui`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -33,11 +40,17 @@ import pytest
 from ndx_pipeline.cli import instance_settings
 from ndx_pipeline.core.contract import ASSETS, SCORER_ASSETS, SCORER_EXCERPTS
 from ndx_pipeline.core.models import bundled_gguf
+from ndx_pipeline.core.variants import DEFAULT_VARIANT
 from ndx_pipeline.definitions import build_definitions
+from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.partitions import VARIANT, partition_key, range_tags
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "ndx_pipeline"
-LAYER = "1"
+LAYERS = (0, 1)  # one run carries both
+PARTITIONS = [str(partition_key(layer, DEFAULT_VARIANT)) for layer in LAYERS]  # "0|neurons", "1|neurons"
+LAYER = PARTITIONS[-1]  # the partition whose lineage and staleness are followed
+OTHER = str(partition_key(2, DEFAULT_VARIANT))  # never materialized
 # everything the scores of a layer come from (the scorers beside simulation read the same explanations but feed only
 # the viewer)
 ORDER = [a for a in ASSETS if a not in ("neuron_viewer", SCORER_EXCERPTS, *(x for p in SCORER_ASSETS.values()
@@ -80,6 +93,33 @@ query Unpartitioned($keys: [AssetKeyInput!]) {
     staleStatus
     staleCauses { key { path } category reason dependency { path } }
     assetMaterializations(limit: 10) { runId partition timestamp tags { key value } }
+  }
+}
+"""
+
+RUNS_QUERY = """
+query { runsOrError { __typename ... on Runs { results { runId status tags { key value } } } } }
+"""
+
+REPOSITORIES_QUERY = """
+query { repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } } } }
+"""
+
+ADD_PARTITION_MUTATION = """
+mutation Add($repo: RepositorySelector!, $name: String!, $key: String!) {
+  addDynamicPartition(repositorySelector: $repo, partitionsDefName: $name, partitionKey: $key) {
+    __typename ... on AddDynamicPartitionSuccess { partitionsDefName partitionKey }
+    ... on PythonError { message } ... on UnauthorizedError { message }
+  }
+}
+"""
+
+PARTITION_TAGS_QUERY = """
+query Tags($repo: RepositorySelector!, $set: String!, $partition: String!) {
+  partitionSetOrError(repositorySelector: $repo, partitionSetName: $set) {
+    __typename ... on PartitionSet { partition(partitionName: $partition) { name tagsOrError {
+      __typename ... on PartitionTags { results { key value } } ... on PythonError { message } } } }
+    ... on PythonError { message }
   }
 }
 """
@@ -223,6 +263,30 @@ def _run_errors(dev: DagsterDev, run_id: str) -> str:
     return "\n".join(str(e) for e in events[-30:]) + "\n" + dev.log_tail(2000)
 
 
+def _repository(dev: DagsterDev) -> dict:
+    """The selector of our code location's repository."""
+    nodes = dev.query(REPOSITORIES_QUERY)["repositoriesOrError"]["nodes"]
+    (name,) = [n["name"] for n in nodes if n["location"]["name"] == LOCATION]
+    return {"repositoryLocationName": LOCATION, "repositoryName": name}
+
+
+def _add_variant(dev: DagsterDev, variant: str) -> None:
+    """Make `variant` a key of the dynamic `variant` dimension, as the UI's "add partition" dialog does."""
+    out = dev.query(ADD_PARTITION_MUTATION, {"repo": _repository(dev), "name": VARIANT, "key": variant})
+    assert out["addDynamicPartition"] == {"__typename": "AddDynamicPartitionSuccess", "partitionsDefName": VARIANT,
+                                          "partitionKey": variant}, out
+
+
+def _partition_tags(dev: DagsterDev, partition: str) -> dict[str, str]:
+    """The run tags the launchpad gives a run of one partition of the job (from the job's partition set)."""
+    out = dev.query(PARTITION_TAGS_QUERY, {"repo": _repository(dev), "set": f"{MAIN_JOB}_partition_set",
+                                           "partition": partition})["partitionSetOrError"]
+    assert out["__typename"] == "PartitionSet", out
+    tags = out["partition"]["tagsOrError"]
+    assert tags["__typename"] == "PartitionTags", tags
+    return {t["key"]: t["value"] for t in tags["results"]}
+
+
 def _staleness(dev: DagsterDev, partition: str) -> dict[str, dict]:
     nodes = _by_key(dev.query(NODES_QUERY, {"keys": _keys(*ORDER[1:]), "partition": partition})["assetNodes"])
     corpus = _by_key(dev.query(UNPARTITIONED_QUERY, {"keys": _keys("corpus")})["assetNodes"])
@@ -236,7 +300,8 @@ def _small_run_config(storage: Path, corpus: Path) -> dict:
             "storage": {"config": {"storage_dir": str(storage)}},
             "corpus_source": {"config": {"path": str(corpus)}},
             "subject_model": {"config": {"window_tokens": 16}},
-            "selection": {"config": {"neurons": [5, 9], "score_top_excerpts": 2, "score_random_excerpts": 1}},
+            "selection": {"config": {"neurons": [5, 9], "explain_excerpts": 2, "score_top_excerpts": 1,
+                                     "score_random_excerpts": 1}},
             "explainer_llm": {"config": {"max_tokens": 16}},
         },
     }
@@ -267,12 +332,28 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
     dev = DagsterDev(workdir, home, clean)
     try:
         dev.start()
-        # --- 1. launch one layer through the client, as the launchpad does, and wait for it
+        # --- 1. the variant, then ONE run of two layers of it through the client (the range tags), and wait for it
+        _add_variant(dev, DEFAULT_VARIANT)
+        tags = range_tags(DEFAULT_VARIANT, LAYERS[0], LAYERS[-1])
+        assert list(tags.values()) == PARTITIONS == ["0|neurons", "1|neurons"]
         run_id = dev.client().submit_job_execution(
-            "explain_neurons", repository_location_name=LOCATION, run_config=config,
-            tags={"dagster/partition": LAYER},
+            MAIN_JOB, repository_location_name=LOCATION, run_config=config, tags=tags,
         )
         _wait_for_run(dev, run_id)
+        runs = dev.query(RUNS_QUERY)["runsOrError"]["results"]
+        assert [r["runId"] for r in runs] == [run_id], runs  # one run, no backfill split into a run per partition
+        # Every asset's step saw both partitions: each one's materializations of both layers come from that run.
+        both = _by_key(dev.query(MATERIALIZATIONS_QUERY,
+                                 {"keys": _keys(*ORDER[1:]), "partitions": PARTITIONS})["assetNodes"])
+        for key in ORDER[1:]:
+            events = both[key]["assetMaterializations"]
+            assert sorted((e["partition"], e["runId"]) for e in events) == [(p, run_id) for p in PARTITIONS], \
+                (key, events)
+            for event in events:  # multi-partition events carry their dimensions
+                layer, variant = event["partition"].split("|")
+                assert (_tags(event)["dagster/partition/layer"], _tags(event)["dagster/partition/variant"]) == \
+                    (layer, variant), (key, event)
+        assert {e["runId"] for e in both["scores"]["assetMaterializations"]} == {run_id}
 
         # --- 2. lineage of `scores` for the layer: walk dependencyKeys down to the corpus
         nodes = _staleness(dev, LAYER)
@@ -301,8 +382,13 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
             assert event["runId"] == run_id
             assert event["partition"] == (None if key == "corpus" else LAYER)
             latest[key] = _tags(event)
-        # Each materialization names the exact parent materializations it read (event pointers = storage ids of
-        # the parents' events) and their data versions; check the pointers against the instance's event log.
+        # Each materialization names the parent materializations it read (event pointers = storage ids of the
+        # parents' events) and their data versions; check the pointers against the instance's event log. Dagster
+        # points at the parent asset's latest materialization whatever its partition: in a run of two partitions,
+        # one of the run's two (which one depends on the order the step reported them). The data version it records
+        # for a partitioned parent is that of the partitions the step read: a hash of the parent's data versions of
+        # both partitions, in key order (`_get_partitions_data_version_from_keys`); for the corpus (unpartitioned),
+        # the pointed-to materialization's.
         monkeypatch.setenv("DAGSTER_HOME", str(home))
         instance = DagsterInstance.from_config(str(home))
         for key in ORDER[1:]:
@@ -312,16 +398,29 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
                 record = instance.fetch_materializations(
                     AssetRecordsFilter(asset_key=AssetKey(parent), storage_ids=[pointer]), limit=1).records
                 assert len(record) == 1 and record[0].run_id == run_id, (key, parent, pointer)
-                assert record[0].partition_key == (None if parent == "corpus" else LAYER)
-                assert latest[key][f"dagster/input_data_version/{parent}"]
+                if parent == "corpus":
+                    assert record[0].partition_key is None
+                else:
+                    assert record[0].partition_key in PARTITIONS, (key, parent, record[0].partition_key)
+                read = latest[key][f"dagster/input_data_version/{parent}"]
+                if parent == "corpus":
+                    assert read == record[0].asset_materialization.tags["dagster/data_version"], (key, parent)
+                else:
+                    versions = sorted((e["partition"], _tags(e)["dagster/data_version"])
+                                      for e in both[parent]["assetMaterializations"])
+                    assert [p for p, _ in versions] == PARTITIONS
+                    assert read == hashlib.sha256("".join(v for _, v in versions).encode()).hexdigest(), \
+                        (key, parent)
             assert latest[key]["dagster/code_version"] == nodes[key]["opVersion"]
         assert latest["activation_records"]["dagster/input_data_version/corpus"] == \
             latest["corpus"]["dagster/data_version"]
 
-        # --- 3. staleness before any change: FRESH for the layer, MISSING for another
+        # --- 3. staleness before any change: FRESH for both layers of the run, MISSING for another
         assert {k: n["staleStatus"] for k, n in nodes.items()} == {k: "FRESH" for k in ORDER}
         assert all(n["staleCauses"] == [] for n in nodes.values())
-        other = _staleness(dev, "2")
+        first = _staleness(dev, PARTITIONS[0])
+        assert {k: n["staleStatus"] for k, n in first.items()} == {k: "FRESH" for k in ORDER}
+        other = _staleness(dev, OTHER)
         assert {k: other[k]["staleStatus"] for k in ORDER[1:]} == {k: "MISSING" for k in ORDER[1:]}
         versions_before = {k: nodes[k]["opVersion"] for k in ORDER}
 
@@ -340,10 +439,15 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
                 [("CODE", [key], LAYER)], causes
             assert "code version" in causes[0]["reason"]
 
-        # --- 5. rematerialize `simulations` alone for the layer: `scores` becomes stale by data, upstream untouched
+        # --- 5. rematerialize `simulations` alone for one partition, with the tags the launchpad gives it: `scores`
+        # becomes stale by data, upstream untouched
+        single = _partition_tags(dev, LAYER)
+        assert single == {"dagster/partition": LAYER, "dagster/partition/layer": LAYER.split("|")[0],
+                          "dagster/partition/variant": DEFAULT_VARIANT,
+                          "dagster/partition_set": f"{MAIN_JOB}_partition_set"}, single
         rerun = dev.client().submit_job_execution(
-            "explain_neurons", repository_location_name=LOCATION, run_config=config,
-            tags={"dagster/partition": LAYER}, asset_selection=[AssetKey(k) for k in SIMULATION_STEP],
+            MAIN_JOB, repository_location_name=LOCATION, run_config=config,
+            tags=single, asset_selection=[AssetKey(k) for k in SIMULATION_STEP],
         )
         _wait_for_run(dev, rerun)
         nodes = _staleness(dev, LAYER)
@@ -361,6 +465,12 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
         assert _tags(sims[1])["dagster/data_version"] != _tags(sims[0])["dagster/data_version"]
         assert all(e["runId"] == run_id for k in ORDER[1:] if k not in SIMULATION_STEP
                    for e in mats[k]["assetMaterializations"])
+        assert (_tags(sims[1])["dagster/partition/layer"], _tags(sims[1])["dagster/partition/variant"]) == \
+            (LAYER.split("|")[0], DEFAULT_VARIANT)
+        # the other layer of the first run is untouched by the single-partition rerun
+        first = _by_key(dev.query(MATERIALIZATIONS_QUERY, {"keys": _keys(*SIMULATION_STEP),
+                                                           "partitions": PARTITIONS[:1]})["assetNodes"])
+        assert all([e["runId"] for e in first[k]["assetMaterializations"]] == [run_id] for k in SIMULATION_STEP)
     finally:
         dev.stop()
 

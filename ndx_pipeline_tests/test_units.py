@@ -306,67 +306,76 @@ SMALL_RUN = dict(
 SMALL_SELECTION = {"explain_excerpts": 2, "score_top_excerpts": 2, "score_random_excerpts": 1}
 
 
-def run_graph(storage, partition: str, selection: dict, instance=None, extra_config: dict | None = None):
+def run_graph(storage, layer: int, variant: str, selection: dict, instance=None, extra_config: dict | None = None):
+    """One run of the whole graph for `layer` of `variant` (made a key of the instance's variant dimension)."""
     import dagster as dg
 
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import MAIN_JOB
+    from ndx_pipeline_tests.runs import execute_layers
 
     resources = {"storage": {"config": {"storage_dir": str(storage)}},
                  "selection": {"config": {**SMALL_SELECTION, **selection}},
                  **{name: {"config": values} for name, values in SMALL_RUN.items()}}
-    for name, values in (extra_config or {}).get("resources", {}).items():
+    for name, values in ((extra_config or {}).get("resources") or {}).items():
         resources.setdefault(name, {"config": {}})["config"].update(values["config"])
     job = build_definitions().resolve_job_def(MAIN_JOB)
-    return job.execute_in_process(run_config={"resources": resources},
-                                  instance=instance or dg.DagsterInstance.ephemeral(), partition_key=partition,
-                                  raise_on_error=False)
+    return execute_layers(job, instance or dg.DagsterInstance.ephemeral(), layer, variant=variant,
+                          run_config={"resources": resources})
 
 
-def read(storage, asset, layer):
+def read(storage, asset, layer, variant):
     from ndx_pipeline.core.storage import asset_path
 
-    return pl.read_parquet(asset_path(storage, asset, layer))
+    return pl.read_parquet(asset_path(storage, asset, layer, variant))
 
 
 @pytest.mark.slow
 def test_both_sides_of_a_neuron_go_end_to_end_as_two_units(tmp_path):
+    """Run as the variant `neurons-both`, whose name implies units=both (no variants file, no units in the config)."""
     from ndx_pipeline.reports.lineage import format_lineage, lineage
 
     storage = tmp_path / "storage"
-    result = run_graph(storage, "0", {"units": "both", "neurons": [5, 77]})
+    variant = "neurons-both"
+    result = run_graph(storage, 0, variant, {"neurons": [5, 77]})
     assert result.success
     units = [5, 77, -6, -78]
-    records = read(storage, "activation_records", 0)
+    records = read(storage, "activation_records", 0, variant)
     assert sorted(records["neuron"].unique()) == sorted(units)
     assert dict(records.group_by("neuron").agg(pl.col("polarity").first()).iter_rows()) == {5: 1, 77: 1, -6: -1,
                                                                                             -78: -1}
     for asset in ("top_excerpts", "explanations", "scores", "embedding_scores"):
-        assert sorted(read(storage, asset, 0)["neuron"].unique()) == sorted(units), asset
-    scores = read(storage, "scores", 0)
-    assert scores.filter(pl.col("neuron") == -6)["explanation_id"][0] == "0/-6/explanation/0"
+        assert sorted(read(storage, asset, 0, variant)["neuron"].unique()) == sorted(units), asset
+    scores = read(storage, "scores", 0, variant)
+    assert scores.filter(pl.col("neuron") == -6)["explanation_id"][0] == f"{variant}/0/-6/explanation/0"
     # the negative unit's excerpts are where the neuron goes furthest below zero, stored negated
-    top = read(storage, "top_excerpts", 0).filter(pl.col("neuron") == -6, pl.col("split") == "score_top")
+    top = read(storage, "top_excerpts", 0, variant).filter(pl.col("neuron") == -6, pl.col("split") == "score_top")
     assert len(top) == 2 and (top["max_activation"] > 0).all()
+    assert top["excerpt_id"].str.starts_with(f"{variant}/0/-6/top/").all()
     # lineage and the viewer name the side (a negative unit whose explanation the small model wrote usably)
     unit = scores.filter((pl.col("neuron") < 0) & (pl.col("status") == "ok"))["neuron"][0]
     index = -1 - unit
-    found = lineage(storage, 0, unit)
+    found = lineage(storage, 0, unit, variant=variant)
     assert found["unit"] == {"kind": MLP_NEURON, "polarity": -1, "index": index, "source": None,
                              "label": f"neuron {index} (negative)"}
     assert found["checks"]["all_links_resolved"]
-    assert format_lineage(found).startswith(f"layer 0 neuron {index} (negative)  (unit id {unit};")
-    page = (storage / "neuron_viewer" / "0" / f"{unit}.html").read_text()
+    assert format_lineage(found).startswith(
+        f"layer 0 neuron {index} (negative)  (unit id {unit}; variant {variant};")
+    page = (storage / "neuron_viewer" / variant / "0" / f"{unit}.html").read_text()
     assert f"neuron {index} (negative)" in page
 
 
 @pytest.mark.slow
 def test_a_new_dictionary_is_noticed_by_the_sensor_and_explained_through_dagster(subject, small_windows, tmp_path):
-    """A SAELens dictionary lands in the watched folder; the sensor asks for its layer's run on its latents; the run
-    explains and scores the live latents, records the dead one, and lineage names the dictionary."""
+    """A SAELens dictionary lands in the watched folder; the sensor makes it a variant of its own (named after its
+    folder, declared in the variants file) and asks for its layer's run; the run explains and scores the live
+    latents, records the dead one, and lineage names the dictionary."""
     import dagster as dg
 
+    from ndx_pipeline.core.variants import read_variants, variants_file
     from ndx_pipeline.defs.automation import dictionary_sensor
+    from ndx_pipeline.defs.partitions import VARIANT, layer_and_variant
+    from ndx_pipeline.defs.resources import StorageResource
     from ndx_pipeline.reports.lineage import lineage
 
     model, tok = subject
@@ -374,33 +383,41 @@ def test_a_new_dictionary_is_noticed_by_the_sensor_and_explained_through_dagster
     W, b_enc, b_dec = directions(h, 11)
     watched = tmp_path / "dictionaries"
     watched.mkdir()
+    storage = tmp_path / "storage"
+    resources = {"storage": StorageResource(storage_dir=str(storage))}
     instance = dg.DagsterInstance.ephemeral()
     sensor = dictionary_sensor(str(watched))
-    context = dg.build_sensor_context(instance=instance)
+    context = dg.build_sensor_context(instance=instance, resources=resources)
     assert isinstance(sensor(context), dg.SkipReason)  # nothing there yet
     folder = saelens_folder(watched, "layer1-relu", "standard", W, b_enc, b_dec, "blocks.1.hook_resid_post")
-    context = dg.build_sensor_context(instance=instance, cursor=context.cursor)
-    requests = sensor(context)
-    assert len(requests) == 1 and requests[0].partition_key == "1"
-    assert requests[0].run_config["resources"]["selection"]["config"] == {"units": "dictionary",
-                                                                          "dictionary": folder.as_posix()}
-    again = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    context = dg.build_sensor_context(instance=instance, cursor=context.cursor, resources=resources)
+    found = sensor(context)
+    assert isinstance(found, dg.SensorResult)
+    requests, variant = found.run_requests, "layer1-relu"
+    assert len(requests) == 1 and requests[0].partition_key == "1|layer1-relu"
+    assert layer_and_variant(requests[0].partition_key) == (1, variant)
+    assert requests[0].run_config in ({}, None)  # the variant's settings are in the variants file
+    assert read_variants(variants_file(storage)) == {
+        variant: {"selection": {"units": "dictionary", "dictionary": folder.as_posix()}}}
+    [added] = found.dynamic_partitions_requests
+    assert added.partitions_def_name == VARIANT and list(added.partition_keys) == [variant]
+    instance.add_dynamic_partitions(added.partitions_def_name, list(added.partition_keys))
+    again = dg.build_sensor_context(instance=instance, cursor=context.cursor, resources=resources)
     assert isinstance(sensor(again), dg.SkipReason)  # seen: no second run
 
-    storage = tmp_path / "storage"
-    result = run_graph(storage, requests[0].partition_key, {"neurons": [0, 3, LATENTS - 1]}, instance,
-                       requests[0].run_config)
+    result = run_graph(storage, 1, variant, {"neurons": [0, 3, LATENTS - 1]}, instance, requests[0].run_config)
     assert result.success
-    records = read(storage, "activation_records", 1)
+    records = read(storage, "activation_records", 1, variant)
     assert set(records["unit_kind"]) == {DICTIONARY_LATENT}
     assert records.filter(pl.col("neuron") == LATENTS - 1)["kind"].to_list() == [DEAD]
     assert "layer1-relu" in records["unit_source"][0] and "resid_post" in records["unit_source"][0]
-    for asset in ("top_excerpts", "explanations", "scores"):
-        assert sorted(read(storage, asset, 1)["neuron"].unique()) == [0, 3], asset  # no LLM call for the dead one
-    assert set(read(storage, "simulations", 1)["neuron"]) <= {0, 3}
-    scores = read(storage, "scores", 1)
+    for asset in ("top_excerpts", "explanations", "scores"):  # no LLM call for the dead one
+        assert sorted(read(storage, asset, 1, variant)["neuron"].unique()) == [0, 3], asset
+    assert set(read(storage, "simulations", 1, variant)["neuron"]) <= {0, 3}
+    scores = read(storage, "scores", 1, variant)
+    assert scores["explanation_id"].str.starts_with(f"{variant}/1/").all()
     latent = scores.filter(pl.col("status") == "ok")["neuron"][0]
-    found = lineage(storage, 1, latent)
+    found = lineage(storage, 1, latent, variant=variant)
     assert found["unit"]["label"] == f"latent {latent}" and "layer1-relu" in found["unit"]["source"]
     assert found["checks"]["all_links_resolved"]
     # the stored top activations are the latent's encoding of the residual stream of the stored window
