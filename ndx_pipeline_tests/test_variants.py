@@ -94,8 +94,9 @@ def test_variant_names_settings_and_the_variants_file(tmp_path):
     assert path == tmp_path / "variants.yaml" and read_variants(path) == {}
     assert record_variant(path, "a", {"selection": {"units": "both", "timeout_s": 3}, "storage": {"x": 1}})
     assert not record_variant(path, "a", {"selection": {"units": "both"}})  # unchanged
-    record_variant(path, "b", {"simulator_llm": {"dtype": "float32"}})
-    assert read_variants(path) == {"a": {"selection": {"units": "both"}}, "b": {"simulator_llm": {"dtype": "float32"}}}
+    record_variant(path, "b", {"simulator_llm": {"dtype": "float32", "api_key_env": "NDX_SIMULATOR_API_KEY"}})
+    assert read_variants(path) == {"a": {"selection": {"units": "both"}},
+                                   "b": {"simulator_llm": {"dtype": "float32"}}}  # no key variable recorded
     path.write_text("a:\n  storage: {storage_dir: /x}\n")
     with pytest.raises(NdxInputError, match="cannot set"):
         read_variants(path)

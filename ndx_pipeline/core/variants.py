@@ -32,8 +32,9 @@ VARIANTS_ENV = "NDX_VARIANTS"
 VARIANTS_FILE = "variants.yaml"
 # the resources whose settings a variant holds (the others are the instance's: storage, corpus, subject model)
 VARIANT_RESOURCES = ("selection", "quality", "explainer_llm", "simulator_llm", "scorer_llm", "embedder")
-# settings that never change what a stage writes, and are not recorded with a variant (how fast, where)
-NOT_RECORDED = {"max_concurrency", "timeout_s", "deadline_s", "max_attempts"}
+# settings not recorded with a variant: those that never change what a stage writes (how fast), and the name of the
+# variable holding an API key (the environment's, where the run executes: nothing about keys is ever written here)
+NOT_RECORDED = {"max_concurrency", "timeout_s", "deadline_s", "max_attempts", "api_key_env"}
 # the selection fields that change the extraction pass (the split counts only change top_excerpts)
 EXTRACTION_FIELDS = ("units", "dictionary", "dictionary_hook", "neurons_per_layer", "neurons", "seed", "top_k",
                      "random_k", "quantile_k")

@@ -1,7 +1,6 @@
 """The subject-model stages: the corpus, and one step per run for one extraction pass (activation records and the
 token table of the lookup baseline) with the explain / score splits of each unit's records (top_excerpts)."""
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +11,7 @@ from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
 from ndx_pipeline.core.progress import Progress
+from ndx_pipeline.core.stages import LayerRecords
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.core.variants import extraction_key
@@ -116,7 +116,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                          f"{', '.join(sorted(set(v for v, _ in shared.values())))} (same settings): no forward pass "
                          "for them")
     extracted = [layer for layer in layers if layer not in shared]
-    extraction = None
+    extraction = stats = None
     if extracted:
         with bad_input_fails_the_run():
             extraction = stages.activation_records(
@@ -126,29 +126,25 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                 random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
                 device=subject_model.resolved_device(), dtype=subject_model.dtype,
                 batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens, log=context.log.info)
+        stats = extraction.stats
     written = Progress("activation records written", len(layers), context.log.info, unit="layers")
+
+    def place(asset: str, found, frame: pl.DataFrame, layer: int):  # the other variant's file, or a new one
+        return (out.link_file(asset, found.path(asset), frame, layer) if isinstance(found, SharedLayer) else
+                out.write_file(asset, frame, layer))
 
     def build_and_write(item):  # on a worker thread: files and checks, nothing reported
         layer, found = item
         done = {}
-        if isinstance(found, SharedLayer):
-            records = read(storage.path(), c.ACTIVATION_RECORDS, layer, found.variant)
-            units, random_k = sorted(set(records["neuron"].to_list())), found.random_k
-        else:
-            records, units, random_k = found.records, found.units, min(selection.random_k, extraction.stats.windows)
+        records = found.records
+        random_k = found.random_k if isinstance(found, SharedLayer) else min(selection.random_k, stats.windows)
         if records_written:
-            file = (out.link_file(c.ACTIVATION_RECORDS, found.path(c.ACTIVATION_RECORDS), records, layer)
-                    if isinstance(found, SharedLayer) else out.write_file(c.ACTIVATION_RECORDS, records, layer))
-            done.update(records=file, top_windows_ordered=validation.top_windows_ordered(records),
-                        record_counts=validation.record_counts(records, units, selection.top_k, random_k))
+            done.update(records=place(c.ACTIVATION_RECORDS, found, records, layer),
+                        top_windows_ordered=validation.top_windows_ordered(records),
+                        record_counts=validation.record_counts(records, found.units, selection.top_k, random_k))
         if table_written:
-            if isinstance(found, SharedLayer):
-                table = read(storage.path(), c.TOKEN_TABLE, layer, found.variant)
-                table_file = out.link_file(c.TOKEN_TABLE, found.path(c.TOKEN_TABLE), table, layer)
-            else:
-                table = found.token_table
-                table_file = out.write_file(c.TOKEN_TABLE, table, layer)
-            done.update(table=table_file, distinct_tokens=table["token"].n_unique(),
+            table = found.token_table
+            done.update(table=place(c.TOKEN_TABLE, found, table, layer), distinct_tokens=table["token"].n_unique(),
                         token_table_complete=validation.token_table_complete(table, records, counted))
         if excerpts:  # from the records just written, or (records not selected) from their file; else why not
             failed = [name for name in CHECKS[c.ACTIVATION_RECORDS] if name in done and _stops(Check(*done[name]))]
@@ -157,14 +153,9 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                                     excerpts.split(layer, records if records_written else None))
             except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
                 done["excerpts"] = failure.description
-        done["units"], done["dead"] = len(units), (found.dead if not isinstance(found, SharedLayer) else
-                                                   int((records["kind"] == c.DEAD).sum()))
-        done["description"] = (found.description if not isinstance(found, SharedLayer) else found.description)
-        if not isinstance(found, SharedLayer):
-            found.release()  # a layer's rows are in memory only while its files are written
+        found.release()  # a layer's rows are in memory only while its files are written
         return done
 
-    stats = extraction.stats if extraction else None
     pass_metadata = {} if stats is None else {
         "tokens_processed": stats.tokens, "windows": stats.windows,
         "tokens_per_second": round(stats.tokens_per_second, 1), "wall_seconds": round(stats.seconds, 2),
@@ -179,8 +170,8 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                   {**pass_metadata, "random_k": min(selection.random_k, stats.windows),
                    "subject_model_forward_passes": stats.batches})
         if records_written:
-            out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=done["units"],
-                        units=done["description"], dead_units=done["dead"], subject_model=subject_model.model,
+            out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=len(found.units),
+                        units=found.description, dead_units=found.dead, subject_model=subject_model.model,
                         extraction_key=key, variant=variant, **origin)
             for check in CHECKS[c.ACTIVATION_RECORDS]:
                 out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
@@ -205,19 +196,24 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         yield out.result(c.TOP_EXCERPTS)
 
 
-@dataclass(frozen=True)
-class SharedLayer:
-    """A layer whose extraction another variant holds with the same settings."""
+class SharedLayer(LayerRecords):
+    """A layer whose extraction another variant holds with the same settings: that variant's files (read when first
+    used), and what its materialization says of them."""
 
-    variant: str
-    storage_dir: Path
-    layer: int
-    windows: int
-    random_k: int
-    description: str
+    def __init__(self, variant: str, storage_dir: Path, layer: int, materialization):
+        about = {k: getattr(v, "value", v) for k, v in (materialization.asset_materialization.metadata or {}).items()}
+        self.variant, self.storage_dir, self.layer = variant, storage_dir, layer
+        self.windows, self.random_k = int(about.get("windows") or 0), int(about.get("random_k") or 0)
+        units = pl.read_parquet(self.path(c.ACTIVATION_RECORDS), columns=["neuron"])["neuron"].unique().sort()
+        super().__init__(units.to_list(), self._read, str(about.get("units") or ""), int(about.get("dead_units") or 0))
 
     def path(self, asset: str) -> Path:
         return asset_path(self.storage_dir, asset, self.layer, self.variant)
+
+    def _read(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        table = self.path(c.TOKEN_TABLE)
+        return (pl.read_parquet(self.path(c.ACTIVATION_RECORDS)),
+                pl.read_parquet(table) if table.exists() else c.empty(c.TOKEN_TABLE))
 
 
 def _metadata_value(record, name: str):
@@ -242,11 +238,7 @@ def shared_extractions(instance: dg.DagsterInstance, key: str, variant: str, lay
                 continue
             if not all(asset_path(storage_dir, asset, layer, other).exists() for asset in assets):
                 continue
-            first = latest[assets[0]]
-            windows = int(_metadata_value(first, "windows") or 0)
-            shared = SharedLayer(other, storage_dir, layer, windows, int(_metadata_value(first, "random_k") or 0),
-                                 str(_metadata_value(first, "units") or ""))
-            found[layer] = (other, shared)
+            found[layer] = (other, SharedLayer(other, storage_dir, layer, latest[assets[0]]))
             break
     return found
 
