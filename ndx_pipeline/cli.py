@@ -45,6 +45,7 @@ from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
+from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
@@ -344,6 +345,9 @@ def cmd_run(args) -> int:
     failed: dict[int, str] = {}  # layer → why it stopped (the other layers go on)
     with dg.DagsterInstance.get() as instance:
         add_variant(instance, variant)
+        changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
+        if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
+            print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
         work = [(lo, hi, selection) for lo, hi in contiguous_ranges(layers)]
         while work:
             lo, hi, subset = work.pop(0)

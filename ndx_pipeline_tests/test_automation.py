@@ -80,9 +80,18 @@ def test_variants_file_sensor_adds_the_declared_variants(tmp_path):
     record_variant(variants_file(tmp_path), "explainer-b", {"explainer_llm": {"temperature": 0.5}})
     result = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert result.dynamic_partitions_requests[0].partition_keys == ["explainer-b"] and not result.run_requests
+    # the versions of its settings, one per group of stages, observed on that variant's partition
+    assert sorted(e.asset_key.to_user_string() for e in result.asset_events) == sorted(
+        f"variant_settings/{g}" for g in ("extraction", "excerpts", "explainer", "simulator", "scoring", "scorers"))
+    assert {e.partition for e in result.asset_events} == {"explainer-b"}
     instance.add_dynamic_partitions("variant", ["explainer-b"])
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
     assert isinstance(variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources)),
-                      dg.SkipReason)
+                      dg.SkipReason)  # nothing new, nothing changed
+    record_variant(variants_file(tmp_path), "explainer-b", {"explainer_llm": {"temperature": 0.7}})
+    result = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert [e.asset_key.to_user_string() for e in result.asset_events] == ["variant_settings/explainer"]
     variants_file(tmp_path).write_text("[broken\n")
     skip = variants_file_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert isinstance(skip, dg.SkipReason) and "not readable YAML" in skip.skip_message
@@ -119,7 +128,7 @@ def test_jobs_and_automation_conditions():
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         cond = graph.get(key).automation_condition
-        if key.to_user_string() == "corpus":
+        if key.to_user_string() == "corpus" or not graph.get(key).is_materializable:  # observed settings: none
             assert cond is None
         else:
             assert cond is not None and cond.label in ("follow upstream updates", "re-extract layers already "

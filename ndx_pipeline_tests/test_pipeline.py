@@ -11,6 +11,7 @@ from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.versioning import GROUP_OF, SETTINGS_GROUPS
 from ndx_pipeline_tests.runs import execute_layers
 
 CONTRACT = {
@@ -56,8 +57,15 @@ def test_definitions_snapshot():
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): node for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())}
-    assert sorted(specs) == sorted(ASSETS)
-    deps = {k: sorted(p.to_user_string() for p in n.parent_keys) for k, n in specs.items()}
+    settings = {f"variant_settings/{group}" for group in SETTINGS_GROUPS}  # observed, partitioned by variant
+    assert sorted(specs) == sorted([*ASSETS, *settings])
+    for key in settings:
+        assert not specs[key].is_materializable and specs[key].partitions_def.name == "variant"
+    deps = {k: sorted(p.to_user_string() for p in n.parent_keys if not p.to_user_string().startswith("variant_"))
+            for k, n in specs.items() if k not in settings}
+    assert {k: sorted(p.to_user_string() for p in n.parent_keys if p.to_user_string() in settings)
+            for k, n in specs.items() if k not in settings} == {
+        asset: [f"variant_settings/{GROUP_OF[asset]}"] if asset in GROUP_OF else [] for asset in ASSETS}
     assert deps == {
         "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"],
         "top_excerpts": ["activation_records"], "explanations": ["top_excerpts"],

@@ -357,19 +357,24 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
 
         # --- 2. lineage of `scores` for the layer: walk dependencyKeys down to the corpus
         nodes = _staleness(dev, LAYER)
-        lineage, todo = [], ["scores"]
+        lineage, todo, settings = [], ["scores"], set()
         while todo:
             key = todo.pop(0)
             if key in lineage:
                 continue
             lineage.append(key)
-            todo.extend("/".join(d["path"]) for d in nodes[key].get("dependencyKeys", []))
+            for dep in ("/".join(d["path"]) for d in nodes[key].get("dependencyKeys", [])):
+                # the variant's observed settings of each stage group: no file, no upstream of their own
+                (settings.add if dep.startswith("variant_settings/") else todo.append)(dep)
         # best-of-k's calibration_simulations feed the explanations step, not the scores
         assert sorted(lineage) == sorted(a for a in ORDER if a != "calibration_simulations")
+        assert settings == {f"variant_settings/{g}" for g in ("extraction", "excerpts", "explainer", "simulator",
+                                                              "scoring")}
         assert sorted("/".join(d["path"]) for d in nodes["scores"]["dependencyKeys"]) == [
             "baseline_explanations", "baseline_simulations", "explanations", "simulations", "token_table",
-            "top_excerpts"]
-        assert [d["path"] for d in nodes["activation_records"]["dependencyKeys"]] == [["corpus"]]
+            "top_excerpts", "variant_settings/scoring"]
+        assert sorted(d["path"] for d in nodes["activation_records"]["dependencyKeys"]) == [
+            ["corpus"], ["variant_settings", "extraction"]]
 
         mats = _by_key(dev.query(MATERIALIZATIONS_QUERY,
                                  {"keys": _keys(*ORDER[1:]), "partitions": [LAYER]})["assetNodes"])
@@ -394,6 +399,8 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
         for key in ORDER[1:]:
             for dep in nodes[key]["dependencyKeys"]:
                 parent = "/".join(dep["path"])
+                if parent.startswith("variant_settings/"):  # observations, not files (test_variants covers them)
+                    continue
                 pointer = int(latest[key][f"dagster/input_event_pointer/{parent}"])
                 record = instance.fetch_materializations(
                     AssetRecordsFilter(asset_key=AssetKey(parent), storage_ids=[pointer]), limit=1).records

@@ -53,11 +53,13 @@ def run(instance, storage, corpus, variant, layers, **resources):
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import MAIN_JOB
     from ndx_pipeline.defs.partitions import add_variant, range_tags
+    from ndx_pipeline.defs.versioning import observe_settings
 
     config = {"storage": {"config": {"storage_dir": str(storage)}}, "corpus_source": {"config": {"path": str(corpus)}}}
     for name, values in {**SMALL, **resources}.items():
         config[name] = {"config": values}
     add_variant(instance, variant)
+    observe_settings(instance, storage, variant)  # as the CLI does before its runs
     job = build_definitions().resolve_job_def(MAIN_JOB)
     return job.execute_in_process(run_config={"resources": config}, instance=instance,
                                   tags=range_tags(variant, min(layers), max(layers)), raise_on_error=False)
@@ -196,6 +198,39 @@ def test_a_variant_that_differs_in_its_simulator_runs_no_forward_pass(two_varian
             assert sims["explanation_id"].str.starts_with(f"{v}/").all()
             assert sims["excerpt_id"].str.starts_with(f"{v}/").all()
     assert metadata(instance, c.SIMULATIONS, 0, "sim-f32")["llm_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_changing_a_variants_settings_makes_only_that_variant_stale(two_variants):
+    """A new simulator setting for sim-f32: its simulations turn stale, layer by layer; its extraction and
+    explanations stay fresh, and nothing of the neurons variant changes."""
+    from ndx_pipeline.definitions import build_definitions
+    from ndx_pipeline.defs.automation import stale_status_resolver
+    from ndx_pipeline.defs.partitions import partition_key
+    from ndx_pipeline.defs.versioning import observe_settings
+
+    instance, storage = two_variants["instance"], two_variants["storage"]
+    graph = build_definitions().resolve_asset_graph()
+
+    def statuses():
+        resolver = stale_status_resolver(instance, graph)
+        return {(asset, layer, v): resolver.get_status(dg.AssetKey(asset), partition_key(layer, v)).value
+                for asset in (c.ACTIVATION_RECORDS, c.EXPLANATIONS, c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+                for layer in (0, 2) for v in ("neurons", "sim-f32")}
+
+    assert set(statuses().values()) == {"FRESH"}
+    assert observe_settings(instance, storage, "sim-f32") == []  # unchanged settings: nothing observed
+    path = variants_file(storage)
+    before = path.read_text()
+    try:
+        record_variant(path, "sim-f32", {"simulator_llm": {"dtype": "bfloat16"}})
+        assert observe_settings(instance, storage, "sim-f32") == ["simulator"]
+        stale = {key for key, status in statuses().items() if status == "STALE"}
+        assert stale == {(asset, layer, "sim-f32") for asset in (c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+                         for layer in (0, 2)}
+    finally:
+        path.write_text(before)
+        observe_settings(instance, storage, "sim-f32")
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from ndx_pipeline.defs.partitions import (
     variants,
 )
 from ndx_pipeline.defs.resources import StorageResource
+from ndx_pipeline.defs.versioning import settings_observations
 
 # Downstream layers follow their upstream layer; activation_records re-extracts, when the corpus changes, only the
 # layers that already have records (the corpus is one asset for all layers: "all missing layers" would be every
@@ -177,7 +178,7 @@ def dictionary_sensor(dictionaries_path: str | None = None):
         state = dictionary_state(root)
         changed = [folder for folder in state if before.get(folder) != state[folder]]
         context.update_cursor(json.dumps(state))
-        requests, names = [], []
+        requests, names, observations = [], [], []
         for folder in changed:
             try:
                 d = load_dictionary(folder)
@@ -190,6 +191,7 @@ def dictionary_sensor(dictionaries_path: str | None = None):
                 continue
             name = default_name(DICTIONARY, folder)
             record_variant(variants_file(storage.path()), name, dictionary_settings(folder))
+            observations += settings_observations(context.instance, name, dictionary_settings(folder))
             context.log.info(f"new dictionary for layer {d.layer}: {d.describe()}; variant {name}")
             names.append(name)
             requests.append(dg.RunRequest(
@@ -198,7 +200,7 @@ def dictionary_sensor(dictionaries_path: str | None = None):
         if not requests:
             return dg.SkipReason(f"no new dictionary among {len(state)} under {root}")
         new = [n for n in dict.fromkeys(names) if not context.instance.has_dynamic_partition(VARIANT, n)]
-        return dg.SensorResult(run_requests=requests,
+        return dg.SensorResult(run_requests=requests, asset_events=observations,
                                dynamic_partitions_requests=[variants.build_add_request(new)] if new else [])
 
     return sensor
@@ -240,8 +242,9 @@ def nightly_rescore(context: dg.ScheduleEvaluationContext):
 
 @dg.sensor(name="variants_file_sensor", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Makes every variant declared in the variants file (NDX_VARIANTS, else "
-                       "<storage>/variants.yaml) a key of the variant partition dimension, so the UI can launch it. "
-                       "It launches nothing.")
+                       "<storage>/variants.yaml) a key of the variant partition dimension, so the UI can launch it, "
+                       "and observes the versions of its settings (a changed variant's partitions turn stale). It "
+                       "launches nothing.")
 def variants_file_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
     path = variants_file(storage.path())
     try:
@@ -249,6 +252,13 @@ def variants_file_sensor(context: dg.SensorEvaluationContext, storage: StorageRe
     except NdxInputError as e:
         return dg.SkipReason(str(e))
     new = [name for name in declared if not context.instance.has_dynamic_partition(VARIANT, name)]
-    if not new:
-        return dg.SkipReason(f"{len(declared)} variants in {path}, none new")
-    return dg.SensorResult(dynamic_partitions_requests=[variants.build_add_request(new)])
+    observations = []
+    for name, fields in declared.items():
+        try:
+            observations += settings_observations(context.instance, name, fields)
+        except Exception as e:  # a field a resource does not take: that variant only, said in the log
+            context.log.warning(f"variant {name} in {path}: settings not observed ({str(e).splitlines()[0]})")
+    if not new and not observations:
+        return dg.SkipReason(f"{len(declared)} variants in {path}, none new or changed")
+    return dg.SensorResult(dynamic_partitions_requests=[variants.build_add_request(new)] if new else [],
+                           asset_events=observations)

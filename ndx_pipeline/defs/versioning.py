@@ -4,12 +4,21 @@ simulator makes `simulations` (and, through its new data, `scores`) stale and le
 
 The values come from the resources as the definitions bind them (environment variables, see README); a one-off
 launchpad override runs with other settings but is not a new version of the asset.
+
+A variant's own settings (the variants file) are versioned per partition instead: each group of stages depends on an
+observed asset `variant_settings/<group>`, partitioned by variant, whose data version hashes the code versions its
+stages would have under that variant's settings (`observe_settings`). Changing a variant's simulator observes a new
+version of `variant_settings/simulator` for that variant alone: its `simulations` and `baseline_simulations`
+partitions turn stale, and nothing of another variant, nor any other stage of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+import dagster as dg
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
@@ -19,6 +28,8 @@ from ndx_pipeline.core.method.fuzzing import fuzzing_messages
 from ndx_pipeline.core.method.judging import Shown, excerpt_text
 from ndx_pipeline.core.method.simulator import simulation_prompt
 from ndx_pipeline.core.method.token_list import token_list_messages
+from ndx_pipeline.core.variants import VARIANT_RESOURCES, implied_settings, read_variants, variants_file
+from ndx_pipeline.defs.partitions import VARIANT
 from ndx_pipeline.defs.resources import default_resources
 
 # Bump when a stage's method changes in a way that changes its output.
@@ -118,3 +129,74 @@ CODE_VERSIONS = code_versions(default_resources())
 PROMPT_SHAS = {"explainer": explainer_prompt_sha(), "simulator": simulator_prompt_sha(),
                "token_list": token_list_prompt_sha(), c.DETECTION: scorer_prompt_sha(c.DETECTION),
                c.FUZZING: scorer_prompt_sha(c.FUZZING)}
+
+
+# ------------------------------------------------------------------------------------------- variants' settings
+
+SETTINGS = "variant_settings"
+# the groups of stages whose outputs the same settings change (each group's stages read the same observed version)
+SETTINGS_GROUPS = {
+    "extraction": (c.ACTIVATION_RECORDS, c.TOKEN_TABLE),
+    "excerpts": (c.TOP_EXCERPTS,),
+    "explainer": (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
+    "simulator": (c.SIMULATIONS, c.BASELINE_SIMULATIONS),
+    "scoring": (c.SCORES,),
+    "scorers": (c.SCORER_EXCERPTS, *(a for pair in c.SCORER_ASSETS.values() for a in pair)),
+}
+GROUP_OF = {asset: group for group, assets in SETTINGS_GROUPS.items() for asset in assets}
+
+
+def settings_key(group: str) -> dg.AssetKey:
+    return dg.AssetKey([SETTINGS, group])
+
+
+def with_settings(asset: str, deps) -> list:
+    """`deps` of a layer asset, and the observed settings of its variant that its output depends on."""
+    if asset not in GROUP_OF:
+        return list(deps)
+    return [*deps, dg.AssetDep(settings_key(GROUP_OF[asset]),
+                               partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+                                   partition_dimension_name=VARIANT))]
+
+
+def settings_versions(resources: dict) -> dict[str, str]:
+    """group → the version of a variant's settings for that group: a hash of its stages' code versions under
+    `resources` (the resources with the variant's fields applied)."""
+    versions = code_versions(resources)
+    return {group: _digest(group, [versions[a] for a in assets]) for group, assets in SETTINGS_GROUPS.items()}
+
+
+def variant_resources(declared: dict) -> dict:
+    """The resources as the definitions bind them, with a variant's declared fields over the per-variant ones."""
+    resources = default_resources()
+    for name in VARIANT_RESOURCES:
+        fields = declared.get(name) or {}
+        if fields:
+            resource = resources[name]
+            resources[name] = type(resource)(**{**resource.model_dump(), **fields})
+    return resources
+
+
+def settings_observations(instance: dg.DagsterInstance, variant: str, declared: dict) -> list[dg.AssetObservation]:
+    """The observations of `variant`'s settings (its declared fields, see `variants.read_variants`) whose version
+    differs from the one last observed for it: none when nothing changed."""
+    out = []
+    for group, version in settings_versions(variant_resources(declared)).items():
+        key = settings_key(group)
+        last = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[variant]),
+                                           limit=1).records
+        if last and (last[0].asset_observation.tags or {}).get("dagster/data_version") == version:
+            continue
+        out.append(dg.AssetObservation(asset_key=key, partition=variant, tags={"dagster/data_version": version},
+                                       description=f"settings of variant {variant} for its {group} stages"))
+    return out
+
+
+def observe_settings(instance: dg.DagsterInstance, storage_dir: Path, variant: str) -> list[str]:
+    """Record on `instance` the versions of `variant`'s settings (from the variants file beside `storage_dir`) that
+    changed since they were last observed; returns the groups whose version changed."""
+    declared = read_variants(variants_file(storage_dir)).get(variant) or implied_settings(variant)
+    changed = settings_observations(instance, variant, declared)
+    for event in changed:
+        instance.report_runless_asset_event(event)
+    return [event.asset_key.path[-1] for event in changed]

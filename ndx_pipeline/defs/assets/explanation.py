@@ -24,11 +24,11 @@ from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accoun
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
-from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settings
 
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
-    return dg.AssetSpec(asset, deps=[c.TOP_EXCERPTS], partitions_def=layer_variant, code_version=CODE_VERSIONS[asset],
+    return dg.AssetSpec(asset, deps=with_settings(asset, [c.TOP_EXCERPTS]), partitions_def=layer_variant, code_version=CODE_VERSIONS[asset],
                         automation_condition=FOLLOW_UPSTREAM, description=description)
 
 

@@ -39,7 +39,7 @@ from ndx_pipeline.defs.resources import (
     StorageResource,
     SubjectModelResource,
 )
-from ndx_pipeline.defs.versioning import CODE_VERSIONS, METHOD_REVISIONS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, METHOD_REVISIONS, with_settings
 
 
 @dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=GROUP, code_version=CODE_VERSIONS[c.CORPUS],
@@ -60,18 +60,20 @@ SUBJECT_MODEL_FILES = (c.ACTIVATION_RECORDS, c.TOKEN_TABLE)  # what only the sub
     name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=GROUP, pool=SUBJECT_MODEL_POOL,
     can_subset=True, backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=[c.CORPUS], partitions_def=layer_variant,
+        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=with_settings(c.ACTIVATION_RECORDS, [c.CORPUS]),
+                     partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
                      description="Per unit (an MLP neuron's positive or negative side, or a dictionary latent): top "
                                  "windows by max activation, a seeded random sample, activation-quantile samples, "
                                  "and the unit's mean/variance/max over the corpus; one `dead` row for a unit that "
                                  "never fired. Shared (one file, hard-linked) by the variants whose extraction "
                                  "settings are equal."),
-        dg.AssetSpec(c.TOKEN_TABLE, deps=[c.CORPUS], partitions_def=layer_variant,
+        dg.AssetSpec(c.TOKEN_TABLE, deps=with_settings(c.TOKEN_TABLE, [c.CORPUS]), partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
                      description="Per neuron × token text: count and activation sum over the corpus, counted in the "
                                  "same pass (the lookup-table baseline); no rows when that baseline is off."),
-        dg.AssetSpec(c.TOP_EXCERPTS, deps=[c.ACTIVATION_RECORDS], partitions_def=layer_variant,
+        dg.AssetSpec(c.TOP_EXCERPTS, deps=with_settings(c.TOP_EXCERPTS, [c.ACTIVATION_RECORDS]),
+                     partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.TOP_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
                      description="Disjoint explain / score_top / score_random excerpts per unit (interleaved "
                                  "splits), and the calibration excerpts best-of-k chooses on; units that fired in too "

@@ -28,13 +28,14 @@ from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, llm_accou
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
-from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settings
 
 JUDGED = (c.SCORER_EXCERPTS, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS)  # what every scorer step reads
 
 
 @dg.asset(name=c.SCORER_EXCERPTS, op_tags=step_tags(c.SCORER_EXCERPTS), group_name=GROUP,
-          deps=[c.ACTIVATION_RECORDS, c.TOP_EXCERPTS], partitions_def=layer_variant, backfill_policy=SINGLE_RUN,
+          deps=with_settings(c.SCORER_EXCERPTS, [c.ACTIVATION_RECORDS, c.TOP_EXCERPTS]), partitions_def=layer_variant,
+          backfill_policy=SINGLE_RUN,
           code_version=CODE_VERSIONS[c.SCORER_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORER_EXCERPTS),
           description="Per neuron, held-out activating windows (across the upper activation quantiles) and "
@@ -65,7 +66,8 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
     judgements, scores = c.SCORER_ASSETS[name]
 
     def spec(asset: str, deps, description: str) -> dg.AssetSpec:
-        return dg.AssetSpec(asset, deps=deps, partitions_def=layer_variant, code_version=CODE_VERSIONS[asset],
+        return dg.AssetSpec(asset, deps=with_settings(asset, deps), partitions_def=layer_variant,
+                            code_version=CODE_VERSIONS[asset],
                             automation_condition=FOLLOW_UPSTREAM, description=description)
 
     @dg.multi_asset(

@@ -23,7 +23,7 @@ from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, neuron_ta
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
-from ndx_pipeline.defs.versioning import CODE_VERSIONS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, with_settings
 
 READS = (c.SIMULATIONS, c.EXPLANATIONS, c.BASELINE_SIMULATIONS, c.BASELINE_EXPLANATIONS, c.TOKEN_TABLE,
          c.TOP_EXCERPTS)
@@ -33,7 +33,8 @@ def _names(values) -> str:
     return ", ".join(sorted(set(values.drop_nulls())))
 
 
-@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=list(READS), partitions_def=layer_variant,
+@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=with_settings(c.SCORES, READS),
+          partitions_def=layer_variant,
           backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORES),
           description="Pooled Pearson correlation of simulated vs true activations, per neuron, beside baselines.")

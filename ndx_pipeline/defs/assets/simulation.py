@@ -24,17 +24,19 @@ from ndx_pipeline.defs.metadata import llm_accounting
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import LLMResource, StorageResource
-from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS
+from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settings
 
 
 @dg.multi_asset(
     name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
     backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.SIMULATIONS, deps=[c.EXPLANATIONS, c.TOP_EXCERPTS], partitions_def=layer_variant,
+        dg.AssetSpec(c.SIMULATIONS, deps=with_settings(c.SIMULATIONS, [c.EXPLANATIONS, c.TOP_EXCERPTS]),
+                     partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="Simulated activations (expected value over 0–10) on every scored excerpt."),
-        dg.AssetSpec(c.BASELINE_SIMULATIONS, deps=[c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS],
+        dg.AssetSpec(c.BASELINE_SIMULATIONS,
+                     deps=with_settings(c.BASELINE_SIMULATIONS, [c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS]),
                      partitions_def=layer_variant,
                      code_version=CODE_VERSIONS[c.BASELINE_SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="The baseline explanations simulated on the same excerpts, the same way."),
