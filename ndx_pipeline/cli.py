@@ -45,8 +45,8 @@ from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
-from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
+from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
@@ -314,7 +314,8 @@ def _selection(definitions: dg.Definitions, start: str | None) -> dg.AssetSelect
     """Every asset (the main job), or `start` and everything downstream of it."""
     if start is None:
         return dg.AssetSelection.all()
-    keys = {k.to_user_string() for k in definitions.resolve_asset_graph().get_all_asset_keys()}
+    graph = definitions.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     if start not in keys:
         raise NdxInputError(f"--from {start!r} is not an asset (assets: {', '.join(c.ASSETS)}).")
     return dg.AssetSelection.assets(start).downstream()

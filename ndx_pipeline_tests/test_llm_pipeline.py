@@ -40,7 +40,9 @@ LLM_STAGES = (*EXPLANATION_STEP, "simulations", "baseline_simulations", "scores"
 
 
 def materialize(stages, storage, **resources):
-    by_key = {k.to_user_string(): a for a in build_definitions().assets for k in a.keys}
+    every = build_definitions().assets
+    by_key = {k.to_user_string(): a for a in every if isinstance(a, dg.AssetsDefinition) for k in a.keys}
+    settings = [a for a in every if isinstance(a, dg.AssetSpec)]  # the variants' observed settings the stages read
     base = {
         "storage": StorageResource(storage_dir=str(storage)), "corpus_source": CorpusResource(),
         "subject_model": SubjectModelResource(window_tokens=16),
@@ -55,8 +57,8 @@ def materialize(stages, storage, **resources):
     assets = list({id(by_key[s]): by_key[s] for s in stages}.values())
     instance = dg.DagsterInstance.ephemeral()
     add_variant(instance, VARIANT)
-    result = dg.materialize(assets, partition_key=PARTITION, resources=base, instance=instance, raise_on_error=False,
-                            selection=list(stages))
+    result = dg.materialize([*assets, *settings], partition_key=PARTITION, resources=base, instance=instance,
+                            raise_on_error=False, selection=list(stages))
     assert result.success, [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
     return instance
 
@@ -168,10 +170,12 @@ KILLED_RUN = textwrap.dedent("""
     storage, base_url = sys.argv[1], sys.argv[2]
     llm = LLMResource(backend="openai", base_url=base_url, model="smollm2-135m-instruct-q4_1",
                       api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, max_tokens=20)
-    explanations = next(a for a in build_definitions().assets if dg.AssetKey("explanations") in a.keys)
+    every = build_definitions().assets
+    explanations = next(a for a in every if isinstance(a, dg.AssetsDefinition) and dg.AssetKey("explanations") in a.keys)
+    settings = [a for a in every if isinstance(a, dg.AssetSpec)]
     instance = dg.DagsterInstance.ephemeral()
     add_variant(instance, "neurons")
-    dg.materialize([explanations], partition_key=str(partition_key(0, "neurons")),
+    dg.materialize([explanations, *settings], partition_key=str(partition_key(0, "neurons")), selection=[explanations],
                    resources={"storage": StorageResource(storage_dir=storage), "explainer_llm": llm,
                               "simulator_llm": llm, "quality": QualityResource(baselines=[])},
                    instance=instance)
