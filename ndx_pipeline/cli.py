@@ -159,17 +159,20 @@ def refuse_legacy_layout(storage: Path) -> None:
                             f"migrate --storage {storage}` first.")
 
 
-def stopped_layers(result) -> dict[str, set[int]]:
-    """asset → the layers a failed blocking check stopped (from the checks' `failed_layers`)."""
-    out: dict[str, set[int]] = {}
+def stopped_layers(result) -> dict[str, dict[int, str]]:
+    """asset → {layer: why} for the layers a failed blocking check stopped (the checks' `failed_layers`, each
+    with its own reason)."""
+    out: dict[str, dict[int, str]] = {}
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             data = event.asset_check_evaluation_data
             if not data.passed and data.severity == dg.AssetCheckSeverity.ERROR:
-                entry = data.metadata.get("failed_layers")
-                text = getattr(entry, "value", entry) or ""
-                out.setdefault(data.asset_check_key.asset_key.to_user_string(), set()).update(
-                    int(x) for x in str(text).split(",") if x.strip())
+                meta = {k: getattr(v, "value", v) for k, v in data.metadata.items()}
+                asset = data.asset_check_key.asset_key.to_user_string()
+                for x in str(meta.get("failed_layers") or "").split(","):
+                    if x.strip():
+                        reason = meta.get(f"layer_{int(x)}_stopped_by") or data.description
+                        out.setdefault(asset, {})[int(x)] = f"{asset} {data.asset_check_key.name}: {reason}"
     return out
 
 
@@ -368,9 +371,8 @@ def cmd_run(args) -> int:
                 print(f"error: {failure_message(result)}", file=sys.stderr)
                 return 1
             # a blocking check stopped some layers: the others go on with the assets after the checked ones
-            why = failure_message(result)
             for at in stopped.values():
-                for layer in at:
+                for layer, why in at.items():
                     failed.setdefault(layer, why)
             print(f"run {result.run_id}: layers {sorted(failed)} of {variant} stopped by a failed check; the other "
                   "layers go on", file=sys.stderr, flush=True)

@@ -70,4 +70,5 @@ def test_a_layer_whose_every_explanation_failed_stops_and_says_why(tmp_path):
     assert "\n" not in message
     assert not any(e.is_step_success and e.step_key == "simulations" for e in result.all_events)
     assert stopped.metadata["failed_layers"].value == "0"  # which layers it stopped (the CLI goes on with others)
+    assert stopped.metadata["layer_0_stopped_by"].value == "every one of the 2 explanations failed"
     assert any("baseline_explanations" in w for w in run_warnings(result))

@@ -181,6 +181,8 @@ class Outputs:
                                                     if not c.passed and c.severity == ERROR),
                           "warned_layers": ",".join(str(layer) for layer, c in sorted(per_layer.items())
                                                     if not c.passed and c.severity != ERROR),
+                          **{f"layer_{layer}_stopped_by": c.description for layer, c in per_layer.items()
+                             if not c.passed and c.severity == ERROR},
                           **{f"layer_{layer}_{k}": v for layer, c in per_layer.items() for k, v in c.details.items()}},
             ))
         missing = set(CHECKS.get(asset, {})) - set(self.checks[asset])
