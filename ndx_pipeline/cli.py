@@ -34,9 +34,8 @@ from ndx_pipeline.core.variants import (
     DEFAULT_VARIANT,
     VARIANT_RESOURCES,
     check_name,
+    declared_settings,
     default_name,
-    implied_settings,
-    read_variants,
     record_variant,
     variants_file,
 )
@@ -340,8 +339,7 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    declared = read_variants(variants_file(storage)).get(variant) or implied_settings(variant)
-    if record_variant(variants_file(storage), variant, variant_settings(config, declared)):
+    if record_variant(variants_file(storage), variant, variant_settings(config, declared_settings(storage, variant))):
         print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
     print(f"ndx-pipeline: variant {variant}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()

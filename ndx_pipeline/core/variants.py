@@ -108,6 +108,12 @@ def read_variants(path: str | os.PathLike) -> dict[str, dict[str, dict[str, Any]
     return out
 
 
+def declared_settings(storage_dir: str | os.PathLike, variant: str) -> dict[str, dict[str, Any]]:
+    """What `variant` is: its entry in the variants file (even an empty one), else what its name implies."""
+    declared = read_variants(variants_file(storage_dir)).get(variant)
+    return implied_settings(variant) if declared is None else declared
+
+
 def record_variant(path: str | os.PathLike, name: str, settings: Mapping[str, Mapping[str, Any]]) -> bool:
     """Declare (or re-declare) variant `name` with `settings` in the variants file, atomically; the other
     variants' entries are kept as they are. True when the entry changed."""

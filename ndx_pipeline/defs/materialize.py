@@ -19,7 +19,7 @@ import polars as pl
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, link_atomic, read_asset, write_parquet_atomic
 from ndx_pipeline.core.validation import ERROR, Check
-from ndx_pipeline.core.variants import implied_settings, read_variants, settings_digest, variants_file
+from ndx_pipeline.core.variants import declared_settings, settings_digest, variants_file
 from ndx_pipeline.defs.checks import CHECKS
 from ndx_pipeline.defs.metadata import content_hash, file_digest, file_metadata
 from ndx_pipeline.defs.partitions import layer_and_variant, partition_key
@@ -53,8 +53,7 @@ class VariantSettings:
     def __init__(self, storage_dir: Path, variant: str):
         self.variant, self.path = variant, variants_file(storage_dir)
         with bad_input_fails_the_run():
-            declared = read_variants(self.path)
-        self.fields = declared.get(variant, implied_settings(variant))
+            self.fields = declared_settings(storage_dir, variant)
 
     def __call__(self, name: str, resource):
         """`resource` (the run's resource `name`) with the variant's fields for it."""

@@ -28,7 +28,7 @@ from ndx_pipeline.core.method.fuzzing import fuzzing_messages
 from ndx_pipeline.core.method.judging import Shown, excerpt_text
 from ndx_pipeline.core.method.simulator import simulation_prompt
 from ndx_pipeline.core.method.token_list import token_list_messages
-from ndx_pipeline.core.variants import VARIANT_RESOURCES, implied_settings, read_variants, variants_file
+from ndx_pipeline.core.variants import VARIANT_RESOURCES, declared_settings
 from ndx_pipeline.defs.partitions import VARIANT
 from ndx_pipeline.defs.resources import default_resources
 
@@ -195,8 +195,7 @@ def settings_observations(instance: dg.DagsterInstance, variant: str, declared: 
 def observe_settings(instance: dg.DagsterInstance, storage_dir: Path, variant: str) -> list[str]:
     """Record on `instance` the versions of `variant`'s settings (from the variants file beside `storage_dir`) that
     changed since they were last observed; returns the groups whose version changed."""
-    declared = read_variants(variants_file(storage_dir)).get(variant) or implied_settings(variant)
-    changed = settings_observations(instance, variant, declared)
+    changed = settings_observations(instance, variant, declared_settings(storage_dir, variant))
     for event in changed:
         instance.report_runless_asset_event(event)
     return [event.asset_key.path[-1] for event in changed]

@@ -29,7 +29,8 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
     return dg.AssetSpec(asset, deps=with_settings(asset, [c.TOP_EXCERPTS]), partitions_def=layer_variant,
-                        code_version=CODE_VERSIONS[asset], automation_condition=FOLLOW_UPSTREAM, description=description)
+                        code_version=CODE_VERSIONS[asset], automation_condition=FOLLOW_UPSTREAM,
+                        description=description)
 
 
 @dg.multi_asset(
