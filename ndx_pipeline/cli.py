@@ -1,5 +1,5 @@
-"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows, one variant at
-a time; compare variants; trace a score to its documents; write the viewer; export to / import from OpenAI
+"""`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows, one variant
+after another (one extraction pass for all their unit sets); compare variants; trace a score to its documents; write the viewer; export to / import from OpenAI
 neuron-explainer JSON; move a storage folder from before variants into one."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ndx_pipeline.core.variants import (
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
-from ndx_pipeline.defs.partitions import add_variant, contiguous_ranges, range_tags
+from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.versioning import observe_settings
@@ -139,13 +139,14 @@ def variant_settings(config: dict, declared: dict) -> dict:
     return out
 
 
-def run_variant(args) -> str:
-    """The variant a run writes: --variant, else the name its units imply (`neurons`, `neurons-both`, the
-    dictionary folder's name)."""
+def run_variants(args) -> list[str]:
+    """The variants a run writes, in order: each --variant, else the one its units imply (`neurons`,
+    `neurons-both`, the dictionary folder's name)."""
     if args.variant:
-        return check_name(args.variant, "--variant")
+        named = [check_name(name, "--variant") for name in args.variant]
+        return list(dict.fromkeys(named))
     units = args.units or (DICTIONARY if args.dictionary else default_resources()["selection"].units)
-    return default_name(units, args.dictionary or default_resources()["selection"].dictionary)
+    return [default_name(units, args.dictionary or default_resources()["selection"].dictionary)]
 
 
 def refuse_legacy_layout(storage: Path) -> None:
@@ -331,7 +332,7 @@ def cmd_run(args) -> int:
         os.environ[SUBJECT_MODEL_ENV] = args.model
     layers = check_layers(args.model, parse_layers(args.layers))
     stages.corpus(args.corpus or default_resources()["corpus_source"].path)  # a bad corpus: one sentence, now
-    variant = run_variant(args)
+    variants = run_variants(args)
     storage = _storage(args)
     refuse_legacy_layout(storage)
     definitions = build_definitions()
@@ -339,61 +340,84 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    if record_variant(variants_file(storage), variant, variant_settings(config, declared_settings(storage, variant))):
-        print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
-    print(f"ndx-pipeline: variant {variant}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
+    for variant in variants:
+        if record_variant(variants_file(storage), variant,
+                          variant_settings(config, declared_settings(storage, variant))):
+            print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
+    named = f"variant {variants[0]}" if len(variants) == 1 else f"variants {', '.join(variants)}"
+    print(f"ndx-pipeline: {named}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
     started = time.perf_counter()
     step_time: dict[str, float] = {}
-    failed: dict[int, str] = {}  # layer → why it stopped (the other layers go on)
+    failed: dict[str, dict[int, str]] = {}  # variant → layer → why it stopped (the other layers go on)
+    errors: list[str] = []  # a variant whose run failed outright (the other variants go on)
     with dg.DagsterInstance.get() as instance:
-        add_variant(instance, variant)
-        changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
-        if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
-            print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
-        work = [(lo, hi, selection) for lo, hi in contiguous_ranges(layers)]
-        while work:
-            lo, hi, subset = work.pop(0)
-            result = job.execute_in_process(run_config=config, instance=instance, tags=range_tags(variant, lo, hi),
-                                            raise_on_error=False,
-                                            asset_selection=None if subset == selection and args.start is None
-                                            else list(subset))
-            for warning in run_warnings(result):
-                print(f"warning: {warning}", file=sys.stderr)
-            for step, sec in step_seconds(instance, result.run_id).items():
-                step_time[step] = step_time.get(step, 0.0) + sec
-            if result.success:
-                print(f"run {result.run_id} succeeded ({variant}, layers {lo}–{hi})", flush=True)
-                continue
-            stopped = stopped_layers(result)
-            if not stopped or _step_failed(result):
-                print(f"error: {failure_message(result)}", file=sys.stderr)
+        for variant in variants:
+            add_variant(instance, variant)
+            changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
+            if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
+                print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
+        for i, variant in enumerate(variants):
+            # the first variant's extraction pass reads the unit sets of the variants after it too: one pass for all
+            joint = {EXTRACT_WITH_TAG: ",".join(variants[i + 1:])} if i == 0 and len(variants) > 1 else {}
+            error = run_layers(job, instance, config, variant, layers, selection, args.start is None, joint,
+                               step_time, failed.setdefault(variant, {}))
+            if error and len(variants) == 1:  # the run's one sentence is all there is to say
+                print(f"error: {error.split(': ', 1)[1]}", file=sys.stderr)
                 return 1
-            # a blocking check stopped some layers: the others go on with the assets after the checked ones
-            for at in stopped.values():
-                for layer, why in at.items():
-                    failed.setdefault(layer, why)
-            print(f"run {result.run_id}: layers {sorted(failed)} of {variant} stopped by a failed check; the other "
-                  "layers go on", file=sys.stderr, flush=True)
-            rest = [layer for layer in range(lo, hi + 1) if layer not in failed]
-            # what the check held back: the selected steps the run skipped (whole steps, so never half a multi-asset)
-            after = set(subset) - {event.asset_key for event in result.all_events
-                                   if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
-            if after:
-                work += [(a, b, after) for a, b in contiguous_ranges(rest)]
-    scored = [layer for layer in layers if layer not in failed]
+            if error:
+                errors.append(error)
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
     print(stage_table(step_time) + "\n")
-    if scored:
-        print(summarize(storage, scored, variant))
+    for variant in variants:
+        scored = [layer for layer in layers if layer not in failed[variant]]
+        if scored and not any(e.startswith(f"variant {variant}:") for e in errors):
+            print(summarize(storage, scored, variant))
     if bundled_llms(args):
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
     print(f"\nSee the runs in the UI: {ui}")
-    if failed:
-        for layer, why in sorted(failed.items()):
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    for variant in variants:
+        for layer, why in sorted(failed[variant].items()):
             print(f"error: layer {layer} of variant {variant} failed: {why}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if errors or any(failed.values()) else 0
+
+
+def run_layers(job, instance, config: dict, variant: str, layers: list[int], selection, whole: bool, tags: dict,
+               step_time: dict[str, float], failed: dict[int, str]) -> str | None:
+    """Run `variant` over `layers` (one run per contiguous range, `tags` on each); the layers a blocking check
+    stopped go in `failed` with their reasons, while the other layers go on; a run that failed outright ends the
+    variant with one sentence, `variant <name>: <why>` (returned)."""
+    work = [(lo, hi, selection) for lo, hi in contiguous_ranges(layers)]
+    while work:
+        lo, hi, subset = work.pop(0)
+        result = job.execute_in_process(run_config=config, instance=instance,
+                                        tags={**tags, **range_tags(variant, lo, hi)}, raise_on_error=False,
+                                        asset_selection=None if subset == selection and whole else list(subset))
+        for warning in run_warnings(result):
+            print(f"warning: {warning}", file=sys.stderr)
+        for step, sec in step_seconds(instance, result.run_id).items():
+            step_time[step] = step_time.get(step, 0.0) + sec
+        if result.success:
+            print(f"run {result.run_id} succeeded ({variant}, layers {lo}–{hi})", flush=True)
+            continue
+        stopped = stopped_layers(result)
+        if not stopped or _step_failed(result):
+            return f"variant {variant}: {failure_message(result)}"
+        # a blocking check stopped some layers: the others go on with the assets after the checked ones
+        for at in stopped.values():
+            for layer, why in at.items():
+                failed.setdefault(layer, why)
+        print(f"run {result.run_id}: layers {sorted(failed)} of {variant} stopped by a failed check; the other "
+              "layers go on", file=sys.stderr, flush=True)
+        rest = [layer for layer in range(lo, hi + 1) if layer not in failed]
+        # what the check held back: the selected steps the run skipped (whole steps, so never half a multi-asset)
+        after = set(subset) - {event.asset_key for event in result.all_events
+                               if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION}
+        if after:
+            work += [(a, b, after) for a, b in contiguous_ranges(rest)]
+    return None
 
 
 def _storage(args) -> Path:
@@ -500,9 +524,11 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize corpus → … → scores for some layers and print a summary")
     run.add_argument("--layers", default=DEFAULT_LAYERS, help=f"e.g. 0,5,10 or 0-3 (default {DEFAULT_LAYERS})")
-    run.add_argument("--variant", help="the variant this run writes (default: from the units: neurons, "
-                                       "neurons-negative, neurons-both, or the dictionary folder's name); its "
-                                       "settings are recorded in the variants file")
+    run.add_argument("--variant", action="append",
+                     help="the variant this run writes (default: from the units: neurons, neurons-negative, "
+                          "neurons-both, or the dictionary folder's name); its settings are recorded in the variants "
+                          "file. Repeat it to run several variants, one after the other, with one extraction pass for "
+                          "all their unit sets; the other options then apply to each of them")
     run.add_argument("--from", dest="start", metavar="ASSET",
                      help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")

@@ -24,6 +24,7 @@ from ndx_pipeline.core.variants import (
     record_variant,
     variants_file,
 )
+from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG
 
 SMALL = {
     "subject_model": {"window_tokens": 24},
@@ -350,6 +351,58 @@ def test_the_sensors_act_on_their_own_variants(two_variants, tmp_path):
               for r in requests}
     assert {("0|neurons", "2|neurons"), ("0|sim-f32", "2|sim-f32")} <= ranges  # each variant, its own layers
     assert all(r.run_config in ({}, None) for r in requests)  # each run takes its variant's own settings
+    # one extraction pass for every variant: the first variant's runs read the others' unit sets too
+    variant_of = {id(r): layer_and_variant(r.tags["dagster/asset_partition_range_start"])[1] for r in requests}
+    first = variant_of[id(requests[0])]
+    for r in requests:
+        others = set(variant_of.values()) - {first} if variant_of[id(r)] == first else None
+        assert (set(r.tags[EXTRACT_WITH_TAG].split(",")) if EXTRACT_WITH_TAG in r.tags else None) == others
+
+
+@pytest.mark.slow
+def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, capsys):
+    """`run --variant neurons --variant neurons-negative`: two unit sets of the same layers, one pass of the subject
+    model; the second variant's records are those a pass of its own keeps, and both variants are scored."""
+    import ndx_pipeline.core.data.activations as act
+    from ndx_pipeline.cli import main
+    from ndx_pipeline.core import stages
+    from ndx_pipeline.defs.resources import default_resources
+
+    passes, real = [], act.extract
+    monkeypatch.setattr(act, "extract", lambda *a, **k: passes.append(list(a[3])) or real(*a, **k))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    storage = tmp_path / "storage"
+    code = main(["run", "--variant", "neurons", "--variant", "neurons-negative", "--layers", "0-1", "--neurons",
+                 "5,9", "--baselines", "lookup", "--scorers", "none", "--storage", str(storage)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert passes == [[(None, 0), (None, 1), ("neurons-negative", 0), ("neurons-negative", 1)]]  # one pass
+    with dg.DagsterInstance.get() as instance:
+        for layer in (0, 1):
+            mine, theirs = (metadata(instance, c.ACTIVATION_RECORDS, layer, v) for v in ("neurons-negative", "neurons"))
+            assert mine["subject_model_forward_passes"] == 0 and mine["extracted_with_variant"] == "neurons"
+            assert theirs["subject_model_forward_passes"] > 0
+            assert theirs["pass_read_also_for_variants"] == "neurons-negative"
+            assert mine["extraction_key"] != theirs["extraction_key"]
+            runs = instance.fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(c.ACTIVATION_RECORDS), asset_partitions=[f"{layer}|neurons"]), limit=1).records
+            assert mine["extracted_in_run"] == runs[0].run_id
+    assert not any((storage / "joint_extractions").rglob("*.parquet"))  # each handed-over file was taken
+    # what a pass of its own keeps, with the same settings
+    subject, selection = default_resources()["subject_model"], default_resources()["selection"]
+    alone = stages.activation_records(
+        stages.corpus(None), None, [0, 1], units="negative", neurons=[5, 9], top_k=selection.top_k,
+        random_k=selection.random_k, quantile_k=selection.quantile_k, seed=selection.seed,
+        window_tokens=subject.window_tokens, dtype=subject.dtype, batch_size=subject.batch_size)
+    for layer in (0, 1):
+        records = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, layer, "neurons-negative"))
+        assert records.equals(alone.layers[layer].records)
+        table = pl.read_parquet(asset_path(storage, c.TOKEN_TABLE, layer, "neurons-negative"))
+        assert table.equals(alone.layers[layer].token_table)
+        assert set(records["polarity"]) == {-1}
+        for variant, units in (("neurons", [5, 9]), ("neurons-negative", [-10, -6])):  # a negative side: -(n + 1)
+            scores = pl.read_parquet(asset_path(storage, c.SCORES, layer, variant))
+            assert sorted(scores["neuron"]) == units
 
 
 @pytest.mark.slow
@@ -388,3 +441,18 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
     with dg.DagsterInstance.get() as instance:
         scored = instance.get_materialized_partitions(dg.AssetKey(c.SCORES))
     assert scored == {"0|neurons", "2|neurons"}
+
+
+def test_the_one_pass_benchmark_runs_small():
+    """benchmarks/variants.py on two layers and a few units: one pass for three variants, a third of the passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", "0-1", "--neurons", "4", "--dictionary", "32",
+                           "--characters", "8000"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["forward_passes_separate"] == 3 * found["forward_passes_joint"] > 0
+    assert found["joint_over_separate"] == pytest.approx(found["joint_seconds"] / found["separate_seconds"], rel=0.05)

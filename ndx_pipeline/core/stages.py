@@ -114,6 +114,37 @@ class Extraction:
     layers: dict[int, LayerRecords]
     stats: act.ExtractionStats  # tokens, windows, seconds, tokens_per_second of the pass
     device: str
+    joint: dict[str, dict[int, LayerRecords]] = field(default_factory=dict)  # the `also` choices' layers, by name
+
+
+@dataclass(frozen=True)
+class UnitChoice:
+    """What one extraction keeps: which units of which layers (see `unit_sets`) and how many windows of each kind.
+    Several choices read in one pass (`activation_records(also=...)`) share the subject model's forward passes."""
+
+    layers: tuple[int, ...]
+    units: str = POSITIVE
+    neurons: tuple[int, ...] | None = None
+    neurons_per_layer: int = 6
+    seed: int = 0
+    dictionary: str | None = None
+    dictionary_hook: str | None = None
+    top_k: int = 20
+    random_k: int = 20
+    quantile_k: int = 4
+    token_table: bool = True
+
+    def unit_sets(self, model: str | None) -> dict[int, UnitSet]:
+        return unit_sets(model, check_layers(model, self.layers), units=self.units, neurons=self.neurons,
+                         neurons_per_layer=self.neurons_per_layer, seed=self.seed, dictionary=self.dictionary,
+                         dictionary_hook=self.dictionary_hook)
+
+    def keep(self) -> act.Keep:
+        return act.Keep(self.top_k, self.random_k, self.seed, self.token_table)
+
+    def pass_order(self) -> tuple:
+        """What orders the pass's windows (the quantile pilot's draw): choices read in one pass agree on it."""
+        return self.quantile_k, self.seed if self.quantile_k else None
 
 
 def unit_sets(model: str | None, layers: Sequence[int], *, units: str = POSITIVE, neurons: Sequence[int] | None = None,
@@ -149,41 +180,51 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                        seed: int = 0, dictionary: str | None = None, dictionary_hook: str | None = None,
                        top_k: int = 20, random_k: int = 20, quantile_k: int = 4, token_table: bool = True,
                        device: str = "cpu", dtype: str = "float32", batch_size: int = 16, window_tokens: int = 64,
-                       log: Log = quiet) -> Extraction:
+                       also: dict[str, UnitChoice] | None = None, log: Log = quiet) -> Extraction:
     """One pass of the subject model over the corpus for every layer of `layers`: per chosen unit (see
     `unit_sets`) its top, random and quantile windows and moments, and (token_table) the per-token table of the
-    lookup baseline."""
-    layers = check_layers(model, layers)
-    layer_units = unit_sets(model, layers, units=units, neurons=neurons, neurons_per_layer=neurons_per_layer,
-                            seed=seed, dictionary=dictionary, dictionary_hook=dictionary_hook)
+    lookup baseline. `also`: other choices (name → UnitChoice, e.g. other variants' unit sets) read in the same
+    pass, their records in `Extraction.joint[name]`, each what a pass of its own would keep."""
+    main = UnitChoice(tuple(layers), units, None if neurons is None else tuple(neurons), neurons_per_layer, seed,
+                      dictionary, dictionary_hook, top_k, random_k, quantile_k, token_table)
+    choices = {None: main, **(also or {})}
+    for name, choice in choices.items():
+        if choice.pass_order() != main.pass_order():
+            raise ValueError(f"{name} cannot share this pass: its quantile_k and seed order the windows otherwise.")
+    slots: dict[tuple, UnitSet] = {}
+    keep: dict[tuple, act.Keep] = {}
+    described: dict[str, list[str]] = {}
+    for name, choice in choices.items():
+        for layer, unit_set in choice.unit_sets(model).items():
+            slots[name, layer], keep[name, layer] = unit_set, choice.keep()
+            described.setdefault(unit_set.describe_set(), []).append(str(layer) if name is None else f"{layer} "
+                                                                                                   f"({name})")
     log(f"loading subject model {model or 'bundled'} on {device}")
     subject, tokenizer = load_subject_model(model, device, dtype)
     windows = tokenize_windows(tokenizer, documents["doc_id"].to_list(), documents["text"].to_list(), window_tokens)
-    described: dict[str, list[int]] = {}
-    for layer, unit_set in layer_units.items():
-        described.setdefault(unit_set.describe_set(), []).append(layer)
     log(f"{windows.total_tokens} tokens in {len(windows)} windows; "
-        + "; ".join(f"layers {where}: {what}" for what, where in described.items()))
+        + "; ".join(f"layers {', '.join(where)}: {what}" for what, where in described.items()))
     progress = Progress("activations", windows.total_tokens, log, unit="tokens")
-    selections, stats = act.extract(subject, tokenizer, windows, layer_units, top_k, random_k, seed, batch_size,
-                                    lambda done, total, seconds: progress.set(done), token_table=token_table,
-                                    quantile_k=quantile_k)
+    selections, stats = act.extract(subject, tokenizer, windows, slots, top_k, random_k, seed, batch_size,
+                                    lambda done, total, seconds: progress.set(done), quantile_k=quantile_k,
+                                    keep=keep)
     texts = TokenTexts(tokenizer)
-    out = {}
-    for layer in layers:
-        unit_set, selection = layer_units[layer], selections.pop(layer)
+    out: dict = {name: {} for name in choices}
+    for (name, layer), unit_set in slots.items():
+        selection, counted = selections.pop((name, layer)), keep[name, layer].token_table
 
-        def build(layer=layer, unit_set=unit_set, selection=selection):
-            table = (act.token_table_frame(layer, selection, texts) if token_table
+        def build(layer=layer, unit_set=unit_set, selection=selection, counted=counted):
+            table = (act.token_table_frame(layer, selection, texts) if counted
                      else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
             return act.records_frame(layer, selection, windows, texts, unit_set), table
 
         dead = int((~selection.fired()).sum())
         if dead:
-            log(f"layer {layer}: {dead} of {len(unit_set.ids)} units never fired over the corpus (recorded as dead, "
-                "not explained)")
-        out[layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead)
-    return Extraction(out, stats, device)
+            where = f"layer {layer}" if name is None else f"layer {layer} ({name})"
+            log(f"{where}: {dead} of {len(unit_set.ids)} units never fired over the corpus (recorded as dead, not "
+                "explained)")
+        out[name][layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead)
+    return Extraction(out.pop(None), stats, device, out)
 
 
 # ---------------------------------------------------------------------------------------------------- top excerpts

@@ -15,6 +15,8 @@ from ndx_pipeline.core.contract import NEURON_VIEWER, scoped, stored_dtype
 from ndx_pipeline.core.errors import NdxInputError
 
 LLM_CACHE_DIR = "llm_cache"
+# one pass's records of the other variants run with it, until their own runs take them (`joint_extraction_dir`)
+JOINT_EXTRACTIONS_DIR = "joint_extractions"
 
 
 def asset_path(storage_dir: str | os.PathLike, asset: str, layer: int | str | None = None,
@@ -102,6 +104,14 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
             shutil.copyfile(source, tmp)
 
     return write_atomic(path, place)
+
+
+def joint_extraction_dir(storage_dir: str | os.PathLike, key: str, layer: int) -> Path:
+    """Where a pass run for one variant leaves the records it read for another variant run with it (one folder per
+    extraction key and layer: the files of `activation_records` and `token_table` and what the pass says of them),
+    until that variant's own run takes them as its files. Keyed by the extraction settings, so a folder is only ever
+    taken by a run whose files it equals."""
+    return Path(storage_dir) / JOINT_EXTRACTIONS_DIR / key / str(int(layer))
 
 
 def llm_cache_dir(storage_dir: str | os.PathLike) -> Path:

@@ -12,7 +12,9 @@ partition applies the variant's fields over the run's resources.
 
 Two variants whose extraction settings are equal (`extraction_key`: subject model, corpus, unit set, record counts)
 share one extraction: the second one's activation records are the first one's file (a hard link), found through the
-Dagster instance, and no forward pass of the subject model is run for it.
+Dagster instance, and no forward pass of the subject model is run for it. Variants whose unit sets differ, run
+together, share the pass instead: the first one's pass reads the others' unit sets too, and their runs take what was
+read for them (`defs/assets/extraction.py`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from ndx_pipeline.core.data.units import DICTIONARY, dictionary_folders
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.variants import default_name, read_variants, record_variant, variants_file
 from ndx_pipeline.defs.partitions import (
+    EXTRACT_WITH_TAG,
     VARIANT,
     contiguous_ranges,
     layer_and_variant,
@@ -79,10 +80,16 @@ def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_
     return {variant: sorted(found) for variant, found in sorted(out.items())}
 
 
-def variant_requests(found: dict[str, list[int]], run_key: str, tags: dict | None = None) -> list[dg.RunRequest]:
-    """One run per variant and contiguous range of its layers (each run with that variant's own settings)."""
+def variant_requests(found: dict[str, list[int]], run_key: str, tags: dict | None = None,
+                     one_pass: bool = False) -> list[dg.RunRequest]:
+    """One run per variant and contiguous range of its layers (each run with that variant's own settings).
+    one_pass: the first variant's runs read the other variants' unit sets of their layers in their extraction pass
+    (EXTRACT_WITH_TAG), so that the subject model runs once for them all (each of the others' runs, when it comes
+    second, takes what was read for it; when it comes first, it extracts, and the pass leaves it out)."""
+    first = next(iter(found), None)
+    joint = {EXTRACT_WITH_TAG: ",".join(v for v in found if v != first)} if one_pass and len(found) > 1 else {}
     return [dg.RunRequest(run_key=f"{run_key}-{variant}-layers-{lo}-{hi}",
-                          tags={**(tags or {}), **range_tags(variant, lo, hi)})
+                          tags={**(tags or {}), **(joint if variant == first else {}), **range_tags(variant, lo, hi)})
             for variant, at in found.items() for lo, hi in contiguous_ranges(at)]
 
 
@@ -141,7 +148,7 @@ def corpus_sensor(corpus_path: str | None = None):
         if not found:
             return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey(c.CORPUS)],
                                   tags=tags)]
-        return variant_requests(found, f"corpus-{generation}", tags)
+        return variant_requests(found, f"corpus-{generation}", tags, one_pass=True)
 
     return sensor
 

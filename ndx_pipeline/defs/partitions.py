@@ -61,6 +61,10 @@ def contiguous_ranges(layers) -> list[tuple[int, int]]:
     return out
 
 
+# a run tag: the other variants whose unit sets this run's extraction pass reads too (comma-separated names)
+EXTRACT_WITH_TAG = "ndx/extract_with"
+
+
 def range_tags(variant: str, lo: int, hi: int) -> dict:
     """The run tags that make one run carry layers lo…hi of one variant (a single-run backfill)."""
     return {"dagster/asset_partition_range_start": str(partition_key(lo, variant)),

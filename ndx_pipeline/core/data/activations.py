@@ -467,7 +467,7 @@ TRIM_EVERY_BATCHES = 32  # batches of a pass between heap trims: peak RSS stays 
 
 
 class _StopForward(Exception):
-    """Raised by the deepest hook: nothing above the last requested layer is computed."""
+    """Raised by the last hook to read a batch: nothing above the last requested layer is computed."""
 
 
 @dataclass
@@ -523,44 +523,63 @@ def torch_sort_windows(windows):
     return torch.sort(key, dim=-1, stable=True).indices
 
 
+@dataclass(frozen=True)
+class Keep:
+    """What a selection keeps per unit: `top_k` top windows, a `random_k` sample of windows drawn with `seed`, and
+    (token_table) the per-token table of the lookup baseline."""
+
+    top_k: int = 20
+    random_k: int = 20
+    seed: int = 0
+    token_table: bool = False
+
+
 def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 20,
             random_k: int = 20, seed: int = 0, batch_size: int = 16,
             progress: Callable[[int, int, float], None] | None = None, token_table: bool = False,
-            quantile_k: int = 0):
-    """Run the model once over all windows for every requested layer; return (selections, stats).
+            quantile_k: int = 0, keep: dict | None = None):
+    """Run the model once over all windows for every requested unit set; return (selections, stats), selections
+    keyed as `layer_units`.
 
-    layer_units: {layer: UnitSet} (see `units`), or {layer: [neuron indices]} for MLP neurons.
-    token_table=True also keeps, per layer, each token id's count and each selected unit's activation sum on it
+    layer_units: {layer: UnitSet} (see `units`), or {layer: [neuron indices]} for MLP neurons; or {key: UnitSet}
+    with keys of the caller's (several unit sets of one layer, e.g. the neurons of one variant and the latents of
+    another, read in the same pass).
+    keep: {key: Keep} for the unit sets that keep other counts than `top_k`, `random_k`, `seed`, `token_table`.
+    token_table=True also keeps, per unit set, each token id's count and each selected unit's activation sum on it
     (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline.
     quantile_k > 0 also keeps that many windows per activation-quantile bucket (see the module's docstring); the
-    pilot windows that set the boundaries go through the model first, the others follow in index order."""
+    pilot windows (drawn with `seed`) that set the boundaries go through the model first, the others follow in
+    index order."""
     import torch
 
     if not layer_units:
         raise NdxInputError("no layers were requested.")
     unit_sets = as_unit_sets(layer_units)
-    if len(windows) < top_k:
+    keeps = {slot: (keep or {}).get(slot) or Keep(top_k, random_k, seed, token_table) for slot in unit_sets}
+    most = max(k.top_k for k in keeps.values())
+    if len(windows) < most:
         raise NdxInputError(
-            f"the corpus has {len(windows)} windows of {windows.window_tokens} tokens, fewer than top_k={top_k}; "
+            f"the corpus has {len(windows)} windows of {windows.window_tokens} tokens, fewer than top_k={most}; "
             "give a larger corpus or a smaller top_k."
         )
     device = next(model.parameters()).device
     reuse_freed_heap()
-    sample = random_windows(len(windows), random_k, seed)
     vocab = None
-    if token_table:
+    if any(k.token_table for k in keeps.values()):
         real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
         vocab = np.unique(windows.ids[real_tokens])
-        cells = len(vocab) * sum(len(u.ids) for u in unit_sets.values())
+        cells = len(vocab) * sum(len(u.ids) for slot, u in unit_sets.items() if keeps[slot].token_table)
         if cells > TOKEN_TABLE_CELLS:
             raise NdxInputError(
                 f"the lookup baseline's token table would hold {cells:,} cells (distinct tokens × units over the run's "
                 f"layers; at most {TOKEN_TABLE_CELLS:,}): leave `lookup` out of the baselines for a run this wide, or "
                 "choose fewer units.")
     selections = {
-        layer: LayerSelection(units.ids, windows.window_tokens, top_k, sample, device, token_vocab=vocab,
-                              quantile_k=quantile_k, seed=seed, mirrored=units.mirrored, nonnegative=units.nonnegative)
-        for layer, units in unit_sets.items()
+        slot: LayerSelection(units.ids, windows.window_tokens, keeps[slot].top_k,
+                             random_windows(len(windows), keeps[slot].random_k, keeps[slot].seed), device,
+                             token_vocab=vocab if keeps[slot].token_table else None, quantile_k=quantile_k,
+                             seed=keeps[slot].seed, mirrored=units.mirrored, nonnegative=units.nonnegative)
+        for slot, units in unit_sets.items()
     }
     order = np.arange(len(windows))
     pilot_batches = 0
@@ -573,23 +592,23 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
             order = np.concatenate([pilot, np.full(batch_size - len(pilot) % batch_size, -1), rest])
     prefix, suffix = special_token_wrap(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    deepest = max(unit_sets)
     state: dict = {}
 
-    def consumer(layer):
+    def consumer(slot):
         def consume(hooked):
             if hooked.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
                 hooked = hooked.view(state["batch"], -1, hooked.shape[-1])
-            x = unit_sets[layer].read(hooked[:, state["lo"] : state["hi"], :])
+            x = unit_sets[slot].read(hooked[:, state["lo"] : state["hi"], :])
             if state["pad"] and not isinstance(x, SparseActivations):
                 x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
-            selections[layer].update(x, state["mask"], state["window_index"], state["token_ids"])
-            if layer == deepest:
+            selections[slot].update(x, state["mask"], state["window_index"], state["token_ids"])
+            state["waiting"] -= 1
+            if not state["waiting"]:  # every unit set has read this batch: nothing above is computed
                 raise _StopForward
 
         return consume
 
-    handles = [units.attach(model, consumer(layer)) for layer, units in unit_sets.items()]
+    handles = [units.attach(model, consumer(slot)) for slot, units in unit_sets.items()]
     t = windows.window_tokens
     p = len(prefix)
     started = time.perf_counter()
@@ -611,9 +630,10 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
                 state["lo"], state["hi"] = p, p + real
                 state["mask"] = torch.as_tensor(mask, device=device)
                 state["window_index"] = torch.as_tensor(idx, device=device)
-                state["token_ids"] = torch.as_tensor(windows.ids[idx], device=device) if token_table else None
+                state["token_ids"] = torch.as_tensor(windows.ids[idx], device=device) if vocab is not None else None
                 state["pad"] = t - real
                 state["batch"] = len(idx)
+                state["waiting"] = len(handles)
                 forward_passes += 1
                 try:
                     model(input_ids=torch.as_tensor(ids, device=device),

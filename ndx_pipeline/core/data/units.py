@@ -209,7 +209,8 @@ def neurons_of_layer(layer: int, width: int, neurons: Sequence[int] | None, per_
     return sorted(set(int(n) for n in neurons))
 
 
-def as_unit_sets(layer_units: dict) -> dict[int, UnitSet]:
-    """{layer: UnitSet}; a plain list of indices stands for those MLP neurons' positive side."""
-    return {int(layer): units if isinstance(units, UnitSet) else MlpNeurons(layer, units)
-            for layer, units in layer_units.items()}
+def as_unit_sets(layer_units: dict) -> dict:
+    """{key: UnitSet}: the UnitSets as given (keyed by layer, or by the caller's keys), and a plain list of indices
+    under a layer key made those MLP neurons' positive side."""
+    return {key: units if isinstance(units, UnitSet) else MlpNeurons(int(key), units)
+            for key, units in layer_units.items()}

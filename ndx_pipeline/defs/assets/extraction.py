@@ -1,6 +1,8 @@
 """The subject-model stages: the corpus, and one step per run for one extraction pass (activation records and the
 token table of the lookup baseline) with the explain / score splits of each unit's records (top_excerpts)."""
 
+import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -10,9 +12,10 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
+from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.progress import Progress
 from ndx_pipeline.core.stages import LayerRecords
-from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.core.storage import asset_path, joint_extraction_dir, write_parquet_atomic, write_text_atomic
 from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.core.variants import extraction_key
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
@@ -30,7 +33,7 @@ from ndx_pipeline.defs.materialize import (
     variant_of,
 )
 from ndx_pipeline.defs.metadata import file_digest
-from ndx_pipeline.defs.partitions import VARIANT, layer_variant, partition_key
+from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, VARIANT, layer_variant, partition_key
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import (
     CorpusResource,
@@ -91,10 +94,12 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
 
     A layer whose records another variant already holds with the same extraction settings (`extraction_key`) is
     not extracted again: its files are that variant's (hard links), checked and split here, and the subject model
-    runs only for the layers left (none at all when every layer is shared)."""
+    runs only for the layers left (none at all when every layer is shared). Nor is a layer whose records the pass of
+    another variant's run read for this one (run together: `joint_choices`, `hand_over`, `joint_extracted`)."""
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     variant, layers = variant_of(context), layers_of(context)
     settings = VariantSettings(storage.path(), variant)
+    run_resources = {"selection": selection, "quality": quality}  # as configured; each variant's fields go over them
     selection, quality = settings("selection", selection), settings("quality", quality)
     out = Outputs(context, storage.path(), variant)
     excerpts = _Excerpts(context, out, selection, quality) if c.TOP_EXCERPTS in selected else None
@@ -109,17 +114,29 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         quality.checked()
         corpus_file = asset_path(storage.path(), c.CORPUS)
         documents = read(storage.path(), c.CORPUS)
-    key = extraction_key(subject_model.model_dump(), {"corpus": file_digest(corpus_file)}, selection.model_dump(),
-                         counted, [METHOD_REVISIONS[a] for a in SUBJECT_MODEL_FILES])
-    shared = shared_extractions(context.instance, key, variant, layers,
-                                [a for a in SUBJECT_MODEL_FILES if a in selected], storage.path())
+    corpus = {"corpus": file_digest(corpus_file)}
+    key = _extraction_key(subject_model, corpus, selection, counted)
+    writing = [a for a in SUBJECT_MODEL_FILES if a in selected]
+    shared = shared_extractions(context.instance, key, variant, layers, writing, storage.path())
     if shared:
         context.log.info(f"{variant}: layers {sorted(shared)} share the extraction of "
                          f"{', '.join(sorted(set(v for v, _ in shared.values())))} (same settings): no forward pass "
                          "for them")
+    shared.update({layer: (found.origin["extracted_with_variant"], found)
+                   for layer, found in joint_extracted(storage.path(), key, [n for n in layers if n not in shared])
+                   .items()})
+    read_before = sorted(layer for layer, (_, found) in shared.items() if "extracted_in_run" in found.origin)
+    if read_before:
+        context.log.info(f"{variant}: layers {read_before} were read in the pass of variant "
+                         f"{shared[read_before[0]][0]}'s run (run together): no forward pass for them")
     extracted = [layer for layer in layers if layer not in shared]
     extraction = stats = None
+    joint: dict[str, tuple[stages.UnitChoice, str]] = {}
     if extracted:
+        main = stages.UnitChoice(tuple(extracted), selection.units, selection.neurons, selection.neurons_per_layer,
+                                 selection.seed, selection.dictionary, selection.dictionary_hook, selection.top_k,
+                                 selection.random_k, selection.quantile_k, counted and table_written)
+        joint = joint_choices(context, storage.path(), run_resources, subject_model, corpus, key, layers, main)
         with bad_input_fails_the_run():
             extraction = stages.activation_records(
                 documents, subject_model.model, extracted, units=selection.units,
@@ -127,19 +144,21 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                 dictionary=selection.dictionary, dictionary_hook=selection.dictionary_hook, top_k=selection.top_k,
                 random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
                 device=subject_model.resolved_device(), dtype=subject_model.dtype,
-                batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens, log=context.log.info)
+                batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens,
+                also={other: choice for other, (choice, _) in joint.items()}, log=context.log.info)
         stats = extraction.stats
+        hand_over(context, storage.path(), variant, extraction, joint)
     written = Progress("activation records written", len(layers), context.log.info, unit="layers")
 
-    def place(asset: str, found, frame: pl.DataFrame, layer: int):  # the other variant's file, or a new one
-        return (out.link_file(asset, found.path(asset), frame, layer) if isinstance(found, SharedLayer) else
+    def place(asset: str, found, frame: pl.DataFrame, layer: int):  # a file already on disk, or a new one
+        return (out.link_file(asset, found.path(asset), frame, layer) if isinstance(found, StoredLayer) else
                 out.write_file(asset, frame, layer))
 
     def build_and_write(item):  # on a worker thread: files and checks, nothing reported
         layer, found = item
         done = {}
         records = found.records
-        random_k = found.random_k if isinstance(found, SharedLayer) else min(selection.random_k, stats.windows)
+        random_k = found.random_k if isinstance(found, StoredLayer) else min(selection.random_k, stats.windows)
         if records_written:
             done.update(records=place(c.ACTIVATION_RECORDS, found, records, layer),
                         top_windows_ordered=validation.top_windows_ordered(records),
@@ -161,14 +180,15 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     pass_metadata = {} if stats is None else {
         "tokens_processed": stats.tokens, "windows": stats.windows,
         "tokens_per_second": round(stats.tokens_per_second, 1), "wall_seconds": round(stats.seconds, 2),
-        "device": extraction.device, "layers_in_this_pass": str(sorted(extraction.layers))}
+        "device": extraction.device, "layers_in_this_pass": str(sorted(extraction.layers)),
+        **({"pass_read_also_for_variants": ", ".join(sorted(joint))} if joint else {})}
     todo = [(layer, shared[layer][1]) for layer in layers if layer in shared]
     todo += list(extraction.layers.items()) if extraction else []
     withheld = {}
     for (layer, found), done in ahead(todo, build_and_write):
-        is_shared = isinstance(found, SharedLayer)
-        origin = ({"shared_from_variant": found.variant, "tokens_processed": 0, "windows": found.windows,
-                   "random_k": found.random_k, "subject_model_forward_passes": 0} if is_shared else
+        is_stored = isinstance(found, StoredLayer)
+        origin = ({**found.origin, "tokens_processed": 0, "windows": found.windows, "random_k": found.random_k,
+                   "subject_model_forward_passes": 0} if is_stored else
                   {**pass_metadata, "random_k": min(selection.random_k, stats.windows),
                    "subject_model_forward_passes": stats.batches})
         if records_written:
@@ -180,8 +200,10 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         if table_written:
             out.written(c.TOKEN_TABLE, layer, done["table"], counted=counted,
                         distinct_tokens=done["distinct_tokens"], extraction_key=key, variant=variant,
-                        **({"shared_from_variant": found.variant} if is_shared else {}))
+                        **(found.origin if is_stored else {}))
             out.check(c.TOKEN_TABLE, "token_table_complete", layer, done["token_table_complete"])
+        if is_stored and "extracted_in_run" in found.origin:  # taken: the hand-over folder has served its purpose
+            shutil.rmtree(found.path(c.ACTIVATION_RECORDS).parent, ignore_errors=True)
         if excerpts:
             if isinstance(done["excerpts"], str):
                 withheld.setdefault(done["excerpts"], []).append(layer)
@@ -198,19 +220,19 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         yield out.result(c.TOP_EXCERPTS)
 
 
-class SharedLayer(LayerRecords):
-    """A layer whose extraction another variant holds with the same settings: that variant's files (read when first
-    used), and what its materialization says of them."""
+class StoredLayer(LayerRecords):
+    """A layer's extraction already on disk, read when first used: another variant's files (same extraction
+    settings), or those a pass run for another variant read for this one (`hand_over`). `origin`: where they came
+    from, as the materialization's metadata says it."""
 
-    def __init__(self, variant: str, storage_dir: Path, layer: int, materialization):
-        about = {k: getattr(v, "value", v) for k, v in (materialization.asset_materialization.metadata or {}).items()}
-        self.variant, self.storage_dir, self.layer = variant, storage_dir, layer
+    def __init__(self, paths: dict[str, Path], about: dict, origin: dict):
+        self.paths, self.origin = paths, origin
         self.windows, self.random_k = int(about.get("windows") or 0), int(about.get("random_k") or 0)
-        units = pl.read_parquet(self.path(c.ACTIVATION_RECORDS), columns=["neuron"])["neuron"].unique().sort()
+        units = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron"])["neuron"].unique().sort()
         super().__init__(units.to_list(), self._read, str(about.get("units") or ""), int(about.get("dead_units") or 0))
 
     def path(self, asset: str) -> Path:
-        return asset_path(self.storage_dir, asset, self.layer, self.variant)
+        return self.paths[asset]
 
     def _read(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         table = self.path(c.TOKEN_TABLE)
@@ -223,12 +245,19 @@ def _metadata_value(record, name: str):
     return getattr(entry, "value", entry)
 
 
+def _extraction_key(subject_model: SubjectModelResource, corpus: dict, selection: SelectionResource,
+                    counted: bool) -> str:
+    return extraction_key(subject_model.model_dump(), corpus, selection.model_dump(), counted,
+                          [METHOD_REVISIONS[a] for a in SUBJECT_MODEL_FILES])
+
+
 def shared_extractions(instance: dg.DagsterInstance, key: str, variant: str, layers: list[int], assets: list[str],
-                       storage_dir: Path) -> dict[int, tuple[str, SharedLayer]]:
+                       storage_dir: Path, own: bool = False) -> dict[int, tuple[str, StoredLayer]]:
     """layer → (the other variant, its files) for each of `layers` whose latest materializations of every asset of
-    `assets` in another variant were made with extraction settings `key`, and whose files are still there."""
-    others = [v for v in instance.get_dynamic_partitions(VARIANT) if v != variant]
-    found: dict[int, tuple[str, SharedLayer]] = {}
+    `assets` in another variant (`own`: or in `variant` itself) were made with extraction settings `key`, and whose
+    files are still there."""
+    others = [v for v in instance.get_dynamic_partitions(VARIANT) if own or v != variant]
+    found: dict[int, tuple[str, StoredLayer]] = {}
     for layer in layers:
         for other in others:
             latest = {}
@@ -238,10 +267,88 @@ def shared_extractions(instance: dg.DagsterInstance, key: str, variant: str, lay
                 latest[asset] = records[0] if records else None
             if not all(r is not None and _metadata_value(r, "extraction_key") == key for r in latest.values()):
                 continue
-            if not all(asset_path(storage_dir, asset, layer, other).exists() for asset in assets):
+            paths = {asset: asset_path(storage_dir, asset, layer, other) for asset in SUBJECT_MODEL_FILES}
+            if not all(paths[asset].exists() for asset in assets):
                 continue
-            found[layer] = (other, SharedLayer(other, storage_dir, layer, latest[assets[0]]))
+            about = {k: getattr(v, "value", v)
+                     for k, v in (latest[assets[0]].asset_materialization.metadata or {}).items()}
+            found[layer] = (other, StoredLayer(paths, about, {"shared_from_variant": other}))
             break
+    return found
+
+
+# ------------------------------------------------------------------- several variants' unit sets in one pass
+
+HANDED_OVER = "about.json"  # written last in a hand-over folder: its files are complete
+
+
+def joint_choices(context: dg.AssetExecutionContext, storage_dir: Path, run_resources: dict,
+                  subject_model: SubjectModelResource, corpus: dict, key: str, layers: list[int],
+                  main: stages.UnitChoice) -> dict[str, tuple[stages.UnitChoice, str]]:
+    """The other variants this run's pass reads too (run tag EXTRACT_WITH_TAG): name → (what to read for it, its
+    extraction key), for the run's layers it holds no extraction of yet. A variant left out (its settings share
+    this variant's files anyway, order the pass otherwise, or cannot be read) extracts in its own run, as alone."""
+    names = [n for n in (context.run.tags.get(EXTRACT_WITH_TAG) or "").split(",") if n]
+    out = {}
+    for other in names:
+        if other == variant_of(context):
+            continue
+        try:
+            settings = VariantSettings(storage_dir, other)
+            sel, qual = settings("selection", run_resources["selection"]), settings("quality", run_resources["quality"])
+            counted = LOOKUP_BASELINE in qual.checked().baselines
+            other_key = _extraction_key(subject_model, corpus, sel, counted)
+            if other_key == key:
+                continue  # its own run shares this variant's files
+            held = shared_extractions(context.instance, other_key, other, layers, list(SUBJECT_MODEL_FILES),
+                                      storage_dir, own=True)
+            todo = tuple(layer for layer in layers if layer not in held
+                         and not (joint_extraction_dir(storage_dir, other_key, layer) / HANDED_OVER).exists())
+            if not todo:
+                continue
+            choice = stages.UnitChoice(todo, sel.units, sel.neurons, sel.neurons_per_layer, sel.seed, sel.dictionary,
+                                       sel.dictionary_hook, sel.top_k, sel.random_k, sel.quantile_k, counted)
+            if choice.pass_order() != main.pass_order():
+                context.log.info(f"variant {other}: its quantile_k and seed order the corpus's windows otherwise; it "
+                                 "extracts in its own run")
+                continue
+            choice.unit_sets(subject_model.model)  # settings this pass cannot read: that variant's run says why
+        except (dg.Failure, NdxInputError) as e:
+            why = e.description if isinstance(e, dg.Failure) else str(e)
+            context.log.warning(f"variant {other} is not read in this pass ({why}); it extracts in its own run")
+            continue
+        out[other] = (choice, other_key)
+    if out:
+        context.log.info("this pass reads also " + "; ".join(f"layers {list(choice.layers)} of variant {other}"
+                                                               for other, (choice, _) in out.items()))
+    return out
+
+
+def hand_over(context: dg.AssetExecutionContext, storage_dir: Path, variant: str, extraction: stages.Extraction,
+              joint: dict[str, tuple[stages.UnitChoice, str]]) -> None:
+    """Leave the records the pass read for the other variants where their runs take them (`joint_extracted`)."""
+    for other, (choice, other_key) in joint.items():
+        for layer, found in extraction.joint[other].items():
+            folder = joint_extraction_dir(storage_dir, other_key, layer)
+            write_parquet_atomic(found.records, folder / f"{c.ACTIVATION_RECORDS}.parquet")
+            write_parquet_atomic(found.token_table, folder / f"{c.TOKEN_TABLE}.parquet")
+            about = {"variant": variant, "run_id": context.run_id, "for_variant": other,
+                     "windows": extraction.stats.windows, "random_k": min(choice.random_k, extraction.stats.windows),
+                     "units": found.description, "dead_units": found.dead}
+            write_text_atomic(json.dumps(about, indent=1), folder / HANDED_OVER)
+            found.release()
+
+
+def joint_extracted(storage_dir: Path, key: str, layers: list[int]) -> dict[int, StoredLayer]:
+    """layer → the files a pass run for another variant read for this one (extraction settings `key`)."""
+    found = {}
+    for layer in layers:
+        folder = joint_extraction_dir(storage_dir, key, layer)
+        if not (folder / HANDED_OVER).exists():
+            continue
+        about = json.loads((folder / HANDED_OVER).read_text(encoding="utf-8"))
+        found[layer] = StoredLayer({asset: folder / f"{asset}.parquet" for asset in SUBJECT_MODEL_FILES}, about,
+                                   {"extracted_with_variant": about["variant"], "extracted_in_run": about["run_id"]})
     return found
 
 
