@@ -1,6 +1,7 @@
 """`ndx-pipeline`: run the pipeline through Dagster from a terminal, on the same instance the UI shows, one variant
-after another (one extraction pass for all their unit sets); compare variants; trace a score to its documents; write the viewer; export to / import from OpenAI
-neuron-explainer JSON; move a storage folder from before variants into one."""
+after another (one extraction pass for all their unit sets); compare variants; trace a score to its documents; write
+the viewer; export to / import from OpenAI neuron-explainer JSON; move a storage folder from before variants into
+one."""
 
 from __future__ import annotations
 
