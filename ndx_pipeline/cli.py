@@ -35,8 +35,11 @@ from ndx_pipeline.core.variants import (
     DEFAULT_VARIANT,
     VARIANT_RESOURCES,
     check_name,
+    control_name,
+    control_of,
     declared_settings,
     default_name,
+    planted_settings,
     record_variant,
     variants_file,
 )
@@ -48,11 +51,13 @@ from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
+from ndx_pipeline.reports.controls import control_lines, read_controls
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
 from ndx_pipeline.reports.viewer import write_viewer
 
 DEFAULT_LAYERS = "0,1,2"
+CONTROLS_STEP = "controls (planted)"  # the control variants' steps, together, in the time per stage
 TEMPLATE_INSTANCE = Path(__file__).parent / "templates" / "dagster.yaml"
 
 
@@ -341,23 +346,35 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
+    controls = {}  # variant → its planted control (run first, on one layer: the rules are the same at every layer)
     for variant in variants:
-        if record_variant(variants_file(storage), variant,
-                          variant_settings(config, declared_settings(storage, variant))):
+        settings = variant_settings(config, declared_settings(storage, variant))
+        if record_variant(variants_file(storage), variant, settings):
             print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
+        if args.controls != "none" and not control_of(variant):
+            controls[variant] = control_name(variant)
+            record_variant(variants_file(storage), controls[variant], planted_settings(settings))
     named = f"variant {variants[0]}" if len(variants) == 1 else f"variants {', '.join(variants)}"
-    print(f"ndx-pipeline: {named}, layers {layers} on instance {home}; Parquet under {storage}", flush=True)
+    print(f"ndx-pipeline: {named}, layers {layers} on instance {home}; Parquet under {storage}"
+          + (f"; controls {', '.join(controls.values())} on layer {min(layers)}" if controls else ""), flush=True)
     started = time.perf_counter()
     step_time: dict[str, float] = {}
     failed: dict[str, dict[int, str]] = {}  # variant → layer → why it stopped (the other layers go on)
     errors: list[str] = []  # a variant whose run failed outright (the other variants go on)
     with dg.DagsterInstance.get() as instance:
-        for variant in variants:
+        for variant in [*variants, *controls.values()]:
             add_variant(instance, variant)
             changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
             if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
                 print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
         for i, variant in enumerate(variants):
+            if variant in controls:  # the whole graph (its extraction costs no forward pass; its LLM answers cached)
+                control_time: dict[str, float] = {}
+                error = run_layers(job, instance, config, controls[variant], [min(layers)], selection, True, {},
+                                   control_time, failed.setdefault(controls[variant], {}))
+                step_time[CONTROLS_STEP] = step_time.get(CONTROLS_STEP, 0.0) + sum(control_time.values())
+                if error:
+                    errors.append(error)
             # the first variant's extraction pass reads the unit sets of the variants after it too: one pass for all
             joint = {EXTRACT_WITH_TAG: ",".join(variants[i + 1:])} if i == 0 and len(variants) > 1 else {}
             error = run_layers(job, instance, config, variant, layers, selection, args.start is None, joint,
@@ -373,13 +390,16 @@ def cmd_run(args) -> int:
         scored = [layer for layer in layers if layer not in failed[variant]]
         if scored and not any(e.startswith(f"variant {variant}:") for e in errors):
             print(summarize(storage, scored, variant))
+        lines = control_lines(read_controls(storage, variant)) if variant in controls else []
+        if lines:
+            print("\n" + "\n".join(lines))
     if bundled_llms(args):
         print("\n" + textwrap.fill("Note: " + BUNDLED_MODEL_NOTE, 116))
     ui = f"DAGSTER_HOME={home} dagster dev" if home_was_set else "dagster dev (in this folder)"
     print(f"\nSee the runs in the UI: {ui}")
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    for variant in variants:
+    for variant in failed:
         for layer, why in sorted(failed[variant].items()):
             print(f"error: layer {layer} of variant {variant} failed: {why}", file=sys.stderr)
     return 1 if errors or any(failed.values()) else 0
@@ -530,6 +550,11 @@ def parser() -> argparse.ArgumentParser:
                           "neurons-both, or the dictionary folder's name); its settings are recorded in the variants "
                           "file. Repeat it to run several variants, one after the other, with one extraction pass for "
                           "all their unit sets; the other options then apply to each of them")
+    run.add_argument("--controls", choices=("planted", "none"), default="planted",
+                     help="planted (default): before each variant, its control variant <variant>.planted on the first "
+                          "layer: units whose activation is a known token rule, each judged with its true and a "
+                          "wrong explanation, so the summary says whether the simulator and scorers tell right from "
+                          "wrong; none: no control")
     run.add_argument("--from", dest="start", metavar="ASSET",
                      help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")

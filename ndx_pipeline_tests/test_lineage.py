@@ -392,6 +392,13 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
         assert {x["split"] for x in embedding["judged"]} == {"activating", "non_activating"}
         assert result["checks"]["scorer_excerpts_resolved"]
     assert "Scorers beside simulation" in run.stdout and "embedding" in run.stdout
+    # the default run's controls: printed at the end, and a planted unit's score traced like any other
+    assert "Controls of neurons (variant neurons.planted" in run.stdout
+    assert "  simulation: right vs wrong explanations AUC " in run.stdout
+    planted = pl.read_parquet(asset_path(storage, "scores", 0, "neurons.planted"))
+    assert {"baseline_planted_true", "baseline_planted_wrong"} <= set(planted.columns) and len(planted) >= 6
+    result = lineage(storage, 0, int(planted["neuron"][0]), variant="neurons.planted")
+    assert result["excerpts"] and all(x["document_found"] for x in result["excerpts"])
 
 
 def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):

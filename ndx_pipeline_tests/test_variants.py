@@ -373,7 +373,7 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     storage = tmp_path / "storage"
     code = main(["run", "--variant", "neurons", "--variant", "neurons-negative", "--layers", "0-1", "--neurons",
-                 "5,9", "--baselines", "lookup", "--scorers", "none", "--storage", str(storage)])
+                 "5,9", "--baselines", "lookup", "--scorers", "none", "--controls", "none", "--storage", str(storage)])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert passes == [[(None, 0), (None, 1), ("neurons-negative", 0), ("neurons-negative", 1)]]  # one pass
@@ -427,7 +427,7 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     storage = tmp_path / "storage"  # the bundled corpus: enough windows for the CLI's default excerpt counts
     code = main(["run", "--layers", "0-2", "--neurons", "5,9", "--baselines", "lookup", "--scorers", "none",
-                 "--storage", str(storage)])
+                 "--controls", "none", "--storage", str(storage)])
     out = capsys.readouterr()
     assert code == 1
     stopped = [line for line in out.err.splitlines() if line.startswith("error: layer")]

@@ -68,6 +68,11 @@ STATUS_FAILED = "failed"
 LOOKUP_BASELINE, RANDOM_BASELINE, TOKEN_LIST_BASELINE = "lookup", "random", "token_list"
 BASELINES = (LOOKUP_BASELINE, RANDOM_BASELINE, TOKEN_LIST_BASELINE)
 SIMULATED_BASELINES = (RANDOM_BASELINE, TOKEN_LIST_BASELINE)  # explanations an LLM simulates beside ours
+# a planted unit's true explanation (written from its rule) and a wrong one (another planted unit's): the judge's
+# control, simulated and judged beside ours for planted units only (`core/data/planted.py`, `method/controls.py`)
+PLANTED_TRUE, PLANTED_WRONG = "planted_true", "planted_wrong"
+CONTROL_BASELINES = (PLANTED_TRUE, PLANTED_WRONG)
+JUDGED_BASELINES = (*SIMULATED_BASELINES, *CONTROL_BASELINES)  # every explanation judged beside ours
 BASELINE_COLUMN_PREFIX = "baseline_"
 
 
@@ -105,6 +110,10 @@ def random_explanation_id(layer: int, neuron: int, donor: int) -> str:
 
 def token_list_explanation_id(layer: int, neuron: int) -> str:
     return f"{layer}/{neuron}/token_list"
+
+
+def control_explanation_id(layer: int, neuron: int, baseline: str) -> str:
+    return f"{layer}/{neuron}/{baseline}"
 
 
 def lookup_explanation_id(layer: int, neuron: int, held_out: bool = True) -> str:

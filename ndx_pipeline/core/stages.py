@@ -21,6 +21,7 @@ from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import (
     BASELINE_EXPLANATION_SCHEMA,
     CALIBRATION,
+    CONTROL_BASELINES,
     EXPLAIN,
     LOOKUP_BASELINE,
     RANDOM_BASELINE,
@@ -32,14 +33,18 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data import excerpts as exc
 from ndx_pipeline.core.data.corpus import read_corpus
+from ndx_pipeline.core.data.planted import RULES as PLANTED_RULES
+from ndx_pipeline.core.data.planted import PlantedUnits, planted_selection
 from ndx_pipeline.core.data.subject_model import (
     check_layers,
     hook_width,
     load_subject_model,
+    load_tokenizer,
     mlp_width,
 )
 from ndx_pipeline.core.data.units import (
     DICTIONARY,
+    PLANTED,
     POLARITIES,
     POSITIVE,
     UNIT_CHOICES,
@@ -52,7 +57,7 @@ from ndx_pipeline.core.data.units import (
 from ndx_pipeline.core.data.windows import TokenTexts, tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method import baselines as baselines_mod
-from ndx_pipeline.core.method import best_of_k, judging
+from ndx_pipeline.core.method import best_of_k, controls, judging
 from ndx_pipeline.core.method.explainer import (
     MAX_EXPLANATION_TOKENS,
     TEMPERATURE,
@@ -168,6 +173,10 @@ def unit_sets(model: str | None, layers: Sequence[int], *, units: str = POSITIVE
     if dictionary:
         raise NdxInputError(f"a dictionary was given but units={units!r}: set units=dictionary to explain its "
                             "latents, or leave the dictionary out.")
+    if units == PLANTED:  # the same rules at every layer: the layer only says where the records are kept
+        return {layer: PlantedUnits(layer, neurons_of_layer(layer, len(PLANTED_RULES), neurons, neurons_per_layer,
+                                                            seed, what="planted units"))
+                for layer in layers}
     if units not in POLARITIES:
         raise NdxInputError(f"units={units!r} is not known: use one of {', '.join(UNIT_CHOICES)}.")
     width = mlp_width(model)
@@ -192,23 +201,38 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
         if choice.pass_order() != main.pass_order():
             raise ValueError(f"{name} cannot share this pass: its quantile_k and seed order the windows otherwise.")
     slots: dict[tuple, UnitSet] = {}
+    planted: dict[tuple, PlantedUnits] = {}  # no model: their activations are rules over the tokens
     keep: dict[tuple, act.Keep] = {}
     described: dict[str, list[str]] = {}
     for name, choice in choices.items():
         for layer, unit_set in choice.unit_sets(model).items():
-            slots[name, layer], keep[name, layer] = unit_set, choice.keep()
+            (planted if isinstance(unit_set, PlantedUnits) else slots)[name, layer] = unit_set
+            keep[name, layer] = choice.keep()
             described.setdefault(unit_set.describe_set(), []).append(str(layer) if name is None else f"{layer} "
                                                                                                    f"({name})")
-    log(f"loading subject model {model or 'bundled'} on {device}")
-    subject, tokenizer = load_subject_model(model, device, dtype)
+    if slots:
+        log(f"loading subject model {model or 'bundled'} on {device}")
+        subject, tokenizer = load_subject_model(model, device, dtype)
+    else:
+        subject, tokenizer = None, load_tokenizer(model)
     windows = tokenize_windows(tokenizer, documents["doc_id"].to_list(), documents["text"].to_list(), window_tokens)
     log(f"{windows.total_tokens} tokens in {len(windows)} windows; "
         + "; ".join(f"layers {', '.join(where)}: {what}" for what, where in described.items()))
-    progress = Progress("activations", windows.total_tokens, log, unit="tokens")
-    selections, stats = act.extract(subject, tokenizer, windows, slots, top_k, random_k, seed, batch_size,
-                                    lambda done, total, seconds: progress.set(done), quantile_k=quantile_k,
-                                    keep=keep)
     texts = TokenTexts(tokenizer)
+    selections, stats = {}, None
+    if slots:
+        progress = Progress("activations", windows.total_tokens, log, unit="tokens")
+        selections, stats = act.extract(subject, tokenizer, windows, slots, top_k, random_k, seed, batch_size,
+                                        lambda done, total, seconds: progress.set(done), quantile_k=quantile_k,
+                                        keep=keep)
+    for slot, units_of in planted.items():
+        progress = Progress(f"planted units of layer {slot[1]}", windows.total_tokens, log, unit="tokens")
+        k = keep[slot]
+        selections[slot], planted_stats = planted_selection(windows, texts, units_of, k.top_k, k.random_k,
+                                                            quantile_k, k.seed, k.token_table,
+                                                            progress=lambda done, total, s: progress.set(done))
+        stats = stats or planted_stats  # a model pass's figures when there is one; planted units take none
+    slots.update(planted)
     out: dict = {name: {} for name in choices}
     for (name, layer), unit_set in slots.items():
         selection, counted = selections.pop((name, layer)), keep[name, layer].token_table
@@ -258,7 +282,7 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
                  baselines: Sequence[str] = (), token_list_explainer: str = "llm", seed: int = 0,
                  max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, digest: bool = True,
                  simulator_mode: str = "all_at_once", scope: str | None = None, what: str = "explanations",
-                 log: Log = quiet) -> Explained:
+                 planted: bool = False, log: Log = quiet) -> Explained:
     """One explanation per neuron by the `explainer` backend; with `candidates` = k > 1, k candidates each,
     simulated by `chooser` on the calibration excerpts and the best kept (all stored, the kept one `selected`).
     The random and token-list baselines of `baselines` get their explanations here too, to be simulated beside
@@ -266,7 +290,8 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
 
     `excerpts` may hold several layers: everything asked of the explainer (every candidate of every neuron, and
     the token-list baseline) goes out in one wave; then best-of-k's calibration simulations in a second.
-    Explanation ids are prefixed with `scope` (the variant: `contract.scoped`)."""
+    Explanation ids are prefixed with `scope` (the variant: `contract.scoped`). `planted`: the units are planted
+    (`core/data/planted.py`): each also gets its true and a wrong explanation as baselines (`method/controls.py`)."""
     wanted = [b for b in baselines if b in SIMULATED_BASELINES]
     if candidates > 1:
         calibration = excerpts.filter(pl.col("split") == CALIBRATION)
@@ -299,6 +324,10 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
         random = (baselines_mod.random_explanations(out.explanations, seed) if RANDOM_BASELINE in wanted else None)
         out.baseline_explanations = contract.scoped(baselines_mod.as_baselines(random, token_list),
                                                     "explanation_id", scope)
+    if planted:
+        known = contract.scoped(controls.planted_explanations(out.explanations), "explanation_id", scope)
+        out.baseline_explanations = pl.concat([out.baseline_explanations.select(list(BASELINE_EXPLANATION_SCHEMA)),
+                                               known]).sort("layer", "neuron", "baseline")
     return out
 
 
@@ -348,6 +377,11 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
             missing[name] = "the explanations stage made no explanations for it (its setting was off)"
         else:
             found[name] = scorer.score(baseline_simulations, rows)
+    for name in CONTROL_BASELINES:  # planted units' true and wrong explanations, whenever they were made
+        rows = (baseline_explanations.filter(pl.col("baseline") == name)
+                if baseline_explanations is not None and len(baseline_explanations) else pl.DataFrame())
+        if not rows.is_empty():
+            found[name] = scorer.score(baseline_simulations, rows)
     if LOOKUP_BASELINE in baselines:
         if token_table is None or token_table.is_empty():
             missing[LOOKUP_BASELINE] = "activation_records counted no token table (the lookup baseline was off)"
@@ -363,12 +397,13 @@ def scores(simulations: pl.DataFrame, explanations: pl.DataFrame, *, excerpts: p
 
 
 def scorer_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5,
-                    scope: str | None = None) -> pl.DataFrame:
+                    scope: str | None = None, left_out: dict | None = None) -> pl.DataFrame:
     """Per explained unit, `count` activating and `count` non-activating windows that neither the explainer nor
     best-of-k saw (`judging.held_out_excerpts`): what the detection, fuzzing and embedding scorers judge. Excerpt
-    ids are prefixed with `scope` (the variant)."""
+    ids are prefixed with `scope` (the variant). `left_out`: see `held_out_excerpts` (units with too few)."""
     explained = excerpts.filter(pl.col("split") == EXPLAIN).select("layer", "neuron").unique()
-    held = judging.held_out_excerpts(records.join(explained, on=["layer", "neuron"], how="semi"), excerpts, count)
+    held = judging.held_out_excerpts(records.join(explained, on=["layer", "neuron"], how="semi"), excerpts, count,
+                                     left_out)
     return contract.scoped(held, "excerpt_id", scope)
 
 

@@ -24,6 +24,7 @@ from ndx_pipeline.core.contract import (
     STATUS_OK,
     TOP,
 )
+from ndx_pipeline.core.method import controls
 
 ERROR, WARN = "error", "warn"
 FAILURE_SHARE_WARN = 0.25  # above this share of failed LLM items, a stage's failure check warns
@@ -192,10 +193,11 @@ def failure_share(frame: pl.DataFrame, what: str, blocking: bool = True,
     return Check(True, f"{failed} of {total} {what} failed", details)
 
 
-def scorer_excerpts_held_out(scorer_excerpts: pl.DataFrame, excerpts: pl.DataFrame, per_split: int) -> Check:
+def scorer_excerpts_held_out(scorer_excerpts: pl.DataFrame, excerpts: pl.DataFrame, per_split: int,
+                             left_out=()) -> Check:
     """The scorers' excerpts: per neuron, no window the explainer saw (explain) or best-of-k chose on
     (calibration), no window both activating and non-activating, and `per_split` of each (no rows at all when
-    `per_split` is 0: no scorer runs)."""
+    `per_split` is 0: no scorer runs); none for the neurons `left_out` (too few windows of a kind)."""
     if per_split == 0:
         return (scorer_excerpts.is_empty(), "none: no scorer runs" if scorer_excerpts.is_empty()
                 else f"{len(scorer_excerpts)} rows although no scorer runs", {"rows": len(scorer_excerpts)})
@@ -209,10 +211,12 @@ def scorer_excerpts_held_out(scorer_excerpts: pl.DataFrame, excerpts: pl.DataFra
         counts = dict(g.group_by("split").len().iter_rows())
         if counts != {ACTIVATING: per_split, NON_ACTIVATING: per_split}:
             bad_counts.add(int(neuron))
-    missing = sorted(set(excerpts["neuron"].unique().to_list()) - set(scorer_excerpts["neuron"].unique().to_list()))
+    missing = sorted(set(excerpts["neuron"].unique().to_list()) - set(scorer_excerpts["neuron"].unique().to_list())
+                     - set(left_out))
     ok = not leaks and not bad_counts and not missing
     desc = (f"{scorer_excerpts['neuron'].n_unique()} neurons × {per_split} activating + {per_split} non-activating, "
-            "none seen by the explainer" if ok else
+            "none seen by the explainer" + (f"; {len(left_out)} left out (too few windows of a kind)" if left_out
+                                            else "") if ok else
             f"neurons {sorted(leaks)[:10]} judge windows the explainer saw (or one twice); neurons "
             f"{sorted(bad_counts)[:10]} have other counts; neurons {missing[:10]} have none")
     return ok, desc, {"rows": len(scorer_excerpts), "leaking_neurons": len(leaks), "wrong_counts": len(bad_counts)}
@@ -256,3 +260,18 @@ def scorer_scores_valid(scores: pl.DataFrame, explanations: pl.DataFrame, on: bo
     return (ok, f"{len(scores)} neurons, scores in [0, 1] or NaN with a status" if ok else
             f"{bad} invalid score rows; neurons {have[:10]} scored, {want[:10]} explained",
             {"neurons": len(scores), "invalid": bad})
+
+
+def judge_separates(found: dict | None, judge: str, control: str | None) -> Check:
+    """Warns when the judge (the simulator, or a scorer) cannot be told to rank a planted unit's true explanation
+    above a wrong one: its AUC interval over the planted units (`method/controls.separation`) includes chance.
+    `control`: the variant whose planted units say so (None: no control was run; nothing to say)."""
+    if not found or not found.get("units"):
+        return (True, f"no planted control scored by {judge}" + (f" in {control}" if control else ""), {},
+                WARN)
+    details = {k: found[k] for k in ("auc", "auc_lo", "auc_hi", "gap", "units")}
+    text = (f"{judge}, planted units of {control}: right vs wrong explanations AUC {found['auc']:.2f} "
+            f"[{found['auc_lo']:.2f}, {found['auc_hi']:.2f}]")
+    if controls.includes_chance(found):
+        return False, f"{text}: no better than chance, so its scores cannot rank explanations", details, WARN
+    return True, text, details, WARN

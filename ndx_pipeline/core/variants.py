@@ -147,3 +147,33 @@ def extraction_key(subject_model: Mapping[str, Any], corpus: Mapping[str, Any], 
     model = {k: subject_model.get(k) for k in ("model", "dtype", "window_tokens")}
     return settings_digest(model, dict(corpus), {k: selection.get(k) for k in EXTRACTION_FIELDS},
                            bool(token_table_counted), revision)
+
+
+# ------------------------------------------------------------------------------------------------------ controls
+
+PLANTED_CONTROL = "planted"  # a control variant's suffix: `<variant>.planted`
+CONTROLS = (PLANTED_CONTROL,)
+
+
+def control_name(variant: str, control: str = PLANTED_CONTROL) -> str:
+    """The name of `variant`'s control variant: `<variant>.<control>` (e.g. `neurons.planted`)."""
+    return check_name(f"{variant[:64 - len(control) - 1]}.{control}")
+
+
+def control_of(name: str) -> str | None:
+    """The control a variant's name says it is (`planted`), or None for a variant of its own."""
+    for control in CONTROLS:
+        if name.endswith(f".{control}"):
+            return control
+    return None
+
+
+def planted_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A variant's planted control: its explainer, simulator, scorers and excerpt counts, over planted units (every
+    rule) instead of its own units, with no baselines of its own (the planted units' true and wrong explanations
+    are what it judges)."""
+    out = {resource: dict(fields) for resource, fields in settings.items()}
+    out.setdefault("selection", {}).update(units="planted", dictionary=None, dictionary_hook=None, neurons=None,
+                                           neurons_per_layer=-1)
+    out.setdefault("quality", {}).update(baselines=[])
+    return out

@@ -15,6 +15,11 @@ FAILURES_BLOCK = (f"warns when more than {FAILURE_SHARE_WARN:.0%} of the layer's
                   "layer goes no further) when every one did")
 FAILURES_WARN = f"warns when more than {FAILURE_SHARE_WARN:.0%} of the layer's items failed, or all of them"
 
+JUDGE = "judge_separates"
+JUDGE_WARNS = ("warns when the judge's control says it cannot tell right from wrong: over the planted units (this "
+               "partition's, or the variant's control `<variant>.planted`), the AUC interval of true against wrong "
+               "explanations includes chance")
+
 CHECKS: dict[str, dict[str, str]] = {
     c.ACTIVATION_RECORDS: {"top_windows_ordered": "top windows ranked by max activation",
                            "record_counts": "top_k top and random_k random rows per neuron"},
@@ -31,7 +36,8 @@ CHECKS: dict[str, dict[str, str]] = {
     c.SIMULATIONS: {"simulations_well_formed": "one value in [0, 10] per token", FAILURES: FAILURES_BLOCK},
     c.BASELINE_SIMULATIONS: {"baseline_simulations_well_formed": "one value in [0, 10] per token",
                              FAILURES: FAILURES_WARN},
-    c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why", FAILURES: FAILURES_BLOCK},
+    c.SCORES: {"scores_valid": "in [-1, 1], or NaN with a status saying why", FAILURES: FAILURES_BLOCK,
+               JUDGE: JUDGE_WARNS},
     c.SCORER_EXCERPTS: {"held_out_from_the_explainer": "no window the explainer or best-of-k saw; the configured "
                                                        "activating and non-activating excerpts per neuron (none when "
                                                        "no scorer runs)"},
@@ -40,7 +46,7 @@ CHECKS: dict[str, dict[str, str]] = {
                     FAILURES: FAILURES_WARN}
        for judgements, _ in c.SCORER_ASSETS.values()},
     **{scores: {"scorer_scores_valid": "one row per explained neuron, each score in [0, 1] or NaN with a status "
-                                       "saying why (no rows when the scorer is off)"}
+                                       "saying why (no rows when the scorer is off)", JUDGE: JUDGE_WARNS}
        for _, scores in c.SCORER_ASSETS.values()},
 }
 

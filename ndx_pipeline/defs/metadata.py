@@ -12,8 +12,11 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import baseline_column, stored_dtype
+from ndx_pipeline.core.contract import PLANTED_TRUE, PLANTED_WRONG, baseline_column, stored_dtype
 from ndx_pipeline.core.llm.cache import LLMStats
+from ndx_pipeline.core.method.controls import separation, verdict
+from ndx_pipeline.core.variants import control_name, control_of
+from ndx_pipeline.reports.controls import read_controls
 
 
 def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
@@ -120,3 +123,25 @@ def baseline_metadata(frame: pl.DataFrame, names) -> dict:
         out[f"mean_{col}"] = round(float(np.nanmean(theirs)), 4) if np.isfinite(theirs).any() else float("nan")
         out[f"beats_{name}"] = f"{int((ours[both] > theirs[both]).sum())} of {int(both.sum())} neurons"
     return out
+
+
+def judge_control(storage: Path, variant: str, frame: pl.DataFrame, judge: str) -> tuple[dict | None, str | None]:
+    """(the judge's separation over planted units, the variant they are in): this partition's own planted units
+    when it has them (a control variant), else those of the variant's planted control, from its files; (None, None)
+    when there is none."""
+    true, wrong = baseline_column(PLANTED_TRUE), baseline_column(PLANTED_WRONG)
+    if {true, wrong} <= set(frame.columns):
+        return separation(frame[true].to_numpy(), frame[wrong].to_numpy()), variant
+    if control_of(variant):
+        return None, None
+    found = read_controls(storage, control_name(variant))
+    return (found["judges"].get(judge), found["control"]) if found else (None, None)
+
+
+def control_metadata(found: dict | None, control: str | None, judge: str) -> dict:
+    """What a score partition says of its judge's control (nothing when no control was run)."""
+    if not found or not found.get("units"):
+        return {}
+    return {"controls": control, "judge_auc": float(found["auc"]),
+            "judge_auc_interval": f"[{found['auc_lo']:.3f}, {found['auc_hi']:.3f}]",
+            "judge_verdict": f"{judge} on {found['units']} planted units: {verdict(found)}"}

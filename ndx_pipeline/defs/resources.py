@@ -84,7 +84,8 @@ class SelectionResource(dg.ConfigurableResource):
 
     units: str = Field(default=POSITIVE, description="positive | negative | both (MLP neurons: the side of each "
                                                      "neuron explained; both: two units per neuron) | dictionary "
-                                                     "(the latents of `dictionary`).")
+                                                     "(the latents of `dictionary`) | planted (the judge's control: "
+                                                     "units whose activation is a known token rule).")
     dictionary: str | None = Field(default=None, description="units=dictionary: a SAELens or sparsify dictionary "
                                                              "folder, or a folder holding one per layer.")
     dictionary_hook: str | None = Field(default=None, description="Where the dictionary reads, when its files do "

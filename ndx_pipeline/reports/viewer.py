@@ -58,7 +58,9 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.scoring import pooled_correlation
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import asset_path, stored_variants, viewer_dir, write_text_atomic
+from ndx_pipeline.core.variants import control_of
 from ndx_pipeline.reports.compare import ALL, compare
+from ndx_pipeline.reports.controls import control_lines, read_controls
 from ndx_pipeline.reports.lineage import (
     Documents,
     LayerData,
@@ -339,7 +341,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def render_index(rows: list[dict], extra: list[str], layers: list[int], note: str | None = None,
-                 scorers: list[dict] | None = None, *, variant: str, variants_href: str | None = None) -> str:
+                 scorers: list[dict] | None = None, *, variant: str, variants_href: str | None = None,
+                 controls: list[str] | None = None) -> str:
     """A variant's index page; `variants_href` links to the index of every variant (None: no link)."""
     baselines = [c for c in extra if c.startswith(BASELINE_COLUMN_PREFIX)]
     table = []
@@ -366,7 +369,7 @@ def render_index(rows: list[dict], extra: list[str], layers: list[int], note: st
     all_scores = [s for r in rows if (s := _num(r.get("score"))) is not None]
     return _render(
         "index.html.j2", variant=variant, variants_href=variants_href, note=note, layers=layers, rows=table,
-        summary=summary, scorers=scorers or [],
+        summary=summary, scorers=scorers or [], controls=controls or [],
         scorer_baselines=[b.replace("_", " ") for b in SIMULATED_BASELINES],
         extra_labels=[c.replace("_", " ") for c in extra],
         baseline_labels=[c.removeprefix(BASELINE_COLUMN_PREFIX).replace("_", " ") for c in baselines],
@@ -400,7 +403,8 @@ def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     rows, extra = _index_rows(storage_dir, chosen, variant)
     note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen, variant) else None
     page = render_index(rows, extra, chosen, note, scorer_summary(storage_dir, chosen, variant), variant=variant,
-                        variants_href="../index.html" if default else None)
+                        variants_href="../index.html" if default else None,
+                        controls=control_lines(read_controls(storage_dir, variant)))
     return write_text_atomic(page, out / "index.html")
 
 
@@ -721,5 +725,7 @@ def write_variants_index(storage_dir: str | os.PathLike, out_dir: str | os.PathL
     summary = [{"variant": v, "written": v in written,
                 "layers": [r for s in overview["sections"] if s["layer"] != ALL for r in s["rows"]
                            if r["variant"] == v]} for v in variants]
+    controls = [control_lines(found) for v in variants
+                if not control_of(v) and (found := read_controls(storage_dir, v))]
     write_text_atomic(_render("compare.html.j2", written=written, all_layers=ALL, **overview), out / "compare.html")
-    return write_text_atomic(_render("variants.html.j2", variants=summary), out / "index.html")
+    return write_text_atomic(_render("variants.html.j2", variants=summary, controls=controls), out / "index.html")

@@ -523,6 +523,19 @@ def torch_sort_windows(windows):
     return torch.sort(key, dim=-1, stable=True).indices
 
 
+def window_order(n_windows: int, quantile_k: int, seed: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """The order a pass takes the windows in, -1 where a batch is cut short, and how many batches the quantile
+    pilot takes: with quantile_k, the pilot windows first (in batches of their own), then the others in index order;
+    without, index order."""
+    order = np.arange(n_windows)
+    if not quantile_k:
+        return order, 0
+    pilot = pilot_windows(n_windows, seed)
+    rest = np.setdiff1d(order, pilot, assume_unique=True)
+    pad = np.full(-len(pilot) % batch_size, -1)  # keep pilot and the rest in separate batches
+    return np.concatenate([pilot, pad, rest]), -(-len(pilot) // batch_size)
+
+
 @dataclass(frozen=True)
 class Keep:
     """What a selection keeps per unit: `top_k` top windows, a `random_k` sample of windows drawn with `seed`, and
@@ -581,15 +594,7 @@ def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 
                              seed=keeps[slot].seed, mirrored=units.mirrored, nonnegative=units.nonnegative)
         for slot, units in unit_sets.items()
     }
-    order = np.arange(len(windows))
-    pilot_batches = 0
-    if quantile_k:
-        pilot = pilot_windows(len(windows), seed)
-        rest = np.setdiff1d(order, pilot, assume_unique=True)
-        order = np.concatenate([pilot, rest])
-        pilot_batches = -(-len(pilot) // batch_size)
-        if len(pilot) % batch_size:  # keep pilot and the rest in separate batches
-            order = np.concatenate([pilot, np.full(batch_size - len(pilot) % batch_size, -1), rest])
+    order, pilot_batches = window_order(len(windows), quantile_k, seed, batch_size)
     prefix, suffix = special_token_wrap(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     state: dict = {}

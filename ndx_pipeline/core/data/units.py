@@ -33,7 +33,8 @@ from ndx_pipeline.core.errors import NdxInputError
 POSITIVE, NEGATIVE, BOTH = "positive", "negative", "both"
 POLARITIES = (POSITIVE, NEGATIVE, BOTH)
 DICTIONARY = "dictionary"
-UNIT_CHOICES = (*POLARITIES, DICTIONARY)  # a run's `units`: a neuron side, or a dictionary's latents
+PLANTED = "planted"  # the judge's control: units whose activation is a known token rule (`planted`), no model
+UNIT_CHOICES = (*POLARITIES, DICTIONARY, PLANTED)  # a run's `units`: a neuron side, a dictionary's latents, planted
 ALL_UNITS = -1  # neurons_per_layer that takes every neuron (or latent) of a layer
 
 

@@ -9,7 +9,8 @@ explanation from its judgements.
   neuron's range and not only its very top; then, if those run short (or the records have no quantile samples),
   its top windows in rank order;
 - non-activating: the samples of the lowest bucket (window max under the median), then the neuron's random windows
-  whose max is under the median (any random window outside its top windows when no boundaries are known).
+  whose max is under the median or not above 0 (any random window outside its top windows when no boundaries are
+  known).
 Overlap with the simulation's score splits is allowed: those were held out from the explainer too.
 
 **Verdicts** (`verdict_work`). A scorer LLM gets the explanation and a numbered batch of excerpts and answers one
@@ -32,8 +33,10 @@ from ndx_pipeline.core import contract
 from ndx_pipeline.core.contract import (
     ACTIVATING,
     CALIBRATION,
+    CONTROL_BASELINES,
     EXCERPT_SCHEMA,
     EXPLAIN,
+    JUDGED_BASELINES,
     JUDGEMENT_SCHEMA,
     NON_ACTIVATING,
     QUANTILE_KIND_PREFIX,
@@ -74,10 +77,13 @@ def _round_robin(groups: Sequence[Sequence[dict]]) -> list[dict]:
     return out
 
 
-def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5) -> pl.DataFrame:
+def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int = 5,
+                      left_out: dict | None = None) -> pl.DataFrame:
     """`count` activating and `count` non-activating windows per neuron of `records` (see the module docstring),
     none of them among the neuron's `explain` or `calibration` windows in `excerpts` (top_excerpts). Rows in the
-    excerpts schema, split `activating` / `non_activating`. Raises NdxInputError when a neuron has too few."""
+    excerpts schema, split `activating` / `non_activating`. A neuron with too few: raises NdxInputError, or with
+    `left_out` (a dict), is left out and (layer, neuron) → why goes there (a unit that fires in every window has no
+    non-activating one: the scorers cannot judge it, and its score says so)."""
     if count < 1:
         raise NdxInputError(f"scorer_excerpts must be at least 1, not {count}.")
     seen: dict[tuple[int, int], set] = {}
@@ -94,10 +100,13 @@ def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int 
         median = bounds[MEDIAN_BOUNDARY] if bounds else None
         top_windows = {r["window_index"] for r in top}
         strong = _round_robin([by_kind.get(quantile_kind(b), []) for b in ACTIVATING_BUCKETS]) + top
+        # below the median window's max, or not firing at all (a sparse unit's median window is 0: not below it)
         weak = by_kind.get(quantile_kind(NON_ACTIVATING_BUCKET), []) + [
             r for r in by_kind.get(RANDOM, [])
-            if r["window_index"] not in top_windows and (median is None or r["max_activation"] < median)]
+            if r["window_index"] not in top_windows
+            and (median is None or r["max_activation"] < median or r["max_activation"] <= 0)]
         taken = set(seen.get((layer, neuron), set()))
+        unit_rows = []
         for split, candidates in ((ACTIVATING, strong), (NON_ACTIVATING, weak)):
             picked = []
             for r in candidates:
@@ -105,11 +114,16 @@ def held_out_excerpts(records: pl.DataFrame, excerpts: pl.DataFrame, count: int 
                     taken.add(r["window_index"])
                     picked.append(excerpt_row(layer, neuron, split, r))
             if len(picked) < count:
-                raise NdxInputError(
-                    f"layer {layer} neuron {neuron} has only {len(picked)} {split.replace('_', '-')} windows that the "
-                    f"explainer did not see, too few for scorer_excerpts={count}: use a larger corpus, more "
-                    "quantile samples or random windows, or a smaller scorer_excerpts.")
-            rows += picked
+                why = (f"layer {layer} neuron {neuron} has only {len(picked)} {split.replace('_', '-')} windows that "
+                       f"the explainer did not see, too few for scorer_excerpts={count}")
+                if left_out is None:
+                    raise NdxInputError(f"{why}: use a larger corpus, more quantile samples or random windows, or a "
+                                        "smaller scorer_excerpts.")
+                left_out[layer, neuron] = why
+                break
+            unit_rows += picked
+        else:
+            rows += unit_rows
     return frame(rows, EXCERPT_SCHEMA)
 
 
@@ -354,7 +368,7 @@ def scores_with_baselines(judgements: pl.DataFrame, explanations: pl.DataFrame,
     ours = score(judgements, explanations)
     theirs = {}
     if baseline_explanations is not None and len(baseline_explanations):
-        for name in SIMULATED_BASELINES:
+        for name in JUDGED_BASELINES:
             rows = baseline_explanations.filter(pl.col("baseline") == name)
             if len(rows):
                 theirs[name] = score(judgements, rows)
@@ -362,4 +376,7 @@ def scores_with_baselines(judgements: pl.DataFrame, explanations: pl.DataFrame,
     for name in SIMULATED_BASELINES:
         if contract.baseline_column(name) not in out.columns:
             out = out.with_columns(pl.lit(float("nan")).alias(contract.baseline_column(name)))
-    return out.select(list(SCORER_SCORE_SCHEMA)).cast(SCORER_SCORE_SCHEMA)
+    # a planted unit's controls (true and wrong explanation) beside, when it has them
+    controls = [contract.baseline_column(b) for b in CONTROL_BASELINES if b in theirs]
+    return out.select([*SCORER_SCORE_SCHEMA, *controls]).cast(
+        {**SCORER_SCORE_SCHEMA, **{col: pl.Float64 for col in controls}})

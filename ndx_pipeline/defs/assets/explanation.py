@@ -1,5 +1,6 @@
 """The explainer stage: one explanation per neuron (best-of-k candidates with the calibration simulations that chose
-among them), and the explanations the random and token-list baselines simulate beside ours."""
+among them), and the explanations the random and token-list baselines simulate beside ours (and, for planted units,
+their true and a wrong explanation: the judge's control)."""
 
 import time
 
@@ -8,6 +9,7 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.data.units import PLANTED
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
@@ -23,7 +25,7 @@ from ndx_pipeline.defs.materialize import (
 from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accounting
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
-from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
+from ndx_pipeline.defs.resources import LLMResource, QualityResource, SelectionResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settings
 
 
@@ -47,11 +49,13 @@ def _spec(asset: str, description: str) -> dg.AssetSpec:
     check_specs=check_specs(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
 )
 def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
-                 quality: QualityResource, storage: StorageResource):
+                 quality: QualityResource, selection: SelectionResource, storage: StorageResource):
     variant, layers = variant_of(context), layers_of(context)
     settings = VariantSettings(storage.path(), variant)
     quality, explainer_llm = settings("quality", quality), settings("explainer_llm", explainer_llm)
     simulator_llm = settings("simulator_llm", simulator_llm)
+    planted = settings("selection", selection).units == PLANTED  # the judge's control: true and wrong explanations
+    controls = list(c.CONTROL_BASELINES) if planted else []
     with bad_input_fails_the_run():
         k = quality.checked().explanation_candidates
         backend = explainer_llm.build(storage)
@@ -67,7 +71,7 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                 baselines=quality.baselines, token_list_explainer=quality.token_list_explainer,
                 seed=explainer_llm.seed, max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
                 digest=quality.explainer_digest, simulator_mode=simulator_llm.simulator_mode, scope=variant,
-                what=f"explanations, {variant} layers {layers}", log=context.log.info)
+                what=f"explanations, {variant} layers {layers}", planted=planted, log=context.log.info)
         accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
                       "variant": variant,
                       "settings_version": settings.digest(quality=quality, explainer_llm=explainer_llm)}
@@ -92,11 +96,11 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                       validation.every_neuron_explained(frame, excerpts[layer]))
             out.check(c.EXPLANATIONS, FAILURES, layer, validation.failure_share(kept, "explanations"))
             base = made.baseline_explanations.filter(pl.col("layer") == layer)
-            out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines),
+            out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines + controls),
                       failed=int((base["status"] != "ok").sum()), token_list_explainer=quality.token_list_explainer,
                       prompt_template_sha=PROMPT_SHAS["token_list"])
             out.check(c.BASELINE_EXPLANATIONS, "baselines_explained", layer,
-                      validation.baselines_explained(base, excerpts[layer], quality.simulated_baselines))
+                      validation.baselines_explained(base, excerpts[layer], quality.simulated_baselines + controls))
             out.check(c.BASELINE_EXPLANATIONS, FAILURES, layer,
                       validation.failure_share(base, "baseline explanations", blocking=False))
             cal = made.calibration_simulations.filter(pl.col("layer") == layer)

@@ -13,7 +13,7 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.method.scorers import make_scorer
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.checks import FAILURES, check_specs
+from ndx_pipeline.defs.checks import FAILURES, JUDGE, check_specs
 from ndx_pipeline.defs.materialize import (
     GROUP,
     LLM_POOL,
@@ -24,7 +24,13 @@ from ndx_pipeline.defs.materialize import (
     layers_of,
     variant_of,
 )
-from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, llm_accounting
+from ndx_pipeline.defs.metadata import (
+    baseline_metadata,
+    control_metadata,
+    finite_mean,
+    judge_control,
+    llm_accounting,
+)
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
@@ -49,14 +55,17 @@ def scorer_excerpts(context: dg.AssetExecutionContext, quality: QualityResource,
     out = Outputs(context, storage.path(), variant)
     for layer in layers_of(context):
         records, excerpts = out.read(c.ACTIVATION_RECORDS, layer), out.read(c.TOP_EXCERPTS, layer)
-        frame = c.empty(c.SCORER_EXCERPTS)
+        frame, left_out = c.empty(c.SCORER_EXCERPTS), {}
         if count:
             with bad_input_fails_the_run():
-                frame = stages.scorer_excerpts(records, excerpts, count, scope=variant)
+                frame = stages.scorer_excerpts(records, excerpts, count, scope=variant, left_out=left_out)
+        for why in left_out.values():
+            context.log.warning(f"{why}: the scorers do not judge it (its scorer scores say so)")
         out.write(c.SCORER_EXCERPTS, frame, layer, neurons=frame["neuron"].n_unique(), per_split=count,
-                  scorers=str(q.scorers), quantile_buckets=str(sorted(frame["kind"].unique().to_list())))
+                  scorers=str(q.scorers), quantile_buckets=str(sorted(frame["kind"].unique().to_list())),
+                  units_left_out=len(left_out))
         out.check(c.SCORER_EXCERPTS, "held_out_from_the_explainer", layer,
-                  validation.scorer_excerpts_held_out(frame, excerpts, count))
+                  validation.scorer_excerpts_held_out(frame, excerpts, count, [n for _, n in left_out]))
     return out.result(c.SCORER_EXCERPTS)
 
 
@@ -115,12 +124,14 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
             out.check(judgements, FAILURES, layer,
                       validation.failure_share(mine, f"{name} judgements", blocking=False))
             valid = scored["score"].drop_nans().drop_nulls()
+            judged, control = judge_control(storage.path(), variant, scored, name) if on else (None, None)
             out.write(scores, scored, layer, runs=on, neurons=len(scored), scored=len(valid),
                       metric=scored["metric"][0] if len(scored) else "", mean_score=finite_mean(scored["score"]),
                       median_score=float(valid.median()) if len(valid) else float("nan"),
-                      **baseline_metadata(scored, c.SIMULATED_BASELINES))
+                      **baseline_metadata(scored, c.SIMULATED_BASELINES), **control_metadata(judged, control, name))
             out.check(scores, "scorer_scores_valid", layer,
                       validation.scorer_scores_valid(scored, found[c.EXPLANATIONS][layer], on))
+            out.check(scores, JUDGE, layer, validation.judge_separates(judged, name, control))
         yield from out.results(judgements, scores)
 
     return step

@@ -6,10 +6,11 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.method.controls import SIMULATION
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import viewer_dir
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.checks import FAILURES, check_specs
+from ndx_pipeline.defs.checks import FAILURES, JUDGE, check_specs
 from ndx_pipeline.defs.materialize import (
     GROUP,
     SINGLE_RUN,
@@ -19,7 +20,14 @@ from ndx_pipeline.defs.materialize import (
     layers_of,
     variant_of,
 )
-from ndx_pipeline.defs.metadata import baseline_metadata, finite_mean, neuron_table, score_histogram
+from ndx_pipeline.defs.metadata import (
+    baseline_metadata,
+    control_metadata,
+    finite_mean,
+    judge_control,
+    neuron_table,
+    score_histogram,
+)
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
@@ -52,6 +60,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
             context.log.warning(f"layer {layer}: no inputs for the {name} baseline ({why}); rematerialize from "
                                 "that stage to fill it")
         frame = made.scores
+        judge, control = judge_control(storage.path(), variant, frame, SIMULATION)
         valid = frame["score"].drop_nans().drop_nulls()
         simulators = set(sims["simulator"].drop_nulls())
         out.write(c.SCORES, frame, layer, neurons=len(frame), scored=len(valid),
@@ -67,9 +76,10 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
                   failed_simulations=int((sims["status"] != "ok").sum()),
                   missing_baselines=str(sorted(made.missing)), **baseline_metadata(frame, names),
                   **({"note": BUNDLED_MODEL_NOTE} if any(is_bundled(s) for s in simulators) else {}),
-                  variant=variant,
+                  variant=variant, **control_metadata(judge, control, SIMULATION),
                   neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path(), variant) / "index.html")))
         out.check(c.SCORES, "scores_valid", layer, validation.scores_valid(frame))
+        out.check(c.SCORES, JUDGE, layer, validation.judge_separates(judge, SIMULATION, control))
         out.check(c.SCORES, FAILURES, layer, validation.failure_share(
             frame.with_columns(pl.when(pl.col("score").is_nan()).then(pl.lit("undefined")).otherwise(pl.lit("ok"))
                                .alias("status")), "neurons' scores (undefined or failed)"))

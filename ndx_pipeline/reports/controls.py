@@ -1,0 +1,69 @@
+"""The controls of a variant, read from the data contract: its planted control (`<variant>.planted`, units whose
+activation is a known token rule) says, per judge (the simulator and each scorer), whether it tells a right
+explanation from a wrong one, and how close the explainer comes to the rules (`core/method/controls.py`).
+
+Read by the CLI's summary, `compare` and the viewer's index; computed from the stored scores files alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import polars as pl
+
+from ndx_pipeline.core.contract import SCORER_ASSETS, SCORES
+from ndx_pipeline.core.data.planted import RULES
+from ndx_pipeline.core.method.controls import SIMULATION, judge_controls, verdict
+from ndx_pipeline.core.storage import asset_path, variant_layers
+from ndx_pipeline.core.variants import control_name
+
+
+def read_controls(storage: str | Path, variant: str) -> dict | None:
+    """`judge_controls` of `variant`'s planted control (or of `variant` itself when it is one), from its files;
+    None when it has no scores."""
+    storage = Path(storage)
+    for name in (variant, control_name(variant)):
+        layers = variant_layers(storage, SCORES, name)
+        if not layers:
+            continue
+        scores = pl.concat([pl.read_parquet(asset_path(storage, SCORES, layer, name)) for layer in layers],
+                           how="diagonal_relaxed")
+        if "baseline_planted_true" not in scores.columns:
+            continue  # a variant of real units: its control is the other name
+        judged = {}
+        for scorer, (_, asset) in SCORER_ASSETS.items():
+            found = [asset_path(storage, asset, layer, name) for layer in layers]
+            frames = [pl.read_parquet(p) for p in found if p.exists()]
+            if frames:
+                judged[scorer] = pl.concat(frames, how="diagonal_relaxed")
+        return {"variant": variant, "control": name, "layers": layers, **judge_controls(scores, judged)}
+    return None
+
+
+def _f(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else "nan"
+
+
+def judge_line(judge: str, found: dict) -> str:
+    """One judge's separation in one line, with what it means."""
+    return (f"{judge}: right vs wrong explanations AUC {_f(found['auc'])} [{_f(found['auc_lo'])}, "
+            f"{_f(found['auc_hi'])}], gap {_f(found['gap'], 3)} [{_f(found['gap_lo'], 3)}, {_f(found['gap_hi'], 3)}] "
+            f"over {found['units']} planted units — {verdict(found)}")
+
+
+def control_lines(found: dict | None) -> list[str]:
+    """The controls in a few lines: the heading, one line per judge, one for the explainer."""
+    if not found:
+        return []
+    lines = [f"Controls of {found['variant']} (variant {found['control']}: {len(RULES)} planted units, known token "
+             "rules; each judged with its true explanation and another unit's):"]
+    judges = found["judges"]
+    for judge in [SIMULATION, *sorted(j for j in judges if j != SIMULATION)]:
+        if judge in judges:
+            lines.append("  " + judge_line(judge, judges[judge]))
+    rec = found.get("recovery")
+    if rec:
+        lines.append(f"  explainer recovery: its own explanations score {_f(rec['share'])} [{_f(rec['share_lo'])}, "
+                     f"{_f(rec['share_hi'])}] of the true ones' (simulation); {rec['names_rule']} of "
+                     f"{rec['explained']} name their rule")
+    return lines
