@@ -32,7 +32,10 @@ from ndx_pipeline.core.storage import (
     write_text_atomic,
 )
 from ndx_pipeline.core.variants import (
+    CONTROLS,
     DEFAULT_VARIANT,
+    PLANTED_CONTROL,
+    RANDOM_WEIGHTS_CONTROL,
     VARIANT_RESOURCES,
     check_name,
     control_name,
@@ -40,6 +43,7 @@ from ndx_pipeline.core.variants import (
     declared_settings,
     default_name,
     planted_settings,
+    random_weights_settings,
     record_variant,
     variants_file,
 )
@@ -51,7 +55,7 @@ from ndx_pipeline.defs.provenance import record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
-from ndx_pipeline.reports.controls import control_lines, read_controls
+from ndx_pipeline.reports.controls import controls_text
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
 from ndx_pipeline.reports.viewer import write_viewer
@@ -143,6 +147,17 @@ def variant_settings(config: dict, declared: dict) -> dict:
         fields.update(given.get(name, {}).get("config", {}))
         out[name] = fields
     return out
+
+
+def chosen_controls(text: str) -> list[str]:
+    """The controls `--controls` names (planted, random-weights; none: no control), or one sentence why not."""
+    names = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [x for x in names if x not in CONTROLS]
+    if unknown or not names:
+        raise NdxInputError(f"--controls {text!r}: give a comma list of {', '.join(CONTROLS)}, or none.")
+    return names
 
 
 def run_variants(args) -> list[str]:
@@ -339,6 +354,7 @@ def cmd_run(args) -> int:
     layers = check_layers(args.model, parse_layers(args.layers))
     stages.corpus(args.corpus or default_resources()["corpus_source"].path)  # a bad corpus: one sentence, now
     variants = run_variants(args)
+    wanted = chosen_controls(args.controls)
     storage = _storage(args)
     refuse_legacy_layout(storage)
     definitions = build_definitions()
@@ -346,23 +362,32 @@ def cmd_run(args) -> int:
     selection = _selection(definitions, args.start).resolve(graph)
     job = definitions.resolve_job_def(MAIN_JOB)
     config = run_config(args)
-    controls = {}  # variant → its planted control (run first, on one layer: the rules are the same at every layer)
+    # variant → its planted control (run first, on one layer: the rules are the same at every layer) and its
+    # random-weight control (run after it, on the same layers)
+    controls: dict[str, str] = {}
+    randomized: dict[str, str] = {}
     for variant in variants:
         settings = variant_settings(config, declared_settings(storage, variant))
         if record_variant(variants_file(storage), variant, settings):
             print(f"variant {variant}: settings recorded in {variants_file(storage)}", flush=True)
-        if args.controls != "none" and not control_of(variant):
+        if control_of(variant):
+            continue
+        if PLANTED_CONTROL in wanted:
             controls[variant] = control_name(variant)
             record_variant(variants_file(storage), controls[variant], planted_settings(settings))
+        if RANDOM_WEIGHTS_CONTROL in wanted:
+            randomized[variant] = control_name(variant, RANDOM_WEIGHTS_CONTROL)
+            record_variant(variants_file(storage), randomized[variant], random_weights_settings(settings))
     named = f"variant {variants[0]}" if len(variants) == 1 else f"variants {', '.join(variants)}"
     print(f"ndx-pipeline: {named}, layers {layers} on instance {home}; Parquet under {storage}"
-          + (f"; controls {', '.join(controls.values())} on layer {min(layers)}" if controls else ""), flush=True)
+          + (f"; controls {', '.join(controls.values())} on layer {min(layers)}" if controls else "")
+          + (f"; random-weight controls {', '.join(randomized.values())}" if randomized else ""), flush=True)
     started = time.perf_counter()
     step_time: dict[str, float] = {}
     failed: dict[str, dict[int, str]] = {}  # variant → layer → why it stopped (the other layers go on)
     errors: list[str] = []  # a variant whose run failed outright (the other variants go on)
     with dg.DagsterInstance.get() as instance:
-        for variant in [*variants, *controls.values()]:
+        for variant in [*variants, *controls.values(), *randomized.values()]:
             add_variant(instance, variant)
             changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
             if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
@@ -379,18 +404,25 @@ def cmd_run(args) -> int:
             joint = {EXTRACT_WITH_TAG: ",".join(variants[i + 1:])} if i == 0 and len(variants) > 1 else {}
             error = run_layers(job, instance, config, variant, layers, selection, args.start is None, joint,
                                step_time, failed.setdefault(variant, {}))
-            if error and len(variants) == 1:  # the run's one sentence is all there is to say
+            if error and len(variants) == 1 and not (controls or randomized):  # its one sentence is all to say
                 print(f"error: {error.split(': ', 1)[1]}", file=sys.stderr)
                 return 1
             if error:
                 errors.append(error)
+            if variant in randomized and not error:  # the same units and settings, on re-initialized weights
+                control_time = {}
+                error = run_layers(job, instance, config, randomized[variant], layers, selection, True, {},
+                                   control_time, failed.setdefault(randomized[variant], {}))
+                step_time[CONTROLS_STEP] = step_time.get(CONTROLS_STEP, 0.0) + sum(control_time.values())
+                if error:
+                    errors.append(error)
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
     print(stage_table(step_time) + "\n")
     for variant in variants:
         scored = [layer for layer in layers if layer not in failed[variant]]
         if scored and not any(e.startswith(f"variant {variant}:") for e in errors):
             print(summarize(storage, scored, variant))
-        lines = control_lines(read_controls(storage, variant)) if variant in controls else []
+        lines = controls_text(storage, variant) if variant in controls or variant in randomized else []
         if lines:
             print("\n" + "\n".join(lines))
     if bundled_llms(args):
@@ -550,11 +582,14 @@ def parser() -> argparse.ArgumentParser:
                           "neurons-both, or the dictionary folder's name); its settings are recorded in the variants "
                           "file. Repeat it to run several variants, one after the other, with one extraction pass for "
                           "all their unit sets; the other options then apply to each of them")
-    run.add_argument("--controls", choices=("planted", "none"), default="planted",
-                     help="planted (default): before each variant, its control variant <variant>.planted on the first "
-                          "layer: units whose activation is a known token rule, each judged with its true and a "
-                          "wrong explanation, so the summary says whether the simulator and scorers tell right from "
-                          "wrong; none: no control")
+    run.add_argument("--controls", default=PLANTED_CONTROL,
+                     help="comma list of planted, random-weights, or none. planted (default): before each variant, "
+                          "its control variant <variant>.planted on the first layer: units whose activation is a "
+                          "known token rule, each judged with its true and a wrong explanation, so the summary says "
+                          "whether the simulator and scorers tell right from wrong; random-weights: after each "
+                          "variant, <variant>.random-weights, the same units on the subject model with "
+                          "re-initialized weights (as long as the variant itself), so the summary says how much of "
+                          "each score training accounts for")
     run.add_argument("--from", dest="start", metavar="ASSET",
                      help="materialize only this asset and everything downstream (e.g. top_excerpts after import)")
     run.add_argument("--model", help="subject model: HF id (local cache), folder or .gguf (default: bundled)")

@@ -139,3 +139,27 @@ def test_a_coin_judge_is_found_no_better_than_chance(judged_controls):
     assert judge and not judge[0].passed and judge[0].severity == dg.AssetCheckSeverity.WARN
     assert "no better than chance" in judge[0].description
     assert math.isfinite(sim["auc"])
+
+
+def test_random_weights_are_other_weights_on_the_same_architecture_and_tokenizer():
+    import torch
+
+    from ndx_pipeline.core.data.subject_model import load_subject_model
+
+    trained, tok = load_subject_model(None)
+    random, tok_random = load_subject_model(None, weights="random", seed=0)
+    again, _ = load_subject_model(None, weights="random", seed=0)
+    other, _ = load_subject_model(None, weights="random", seed=1)
+    def architecture(model) -> dict:
+        return {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+
+    assert type(random) is type(trained) and architecture(random) == architecture(trained)
+    assert tok_random.get_vocab() == tok.get_vocab()
+    shapes = {k: v.shape for k, v in trained.state_dict().items()}
+    assert {k: v.shape for k, v in random.state_dict().items()} == shapes
+    name = next(k for k in shapes if k.endswith("mlp.down_proj.weight"))
+    assert not torch.equal(trained.state_dict()[name], random.state_dict()[name])
+    assert torch.equal(random.state_dict()[name], again.state_dict()[name])  # seeded
+    assert not torch.equal(random.state_dict()[name], other.state_dict()[name])
+    with pytest.raises(Exception, match="subject_weights='pretrained' is not known"):
+        load_subject_model(None, weights="pretrained")

@@ -202,6 +202,37 @@ def test_a_variant_that_differs_in_its_simulator_runs_no_forward_pass(two_varian
 
 
 @pytest.mark.slow
+def test_a_random_weight_control_runs_the_same_units_through_the_same_pipeline(two_variants):
+    """`neurons.random-weights`: the same units and settings as `neurons` on layer 0, the subject model re-initialized;
+    its own extraction (other activations, the same windows' tokens), scored, and trained − random per layer."""
+    from ndx_pipeline.core.variants import control_name, random_weights_settings
+    from ndx_pipeline.reports.controls import random_weight_lines, read_random_weights
+
+    instance, storage, corpus = two_variants["instance"], two_variants["storage"], two_variants["corpus"]
+    control = control_name("neurons", "random-weights")
+    record_variant(variants_file(storage), control, random_weights_settings({}))
+    assert run(instance, storage, corpus, control, [0], quality={**SMALL["quality"], "scorers": []}).success
+    mine, theirs = (metadata(instance, c.ACTIVATION_RECORDS, 0, v) for v in (control, "neurons"))
+    assert mine["subject_model_forward_passes"] > 0 and mine["extraction_key"] != theirs["extraction_key"]
+    records = {v: pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, 0, v)) for v in (control, "neurons")}
+    assert sorted(records[control]["neuron"].unique()) == sorted(records["neurons"]["neuron"].unique()) == [5, 77]
+    random_rows = {(r["kind"], r["rank"], r["neuron"]): r for r in records[control].iter_rows(named=True)}
+    same = [(r, random_rows[r["kind"], r["rank"], r["neuron"]]) for r in records["neurons"].iter_rows(named=True)
+            if r["kind"] == "random"]  # the seeded random windows: the same windows on both models
+    assert same and all(a["window_index"] == b["window_index"] and a["tokens"] == b["tokens"] for a, b in same)
+    assert any(a["activations"] != b["activations"] for a, b in same)
+    found = read_random_weights(storage, "neurons")
+    row = found["judges"]["simulation"][0]
+    assert row["layer"] == 0 and row["units"] >= 1 and np.isfinite(row["diff"])
+    scores = {v: pl.read_parquet(asset_path(storage, c.SCORES, 0, v)) for v in (control, "neurons")}
+    both = scores["neurons"].select("neuron", "score").join(
+        scores[control].select("neuron", pl.col("score").alias("untrained")), on="neuron").filter(
+        pl.col("score").is_finite() & pl.col("untrained").is_finite())
+    assert row["diff"] == pytest.approx(float((both["score"] - both["untrained"]).mean()))
+    assert random_weight_lines(found)[1].startswith("  simulation: layer 0 ")
+
+
+@pytest.mark.slow
 def test_changing_a_variants_settings_makes_only_that_variant_stale(two_variants):
     """A new simulator setting for sim-f32: its simulations turn stale, layer by layer; its extraction and
     explanations stay fresh, and nothing of the neurons variant changes."""

@@ -36,7 +36,9 @@ from ndx_pipeline.core.data.corpus import read_corpus
 from ndx_pipeline.core.data.planted import RULES as PLANTED_RULES
 from ndx_pipeline.core.data.planted import PlantedUnits, planted_selection
 from ndx_pipeline.core.data.subject_model import (
+    TRAINED,
     check_layers,
+    check_weights,
     hook_width,
     load_subject_model,
     load_tokenizer,
@@ -138,6 +140,7 @@ class UnitChoice:
     random_k: int = 20
     quantile_k: int = 4
     token_table: bool = True
+    subject_weights: str = TRAINED
 
     def unit_sets(self, model: str | None) -> dict[int, UnitSet]:
         return unit_sets(model, check_layers(model, self.layers), units=self.units, neurons=self.neurons,
@@ -147,9 +150,11 @@ class UnitChoice:
     def keep(self) -> act.Keep:
         return act.Keep(self.top_k, self.random_k, self.seed, self.token_table)
 
-    def pass_order(self) -> tuple:
-        """What orders the pass's windows (the quantile pilot's draw): choices read in one pass agree on it."""
-        return self.quantile_k, self.seed if self.quantile_k else None
+    def pass_key(self) -> tuple:
+        """What choices read in one pass agree on: the model's weights (a random-weight model is seeded) and what
+        orders the pass's windows (the quantile pilot's draw)."""
+        random = self.subject_weights != TRAINED
+        return (self.quantile_k, self.seed if self.quantile_k or random else None, self.subject_weights)
 
 
 def unit_sets(model: str | None, layers: Sequence[int], *, units: str = POSITIVE, neurons: Sequence[int] | None = None,
@@ -189,17 +194,20 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                        seed: int = 0, dictionary: str | None = None, dictionary_hook: str | None = None,
                        top_k: int = 20, random_k: int = 20, quantile_k: int = 4, token_table: bool = True,
                        device: str = "cpu", dtype: str = "float32", batch_size: int = 16, window_tokens: int = 64,
-                       also: dict[str, UnitChoice] | None = None, log: Log = quiet) -> Extraction:
+                       subject_weights: str = TRAINED, also: dict[str, UnitChoice] | None = None,
+                       log: Log = quiet) -> Extraction:
     """One pass of the subject model over the corpus for every layer of `layers`: per chosen unit (see
     `unit_sets`) its top, random and quantile windows and moments, and (token_table) the per-token table of the
     lookup baseline. `also`: other choices (name → UnitChoice, e.g. other variants' unit sets) read in the same
-    pass, their records in `Extraction.joint[name]`, each what a pass of its own would keep."""
+    pass, their records in `Extraction.joint[name]`, each what a pass of its own would keep. subject_weights
+    "random": the subject model re-initialized with `seed` (the random-weight control; `load_subject_model`)."""
     main = UnitChoice(tuple(layers), units, None if neurons is None else tuple(neurons), neurons_per_layer, seed,
-                      dictionary, dictionary_hook, top_k, random_k, quantile_k, token_table)
+                      dictionary, dictionary_hook, top_k, random_k, quantile_k, token_table,
+                      check_weights(subject_weights))
     choices = {None: main, **(also or {})}
     for name, choice in choices.items():
-        if choice.pass_order() != main.pass_order():
-            raise ValueError(f"{name} cannot share this pass: its quantile_k and seed order the windows otherwise.")
+        if choice.pass_key() != main.pass_key():
+            raise ValueError(f"{name} cannot share this pass: its model weights, quantile_k or seed differ.")
     slots: dict[tuple, UnitSet] = {}
     planted: dict[tuple, PlantedUnits] = {}  # no model: their activations are rules over the tokens
     keep: dict[tuple, act.Keep] = {}
@@ -211,8 +219,9 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
             described.setdefault(unit_set.describe_set(), []).append(str(layer) if name is None else f"{layer} "
                                                                                                    f"({name})")
     if slots:
-        log(f"loading subject model {model or 'bundled'} on {device}")
-        subject, tokenizer = load_subject_model(model, device, dtype)
+        log(f"loading subject model {model or 'bundled'} on {device}"
+        + (f", weights re-initialized (seed {seed}): the random-weight control" if subject_weights != TRAINED else ""))
+        subject, tokenizer = load_subject_model(model, device, dtype, subject_weights, seed)
     else:
         subject, tokenizer = None, load_tokenizer(model)
     windows = tokenize_windows(tokenizer, documents["doc_id"].to_list(), documents["text"].to_list(), window_tokens)

@@ -39,7 +39,7 @@ VARIANT_RESOURCES = ("selection", "quality", "explainer_llm", "simulator_llm", "
 NOT_RECORDED = {"max_concurrency", "timeout_s", "deadline_s", "max_attempts", "api_key_env"}
 # the selection fields that change the extraction pass (the split counts only change top_excerpts)
 EXTRACTION_FIELDS = ("units", "dictionary", "dictionary_hook", "neurons_per_layer", "neurons", "seed", "top_k",
-                     "random_k", "quantile_k")
+                     "random_k", "quantile_k", "subject_weights")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RESERVED = {"index.html", "compare.html"}  # the viewer's pages beside the variants' folders
 
@@ -145,14 +145,17 @@ def extraction_key(subject_model: Mapping[str, Any], corpus: Mapping[str, Any], 
     """What the extraction pass's files depend on: equal keys, equal activation_records and token_table files.
     `revision`: the extraction method's own revision (a new one never shares an older one's files)."""
     model = {k: subject_model.get(k) for k in ("model", "dtype", "window_tokens")}
-    return settings_digest(model, dict(corpus), {k: selection.get(k) for k in EXTRACTION_FIELDS},
-                           bool(token_table_counted), revision)
+    chosen = {k: selection.get(k) for k in EXTRACTION_FIELDS}
+    if chosen["subject_weights"] in (None, "trained"):  # the default: keys as they were before the setting existed
+        del chosen["subject_weights"]
+    return settings_digest(model, dict(corpus), chosen, bool(token_table_counted), revision)
 
 
 # ------------------------------------------------------------------------------------------------------ controls
 
 PLANTED_CONTROL = "planted"  # a control variant's suffix: `<variant>.planted`
-CONTROLS = (PLANTED_CONTROL,)
+RANDOM_WEIGHTS_CONTROL = "random-weights"  # `<variant>.random-weights`: the same, on a re-initialized subject model
+CONTROLS = (PLANTED_CONTROL, RANDOM_WEIGHTS_CONTROL)
 
 
 def control_name(variant: str, control: str = PLANTED_CONTROL) -> str:
@@ -176,4 +179,12 @@ def planted_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
     out.setdefault("selection", {}).update(units="planted", dictionary=None, dictionary_hook=None, neurons=None,
                                            neurons_per_layer=-1)
     out.setdefault("quality", {}).update(baselines=[])
+    return out
+
+
+def random_weights_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A variant's random-weight control: all of its settings, on the subject model with re-initialized weights
+    (same architecture, tokenizer, units and corpus)."""
+    out = {resource: dict(fields) for resource, fields in settings.items()}
+    out.setdefault("selection", {}).update(subject_weights="random")
     return out

@@ -96,6 +96,9 @@ class SelectionResource(dg.ConfigurableResource):
     neurons: list[int] | None = Field(default=None, description="Explicit neuron (or latent) indices (overrides "
                                                                 "the count).")
     seed: int = 0
+    subject_weights: str = Field(default="trained", description="trained (the subject model's own weights) | random "
+                                                                "(re-initialized with `seed` by the model's own "
+                                                                "initializer: the random-weight control).")
     top_k: int = 20
     random_k: int = 20
     quantile_k: int = Field(default=4, description="Windows kept per activation-quantile bucket (buckets at the "

@@ -35,6 +35,7 @@ from ndx_pipeline.defs.resources import default_resources
 # Bump when a stage's method changes in a way that changes its output.
 METHOD_REVISIONS = {asset: 1 for asset in c.ASSETS}
 METHOD_REVISIONS[c.ACTIVATION_RECORDS] = 2  # unit columns; a unit that never fired gets one `dead` row
+METHOD_REVISIONS[c.SCORER_EXCERPTS] = 2  # a window where the unit never fires is non-activating; too few: left out
 NOT_VERSIONED = {"api_key_env", "max_concurrency", "timeout_s", "deadline_s", "max_attempts", "device", "batch_size",
                  "storage_dir"}
 SPLIT_COUNTS = ("explain_excerpts", "score_top_excerpts", "score_random_excerpts")
@@ -45,8 +46,14 @@ def _digest(*parts) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+# settings added later whose default leaves everything as it was: versioned only when set otherwise, so that
+# adding them made nothing stale
+LATER_DEFAULTS = {"subject_weights": "trained"}
+
+
 def _config(resource, drop=()) -> dict:
-    return {k: v for k, v in resource.model_dump().items() if k not in NOT_VERSIONED and k not in drop}
+    return {k: v for k, v in resource.model_dump().items() if k not in NOT_VERSIONED and k not in drop
+            and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def explainer_prompt_sha() -> str:

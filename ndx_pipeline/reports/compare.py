@@ -33,7 +33,7 @@ from ndx_pipeline.core.contract import ACTIVATION_RECORDS, BASELINES, SCORER_ASS
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, stored_variants, variant_layers
 from ndx_pipeline.core.variants import control_of
-from ndx_pipeline.reports.controls import control_lines, read_controls
+from ndx_pipeline.reports.controls import control_lines, random_weight_lines, read_controls, read_random_weights
 from ndx_pipeline.reports.lineage import json_safe
 
 NAN = float("nan")
@@ -67,7 +67,9 @@ def compare(storage_dir: str | os.PathLike, variants: Sequence[str] | None = Non
                                         resamples, seed))
         for a, b in combinations(variants, 2):
             pairs.append(_pair_row(layer, a, b, chosen[a], chosen[b], resamples, seed))
-    controls = {v: found for v in variants if not control_of(v) and (found := read_controls(storage, v))}
+    controls = {v: {"planted": read_controls(storage, v), "random_weights": read_random_weights(storage, v)}
+                for v in variants if not control_of(v)}
+    controls = {v: found for v, found in controls.items() if any(found.values())}
     return {"storage": str(storage), "variants": variants, "layers": layers, "resamples": resamples, "seed": seed,
             "baselines": baselines, "scorers": scorers, "summary": summary, "pairs": pairs, "controls": controls}
 
@@ -233,7 +235,8 @@ def format_compare(result: dict) -> str:
                    " units where B's score is higher / lower / equal; paired = mean of B − A over the shared units,"
                    " lo95..hi95 its 95 % bootstrap interval resampling them)")]
     for found in result.get("controls", {}).values():  # can each variant's judge be trusted at all?
-        lines += ["", *control_lines(found)]
+        for text in (control_lines(found["planted"]), random_weight_lines(found["random_weights"])):
+            lines += ["", *text] if text else []
     return "\n".join(lines)
 
 

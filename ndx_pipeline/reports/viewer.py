@@ -60,7 +60,7 @@ from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import asset_path, stored_variants, viewer_dir, write_text_atomic
 from ndx_pipeline.core.variants import control_of
 from ndx_pipeline.reports.compare import ALL, compare
-from ndx_pipeline.reports.controls import control_lines, read_controls
+from ndx_pipeline.reports.controls import controls_text
 from ndx_pipeline.reports.lineage import (
     Documents,
     LayerData,
@@ -404,7 +404,7 @@ def write_index(storage_dir: str | os.PathLike, out_dir: str | os.PathLike | Non
     note = BUNDLED_MODEL_NOTE if bundled_llm_used(storage_dir, chosen, variant) else None
     page = render_index(rows, extra, chosen, note, scorer_summary(storage_dir, chosen, variant), variant=variant,
                         variants_href="../index.html" if default else None,
-                        controls=control_lines(read_controls(storage_dir, variant)))
+                        controls=controls_text(storage_dir, variant))
     return write_text_atomic(page, out / "index.html")
 
 
@@ -725,7 +725,6 @@ def write_variants_index(storage_dir: str | os.PathLike, out_dir: str | os.PathL
     summary = [{"variant": v, "written": v in written,
                 "layers": [r for s in overview["sections"] if s["layer"] != ALL for r in s["rows"]
                            if r["variant"] == v]} for v in variants]
-    controls = [control_lines(found) for v in variants
-                if not control_of(v) and (found := read_controls(storage_dir, v))]
+    controls = [lines for v in variants if not control_of(v) and (lines := controls_text(storage_dir, v))]
     write_text_atomic(_render("compare.html.j2", written=written, all_layers=ALL, **overview), out / "compare.html")
     return write_text_atomic(_render("variants.html.j2", variants=summary, controls=controls), out / "index.html")

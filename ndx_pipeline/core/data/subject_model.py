@@ -97,15 +97,38 @@ def load_tokenizer(name: str | None):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
-def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32"):
-    """Load the model body (no LM head is needed) and its tokenizer, in eval mode."""
+TRAINED, RANDOM_WEIGHTS = "trained", "random"
+WEIGHTS = (TRAINED, RANDOM_WEIGHTS)  # the subject model's weights: its own, or re-initialized (the control)
+
+
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise NdxInputError(f"subject_weights={weights!r} is not known: use {' or '.join(WEIGHTS)}.")
+    return weights
+
+
+def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32", weights: str = TRAINED,
+                       seed: int = 0):
+    """Load the model body (no LM head is needed) and its tokenizer, in eval mode. weights="random": the same
+    architecture and tokenizer with every weight re-initialized by the model's own initializer, seeded with `seed`
+    (the random-weight control: no trained weight is read)."""
+    import torch
     from transformers import AutoModel
 
     num_layers(name)  # clear error for an unknown model before any weights are touched
     dtype = torch_dtype(dtype, "subject_model.dtype")
     tokenizer = load_tokenizer(name)
     path, kwargs = loadable(resolve_model(name))
-    model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+    if check_weights(weights) == RANDOM_WEIGHTS:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # seeded here, the caller's random state untouched
+            torch.manual_seed(int(seed))
+            model = AutoModel.from_config(config)
+        model.to(dtype)
+    else:
+        model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
     model.to(device).eval()
     return model, tokenizer
 

@@ -9,6 +9,9 @@
   interval over the units.
 - **Explainer recovery**: the explainer's own explanations' mean score as a share of the true explanations' mean
   score (ratio of means, with its interval), and how many of them name the rule (`PlantedRule.named_in`).
+- **Trained minus random weights** (`trained_minus_random`): the same units explained and scored on the subject
+  model and on a copy with re-initialized weights; per layer (and pooled), the mean paired difference of the scores
+  with its bootstrap interval. A score that a random-weight model reaches as well says little about training.
 
 A judge whose AUC interval includes 0.5 cannot be trusted to rank explanations of real units either; the report
 says so in those words.
@@ -139,3 +142,26 @@ def verdict(found: dict) -> str:
 def includes_chance(found: dict) -> bool:
     lo, hi = found.get("auc_lo", math.nan), found.get("auc_hi", math.nan)
     return not (math.isfinite(lo) and math.isfinite(hi)) or lo <= CHANCE <= hi
+
+
+def trained_minus_random(trained: pl.DataFrame, random: pl.DataFrame, column: str = "score",
+                         resamples: int = RESAMPLES, seed: int = 0) -> list[dict]:
+    """Per layer, then pooled (layer "all"): the units scored on both (same layer and id, `column` finite in
+    each), mean(trained) − mean(random) over them with the 95 % bootstrap interval of the mean paired difference,
+    and each side's mean."""
+    both = trained.select("layer", "neuron", pl.col(column).alias("trained")).join(
+        random.select("layer", "neuron", pl.col(column).alias("random")), on=["layer", "neuron"])
+    both = both.filter(pl.col("trained").is_finite() & pl.col("random").is_finite()).sort("layer", "neuron")
+    rows = []
+    groups = [(layer, both.filter(pl.col("layer") == layer)) for layer in both["layer"].unique().sort()]
+    for layer, part in [*groups, *([("all", both)] if len(groups) > 1 else [])]:
+        diff = (part["trained"] - part["random"]).to_numpy()
+        row = {"layer": layer, "units": len(part), "trained": math.nan, "random": math.nan, "diff": math.nan,
+               "diff_lo": math.nan, "diff_hi": math.nan}
+        if len(part):
+            draws = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+            row.update(trained=float(part["trained"].mean()), random=float(part["random"].mean()),
+                       diff=float(diff.mean()))
+            row["diff_lo"], row["diff_hi"] = _interval(diff[draws].mean(axis=1))
+        rows.append(row)
+    return rows

@@ -12,6 +12,7 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
 from ndx_pipeline.core.contract import LOOKUP_BASELINE
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
+from ndx_pipeline.core.data.units import PLANTED
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.progress import Progress
 from ndx_pipeline.core.stages import LayerRecords
@@ -135,7 +136,8 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     if extracted:
         main = stages.UnitChoice(tuple(extracted), selection.units, selection.neurons, selection.neurons_per_layer,
                                  selection.seed, selection.dictionary, selection.dictionary_hook, selection.top_k,
-                                 selection.random_k, selection.quantile_k, counted and table_written)
+                                 selection.random_k, selection.quantile_k, counted and table_written,
+                                 selection.subject_weights)
         joint = joint_choices(context, storage.path(), run_resources, subject_model, corpus, key, layers, main)
         with bad_input_fails_the_run():
             extraction = stages.activation_records(
@@ -145,6 +147,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                 random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
                 device=subject_model.resolved_device(), dtype=subject_model.dtype,
                 batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens,
+                subject_weights=selection.subject_weights,
                 also={other: choice for other, (choice, _) in joint.items()}, log=context.log.info)
         stats = extraction.stats
         hand_over(context, storage.path(), variant, extraction, joint)
@@ -307,10 +310,13 @@ def joint_choices(context: dg.AssetExecutionContext, storage_dir: Path, run_reso
             if not todo:
                 continue
             choice = stages.UnitChoice(todo, sel.units, sel.neurons, sel.neurons_per_layer, sel.seed, sel.dictionary,
-                                       sel.dictionary_hook, sel.top_k, sel.random_k, sel.quantile_k, counted)
-            if choice.pass_order() != main.pass_order():
-                context.log.info(f"variant {other}: its quantile_k and seed order the corpus's windows otherwise; it "
-                                 "extracts in its own run")
+                                       sel.dictionary_hook, sel.top_k, sel.random_k, sel.quantile_k, counted,
+                                       sel.subject_weights)
+            if choice.units == PLANTED:
+                continue  # its own run reads no model
+            if choice.pass_key() != main.pass_key():
+                context.log.info(f"variant {other}: another subject model (weights), or a quantile_k or seed that "
+                                 "orders the corpus's windows otherwise; it extracts in its own run")
                 continue
             choice.unit_sets(subject_model.model)  # settings this pass cannot read: that variant's run says why
         except (dg.Failure, NdxInputError) as e:
