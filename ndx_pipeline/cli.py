@@ -49,6 +49,7 @@ from ndx_pipeline.core.variants import (
 )
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.checks import JUDGE
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, add_variant, contiguous_ranges, range_tags
 from ndx_pipeline.defs.provenance import record_imported, stage_runs
@@ -234,8 +235,9 @@ def failure_message(result) -> str:
 
 
 def run_warnings(result) -> list[str]:
-    """The checks that failed with a warning (e.g. many, but not all, LLM items failed)."""
-    return _failed_checks(result, dg.AssetCheckSeverity.WARN)
+    """The checks that failed with a warning (e.g. many, but not all, LLM items failed), but the judge's: the
+    summary's controls say that once, not once per run and asset."""
+    return [w for w in _failed_checks(result, dg.AssetCheckSeverity.WARN) if f" {JUDGE}: " not in w]
 
 
 def step_seconds(instance, run_id: str) -> dict[str, float]:

@@ -163,3 +163,25 @@ def test_random_weights_are_other_weights_on_the_same_architecture_and_tokenizer
     assert not torch.equal(random.state_dict()[name], other.state_dict()[name])
     with pytest.raises(Exception, match="subject_weights='pretrained' is not known"):
         load_subject_model(None, weights="pretrained")
+
+
+@pytest.mark.slow
+def test_the_controls_benchmark_runs_small():
+    """benchmarks/controls.py on two planted units and two neurons: its last line is the JSON the issue asks for."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "controls.py"
+    done = subprocess.run([sys.executable, str(script), "--rules", "0,2", "--neurons", "2", "--scorers", "embedding",
+                           "--excerpts", "2,1,1", "--scorer-excerpts", "2"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(found) >= {"simulation_auc", "detection_auc", "fuzzing_auc", "embedding_auc", "explainer_recovery",
+                          "trained_minus_random"}
+    assert 0.0 <= found["simulation_auc"] <= 1.0 and len(found["simulation_auc_interval"]) == 2
+    assert found["detection_auc"] is None  # not asked for
+    assert set(found["trained_minus_random"]) == {"simulation", "simulation_interval", "embedding",
+                                                  "embedding_interval"}
