@@ -315,6 +315,30 @@ def test_llm_resource_takes_only_the_name_of_a_variable(monkeypatch):
     assert KEY not in json.dumps(res["explainer_llm"].model_dump(), default=str)
 
 
+@pytest.mark.parametrize("pasted", [
+    "gsk_4f9aQ2mZ7xW1pL8kR3tY6uV0bN5cD",  # Groq
+    "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345",  # Hugging Face
+    "d41d8cd98f00b204e9800998ecf8427e",  # hex, starting with a letter
+    "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStU",  # Google
+    "abc123def456ghi789jkl012",  # a long mix of letters and digits
+])
+def test_a_pasted_key_that_looks_like_a_variable_name_is_not_repeated(pasted, monkeypatch):
+    """Keys that match the variable-name pattern were echoed in the next error ("api_key_env names the environment
+    variable <KEY>…"), which became the run's failure text."""
+    from ndx_pipeline.core.llm.registry import LLMSpec, api_key
+
+    monkeypatch.delenv(pasted, raising=False)
+    with pytest.raises(Exception) as err:
+        api_key(LLMSpec(backend="openai", base_url="http://127.0.0.1:9/v1", api_key_env=pasted))
+    assert pasted not in str(err.value) and pasted[:8] not in str(err.value)
+    assert "not shown here" in str(err.value)
+    # a real variable's name is still named when it is not set, and read when it is
+    with pytest.raises(Exception, match="NDX_EXPLAINER_API_KEY_2"):
+        api_key(LLMSpec(api_key_env="NDX_EXPLAINER_API_KEY_2"))
+    monkeypatch.setenv(pasted, "the-key")  # a variable of that name that is set: it is a name after all
+    assert api_key(LLMSpec(api_key_env=pasted)) == "the-key"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Item 9: the explainer prompt was never fitted to the model's context
 
@@ -392,3 +416,22 @@ def test_simulation_prompt_that_cannot_fit_fails_that_excerpt():
     with pytest.raises(RecordableLLMError, match="context"):
         simulate_excerpt(backend, "the word 'the'", ["The", " cat"] * 200)
     assert fake.count("completions") == 0
+
+
+def test_a_count_cleared_by_another_thread_meanwhile_is_counted_again():
+    """count_tokens read its cache twice (a membership test, then the value): a clear by another thread in between
+    raised KeyError. The clear is staged here between the two reads."""
+    from ndx_pipeline.core.llm.backend import sent_prompt_sha256
+    from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
+
+    class ClearedAfterTheTest(dict):
+        def __contains__(self, key):  # the other thread clears right after this thread looked
+            found = super().__contains__(key)
+            self.clear()
+            return found
+
+    backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", None, server="llama_cpp")
+    sent = {"messages": [{"role": "user", "content": "word " * 400}]}
+    backend._counts = ClearedAfterTheTest({sent_prompt_sha256(sent): 77})
+    backend._count_on_server = lambda s: 99  # what the server would say, asked again
+    assert backend.count_tokens(sent, limit=10) in (77, 99)

@@ -884,3 +884,33 @@ def test_api_key_never_leaks(fault_proxy, cache_root, captured_logs, capsys):
     assert not [r for r in captured_logs if SECRET_MARK in r]
     out = capsys.readouterr()
     assert SECRET_MARK not in out.out + out.err
+
+
+def test_an_error_the_retry_loop_does_not_know_leaves_it_redacted():
+    """Exceptions call_with_retries does not classify propagated unredacted: a key in their message reached the
+    run's failure text."""
+    secret = "sk-test-SECRET123"
+
+    def attempt(timeout):
+        raise ValueError(f"could not build the request headers: Authorization: Bearer {secret}")
+
+    def plain(timeout):
+        raise KeyError("no such field")
+
+    class Unmakeable(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a} {b}")
+
+    def exotic(timeout):
+        raise Unmakeable("token", secret)
+
+    redact = lambda text: redact_secret(text, secret)  # noqa: E731
+    with pytest.raises(ValueError) as err:
+        call_with_retries(attempt, RetryPolicy(), redact=redact)
+    assert secret not in str(err.value) and "SECRET" not in str(err.value) and "Bearer" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    with pytest.raises(KeyError, match="no such field"):  # nothing to redact: the exception as it was
+        call_with_retries(plain, RetryPolicy(), redact=redact)
+    with pytest.raises(RuntimeError, match="^Unmakeable: token") as err:
+        call_with_retries(exotic, RetryPolicy(), redact=redact)
+    assert "SECRET" not in str(err.value)

@@ -424,3 +424,25 @@ def test_a_new_dictionary_is_noticed_by_the_sensor_and_explained_through_dagster
     top = records.filter((pl.col("neuron") == 3) & (pl.col("kind") == "top")).sort("rank").row(0, named=True)
     assert top["max_activation"] == pytest.approx(records.filter(pl.col("neuron") == 3)["neuron_max"][0])
     assert (records.filter(pl.col("kind") == "top")["max_activation"] > 0).all()  # only windows where it fired
+
+
+def test_special_tokens_are_not_dropped_in_silence():
+    """special_token_wrap answered "no special tokens" to any tokenizer exception, silently dropping BOS."""
+    class Broken:
+        def build_inputs_with_special_tokens(self, ids):
+            raise RuntimeError("the tokenizer's own failure")
+
+    class Mangling:
+        def build_inputs_with_special_tokens(self, ids):
+            return [1, 2]  # the text's tokens replaced: where the text goes cannot be told
+
+    class Bos:
+        def build_inputs_with_special_tokens(self, ids):
+            return [1, *ids]
+
+    with pytest.raises(RuntimeError, match="the tokenizer's own failure"):
+        special_token_wrap(Broken())
+    with pytest.warns(UserWarning, match="Mangling does not keep a text's tokens apart"):
+        assert special_token_wrap(Mangling()) == ([], [])
+    assert special_token_wrap(Bos()) == ([1], [])
+    assert special_token_wrap(object()) == ([], [])  # no way to say: none

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -211,13 +212,18 @@ def loadable(source: ModelSource) -> tuple[str, dict]:
 
 
 def special_token_wrap(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the model expects before and after a text (e.g. BOS; CLS…SEP), added at run time."""
+    """The special tokens the model expects before and after a text (e.g. BOS; CLS…SEP), added at run time. A
+    tokenizer with no way to say (no `build_inputs_with_special_tokens`) adds none; one whose answer hides where the
+    text goes adds none either, with a warning saying so; any other failure is the tokenizer's, and is raised."""
     sentinel = -7
-    try:
-        wrapped = tokenizer.build_inputs_with_special_tokens([sentinel])
-    except Exception:
+    build = getattr(tokenizer, "build_inputs_with_special_tokens", None)
+    if build is None:
         return [], []
-    if sentinel not in wrapped:
+    wrapped = list(build([sentinel]))
+    if wrapped.count(sentinel) != 1:
+        warnings.warn(f"the tokenizer {type(tokenizer).__name__} does not keep a text's tokens apart from the special "
+                      "tokens it adds around them, so none are added: the model reads each window without them (a "
+                      "model trained with a BOS token reads differently without one)", stacklevel=2)
         return [], []
     i = wrapped.index(sentinel)
-    return list(wrapped[:i]), list(wrapped[i + 1 :])
+    return wrapped[:i], wrapped[i + 1 :]

@@ -26,9 +26,14 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+WARM_UP_SHARE = 0.02  # the rate is measured once this share of the work (and one item) is done after the first
+
+
 class Progress:
     """Counts finished items of one piece of work (`what`: "layer 3 explanations") and logs
     `what: done/total unit (rate unit/s, ETA …)` every `every_s` seconds and when the work is done.
+    The rate and time left are measured from the first finished item on (what comes before it is warm-up: a model
+    loading, a first batch compiling), and say "estimating" until enough work came after it.
     Thread-safe: items may finish in worker threads."""
 
     def __init__(self, what: str, total: int, log: Log = quiet, unit: str = "", every_s: float = 10.0,
@@ -38,16 +43,22 @@ class Progress:
         self.done = 0
         self.started = clock()
         self._last = self.started
+        self._first: tuple[float, int] | None = None  # (when, done) at the first finished item: the warm-up's end
         self._lock = threading.Lock()
 
     def line(self) -> str:
-        elapsed = self.clock() - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        now = self.clock()
+        elapsed = now - self.started
         text = f"{self.what}: {self.done}/{self.total}{self.unit}"
         if self.done >= self.total:
+            rate = self.done / elapsed if elapsed > 0 else 0.0
             return f"{text} in {duration(elapsed)} ({rate:.3g}{self.unit}/s)"
-        eta = f", ETA {duration((self.total - self.done) / rate)}" if rate > 0 else ""
-        return f"{text} ({rate:.3g}{self.unit}/s{eta})"
+        if self._first is not None:
+            since, before = now - self._first[0], self._first[1]
+            if since > 0 and self.done - before >= max(1, WARM_UP_SHARE * self.total):
+                rate = (self.done - before) / since
+                return f"{text} ({rate:.3g}{self.unit}/s, ETA {duration((self.total - self.done) / rate)})"
+        return f"{text} (estimating the rate and time left)"
 
     def expect(self, n: int) -> None:
         """n more items to do (work whose size is known only once it starts)."""
@@ -58,6 +69,8 @@ class Progress:
         with self._lock:
             self.done += n
             now = self.clock()
+            if self._first is None and self.done > 0:
+                self._first = (now, self.done)
             if now - self._last < self.every_s and self.done < self.total:
                 return
             self._last = now

@@ -45,17 +45,36 @@ class LLMSpec:
         return f"LLMSpec(backend={self.backend!r}, model={self.model!r}, base_url={self.base_url!r})"
 
 
+# what API keys start with (OpenAI, Groq, Hugging Face, xAI, Google, GitHub, GitLab, Stripe-like, Replicate,
+# Perplexity, Anthropic, Together …): a value like these is a key, never a variable's name
+KEY_PREFIXES = ("sk-", "sk_", "gsk_", "hf_", "xai-", "AIza", "ghp_", "gho_", "github_pat_", "glpat-", "pk_", "rk_",
+                "r8_", "pplx-", "key-", "fw_", "nvapi-", "tgp_")
+PASTED = ("api_key_env must be the NAME of an environment variable that holds the API key (e.g. "
+          "NDX_EXPLAINER_API_KEY), not the key itself; the value given is not shown here. A key typed into run config "
+          "is stored with the run: revoke it.")
+
+
+def looks_like_a_key(value: str) -> bool:
+    """Whether `value` (given where a variable's name goes) looks like a credential rather than a name: a key's
+    prefix, a long hex string, or a long mix of lower-case letters and digits (names of variables are words)."""
+    if value.startswith(KEY_PREFIXES) or re.fullmatch(r"[0-9a-fA-F]{32,}", value):
+        return True
+    return (len(value) >= 20 and any(ch.isdigit() for ch in value) and any(ch.islower() for ch in value)
+            and sum(ch.isdigit() for ch in value) >= 4)
+
+
 def api_key(spec: LLMSpec) -> str | None:
     """The API key from the variable `spec.api_key_env` names (None when it names none). A value that is not a
-    variable name (a key pasted where its name goes) is refused without being repeated."""
+    variable's name, or is not a set variable and looks like a key (a key pasted where its name goes), is refused
+    without being repeated."""
     name = spec.api_key_env
     if not name:
         return None
     if not ENV_NAME.fullmatch(name):
-        raise NdxInputError("api_key_env must be the NAME of an environment variable that holds the API key (e.g. "
-                            "NDX_EXPLAINER_API_KEY), not the key itself; the value given is not shown here. A key "
-                            "typed into run config is stored with the run: revoke it.")
+        raise NdxInputError(PASTED)
     value = os.environ.get(name)
+    if not value and looks_like_a_key(name):
+        raise NdxInputError(PASTED)
     if not value:
         raise NdxInputError(f"api_key_env names the environment variable {name}, which is not set where the run "
                             "executes: set it there (or leave api_key_env empty for a server without keys).")

@@ -402,14 +402,16 @@ class OpenAICompatibleBackend(LLMBackend):
         if limit is None or estimate <= limit:
             return estimate
         key = sent_prompt_sha256(sent)
-        if key not in self._counts:
-            exact = self._count_on_server(sent)
-            if exact is None:
-                return estimate
-            if len(self._counts) > 10_000:
-                self._counts.clear()
-            self._counts[key] = exact
-        return self._counts[key]
+        known = self._counts.get(key)  # one read: another thread may clear the counts at any time
+        if known is not None:
+            return known
+        exact = self._count_on_server(sent)
+        if exact is None:
+            return estimate
+        if len(self._counts) > 10_000:
+            self._counts.clear()
+        self._counts[key] = exact
+        return exact
 
     def _count_on_server(self, sent: Mapping) -> int | None:
         messages = sent.get("messages")

@@ -213,6 +213,19 @@ class RateGate:
             return max(0.0, self._until - self._clock())
 
 
+def _redacted(exc: Exception, redact: Callable[[str], str]) -> Exception:
+    """`exc` itself when its message holds nothing to redact, else one like it with the redacted message."""
+    text = str(exc)
+    clean = redact(text)
+    if clean == text:
+        return exc
+    try:
+        again = type(exc)(clean)
+    except Exception:  # a type that takes other arguments: the message, redacted, on a plain one
+        return RuntimeError(f"{type(exc).__name__}: {clean}")
+    return again if str(again) == clean else RuntimeError(f"{type(exc).__name__}: {clean}")
+
+
 def call_with_retries(attempt: Callable[[float], Any], policy: RetryPolicy, *, gate: RateGate | None = None,
                       on_attempt: Callable[[], None] | None = None,
                       on_retry: Callable[[str, float], None] | None = None,
@@ -222,7 +235,9 @@ def call_with_retries(attempt: Callable[[float], Any], policy: RetryPolicy, *, g
     """Call `attempt(timeout_s)` until it returns, retrying per `policy`.
 
     Raises `LLMRejectedError` for a non-retryable status, `LLMGaveUpError` when attempts or the deadline run
-    out; exceptions that are not transport errors (see `classify_error`) propagate unchanged.
+    out; exceptions that are not transport errors (see `classify_error`) propagate, their message redacted (an
+    exception whose message held a secret is raised again, of the same type where it can be made from the redacted
+    message alone, without the original chained).
     """
     started = clock()
     attempts = 0
@@ -245,7 +260,7 @@ def call_with_retries(attempt: Callable[[float], Any], policy: RetryPolicy, *, g
         except Exception as exc:
             verdict = classify_error(exc, redact)
             if verdict is None:
-                raise
+                raise _redacted(exc, redact) from None
             reason = redact(verdict.reason)
             if not verdict.retryable:
                 raise LLMRejectedError(f"the server refused the request ({reason})", attempts,
