@@ -41,9 +41,8 @@ def log(message: str) -> None:
 def judged_units(documents, model, layer: int, llm, embedder, scorers: list[str], *, units: str, neurons=None,
                  per_layer: int = 8, weights: str = "trained", counts=(5, 5, 5), scorer_excerpts: int = 5):
     """(simulation scores, {scorer: scores}) of one unit set explained and judged by the pipeline's stages."""
-    import polars as pl
-
     from ndx_pipeline.core import stages
+    from ndx_pipeline.core.contract import concat_layers
     from ndx_pipeline.core.data.units import PLANTED
     from ndx_pipeline.core.method.scorers import make_scorer
 
@@ -51,7 +50,7 @@ def judged_units(documents, model, layer: int, llm, embedder, scorers: list[str]
     extraction = stages.activation_records(documents, model, [layer], units=units, neurons=neurons,
                                            neurons_per_layer=per_layer, token_table=False, subject_weights=weights,
                                            log=log)
-    records = pl.concat([found.records for found in extraction.layers.values()])
+    records = concat_layers([found.records for found in extraction.layers.values()])
     excerpts = stages.top_excerpts(records, *counts)
     made = stages.explanations(excerpts, llm, planted=units == PLANTED, what=f"explanations, {what}", log=log)
     simulated = stages.simulations(made.explanations, made.baseline_explanations, excerpts, llm,

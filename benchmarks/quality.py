@@ -77,8 +77,8 @@ def prepare(layers: list[int], neurons: int, seed: int = 0, model: str | None = 
                                            top_k=top_k, random_k=random_k, quantile_k=quantile_k, token_table=True,
                                            log=log)
     log(f"extraction: {extraction.stats.tokens} tokens, layers {layers}, {extraction.stats.seconds:.0f} s")
-    records = pl.concat([found.records for found in extraction.layers.values()])
-    table = pl.concat([found.token_table for found in extraction.layers.values()])
+    records = contract.concat_layers([found.records for found in extraction.layers.values()])
+    table = contract.concat_layers([found.token_table for found in extraction.layers.values()])
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         records.write_parquet(rec_path)

@@ -95,3 +95,13 @@ def test_quality_benchmark_numbers_are_the_method_s_numbers():
     assert summary_scores["lookup"].to_list() == pytest.approx([pearson(true, held_out)] * 6, abs=1e-6)
     in_sample = [v for w in SCORED_WINDOWS for v in (100.0 + w % 3, 0.0)]
     assert summary_scores["lookup_in_sample"].to_list() == pytest.approx([pearson(true, in_sample)] * 6, abs=1e-6)
+
+
+def test_the_benchmarks_extraction_of_several_real_layers_concatenates():
+    """quality.prepare (and benchmarks/scorers.py through it) stopped on every invocation: two layers' in-memory
+    records hold their token texts as Enums of their own, which polars would not stack. On the bundled model."""
+    quality = load_quality()
+    records, table = quality.prepare([0, 1], neurons=2, top_k=5, random_k=3)
+    assert sorted(records["layer"].unique()) == [0, 1] and sorted(table["layer"].unique()) == [0, 1]
+    assert records.schema["tokens"] == pl.List(pl.String)
+    assert records.filter(pl.col("kind") == "top")["tokens"].list.len().min() > 0

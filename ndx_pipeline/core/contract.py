@@ -313,6 +313,23 @@ def stored_dtype(dtype: pl.DataType) -> pl.DataType:
     return pl.String if isinstance(dtype, (pl.Enum, pl.Categorical)) else dtype
 
 
+def concat_layers(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    """Frames of several layers as one: a column held as codes whose categories differ between the frames (each
+    layer's records hold their token texts as an Enum of their own) becomes its text (`stored_dtype`)."""
+    frames = [f for f in frames if f is not None]
+    if len(frames) < 2:
+        return frames[0] if frames else pl.DataFrame()
+    differ = {name for name in frames[0].columns if len({f.schema.get(name) for f in frames}) > 1}
+
+    def text(dtype: pl.DataType) -> pl.DataType:
+        if isinstance(dtype, pl.List):
+            return pl.List(text(dtype.inner))
+        return stored_dtype(dtype)
+
+    return pl.concat([f.with_columns(pl.col(n).cast(text(f.schema[n])) for n in differ if n in f.columns)
+                      for f in frames], how="diagonal_relaxed")
+
+
 def conform(frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
     """`frame`'s columns of `schema`, in its order, cast to its types; text held as codes stays codes (see
     `stored_dtype`: casting 11M tokens to strings would cost what holding them as codes saves)."""
