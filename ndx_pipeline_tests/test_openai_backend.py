@@ -236,7 +236,10 @@ def test_cache_concurrent_writers_and_kill9(tmp_path):
     assert entries
     for path in entries:
         assert killed.get(path.stem) is not None  # parses and carries its own key
-    assert killed.sweep_temporary_files(older_than_s=0) >= 0
+    left = list((tmp_path / "killed").glob("??/.*.tmp"))  # what the killed writer had not yet renamed, if any
+    assert killed.sweep_temporary_files(older_than_s=0) == len(left)
+    assert not list((tmp_path / "killed").glob("??/.*.tmp"))  # swept, and the whole entries stay
+    assert len(list((tmp_path / "killed").glob("??/*.json"))) == len(entries)
 
 
 def test_stats_snapshot_and_difference():
