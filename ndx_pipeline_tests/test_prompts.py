@@ -139,3 +139,18 @@ def test_parse_explanation(raw, parsed):
 def test_parse_explanation_rejects_non_answers(raw):
     with pytest.raises(ExplanationParseError):
         parse_explanation(raw)
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    ("cities such as St. Louis and Paris.", "cities such as St. Louis and Paris"),
+    ("company names such as Acme Inc. Apple and others", "company names such as Acme Inc. Apple and others"),
+    ("names such as Martin Luther King Jr. Day", "names such as Martin Luther King Jr. Day"),
+    ("titles such as Dr. Who", "titles such as Dr. Who"),
+    ("matchups such as Python vs. Java", "matchups such as Python vs. Java"),
+    ("places like Mt. Everest and Mt. Fuji. They are high", "places like Mt. Everest and Mt. Fuji"),
+    ("firms such as Acme Corp. Widgets. The end", "firms such as Acme Corp. Widgets"),
+    ("the word if. It also fires on else", "the word if"),  # a short word before a sentence's first word ends it
+    ("the token The. It is common", "the token The"),
+])
+def test_abbreviations_by_their_shape_do_not_cut_an_explanation(raw, parsed):
+    assert parse_explanation(raw) == parsed

@@ -36,6 +36,7 @@ from ndx_pipeline.defs.resources import default_resources
 METHOD_REVISIONS = {asset: 1 for asset in c.ASSETS}
 METHOD_REVISIONS[c.ACTIVATION_RECORDS] = 2  # unit columns; a unit that never fired gets one `dead` row
 METHOD_REVISIONS[c.SCORER_EXCERPTS] = 2  # a window where the unit never fires is non-activating; too few: left out
+METHOD_REVISIONS[c.EXPLANATIONS] = 2  # abbreviations by their shape (St. Louis, Jr., Inc.) no longer end the answer
 NOT_VERSIONED = {"api_key_env", "max_concurrency", "timeout_s", "deadline_s", "max_attempts", "device", "batch_size",
                  "storage_dir"}
 SPLIT_COUNTS = ("explain_excerpts", "score_top_excerpts", "score_random_excerpts")

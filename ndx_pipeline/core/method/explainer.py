@@ -295,6 +295,10 @@ def _ends_sentence(text: str, dot: int) -> bool:
         return False
     if re.fullmatch(r"(?:[A-Za-z]\.)+[A-Za-z]", word):  # U.S, e.g, a.k.a
         return False
+    # the shape of an abbreviation rather than a list of them: a capital and one to three lower-case letters (St.
+    # Louis, Jr., Mt., Inc., Corp., Ltd.) ends a sentence only before a word that starts one
+    if re.fullmatch(r"[A-Z][a-z]{1,3}", word) and next_word not in SENTENCE_STARTS:
+        return False
     if re.fullmatch(r"[A-Z]", word) and (len(next_word) == 1 and next_dot or  # initials: J. K. Rowling
                                          re.search(r"(?:^|\s)[A-Z]\.\s+$", text[:dot - 1])):
         return False
