@@ -48,10 +48,12 @@ def compare(storage_dir: str | os.PathLike, variants: Sequence[str] | None = Non
             layers: Sequence[int] | None = None, *, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """The comparison of `variants` (default: every variant with scores) over `layers` (default: every layer any of
     them has scores for), as one dict: the choices (`variants`, `layers`, `resamples`, `seed`), the `baselines` and
-    `scorers` found, one `summary` row per (layer, variant) and one `pairs` row per (layer, pair of variants), each
-    layer's rows in layer order and then the pooled ones (layer `ALL`). NdxInputError names a variant without scores
-    or a layer none of the chosen variants has."""
+    `scorers` found, one `summary` row per (layer, variant) and one `pairs` row per (layer, pair of variants; by
+    default none with a control variant, whose figures are the `controls`: per variant of its own, its planted and
+    random-weight controls), each layer's rows in layer order and then the pooled ones (layer `ALL`). NdxInputError
+    names a variant without scores or a layer none of the chosen variants has."""
     storage = Path(storage_dir)
+    named = bool(variants)
     variants, layers = _choose(storage, variants, layers)
     if resamples < 1:
         raise NdxInputError(f"resamples {resamples}: the bootstrap needs at least one resample.")
@@ -66,7 +68,8 @@ def compare(storage_dir: str | os.PathLike, variants: Sequence[str] | None = Non
             summary.append(_summary_row(layer, v, chosen[v], _of_layer(scorer_scores[v], layer), baselines, scorers,
                                         resamples, seed))
         for a, b in combinations(variants, 2):
-            pairs.append(_pair_row(layer, a, b, chosen[a], chosen[b], resamples, seed))
+            if named or not (control_of(a) or control_of(b)):  # a control beside its variant: in `controls`
+                pairs.append(_pair_row(layer, a, b, chosen[a], chosen[b], resamples, seed))
     controls = {v: {"planted": read_controls(storage, v), "random_weights": read_random_weights(storage, v)}
                 for v in variants if not control_of(v)}
     controls = {v: found for v, found in controls.items() if any(found.values())}
