@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -445,3 +446,45 @@ def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one(selec
             torch.testing.assert_close(getattr(plain, name), getattr(other, name), rtol=1e-6, atol=1e-5)
         assert other.count == plain.count
     assert torch.equal(plain.sum, silent_written.sum)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-cpu-path", "torch-path"])
+def test_a_unit_whose_activations_are_not_finite_fails_alone(compiled, small_docs, monkeypatch):
+    """A neuron whose up-projection row is +inf: its activation is ±inf or NaN on every token. It was stored as one
+    `dead` record (max −inf, mean NaN) and reported as a unit that never fired; on the torch path its NaN also
+    reached the others' selection arithmetic. Now: one `failed` record saying why, on both paths, and the other
+    units' records exactly as without the broken one."""
+    from ndx_pipeline.core import stages
+    from ndx_pipeline.core import validation
+    from ndx_pipeline.core.contract import FAILED_UNIT
+
+    real = stages.load_subject_model
+
+    def broken(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        with torch.no_grad():
+            model.layers[0].mlp.up_proj.weight[77] = float("inf")
+        return model, tokenizer
+
+    monkeypatch.setattr(act, "COMPILED_ON_CPU", compiled)
+    settings = dict(neurons=[5, 77, 300], window_tokens=24, top_k=5, random_k=3, quantile_k=2)
+    clean = stages.activation_records(small_docs, None, [0], **settings)
+    monkeypatch.setattr(stages, "load_subject_model", broken)
+    said = []
+    found = stages.activation_records(small_docs, None, [0], log=said.append, **settings)
+    layer = found.layers[0]
+    total = found.stats.tokens
+    first = layer.records.filter(pl.col("neuron") == 77)["window_index"][0]
+    assert layer.failed == {77: f"activation not finite on {total} tokens, first in window {first}"}
+    assert layer.dead == 0
+    bad = layer.records.filter(pl.col("neuron") == 77)
+    assert bad["kind"].to_list() == [FAILED_UNIT] and bad["error"][0].startswith(f"activation not finite on {total}")
+    assert bad["window_index"][0] >= 0 and np.isnan(bad["neuron_mean"][0]) and bad["tokens"][0] is None
+    assert any("1 of 3 units had activations that are not finite" in line for line in said)
+    assert not any("never fired" in line for line in said)
+    def others(records):  # (the token texts as text: each frame holds them as an Enum of its own rows' texts)
+        return records.filter(pl.col("neuron") != 77).with_columns(pl.col("tokens").cast(pl.List(pl.String)))
+
+    assert others(layer.records).equals(others(clean.layers[0].records))
+    assert validation.record_counts(layer.records, [5, 77, 300], 5, 3)[0]
+    assert sorted(stages.top_excerpts(layer.records, 2, 1, 1)["neuron"].unique()) == [5, 300]

@@ -47,6 +47,9 @@ LAYER_ASSETS = tuple(a for a in PARQUET_ASSETS if a != CORPUS)
 
 TOP, RANDOM = "top", "random"  # record kinds; quantile samples are `quantile_<bucket>`
 DEAD = "dead"  # the one record of a unit that never fired over the corpus (no window; nothing downstream explains it)
+# the one record of a unit whose activation was not finite (NaN, ±inf) on some token: its `error` says on how many
+# and the first window (`window_index`); nothing downstream explains it
+FAILED_UNIT = "failed"
 QUANTILE_KIND_PREFIX = "quantile_"
 
 EXPLAIN, SCORE_TOP, SCORE_RANDOM, CALIBRATION = "explain", "score_top", "score_random", "calibration"
@@ -174,6 +177,7 @@ RECORD_SCHEMA = {
     "neuron_max": pl.Float32,
     "neuron_token_count": pl.Int64,
     "quantile_boundaries": pl.List(pl.Float64),  # the neuron's bucket boundaries (null without quantile samples)
+    "error": pl.String,  # why the unit failed (a `failed` row; null on every other row)
 }
 # Which unit a row is. The `neuron` column is the unit's id within its layer: a neuron's index (its positive side),
 # -1 - index for a neuron's negative side (whose activations are stored negated), or a dictionary latent's index.

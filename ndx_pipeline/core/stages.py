@@ -88,10 +88,12 @@ class LayerRecords:
     records held at once come to gigabytes)."""
 
     def __init__(self, units: list[int], build: Callable[[], tuple[pl.DataFrame, pl.DataFrame]],
-                 description: str = "", dead: int = 0):
+                 description: str = "", dead: int = 0, failed: dict[int, str] | None = None):
         self.units = units  # the unit ids (`neuron` column)
         self.description = description  # the unit set in words: how many of what kind, from where
         self.dead = dead  # units that never fired (one `dead` record each, not explained)
+        # unit id → why it failed: its activation was not finite somewhere (one `failed` record each, not explained)
+        self.failed = failed or {}
         self._build = build
         self._frames: tuple[pl.DataFrame, pl.DataFrame] | None = None
 
@@ -251,12 +253,18 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                      else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
             return act.records_frame(layer, selection, windows, texts, unit_set), table
 
-        dead = int((~selection.fired()).sum())
+        failed = {unit_set.ids[u]: f"activation not finite on {count} tokens, first in window {first}"
+                  for u, (count, first) in selection.failed().items()}
+        dead = int((~selection.fired()).sum()) - len(failed)
+        where = f"layer {layer}" if name is None else f"layer {layer} ({name})"
         if dead:
-            where = f"layer {layer}" if name is None else f"layer {layer} ({name})"
             log(f"{where}: {dead} of {len(unit_set.ids)} units never fired over the corpus (recorded as dead, not "
                 "explained)")
-        out[name][layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead)
+        if failed:
+            log(f"{where}: {len(failed)} of {len(unit_set.ids)} units had activations that are not finite (NaN or "
+                "±inf; recorded as failed, not explained): "
+                + "; ".join(f"unit {u}: {why}" for u, why in list(failed.items())[:10]))
+        out[name][layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead, failed)
     return Extraction(out.pop(None), stats, device, out)
 
 

@@ -17,6 +17,7 @@ from ndx_pipeline.core.contract import (
     CALIBRATION,
     DEAD,
     EXPLAIN,
+    FAILED_UNIT,
     NON_ACTIVATING,
     RANDOM,
     SCORE_RANDOM,
@@ -51,11 +52,13 @@ def top_windows_ordered(records: pl.DataFrame) -> Check:
 
 def record_counts(records: pl.DataFrame, neurons: list[int], top_k: int, random_k: int) -> Check:
     """Every selected unit has random_k `random` rows (when the corpus allows) and 1..top_k `top` rows (top_k
-    unless it fired in fewer windows), or, when it never fired, exactly one `dead` row and nothing else."""
+    unless it fired in fewer windows), or, when it never fired, exactly one `dead` row and nothing else (one
+    `failed` row when its activation was not finite somewhere)."""
     kind = pl.col("kind")
     # narrow first: a group_by over the wide records frame costs 50 ms, over these two columns 3 ms
     counts = records.select("neuron", "kind").group_by("neuron").agg(
-        top=(kind == TOP).sum(), random=(kind == RANDOM).sum(), dead=(kind == DEAD).sum(), rows=pl.len())
+        top=(kind == TOP).sum(), random=(kind == RANDOM).sum(),
+        dead=((kind == DEAD) | (kind == FAILED_UNIT)).sum(), rows=pl.len())
     wanted = pl.DataFrame({"neuron": neurons}, schema={"neuron": records.schema["neuron"]})
     per_unit = wanted.join(counts, on="neuron", how="left", maintain_order="left").fill_null(0)
     is_dead = pl.col("dead") > 0

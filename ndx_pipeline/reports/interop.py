@@ -445,6 +445,7 @@ def import_neuron_records(source: str | os.PathLike, layers: Iterable[int] | Non
                     "neuron_mean": rec["mean"], "neuron_variance": rec["variance"], "neuron_max": neuron_max,
                     "neuron_token_count": token_count, "neuron_skewness": rec["skewness"],
                     "neuron_kurtosis": rec["kurtosis"], "quantile_boundaries": rec["quantile_boundaries"],
+                    "error": None,
                     **{k: v[0] for k, v in describe_ids([neuron]).items()},
                     **{k: where.get(k) for k in PROVENANCE_FIELDS},
                 }

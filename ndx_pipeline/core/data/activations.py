@@ -32,6 +32,7 @@ import polars as pl
 
 from ndx_pipeline.core.contract import (
     DEAD,
+    FAILED_UNIT,
     RANDOM,
     RECORD_SCHEMA,
     TOKEN_TABLE_SCHEMA,
@@ -103,6 +104,9 @@ class LayerSelection:
         self.nonnegative = nonnegative
         self.compiled = COMPILED_ON_CPU and torch.device(device).type == "cpu"
         self.read_width = n // 2 if mirrored else n  # the columns `update` is given
+        # per column given: tokens whose activation was not finite (NaN, ±inf), and the first window where one was
+        self.nonfinite = torch.zeros(self.read_width, dtype=torch.long, device=device)
+        self.nonfinite_window = torch.full((self.read_width,), -1, dtype=torch.long, device=device)
         self.top_k = top_k
         self.top_max = torch.full((n, top_k), float("-inf"), device=device)
         self.top_window = torch.full((n, top_k), -1, dtype=torch.long, device=device)
@@ -146,6 +150,11 @@ class LayerSelection:
         if isinstance(acts, SparseActivations):
             return self._update_sparse(acts, mask, window_index, token_ids)
         a = acts.float()
+        bad = ~torch.isfinite(a)
+        if bool(bad.any()):  # counted per unit (the unit is recorded as failed), then 0 for what follows
+            bad &= mask[..., None]
+            self._note_nonfinite(bad.sum(dim=(0, 1)), bad.any(dim=1), window_index)
+            a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         rows = self._count_tokens(mask, token_ids)
         if rows is not None:
             self.token_sum.index_add_(0, rows, a[mask].double())
@@ -202,6 +211,25 @@ class LayerSelection:
             self.pilot_max.append(per_window_max)
         self._keep_sampled(a, window_index, mask)
 
+    def _note_nonfinite(self, counts, rows, window_index) -> None:
+        """counts: [columns] tokens not finite in this batch; rows: [B, columns] whether each window held one."""
+        import torch
+
+        self.nonfinite += counts.to(self.nonfinite.dtype)
+        seen = rows.any(dim=0)
+        first = window_index[rows.to(torch.int8).argmax(dim=0)]  # the batch's first window holding one, per column
+        new = seen & (self.nonfinite_window < 0)
+        self.nonfinite_window[new] = first[new]
+
+    def failed(self) -> dict[int, tuple[int, int]]:
+        """Unit position (in `ids`) → (tokens whose activation was not finite, the first window holding one), for
+        the units that had any: recorded as failed, never explained (a mirrored neuron's two sides both)."""
+        counts, first = self.nonfinite.cpu().numpy(), self.nonfinite_window.cpu().numpy()
+        out = {int(u): (int(counts[u]), int(first[u])) for u in np.nonzero(counts)[0]}
+        if self.mirrored:
+            out.update({u + self.read_width: found for u, found in list(out.items())})
+        return out
+
     def _keep_sampled(self, a, window_index, mask=None) -> None:
         """The batch's windows that the random sample holds into it (mask: zero their padding first)."""
         for b, slot in self._sampled(window_index):
@@ -228,6 +256,13 @@ class LayerSelection:
         if self.mirrored or not self.nonnegative:
             raise ValueError("sparse activations are read for nonnegative, unmirrored units only.")
         s = s.only(mask[s.window, s.position])  # entries at real tokens only
+        finite = torch.isfinite(s.value)
+        if not bool(finite.all()):
+            bad = ~finite
+            rows = torch.zeros((s.batch, s.units), dtype=torch.bool, device=s.value.device)
+            rows[s.window[bad], s.unit[bad]] = True
+            self._note_nonfinite(torch.bincount(s.unit[bad], minlength=s.units), rows, window_index)
+            s = s.only(finite)
         n, value = s.units, s.value
         if self._count_tokens(mask, token_ids) is not None:
             entry_rows = self._token_rows(token_ids[s.window, s.position])
@@ -411,8 +446,11 @@ class LayerSelection:
         self.top_acts = self.top_acts.gather(1, order[..., None].expand(-1, -1, self.top_acts.shape[-1]))
 
     def fired(self) -> np.ndarray:
-        """Per unit, whether it fired anywhere in the corpus (its max > 0); a unit that never did is recorded dead."""
-        return self.max.cpu().numpy() > 0
+        """Per unit, whether it fired anywhere in the corpus (its max > 0) with finite activations everywhere; a unit
+        that never fired is recorded dead, one whose activations were not finite somewhere failed (`failed`)."""
+        fired = self.max.cpu().numpy() > 0
+        fired[list(self.failed())] = False
+        return fired
 
     def moments(self):
         mean = self.sum / max(self.count, 1)
@@ -693,8 +731,13 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         q_windows, q_acts, q_bounds, _ = selection.quantile_samples()
         for bucket in range(q_windows.shape[1]):
             block(quantile_kind(bucket), q_windows[:, bucket] >= 0, q_windows[:, bucket], q_acts[:, bucket])
-    dead = np.nonzero(~fired)[0]  # a unit that never fired: one row, no window (-1), no activations
+    failed = selection.failed()  # a unit whose activation was not finite somewhere: one row, the reason in `error`
+    is_failed = np.zeros(len(ids), dtype=bool)
+    is_failed[list(failed)] = True
+    dead = np.nonzero(~fired & ~is_failed)[0]  # a unit that never fired: one row, no window (-1), no activations
     blocks.append((dead, DEAD, np.zeros(len(dead), dtype=np.int64), np.full(len(dead), -1), None))
+    gone = np.nonzero(is_failed)[0]
+    blocks.append((gone, FAILED_UNIT, np.zeros(len(gone), dtype=np.int64), np.full(len(gone), -1), None))
     unit = np.concatenate([b[0] for b in blocks])
     order = np.argsort(unit, kind="stable")  # per unit: top, random, quantile buckets, each by rank (or its dead row)
     unit = unit[order]
@@ -719,10 +762,15 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
     def of_window(values, dtype):  # a window's value per row, null for a dead row
         return pa.array(np.asarray(values)[seen].astype(dtype), mask=is_dead)
 
-    # per-unit columns, gathered to rows
+    # per-unit columns, gathered to rows (a failed unit's moments are not known: NaN)
+    mean, var, mx = (np.where(is_failed, np.nan, x) for x in (mean, var, mx))
+    max_activation = np.where(is_failed[unit], np.nan, max_activation)
+    errors = [f"activation not finite on {failed[u][0]} tokens, first in window {failed[u][1]}" if u in failed else None
+              for u in range(len(ids))]
     per_unit = pl.DataFrame({
         "neuron": ids.astype(np.int32), "neuron_mean": mean.astype(np.float64),
         "neuron_variance": var.astype(np.float64), "neuron_max": mx.astype(np.float32),
+        "error": pl.Series(errors, dtype=pl.String),
         "neuron_token_count": np.full(len(ids), selection.count, dtype=np.int64),
         "quantile_boundaries": (_rows(q_bounds.astype(np.float64)).cast(pl.List(pl.Float64))
                                 if q_bounds is not None else pl.Series([None] * len(ids), dtype=pl.List(pl.Float64))),
@@ -742,6 +790,10 @@ def records_frame(layer: int, selection: LayerSelection, windows: Windows, token
         "char_end": of_window(windows.char_end, np.int32),
         "max_activation": max_activation.astype(np.float32, copy=False),
     }).hstack(per_unit[unit])
+    if failed:  # where it first happened: the window's index on the failed row (its other window columns null)
+        first = pl.Series([failed[u][1] if u in failed else None for u in range(len(ids))], dtype=pl.Int32)[unit]
+        frame = frame.with_columns(pl.when(pl.col("kind") == FAILED_UNIT).then(first).otherwise(
+            pl.col("window_index")).alias("window_index"))
     return conform(frame, RECORD_SCHEMA)
 
 

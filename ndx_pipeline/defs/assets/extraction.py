@@ -195,9 +195,15 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
                   {**pass_metadata, "random_k": min(selection.random_k, stats.windows),
                    "subject_model_forward_passes": stats.batches})
         if records_written:
+            if found.failed:
+                context.log.warning(f"layer {layer}: {len(found.failed)} units failed, their activations not finite "
+                                    "(not explained): " + "; ".join(f"unit {u}: {why}"
+                                                                     for u, why in list(found.failed.items())[:10]))
             out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=len(found.units),
-                        units=found.description, dead_units=found.dead, subject_model=subject_model.model,
-                        extraction_key=key, variant=variant, **origin)
+                        units=found.description, dead_units=found.dead, failed_units=len(found.failed),
+                        **({"failed_unit_reasons": "; ".join(f"unit {u}: {why}" for u, why in found.failed.items())}
+                           if found.failed else {}),
+                        subject_model=subject_model.model, extraction_key=key, variant=variant, **origin)
             for check in CHECKS[c.ACTIVATION_RECORDS]:
                 out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
         if table_written:
@@ -231,8 +237,13 @@ class StoredLayer(LayerRecords):
     def __init__(self, paths: dict[str, Path], about: dict, origin: dict):
         self.paths, self.origin = paths, origin
         self.windows, self.random_k = int(about.get("windows") or 0), int(about.get("random_k") or 0)
-        units = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron"])["neuron"].unique().sort()
-        super().__init__(units.to_list(), self._read, str(about.get("units") or ""), int(about.get("dead_units") or 0))
+        rows = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron", "kind"])
+        failed = {}
+        if (rows["kind"] == c.FAILED_UNIT).any():  # (files from before the `error` column hold no failed row)
+            gone = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron", "kind", "error"])
+            failed = dict(gone.filter(pl.col("kind") == c.FAILED_UNIT).select("neuron", "error").iter_rows())
+        super().__init__(rows["neuron"].unique().sort().to_list(), self._read, str(about.get("units") or ""),
+                         int(about.get("dead_units") or 0), failed)
 
     def path(self, asset: str) -> Path:
         return self.paths[asset]
@@ -383,7 +394,7 @@ class _Excerpts:
                 scope=self.out.variant)
         units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
         return {"file": self.out.write_file(c.TOP_EXCERPTS, frame, layer),
-                "fired": units.filter(pl.col("kind") != c.DEAD)["neuron"].n_unique(),
+                "fired": units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
                 "dead": units.filter(pl.col("kind") == c.DEAD).height, "neurons": frame["neuron"].n_unique(),
                 "splits_disjoint": validation.splits_disjoint(frame),
                 "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
