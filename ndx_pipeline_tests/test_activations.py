@@ -454,8 +454,7 @@ def test_a_unit_whose_activations_are_not_finite_fails_alone(compiled, small_doc
     `dead` record (max −inf, mean NaN) and reported as a unit that never fired; on the torch path its NaN also
     reached the others' selection arithmetic. Now: one `failed` record saying why, on both paths, and the other
     units' records exactly as without the broken one."""
-    from ndx_pipeline.core import stages
-    from ndx_pipeline.core import validation
+    from ndx_pipeline.core import stages, validation
     from ndx_pipeline.core.contract import FAILED_UNIT
 
     real = stages.load_subject_model
