@@ -446,3 +446,31 @@ def test_special_tokens_are_not_dropped_in_silence():
         assert special_token_wrap(Mangling()) == ([], [])
     assert special_token_wrap(Bos()) == ([1], [])
     assert special_token_wrap(object()) == ([], [])  # no way to say: none
+
+
+def test_a_latent_whose_activations_are_not_finite_fails_alone(subject, small_windows, tmp_path):
+    """The sparse path (dictionary latents given as their nonzero entries): a latent whose encoder overflows to
+    ±inf fails with its count and first window, and the dictionary's other latents keep the records they have without it."""
+    model, tok = subject
+    h = captured(model, tok, small_windows, {"resid_post_1": (model.layers[1], "out")})
+    W, b, d = directions(h["resid_post_1"], 1)
+    broken = W.copy()
+    broken[:, 2] = 3e38  # finite weights (the loader refuses others) whose products overflow float32 to ±inf
+    units = {}
+    for name, weights in (("clean", W), ("broken", broken)):
+        folder = saelens_folder(tmp_path, name, "standard", weights, b, d, "blocks.1.hook_resid_post")
+        units[name] = DictionaryLatents(1, load_dictionary(folder), list(range(LATENTS)))
+    found, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3, batch_size=7)
+    failed = found["broken"].failed()
+    assert list(failed) == [2] and failed[2][0] > 0 and failed[2][1] >= 0
+    assert found["clean"].failed() == {}
+    texts = TokenTexts(tok)
+    clean = act.records_frame(1, found["clean"], small_windows, texts, units["clean"])
+    records = act.records_frame(1, found["broken"], small_windows, texts, units["broken"])
+    assert records.filter(pl.col("neuron") == 2)["kind"].to_list() == ["failed"]
+
+    def others(frame):  # (unit_source names each dictionary's own file)
+        return frame.filter(pl.col("neuron") != 2).with_columns(pl.col("tokens").cast(pl.List(pl.String))).drop(
+            "unit_source")
+
+    assert others(records).equals(others(clean))
