@@ -450,7 +450,8 @@ def test_special_tokens_are_not_dropped_in_silence():
 
 def test_a_latent_whose_activations_are_not_finite_fails_alone(subject, small_windows, tmp_path):
     """The sparse path (dictionary latents given as their nonzero entries): a latent whose encoder overflows to
-    ±inf fails with its count and first window, and the dictionary's other latents keep the records they have without it."""
+    ±inf fails with its count and first window, and the dictionary's other latents keep the records they have
+    without it."""
     model, tok = subject
     h = captured(model, tok, small_windows, {"resid_post_1": (model.layers[1], "out")})
     W, b, d = directions(h["resid_post_1"], 1)
