@@ -9,7 +9,8 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
-from ndx_pipeline.core.data.units import PLANTED
+from ndx_pipeline.core.data.planted import PLANTED_UNIT
+from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
@@ -25,8 +26,17 @@ from ndx_pipeline.defs.materialize import (
 from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accounting
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
-from ndx_pipeline.defs.resources import LLMResource, QualityResource, SelectionResource, StorageResource
+from ndx_pipeline.defs.resources import LLMResource, QualityResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settings
+
+
+def holds_planted_units(storage_dir, layer: int, variant: str) -> bool:
+    """Whether the layer's activation records are of planted units (read from their `unit_kind` column alone)."""
+    path = asset_path(storage_dir, c.ACTIVATION_RECORDS, layer, variant)
+    if not path.exists():
+        return False
+    kinds = pl.read_parquet(path, columns=["unit_kind"])["unit_kind"]
+    return bool((kinds == PLANTED_UNIT).any())
 
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
@@ -49,12 +59,13 @@ def _spec(asset: str, description: str) -> dg.AssetSpec:
     check_specs=check_specs(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
 )
 def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
-                 quality: QualityResource, selection: SelectionResource, storage: StorageResource):
+                 quality: QualityResource, storage: StorageResource):
     variant, layers = variant_of(context), layers_of(context)
     settings = VariantSettings(storage.path(), variant)
     quality, explainer_llm = settings("quality", quality), settings("explainer_llm", explainer_llm)
     simulator_llm = settings("simulator_llm", simulator_llm)
-    planted = settings("selection", selection).units == PLANTED  # the judge's control: true and wrong explanations
+    # the judge's control: planted units (as their records say) get their true and a wrong explanation too
+    planted = any(holds_planted_units(storage.path(), layer, variant) for layer in layers)
     controls = list(c.CONTROL_BASELINES) if planted else []
     with bad_input_fails_the_run():
         k = quality.checked().explanation_candidates
