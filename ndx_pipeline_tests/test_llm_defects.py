@@ -435,3 +435,36 @@ def test_a_count_cleared_by_another_thread_meanwhile_is_counted_again():
     backend._counts = ClearedAfterTheTest({sent_prompt_sha256(sent): 77})
     backend._count_on_server = lambda s: 99  # what the server would say, asked again
     assert backend.count_tokens(sent, limit=10) in (77, 99)
+
+
+def test_new_weights_under_the_same_name_are_not_answered_from_the_old_ones_cache(tmp_path):
+    """The in-process backends keyed their cache by the model's name as written: new weights in the same folder
+    reused the old answers. Now the weights' files (path, size, modification time) are part of the key."""
+    import os
+
+    from ndx_pipeline.core.llm.embeddings import LocalEmbedder
+    from ndx_pipeline.core.llm.local import LocalTransformersBackend
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    computed = []
+
+    def answer():
+        computed.append(1)
+        return {"text": f"answer {len(computed)}", "prompt_tokens": 1, "completion_tokens": 1}
+
+    def ask():
+        backend = LocalTransformersBackend(str(folder), cache=tmp_path / "cache", dtype="float32")
+        return backend._cached("chat", {"messages": ["hello"]}, answer)["text"]
+
+    assert ask() == "answer 1" and ask() == "answer 1" and len(computed) == 1  # the same weights: from the cache
+    weights.write_bytes(b"second weights, retrained")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert ask() == "answer 2" and len(computed) == 2  # new weights: asked again
+    assert ask() == "answer 2" and len(computed) == 2
+    embedder = LocalEmbedder(str(folder))
+    assert embedder.origin == {"model": {"weights": [["model.safetensors", weights.stat().st_size,
+                                                      weights.stat().st_mtime_ns]]}}

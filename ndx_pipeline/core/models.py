@@ -105,6 +105,33 @@ def resolve_model(name: str | None) -> ModelSource:
     return ModelSource(name, name)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5", ".onnx")
+
+
+def model_identity(source: ModelSource) -> dict | None:
+    """What tells one set of weights from another under the same name: per weight file (its GGUF file, or the weight
+    files of its folder, or of its snapshot in the Hugging Face cache, whose folder name is the revision) its path in
+    the folder, size and modification time. Part of the in-process backends' cache keys, so that new weights in the
+    same folder are never answered from the old ones' cache. None when no weight file is found."""
+    root, revision = Path(source.path), None
+    if source.gguf_file:
+        files = [root / source.gguf_file]
+    else:
+        if not root.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                root = Path(snapshot_download(source.path, local_files_only=True))
+            except Exception:  # not in the cache: loading it fails with its own message; nothing to identify
+                return None
+            revision = root.name
+        files = sorted(f for f in root.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    found = [[f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    if not found:
+        return None
+    return {"weights": found, **({"revision": revision} if revision else {})}
+
+
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 

@@ -44,6 +44,7 @@ from ndx_pipeline.core.llm.openai.transport import (
     redact_secret,
 )
 from ndx_pipeline.core.llm.registry import api_key
+from ndx_pipeline.core.models import ModelSource, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ class LocalEmbedder(Embedder):
     def __init__(self, model: str | None = None, cache: LLMCache | str | os.PathLike | None = None,
                  stats: LLMStats | None = None, batch_size: int = LOCAL_BATCH):
         self.model_name, self.path = resolve_embedding_model(model)
+        identity = model_identity(ModelSource(self.model_name, self.path))
+        self.origin = {"model": identity} if identity else None  # new weights, new cache keys
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
         self.batch_size = max(1, int(batch_size))

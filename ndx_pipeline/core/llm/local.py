@@ -36,7 +36,15 @@ from ndx_pipeline.core.heap import release_freed_heap
 from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, PromptTooLongError, SimulationPrompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
-from ndx_pipeline.core.models import AUTO_DTYPE, llm_dtype, loadable, resolve_model, special_token_wrap, torch_dtype
+from ndx_pipeline.core.models import (
+    AUTO_DTYPE,
+    llm_dtype,
+    loadable,
+    model_identity,
+    resolve_model,
+    special_token_wrap,
+    torch_dtype,
+)
 
 _LOAD_LOCK = threading.Lock()
 BATCH_SIZE = 8  # requests computed together (measured on 2 CPU cores: benchmarks/llm_stages.py)
@@ -124,7 +132,9 @@ class LocalTransformersBackend(LLMBackend):
     def __init__(self, model_name: str | None = None, cache: LLMCache | str | None = None,
                  stats: LLMStats | None = None, context_tokens: int | None = None, batch_size: int = BATCH_SIZE,
                  dtype: str = AUTO_DTYPE):
-        self.model_name = resolve_model(model_name).name
+        source = resolve_model(model_name)
+        self.model_name = source.name
+        self.identity = model_identity(source)  # the weights' files: part of every cache key
         self.dtype = llm_dtype(dtype)
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
@@ -144,8 +154,10 @@ class LocalTransformersBackend(LLMBackend):
                            completion_tokens=response.get("completion_tokens", 0))
             return response
 
-        # float32 answers keep the keys they had before other precisions were offered
-        origin = None if self.dtype == "float32" else {"dtype": self.dtype}
+        # the precision (float32 answers keep the keys they had before other precisions were offered) and the
+        # weights' identity: new weights under the same name are never answered from the old ones' cache
+        origin = {**({} if self.dtype == "float32" else {"dtype": self.dtype}),
+                  **({"model": self.identity} if self.identity else {})} or None
         return cached_call(self.cache, self.stats, self.KIND, self.model_name, endpoint, request, timed,
                            origin=origin)
 
