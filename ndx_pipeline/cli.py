@@ -395,13 +395,17 @@ def cmd_run(args) -> int:
             if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
                 print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
         for i, variant in enumerate(variants):
-            if variant in controls:  # the whole graph (its extraction costs no forward pass; its LLM answers cached)
+            def run_control(control: str, on: list[int]) -> str | None:  # the whole graph, its time apart
                 control_time: dict[str, float] = {}
-                error = run_layers(job, instance, config, controls[variant], [min(layers)], selection, True, {},
-                                   control_time, failed.setdefault(controls[variant], {}))
+                error = run_layers(job, instance, config, control, on, selection, True, {}, control_time,
+                                   failed.setdefault(control, {}))
                 step_time[CONTROLS_STEP] = step_time.get(CONTROLS_STEP, 0.0) + sum(control_time.values())
                 if error:
                     errors.append(error)
+                return error
+
+            if variant in controls:  # (its extraction costs no forward pass; its LLM answers are cached)
+                run_control(controls[variant], [min(layers)])
             # the first variant's extraction pass reads the unit sets of the variants after it too: one pass for all
             joint = {EXTRACT_WITH_TAG: ",".join(variants[i + 1:])} if i == 0 and len(variants) > 1 else {}
             error = run_layers(job, instance, config, variant, layers, selection, args.start is None, joint,
@@ -412,12 +416,7 @@ def cmd_run(args) -> int:
             if error:
                 errors.append(error)
             if variant in randomized and not error:  # the same units and settings, on re-initialized weights
-                control_time = {}
-                error = run_layers(job, instance, config, randomized[variant], layers, selection, True, {},
-                                   control_time, failed.setdefault(randomized[variant], {}))
-                step_time[CONTROLS_STEP] = step_time.get(CONTROLS_STEP, 0.0) + sum(control_time.values())
-                if error:
-                    errors.append(error)
+                run_control(randomized[variant], layers)
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Time per stage:")
     print(stage_table(step_time) + "\n")
     for variant in variants:

@@ -125,16 +125,20 @@ def baseline_metadata(frame: pl.DataFrame, names) -> dict:
     return out
 
 
-def judge_control(storage: Path, variant: str, frame: pl.DataFrame, judge: str) -> tuple[dict | None, str | None]:
+def variant_control(storage: Path, variant: str) -> dict | None:
+    """The judges' controls of `variant`'s planted control, from its files (read once per step, not per layer);
+    None for a control itself (its own partitions say it) or when none was run."""
+    return None if control_of(variant) else read_controls(storage, control_name(variant))
+
+
+def judge_control(found: dict | None, frame: pl.DataFrame, variant: str,
+                  judge: str) -> tuple[dict | None, str | None]:
     """(the judge's separation over planted units, the variant they are in): this partition's own planted units
-    when it has them (a control variant), else those of the variant's planted control, from its files; (None, None)
-    when there is none."""
+    when it has them (a control variant), else those of the variant's control (`found`: `variant_control`);
+    (None, None) when there is none."""
     true, wrong = baseline_column(PLANTED_TRUE), baseline_column(PLANTED_WRONG)
     if {true, wrong} <= set(frame.columns):
         return separation(frame[true].to_numpy(), frame[wrong].to_numpy()), variant
-    if control_of(variant):
-        return None, None
-    found = read_controls(storage, control_name(variant))
     return (found["judges"].get(judge), found["control"]) if found else (None, None)
 
 

@@ -26,12 +26,11 @@ def read_controls(storage: str | Path, variant: str) -> dict | None:
     storage = Path(storage)
     for name in (variant, control_name(variant)):
         layers = variant_layers(storage, SCORES, name)
-        if not layers:
-            continue
+        if not layers or "baseline_planted_true" not in pl.read_parquet_schema(asset_path(storage, SCORES,
+                                                                                          layers[0], name)):
+            continue  # no scores, or a variant of real units: its control is the other name
         scores = pl.concat([pl.read_parquet(asset_path(storage, SCORES, layer, name)) for layer in layers],
                            how="diagonal_relaxed")
-        if "baseline_planted_true" not in scores.columns:
-            continue  # a variant of real units: its control is the other name
         judged = {}
         for scorer, (_, asset) in SCORER_ASSETS.items():
             found = [asset_path(storage, asset, layer, name) for layer in layers]

@@ -150,9 +150,8 @@ class LayerSelection:
         if isinstance(acts, SparseActivations):
             return self._update_sparse(acts, mask, window_index, token_ids)
         a = acts.float()
-        bad = ~torch.isfinite(a)
-        if bool(bad.any()):  # counted per unit (the unit is recorded as failed), then 0 for what follows
-            bad &= mask[..., None]
+        if not bool(torch.isfinite(a.sum())):  # a NaN or ±inf anywhere (one reduction, no mask on the hot path):
+            bad = ~torch.isfinite(a) & mask[..., None]  # counted per unit (recorded as failed), then 0 from here
             self._note_nonfinite(bad.sum(dim=(0, 1)), bad.any(dim=1), window_index)
             a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         rows = self._count_tokens(mask, token_ids)

@@ -30,6 +30,7 @@ from ndx_pipeline.defs.metadata import (
     finite_mean,
     judge_control,
     llm_accounting,
+    variant_control,
 )
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
@@ -113,6 +114,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
                 model = judge.name
             finally:
                 judge.close()
+        controlled = variant_control(storage.path(), variant) if on else None
         for layer in layers_run:
             mine = made.judgements.filter(pl.col("layer") == layer) if made else c.empty(judgements)
             scored = made.scores.filter(pl.col("layer") == layer) if made else c.empty(scores)
@@ -124,7 +126,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
             out.check(judgements, FAILURES, layer,
                       validation.failure_share(mine, f"{name} judgements", blocking=False))
             valid = scored["score"].drop_nans().drop_nulls()
-            judged, control = judge_control(storage.path(), variant, scored, name) if on else (None, None)
+            judged, control = judge_control(controlled, scored, variant, name) if on else (None, None)
             out.write(scores, scored, layer, runs=on, neurons=len(scored), scored=len(valid),
                       metric=scored["metric"][0] if len(scored) else "", mean_score=finite_mean(scored["score"]),
                       median_score=float(valid.median()) if len(valid) else float("nan"),

@@ -27,6 +27,7 @@ from ndx_pipeline.defs.metadata import (
     judge_control,
     neuron_table,
     score_histogram,
+    variant_control,
 )
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
@@ -52,6 +53,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
     with bad_input_fails_the_run():
         names = quality.checked().baselines
     out = Outputs(context, storage.path(), variant)
+    controlled = variant_control(storage.path(), variant)
     for layer in layers_of(context):
         sims, expl, base_sims, base_expl, table, excerpts = (out.read(a, layer) for a in READS)
         made = stages.scores(sims, expl, excerpts=excerpts, baselines=names, baseline_explanations=base_expl,
@@ -60,7 +62,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
             context.log.warning(f"layer {layer}: no inputs for the {name} baseline ({why}); rematerialize from "
                                 "that stage to fill it")
         frame = made.scores
-        judge, control = judge_control(storage.path(), variant, frame, SIMULATION)
+        judge, control = judge_control(controlled, frame, variant, SIMULATION)
         valid = frame["score"].drop_nans().drop_nulls()
         simulators = set(sims["simulator"].drop_nulls())
         out.write(c.SCORES, frame, layer, neurons=len(frame), scored=len(valid),
