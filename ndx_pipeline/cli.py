@@ -19,7 +19,7 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
-from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
+from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers, hidden_width, mlp_width, num_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
@@ -59,9 +59,16 @@ from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, forma
 from ndx_pipeline.reports.controls import controls_text
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
+from ndx_pipeline.reports.neuronpedia import (
+    export_neuronpedia,
+    import_neuronpedia,
+    write_imported_explanations,
+)
 from ndx_pipeline.reports.viewer import write_viewer
 
 DEFAULT_LAYERS = "0,1,2"
+OPENAI_FORMAT, NEURONPEDIA_FORMAT = "openai", "neuronpedia"  # export / import --format
+EXPORT_FORMATS = (OPENAI_FORMAT, NEURONPEDIA_FORMAT)
 CONTROLS_STEP = "controls (planted)"  # the control variants' steps, together, in the time per stage
 TEMPLATE_INSTANCE = Path(__file__).parent / "templates" / "dagster.yaml"
 
@@ -492,12 +499,12 @@ def _runs(layers, variant: str) -> dict[int, dict] | None:
 
 
 def chosen_variant(storage: Path, given: str | None, asset: str = c.SCORES) -> str:
-    """--variant, else the only variant of `storage` with files of `asset`; several or none: one sentence saying
-    which there are."""
+    """--variant, else the only variant of `storage` with files of `asset` (its controls, `<variant>.planted` …, are
+    not candidates); several or none: one sentence saying which there are."""
     refuse_legacy_layout(storage)
     if given:
         return check_name(given, "--variant")
-    found = stored_variants(storage, asset)
+    found = [v for v in stored_variants(storage, asset) if not control_of(v)] or stored_variants(storage, asset)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -540,7 +547,8 @@ def cmd_view(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Write a variant's layers in OpenAI neuron-explainer's JSON shapes (NeuronRecord, NeuronSimulationResults)."""
+    """Write a variant's layers in Neuronpedia's export layout, or in OpenAI neuron-explainer's JSON shapes
+    (NeuronRecord, NeuronSimulationResults)."""
     storage = _storage(args)
     variant = chosen_variant(storage, args.variant, c.ACTIVATION_RECORDS)
     layers = (parse_layers(args.layers) if args.layers else
@@ -548,6 +556,8 @@ def cmd_export(args) -> int:
     if not layers:
         raise NdxInputError(f"no layer of variant {variant} has activation_records under {storage}: run the "
                             "pipeline first.")
+    if args.format == NEURONPEDIA_FORMAT:
+        return export_to_neuronpedia(args, storage, variant, layers)
     for layer in layers:
         done = export_layer(storage, layer, args.out, neurons=args.neurons, variant=variant)
         print(f"layer {layer}: {len(done.neuron_records)} NeuronRecords, {len(done.simulation_results)} "
@@ -555,14 +565,44 @@ def cmd_export(args) -> int:
     return 0
 
 
+def export_to_neuronpedia(args, storage: Path, variant: str, layers: list[int]) -> int:
+    """`export --format neuronpedia`: the variant's layers, with what the files cannot say about the model (its
+    name, layers, widths) and the runs that wrote each layer (the scores' lineage) from the instance."""
+    runs = _runs(layers, variant) or {}
+    model = next((info.get("subject_model") for stages_of in runs.values()
+                  for info in [stages_of.get(c.ACTIVATION_RECORDS) or {}] if info.get("subject_model")), None)
+    about = {"subject_model": model}
+    try:
+        configured = default_resources()["subject_model"].model
+        about.update(layers=num_layers(configured), neurons_per_layer=mlp_width(configured),
+                     dimension=hidden_width(configured))
+    except NdxInputError:
+        pass  # a model that cannot be read here: the model row leaves its sizes out
+    model_id = check_name(args.model_id or (model or "model").split(":")[-1].lower(), "--model-id")
+    done = export_neuronpedia(storage, args.out, model_id=model_id, variant=variant,
+                              set_name=check_name(args.source_id or variant, "--source-id"), layers=layers, runs=runs,
+                              about=about, creator_id=args.creator_id)
+    for source, counts in done.sources.items():
+        print(f"{source}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind != "ndx"))
+    print(f"Neuronpedia export of variant {variant} under {done.root}")
+    return 0
+
+
 def cmd_import(args) -> int:
-    """Read NeuronRecord JSON (ours, or OpenAI's released collated activations) as a variant's activation_records,
-    record the files as materializations on the instance, and say how to go on from there."""
+    """Read NeuronRecord JSON (ours, or OpenAI's released collated activations) or a Neuronpedia-shaped export as a
+    variant's activation_records (and its explanations and output tokens, when the export has them), record the
+    files as materializations on the instance, and say how to go on from there."""
     storage = _storage(args)
     refuse_legacy_layout(storage)
     variant = check_name(args.variant or "imported", "--variant")
-    imported = import_neuron_records(args.source, layers=parse_layers(args.layers) if args.layers else None)
-    written = write_imported(storage, imported, variant=variant)
+    chosen = parse_layers(args.layers) if args.layers else None
+    if args.format == NEURONPEDIA_FORMAT:
+        imported = import_neuronpedia(args.source, layers=chosen)
+        written = write_imported(storage, imported, variant=variant)
+        written += write_imported_explanations(storage, imported, variant=variant)
+    else:
+        imported = import_neuron_records(args.source, layers=chosen)
+        written = write_imported(storage, imported, variant=variant)
     with dg.DagsterInstance.get() as instance:
         record_imported(instance, written, source=str(Path(args.source).resolve()))
     for asset, layer, _, path in written:
@@ -627,13 +667,27 @@ def parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     view = sub.add_parser("view", help="write the static HTML neuron viewer and print its index path")
     view.add_argument("--layers", help="layers to (re)write, default every scored layer")
-    export = sub.add_parser("export", help="write layers as OpenAI neuron-explainer JSON (NeuronRecord, …)")
-    export.add_argument("out", help="output folder (collated-activations/, explanations/, ndx-provenance/)")
+    export = sub.add_parser("export", help="write a variant's layers for other tools: Neuronpedia's export layout, "
+                                           "or OpenAI neuron-explainer JSON (NeuronRecord, …)")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default=OPENAI_FORMAT,
+                        help="openai (default): collated-activations/, explanations/, ndx-provenance/; neuronpedia: "
+                             "<model-id>/<layer>-<source-id>/{features,activations,explanations,scores}/"
+                             "batch-N.jsonl.gz (see README)")
     export.add_argument("--layers", help="default: every layer with activation records")
     export.add_argument("--neurons", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
-                        help="only these neurons, e.g. 3,17")
-    imp = sub.add_parser("import", help="read NeuronRecord JSON files as activation_records")
-    imp.add_argument("source", help="a <neuron>.json, a layer folder, or an export root with collated-activations/")
+                        help="openai: only these neurons, e.g. 3,17")
+    export.add_argument("--model-id", help="neuronpedia: the model's id there (e.g. gpt2-small); default: the subject "
+                                           "model's name")
+    export.add_argument("--source-id", help="neuronpedia: the set name of the sources, <layer>-<source-id> (e.g. "
+                                            "res-jb); default: the variant's name")
+    export.add_argument("--creator-id", default="ndx-pipeline", help="neuronpedia: creatorId / authorId of the rows")
+    imp = sub.add_parser("import", help="read NeuronRecord JSON files, or a Neuronpedia-shaped export, as a variant's "
+                                        "activation_records (and explanations, when the export has them)")
+    imp.add_argument("source", help="openai: a <neuron>.json, a layer folder, or an export root with "
+                                    "collated-activations/; neuronpedia: an export root, a model folder or a source "
+                                    "folder")
+    imp.add_argument("--format", choices=(OPENAI_FORMAT, NEURONPEDIA_FORMAT), default=OPENAI_FORMAT)
     imp.add_argument("--layers", help="only these layers")
     comp = sub.add_parser("compare", help="variants side by side: scores per layer and pooled, differences with "
                                           "bootstrap intervals")

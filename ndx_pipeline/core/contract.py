@@ -17,6 +17,7 @@ import polars as pl
 CORPUS = "corpus"
 ACTIVATION_RECORDS = "activation_records"
 TOKEN_TABLE = "token_table"
+OUTPUT_TOKENS = "output_tokens"  # per unit: the tokens its output direction promotes and suppresses (the weights')
 TOP_EXCERPTS = "top_excerpts"
 EXPLANATIONS = "explanations"
 BASELINE_EXPLANATIONS = "baseline_explanations"
@@ -36,7 +37,7 @@ NEURON_VIEWER = "neuron_viewer"
 STAGES = (CORPUS, ACTIVATION_RECORDS, TOP_EXCERPTS, EXPLANATIONS, SIMULATIONS, SCORES)
 # Every asset, upstream first. Each stage also writes the files beside its main output that the later stages read
 # (the token table, the baselines' explanations and simulations, best-of-k's calibration simulations).
-ASSETS = (CORPUS, ACTIVATION_RECORDS, TOKEN_TABLE, TOP_EXCERPTS, EXPLANATIONS, BASELINE_EXPLANATIONS,
+ASSETS = (CORPUS, ACTIVATION_RECORDS, TOKEN_TABLE, OUTPUT_TOKENS, TOP_EXCERPTS, EXPLANATIONS, BASELINE_EXPLANATIONS,
           CALIBRATION_SIMULATIONS, SIMULATIONS, BASELINE_SIMULATIONS, SCORES, SCORER_EXCERPTS, DETECTION_JUDGEMENTS,
           DETECTION_SCORES, FUZZING_JUDGEMENTS, FUZZING_SCORES, EMBEDDING_JUDGEMENTS, EMBEDDING_SCORES,
           NEURON_VIEWER)
@@ -197,6 +198,18 @@ TOKEN_TABLE_SCHEMA = {
     "mean_activation": pl.Float64,
 }
 
+# One row per unit with an output direction (MLP neuron sides, dictionary latents; planted units have none): the
+# tokens whose logits that direction raises most (highest first) and lowers most (lowest first), with the logits
+OUTPUT_TOKENS_SCHEMA = {
+    **_UNIT,
+    "promoted_tokens": pl.List(pl.String),
+    "promoted_logits": pl.List(pl.Float32),
+    "suppressed_tokens": pl.List(pl.String),
+    "suppressed_logits": pl.List(pl.Float32),
+    "direction": pl.String,  # how the direction was read (which weights, which norm)
+    **UNIT_COLUMNS,
+}
+
 EXCERPT_SCHEMA = {
     **_UNIT,
     "excerpt_id": pl.String,
@@ -296,6 +309,7 @@ SCHEMAS = {
     CORPUS: CORPUS_SCHEMA,
     ACTIVATION_RECORDS: RECORD_SCHEMA,
     TOKEN_TABLE: TOKEN_TABLE_SCHEMA,
+    OUTPUT_TOKENS: OUTPUT_TOKENS_SCHEMA,
     TOP_EXCERPTS: EXCERPT_SCHEMA,
     EXPLANATIONS: EXPLANATION_SCHEMA,
     BASELINE_EXPLANATIONS: BASELINE_EXPLANATION_SCHEMA,

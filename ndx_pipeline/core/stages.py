@@ -22,6 +22,7 @@ from ndx_pipeline.core.contract import (
     BASELINE_EXPLANATION_SCHEMA,
     CALIBRATION,
     CONTROL_BASELINES,
+    DICTIONARY_LATENT,
     EXPLAIN,
     LOOKUP_BASELINE,
     RANDOM_BASELINE,
@@ -32,9 +33,11 @@ from ndx_pipeline.core.contract import (
 )
 from ndx_pipeline.core.data import activations as act
 from ndx_pipeline.core.data import excerpts as exc
+from ndx_pipeline.core.data import output_tokens as out_tokens
 from ndx_pipeline.core.data.corpus import read_corpus
+from ndx_pipeline.core.data.dictionaries import decoder_rows
+from ndx_pipeline.core.data.planted import PLANTED_UNIT, PlantedUnits, planted_selection
 from ndx_pipeline.core.data.planted import RULES as PLANTED_RULES
-from ndx_pipeline.core.data.planted import PlantedUnits, planted_selection
 from ndx_pipeline.core.data.subject_model import (
     TRAINED,
     check_layers,
@@ -266,6 +269,39 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
                 + "; ".join(f"unit {u}: {why}" for u, why in list(failed.items())[:10]))
         out[name][layer] = LayerRecords(unit_set.ids, build, unit_set.describe_set(), dead, failed)
     return Extraction(out.pop(None), stats, device, out)
+
+
+# ---------------------------------------------------------------------------------------------------- output tokens
+
+
+def output_tokens(records: dict[int, pl.DataFrame], model: str | None, *, dictionary: str | None = None,
+                  dictionary_hook: str | None = None, subject_weights: str = TRAINED, seed: int = 0,
+                  k: int = out_tokens.OUTPUT_TOKENS_K, log: Log = quiet) -> dict[int, pl.DataFrame]:
+    """Per layer of `records` (its activation records): the tokens each unit's output direction promotes and
+    suppresses (`core/data/output_tokens.py`), from the subject model's weights (re-initialized with `seed` for the
+    random-weight control, as the extraction read them). Planted units have no output direction: no rows."""
+    units = {layer: frame.select("neuron", "unit_kind", "unit_source").unique("neuron").sort("neuron")
+             for layer, frame in records.items()}
+    wanted = {layer: u for layer, u in units.items() if len(u) and u["unit_kind"][0] != PLANTED_UNIT}
+    out = {layer: pl.DataFrame(schema=contract.OUTPUT_TOKENS_SCHEMA) for layer in records}
+    if not wanted:
+        return out
+    log(f"loading subject model {model or 'bundled'} with its unembedding for the units' output tokens")
+    subject, tokenizer = load_subject_model(model, weights=check_weights(subject_weights), seed=seed, head=True)
+    unembedding = out_tokens.Unembedding.of(subject)
+    latent_layers = [layer for layer, u in wanted.items() if u["unit_kind"][0] == DICTIONARY_LATENT]
+    dictionaries = dictionaries_by_layer(dictionary, dictionary_hook, latent_layers) if latent_layers else {}
+    progress = Progress("output tokens", sum(len(u) for u in wanted.values()), log, unit="units")
+    for layer, u in wanted.items():
+        ids, kind = u["neuron"].to_list(), u["unit_kind"][0]
+        if kind == DICTIONARY_LATENT:
+            directions = out_tokens.latent_directions(subject, layer, decoder_rows(dictionaries[layer].path, ids))
+        else:
+            directions = out_tokens.neuron_directions(subject, layer, ids)
+        out[layer] = out_tokens.output_tokens_frame(layer, ids, directions, unembedding, tokenizer, kind=kind,
+                                                    source=u["unit_source"][0], k=k)
+        progress.advance(len(ids))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- top excerpts

@@ -52,7 +52,7 @@ REFRESH_MATERIALIZED = (FOLLOW_UPSTREAM & ~dg.AutomationCondition.missing()).wit
 MAIN_JOB = "explain_neurons"
 EXTRACTION_JOB = "extract_activations"
 EXPLAIN_AND_SCORE_JOB = "explain_and_score"
-EXTRACTION_ASSETS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.TOP_EXCERPTS)
+EXTRACTION_ASSETS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.OUTPUT_TOKENS, c.TOP_EXCERPTS)
 EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS, c.SIMULATIONS,
                             c.BASELINE_SIMULATIONS, c.SCORES, c.SCORER_EXCERPTS,
                             *(a for pair in c.SCORER_ASSETS.values() for a in pair), c.NEURON_VIEWER)
@@ -62,7 +62,7 @@ explain_neurons = dg.define_asset_job(
     description="corpus → activation_records → … → scores → neuron_viewer for the chosen layers.")
 extract_activations = dg.define_asset_job(
     EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS), partitions_def=layer_variant,
-    description="The subject-model stages: corpus, activation_records (+ token_table), top_excerpts.")
+    description="The subject-model stages: corpus, activation_records (+ token_table), output_tokens, top_excerpts.")
 explain_and_score = dg.define_asset_job(
     EXPLAIN_AND_SCORE_JOB, selection=dg.AssetSelection.assets(*EXPLAIN_AND_SCORE_ASSETS), partitions_def=layer_variant,
     description="The LLM stages: explanations, simulations, scores (with their baselines), the scorers beside "

@@ -36,6 +36,7 @@ GPU_K8S_CONFIG = {
 STEP_QUEUES = {
     "corpus": DEFAULT_QUEUE,
     "activation_records": GPU_QUEUE,
+    "output_tokens": DEFAULT_QUEUE,  # one matrix product per layer from the weights: no GPU needed
     "explanations": LLM_QUEUE,
     "simulations": LLM_QUEUE,
     "scores": DEFAULT_QUEUE,

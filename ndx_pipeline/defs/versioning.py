@@ -117,6 +117,7 @@ def code_versions(resources: dict) -> dict[str, str]:
         c.CORPUS: [_config(resources["corpus_source"])],
         c.ACTIVATION_RECORDS: extraction,
         c.TOKEN_TABLE: extraction + [{"counted": LOOKUP_BASELINE in q.get("baselines", ())}],
+        c.OUTPUT_TOKENS: extraction,
         c.TOP_EXCERPTS: [{name: getattr(sel, name) for name in SPLIT_COUNTS}, calibration],
         c.EXPLANATIONS: [explainer, explainer_prompt_sha(), choosing],
         c.BASELINE_EXPLANATIONS: [explainer, simulated_baselines, q.get("token_list_explainer"),
@@ -145,6 +146,7 @@ SETTINGS = "variant_settings"
 # the groups of stages whose outputs the same settings change (each group's stages read the same observed version)
 SETTINGS_GROUPS = {
     "extraction": (c.ACTIVATION_RECORDS, c.TOKEN_TABLE),
+    "output": (c.OUTPUT_TOKENS,),  # a group of its own: adding it left the extraction's settings version as it was
     "excerpts": (c.TOP_EXCERPTS,),
     "explainer": (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
     "simulator": (c.SIMULATIONS, c.BASELINE_SIMULATIONS),

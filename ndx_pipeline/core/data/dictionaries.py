@@ -573,3 +573,13 @@ def _read_sparsify(folder: Path, weights: Path, cfg: dict) -> dict:
         found_layer = int(layer_match.group(1)) if layer_match else None
     return dict(architecture="topk", d_in=d_in, n_latents=n, layer=found_layer, hook=found_hook, k=k,
                 transcoder=transcoder, W_enc=W_enc, b_enc=b_enc, b_dec_in=b_dec_in, threshold=None)
+
+
+def decoder_rows(path, latents) -> torch.Tensor:
+    """[latents, d_out]: the decoder rows (`W_dec`) of `latents` of the dictionary at `path` (its folder, cfg.json or
+    safetensors file), float32: what each latent writes (its output direction)."""
+    _, weights = _locate(Path(path).expanduser())
+    tensors = _Tensors(weights)
+    tensors.require("W_dec", " (a latent's output direction is its decoder row)")
+    rows = tensors.load("W_dec")
+    return rows[torch.as_tensor(list(latents), dtype=torch.long)]

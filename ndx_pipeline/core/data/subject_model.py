@@ -108,12 +108,15 @@ def check_weights(weights: str) -> str:
 
 
 def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "float32", weights: str = TRAINED,
-                       seed: int = 0):
-    """Load the model body (no LM head is needed) and its tokenizer, in eval mode. weights="random": the same
-    architecture and tokenizer with every weight re-initialized by the model's own initializer, seeded with `seed`
-    (the random-weight control: no trained weight is read)."""
+                       seed: int = 0, head: bool = False):
+    """Load the model body (no LM head is needed to read activations) and its tokenizer, in eval mode; head=True:
+    with its LM head (the unembedding, for the units' output tokens). weights="random": the same architecture and
+    tokenizer with every weight re-initialized by the model's own initializer, seeded with `seed` (the random-weight
+    control: no trained weight is read); the body's weights are the same with or without the head."""
     import torch
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    loader = AutoModelForCausalLM if head else AutoModel
 
     num_layers(name)  # clear error for an unknown model before any weights are touched
     dtype = torch_dtype(dtype, "subject_model.dtype")
@@ -125,10 +128,10 @@ def load_subject_model(name: str | None, device: str = "cpu", dtype: str = "floa
         config = AutoConfig.from_pretrained(path, **kwargs)
         with torch.random.fork_rng(devices=[]):  # seeded here, the caller's random state untouched
             torch.manual_seed(int(seed))
-            model = AutoModel.from_config(config)
+            model = loader.from_config(config)
         model.to(dtype)
     else:
-        model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+        model = loader.from_pretrained(path, dtype=dtype, **kwargs)
     model.to(device).eval()
     return model, tokenizer
 

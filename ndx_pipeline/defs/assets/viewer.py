@@ -14,8 +14,8 @@ from ndx_pipeline.defs.resources import StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS
 from ndx_pipeline.reports.viewer import write_index, write_layer_pages, write_variants_index
 
-READS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOP_EXCERPTS, c.EXPLANATIONS, c.SIMULATIONS, c.SCORES, c.SCORER_EXCERPTS,
-         *(a for pair in c.SCORER_ASSETS.values() for a in pair))
+READS = (c.CORPUS, c.ACTIVATION_RECORDS, c.OUTPUT_TOKENS, c.TOP_EXCERPTS, c.EXPLANATIONS, c.SIMULATIONS, c.SCORES,
+         c.SCORER_EXCERPTS, *(a for pair in c.SCORER_ASSETS.values() for a in pair))
 
 
 @dg.asset(name=c.NEURON_VIEWER, op_tags=step_tags(c.NEURON_VIEWER), group_name=GROUP, deps=list(READS),
