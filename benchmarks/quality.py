@@ -104,7 +104,8 @@ def median(values) -> float:
 
 
 def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, seed: int = 0,
-             calibration_top: int = 3, calibration_random: int = 3, digest: bool = True) -> dict:
+             calibration_top: int = 3, calibration_random: int = 3, digest: bool = True,
+             output_tokens: pl.DataFrame | None = None) -> dict:
     """Every method on every neuron of `records` with one LLM `backend` as explainer and simulator, through the
     pipeline's own stages (`ndx_pipeline.core.stages`): the same splits, explanations, baselines, simulations and
     scores as a run; k1 is candidate 0 of each neuron scored as if it had been kept.
@@ -115,7 +116,8 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
     timings = {}
     t = time.perf_counter()
     made = stages.explanations(excerpts, backend, candidates=k, chooser=backend, seed=seed, digest=digest,
-                               baselines=SIMULATED_BASELINES, token_list_explainer="llm", log=log)
+                               output_tokens=output_tokens, baselines=SIMULATED_BASELINES, token_list_explainer="llm",
+                               log=log)
     chosen = made.explanations if k > 1 else bk.choose(made.explanations, bk.no_calibration_scores())
     # the pipeline runs one token-list explainer or the other; here the fixed template runs beside the LLM one
     template = bl.baseline_explanations(chosen, excerpts, seed, names=[TOKEN_LIST_BASELINE])
@@ -158,6 +160,7 @@ def evaluate(records: pl.DataFrame, table: pl.DataFrame, backend, k: int = 3, se
         joined = joined.join(frame.select("layer", "neuron", pl.col("explanation").alias(f"{name}_text")),
                              on=["layer", "neuron"], how="left")
     return {"scores": joined.sort(["layer", "neuron"]), "candidates": chosen, "digest": digest,
+            "explainer_logits": output_tokens is not None,
             "token_list": texts["token_list"], "timings": timings}
 
 
@@ -200,6 +203,7 @@ def report(result: dict, k: int, title: str = "", seconds: float | None = None) 
         "median": {name: round(median(joined[name].to_list()), 5) for name in METHODS},
         "defined": {name: len(finite(joined[name].to_list())) for name in METHODS},
         "neurons": len(joined), "layers": layers, "k": k, "digest": result.get("digest", True),
+        "explainer_logits": result.get("explainer_logits", False),
         "parse_failure_rate": {n: round(v, 4) for n, v in failures.items()},
         "best_of_k_replaced_k1": round(picked_other, 4),
     })
@@ -221,6 +225,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="candidates for best-of-k")
     parser.add_argument("--digest", choices=("on", "off"), default="on",
                         help='the "Strongest tokens" line under the explainer\'s excerpts (issue 16: measure both)')
+    parser.add_argument("--explainer-logits", choices=("on", "off"), default="off",
+                        help="list each unit's output tokens (what it makes more and less likely) under the "
+                             "explainer's excerpts (quality.explainer_logits; measure both)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibration-top", type=int, default=3)
     parser.add_argument("--calibration-random", type=int, default=3)
@@ -236,16 +243,22 @@ def main() -> None:
                 .group_by("layer", maintain_order=True).head(args.neurons))
         records = records.join(keep, on=["layer", "neuron"])
         table = table.join(keep, on=["layer", "neuron"])
+    output_tokens = None
+    if args.explainer_logits == "on":
+        by_layer = stages.output_tokens({layer: records.filter(pl.col("layer") == layer) for layer in layers},
+                                        args.model, log=log)
+        output_tokens = contract.concat_layers(list(by_layer.values()))
     # a cache always (a temporary one without --cache-dir): the k1 and best-of-k views share most requests
     with tempfile.TemporaryDirectory(prefix="ndx-quality-") as tmp:
         backend = LocalTransformersBackend(args.llm, cache=Path(args.cache_dir or tmp) / "llm_cache")
         result = evaluate(records, table, backend, args.k, args.seed, args.calibration_top, args.calibration_random,
-                          digest=args.digest == "on")
+                          digest=args.digest == "on", output_tokens=output_tokens)
     if args.out:
         result["scores"].write_parquet(args.out)
     title = (f"quality benchmark: {len(result['scores'])} neurons (layers {layers}, the first "
              f"{args.neurons or args.pool} of {args.pool} seeded neurons each), "
-             f"k={args.k}, seed {args.seed}, digest {args.digest}, explainer and simulator {backend.name}")
+             f"k={args.k}, seed {args.seed}, digest {args.digest}, explainer logits {args.explainer_logits}, "
+             f"explainer and simulator {backend.name}")
     report(result, args.k, title, time.perf_counter() - t0)
 
 

@@ -399,6 +399,24 @@ def test_lineage_of_every_neuron_of_a_real_run(tmp_path):
     assert {"baseline_planted_true", "baseline_planted_wrong"} <= set(planted.columns) and len(planted) >= 6
     result = lineage(storage, 0, int(planted["neuron"][0]), variant="neurons.planted")
     assert result["excerpts"] and all(x["document_found"] for x in result["excerpts"])
+    # the run published in Neuronpedia's shape: rows valid, scores traced to this run, an exact round trip
+    from ndx_pipeline_tests.test_neuronpedia import check_export
+
+    export = subprocess.run([sys.executable, "-m", "ndx_pipeline.cli", "export", "--format", "neuronpedia",
+                             str(tmp_path / "np"), "--model-id", "smollm2-135m"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    rows = check_export(tmp_path / "np" / "smollm2-135m", storage, V)
+    features = rows[f"0-{V}"]["features"]
+    assert len(features) == len(neurons) and all(len(f["pos_str"]) == 10 and len(f["neg_str"]) == 10 for f in features)
+    assert all(f["hookName"] == "blocks.0.mlp.hook_post" for f in features)
+    scores = rows[f"0-{V}"]["scores"]
+    types = {s["explanationScoreTypeName"] for s in scores}
+    assert {"ndx_simulation", "ndx_calibrated_ev", "ndx_embedding", "ndx_baseline_random"} <= types, types
+    simulation = next(s for s in scores if s["explanationScoreTypeName"] == "ndx_simulation")
+    lineage_of = simulation["jsonDetails"]["lineage"]
+    assert lineage_of["scores"]["run_id"] and lineage_of["scores"]["data_version"]
+    assert 0 <= simulation["jsonDetails"]["judge_control"]["auc"] <= 1  # the planted control's verdict on the judge
 
 
 def test_real_tokenizer_windows_resolve_to_their_document_text(subject, small_docs, small_windows):

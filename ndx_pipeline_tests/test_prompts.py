@@ -73,6 +73,20 @@ def test_explainer_prompt_with_and_without_the_digest_exact_text():
     assert prompt_sha256(messages) == "734c303929461f1e11411e0acc8ea07d3675489c2f394a8b6cc54199fec7520b"
 
 
+def test_explainer_prompt_with_the_output_tokens_exact_text():
+    """quality.explainer_logits: the unit's output tokens (five each way, whitespace escaped) under the digest of the
+    target neuron only, and one more sentence in the system text; every other message unchanged."""
+    output = ([" the", "\n", " and", " of", " to", " a"], ["x", " y"])
+    messages = explainer_messages(EXCERPTS, output=output)
+    assert messages[0]["content"] == SYSTEM + (" Below that, the tokens the neuron's output makes more likely and "
+                                               "less likely in the next position are listed; they may help, or not.")
+    assert messages[-1]["content"] == TARGET + ('\n\nStrongest tokens: "1"\n'
+                                                'Output makes more likely: "the", "\\n", "and", "of", "to"\n'
+                                                'Output makes less likely: "x", "y"')
+    assert messages[1:-1] == explainer_messages(EXCERPTS)[1:-1]
+    assert explainer_messages(EXCERPTS, output=None) == explainer_messages(EXCERPTS)
+
+
 def test_digest_lists_strongest_tokens_in_order_escaping_whitespace():
     shown = [(["a", " b", "\n", " b", "c"], [1.0, 4.0, 10.0, 9.0, 5.0]), (["d"], [-3.0])]
     assert digest(shown) == 'Strongest tokens: "\\n", "b", "c"'

@@ -55,6 +55,12 @@ OTHER = str(partition_key(2, DEFAULT_VARIANT))  # never materialized
 # the viewer)
 ORDER = [a for a in ASSETS if a not in ("neuron_viewer", SCORER_EXCERPTS, *(x for p in SCORER_ASSETS.values()
                                                                                 for x in p))]
+# the UI's groups: the paper's chain, the scorers beside simulation, the reports, the variants' settings folded apart
+GROUPS = {"extraction": ["activation_records", "corpus", "output_tokens", "token_table", "top_excerpts"],
+          "explanation": ["baseline_explanations", "calibration_simulations", "explanations"],
+          "simulation_and_scoring": ["baseline_simulations", "scores", "simulations"],
+          "scorers": sorted([SCORER_EXCERPTS, *(x for p in SCORER_ASSETS.values() for x in p)]),
+          "reports": ["neuron_viewer"]}
 SIMULATION_STEP = ["simulations", "baseline_simulations"]  # one step writes both
 
 NODES_QUERY = """
@@ -70,6 +76,10 @@ query Nodes($keys: [AssetKeyInput!], $partition: String) {
     }
   }
 }
+"""
+
+GROUPS_QUERY = """
+query { assetNodes { assetKey { path } groupName } }
 """
 
 MATERIALIZATIONS_QUERY = """
@@ -357,6 +367,12 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
 
         # --- 2. lineage of `scores` for the layer: walk dependencyKeys down to the corpus
         nodes = _staleness(dev, LAYER)
+        groups: dict[str, list] = {}
+        for node in dev.query(GROUPS_QUERY)["assetNodes"]:
+            groups.setdefault(node["groupName"], []).append("/".join(node["assetKey"]["path"]))
+        settings_group = groups.pop("variant_settings")
+        assert {g: sorted(keys) for g, keys in groups.items()} == GROUPS
+        assert all(key.startswith("variant_settings/") for key in settings_group)
         lineage, todo, settings = [], ["scores"], set()
         while todo:
             key = todo.pop(0)

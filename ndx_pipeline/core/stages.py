@@ -334,6 +334,7 @@ class Explained:
 def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, chooser=None,
                  baselines: Sequence[str] = (), token_list_explainer: str = "llm", seed: int = 0,
                  max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE, digest: bool = True,
+                 output_tokens: pl.DataFrame | None = None,
                  simulator_mode: str = "all_at_once", scope: str | None = None, what: str = "explanations",
                  planted: bool = False, log: Log = quiet) -> Explained:
     """One explanation per neuron by the `explainer` backend; with `candidates` = k > 1, k candidates each,
@@ -344,8 +345,13 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
     `excerpts` may hold several layers: everything asked of the explainer (every candidate of every neuron, and
     the token-list baseline) goes out in one wave; then best-of-k's calibration simulations in a second.
     Explanation ids are prefixed with `scope` (the variant: `contract.scoped`). `planted`: the units are planted
-    (`core/data/planted.py`): each also gets its true and a wrong explanation as baselines (`method/controls.py`)."""
+    (`core/data/planted.py`): each also gets its true and a wrong explanation as baselines (`method/controls.py`).
+    `output_tokens` (rows of that asset, `quality.explainer_logits`): each unit's promoted and suppressed tokens
+    are listed under its excerpts."""
     wanted = [b for b in baselines if b in SIMULATED_BASELINES]
+    outputs = None if output_tokens is None else {
+        (int(r["layer"]), int(r["neuron"])): (r["promoted_tokens"], r["suppressed_tokens"])
+        for r in output_tokens.iter_rows(named=True)}
     if candidates > 1:
         calibration = excerpts.filter(pl.col("split") == CALIBRATION)
         if calibration.is_empty():
@@ -354,9 +360,10 @@ def explanations(excerpts: pl.DataFrame, explainer, *, candidates: int = 1, choo
                 "none: set calibration_top_excerpts or calibration_random_excerpts above 0.")
         if chooser is None:
             raise ValueError("best-of-k needs a simulator backend (chooser) to score the candidates")
-        ours = best_of_k.candidates_work(excerpts, explainer, candidates, max_tokens, temperature, seed, digest)
+        ours = best_of_k.candidates_work(excerpts, explainer, candidates, max_tokens, temperature, seed, digest,
+                                         outputs)
     else:
-        ours = explanation_work(excerpts, explainer, max_tokens, temperature, (seed,), digest)
+        ours = explanation_work(excerpts, explainer, max_tokens, temperature, (seed,), digest, outputs)
     works = [ours]
     token_list = None
     if TOKEN_LIST_BASELINE in wanted:

@@ -25,7 +25,10 @@ from ndx_pipeline.defs.metadata import content_hash, file_digest, file_metadata
 from ndx_pipeline.defs.partitions import layer_and_variant, partition_key
 
 T, R = TypeVar("T"), TypeVar("R")
-GROUP = "neuron_explanation"
+# The UI's asset groups, as a reader follows the method: the paper's chain (extraction → explanation → simulation and
+# scoring), the scorers beside simulation, the reports, and the variants' observed settings folded apart.
+EXTRACTION_GROUP, EXPLANATION_GROUP, SIMULATION_GROUP = "extraction", "explanation", "simulation_and_scoring"
+SCORERS_GROUP, REPORTS_GROUP, SETTINGS_GROUP = "scorers", "reports", "variant_settings"
 LLM_POOL = "llm"
 SUBJECT_MODEL_POOL = "subject_model"
 SINGLE_RUN = dg.BackfillPolicy.single_run()  # one run carries every requested layer: the model loads once

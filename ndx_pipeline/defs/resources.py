@@ -128,6 +128,9 @@ class QualityResource(dg.ConfigurableResource):
     lookup_held_out: bool = True
     explainer_digest: bool = Field(default=True, description="Show the explainer a line naming the strongest tokens "
                                                               "under the excerpts (see README for the measurement).")
+    explainer_logits: bool = Field(default=False, description="Show the explainer, under the excerpts, the tokens "
+                                                               "each unit's output makes more and less likely "
+                                                               "(output_tokens; see README for the measurement).")
     scorers: list[str] = Field(default=list(DEFAULT_SCORERS),
                                description="Scorers beside simulation: any of detection, fuzzing, embedding (each "
                                            "scores our explanation and the random and token-list baselines').")

@@ -49,7 +49,7 @@ def _digest(*parts) -> str:
 
 # settings added later whose default leaves everything as it was: versioned only when set otherwise, so that
 # adding them made nothing stale
-LATER_DEFAULTS = {"subject_weights": "trained"}
+LATER_DEFAULTS = {"subject_weights": "trained", "explainer_logits": False}
 
 
 def _config(resource, drop=()) -> dict:
@@ -94,7 +94,8 @@ def code_versions(resources: dict) -> dict[str, str]:
     q = _config(resources["quality"])
     k = q.get("explanation_candidates") or 1
     calibration = {name: q.get(name) for name in ("calibration_top_excerpts", "calibration_random_excerpts")}
-    choosing = {"explanation_candidates": k, "explainer_digest": q.get("explainer_digest", True)}
+    choosing = {"explanation_candidates": k, "explainer_digest": q.get("explainer_digest", True),
+                **({"explainer_logits": True} if q.get("explainer_logits") else {})}
     if k > 1:  # best-of-k: the simulator takes part in choosing
         choosing["simulator"] = [simulator, simulator_prompt_sha()]
     simulated_baselines = sorted(b for b in q.get("baselines", ()) if b in c.SIMULATED_BASELINES)

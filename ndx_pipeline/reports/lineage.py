@@ -32,6 +32,7 @@ import polars as pl
 
 from ndx_pipeline.core.contract import (
     MLP_NEURON,
+    OUTPUT_TOKENS,
     SCORED_SPLITS,
     SCORER_ASSETS,
     SCORER_EXCERPTS,
@@ -91,6 +92,7 @@ class LayerData:
         self.simulations = read_asset(storage_dir, "simulations", layer, variant)
         self.excerpts = read_asset(storage_dir, "top_excerpts", layer, variant)
         self.records = _optional(storage_dir, "activation_records", layer, variant)
+        self.output_tokens = _optional(storage_dir, OUTPUT_TOKENS, layer, variant)  # older storage: none
         self.documents = documents or Documents(storage_dir)
         # the scorers beside simulation, where they ran (older storage has none of these files)
         self.scorer_excerpts = _optional(storage_dir, SCORER_EXCERPTS, layer, variant)
@@ -224,22 +226,25 @@ def _excerpt_entry(documents: Documents, ex: Mapping) -> dict:
     return entry
 
 
-def rebuild_prompt(chosen: Mapping, shown: list) -> dict:
+def rebuild_prompt(chosen: Mapping, shown: list, output: tuple | None = None) -> dict:
     """The explainer prompt of a stored explanation as its backend sent it, rebuilt from the neuron's explain
     excerpts (`shown`, in rank order), and whether its hash is the stored one.
 
     Keys: sent (the rebuilt sent prompt, None when it cannot be rebuilt), messages and assistant_prefix (the
     template, as fitted), digest (whether the "Strongest tokens" line was in it: rows do not say, so both are
     tried), excerpts_shown, prompt_fitted, sha256 (of `sent`), verified, note (why not verified, None when it is).
+    `output`: the unit's output tokens (promoted, suppressed); prompts listing them (`quality.explainer_logits`) are
+    tried after those without, since rows do not say either.
     """
     stored = chosen.get("prompt_sha256")
     fit = PromptFit.parse(chosen.get("prompt_fitted"), chosen.get("excerpts_shown"), len(shown))
     tried = []
-    for digest in (True, False):
-        messages = fit.messages(shown, digest)
+    for digest, listed in [(True, None), (False, None), *([(True, output), (False, output)] if output else [])]:
+        messages = fit.messages(shown, digest, listed)
         sent, why = rebuild_sent_prompt(chosen.get("explainer"), messages, LEAD_IN)
         sha = sent_prompt_sha256(sent) if sent is not None else None
         tried.append({"sent": sent, "messages": messages, "assistant_prefix": LEAD_IN, "digest": digest,
+                      "output_tokens_listed": listed is not None,
                       "excerpts_shown": fit.excerpts, "prompt_fitted": chosen.get("prompt_fitted"), "sha256": sha,
                       "verified": bool(stored) and sha == stored, "note": why})
         if sent is None or sha == stored:
@@ -287,7 +292,9 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
 
     # The explainer prompt, rebuilt as explain_layer built it (explain excerpts in rank order) and its backend sent it.
     explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
-    prompt = rebuild_prompt(chosen, list(zip(explain["tokens"].to_list(), explain["activations"].to_list())))
+    tokens = data.neuron("output_tokens", neuron)
+    output = (tokens["promoted_tokens"][0].to_list(), tokens["suppressed_tokens"][0].to_list()) if len(tokens) else None
+    prompt = rebuild_prompt(chosen, list(zip(explain["tokens"].to_list(), explain["activations"].to_list())), output)
     explanation = {
         "explanation_id": explanation_id,
         "explanation": chosen.get("explanation", score.get("explanation")),
@@ -369,6 +376,10 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "explanations": candidates,
         "simulator": simulator,
         "neuron_stats": stats,
+        # what the unit's output direction promotes and suppresses (its weights'; None: not computed, or a
+        # planted unit, which has no weights)
+        "output_tokens": {k: _row(tokens)[k] for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens",
+                                                        "suppressed_logits", "direction")} if len(tokens) else None,
         "excerpts": scored,
         "scorers": scorers,
         "runs": run_info,

@@ -141,7 +141,7 @@ def environment() -> Environment:
                       # A missing value shows as nothing, never as "None".
                       finalize=lambda v: "" if v is None else v)
     env.globals.update(static=static_text, score_class=score_class, real_rgb=REAL_RGB, negative_rgb=NEGATIVE_RGB,
-                       simulated_rgb=SIMULATED_RGB)
+                       simulated_rgb=SIMULATED_RGB, zip=zip)
     env.filters.update(score=fmt_score, fmt=format)
     return env
 
@@ -579,7 +579,7 @@ def render_neuron_page(data: LayerData, neuron: int, runs: Mapping[str, Any] | N
         explanation=expl.get("explanation") or "(no explanation)", status=status, status_ok=status == STATUS_OK,
         explainer=expl.get("explainer"), simulator=lin.get("simulator"),
         subject_model=lin.get("subject_model") or "not recorded",
-        score_stats=score_stats, moments=moments, candidates=candidates,
+        score_stats=score_stats, moments=moments, candidates=candidates, output_tokens=lin["output_tokens"],
         pos_scale=pos_scale, legend_neg=legend_neg, sim_range=sim_range, scored=scored,
         scorers=_scorer_sections(lin.get("scorers") or {}, pos_scale, neg_scale),
         top=_record_items(top, split_of, pos_scale, neg_scale),

@@ -28,13 +28,14 @@ def candidate_seed(seed: int, candidate: int) -> int:
 
 
 def candidates_work(excerpts: pl.DataFrame, backend, k: int = 3, max_tokens: int = MAX_EXPLANATION_TOKENS,
-                    temperature: float = TEMPERATURE, seed: int = 0, digest: bool = True) -> Work:
+                    temperature: float = TEMPERATURE, seed: int = 0, digest: bool = True,
+                    outputs=None) -> Work:
     """k explanations per neuron (explainer rows plus an Int32 `candidate` column), explanation_id
-    `<layer>/<neuron>/explanation/<candidate>`, all asked at once."""
+    `<layer>/<neuron>/explanation/<candidate>`, all asked at once (`outputs`: see `explanation_work`)."""
     if k < 1:
         raise ValueError(f"best-of-k needs k ≥ 1, not {k}")
     work = explanation_work(excerpts, backend, max_tokens, temperature, [candidate_seed(seed, c) for c in range(k)],
-                            digest)
+                            digest, outputs)
     if k == 1:  # the single explanation, as a candidate
         one = work.table
         work.table = lambda rows: one(rows).with_columns(pl.lit(0, dtype=pl.Int32).alias("candidate"))

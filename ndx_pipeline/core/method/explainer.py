@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -38,6 +38,10 @@ SYSTEM = (
     f"that token, an integer from 0 (not at all) to 10 (as strongly as it ever does here). {SYSTEM_DIGEST}Finish the "
     "sentence about the neuron with a few words naming the tokens, or the kind of tokens, that make it fire."
 )
+# with `quality.explainer_logits`: the unit's output tokens (core/data/output_tokens.py), said under the excerpts
+SYSTEM_OUTPUT = (" Below that, the tokens the neuron's output makes more likely and less likely in the next "
+                 "position are listed; they may help, or not.")
+OUTPUT_SIZE = 5  # output tokens listed each way
 DIGEST_SIZE = 5  # tokens listed under the excerpts
 DIGEST_FRACTION = 0.5  # only tokens reaching this share of the strongest activation are listed
 
@@ -150,22 +154,32 @@ def digest(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]]) -> str:
     return f"Strongest tokens: {listed or '(none)'}"
 
 
-def _user_message(number: int, excerpts, digest_line: bool = True, repeat: bool = True) -> str:
+def output_lines(output: tuple[Sequence[str], Sequence[str]]) -> str:
+    """The lines naming a unit's output tokens: (promoted, suppressed), strongest first."""
+    promoted, suppressed = output
+    return (f"Output makes more likely: {token_list_text(list(promoted)[:OUTPUT_SIZE]) or '(none)'}\n"
+            f"Output makes less likely: {token_list_text(list(suppressed)[:OUTPUT_SIZE]) or '(none)'}")
+
+
+def _user_message(number: int, excerpts, digest_line: bool = True, repeat: bool = True,
+                  output: tuple[Sequence[str], Sequence[str]] | None = None) -> str:
     text = f"Neuron {number}\nActivations:\n{neuron_block(excerpts, repeat=repeat)}"
-    return f"{text}\n\n{digest(excerpts)}" if digest_line else text
+    text = f"{text}\n\n{digest(excerpts)}" if digest_line else text
+    return f"{text}\n{output_lines(output)}" if output else text
 
 
 def explainer_messages(excerpts: Sequence[tuple[Sequence[str], Sequence[float]]], digest: bool = True,
-                       repeat: bool = True) -> list[dict]:
+                       repeat: bool = True, output: tuple[Sequence[str], Sequence[str]] | None = None) -> list[dict]:
     """Chat messages for one neuron. The assistant's answer is to be continued from `LEAD_IN`. digest: list the
     strongest tokens under the excerpts (and say so in the system message); repeat: the zero-activation repeat of
-    sparse excerpts (the few-shot examples keep theirs)."""
+    sparse excerpts (the few-shot examples keep theirs); output: the unit's output tokens (promoted, suppressed),
+    listed under those (`quality.explainer_logits`; the made-up few-shot neurons have none)."""
     system = SYSTEM if digest else SYSTEM.replace(SYSTEM_DIGEST, "")
-    messages = [{"role": "system", "content": system}]
+    messages = [{"role": "system", "content": system + (SYSTEM_OUTPUT if output else "")}]
     for i, shot in enumerate(FEW_SHOTS, start=1):
         messages.append({"role": "user", "content": _user_message(i, shot.excerpts, digest)})
         messages.append({"role": "assistant", "content": f"{LEAD_IN} {shot.explanation}."})
-    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, excerpts, digest, repeat)})
+    messages.append({"role": "user", "content": _user_message(len(FEW_SHOTS) + 1, excerpts, digest, repeat, output)})
     return messages
 
 
@@ -195,8 +209,8 @@ class PromptFit:
         shown = list(excerpts[: self.excerpts])
         return [cut_excerpt(toks, acts, self.cut) for toks, acts in shown] if self.cut else shown
 
-    def messages(self, excerpts, digest: bool = True) -> list[dict]:
-        return explainer_messages(self.apply(excerpts), digest, self.repeat)
+    def messages(self, excerpts, digest: bool = True, output=None) -> list[dict]:
+        return explainer_messages(self.apply(excerpts), digest, self.repeat, output)
 
     def describe(self, excerpts, context: int | None = None) -> str | None:
         """What was left out, in words (None: nothing); `parse` reads it back."""
@@ -247,14 +261,14 @@ def candidate_fits(excerpts) -> Iterator[PromptFit]:
 
 
 def fit_prompt(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS,
-               digest: bool = True) -> tuple[list[dict], PromptFit, dict]:
+               digest: bool = True, output=None) -> tuple[list[dict], PromptFit, dict]:
     """(messages, fit, the prompt as `backend` sends it): the largest prompt of `candidate_fits` whose tokens and
     `max_tokens` of answer fit the backend's context window (everything when the window is not known). Raises
     PromptTooLongError when even the smallest does not fit."""
     context = backend.context_window()
     needed, fit = None, None
     for fit in candidate_fits(excerpts):
-        messages = fit.messages(excerpts, digest)
+        messages = fit.messages(excerpts, digest, output)
         sent = backend.sent_prompt(messages, LEAD_IN)
         if context is None:
             return messages, fit, sent
@@ -349,14 +363,14 @@ def neuron_seed(seed: int, layer: int, neuron: int) -> int:
 
 
 def chat_fitted(excerpts, backend, row: dict, max_tokens: int, temperature: float, seed: int,
-                digest: bool = True):
+                digest: bool = True, output=None):
     """The backend's answer to the neuron's prompt fitted to its context; fills `row`'s prompt_sha256 (of the sent
     prompt), excerpts_shown and prompt_fitted. A server that tells its context only by refusing a prompt gets the
     prompt fitted to what it said, once."""
     for attempt in range(2):
         row.update(prompt_sha256=None, excerpts_shown=None, prompt_fitted=None)  # nothing sent yet
         context = backend.context_window()
-        messages, fit, sent = fit_prompt(excerpts, backend, max_tokens, digest)
+        messages, fit, sent = fit_prompt(excerpts, backend, max_tokens, digest, output)
         row.update(prompt_sha256=sent_prompt_sha256(sent), excerpts_shown=fit.excerpts,
                    prompt_fitted=fit.describe(excerpts, context))
         try:
@@ -367,11 +381,12 @@ def chat_fitted(excerpts, backend, row: dict, max_tokens: int, temperature: floa
 
 
 def explanation_work(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS, temperature: float = TEMPERATURE,
-                     seeds: Sequence[int] = (0,), digest: bool = True) -> Work:
+                     seeds: Sequence[int] = (0,), digest: bool = True, outputs: Mapping | None = None) -> Work:
     """One explanation per neuron and seed from the neuron's `explain` excerpts, each prompt fitted to the
     backend's context window (`fit_prompt`; the row's excerpts_shown and prompt_fitted say what was left out).
-    digest: the "Strongest tokens" line under the excerpts. With several `seeds` (best-of-k: one per candidate)
-    the rows carry an Int32 `candidate` (the seed's position) and ids `<layer>/<neuron>/explanation/<candidate>`.
+    digest: the "Strongest tokens" line under the excerpts; outputs: (layer, unit) → the unit's output tokens
+    (promoted, suppressed), listed under it (`quality.explainer_logits`). With several `seeds` (best-of-k: one per
+    candidate) the rows carry an Int32 `candidate` (the seed's position) and ids `<layer>/<neuron>/explanation/<candidate>`.
 
     A neuron whose call fails (after the backend's retries), whose prompt cannot fit, or whose answer cannot be
     parsed gets status `failed` and the reason; the others go on."""
@@ -389,7 +404,7 @@ def explanation_work(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS
                "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None}
         try:
             completion = chat_fitted(ex, backend, row, max_tokens, temperature, neuron_seed(seed, layer, neuron),
-                                     digest)
+                                     digest, (outputs or {}).get((layer, neuron)))
             row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
             row["explanation"] = parse_explanation(completion.text)
         except (ExplanationParseError, RecordableLLMError) as exc:

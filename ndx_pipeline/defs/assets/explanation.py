@@ -14,7 +14,7 @@ from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
-    GROUP,
+    EXPLANATION_GROUP,
     LLM_POOL,
     SINGLE_RUN,
     Outputs,
@@ -40,14 +40,16 @@ def holds_planted_units(storage_dir, layer: int, variant: str) -> bool:
 
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
-    return dg.AssetSpec(asset, deps=with_settings(asset, [c.TOP_EXCERPTS]), partitions_def=layer_variant,
+    # the explainer reads the units' output tokens when `quality.explainer_logits` is on
+    reads = [c.TOP_EXCERPTS, c.OUTPUT_TOKENS] if asset == c.EXPLANATIONS else [c.TOP_EXCERPTS]
+    return dg.AssetSpec(asset, deps=with_settings(asset, reads), partitions_def=layer_variant,
                         code_version=CODE_VERSIONS[asset], automation_condition=FOLLOW_UPSTREAM,
                         description=description)
 
 
 @dg.multi_asset(
-    name=c.EXPLANATIONS, op_tags=step_tags(c.EXPLANATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
-    backfill_policy=SINGLE_RUN,
+    name=c.EXPLANATIONS, op_tags=step_tags(c.EXPLANATIONS), group_name=EXPLANATION_GROUP, pool=LLM_POOL,
+    can_subset=False, backfill_policy=SINGLE_RUN,
     specs=[
         _spec(c.EXPLANATIONS, "One explanation per neuron, written by the explainer LLM from the explain excerpts "
                               "(with best-of-k: every candidate, the kept one marked `selected`)."),
@@ -75,13 +77,16 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
     try:
         # every layer of the run in one wave: one set of requests in flight under the explainer's limit
         excerpts = {layer: out.read(c.TOP_EXCERPTS, layer) for layer in layers}
+        output_tokens = (pl.concat([out.read(c.OUTPUT_TOKENS, layer) for layer in layers])
+                         if quality.explainer_logits else None)
         started, before = time.perf_counter(), backend.stats.snapshot()
         with bad_input_fails_the_run():
             made = stages.explanations(
                 pl.concat(list(excerpts.values())), backend, candidates=k, chooser=chooser,
                 baselines=quality.baselines, token_list_explainer=quality.token_list_explainer,
                 seed=explainer_llm.seed, max_tokens=explainer_llm.max_tokens, temperature=explainer_llm.temperature,
-                digest=quality.explainer_digest, simulator_mode=simulator_llm.simulator_mode, scope=variant,
+                digest=quality.explainer_digest, output_tokens=output_tokens,
+                simulator_mode=simulator_llm.simulator_mode, scope=variant,
                 what=f"explanations, {variant} layers {layers}", planted=planted, log=context.log.info)
         accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
                       "variant": variant,
@@ -102,7 +107,8 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                              "candidates": candidates_table(frame)}
             out.write(c.EXPLANATIONS, frame, layer, neurons=len(kept), failed=int((kept["status"] != "ok").sum()),
                       explainer=backend.name, prompt_template_sha=PROMPT_SHAS["explainer"],
-                      digest=quality.explainer_digest, **best_of_k, **accounting)
+                      digest=quality.explainer_digest, output_tokens_shown=quality.explainer_logits, **best_of_k,
+                      **accounting)
             out.check(c.EXPLANATIONS, "every_neuron_explained", layer,
                       validation.every_neuron_explained(frame, excerpts[layer]))
             out.check(c.EXPLANATIONS, FAILURES, layer, validation.failure_share(kept, "explanations"))

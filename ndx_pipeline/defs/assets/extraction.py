@@ -22,7 +22,7 @@ from ndx_pipeline.core.variants import extraction_key
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM, REFRESH_MATERIALIZED
 from ndx_pipeline.defs.checks import CHECKS, check_specs
 from ndx_pipeline.defs.materialize import (
-    GROUP,
+    EXTRACTION_GROUP,
     SINGLE_RUN,
     SUBJECT_MODEL_POOL,
     Outputs,
@@ -46,7 +46,7 @@ from ndx_pipeline.defs.resources import (
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, METHOD_REVISIONS, with_settings
 
 
-@dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=GROUP, code_version=CODE_VERSIONS[c.CORPUS],
+@dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=EXTRACTION_GROUP, code_version=CODE_VERSIONS[c.CORPUS],
           description="The text corpus, one row per document.")
 def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, storage: StorageResource):
     with bad_input_fails_the_run():
@@ -61,8 +61,8 @@ SUBJECT_MODEL_FILES = (c.ACTIVATION_RECORDS, c.TOKEN_TABLE)  # what only the sub
 
 
 @dg.multi_asset(
-    name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=GROUP, pool=SUBJECT_MODEL_POOL,
-    can_subset=True, backfill_policy=SINGLE_RUN,
+    name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=EXTRACTION_GROUP,
+    pool=SUBJECT_MODEL_POOL, can_subset=True, backfill_policy=SINGLE_RUN,
     specs=[
         dg.AssetSpec(c.ACTIVATION_RECORDS, deps=with_settings(c.ACTIVATION_RECORDS, [c.CORPUS]),
                      partitions_def=layer_variant,

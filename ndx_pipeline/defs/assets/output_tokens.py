@@ -8,7 +8,7 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.materialize import (
-    GROUP,
+    EXTRACTION_GROUP,
     SINGLE_RUN,
     SUBJECT_MODEL_POOL,
     Outputs,
@@ -23,8 +23,9 @@ from ndx_pipeline.defs.resources import SelectionResource, StorageResource, Subj
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, with_settings
 
 
-@dg.asset(name=c.OUTPUT_TOKENS, op_tags=step_tags(c.OUTPUT_TOKENS), group_name=GROUP, pool=SUBJECT_MODEL_POOL,
-          deps=with_settings(c.OUTPUT_TOKENS, [c.ACTIVATION_RECORDS]), partitions_def=layer_variant,
+@dg.asset(name=c.OUTPUT_TOKENS, op_tags=step_tags(c.OUTPUT_TOKENS), group_name=EXTRACTION_GROUP,
+          pool=SUBJECT_MODEL_POOL, deps=with_settings(c.OUTPUT_TOKENS, [c.ACTIVATION_RECORDS]),
+          partitions_def=layer_variant,
           backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.OUTPUT_TOKENS],
           automation_condition=FOLLOW_UPSTREAM,
           description="Per unit: the tokens whose logits its output direction (an MLP neuron's column of the output "

@@ -15,8 +15,8 @@ from ndx_pipeline.core.method.scorers import make_scorer
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, JUDGE, check_specs
 from ndx_pipeline.defs.materialize import (
-    GROUP,
     LLM_POOL,
+    SCORERS_GROUP,
     SINGLE_RUN,
     Outputs,
     VariantSettings,
@@ -40,7 +40,7 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
 JUDGED = (c.SCORER_EXCERPTS, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS)  # what every scorer step reads
 
 
-@dg.asset(name=c.SCORER_EXCERPTS, op_tags=step_tags(c.SCORER_EXCERPTS), group_name=GROUP,
+@dg.asset(name=c.SCORER_EXCERPTS, op_tags=step_tags(c.SCORER_EXCERPTS), group_name=SCORERS_GROUP,
           deps=with_settings(c.SCORER_EXCERPTS, [c.ACTIVATION_RECORDS, c.TOP_EXCERPTS]), partitions_def=layer_variant,
           backfill_policy=SINGLE_RUN,
           code_version=CODE_VERSIONS[c.SCORER_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
@@ -81,7 +81,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
                             automation_condition=FOLLOW_UPSTREAM, description=description)
 
     @dg.multi_asset(
-        name=name, op_tags=step_tags(name), group_name=GROUP, pool=pool, can_subset=False,
+        name=name, op_tags=step_tags(name), group_name=SCORERS_GROUP, pool=pool, can_subset=False,
         backfill_policy=SINGLE_RUN, required_resource_keys={backend, "quality", "storage"},
         specs=[spec(judgements, list(JUDGED), judgements_text),
                spec(scores, [judgements, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS], scores_text)],

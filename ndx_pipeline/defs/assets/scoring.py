@@ -12,7 +12,7 @@ from ndx_pipeline.core.storage import viewer_dir
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, JUDGE, check_specs
 from ndx_pipeline.defs.materialize import (
-    GROUP,
+    SIMULATION_GROUP,
     SINGLE_RUN,
     Outputs,
     VariantSettings,
@@ -42,7 +42,7 @@ def _names(values) -> str:
     return ", ".join(sorted(set(values.drop_nulls())))
 
 
-@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=GROUP, deps=with_settings(c.SCORES, READS),
+@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=SIMULATION_GROUP, deps=with_settings(c.SCORES, READS),
           partitions_def=layer_variant,
           backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORES),

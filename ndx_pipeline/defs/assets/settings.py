@@ -5,7 +5,7 @@ stages turn stale, no other."""
 
 import dagster as dg
 
-from ndx_pipeline.defs.materialize import GROUP
+from ndx_pipeline.defs.materialize import SETTINGS_GROUP
 from ndx_pipeline.defs.partitions import variants
 from ndx_pipeline.defs.versioning import SETTINGS_GROUPS, settings_key
 
@@ -13,7 +13,7 @@ from ndx_pipeline.defs.versioning import SETTINGS_GROUPS, settings_key
 @dg.definitions
 def variant_settings() -> dg.Definitions:
     return dg.Definitions(assets=[
-        dg.AssetSpec(settings_key(group), partitions_def=variants, group_name=GROUP,
+        dg.AssetSpec(settings_key(group), partitions_def=variants, group_name=SETTINGS_GROUP,
                      description=f"Each variant's settings for the {group} stages ({', '.join(assets)}), observed "
                                  "from the variants file: a new version makes that variant's partitions of them "
                                  "stale.")

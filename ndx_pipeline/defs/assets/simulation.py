@@ -11,8 +11,8 @@ from ndx_pipeline.core import stages, validation
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
-    GROUP,
     LLM_POOL,
+    SIMULATION_GROUP,
     SINGLE_RUN,
     Outputs,
     VariantSettings,
@@ -28,7 +28,7 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
 
 
 @dg.multi_asset(
-    name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=GROUP, pool=LLM_POOL, can_subset=False,
+    name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=SIMULATION_GROUP, pool=LLM_POOL, can_subset=False,
     backfill_policy=SINGLE_RUN,
     specs=[
         dg.AssetSpec(c.SIMULATIONS, deps=with_settings(c.SIMULATIONS, [c.EXPLANATIONS, c.TOP_EXCERPTS]),

@@ -6,7 +6,14 @@ import dagster as dg
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.storage import viewer_dir
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
-from ndx_pipeline.defs.materialize import GROUP, SINGLE_RUN, Outputs, bad_input_fails_the_run, layers_of, variant_of
+from ndx_pipeline.defs.materialize import (
+    REPORTS_GROUP,
+    SINGLE_RUN,
+    Outputs,
+    bad_input_fails_the_run,
+    layers_of,
+    variant_of,
+)
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.provenance import stage_runs
 from ndx_pipeline.defs.queues import step_tags
@@ -18,7 +25,7 @@ READS = (c.CORPUS, c.ACTIVATION_RECORDS, c.OUTPUT_TOKENS, c.TOP_EXCERPTS, c.EXPL
          c.SCORER_EXCERPTS, *(a for pair in c.SCORER_ASSETS.values() for a in pair))
 
 
-@dg.asset(name=c.NEURON_VIEWER, op_tags=step_tags(c.NEURON_VIEWER), group_name=GROUP, deps=list(READS),
+@dg.asset(name=c.NEURON_VIEWER, op_tags=step_tags(c.NEURON_VIEWER), group_name=REPORTS_GROUP, deps=list(READS),
           partitions_def=layer_variant, backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.NEURON_VIEWER],
           automation_condition=FOLLOW_UPSTREAM,
           description="Static HTML pages (open from disk): per variant an index of units and one page per unit; "
