@@ -387,7 +387,7 @@ def _provenance_for(path: Path, layer: int, neuron: int) -> tuple[dict | None, P
     return None, None
 
 
-def _doc_for(tokens: Sequence[str]) -> tuple[str, str]:
+def window_document(tokens: Sequence[str]) -> tuple[str, str]:
     text = "".join(tokens)
     digest = hashlib.sha256(json.dumps(list(tokens), ensure_ascii=False).encode("utf-8")).hexdigest()[:20]
     return IMPORTED_DOC_PREFIX + digest, text
@@ -430,7 +430,7 @@ def import_neuron_records(source: str | os.PathLike, layers: Iterable[int] | Non
                 acts = [_as_float(a) for a in r["activations"]]
                 where = ((prov or {}).get("records", {}).get(kind, {}) or {}).get(str(rank))
                 if where is None:
-                    doc_id, text = _doc_for(tokens)
+                    doc_id, text = window_document(tokens)
                     docs.setdefault(doc_id, {"doc_id": doc_id, "source": f"{path}#{kind}[{rank}]", "text": text})
                     if (layer, doc_id) not in window_of:
                         window_of[(layer, doc_id)] = next_window[layer]

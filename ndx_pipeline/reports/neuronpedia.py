@@ -42,6 +42,7 @@ from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, read_parquet, variant_layers, write_atomic, write_parquet_atomic
 from ndx_pipeline.reports.controls import read_controls
+from ndx_pipeline.reports.interop import window_document
 
 BATCH_ROWS = 1024
 MODEL_FILE, SOURCE_FILE, CORPUS_FILE = "model.jsonl", "source.jsonl", "ndx-corpus.jsonl.gz"
@@ -453,8 +454,6 @@ def _records_without_sidecar(activations: list[dict], source: str, layer: int, f
                              docs: dict[str, dict]) -> list[dict]:
     """Rows from Neuronpedia's activation rows alone: each unit's windows as its top records (by max value), each
     window a document of its own; moments from the values shown."""
-    from ndx_pipeline.reports.interop import _doc_for
-
     by_unit: dict[int, list[dict]] = {}
     for a in activations:
         by_unit.setdefault(_unit_id(a["index"], source, folder), []).append(a)
@@ -463,7 +462,7 @@ def _records_without_sidecar(activations: list[dict], source: str, layer: int, f
         found.sort(key=lambda a: -float(a["maxValue"]))
         values = np.asarray([v for a in found for v in a["values"]], dtype=np.float64)
         for rank, a in enumerate(found):
-            doc_id, text = _doc_for(a["tokens"])
+            doc_id, text = window_document(a["tokens"])
             docs.setdefault(doc_id, {"doc_id": doc_id, "source": str(a.get("dataSource") or folder), "text": text})
             rows.append({"layer": layer, "neuron": unit, "kind": c.TOP, "rank": rank, "doc_id": doc_id,
                          "token_start": 0, "tokens": list(a["tokens"]), "activations": [float(v) for v in a["values"]],
