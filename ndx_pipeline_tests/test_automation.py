@@ -5,11 +5,13 @@ import os
 
 import dagster as dg
 
+from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import (
     EXPLAIN_AND_SCORE_JOB,
     EXTRACTION_JOB,
     MAIN_JOB,
+    ON_DEMAND_ASSETS,
     corpus_sensor,
     nightly_rescore,
 )
@@ -125,11 +127,13 @@ def test_jobs_and_automation_conditions():
         "explanations", "baseline_explanations", "calibration_simulations", "simulations", "baseline_simulations",
         "scores", "scorer_excerpts", "detection_judgements", "detection_scores", "fuzzing_judgements",
         "fuzzing_scores", "embedding_judgements", "embedding_scores", "neuron_viewer"}
+    main = defs.resolve_job_def(MAIN_JOB)  # every asset but the on-demand ones (the release)
+    assert {k.to_user_string() for k in main.asset_layer.executable_asset_keys} == set(ASSETS)
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         cond = graph.get(key).automation_condition
-        if key.to_user_string() == "corpus" or not graph.get(key).is_materializable:  # observed settings: none
-            assert cond is None
+        if key.to_user_string() in ("corpus", *ON_DEMAND_ASSETS) or not graph.get(key).is_materializable:
+            assert cond is None  # (observed settings: none either)
         else:
             assert cond is not None and cond.label in ("follow upstream updates", "re-extract layers already "
                                                                                   "materialized")
