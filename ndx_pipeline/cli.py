@@ -28,6 +28,7 @@ from ndx_pipeline.core.storage import (
     legacy_layer_files,
     migrate_storage,
     stored_variants,
+    variant_layers,
     viewer_dir,
     write_text_atomic,
 )
@@ -48,15 +49,16 @@ from ndx_pipeline.core.variants import (
     variants_file,
 )
 from ndx_pipeline.definitions import build_definitions
-from ndx_pipeline.defs.automation import MAIN_JOB
+from ndx_pipeline.defs.automation import MAIN_JOB, ON_DEMAND_ASSETS
 from ndx_pipeline.defs.checks import JUDGE
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, add_variant, contiguous_ranges, range_tags
-from ndx_pipeline.defs.provenance import record_imported, stage_runs
+from ndx_pipeline.defs.provenance import record_imported, recorded_subject_model, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
 from ndx_pipeline.reports.controls import controls_text
+from ndx_pipeline.reports.dataset import chosen_variants, write_dataset
 from ndx_pipeline.reports.interop import export_layer, import_neuron_records, write_imported
 from ndx_pipeline.reports.lineage import available_layers, format_lineage, lineage, lineage_json
 from ndx_pipeline.reports.neuronpedia import (
@@ -67,8 +69,8 @@ from ndx_pipeline.reports.neuronpedia import (
 from ndx_pipeline.reports.viewer import write_viewer
 
 DEFAULT_LAYERS = "0,1,2"
-OPENAI_FORMAT, NEURONPEDIA_FORMAT = "openai", "neuronpedia"  # export / import --format
-EXPORT_FORMATS = (OPENAI_FORMAT, NEURONPEDIA_FORMAT)
+OPENAI_FORMAT, NEURONPEDIA_FORMAT, DATASET_FORMAT = "openai", "neuronpedia", "dataset"  # export / import --format
+EXPORT_FORMATS = (OPENAI_FORMAT, NEURONPEDIA_FORMAT, DATASET_FORMAT)
 CONTROLS_STEP = "controls (planted)"  # the control variants' steps, together, in the time per stage
 TEMPLATE_INSTANCE = Path(__file__).parent / "templates" / "dagster.yaml"
 
@@ -344,14 +346,20 @@ def quiet_libraries() -> None:
 
 
 def _selection(definitions: dg.Definitions, start: str | None) -> dg.AssetSelection:
-    """Every asset (the main job), or `start` and everything downstream of it."""
+    """Every asset of the main job, or `start` and everything downstream of it; never those materialized on demand
+    (`release`)."""
+    on_demand = dg.AssetSelection.assets(*ON_DEMAND_ASSETS)
     if start is None:
-        return dg.AssetSelection.all()
+        return dg.AssetSelection.all() - on_demand
     graph = definitions.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     if start not in keys:
         raise NdxInputError(f"--from {start!r} is not an asset (assets: {', '.join(c.ASSETS)}).")
-    return dg.AssetSelection.assets(start).downstream()
+    if start in ON_DEMAND_ASSETS:
+        raise NdxInputError(f"--from {start}: {start} is materialized on demand (the UI, or `dagster asset "
+                            f"materialize --select {start}`), not by ndx-pipeline run; for the dataset export use "
+                            "ndx-pipeline export --format dataset.")
+    return dg.AssetSelection.assets(start).downstream() - on_demand
 
 
 def cmd_run(args) -> int:
@@ -548,8 +556,10 @@ def cmd_view(args) -> int:
 
 def cmd_export(args) -> int:
     """Write a variant's layers in Neuronpedia's export layout, or in OpenAI neuron-explainer's JSON shapes
-    (NeuronRecord, NeuronSimulationResults)."""
+    (NeuronRecord, NeuronSimulationResults), or all variants (or one) as a dataset release with its card."""
     storage = _storage(args)
+    if args.format == DATASET_FORMAT:
+        return export_dataset(args, storage)
     variant = chosen_variant(storage, args.variant, c.ACTIVATION_RECORDS)
     layers = (parse_layers(args.layers) if args.layers else
               available_layers(storage, c.ACTIVATION_RECORDS, variant=variant))
@@ -562,6 +572,27 @@ def cmd_export(args) -> int:
         done = export_layer(storage, layer, args.out, neurons=args.neurons, variant=variant)
         print(f"layer {layer}: {len(done.neuron_records)} NeuronRecords, {len(done.simulation_results)} "
               f"NeuronSimulationResults of variant {variant} under {Path(args.out).resolve()}")
+    return 0
+
+
+def export_dataset(args, storage: Path) -> int:
+    """`export --format dataset`: every variant (or --variant, with its controls) as one Parquet file per asset kind
+    and a dataset card; the subject model named as the runs that made the records recorded it."""
+    variants = [check_name(args.variant, "--variant")] if args.variant else None
+    layers = parse_layers(args.layers) if args.layers else None
+    chosen, model = chosen_variants(storage, variants), None
+    try:
+        with dg.DagsterInstance.get() as instance:
+            model = recorded_subject_model(instance, {v: variant_layers(storage, c.ACTIVATION_RECORDS, v)
+                                                      for v in chosen})
+    except Exception as exc:  # the files alone still make the export; the card then says the model is not recorded
+        print(f"note: no Dagster run history ({type(exc).__name__}); the card names no subject model",
+              file=sys.stderr)
+    done = write_dataset(storage, args.out, variants=variants, layers=layers, about={"subject_model": model},
+                         log=print)
+    for kind, rows in done.rows.items():
+        print(f"{kind}: {rows} rows")
+    print(f"dataset export of {', '.join(done.variants)} under {done.out} (card: {done.out / 'README.md'})")
     return 0
 
 
@@ -673,7 +704,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=EXPORT_FORMATS, default=OPENAI_FORMAT,
                         help="openai (default): collated-activations/, explanations/, ndx-provenance/; neuronpedia: "
                              "<model-id>/<layer>-<source-id>/{features,activations,explanations,scores}/"
-                             "batch-N.jsonl.gz (see README)")
+                             "batch-N.jsonl.gz; dataset: README.md (the card) and data/*.parquet, one file per asset "
+                             "kind across layers and variants (every variant, or --variant with its controls)")
     export.add_argument("--layers", help="default: every layer with activation records")
     export.add_argument("--neurons", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                         help="openai: only these neurons, e.g. 3,17")

@@ -5,11 +5,13 @@ import os
 
 import dagster as dg
 
+from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import (
     EXPLAIN_AND_SCORE_JOB,
     EXTRACTION_JOB,
     MAIN_JOB,
+    ON_DEMAND_ASSETS,
     corpus_sensor,
     nightly_rescore,
 )
@@ -82,7 +84,8 @@ def test_variants_file_sensor_adds_the_declared_variants(tmp_path):
     assert result.dynamic_partitions_requests[0].partition_keys == ["explainer-b"] and not result.run_requests
     # the versions of its settings, one per group of stages, observed on that variant's partition
     assert sorted(e.asset_key.to_user_string() for e in result.asset_events) == sorted(
-        f"variant_settings/{g}" for g in ("extraction", "excerpts", "explainer", "simulator", "scoring", "scorers"))
+        f"variant_settings/{g}" for g in ("extraction", "output", "excerpts", "explainer", "simulator", "scoring",
+                                                "scorers"))
     assert {e.partition for e in result.asset_events} == {"explainer-b"}
     instance.add_dynamic_partitions("variant", ["explainer-b"])
     for event in result.asset_events:
@@ -119,17 +122,19 @@ def test_jobs_and_automation_conditions():
     assert {j.name for j in defs.jobs} == {MAIN_JOB, EXTRACTION_JOB, EXPLAIN_AND_SCORE_JOB}
     extract = defs.resolve_job_def(EXTRACTION_JOB)
     assert {k.to_user_string() for k in extract.asset_layer.executable_asset_keys} == {
-        "corpus", "activation_records", "token_table", "top_excerpts"}
+        "corpus", "activation_records", "token_table", "output_tokens", "top_excerpts"}
     llm = defs.resolve_job_def(EXPLAIN_AND_SCORE_JOB)
     assert {k.to_user_string() for k in llm.asset_layer.executable_asset_keys} == {
         "explanations", "baseline_explanations", "calibration_simulations", "simulations", "baseline_simulations",
         "scores", "scorer_excerpts", "detection_judgements", "detection_scores", "fuzzing_judgements",
         "fuzzing_scores", "embedding_judgements", "embedding_scores", "neuron_viewer"}
+    main = defs.resolve_job_def(MAIN_JOB)  # every asset but the on-demand ones (the release)
+    assert {k.to_user_string() for k in main.asset_layer.executable_asset_keys} == set(ASSETS)
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():
         cond = graph.get(key).automation_condition
-        if key.to_user_string() == "corpus" or not graph.get(key).is_materializable:  # observed settings: none
-            assert cond is None
+        if key.to_user_string() in ("corpus", *ON_DEMAND_ASSETS) or not graph.get(key).is_materializable:
+            assert cond is None  # (observed settings: none either)
         else:
             assert cond is not None and cond.label in ("follow upstream updates", "re-extract layers already "
                                                                                   "materialized")

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core.contract import ASSETS
+from ndx_pipeline.core.contract import ASSETS, RELEASE
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
@@ -58,17 +58,17 @@ def test_definitions_snapshot():
     graph = defs.resolve_asset_graph()
     specs = {key.to_user_string(): node for key, node in ((k, graph.get(k)) for k in graph.get_all_asset_keys())}
     settings = {f"variant_settings/{group}" for group in SETTINGS_GROUPS}  # observed, partitioned by variant
-    assert sorted(specs) == sorted([*ASSETS, *settings])
+    assert sorted(specs) == sorted([*ASSETS, RELEASE, *settings])  # the release: on demand (test_dataset_export)
     for key in settings:
         assert not specs[key].is_materializable and specs[key].partitions_def.name == "variant"
     deps = {k: sorted(p.to_user_string() for p in n.parent_keys if not p.to_user_string().startswith("variant_"))
             for k, n in specs.items() if k not in settings}
     assert {k: sorted(p.to_user_string() for p in n.parent_keys if p.to_user_string() in settings)
             for k, n in specs.items() if k not in settings} == {
-        asset: [f"variant_settings/{GROUP_OF[asset]}"] if asset in GROUP_OF else [] for asset in ASSETS}
+        asset: [f"variant_settings/{GROUP_OF[asset]}"] if asset in GROUP_OF else [] for asset in (*ASSETS, RELEASE)}
     assert deps == {
-        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"],
-        "top_excerpts": ["activation_records"], "explanations": ["top_excerpts"],
+        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"], "output_tokens": ["activation_records"],
+        "top_excerpts": ["activation_records"], "explanations": ["output_tokens", "top_excerpts"],
         "baseline_explanations": ["top_excerpts"], "calibration_simulations": ["top_excerpts"],
         "simulations": ["explanations", "top_excerpts"], "baseline_simulations": ["baseline_explanations",
                                                                                   "top_excerpts"],
@@ -81,8 +81,13 @@ def test_definitions_snapshot():
            for scorer in ("detection", "fuzzing", "embedding")},
         "neuron_viewer": ["activation_records", "corpus", "detection_judgements", "detection_scores",
                           "embedding_judgements", "embedding_scores", "explanations", "fuzzing_judgements",
-                          "fuzzing_scores", "scorer_excerpts", "scores", "simulations", "top_excerpts"],
+                          "fuzzing_scores", "output_tokens", "scorer_excerpts", "scores", "simulations",
+                          "top_excerpts"],
+        "release": ["activation_records", "baseline_explanations", "corpus", "detection_judgements",
+                    "detection_scores", "embedding_judgements", "embedding_scores", "explanations",
+                    "fuzzing_judgements", "fuzzing_scores", "scores", "simulations", "top_excerpts"],
     }
+    assert specs["release"].partitions_def is None
     assert specs["corpus"].partitions_def is None
     for name in ASSETS[1:]:  # layer × variant, the variants added on the instance (dynamic)
         dims = {d.name: d.partitions_def for d in specs[name].partitions_def.partitions_defs}

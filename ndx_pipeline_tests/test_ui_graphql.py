@@ -60,7 +60,7 @@ GROUPS = {"extraction": ["activation_records", "corpus", "output_tokens", "token
           "explanation": ["baseline_explanations", "calibration_simulations", "explanations"],
           "simulation_and_scoring": ["baseline_simulations", "scores", "simulations"],
           "scorers": sorted([SCORER_EXCERPTS, *(x for p in SCORER_ASSETS.values() for x in p)]),
-          "reports": ["neuron_viewer"]}
+          "reports": ["neuron_viewer", "release"]}
 SIMULATION_STEP = ["simulations", "baseline_simulations"]  # one step writes both
 
 NODES_QUERY = """
@@ -384,8 +384,8 @@ def test_graphql_launch_lineage_and_staleness(workdir, monkeypatch):
                 (settings.add if dep.startswith("variant_settings/") else todo.append)(dep)
         # best-of-k's calibration_simulations feed the explanations step, not the scores
         assert sorted(lineage) == sorted(a for a in ORDER if a != "calibration_simulations")
-        assert settings == {f"variant_settings/{g}" for g in ("extraction", "excerpts", "explainer", "simulator",
-                                                              "scoring")}
+        assert settings == {f"variant_settings/{g}" for g in ("extraction", "output", "excerpts", "explainer",
+                                                              "simulator", "scoring")}
         assert sorted("/".join(d["path"]) for d in nodes["scores"]["dependencyKeys"]) == [
             "baseline_explanations", "baseline_simulations", "explanations", "simulations", "token_table",
             "top_excerpts", "variant_settings/scoring"]

@@ -155,27 +155,7 @@ def test_storage_from_before_variants_is_moved_by_one_command(tmp_path, monkeypa
 # ------------------------------------------------------------------------------- the real model, end to end
 
 
-@pytest.fixture(scope="module")
-def two_variants(tmp_path_factory):
-    """Layers 0-2 of the default variant, then a second variant that differs only in its simulator's precision
-    (same units, same extraction), with the subject model's extraction counted."""
-    import ndx_pipeline.core.data.activations as act
-
-    root = tmp_path_factory.mktemp("variants")
-    storage, corpus = root / "storage", small_corpus(root / "corpus")
-    instance = dg.DagsterInstance.ephemeral()
-    first = run(instance, storage, corpus, "neurons", [0, 2])
-    assert first.success
-    before = digests(storage, "neurons")
-    record_variant(variants_file(storage), "sim-f32", {"simulator_llm": {"dtype": "float32"}})
-    calls, real = [], act.extract
-    act.extract = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        second = run(instance, storage, corpus, "sim-f32", [0, 2])
-    finally:
-        act.extract = real
-    assert second.success
-    return {"instance": instance, "storage": storage, "corpus": corpus, "before": before, "extract_calls": calls}
+# `two_variants`: the session's shared run of two variants (conftest.py)
 
 
 @pytest.mark.slow

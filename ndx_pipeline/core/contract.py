@@ -32,6 +32,9 @@ DETECTION_JUDGEMENTS, DETECTION_SCORES = "detection_judgements", "detection_scor
 FUZZING_JUDGEMENTS, FUZZING_SCORES = "fuzzing_judgements", "fuzzing_scores"
 EMBEDDING_JUDGEMENTS, EMBEDDING_SCORES = "embedding_judgements", "embedding_scores"
 NEURON_VIEWER = "neuron_viewer"
+# On demand, outside the pipeline's run (not in ASSETS): the dataset export of chosen variants with its card
+# (`reports/dataset.py`)
+RELEASE = "release"
 
 # The paper's chain, in order: what lineage follows from a score back to its documents.
 STAGES = (CORPUS, ACTIVATION_RECORDS, TOP_EXCERPTS, EXPLANATIONS, SIMULATIONS, SCORES)

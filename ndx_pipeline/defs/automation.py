@@ -57,8 +57,13 @@ EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATI
                             c.BASELINE_SIMULATIONS, c.SCORES, c.SCORER_EXCERPTS,
                             *(a for pair in c.SCORER_ASSETS.values() for a in pair), c.NEURON_VIEWER)
 
+# Materialized only when asked for (the UI, `dagster asset materialize`): outside every job here, so neither
+# `ndx-pipeline run` (the main job) nor a sensor or the schedule ever launches them.
+ON_DEMAND_ASSETS = (c.RELEASE,)
+
 explain_neurons = dg.define_asset_job(
-    MAIN_JOB, selection=dg.AssetSelection.all(), partitions_def=layer_variant,
+    MAIN_JOB, selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*ON_DEMAND_ASSETS),
+    partitions_def=layer_variant,
     description="corpus → activation_records → … → scores → neuron_viewer for the chosen layers.")
 extract_activations = dg.define_asset_job(
     EXTRACTION_JOB, selection=dg.AssetSelection.assets(*EXTRACTION_ASSETS), partitions_def=layer_variant,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ndx_pipeline.core.contract import STAGES
+from ndx_pipeline.core.contract import ACTIVATION_RECORDS, STAGES
+from ndx_pipeline.core.variants import control_of
 from ndx_pipeline.defs.metadata import content_hash
 from ndx_pipeline.defs.partitions import add_variant, partition_key
 
@@ -41,6 +42,22 @@ def stage_runs(instance: dg.DagsterInstance, layer: int, variant: str) -> dict[s
         ).records
         out[stage] = _info(records[0], partition) if records else None
     return out
+
+
+def recorded_subject_model(instance: dg.DagsterInstance, layers: dict[str, list[int]]) -> str | None:
+    """The subject model the latest activation_records materialization of the first of `layers` (variant → its
+    layers) recorded, a variant of its own before a control (whose weights may be re-initialized); None when no
+    run recorded one (the Parquet files do not name it)."""
+    for variant in sorted(layers, key=lambda v: (control_of(v) is not None, v)):
+        for layer in layers[variant]:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(ACTIVATION_RECORDS),
+                                      asset_partitions=[str(partition_key(layer, variant))]), limit=1).records
+            if records:
+                found = _info(records[0], None).get("subject_model")
+                if found:
+                    return str(found)
+    return None
 
 
 def record_imported(instance: dg.DagsterInstance, written, source: str) -> None:

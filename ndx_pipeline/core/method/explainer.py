@@ -386,7 +386,8 @@ def explanation_work(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS
     backend's context window (`fit_prompt`; the row's excerpts_shown and prompt_fitted say what was left out).
     digest: the "Strongest tokens" line under the excerpts; outputs: (layer, unit) → the unit's output tokens
     (promoted, suppressed), listed under it (`quality.explainer_logits`). With several `seeds` (best-of-k: one per
-    candidate) the rows carry an Int32 `candidate` (the seed's position) and ids `<layer>/<neuron>/explanation/<candidate>`.
+    candidate) the rows carry an Int32 `candidate` (the seed's position) and ids
+    `<layer>/<neuron>/explanation/<candidate>`.
 
     A neuron whose call fails (after the backend's retries), whose prompt cannot fit, or whose answer cannot be
     parsed gets status `failed` and the reason; the others go on."""
