@@ -602,7 +602,9 @@ def export_to_neuronpedia(args, storage: Path, variant: str, layers: list[int]) 
     runs = _runs(layers, variant) or {}
     model = next((info.get("subject_model") for stages_of in runs.values()
                   for info in [stages_of.get(c.ACTIVATION_RECORDS) or {}] if info.get("subject_model")), None)
-    about = {"subject_model": model}
+    corpus = next((info.get("source") for stages_of in runs.values() for info in [stages_of.get(c.CORPUS) or {}]
+                   if info.get("source")), None)
+    about = {"subject_model": model, "corpus": corpus}
     try:
         configured = default_resources()["subject_model"].model
         about.update(layers=num_layers(configured), neurons_per_layer=mlp_width(configured),

@@ -24,7 +24,7 @@ def _info(record, partition: str | None) -> dict:
         "timestamp": record.timestamp,
     }
     for key, value in (mat.metadata or {}).items():
-        if key in ("subject_model", "explainer", "simulator"):
+        if key in ("subject_model", "explainer", "simulator", "source"):  # source: the corpus's
             info[key] = getattr(value, "value", value)
     return info
 
