@@ -277,3 +277,46 @@ def test_viewer_page_and_lineage_show_what_a_unit_promotes_and_suppresses(store,
     assert json.dumps(row["promoted_tokens"][0]).replace("<", "\\u003c") in page
     assert lineage(storage, 1, int(pl.read_parquet(asset_path(storage, c.SCORES, 1, V))["neuron"][0]),
                    variant=V)["output_tokens"] is None  # layer 1 has none: said as such
+
+
+def test_lineage_verifies_a_prompt_that_listed_the_output_tokens():
+    """An explanation written with `quality.explainer_logits` on: lineage rebuilds the prompt with the unit's
+    output tokens listed and verifies its hash; without them the rebuilt prompt is not the one sent."""
+    from ndx_pipeline.core.method.explainer import explainer_messages
+    from ndx_pipeline.reports.lineage import rebuild_prompt
+    from ndx_pipeline_tests.test_lineage import FIXTURE_EXPLAINER, sent_sha
+
+    shown = [(["a", " b", " c"], [0.0, 2.0, 0.5])]
+    output = ([" x", " y"], [" z"])
+    chosen = {"explainer": FIXTURE_EXPLAINER, "prompt_sha256": sent_sha(explainer_messages(shown, output=output)),
+              "excerpts_shown": 1, "prompt_fitted": None}
+    found = rebuild_prompt(chosen, shown, output)
+    assert found["verified"] and found["output_tokens_listed"] and found["digest"]
+    assert 'Output makes more likely: "x", "y"' in found["messages"][-1]["content"]
+    assert not rebuild_prompt(chosen, shown)["verified"]
+
+
+def test_the_explanations_stage_lists_each_units_output_tokens_when_given():
+    """stages.explanations with output_tokens (quality.explainer_logits): each unit's prompt lists its own
+    promoted and suppressed tokens, every candidate's too; without them no prompt mentions output."""
+    from ndx_pipeline.core import stages
+    from ndx_pipeline.core.data.excerpts import split_excerpts
+    from ndx_pipeline_tests.test_baselines import ScriptedBackend
+    from ndx_pipeline_tests.test_excerpts import records
+
+    recs = pl.concat([records(list(range(100, 120)), list(range(200, 220)), neuron=n) for n in (3, 5)])
+    excerpts = split_excerpts(recs)
+    tokens = pl.DataFrame({"layer": [0, 0], "neuron": [3, 5], "promoted_tokens": [[" up3"], [" up5"]],
+                           "suppressed_tokens": [[" down3"], [" down5"]]})
+    backend = ScriptedBackend()
+    stages.explanations(excerpts, backend, candidates=1, output_tokens=tokens)
+    last = {m[-1]["content"].split("\n")[0]: m[-1]["content"] for m in backend.messages}
+    assert len(backend.messages) == 2
+    for number, prompt in last.items():
+        assert prompt.endswith(('Output makes more likely: "up3"\nOutput makes less likely: "down3"',
+                                'Output makes more likely: "up5"\nOutput makes less likely: "down5"'))
+    assert sum('"up3"' in m[-1]["content"] for m in backend.messages) == 1
+    plain = ScriptedBackend()
+    stages.explanations(excerpts, plain, candidates=1)
+    assert not any("Output makes" in m["content"] or "output makes" in m["content"]
+                   for messages in plain.messages for m in messages)
