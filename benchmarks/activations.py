@@ -376,6 +376,8 @@ def main() -> None:
     parser.add_argument("--materialize", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the whole-model and dictionary materializations (d), (e)")
     parser.add_argument("--only-materialize", action="store_true", help="skip (a)-(c)")
+    parser.add_argument("--rss-tokens", default="50000,200000", dest="rss_tokens",
+                        help="(c): the two corpus sizes whose peak RSS is compared (the tests use tiny ones)")
     parser.add_argument("--dict-layer", type=int, default=15, dest="dict_layer")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--dict-rss-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -426,7 +428,8 @@ def main() -> None:
     attributed = (a + sel) / a
 
     rss = {}
-    for n in (50_000, 200_000):
+    small, large = (int(x) for x in args.rss_tokens.split(","))
+    for n in (small, large):
         cmd = [sys.executable, __file__, "--rss-child", str(n), "--layers", ",".join(map(str, args.layers)),
                "--neurons", args.neurons, "--device", args.device, "--dtype", args.dtype,
                "--batch-size", str(args.batch_size), "--quantile-k", str(args.quantile_k)] + (
@@ -449,9 +452,9 @@ def main() -> None:
     print(f"{'ratio b/a, median of back-to-back rounds':<44} {paired:12.3f}")
     print(f"{'selection work inside (b), median, s':<44} {sel:12.2f}")
     print(f"{'ratio (a + selection) / a':<44} {attributed:12.3f}")
-    print(f"{'peak RSS, 50k tokens, MiB':<44} {rss[50_000]:12.0f}")
-    print(f"{'peak RSS, 200k tokens, MiB':<44} {rss[200_000]:12.0f}")
-    growth = (rss[200_000] - rss[50_000]) / rss[50_000]
+    print(f"{f'peak RSS, {small} tokens, MiB':<44} {rss[small]:12.0f}")
+    print(f"{f'peak RSS, {large} tokens, MiB':<44} {rss[large]:12.0f}")
+    growth = (rss[large] - rss[small]) / rss[small]
     print(f"{'rss_growth (target ≤ 0.10)':<44} {growth:12.3f}")
     found = materializations(args, model, tok) if args.materialize else {}
     if found:
@@ -462,8 +465,9 @@ def main() -> None:
                       "rounds": args.repeats, "rss_growth": round(growth, 4), "bare_s": round(a, 3),
                       "bare_blocks_s": round(a_blocks, 3),
                       "extract_s": round(b, 3), "tokens": windows.total_tokens,
-                      "tokens_per_s": round(windows.total_tokens / b, 1), "rss50k_mib": round(rss[50_000], 1),
-                      "rss200k_mib": round(rss[200_000], 1), "neurons": n_neurons, "layers": args.layers,
+                      "tokens_per_s": round(windows.total_tokens / b, 1), "rss_small_mib": round(rss[small], 1),
+                      "rss_large_mib": round(rss[large], 1), "rss_tokens": [small, large], "neurons": n_neurons,
+                      "layers": args.layers,
                       "quantile_k": args.quantile_k,
                       "device": args.device}))
 
