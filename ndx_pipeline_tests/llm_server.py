@@ -203,7 +203,8 @@ class Fault:
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream_port`. Each request takes the next planned fault (or
     passes through when none is left); `requests` counts every request by path, `forwarded` those that reached
-    the server, `seen_auth` whether requests carried the expected bearer key."""
+    the server, `seen_auth` whether requests carried the expected bearer key; `answered` lists (path, body) of every
+    request the server answered, in order (the server's request log)."""
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
@@ -213,6 +214,7 @@ class FaultProxy:
         self.forwarded: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, str]] = []
         self.auth_headers: list[str] = []
+        self.answered: list[tuple[str, bytes]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -252,6 +254,7 @@ class FaultProxy:
             self.requests.clear()
             self.forwarded.clear()
             self.events.clear()
+            self.answered.clear()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -297,6 +300,7 @@ class FaultProxy:
             status, headers, data = self._forward(handler, body)
             with self._lock:
                 self.forwarded[path] += 1
+                self.answered.append((path, body))
             if fault is not None and fault.kind == "rewrite" and status == 200:
                 data = json.dumps(fault.rewrite(json.loads(data))).encode()
             announced = len(data)
