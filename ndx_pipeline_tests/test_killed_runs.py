@@ -12,7 +12,12 @@ instance (sqlite, the template the CLI writes), the bundled model as subject and
    waits every 10 s while using next to no CPU, and SIGTERM cancels it with its slots freed; one more waits until the
    holder is killed, then goes on and finishes.
 
-Marked slow (and the server case llm_server); a few minutes each on two cores.
+3. `test_dagster_dev_frees_the_slot_of_a_run_whose_process_was_killed` (marked ui): the same kill under `dagster
+   dev`, where the run carries no process tags: the code server marks it FAILURE and the daemon's run monitoring
+   (the shipped instance settings) frees its slot.
+
+Marked slow (the server case also llm_server); a few minutes each on two cores. Beside them, in seconds:
+`test_only_a_run_whose_process_is_gone_is_released` (a real run holding the `llm` slot in another process).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,16 +40,23 @@ import yaml
 from ndx_pipeline.cli import instance_settings
 from ndx_pipeline.core.storage import asset_path, llm_cache_dir
 from ndx_pipeline.defs.pools import INTERRUPTED_TAG, PID_TAG
-from ndx_pipeline_tests.llm_server import MODEL_ALIAS, TEST_API_KEY, Fault, FaultProxy, llama_server  # noqa: F401
+from ndx_pipeline_tests.llm_server import MODEL_ALIAS, TEST_API_KEY, FaultProxy, llama_server  # noqa: F401
+from ndx_pipeline_tests.test_ui_graphql import workdir  # noqa: F401  (fixture: a home with the CLI's template)
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 NEURONS = [5, 9, 11]
-# a few short requests per neuron, asked one at a time, so that every answer is cached before the next is asked
+# Small settings: a few short requests per neuron. In process the model answers in batches of 8, so the steps get
+# enough requests for a kill to fall between two batches: 9 scored excerpts, and calibration excerpts simulated
+# after the explanations, in their step.
 SMALL = {"selection": {"explain_excerpts": 2, "score_top_excerpts": 2, "score_random_excerpts": 1},
          "quality": {"calibration_top_excerpts": 1, "calibration_random_excerpts": 1},
-         "explainer_llm": {"max_tokens": 16, "max_concurrency": 1},
-         "simulator_llm": {"max_concurrency": 1}}
+         "explainer_llm": {"max_tokens": 16}}
+# The server simulates an excerpt in many requests (the echo, then one per slot where "10" may begin): fewer units
+# and excerpts; the proxy holds the requests where the kill is to fall.
+SERVER_NEURONS = [5, 9]
+SERVER_SMALL = {"selection": {"explain_excerpts": 2, "score_top_excerpts": 1, "score_random_excerpts": 0},
+                "quality": {"calibration_top_excerpts": 0, "calibration_random_excerpts": 0},
+                "explainer_llm": {"max_tokens": 16}}
 GENERATION = ("/v1/chat/completions", "/v1/completions")  # what the server answers with the model
 TIMEOUT = 900  # seconds for one run: two cores, shared with the server or other tests
 
@@ -60,29 +73,30 @@ def corpus(tmp_path):
     return folder
 
 
-def new_home(tmp_path: Path, variants: list[str]) -> Path:
+def new_home(tmp_path: Path, variants: list[str], settings: dict = SMALL) -> Path:
     """A DAGSTER_HOME with the CLI's instance settings, its tables made once before several processes open them, and
-    the variants file declaring `variants` with the small settings."""
+    the variants file declaring `variants` with `settings`."""
     home = tmp_path / "home"
     (home / "storage").mkdir(parents=True)
     (home / "dagster.yaml").write_text(instance_settings(home))
     with dg.DagsterInstance.from_config(str(home)):
         pass
-    (home / "storage" / "variants.yaml").write_text(yaml.safe_dump({v: SMALL for v in variants}))
+    (home / "storage" / "variants.yaml").write_text(yaml.safe_dump({v: settings for v in variants}))
     return home
 
 
 class Cli:
     """`ndx-pipeline run --variant VARIANT …` in a subprocess, its output in a file."""
 
-    def __init__(self, home: Path, corpus: Path, variant: str, *extra: str, env: dict | None = None):
+    def __init__(self, home: Path, corpus: Path, variant: str, *extra: str, env: dict | None = None,
+                 neurons: list[int] = NEURONS):
         self.home, self.variant = home, variant
         self.log = home.parent / f"{variant}-{time.monotonic_ns()}.log"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("NDX_")}
         environ.update(DAGSTER_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                        **(env or {}))
-        args = ["--variant", variant, "--layers", "0", "--neurons", ",".join(map(str, NEURONS)), "--controls",
+        args = ["--variant", variant, "--layers", "0", "--neurons", ",".join(map(str, neurons)), "--controls",
                 "none", "--baselines", "none", "--scorers", "none", "--corpus", str(corpus), *extra]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "ndx_pipeline.cli", "run", *args], stdout=out,
@@ -131,15 +145,15 @@ class Cli:
 
     def in_step(self, step: str) -> str:
         """Wait until this process's run has started `step`; its run id."""
-        def started():
-            with dg.DagsterInstance.from_config(str(self.home)) as instance:
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            def started():
                 for run in instance.get_runs(dg.RunsFilter(tags={PID_TAG: str(self.pid)}), limit=1):
                     if any(e.step_key == step for e in instance.all_logs(run.run_id,
                                                                            of_type=dg.DagsterEventType.STEP_START)):
                         return run.run_id
-            return None
+                return None
 
-        return self.wait_for(started, f"in {step}")
+            return self.wait_for(started, f"in {step}")
 
 
 def status(home: Path, run_id: str) -> tuple[dg.DagsterRunStatus, dict]:
@@ -176,13 +190,82 @@ def released_line(run_id: str) -> str:
     return f"an earlier run {run_id[:8]} was killed; marked failed and its `llm` slot released"
 
 
+HOLDER = textwrap.dedent("""
+    import sys
+    import time
+    import dagster as dg
+    from ndx_pipeline.defs.pools import process_tags
+
+    @dg.op(pool="llm")
+    def hold():
+        print("holding", flush=True)
+        time.sleep(600)
+
+    @dg.job
+    def holding():
+        hold()
+
+    with dg.DagsterInstance.get() as instance:
+        holding.execute_in_process(instance=instance, tags=process_tags() if sys.argv[1:] == ["tagged"] else {})
+""")
+
+
+def test_only_a_run_whose_process_is_gone_is_released(tmp_path):
+    from ndx_pipeline.defs.pools import release_stale_runs
+
+    home = new_home(tmp_path, [])
+    env = {**os.environ, "DAGSTER_HOME": str(home),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, "tagged"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            (run,) = instance.get_runs()
+            assert release_stale_runs(instance) == []  # alive: left alone
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        assert pools_listing(home, run.run_id) == ["llm"]
+        proc.kill()
+        proc.wait(30)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert release_stale_runs(instance) == [released_line(run.run_id)]
+            assert release_stale_runs(instance) == []  # once
+            after = instance.get_run_by_id(run.run_id)
+            failure = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        assert after.status == dg.DagsterRunStatus.FAILURE
+        assert after.tags[INTERRUPTED_TAG] == f"killed (process {proc.pid} on this host is gone)"
+        assert f"process {proc.pid} on this host is gone" in failure[0].message
+        assert pools_listing(home, run.run_id) == []
+    finally:
+        proc.kill()
+        proc.wait(30)
+    # a run without process tags (as `dagster dev` launches them) that its launcher marked failed when its process
+    # died, still holding its slot: freed too
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        proc.kill()
+        proc.wait(30)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            (other,) = [r for r in instance.get_runs() if r.run_id != run.run_id]
+            assert release_stale_runs(instance) == []  # no process recorded: not judged
+            instance.report_run_failed(other, "its process died")
+            assert release_stale_runs(instance) == [f"an earlier run {other.run_id[:8]} ended (FAILURE) but still "
+                                                    "held its `llm` slot; released"]
+        assert pools_listing(home, other.run_id) == []
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("server", marks=pytest.mark.llm_server)])
 def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, corpus, request):
     variant = "killed"
-    home = new_home(tmp_path, [variant])
+    home = new_home(tmp_path, [variant], SERVER_SMALL if backend == "server" else SMALL)
     storage = home / "storage"
-    env, proxy = {}, None
+    env, proxy, neurons = {}, None, NEURONS
     if backend == "server":
+        neurons = SERVER_NEURONS
         server = request.getfixturevalue("llama_server")
         proxy = FaultProxy(server.port)
         request.addfinalizer(proxy.close)
@@ -191,33 +274,43 @@ def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, c
                         f"NDX_{stage}_MODEL": MODEL_ALIAS, f"NDX_{stage}_SERVER": "llama_cpp",
                         f"NDX_{stage}_API_KEY": TEST_API_KEY})
 
-    def kill_inside(cli: Cli, step: str) -> tuple[str, dict[str, int]]:
-        """SIGKILL `cli` inside `step`, once at least one of the step's answers came back (and, with the server,
-        while its next request waits unanswered: every answer it had was cached). The killed run's id, and the
-        LLM cache as it was at the kill."""
+    def kill_inside(cli: Cli, step: str, asks: str) -> tuple[str, dict[str, int]]:
+        """SIGKILL `cli` inside `step`, once at least one of the step's answers came back. With the server, the
+        step's requests to `asks` after its first are held unanswered, and the kill waits until no request is at
+        the server and every answer it gave is in the cache (the client had it). The killed run's id, and the LLM
+        cache at the kill."""
+        held, seen = (proxy.held, len(proxy.answered)) if proxy is not None else (0, 0)
+        if proxy is not None and step == "explanations":  # its first requests: the explainer's, in a few seconds
+            proxy.hold((asks,), after=1, seconds=TIMEOUT)
         run_id = cli.in_step(step)
         if proxy is None:
             before = cache_files(storage)
             cli.wait_for(lambda: cache_files(storage).keys() - before.keys(), f"answered in {step}")
         else:
-            seen = len(proxy.answered)
-            cli.wait_for(lambda: any(path in GENERATION for path, _ in proxy.answered[seen:]),
-                         f"answered by the server in {step}")
-            proxy.plan(Fault.stall(TIMEOUT))  # the next request is held: the client waits for it
-            cli.wait_for(lambda: proxy.pending() == 0, f"asking the server again in {step}")
+            if step != "explanations":
+                proxy.hold((asks,), after=1, seconds=TIMEOUT)
+
+            def all_answers_kept():
+                answered = {body for path, body in proxy.answered if path in GENERATION}
+                return (proxy.held > held and proxy.in_flight == 0 and len(cache_files(storage)) >= len(answered)
+                        and any(path == asks for path, _ in proxy.answered[seen:]))
+
+            cli.wait_for(all_answers_kept, f"held by the proxy in {step}, every answer cached")
         cache = cache_files(storage)
         cli.kill()
+        if proxy is not None:
+            proxy.hold_off()
         assert not asset_path(storage, step, 0, variant).exists(), f"{step} had finished: the kill came too late"
         return run_id, cache
 
     # 1. killed inside explanations, after some of them came back
-    first = Cli(home, corpus, variant, env=env)
-    killed, cache = kill_inside(first, "explanations")
+    first = Cli(home, corpus, variant, env=env, neurons=neurons)
+    killed, cache = kill_inside(first, "explanations", "/v1/chat/completions")
     upstream = file_ids(storage, ("activation_records", "top_excerpts"), variant)
 
     # 2. the same command: the killed run released in one line, its finished steps kept; killed inside simulations
-    second = Cli(home, corpus, variant, env=env)
-    again, cache_again = kill_inside(second, "simulations")
+    second = Cli(home, corpus, variant, env=env, neurons=neurons)
+    again, cache_again = kill_inside(second, "simulations", "/v1/completions")
     out = second.output()
     assert released_line(killed) in out, out[-3000:]
     assert f"resuming this command from run {killed[:8]}, killed (process {first.pid} on this host is gone)" in out
@@ -229,7 +322,7 @@ def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, c
     explained = file_ids(storage, ("explanations", "calibration_simulations"), variant)
 
     # 3. once more: it finishes
-    third = Cli(home, corpus, variant, env=env)
+    third = Cli(home, corpus, variant, env=env, neurons=neurons)
     assert third.finish() == 0, third.output()[-4000:]
     out = third.output()
     assert released_line(again) in out, out[-3000:]
@@ -241,7 +334,7 @@ def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, c
     after = cache_files(storage)
     assert all(after[name] == at for name, at in cache_again.items())
     scores = pl.read_parquet(asset_path(storage, "scores", 0, variant))
-    assert sorted(scores["neuron"].to_list()) == NEURONS
+    assert sorted(scores["neuron"].to_list()) == neurons
     if proxy is not None:  # the server's log: every request it answered, answered once
         asked = Counter(body for path, body in proxy.answered if path in GENERATION)
         assert asked and max(asked.values()) == 1, [b[:200] for b, n in asked.items() if n > 1]
@@ -251,6 +344,7 @@ def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, c
         print(f"\n[killed runs, in process] {len(after)} answers computed, each once, over three runs (two killed)")
 
 
+@pytest.mark.slow
 def test_a_run_blocked_by_a_live_runs_slot(tmp_path, corpus):
     import psutil
 
@@ -312,3 +406,57 @@ def test_a_run_blocked_by_a_live_runs_slot(tmp_path, corpus):
     finally:
         for cli in (holder, *others):
             cli.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.ui
+def test_dagster_dev_frees_the_slot_of_a_run_whose_process_was_killed(workdir):  # noqa: F811  (fixture)
+    """`dagster dev` on the CLI's instance template (run monitoring on): a run launched through GraphQL is killed
+    (SIGKILL of its process) inside `explanations`; the code server marks it FAILURE, and the daemon's run
+    monitoring frees its `llm` slot within free_slots_after_run_end_seconds + poll_interval_seconds."""
+    from ndx_pipeline.core.variants import DEFAULT_VARIANT
+    from ndx_pipeline.defs.automation import MAIN_JOB
+    from ndx_pipeline.defs.partitions import range_tags
+    from ndx_pipeline_tests.test_ui_graphql import LOCATION, DagsterDev, _add_variant, _small_run_config
+
+    home, storage = workdir / "dagster_home", workdir / "storage"
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.run_monitoring_enabled
+        settings = instance.run_monitoring_settings
+    dev = DagsterDev(workdir, home, {k: "" for k in os.environ if k.startswith("NDX_")})
+    try:
+        dev.start()
+        _add_variant(dev, DEFAULT_VARIANT)
+        run_id = dev.client().submit_job_execution(MAIN_JOB, repository_location_name=LOCATION,
+                                                   run_config=_small_run_config(storage, workdir / "corpus"),
+                                                   tags=range_tags(DEFAULT_VARIANT, 0, 0))
+        deadline = time.monotonic() + TIMEOUT
+        pid = None
+        while time.monotonic() < deadline and pid is None:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                run = instance.get_run_by_id(run_id)
+                assert not run.is_finished, f"run ended {run.status} before explanations:\n{dev.log_tail()}"
+                events = instance.all_logs(run_id)
+                if any(e.step_key == "explanations" and e.dagster_event and e.dagster_event.is_step_start
+                       for e in events):
+                    found = [re.search(r"in process \(pid: (\d+)\)", e.message or "") for e in events]
+                    pid = next(int(m.group(1)) for m in found if m)
+            time.sleep(0.2)
+        assert pid is not None, f"explanations did not start:\n{dev.log_tail()}"
+        assert pools_listing(home, run_id) == ["llm"]
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        limit = settings["free_slots_after_run_end_seconds"] + settings["poll_interval_seconds"] + 60
+        failed_s = freed_s = None
+        while time.monotonic() - killed_at < limit and freed_s is None:
+            if failed_s is None and status(home, run_id)[0] == dg.DagsterRunStatus.FAILURE:
+                failed_s = time.monotonic() - killed_at
+            if failed_s is not None and pools_listing(home, run_id) == []:
+                freed_s = time.monotonic() - killed_at
+            time.sleep(1)
+        assert failed_s is not None, f"the killed run is {status(home, run_id)[0]}:\n{dev.log_tail()}"
+        assert freed_s is not None, f"its slot was not freed within {limit} s:\n{dev.log_tail()}"
+        print(f"\n[dagster dev] killed run marked FAILURE {failed_s:.0f} s after the kill, its llm slot freed after "
+              f"{freed_s:.0f} s")
+    finally:
+        dev.stop()

@@ -75,6 +75,8 @@ def process_gone(tags) -> str | None:
         return None
     pid = int(tags[PID_TAG])
     started = process_start(pid)
+    if started is None and os.name == "nt":  # (os.kill there ends the process whatever the signal)
+        return None
     if started is None:  # no /proc: whether the process id exists
         try:
             os.kill(pid, 0)
@@ -128,7 +130,7 @@ def release_stale_runs(instance: dg.DagsterInstance) -> list[str]:
                                                          tags={HOST_TAG: this_host()})):
         run = record.dagster_run
         why = process_gone(run.tags)
-        if why is None:
+        if why is None or instance.get_run_by_id(run.run_id).is_finished:  # (another command released it first)
             continue
         infos = _pool_infos(instance) if infos is None else infos
         claimed, queued = held_by(infos, run.run_id)
@@ -150,8 +152,8 @@ def release_stale_runs(instance: dg.DagsterInstance) -> list[str]:
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             what = released_what(claimed, queued)
             if what:
-                said.append(f"an earlier run {run.run_id[:8]} ended ({run.status.value}) but still held "
-                            f"{what.removeprefix('its ')}; released")
+                said.append(f"an earlier run {run.run_id[:8]} ended ({run.status.value}) but still held {what}; "
+                            "released")
     return said
 
 
