@@ -49,12 +49,20 @@ from ndx_pipeline.core.variants import (
     variants_file,
 )
 from ndx_pipeline.definitions import build_definitions
-from ndx_pipeline.defs.automation import MAIN_JOB, ON_DEMAND_ASSETS
+from ndx_pipeline.defs.automation import MAIN_JOB, ON_DEMAND_ASSETS, folder_state
 from ndx_pipeline.defs.checks import JUDGE
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, add_variant, contiguous_ranges, range_tags
+from ndx_pipeline.defs.pools import (
+    INTERRUPTED_TAG,
+    PoolWaitExceeded,
+    process_tags,
+    release_stale_runs,
+    waiting_on_pools,
+)
 from ndx_pipeline.defs.provenance import record_imported, recorded_subject_model, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
+from ndx_pipeline.defs.resume import Resume, command_digest, invocation_tags, resumable
 from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
 from ndx_pipeline.reports.controls import controls_text
@@ -240,7 +248,25 @@ def failure_message(result) -> str:
                 return f"{event.step_key}: {err.description}"
             if event.step_failure_data.error:
                 return f"{event.step_key}: {event.step_failure_data.error.message.strip().splitlines()[0]}"
+    error = run_failure_error(result)
+    if error is not None:
+        return error_sentence(error)
     return "the run failed (see the run's event log: dagster dev, or ndx-pipeline --verbose run)."
+
+
+def run_failure_error(result):
+    """The error that ended a run outright (outside any step), or None."""
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE and event.event_specific_data is not None:
+            return getattr(event.event_specific_data, "error", None)
+    return None
+
+
+def error_sentence(error) -> str:
+    """An error's own message, without the exception's module and class name."""
+    text = error.message.strip()
+    head, _, rest = text.partition(": ")
+    return (rest if head.endswith(error.cls_name) else text).strip()
 
 
 def run_warnings(result) -> list[str]:
@@ -403,7 +429,15 @@ def cmd_run(args) -> int:
     step_time: dict[str, float] = {}
     failed: dict[str, dict[int, str]] = {}  # variant → layer → why it stopped (the other layers go on)
     errors: list[str] = []  # a variant whose run failed outright (the other variants go on)
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance, waiting_on_pools(say, checked_wait(args.wait)):
+        tell_released(instance)
+        digest = command_identity(args, config, storage, layers, variants, [*controls.values(), *randomized.values()],
+                                  graph)
+        resume = resumable(instance, digest)
+        if resume is not None:
+            print(f"resuming this command from run {resume.interrupted[:8]}, {resume.why}: the steps it finished are "
+                  "kept, the LLM answers it had received come from the cache", flush=True)
+        run_tags = {**process_tags(), **invocation_tags(digest, resume)}
         for variant in [*variants, *controls.values(), *randomized.values()]:
             add_variant(instance, variant)
             changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
@@ -412,8 +446,8 @@ def cmd_run(args) -> int:
         for i, variant in enumerate(variants):
             def run_control(control: str, on: list[int]) -> str | None:  # the whole graph, its time apart
                 control_time: dict[str, float] = {}
-                error = run_layers(job, instance, config, control, on, selection, True, {}, control_time,
-                                   failed.setdefault(control, {}))
+                error = run_layers(job, instance, config, control, on, selection, True, run_tags, control_time,
+                                   failed.setdefault(control, {}), resume)
                 step_time[CONTROLS_STEP] = step_time.get(CONTROLS_STEP, 0.0) + sum(control_time.values())
                 if error:
                     errors.append(error)
@@ -423,8 +457,8 @@ def cmd_run(args) -> int:
                 run_control(controls[variant], [min(layers)])
             # the first variant's extraction pass reads the unit sets of the variants after it too: one pass for all
             joint = {EXTRACT_WITH_TAG: ",".join(variants[i + 1:])} if i == 0 and len(variants) > 1 else {}
-            error = run_layers(job, instance, config, variant, layers, selection, args.start is None, joint,
-                               step_time, failed.setdefault(variant, {}))
+            error = run_layers(job, instance, config, variant, layers, selection, args.start is None,
+                               {**run_tags, **joint}, step_time, failed.setdefault(variant, {}), resume)
             if error and len(variants) == 1 and not (controls or randomized):  # its one sentence is all to say
                 print(f"error: {error.split(': ', 1)[1]}", file=sys.stderr)
                 return 1
@@ -454,16 +488,25 @@ def cmd_run(args) -> int:
 
 
 def run_layers(job, instance, config: dict, variant: str, layers: list[int], selection, whole: bool, tags: dict,
-               step_time: dict[str, float], failed: dict[int, str]) -> str | None:
+               step_time: dict[str, float], failed: dict[int, str], resume: Resume | None = None) -> str | None:
     """Run `variant` over `layers` (one run per contiguous range, `tags` on each); the layers a blocking check
     stopped go in `failed` with their reasons, while the other layers go on; a run that failed outright ends the
-    variant with one sentence, `variant <name>: <why>` (returned)."""
+    variant with one sentence, `variant <name>: <why>` (returned). `resume`: what an interrupted invocation of the
+    same command finished, left out. A run stopped by SIGTERM / Ctrl-C, or one that waited longer than --wait for a
+    pool slot, ends the command (`RunStopped`)."""
     work = [(lo, hi, selection) for lo, hi in contiguous_ranges(layers)]
     while work:
         lo, hi, subset = work.pop(0)
+        if resume is not None:
+            subset, kept = resume.left(variant, lo, hi, subset)
+            if kept:
+                print(kept, flush=True)
+            if not subset:
+                continue
         result = job.execute_in_process(run_config=config, instance=instance,
                                         tags={**tags, **range_tags(variant, lo, hi)}, raise_on_error=False,
                                         asset_selection=None if subset == selection and whole else list(subset))
+        stop_if_ended_early(instance, result)
         for warning in run_warnings(result):
             print(f"warning: {warning}", file=sys.stderr)
         for step, sec in step_seconds(instance, result.run_id).items():
@@ -489,6 +532,56 @@ def run_layers(job, instance, config: dict, variant: str, layers: list[int], sel
     return None
 
 
+class RunStopped(Exception):
+    """A run ended the command: stopped by SIGTERM or Ctrl-C, or it waited longer than --wait for a pool slot."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def stop_if_ended_early(instance, result) -> None:
+    """Raise RunStopped when the run was stopped by a signal (marked canceled) or gave up waiting for a slot."""
+    run = instance.get_run_by_id(result.run_id)
+    if run.status == dg.DagsterRunStatus.CANCELED and INTERRUPTED_TAG in run.tags:
+        raise RunStopped(f"run {run.run_id[:8]} was {run.tags[INTERRUPTED_TAG]}: marked canceled and its pool slots "
+                         "released; the same command again resumes it", 130)
+    error = run_failure_error(result)
+    if error is not None and error.cls_name == PoolWaitExceeded.__name__:
+        raise RunStopped(error_sentence(error), 1)
+
+
+def checked_wait(seconds: float | None) -> float | None:
+    """--wait: None (as long as it takes) or a number of seconds, 0 or more."""
+    if seconds is not None and not seconds >= 0:
+        raise NdxInputError(f"--wait {seconds:g}: give a number of seconds, 0 or more.")
+    return seconds
+
+
+def say(line: str) -> None:
+    """A line of the run on the terminal, as the console logger writes the stages' lines."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def tell_released(instance, file=None) -> None:
+    """Release the instance's runs whose process is gone (and the slots ended runs still hold): one line each."""
+    for line in release_stale_runs(instance):
+        print(line, file=file or sys.stdout, flush=True)
+
+
+def command_identity(args, config: dict, storage: Path, layers: list[int], variants: list[str], controls: list[str],
+                     graph) -> str:
+    """The digest of what this `run` command computes (`defs.resume`): the same command on unchanged settings,
+    code and corpus has the same digest."""
+    corpus = args.corpus or default_resources()["corpus_source"].path
+    return command_digest(
+        layers=layers, variants=variants, controls=controls, start=args.start, resources=config["resources"],
+        settings={v: variant_settings(config, declared_settings(storage, v)) for v in [*variants, *controls]},
+        defaults={name: resource.model_dump() for name, resource in default_resources().items()},
+        code_versions={k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()},
+        corpus=folder_state(Path(corpus)) if corpus and Path(corpus).exists() else corpus)
+
+
 def _storage(args) -> Path:
     """Where the Parquet files are: --storage, else where the pipeline's resources put them (NDX_STORAGE, else
     $DAGSTER_HOME/storage)."""
@@ -500,6 +593,7 @@ def _runs(layers, variant: str) -> dict[int, dict] | None:
     """Stage → run info for each layer of `variant`, from the Dagster instance; None when there is no run history."""
     try:
         with dg.DagsterInstance.get() as instance:
+            tell_released(instance, sys.stderr)
             return {layer: stage_runs(instance, layer, variant) for layer in layers}
     except Exception as exc:  # the Parquet files alone still give the full data lineage
         print(f"note: no Dagster run history ({type(exc).__name__}); showing the data lineage only", file=sys.stderr)
@@ -689,6 +783,10 @@ def parser() -> argparse.ArgumentParser:
                                        "(default: embedding)")
     run.add_argument("--explainer-model", dest="explainer_model")
     run.add_argument("--simulator-model", dest="simulator_model")
+    run.add_argument("--wait", type=float, metavar="SECONDS",
+                     help="how long a run may wait for a pool slot (llm, subject_model) that another live run holds "
+                          "before it fails saying which run holds it (default: as long as it takes; 0: fail at "
+                          "once). A waiting run says so every 10 s")
     run.add_argument("--llm-dtype", dest="llm_dtype", choices=(AUTO_DTYPE, *DTYPES),
                      help="precision of the in-process LLMs: auto (bfloat16 on a CPU with native bfloat16, else "
                           "float32; default), float32 (exact) …")
@@ -787,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # stopped by a signal, or gave up waiting for a pool slot: one sentence
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

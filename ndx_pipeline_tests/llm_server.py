@@ -203,7 +203,8 @@ class Fault:
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of `upstream_port`. Each request takes the next planned fault (or
     passes through when none is left); `requests` counts every request by path, `forwarded` those that reached
-    the server, `seen_auth` whether requests carried the expected bearer key."""
+    the server, `seen_auth` whether requests carried the expected bearer key; `answered` lists (path, body) of every
+    request the server answered, in order (the server's request log)."""
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
@@ -213,6 +214,10 @@ class FaultProxy:
         self.forwarded: collections.Counter[str] = collections.Counter()
         self.events: list[tuple[str, str]] = []
         self.auth_headers: list[str] = []
+        self.answered: list[tuple[str, bytes]] = []
+        self._hold: list | None = None  # [paths, requests still let through, seconds]
+        self.held = 0  # requests held so far (`hold`)
+        self.in_flight = 0  # requests forwarded to the server and not yet answered
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -239,6 +244,17 @@ class FaultProxy:
         with self._lock:
             self._plan.extend(faults)
 
+    def hold(self, paths: tuple[str, ...], after: int, seconds: float) -> None:
+        """Let `after` more requests to `paths` through, then hold every later one for `seconds` without forwarding
+        it (its client waits), until `hold_off`; `held` counts the requests held."""
+        with self._lock:
+            self._hold = [tuple(paths), int(after), float(seconds)]
+
+    def hold_off(self) -> None:
+        """Let requests through again (those held stay held)."""
+        with self._lock:
+            self._hold = None
+
     def pending(self) -> int:
         with self._lock:
             return len(self._plan)
@@ -252,6 +268,7 @@ class FaultProxy:
             self.requests.clear()
             self.forwarded.clear()
             self.events.clear()
+            self.answered.clear()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -275,6 +292,12 @@ class FaultProxy:
         path = handler.path.split("?", 1)[0]
         with self._lock:
             fault = self._plan.popleft() if self._plan else None
+            if self._hold is not None and path in self._hold[0]:
+                if self._hold[1] > 0:
+                    self._hold[1] -= 1
+                else:
+                    fault = Fault.stall(self._hold[2])
+                    self.held += 1
             self.requests[path] += 1
             self.events.append((path, fault.kind if fault else "pass"))
             self.auth_headers.append(handler.headers.get("Authorization") or "")
@@ -294,9 +317,16 @@ class FaultProxy:
                 time.sleep(fault.seconds)
                 handler.close_connection = True
                 return
-            status, headers, data = self._forward(handler, body)
+            with self._lock:
+                self.in_flight += 1
+            try:
+                status, headers, data = self._forward(handler, body)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
             with self._lock:
                 self.forwarded[path] += 1
+                self.answered.append((path, body))
             if fault is not None and fault.kind == "rewrite" and status == 200:
                 data = json.dumps(fault.rewrite(json.loads(data))).encode()
             announced = len(data)

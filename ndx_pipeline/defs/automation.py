@@ -34,6 +34,7 @@ from ndx_pipeline.defs.partitions import (
     range_tags,
     variants,
 )
+from ndx_pipeline.defs.pools import release_stale_runs
 from ndx_pipeline.defs.resources import StorageResource
 from ndx_pipeline.defs.versioning import settings_observations
 
@@ -98,6 +99,14 @@ def variant_requests(found: dict[str, list[int]], run_key: str, tags: dict | Non
             for variant, at in found.items() for lo, hi in contiguous_ranges(at)]
 
 
+def release_killed_runs(context) -> None:
+    """What a sensor or schedule does first: the runs whose process is gone are marked failed and their pool slots
+    freed (`pools.release_stale_runs`), each said in one line of its log, so that the runs it requests are not kept
+    waiting by them."""
+    for line in release_stale_runs(context.instance):
+        context.log.info(line)
+
+
 def folder_state(root: Path) -> dict[str, list[int]]:
     """relative path → [size, mtime_ns] of every corpus file under root."""
     if root.is_file():
@@ -130,6 +139,7 @@ def corpus_sensor(corpus_path: str | None = None):
                            "every variant, each of its layers that already has activation records (with that "
                            "variant's own settings).")
     def sensor(context: dg.SensorEvaluationContext):
+        release_killed_runs(context)
         root = watched_folder(corpus_path, CORPUS_ENV, "corpus folder", "; the bundled corpus never changes")
         if isinstance(root, dg.SkipReason):
             return root
@@ -183,6 +193,7 @@ def dictionary_sensor(dictionaries_path: str | None = None):
                            "a new or changed one becomes a variant of its own (named after its folder, declared in "
                            "the variants file) and runs the whole graph for its layer, for that variant only.")
     def sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
+        release_killed_runs(context)
         root = watched_folder(dictionaries_path, DICTIONARIES_ENV, "dictionary folder")
         if isinstance(root, dg.SkipReason):
             return root
@@ -246,6 +257,7 @@ def stale_status_resolver(instance: dg.DagsterInstance, asset_graph):
              description="Every night: re-explain, re-simulate and re-score the layers whose LLM stages are stale "
                          "(a changed prompt, model or upstream data). Cached answers cost nothing.")
 def nightly_rescore(context: dg.ScheduleEvaluationContext):
+    release_killed_runs(context)
     found = stale_layers(context.instance, context.repository_def.asset_graph)
     if not found:
         return dg.SkipReason("no stale layer")
@@ -258,6 +270,7 @@ def nightly_rescore(context: dg.ScheduleEvaluationContext):
                        "and observes the versions of its settings (a changed variant's partitions turn stale). It "
                        "launches nothing.")
 def variants_file_sensor(context: dg.SensorEvaluationContext, storage: StorageResource):
+    release_killed_runs(context)
     path = variants_file(storage.path())
     try:
         declared = read_variants(path)

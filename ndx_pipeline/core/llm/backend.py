@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -98,12 +99,14 @@ class Outcome:
 
 
 def map_concurrently(fn: Callable[[Any], Any], items: Iterable[Any], max_concurrency: int = 4,
-                     on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+                     on_done: Callable[[Outcome], None] | None = None,
+                     stopping: threading.Event | None = None) -> list[Outcome]:
     """Run `fn(item)` for every item with at most `max_concurrency` running at once (threads).
 
     An item that raises does not stop the others: its Outcome carries the error. `on_done` is called in the
     calling thread as each item finishes (e.g. to write results or caches per neuron); the list comes back in
-    input order. If `on_done` raises (or the caller is interrupted), items not yet started are cancelled.
+    input order. If `on_done` raises (or the caller is interrupted), items not yet started are cancelled and
+    `stopping` is set, so that work in flight that watches it (an in-process model's steps) ends early.
     """
     items = list(items)
     outcomes: list[Outcome | None] = [None] * len(items)
@@ -137,6 +140,10 @@ def map_concurrently(fn: Callable[[Any], Any], items: Iterable[Any], max_concurr
                     finish(i, error=exc)
                 else:  # KeyboardInterrupt / SystemExit in a worker
                     raise exc
+    except BaseException:
+        if stopping is not None:
+            stopping.set()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return outcomes  # type: ignore[return-value]
@@ -227,7 +234,15 @@ class LLMBackend(ABC):
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], on_done=None) -> list[Outcome]:
         """Run `fn` over items at this backend's concurrency; an item that raises does not stop the others."""
-        return map_concurrently(fn, items, self.max_concurrency, on_done)
+        return map_concurrently(fn, items, self.max_concurrency, on_done, self.stopping)
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when a caller of `map` was interrupted: an in-process model ends the work in flight at its next
+        step (LLMStopped) instead of finishing it for nobody."""
+        if "_stopping" not in self.__dict__:
+            self._stopping = threading.Event()
+        return self._stopping
 
     def chat_json(self, messages: list[dict], schema: dict, max_tokens: int, seed: int) -> Completion:
         """A greedy (temperature 0) chat answer constrained to JSON, as far as the backend can: to `schema` (a

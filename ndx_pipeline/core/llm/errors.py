@@ -19,3 +19,8 @@ class PromptTooLongError(RecordableLLMError):
     def __init__(self, reason: str, context: int | None = None):
         super().__init__(reason)
         self.context = context
+
+
+class LLMStopped(Exception):
+    """In-process work ended early because its caller was interrupted (SIGTERM, Ctrl-C): nothing of it is recorded
+    or cached."""

@@ -36,6 +36,7 @@ from ndx_pipeline.core.heap import release_freed_heap
 from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, PromptTooLongError, SimulationPrompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
+from ndx_pipeline.core.llm.errors import LLMStopped
 from ndx_pipeline.core.models import (
     AUTO_DTYPE,
     llm_dtype,
@@ -266,6 +267,7 @@ class LocalTransformersBackend(LLMBackend):
                 prefix = kv_cache(model(input_ids=head, use_cache=True))
             caches, first = [], []
             for i, row in enumerate(rows):
+                self._unless_stopping()
                 own = row[shared:]
                 out = model(input_ids=torch.tensor([own], device=device),
                             position_ids=torch.arange(shared, shared + len(own), device=device)[None],
@@ -302,6 +304,7 @@ class LocalTransformersBackend(LLMBackend):
                 keep = [j for j, i in enumerate(live) if not done[i]]
                 if not keep:
                     break
+                self._unless_stopping()
                 if len(keep) < len(live):  # a finished row leaves the batch: no more steps spent on it
                     index = torch.tensor(keep)
                     cache.batch_select_indices(index.to(device))
@@ -441,7 +444,13 @@ class LocalTransformersBackend(LLMBackend):
             self._heads.popitem(last=False)
         return cache
 
+    def _unless_stopping(self) -> None:
+        """Between two steps of a batch: end it (LLMStopped) when the caller of `map` was interrupted."""
+        if self.stopping.is_set():
+            raise LLMStopped("the run was interrupted; this batch was not finished")
+
     def _simulation_batch(self, requests: Sequence[_SimulationRequest]) -> list:
+        self._unless_stopping()
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
