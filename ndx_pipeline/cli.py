@@ -52,7 +52,7 @@ from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.checks import JUDGE
 from ndx_pipeline.defs.console import CONSOLE_LOGGER, VERBOSE_LOGGER
 from ndx_pipeline.defs.partitions import EXTRACT_WITH_TAG, add_variant, contiguous_ranges, range_tags
-from ndx_pipeline.defs.provenance import record_imported, stage_runs
+from ndx_pipeline.defs.provenance import latest_metadata, record_imported, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.versioning import observe_settings
 from ndx_pipeline.reports.compare import RESAMPLES, compare, compare_json, format_compare
@@ -315,6 +315,24 @@ def scorer_lines(storage: Path, layers: list[int], variant: str) -> list[str]:
             " the same way)"]
 
 
+def cost_lines(instance: dg.DagsterInstance, layers: list[int], variant: str) -> list[str]:
+    """What the LLM stages of the latest runs of `layers` sent per item, from their partitions' metadata (answers
+    from the cache cost nothing): requests and prompt tokens per simulated excerpt (and the value scale asked for)
+    and, for the scorers, per unit; one line per stage and wave (nothing when no stage sent a request)."""
+    rows, seen = [], set()
+    for asset, per in ((c.SIMULATIONS, "excerpt"), *((judged, "unit") for judged, _ in c.SCORER_ASSETS.values())):
+        for layer in layers:
+            meta = latest_metadata(instance, asset, layer, variant)
+            wave = (asset, meta.get("llm_accounting_covers_layers", str(layer)))
+            if not meta.get(f"llm_requests_per_{per}") or wave in seen:
+                continue
+            seen.add(wave)
+            scale = f" ({meta['simulator_scale']} scale)" if meta.get("simulator_scale") else ""
+            rows.append(f"  {asset:<20} {meta[f'llm_requests_per_{per}']:7.2f} requests, "
+                        f"{meta[f'prompt_tokens_per_{per}']:8.0f} prompt tokens per {per}{scale}; layers {wave[1]}")
+    return ["", "LLM requests sent by this run (answers from the cache cost none):", *rows] if rows else []
+
+
 def bundled_llms(args) -> bool:
     """Whether the explainer or simulator of this run is the bundled SmolLM2 (in-process, no model given)."""
     resources = default_resources()
@@ -423,6 +441,10 @@ def cmd_run(args) -> int:
         scored = [layer for layer in layers if layer not in failed[variant]]
         if scored and not any(e.startswith(f"variant {variant}:") for e in errors):
             print(summarize(storage, scored, variant))
+            with dg.DagsterInstance.get() as instance:
+                costs = cost_lines(instance, scored, variant)
+            if costs:
+                print("\n".join(costs))
         lines = controls_text(storage, variant) if variant in controls or variant in randomized else []
         if lines:
             print("\n" + "\n".join(lines))
