@@ -22,6 +22,7 @@ from ndx_pipeline.core import stages
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
 from ndx_pipeline.core.storage import (
     asset_path,
@@ -316,21 +317,23 @@ def scorer_lines(storage: Path, layers: list[int], variant: str) -> list[str]:
 
 
 def cost_lines(instance: dg.DagsterInstance, layers: list[int], variant: str) -> list[str]:
-    """What the LLM stages of the latest runs of `layers` sent per item, from their partitions' metadata (answers
-    from the cache cost nothing): requests and prompt tokens per simulated excerpt (and the value scale asked for)
-    and, for the scorers, per unit; one line per stage and wave (nothing when no stage sent a request)."""
+    """What the LLM stages of the latest runs of `layers` sent to a server per item, from their partitions' metadata
+    (answers from the cache cost nothing): requests and prompt tokens per simulated excerpt (and the value scale
+    asked for) and, for the scorers, per unit; one line per stage and wave. Nothing for in-process models, whose
+    cost is the time per stage above, nor when nothing was sent."""
     rows, seen = [], set()
     for asset, per in ((c.SIMULATIONS, "excerpt"), *((judged, "unit") for judged, _ in c.SCORER_ASSETS.values())):
         for layer in layers:
             meta = latest_metadata(instance, asset, layer, variant)
             wave = (asset, meta.get("llm_accounting_covers_layers", str(layer)))
-            if not meta.get(f"llm_requests_per_{per}") or wave in seen:
+            served = str(meta.get("simulator") or meta.get("scorer") or "").startswith(f"{OPENAI_KIND}:")
+            if not served or not meta.get(f"llm_requests_per_{per}") or wave in seen:
                 continue
             seen.add(wave)
             scale = f" ({meta['simulator_scale']} scale)" if meta.get("simulator_scale") else ""
             rows.append(f"  {asset:<20} {meta[f'llm_requests_per_{per}']:7.2f} requests, "
                         f"{meta[f'prompt_tokens_per_{per}']:8.0f} prompt tokens per {per}{scale}; layers {wave[1]}")
-    return ["", "LLM requests sent by this run (answers from the cache cost none):", *rows] if rows else []
+    return ["", "Sent to LLM servers by this run (answers from the cache cost none):", *rows] if rows else []
 
 
 def bundled_llms(args) -> bool:

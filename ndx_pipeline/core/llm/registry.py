@@ -92,8 +92,6 @@ def _openai(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
     if not spec.base_url:
         raise NdxInputError("the openai backend needs base_url (e.g. https://api.openai.com/v1).")
     retry = RetryPolicy(max_attempts=spec.max_attempts, timeout=spec.timeout_s, deadline=spec.deadline_s)
-    if spec.ten_probe not in TEN_PROBES:
-        raise NdxInputError(f"ten_probe must be one of {', '.join(TEN_PROBES)}, not {spec.ten_probe!r}.")
     return OpenAICompatibleBackend(spec.base_url, spec.model, api_key(spec), cache=cache_dir, stats=stats,
                                    server=spec.server, retry=retry, max_concurrency=spec.max_concurrency,
                                    context_tokens=spec.context_tokens, ten_probe=spec.ten_probe)
@@ -110,6 +108,9 @@ def build_backend(spec: LLMSpec, cache_dir: os.PathLike | None = None, stats: LL
     builder = BACKENDS.get(spec.backend)
     if builder is None:
         raise NdxInputError(f"LLM backend {spec.backend!r} is not known (available: {', '.join(BACKENDS)}).")
+    if spec.ten_probe not in TEN_PROBES:
+        raise NdxInputError(f"ten_probe {spec.ten_probe!r} is not known (available: {', '.join(TEN_PROBES)}; "
+                            "see README).")
     return builder(spec, cache_dir, stats)
 
 
