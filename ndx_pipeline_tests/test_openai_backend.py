@@ -618,20 +618,31 @@ def test_cache_rerun_makes_zero_requests(echo_run, cache_root):
 # from the server's own log
 SPLIT_EXCERPTS = (SIM_TOKENS, ["When", " the", " loop", " ends", ",", " return", " the", " value", "."],
                   ["if", " x", ":", "\n", "   ", " return", " None"])
-# |Δ expected value| on the 0–10 scale against the in-process float32 answers, on SPLIT_EXCERPTS (README, issue 36):
-# measured max 1.40 / mean 0.63 with the 0–9 scale, max 1.43 / mean 0.54 with the exact per-slot probes
-MAX_ABS_DEV, MEAN_ABS_DEV_OVER_EXACT = 2.0, 0.3
+# |Δ expected value| (0–10 scale) on SPLIT_EXCERPTS, (max, mean) bounds; measured 2026-12-07 (README, issue 36):
+# the server against the in-process float32 model on the same prompt (the Q4_1 weights, 100 candidates per position):
+# per_slot max 0.31, mean 0.08; auto (0–9) max 0.39, mean 0.09. The server's 0–9 answers against the in-process 0–10
+# ones: max 1.14, mean 0.67 (the scale's part)
+SAME_PROMPT_BOUND = (0.6, 0.2)
+SCALE_9_BOUND = (1.6, 1.0)
+
+
+def _deviation(values, reference):
+    d = np.concatenate([np.abs(v - r) for v, r in zip(values, reference)])
+    return float(d.max()), float(d.mean())
 
 
 @pytest.mark.llm_server
 def test_one_request_per_excerpt_where_the_server_splits_ten(llama_server, tmp_path):
     """ten_probe "auto" asks the server once how it writes "10" and then one request per excerpt on the 0–9 scale,
     sending no more prompt tokens than the 0–10 prompt's own; "per_slot" reads P("0" | "1") exactly at a request
-    per slot. Both stay near the in-process float32 answers; a rerun from the cache sends nothing."""
+    per slot. Each reads what the in-process float32 model answers to the same prompt; the 0–9 answers move by
+    the stated amount against the 0–10 ones. A rerun from the cache sends nothing."""
     local = LocalTransformersBackend(dtype="float32")
-    prompts = [simulation_prompt(SIM_EXPLANATION, tokens) for tokens in SPLIT_EXCERPTS]
-    exact = [expected_values(local.value_probabilities_unbatched(p)) for p in prompts]
-    own = sum(local.count_tokens({"prompt": p.text}) for p in prompts)  # (the bundled model's own tokenizer)
+    ten = [expected_values(local.value_probabilities_unbatched(simulation_prompt(SIM_EXPLANATION, tokens)))
+           for tokens in SPLIT_EXCERPTS]
+    nine = [expected_values(local.value_probabilities_unbatched(simulation_prompt(SIM_EXPLANATION, tokens, 9))[:, :10])
+            * 10 / 9 for tokens in SPLIT_EXCERPTS]
+    own = sum(local.count_tokens({"prompt": simulation_prompt(SIM_EXPLANATION, t).text}) for t in SPLIT_EXCERPTS)
     found = {}
     for mode in ("auto", "per_slot"):
         backend = _backend(llama_server.base_url, tmp_path / mode, ten_probe=mode)
@@ -640,19 +651,20 @@ def test_one_request_per_excerpt_where_the_server_splits_ten(llama_server, tmp_p
         logged = llama_server.logged_requests() - before
         stats = backend.stats.snapshot()
         assert sum(logged.values()) == logged["POST /v1/completions 200"] == stats["requests"], logged
-        dev = np.concatenate([np.abs(v - e) for v, e in zip(values, exact)])
-        found[mode] = (stats["requests"], stats["prompt_tokens"], dev, backend.simulation_top_value())
+        found[mode] = (stats["requests"], stats["prompt_tokens"], values, backend.simulation_top_value())
         print(f"\n{mode}: {stats['requests']} requests, {stats['prompt_tokens']} prompt tokens for "
-              f"{len(SPLIT_EXCERPTS)} excerpts ({own} tokens in their 0–10 prompts); |Δ expected value| against "
-              f"in-process float32: max {dev.max():.2f}, mean {dev.mean():.2f}")
+              f"{len(SPLIT_EXCERPTS)} excerpts ({own} tokens in their 0–10 prompts); |Δ expected value| (max, mean) "
+              f"against in-process float32 0–10: {_deviation(values, ten)}, 0–9: {_deviation(values, nine)}")
         backend.close()
-    requests, tokens, dev, top = found["auto"]
+    requests, tokens, values, top = found["auto"]
     assert top == 9 and requests == 1 + len(SPLIT_EXCERPTS) <= 2 * len(SPLIT_EXCERPTS)
     assert tokens <= 2 * own
-    probes, probe_tokens, exact_dev, exact_top = found["per_slot"]
+    probes, probe_tokens, exact, exact_top = found["per_slot"]
     assert exact_top == 10 and probes > 3 * len(SPLIT_EXCERPTS) and probe_tokens > 3 * own  # its cost
-    assert dev.max() < MAX_ABS_DEV and exact_dev.max() < MAX_ABS_DEV
-    assert dev.mean() < exact_dev.mean() + MEAN_ABS_DEV_OVER_EXACT
+    for served, reference in ((values, nine), (exact, ten)):
+        assert all(a < b for a, b in zip(_deviation(served, reference), SAME_PROMPT_BOUND))
+    assert all(a < b for a, b in zip(_deviation(values, ten), SCALE_9_BOUND))  # the price of one request
+    assert all(a < b for a, b in zip(_deviation(nine, ten), SCALE_9_BOUND))  # (the scale's own part, in process)
 
     # a rerun on the same cache: the tokenization probe and every echo answered by it, nothing sent
     again = _backend(llama_server.base_url, tmp_path / "auto")
@@ -694,8 +706,8 @@ def test_the_server_requests_benchmark_runs_small():
     assert found["requests_logged"] == found["requests_counted_by_backend"] == 3  # the probe, then one per excerpt
     assert found["requests_per_excerpt"] == 1.5 and found["scale"] == "0-9"
     assert 0 < found["prompt_tokens_per_excerpt"] and found["prompt_tokens_ratio"] <= 2
-    assert found["excerpts_per_s"] > 0 and 0 < found["max_abs_dev"] < MAX_ABS_DEV
-    assert 0 <= found["in_process_scale_max_abs_dev"] < MAX_ABS_DEV
+    assert found["excerpts_per_s"] > 0 and 0 < found["max_abs_dev"] < SCALE_9_BOUND[0] + SAME_PROMPT_BOUND[0]
+    assert 0 <= found["in_process_scale_max_abs_dev"] < SCALE_9_BOUND[0]
 
 
 def _json_body(backend, tokens):
