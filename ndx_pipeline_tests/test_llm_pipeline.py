@@ -160,9 +160,12 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
     sim = partition_metadata(instance, "simulations")
     both = pl.concat([sims, pl.read_parquet(asset_path(server, "baseline_simulations", 0, VARIANT))])
     simulated = len(both)
-    assert logged["POST /v1/completions 200"] == sim["llm_requests"].value == simulated + 1, dict(logged)
-    assert sim["llm_requests_per_excerpt"].value == round((simulated + 1) / simulated, 3) <= 2
-    assert sim["llm_requests_per_unit"].value == round((simulated + 1) / len(NEURONS), 3)
+    requests = sim["llm_requests"].value
+    assert logged["POST /v1/completions 200"] == requests, dict(logged)
+    # (a prompt asked twice in the wave — the random baseline may draw the same explanation — is the cache's)
+    assert requests + sim["llm_cache_hits"].value == simulated + 1
+    assert sim["llm_requests_per_excerpt"].value == round(requests / simulated, 3) <= 2
+    assert sim["llm_requests_per_unit"].value == round(requests / len(NEURONS), 3)
     # prompt tokens sent: at most twice the 0–10 simulation prompts' own length (the bundled model's tokenizer)
     texts = dict(pl.concat([expl.select("explanation_id", "explanation"), pl.read_parquet(
         asset_path(server, "baseline_explanations", 0, VARIANT)).select("explanation_id", "explanation")]).iter_rows())
@@ -305,8 +308,9 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
                      "explainer": "test", "prompt_sha256": "0" * 64, "status": "ok", "error": None, "selected": True}
                     for n in NEURONS], c.EXPLANATION_SCHEMA)
     theirs = c.empty(c.BASELINE_EXPLANATIONS)
+    # (the context given: no context probe takes the planned fault meant for the first chat)
     spec = LLMSpec(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
-                   api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1)
+                   api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, context_tokens=2048)
     cache = upstream.parent / f"scorer-cache-{os.getpid()}"
     for name in ("detection", "fuzzing"):
         scorer = make_scorer(name, batch_size=4)
@@ -322,9 +326,9 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
         # the server saw one of them (the proxy answered the other); what a unit cost, from the server's usage
         assert (llama_server.logged_requests() - before)["POST /v1/chat/completions 200"] == 1
         stats = backend.stats.snapshot()
-        print(f"\n{name}: {stats['requests'] / len(NEURONS):.1f} requests and {stats['prompt_tokens']:.0f} prompt "
-              f"tokens per unit (the server answered 1 of 2 requests), {len(judged) / len(NEURONS):.0f} judgements per "
-              "unit")
+        print(f"\n{name}: {stats['requests'] / len(NEURONS):.1f} request per unit (a batch of "
+              f"{len(judged) // len(NEURONS)} judgements); the one the server answered counted {stats['prompt_tokens']}"
+              " prompt tokens")
         batches = judged.group_by(["neuron", "prompt"]).agg(pl.col("status").unique())
         assert len(batches) == 2 and all(len(s) == 1 for s in batches["status"])
         failed = judged.filter(pl.col("status") == "failed")
