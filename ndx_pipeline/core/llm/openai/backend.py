@@ -223,8 +223,9 @@ TEN_LAYOUT_TEXT = "value\t10\n"
 # Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
 # most 5 candidates per position; vLLM's default limit is 20 (`--max-logprobs` raises it); llama-cpp-python has none,
 # and 100 are asked of it: a value outside the candidates counts as 0, and on the bundled model 20 left out enough
-# to move expected values by 1.1 on average against the in-process model, 100 by 0.4 (benchmarks/server_requests.py,
-# README), in the same time (its echo's cost is elsewhere); a cached echo then takes ~1.3 MB instead of ~0.3 MB.
+# to move expected values by 1.07 on average against the in-process model, 100 by 0.35 (ten_probe "per_slot",
+# benchmarks/server_requests.py, README), in the same time (its echo's cost is elsewhere); a cached echo of a
+# 64-token excerpt then takes ~1.3 MB instead of ~0.3 MB.
 # (logprob alignment, JSON mode, top logprobs, requests in flight). In flight: OpenAI's API takes many at once
 # within its rate limits (429s are waited out); a vLLM server batches whatever arrives, so dozens keep it busy;
 # llama-cpp-python's server answers one request at a time unless started with more slots, so more than two only
