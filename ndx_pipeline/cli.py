@@ -22,6 +22,7 @@ from ndx_pipeline.core import stages
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers, hidden_width, mlp_width, num_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
 from ndx_pipeline.core.storage import (
     asset_path,
@@ -60,7 +61,7 @@ from ndx_pipeline.defs.pools import (
     release_stale_runs,
     waiting_on_pools,
 )
-from ndx_pipeline.defs.provenance import record_imported, recorded_subject_model, stage_runs
+from ndx_pipeline.defs.provenance import latest_metadata, record_imported, recorded_subject_model, stage_runs
 from ndx_pipeline.defs.resources import SUBJECT_MODEL_ENV, StorageResource, default_resources
 from ndx_pipeline.defs.resume import Resume, command_digest, invocation_tags, resumable
 from ndx_pipeline.defs.versioning import observe_settings
@@ -350,6 +351,26 @@ def scorer_lines(storage: Path, layers: list[int], variant: str) -> list[str]:
             " the same way)"]
 
 
+def cost_lines(instance: dg.DagsterInstance, layers: list[int], variant: str) -> list[str]:
+    """What the LLM stages of the latest runs of `layers` sent to a server per item, from their partitions' metadata
+    (answers from the cache cost nothing): requests and prompt tokens per simulated excerpt (and the value scale
+    asked for) and, for the scorers, per unit; one line per stage and wave. Nothing for in-process models, whose
+    cost is the time per stage above, nor when nothing was sent."""
+    rows, seen = [], set()
+    for asset, per in ((c.SIMULATIONS, "excerpt"), *((judged, "unit") for judged, _ in c.SCORER_ASSETS.values())):
+        for layer in layers:
+            meta = latest_metadata(instance, asset, layer, variant)
+            wave = (asset, meta.get("llm_accounting_covers_layers", str(layer)))
+            served = str(meta.get("simulator") or meta.get("scorer") or "").startswith(f"{OPENAI_KIND}:")
+            if not served or not meta.get(f"llm_requests_per_{per}") or wave in seen:
+                continue
+            seen.add(wave)
+            scale = f" ({meta['simulator_scale']} scale)" if meta.get("simulator_scale") else ""
+            rows.append(f"  {asset:<20} {meta[f'llm_requests_per_{per}']:7.2f} requests, "
+                        f"{meta[f'prompt_tokens_per_{per}']:8.0f} prompt tokens per {per}{scale}; layers {wave[1]}")
+    return ["", "Sent to LLM servers by this run (answers from the cache cost none):", *rows] if rows else []
+
+
 def bundled_llms(args) -> bool:
     """Whether the explainer or simulator of this run is the bundled SmolLM2 (in-process, no model given)."""
     resources = default_resources()
@@ -472,6 +493,10 @@ def cmd_run(args) -> int:
         scored = [layer for layer in layers if layer not in failed[variant]]
         if scored and not any(e.startswith(f"variant {variant}:") for e in errors):
             print(summarize(storage, scored, variant))
+            with dg.DagsterInstance.get() as instance:
+                costs = cost_lines(instance, scored, variant)
+            if costs:
+                print("\n".join(costs))
         lines = controls_text(storage, variant) if variant in controls or variant in randomized else []
         if lines:
             print("\n" + "\n".join(lines))

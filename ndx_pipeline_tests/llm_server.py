@@ -14,6 +14,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,9 @@ from ndx_pipeline.core.models import bundled_gguf
 HOST = "127.0.0.1"
 TEST_API_KEY = "sk-test-SECRET123"
 MODEL_ALIAS = "smollm2-135m-instruct-q4_1"
+# uvicorn's access line, which llama_cpp.server writes for every request it answers (also with --verbose false):
+# INFO:     127.0.0.1:52618 - "POST /v1/completions HTTP/1.1" 200 OK
+ACCESS_LINE = re.compile(r'^INFO:\s+\S+ - "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})', re.M)
 
 
 def free_port() -> int:
@@ -62,6 +66,18 @@ class LlamaServer:
         if self.process.poll() is not None:
             raise AssertionError(f"llama_cpp.server exited with {self.process.returncode}; its log ends:\n"
                                  f"{self.log_path.read_text(errors='replace')[-3000:]}")
+
+    def logged_requests(self) -> collections.Counter[str]:
+        """Every request the server itself logged so far (uvicorn's access lines), counted by "METHOD path status",
+        e.g. "POST /v1/completions 200"."""
+        found = collections.Counter()
+        for m in ACCESS_LINE.finditer(self.log_path.read_text(errors="replace")):
+            found[f"{m['method']} {m['path'].split('?', 1)[0]} {m['status']}"] += 1
+        return found
+
+    def completions_logged(self) -> int:
+        """The `/v1/completions` requests the server answered with 200, from its own log."""
+        return self.logged_requests()["POST /v1/completions 200"]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -227,6 +227,25 @@ def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
     assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
 
 
+def test_ten_probe_versions_an_openai_simulator_alone(settings, monkeypatch):
+    """ten_probe (issue 36) is a server's affair: set for the in-process simulator, the explainer or the scorer it
+    changes nothing; for an openai simulator it versions its two simulation assets alone."""
+    def versions():
+        g = build_definitions().resolve_asset_graph()
+        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()
+                if g.get(k).is_materializable}
+
+    base = versions()
+    for stage in ("SIMULATOR", "EXPLAINER", "SCORER"):
+        monkeypatch.setenv(f"NDX_{stage}_TEN_PROBE", "per_slot")
+    assert versions() == base
+    monkeypatch.setenv("NDX_SIMULATOR_BACKEND", "openai")
+    monkeypatch.setenv("NDX_SIMULATOR_BASE_URL", "http://127.0.0.1:8000/v1")
+    exact = versions()
+    monkeypatch.setenv("NDX_SIMULATOR_TEN_PROBE", "auto")
+    assert [a for a in ALL if versions()[a] != exact[a]] == ["simulations", "baseline_simulations"]
+
+
 def test_changing_one_scorer_changes_only_its_own_assets(settings, monkeypatch):
     """Each scorer beside simulation is versioned apart: its prompt or its model changes its judgements' code
     version alone (its scores follow as stale children); switching one on or off touches only its two assets."""

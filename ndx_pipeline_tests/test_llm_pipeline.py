@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.contract import SCHEMAS
+from ndx_pipeline.core.llm.local import load_tokenizer
+from ndx_pipeline.core.method.simulator import simulation_prompt
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.partitions import add_variant, partition_key
@@ -121,13 +123,18 @@ def test_the_planted_control_judged_by_the_server(tmp_path, proxy, monkeypatch):
     print("\n" + "\n".join(control_lines(found)))
 
 
-def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch):
+def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, proxy, monkeypatch,
+                                                          llama_server):  # noqa: F811
     """(The same stages in process, on the bundled model: test_pipeline's end-to-end test.)"""
+    from ndx_pipeline.cli import cost_lines
+
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
     server = tmp_path / "server"
     copy_upstream(upstream, server)
+    before = llama_server.logged_requests()
     instance = materialize(LLM_STAGES, server, explainer_llm=server_llm(proxy, max_tokens=20),
                            simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0))
+    logged = llama_server.logged_requests() - before
     first = proxy.total()
     assert first >= len(NEURONS)  # at least one explanation request per neuron reached the server
 
@@ -147,6 +154,31 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
         assert all(0 <= v <= 10 for v in row["simulated_activations"])
     meta = partition_metadata(instance, "explanations")
     assert meta["llm_requests"].value >= len(NEURONS) and meta["llm_cache_hits"].value == 0
+    # issue 36: the server writes "10" as "1" "0"; every simulated excerpt (ours and the baselines') cost one
+    # request on the 0–9 scale, plus one tokenization probe for the wave: counted by the server itself (simulation
+    # is the only stage that asks /v1/completions)
+    sim = partition_metadata(instance, "simulations")
+    both = pl.concat([sims, pl.read_parquet(asset_path(server, "baseline_simulations", 0, VARIANT))])
+    simulated = len(both)
+    requests = sim["llm_requests"].value
+    assert logged["POST /v1/completions 200"] == requests, dict(logged)
+    # (a prompt asked twice in the wave — the random baseline may draw the same explanation — is the cache's)
+    assert requests + sim["llm_cache_hits"].value == simulated + 1
+    assert sim["llm_requests_per_excerpt"].value == round(requests / simulated, 3) <= 2
+    assert sim["llm_requests_per_unit"].value == round(requests / len(NEURONS), 3)
+    # prompt tokens sent: at most twice the 0–10 simulation prompts' own length (the bundled model's tokenizer)
+    texts = dict(pl.concat([expl.select("explanation_id", "explanation"), pl.read_parquet(
+        asset_path(server, "baseline_explanations", 0, VARIANT)).select("explanation_id", "explanation")]).iter_rows())
+    own = sum(len(load_tokenizer(None).encode(simulation_prompt(texts[i], t).text, add_special_tokens=False))
+              for i, t in both.select("explanation_id", "tokens").iter_rows())
+    assert sim["prompt_tokens_per_excerpt"].value == round(sim["prompt_tokens"].value / simulated, 1)
+    assert 0 < sim["prompt_tokens"].value <= 2 * own
+    assert sim["simulator_scale"].value == "0–9"
+    lines = cost_lines(instance, [0], VARIANT)
+    assert lines[2].split() == ["simulations", f"{sim['llm_requests_per_excerpt'].value:.2f}", "requests,",
+                                f"{sim['prompt_tokens_per_excerpt'].value:.0f}", "prompt", "tokens", "per", "excerpt",
+                                "(0–9", "scale);", "layers", "[0]"], lines
+    print("\n".join(lines))
 
     # the same stages again: every answer from the cache, not one request
     proxy.reset_counts()
@@ -158,6 +190,8 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
     for stage in ("explanations", "simulations"):
         meta = partition_metadata(instance, stage)
         assert meta["llm_requests"].value == 0 and meta["llm_cache_hit_rate"].value == 1.0
+    assert partition_metadata(instance, "simulations")["llm_requests_per_excerpt"].value == 0
+    assert cost_lines(instance, [0], VARIANT) == []  # nothing sent, nothing to say
     print(f"\nserver run: {first} requests; rerun: no LLM requests ({dict(proxy.requests)}), cache hit rate 100 %")
 
     # the key is nowhere on disk
@@ -166,17 +200,27 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
             assert TEST_API_KEY.encode() not in path.read_bytes(), path
 
 
-def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch):
+def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch, llama_server):  # noqa: F811
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
     storage = tmp_path / "json"
     copy_upstream(upstream, storage)
     # the JSON simulator on our explanations alone: the baselines' simulations go the same way (first test)
-    materialize(LLM_STAGES, storage, explainer_llm=server_llm(proxy, max_tokens=20),
-                simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"),
-                quality=QualityResource(baselines=["lookup"], scorers=[], calibration_top_excerpts=1,
-                                        calibration_random_excerpts=1))
+    before = llama_server.logged_requests()
+    instance = materialize(LLM_STAGES, storage, explainer_llm=server_llm(proxy, max_tokens=20),
+                           simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"),
+                           quality=QualityResource(baselines=["lookup"], scorers=[], calibration_top_excerpts=1,
+                                                   calibration_random_excerpts=1))
+    logged = llama_server.logged_requests() - before
     sims = pl.read_parquet(asset_path(storage, "simulations", 0, VARIANT))
     assert len(sims) > 0
+    # one chat request per excerpt, counted by the server (the explainer's chats are the rest)
+    sim, expl = partition_metadata(instance, "simulations"), partition_metadata(instance, "explanations")
+    assert logged["POST /v1/chat/completions 200"] == sim["llm_requests"].value + expl["llm_requests"].value
+    assert sim["llm_requests"].value == len(sims) and sim["llm_requests_per_excerpt"].value == 1.0
+    assert "simulator_scale" not in sim
+    print(f"\nJSON simulator: {sim['llm_requests_per_excerpt'].value} requests and "
+          f"{sim['prompt_tokens_per_excerpt'].value} prompt tokens per excerpt, "
+          f"{sim['llm_requests_per_unit'].value} requests per unit")
     for row in sims.iter_rows(named=True):
         if row["status"] == "ok":
             assert len(row["simulated_activations"]) == len(row["tokens"])
@@ -246,7 +290,8 @@ def test_kill9_midway_through_explanations_then_rerun_pays_only_for_the_rest(ups
           f"{meta['llm_cache_hits'].value} from the cache")
 
 
-def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(upstream, proxy, monkeypatch):
+def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(upstream, proxy, monkeypatch,
+                                                                                  llama_server):  # noqa: F811
     """The chat-only scorers through the OpenAI-compatible backend (no logprobs asked): one request per batch, a
     malformed answer fails exactly that batch's rows with the reason, a rerun asks nothing, the key is not kept."""
     from ndx_pipeline.core import contract as c
@@ -263,8 +308,9 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
                      "explainer": "test", "prompt_sha256": "0" * 64, "status": "ok", "error": None, "selected": True}
                     for n in NEURONS], c.EXPLANATION_SCHEMA)
     theirs = c.empty(c.BASELINE_EXPLANATIONS)
+    # (the context given: no context probe takes the planned fault meant for the first chat)
     spec = LLMSpec(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
-                   api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1)
+                   api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, context_tokens=2048)
     cache = upstream.parent / f"scorer-cache-{os.getpid()}"
     for name in ("detection", "fuzzing"):
         scorer = make_scorer(name, batch_size=4)
@@ -272,10 +318,17 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
         proxy.reset_counts()
         proxy.plan(Fault.respond({"id": "x", "object": "chat.completion", "model": "m", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "I cannot tell."}, "finish_reason": "stop"}]}))
+        before = llama_server.logged_requests()
         found = stages.judged(scorer, ours, theirs, held, backend)
         backend.close()
         judged = found.judgements
         assert proxy.requests["/v1/chat/completions"] == 2  # one batch of 4 per neuron
+        # the server saw one of them (the proxy answered the other); what a unit cost, from the server's usage
+        assert (llama_server.logged_requests() - before)["POST /v1/chat/completions 200"] == 1
+        stats = backend.stats.snapshot()
+        print(f"\n{name}: {stats['requests'] / len(NEURONS):.1f} request per unit (a batch of "
+              f"{len(judged) // len(NEURONS)} judgements); the one the server answered counted {stats['prompt_tokens']}"
+              " prompt tokens")
         batches = judged.group_by(["neuron", "prompt"]).agg(pl.col("status").unique())
         assert len(batches) == 2 and all(len(s) == 1 for s in batches["status"])
         failed = judged.filter(pl.col("status") == "failed")

@@ -14,6 +14,7 @@ import polars as pl
 
 from ndx_pipeline.core.contract import PLANTED_TRUE, PLANTED_WRONG, baseline_column, stored_dtype
 from ndx_pipeline.core.llm.cache import LLMStats
+from ndx_pipeline.core.llm.errors import RecordableLLMError
 from ndx_pipeline.core.method.controls import separation, verdict
 from ndx_pipeline.core.variants import control_name, control_of
 from ndx_pipeline.reports.controls import read_controls
@@ -108,6 +109,29 @@ def llm_accounting(backend, before: dict, started: float) -> dict:
         "llm_cache_hit_rate": float("nan") if delta["cache_hit_rate"] is None else round(delta["cache_hit_rate"], 4),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def llm_cost_per(accounting: dict, counts: Mapping[str, int]) -> dict:
+    """What one partition's `llm_accounting` sent per item, for each kind of item counted in `counts` (e.g.
+    {"excerpt": 96, "unit": 6}): `llm_requests_per_<item>` and `prompt_tokens_per_<item>`, so a user sees the
+    cost before scaling up. Answers from the cache cost nothing (a rerun shows 0)."""
+    out = {}
+    for item, count in counts.items():
+        if count:
+            out[f"llm_requests_per_{item}"] = round(accounting["llm_requests"] / count, 3)
+            out[f"prompt_tokens_per_{item}"] = round(accounting["prompt_tokens"] / count, 1)
+    return out
+
+
+def simulator_scale(backend, mode: str, simulated: int) -> dict:
+    """The value scale the all-at-once simulator's prompts asked for: "0–10", or "0–9" on a server that writes
+    "10" as two tokens (`ten_probe`, README); nothing for the JSON simulator or when nothing was simulated."""
+    if mode != "all_at_once" or not simulated:
+        return {}
+    try:
+        return {"simulator_scale": f"0–{backend.simulation_top_value()}"}
+    except RecordableLLMError:  # the server could not say (then every excerpt failed, with the reason)
+        return {}
 
 
 def baseline_metadata(frame: pl.DataFrame, names) -> dict:

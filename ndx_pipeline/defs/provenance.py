@@ -60,6 +60,18 @@ def recorded_subject_model(instance: dg.DagsterInstance, layers: dict[str, list[
     return None
 
 
+def latest_metadata(instance: dg.DagsterInstance, asset: str, layer: int, variant: str) -> dict:
+    """The metadata of the latest materialization of `asset` on `<layer>|<variant>`, as plain values ({} when it
+    was never materialized)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[str(partition_key(layer, variant))]),
+        limit=1).records
+    if not records:
+        return {}
+    return {key: getattr(value, "value", value) for key, value in (records[0].asset_materialization.metadata or
+                                                                    {}).items()}
+
+
 def record_imported(instance: dg.DagsterInstance, written, source: str) -> None:
     """Record files written outside a run (`ndx-pipeline import`: (asset, layer, variant, path) items, layer and
     variant None for the corpus) as materializations of their assets on their `<layer>|<variant>` partition, with a

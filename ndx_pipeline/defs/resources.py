@@ -196,12 +196,16 @@ class LLMResource(dg.ConfigurableResource):
     dtype: str = Field(default=AUTO_DTYPE, description="local backend: the precision the model computes in: auto "
                                                        "(bfloat16 on a CPU with native bfloat16, else float32), "
                                                        "float32 (exact: batched = one at a time), bfloat16.")
+    ten_probe: str = Field(default="auto", description="openai simulator: how the value 10 is read where the server's "
+                                                       "tokenizer writes it as 1 then 0: auto (a 0-9 scale there, one "
+                                                       "request per excerpt) | scale_9 | per_slot (exact, one more "
+                                                       "request per slot) | never. See README.")
 
     def spec(self) -> LLMSpec:
         return LLMSpec(backend=self.backend, model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
                        server=self.server, max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
                        deadline_s=self.deadline_s, max_attempts=self.max_attempts,
-                       context_tokens=self.context_tokens, dtype=self.dtype)
+                       context_tokens=self.context_tokens, dtype=self.dtype, ten_probe=self.ten_probe)
 
     def build(self, storage: StorageResource | None = None, stats=None) -> LLMBackend:
         """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage)."""
@@ -255,7 +259,8 @@ def default_resources() -> dict:
                   "base_url": env(prefix + "BASE_URL") or None, "server": env(prefix + "SERVER") or "openai",
                   "api_key_env": api_key_from_env(prefix + "API_KEY", "OPENAI_API_KEY"),
                   "context_tokens": int(env(prefix + "CONTEXT_TOKENS") or 0) or None,
-                  "dtype": env(prefix + "DTYPE") or env("NDX_LLM_DTYPE") or AUTO_DTYPE, **extra}
+                  "dtype": env(prefix + "DTYPE") or env("NDX_LLM_DTYPE") or AUTO_DTYPE,
+                  "ten_probe": env(prefix + "TEN_PROBE") or "auto", **extra}
         return LLMResource(**fields)
 
     def names(variable: str, default) -> list[str]:

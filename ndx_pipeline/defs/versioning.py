@@ -86,11 +86,13 @@ def code_versions(resources: dict) -> dict[str, str]:
     """asset → code version, for every asset of the contract."""
     sel = resources["selection"]
     extraction = [_config(resources["subject_model"]), _config(sel, drop=SPLIT_COUNTS)]
-    explainer = _config(resources["explainer_llm"], drop=("simulator_mode",))
+    explainer = _config(resources["explainer_llm"], drop=("simulator_mode", "ten_probe"))
     simulator = _config(resources["simulator_llm"], drop=("max_tokens", "temperature", "seed"))
     if simulator.get("backend") == "local":
         simulator.pop("base_url", None)
         simulator.pop("server", None)
+        simulator.pop("ten_probe", None)  # a server's affair: an openai simulator's version names it (its
+        # default changed what servers that write "10" as two tokens are asked: their older simulations are stale)
     q = _config(resources["quality"])
     k = q.get("explanation_candidates") or 1
     calibration = {name: q.get(name) for name in ("calibration_top_excerpts", "calibration_random_excerpts")}
@@ -102,7 +104,7 @@ def code_versions(resources: dict) -> dict[str, str]:
     # the scorers beside simulation: each one's step versioned by whether it runs and what judges with it, so that
     # changing one scorer's prompt or model makes only its own two assets stale
     running = set(q.get("scorers", ()))
-    scorer_llm = _config(resources["scorer_llm"], drop=("simulator_mode", "max_tokens", "temperature"))
+    scorer_llm = _config(resources["scorer_llm"], drop=("simulator_mode", "max_tokens", "temperature", "ten_probe"))
     if scorer_llm.get("backend") == "local":
         scorer_llm.pop("base_url", None)
         scorer_llm.pop("server", None)

@@ -211,6 +211,13 @@ class LLMBackend(ABC):
         assistant's answer prefilled with `assistant_prefix`."""
         return {"messages": messages, "assistant_prefix": assistant_prefix}
 
+    def simulation_top_value(self) -> int:
+        """The top of the value scale the all-at-once simulator's prompt asks this backend for: 10 (the method's
+        0–10), or 9 where the backend reads every value of a 0–9 scale from one request but the value 10 only at
+        many times the cost (see `OpenAICompatibleBackend`'s `ten_probe`). `value_probabilities` then gets a 0–9
+        prompt, and the method puts its expected value back on the 0–10 scale."""
+        return VALUES[-1]
+
     def context_window(self) -> int | None:
         """The model's context in tokens (prompt and answer together); None when it cannot be known."""
         return self.context_tokens

@@ -17,7 +17,7 @@ from ndx_pipeline.core.llm.cache import LLMStats
 from ndx_pipeline.core.llm.local import LocalTransformersBackend, sent_chat_prompt
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
 from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
-from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api
+from ndx_pipeline.core.llm.openai.backend import TEN_PROBES, chat_messages_for_api
 from ndx_pipeline.core.models import AUTO_DTYPE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -40,6 +40,7 @@ class LLMSpec:
     max_attempts: int = 8
     context_tokens: int | None = None
     dtype: str = AUTO_DTYPE  # local backend: the precision the model computes in (see LocalTransformersBackend)
+    ten_probe: str = "auto"  # openai backend: how the simulator reads the value 10 (openai.backend.TEN_PROBES)
 
     def __repr__(self) -> str:
         return f"LLMSpec(backend={self.backend!r}, model={self.model!r}, base_url={self.base_url!r})"
@@ -93,7 +94,7 @@ def _openai(spec: LLMSpec, cache_dir, stats) -> LLMBackend:
     retry = RetryPolicy(max_attempts=spec.max_attempts, timeout=spec.timeout_s, deadline=spec.deadline_s)
     return OpenAICompatibleBackend(spec.base_url, spec.model, api_key(spec), cache=cache_dir, stats=stats,
                                    server=spec.server, retry=retry, max_concurrency=spec.max_concurrency,
-                                   context_tokens=spec.context_tokens)
+                                   context_tokens=spec.context_tokens, ten_probe=spec.ten_probe)
 
 
 BACKENDS: dict[str, Callable[[LLMSpec, os.PathLike | None, LLMStats | None], LLMBackend]] = {
@@ -107,6 +108,9 @@ def build_backend(spec: LLMSpec, cache_dir: os.PathLike | None = None, stats: LL
     builder = BACKENDS.get(spec.backend)
     if builder is None:
         raise NdxInputError(f"LLM backend {spec.backend!r} is not known (available: {', '.join(BACKENDS)}).")
+    if spec.ten_probe not in TEN_PROBES:
+        raise NdxInputError(f"ten_probe {spec.ten_probe!r} is not known (available: {', '.join(TEN_PROBES)}; "
+                            "see README).")
     return builder(spec, cache_dir, stats)
 
 

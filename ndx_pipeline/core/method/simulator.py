@@ -1,6 +1,11 @@
 """The simulator, "all at once": a prompt holding only the explanation and the excerpt's tokens, each written as
 `token<TAB>unknown`; the predicted activation at each token is the expected value over the values 0..10 of the
 model's next-token distribution at the slot right after the tab. One forward pass per excerpt.
+
+The scale's top is the backend's choice (`LLMBackend.simulation_top_value`): 10, the method's own; or 9 where the
+backend can read every value of a 0–9 scale from one request but the value 10 only at great extra cost (a server
+whose tokenizer writes "10" as "1" + "0"). On the 0–9 scale the prompt says "0 to 9", its worked examples write 10
+as 9, and the expected value is multiplied by 10/9, so stored values stay on the 0–10 scale.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import polars as pl
 
 from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, frame, usable
 from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
-from ndx_pipeline.core.method.display import END, START, escape_token
+from ndx_pipeline.core.method.display import END, MAX_SHOWN, START, escape_token
 from ndx_pipeline.core.method.explainer import FEW_SHOTS
 from ndx_pipeline.core.method.simulator_json import simulate_excerpt_json
 from ndx_pipeline.core.method.work import Work, run_together
@@ -25,12 +30,19 @@ from ndx_pipeline.core.progress import Progress
 # tells a capable model that every earlier token scored 0. The renormalized expected value keeps the paper's format.
 PLACEHOLDER = "unknown"
 
-INTRO = (
-    "Below, a description of one neuron in a language model is followed by text, one token per line. After each "
-    "token comes a tab and how strongly the neuron fires on it, an integer from 0 (not at all) to 10 (as strongly "
-    "as it ever fires). Most tokens get 0; the tokens that match the description get high values. Where the value "
-    f"is written as {PLACEHOLDER}, it is the one to predict.\n"
-)
+
+
+def intro(top: int = MAX_SHOWN) -> str:
+    """The simulator prompt's first paragraph, for values 0..`top`."""
+    return (
+        "Below, a description of one neuron in a language model is followed by text, one token per line. After each "
+        f"token comes a tab and how strongly the neuron fires on it, an integer from 0 (not at all) to {top} (as "
+        "strongly as it ever fires). Most tokens get 0; the tokens that match the description get high values. Where "
+        f"the value is written as {PLACEHOLDER}, it is the one to predict.\n"
+    )
+
+
+INTRO = intro()
 
 
 def _example_text(explanation: str, tokens, values) -> str:
@@ -40,11 +52,14 @@ def _example_text(explanation: str, tokens, values) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def simulation_prompt(explanation: str, tokens: Sequence[str]) -> SimulationPrompt:
-    head = INTRO + "\n"
+def simulation_prompt(explanation: str, tokens: Sequence[str], top: int = MAX_SHOWN) -> SimulationPrompt:
+    """The prompt asking for the values 0..`top` (10, or 9: see the module docstring) of `tokens`."""
+    if not 1 <= top <= MAX_SHOWN:
+        raise ValueError(f"the simulator's top value must be 1..{MAX_SHOWN}, not {top}")
+    head = intro(top) + "\n"
     for shot in FEW_SHOTS[:2]:
         toks, vals = shot.excerpts[0]
-        head += _example_text(shot.explanation, toks, vals)
+        head += _example_text(shot.explanation, toks, [min(v, top) for v in vals])
     head += f"Neuron description: {explanation}\n{START}\n"
     segments, slots = [head], []
     for tok in tokens:
@@ -72,7 +87,9 @@ SIMULATOR_MODES = ("all_at_once", "json")
 def simulate_excerpt(backend, explanation: str, tokens, mode: str = "all_at_once") -> np.ndarray:
     """Predicted activations (0–10) of one excerpt from the explanation alone."""
     if mode == "all_at_once":
-        return expected_values(backend.value_probabilities(simulation_prompt(explanation, tokens)))
+        top = backend.simulation_top_value()
+        probs = backend.value_probabilities(simulation_prompt(explanation, tokens, top))
+        return expected_values(probs[:, : top + 1]) * (MAX_SHOWN / top)
     if mode == "json":
         return simulate_excerpt_json(backend, explanation, tokens)
     raise ValueError(f"simulator mode must be one of {SIMULATOR_MODES}, not {mode!r}")

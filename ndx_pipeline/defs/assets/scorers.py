@@ -30,6 +30,7 @@ from ndx_pipeline.defs.metadata import (
     finite_mean,
     judge_control,
     llm_accounting,
+    llm_cost_per,
     variant_control,
 )
 from ndx_pipeline.defs.partitions import layer_variant
@@ -111,6 +112,8 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
                                      log=context.log.info)
                 accounting = {**llm_accounting(judge, before, started),
                               "llm_accounting_covers_layers": str(layers_run)}
+                accounting.update(llm_cost_per(accounting, {
+                    "unit": made.judgements.select("layer", "neuron").n_unique(), "judgement": len(made.judgements)}))
                 model = judge.name
             finally:
                 judge.close()

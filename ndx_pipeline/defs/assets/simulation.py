@@ -20,7 +20,7 @@ from ndx_pipeline.defs.materialize import (
     layers_of,
     variant_of,
 )
-from ndx_pipeline.defs.metadata import llm_accounting
+from ndx_pipeline.defs.metadata import llm_accounting, llm_cost_per, simulator_scale
 from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import LLMResource, StorageResource
@@ -61,6 +61,7 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
                                   what=f"simulations, {variant} layers {layers}", log=context.log.info)
         accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
                       "variant": variant, "settings_version": settings.digest(simulator_llm=simulator_llm)}
+        accounting.update(simulation_cost(made, accounting, backend, simulator_llm.simulator_mode))
         for layer in layers:
             ours = made.simulations.filter(pl.col("layer") == layer)
             theirs = made.baseline_simulations.filter(pl.col("layer") == layer)
@@ -79,3 +80,11 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
     finally:
         backend.close()
     yield from out.results(c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+
+
+def simulation_cost(made, accounting: dict, backend, mode: str) -> dict:
+    """Requests and prompt tokens per simulated excerpt and per unit (ours and the baselines' together, every layer
+    of the wave), and the value scale the prompts asked for."""
+    both = pl.concat([made.simulations.select("layer", "neuron"), made.baseline_simulations.select("layer", "neuron")])
+    return {**llm_cost_per(accounting, {"excerpt": len(both), "unit": both.n_unique()}),
+            **simulator_scale(backend, mode, len(both))}

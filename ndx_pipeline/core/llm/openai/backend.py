@@ -5,8 +5,10 @@
 - Simulator, "all at once": one `/v1/completions` request per excerpt with `echo=True` and `logprobs=k` on the
   simulation prompt; the distribution over the values at each slot is read from the echoed top logprobs
   (`logprobs.py`: the alignment is a named option, and `"auto"` tells servers apart from the response itself).
-  When the server writes "10" as "1" + "0", P(10) is read honestly as P("1") · P("0" | "1") with one short extra
-  request per slot where "1" is plausible.
+  When the server writes "10" as "1" + "0", one echo cannot give P(10) = P("1") · P("0" | "1"): each slot's
+  P("0" | "1") needs its own prompt (the prompt up to that slot, then "1"), and no OpenAI-compatible API computes
+  many such prompts from one sequence. `ten_probe` chooses what to pay (TEN_PROBES): by default the prompt asks
+  for 0–9 instead (one request per excerpt); "per_slot" sends those prompts, one request each.
 - JSON-constrained chat (`chat_json`), for the JSON simulator of chat-only models: the method builds the prompt
   and the schema and parses the answer (`core/method/simulator_json.py`); this module only knows how each server
   takes a schema (`JSON_MODES`) and which tokens llama.cpp's schema converter cannot pin (`grammar_safe`).
@@ -201,8 +203,29 @@ def sent_of(body: Mapping) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The backend
 
+# How the simulator reads the value 10 when the server's tokenizer writes "10" as "1" then "0" (SmolLM2, Llama 2,
+# Mistral, Qwen: every tokenizer that splits digits), and what each costs per simulated excerpt (measured on the
+# bundled model with llama-cpp-python: benchmarks/server_requests.py, README):
+#   "auto"      ask the server once how it writes "10" (one short echo per backend, cached); where "10" is one token,
+#               the 0–10 prompt as it is; where it is split, "scale_9". One request per excerpt.
+#   "scale_9"   the prompt asks for 0–9, every value one token: one request per excerpt, no probe; the model
+#               answers a different prompt, and its expected values move (by how much: README).
+#   "per_slot"  the 0–10 prompt, and P(10) = P("1") · P("0" | "1") read exactly, one more request per slot where
+#               P("1") is at least probe_threshold of the value mass, each re-sending the prompt up to that slot:
+#               up to 1 + tokens requests and about tokens/2 times the prompt's tokens. A server-side prefix cache
+#               (llama-cpp-python reuses its last prompt's prefix; vLLM --enable-prefix-caching; OpenAI's prompt
+#               caching) saves the server the recomputation, not the requests or the billed tokens.
+#   "never"     the 0–10 prompt, "1" read as 1 and P(10) = 0 on such servers: one request, but the top value lost.
+TEN_PROBES = ("auto", "scale_9", "per_slot", "never")
+# What "auto" echoes to see how the server writes "10": a line as the simulator's prompts hold them.
+TEN_LAYOUT_TEXT = "value\t10\n"
+
 # Server presets: (logprob_alignment, json_mode, top_logprobs). OpenAI's legacy completions endpoint returns at
-# most 5 candidates per position; vLLM's default limit is 20; llama-cpp-python has none.
+# most 5 candidates per position; vLLM's default limit is 20 (`--max-logprobs` raises it); llama-cpp-python has none,
+# and 100 are asked of it: a value outside the candidates counts as 0, and on the bundled model 20 left out enough
+# to move expected values by 1.07 on average against the in-process model, 100 by 0.35 (ten_probe "per_slot",
+# benchmarks/server_requests.py, README), in the same time (its echo's cost is elsewhere); a cached echo of a
+# 64-token excerpt then takes ~1.3 MB instead of ~0.3 MB.
 # (logprob alignment, JSON mode, top logprobs, requests in flight). In flight: OpenAI's API takes many at once
 # within its rate limits (429s are waited out); a vLLM server batches whatever arrives, so dozens keep it busy;
 # llama-cpp-python's server answers one request at a time unless started with more slots, so more than two only
@@ -210,7 +233,7 @@ def sent_of(body: Mapping) -> dict:
 SERVER_PRESETS = {
     "openai": ("openai", "json_schema", 5, 16),
     "vllm": ("openai", "json_schema", 20, 48),
-    "llama_cpp": ("auto", "json_object_schema", 20, 2),
+    "llama_cpp": ("auto", "json_object_schema", 100, 2),
 }
 
 
@@ -224,8 +247,8 @@ class OpenAICompatibleBackend(LLMBackend):
     server: a preset for logprob_alignment, json_mode and top_logprobs ("openai", "vllm", "llama_cpp"; see
     SERVER_PRESETS); explicit values win.
     top_logprobs: candidates per position for the simulator.
-    ten_probe: "auto" (when the server splits "10", one extra short request per slot whose P("1") is at least
-    probe_threshold of the value mass), "always", or "never" (then "1" stands for itself and P(10) may be 0).
+    ten_probe: how the simulator reads the value 10 when the server's tokenizer writes "10" as "1" + "0" (see
+    TEN_PROBES); probe_threshold: with "per_slot", the share of a slot's value mass P("1") must reach for a probe.
     max_empty_slot_fraction: above this share of slots without any value candidate, the excerpt fails
     (NoValueCandidatesError); below it such slots predict 0, as in the reference method.
     max_concurrency: the most requests this backend has in flight at once (all threads together), and the
@@ -250,8 +273,8 @@ class OpenAICompatibleBackend(LLMBackend):
             raise ValueError(f"logprob_alignment must be one of {LOGPROB_ALIGNMENTS}, not {logprob_alignment!r}")
         if self.json_mode not in JSON_MODES:
             raise ValueError(f"json_mode must be one of {JSON_MODES}, not {json_mode!r}")
-        if ten_probe not in ("auto", "always", "never"):
-            raise ValueError(f"ten_probe must be 'auto', 'always' or 'never', not {ten_probe!r}")
+        if ten_probe not in TEN_PROBES:
+            raise ValueError(f"ten_probe must be one of {', '.join(TEN_PROBES)}, not {ten_probe!r}")
         self.base_url = base_url
         self.server = server or "openai"
         # Part of every cache key: the same model name on another server, or another kind of server at the same
@@ -262,6 +285,8 @@ class OpenAICompatibleBackend(LLMBackend):
         self._probed: list[int | None] = []  # [the server's answer] once asked
         self._learned: int | None = None  # from a refusal
         self._counts: dict[str, int] = {}
+        self._ten_lock = threading.Lock()
+        self._ten_layout: str | None = None  # how the server writes "10", once asked (ten_probe "auto")
         self.model = model
         self.top_logprobs = int(top_logprobs or preset[2])
         self.ten_probe = ten_probe
@@ -477,9 +502,29 @@ class OpenAICompatibleBackend(LLMBackend):
         candidates, alignment = slot_candidates(data, prompt, self.logprob_alignment)
         return candidates, alignment, ten_layout(data, prompt)
 
+    def simulation_top_value(self) -> int:
+        """9 with ten_probe "scale_9", and with "auto" when the server writes "10" as two tokens; else 10."""
+        if self.ten_probe == "scale_9" or (self.ten_probe == "auto" and self.server_ten_layout() != "single"):
+            return 9
+        return VALUES[-1]
+
+    def server_ten_layout(self) -> str:
+        """How the server writes "10" ("single", "split", "unknown": see `logprobs.ten_layout`), from one short echo
+        asked once per backend (and cached like every answer). Raises LLMRequestError when it cannot be had."""
+        with self._ten_lock:
+            if self._ten_layout is None:
+                body = {"model": self.model, "prompt": TEN_LAYOUT_TEXT, "max_tokens": 1, "temperature": 0.0,
+                        "echo": True, "logprobs": 1}
+                data = self.request("completions", body, usable=has_echoed_logprobs, what="tokenization probe")
+                self._ten_layout = ten_layout(data, SimulationPrompt((TEN_LAYOUT_TEXT,), ()))
+                log.info("the LLM server at %s writes \"10\" as %s", self.origin["base_url"],
+                         {"single": "one token", "split": '"1" then "0"'}.get(self._ten_layout, "unknown tokens"))
+            return self._ten_layout
+
     def value_probabilities(self, prompt: SimulationPrompt) -> np.ndarray:
         """[slots, 11] probabilities of the values 0..10 at each slot, from the top logprobs (values outside the
-        top candidates get 0; `expected_values` renormalizes over the rest)."""
+        top candidates get 0; `expected_values` renormalizes over the rest). With ten_probe "per_slot", P(10) is
+        read with one more request per slot where the server writes "10" as "1" + "0"."""
         try:
             candidates, _, layout = self.slot_candidates(prompt)
             probs = np.stack([values_from_candidates(c) for c in candidates]) if candidates else \
@@ -489,8 +534,7 @@ class OpenAICompatibleBackend(LLMBackend):
                 raise NoValueCandidatesError(
                     f"{empty} of {len(candidates)} slots have no value 0-10 among the top {self.top_logprobs} "
                     "candidates")
-            probe = self.ten_probe == "always" or (self.ten_probe == "auto" and layout != "single")
-            if probe and len(candidates):
+            if self.ten_probe == "per_slot" and layout != "single" and len(candidates):
                 self._split_ten(prompt, probs)
         except ExcerptSimulationError:
             self.stats.add(failures=1)
