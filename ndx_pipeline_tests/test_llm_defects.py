@@ -18,6 +18,7 @@ from ndx_pipeline.core.contract import EXPLANATION_SCHEMA
 from ndx_pipeline.core.llm.backend import Completion, LLMBackend, RecordableLLMError
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
+from ndx_pipeline.core.llm.openai.backend import TEN_LAYOUT_TEXT
 from ndx_pipeline.core.llm.openai.transport import LLMRejectedError, call_with_retries, redact_secret
 from ndx_pipeline.core.method.explainer import LEAD_IN, explain_layer, explainer_messages
 from ndx_pipeline.core.method.simulator import simulate_excerpt, simulation_prompt
@@ -415,7 +416,8 @@ def test_simulation_prompt_that_cannot_fit_fails_that_excerpt():
                                      context_tokens=100)
     with pytest.raises(RecordableLLMError, match="context"):
         simulate_excerpt(backend, "the word 'the'", ["The", " cat"] * 200)
-    assert fake.count("completions") == 0
+    # the simulation prompt was never sent; only the short echo that asks how the server writes "10" (ten_probe auto)
+    assert [body["prompt"] for endpoint, body in fake.bodies if endpoint == "completions"] == [TEN_LAYOUT_TEXT]
 
 
 def test_a_count_cleared_by_another_thread_meanwhile_is_counted_again():
