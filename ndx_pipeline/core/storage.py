@@ -223,6 +223,14 @@ def read_parquet(path: str | os.PathLike, what: str) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def read_asset_if_any(storage_dir: str | os.PathLike, asset: str, layer: int, variant: str,
+                      columns: list[str] | None = None) -> pl.DataFrame | None:
+    """An asset's file for a layer of a variant (only `columns`, when given), or None where there is none (an asset
+    older storage lacks, or a stage whose setting was off)."""
+    path = asset_path(storage_dir, asset, layer, variant)
+    return pl.read_parquet(path, columns=columns) if path.exists() else None
+
+
 def read_asset(storage_dir: str | os.PathLike, asset: str, layer: int | None = None,
                variant: str | None = None) -> pl.DataFrame:
     """An asset's file for a layer of a variant (or the unpartitioned asset's), or NdxInputError naming which is

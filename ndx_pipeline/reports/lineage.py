@@ -44,7 +44,7 @@ from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
 from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, prompt_sha256
-from ndx_pipeline.core.storage import asset_path, read_asset, stored_variants, variant_layers
+from ndx_pipeline.core.storage import asset_path, read_asset, read_asset_if_any, stored_variants, variant_layers
 
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_CHARS = 200
@@ -91,15 +91,15 @@ class LayerData:
         self.explanations = read_asset(storage_dir, "explanations", layer, variant)
         self.simulations = read_asset(storage_dir, "simulations", layer, variant)
         self.excerpts = read_asset(storage_dir, "top_excerpts", layer, variant)
-        self.records = _optional(storage_dir, "activation_records", layer, variant)
-        self.output_tokens = _optional(storage_dir, OUTPUT_TOKENS, layer, variant)  # older storage: none
+        self.records = read_asset_if_any(storage_dir, "activation_records", layer, variant)
+        self.output_tokens = read_asset_if_any(storage_dir, OUTPUT_TOKENS, layer, variant)  # older storage: none
         self.documents = documents or Documents(storage_dir)
         # the scorers beside simulation, where they ran (older storage has none of these files)
-        self.scorer_excerpts = _optional(storage_dir, SCORER_EXCERPTS, layer, variant)
+        self.scorer_excerpts = read_asset_if_any(storage_dir, SCORER_EXCERPTS, layer, variant)
         self.scorers: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
         for name, (judgements, scores) in SCORER_ASSETS.items():
-            found = (_optional(storage_dir, scores, layer, variant),
-                     _optional(storage_dir, judgements, layer, variant))
+            found = (read_asset_if_any(storage_dir, scores, layer, variant),
+                     read_asset_if_any(storage_dir, judgements, layer, variant))
             if found[0] is not None and len(found[0]) and found[1] is not None:
                 self.scorers[name] = found
 
@@ -111,11 +111,6 @@ class LayerData:
         if frame is None:
             return pl.DataFrame()
         return frame.filter(pl.col("neuron") == neuron)
-
-
-def _optional(storage_dir: str | os.PathLike, asset: str, layer: int, variant: str) -> pl.DataFrame | None:
-    path = asset_path(storage_dir, asset, layer, variant)
-    return pl.read_parquet(path) if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

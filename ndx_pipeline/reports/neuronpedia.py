@@ -40,7 +40,14 @@ import polars as pl
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.storage import asset_path, read_parquet, variant_layers, write_atomic, write_parquet_atomic
+from ndx_pipeline.core.storage import (
+    asset_path,
+    read_asset_if_any,
+    read_parquet,
+    variant_layers,
+    write_atomic,
+    write_parquet_atomic,
+)
 from ndx_pipeline.reports.controls import read_controls
 from ndx_pipeline.reports.interop import window_document
 
@@ -108,13 +115,18 @@ def _write_batches(rows: list[dict], folder: Path) -> list[Path]:
     for n, start in enumerate(range(0, len(rows), BATCH_ROWS)):
         text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
                        for r in rows[start:start + BATCH_ROWS])
-
-        def write(tmp: str, text=text) -> None:
-            with gzip.open(tmp, "wt", encoding="utf-8") as f:
-                f.write(text)
-
-        paths.append(write_atomic(folder / f"batch-{n}.jsonl.gz", write))
+        paths.append(_write_gzip(text, folder / f"batch-{n}.jsonl.gz"))
     return paths
+
+
+def _write_gzip(text: str, path: Path) -> Path:
+    """`text` gzip'd at `path`, whole or not at all."""
+
+    def write(tmp: str) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+    return write_atomic(path, write)
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> Path:
@@ -154,11 +166,6 @@ def hook_name(layer: int, unit_kind: str, unit_source: str | None) -> str:
     if unit_kind == c.DICTIONARY_LATENT and unit_source:
         hook = next((h for h in HOOK_NAMES if f"-wide {h} of" in unit_source), hook)
     return HOOK_NAMES[hook].format(layer=layer)
-
-
-def _optional(storage: Path, asset: str, layer: int, variant: str) -> pl.DataFrame | None:
-    path = asset_path(storage, asset, layer, variant)
-    return read_parquet(path, f"{asset} of layer {layer} ({variant})") if path.exists() else None
 
 
 @dataclass
@@ -279,24 +286,26 @@ def export_neuronpedia(storage_dir: str | os.PathLike, out_dir: str | os.PathLik
     control = f"{variant}.random-weights"
     used_docs: set[str] = set()
     for layer in chosen:
-        records = _optional(storage, c.ACTIVATION_RECORDS, layer, variant)
+        records = read_asset_if_any(storage, c.ACTIVATION_RECORDS, layer, variant)
         if records is None:
             raise NdxInputError(f"layer {layer} of variant {variant} has no activation_records: run it first.")
         records = records.with_columns(pl.lit(variant).alias("_scope"))
-        tokens = _by_unit(_optional(storage, c.OUTPUT_TOKENS, layer, variant))
-        explanations = _optional(storage, c.EXPLANATIONS, layer, variant)
+        tokens = _by_unit(read_asset_if_any(storage, c.OUTPUT_TOKENS, layer, variant))
+        explanations = read_asset_if_any(storage, c.EXPLANATIONS, layer, variant)
         kept = {int(r["neuron"]): r for r in c.usable(explanations).iter_rows(named=True)} if explanations is not None \
             else {}
-        scores = _by_unit(_optional(storage, c.SCORES, layer, variant))
-        scorer_scores = {name: _by_unit(_optional(storage, asset, layer, variant))
+        scores = _by_unit(read_asset_if_any(storage, c.SCORES, layer, variant))
+        scorer_scores = {name: _by_unit(read_asset_if_any(storage, asset, layer, variant))
                          for name, (_, asset) in c.SCORER_ASSETS.items()}
-        judgements = {name: _optional(storage, judged, layer, variant) for name, (judged, _) in c.SCORER_ASSETS.items()}
-        judges = {name: str(frame["scorer"].drop_nulls()[0]) for name, frame in judgements.items()
-                  if frame is not None and len(frame["scorer"].drop_nulls())}
-        simulations = _optional(storage, c.SIMULATIONS, layer, variant)
-        if simulations is not None and len(simulations["simulator"].drop_nulls()):
-            judges["simulator"] = str(simulations["simulator"].drop_nulls()[0])
-        random_weights = _by_unit(_optional(storage, c.SCORES, layer, control))
+        # the model that judged, per scorer and for the simulation: one column of their files is enough
+        named = {name: (judged, "scorer") for name, (judged, _) in c.SCORER_ASSETS.items()}
+        named["simulator"] = (c.SIMULATIONS, "simulator")
+        judges = {}
+        for name, (asset, column) in named.items():
+            found = read_asset_if_any(storage, asset, layer, variant, columns=[column])
+            if found is not None and len(found[column].drop_nulls()):
+                judges[name] = str(found[column].drop_nulls()[0])
+        random_weights = _by_unit(read_asset_if_any(storage, c.SCORES, layer, control))
         for r in random_weights.values():
             r["_variant"] = control
         ids = source_ids(layer, set_name)
@@ -377,13 +386,7 @@ def _write_corpus(docs: pl.DataFrame, path: Path) -> Path:
     """The documents the windows come from, added to those an earlier export of another variant left there."""
     known = {d["doc_id"]: d for d in read_rows(path)} if path.exists() else {}
     known.update({d["doc_id"]: d for d in docs.select("doc_id", "source", "text").iter_rows(named=True)})
-    text = "".join(json.dumps(known[k], ensure_ascii=False) + "\n" for k in sorted(known))
-
-    def write(tmp: str) -> None:
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            f.write(text)
-
-    return write_atomic(path, write)
+    return _write_gzip("".join(json.dumps(known[k], ensure_ascii=False) + "\n" for k in sorted(known)), path)
 
 
 # ------------------------------------------------------------------------------------------------ import
