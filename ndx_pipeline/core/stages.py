@@ -274,13 +274,16 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
 # ---------------------------------------------------------------------------------------------------- output tokens
 
 
+UNIT_FIELDS = ("neuron", "unit_kind", "unit_source")  # what `output_tokens` reads of the records
+
+
 def output_tokens(records: dict[int, pl.DataFrame], model: str | None, *, dictionary: str | None = None,
                   dictionary_hook: str | None = None, subject_weights: str = TRAINED, seed: int = 0,
                   k: int = out_tokens.OUTPUT_TOKENS_K, log: Log = quiet) -> dict[int, pl.DataFrame]:
     """Per layer of `records` (its activation records): the tokens each unit's output direction promotes and
     suppresses (`core/data/output_tokens.py`), from the subject model's weights (re-initialized with `seed` for the
     random-weight control, as the extraction read them). Planted units have no output direction: no rows."""
-    units = {layer: frame.select("neuron", "unit_kind", "unit_source").unique("neuron").sort("neuron")
+    units = {layer: frame.select(UNIT_FIELDS).unique("neuron").sort("neuron")
              for layer, frame in records.items()}
     wanted = {layer: u for layer, u in units.items() if len(u) and u["unit_kind"][0] != PLANTED_UNIT}
     out = {layer: pl.DataFrame(schema=contract.OUTPUT_TOKENS_SCHEMA) for layer in records}
