@@ -93,8 +93,9 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     defs_a = build_definitions()
     run(defs_a, instance)
     assert set(statuses(instance, defs_a).values()) == {"FRESH"}
-    # 2 explanations + 2 token-list baseline explanations (the explainer reading only the strongest tokens)
-    assert counters["subject_model_loads"] == 1 and counters["explainer_calls"] == 4
+    # one load for the forward pass, one with the unembedding for output_tokens; 2 explanations + 2 token-list
+    # baseline explanations (the explainer reading only the strongest tokens)
+    assert counters["subject_model_loads"] == 2 and counters["explainer_calls"] == 4
 
     # A different simulator: the same weights under another path are another model as far as versions go.
     other = tmp_path / "simulator"
@@ -219,7 +220,8 @@ def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
     assert [a for a in ALL if versions()[a] != base[a]] == ["explanations", "baseline_explanations"]
     monkeypatch.delenv("NDX_EXPLAINER_MODEL")
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "3")
-    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records", "token_table"]
+    # which units: their records, their token table and their output tokens
+    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records", "token_table", "output_tokens"]
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
     import ndx_pipeline.core.method.explainer as explainer_mod
 

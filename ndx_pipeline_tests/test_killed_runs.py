@@ -45,12 +45,13 @@ from ndx_pipeline_tests.test_ui_graphql import workdir  # noqa: F401  (fixture: 
 
 REPO = Path(__file__).resolve().parents[1]
 NEURONS = [5, 9, 11]
-# Small settings: a few short requests per neuron. In process the model answers in batches of 8, so the steps get
+# Small settings: a few short requests per neuron. In process the simulator answers in batches of 8, so the steps get
 # enough requests for a kill to fall between two batches: 9 scored excerpts, and calibration excerpts simulated
-# after the explanations, in their step.
+# after the explanations, in their step. The explainer answers one neuron at a time (max_concurrency 1): in one batch
+# its three answers would land together, and on a fast CPU the step could end before the kill.
 SMALL = {"selection": {"explain_excerpts": 2, "score_top_excerpts": 2, "score_random_excerpts": 1},
          "quality": {"calibration_top_excerpts": 1, "calibration_random_excerpts": 1},
-         "explainer_llm": {"max_tokens": 16}}
+         "explainer_llm": {"max_tokens": 16, "max_concurrency": 1}}
 # The server simulates an excerpt in many requests (the echo, then one per slot where "10" may begin): fewer units
 # and excerpts; the proxy holds the requests where the kill is to fall.
 SERVER_NEURONS = [5, 9]

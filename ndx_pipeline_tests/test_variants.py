@@ -100,6 +100,10 @@ def test_variant_names_settings_and_the_variants_file(tmp_path):
     record_variant(path, "b", {"simulator_llm": {"dtype": "float32", "api_key_env": "NDX_SIMULATOR_API_KEY"}})
     assert read_variants(path) == {"a": {"selection": {"units": "both"}},
                                    "b": {"simulator_llm": {"dtype": "float32"}}}  # no key variable recorded
+    # what a run does not record but a user wrote by hand (how fast, which key variable) stays through a new record
+    path.write_text(path.read_text().replace("dtype: float32", "dtype: float32\n    max_concurrency: 1"))
+    assert record_variant(path, "b", {"simulator_llm": {"dtype": "bfloat16", "max_concurrency": 8}})
+    assert read_variants(path)["b"] == {"simulator_llm": {"dtype": "bfloat16", "max_concurrency": 1}}
     path.write_text("a:\n  storage: {storage_dir: /x}\n")
     with pytest.raises(NdxInputError, match="cannot set"):
         read_variants(path)

@@ -118,14 +118,22 @@ def declared_settings(storage_dir: str | os.PathLike, variant: str) -> dict[str,
 
 def record_variant(path: str | os.PathLike, name: str, settings: Mapping[str, Mapping[str, Any]]) -> bool:
     """Declare (or re-declare) variant `name` with `settings` in the variants file, atomically; the other
-    variants' entries are kept as they are. True when the entry changed."""
+    variants' entries are kept as they are, and so are the fields of this one that a run does not record
+    (`NOT_RECORDED`: a hand-written `max_concurrency` stays the variant's). True when the entry changed."""
     import yaml
 
     check_name(name)
     path = Path(path)
     variants = read_variants(path)
-    entry = {resource: {k: v for k, v in sorted(fields.items()) if k not in NOT_RECORDED}
-             for resource, fields in settings.items() if resource in VARIANT_RESOURCES}
+    written = variants.get(name, {})
+    entry = {}
+    for resource in sorted(set(settings) | set(written)):
+        if resource not in VARIANT_RESOURCES:
+            continue
+        fields = {k: v for k, v in (written.get(resource) or {}).items() if k in NOT_RECORDED}
+        fields.update((k, v) for k, v in (settings.get(resource) or {}).items() if k not in NOT_RECORDED)
+        if fields or resource in settings:
+            entry[resource] = dict(sorted(fields.items()))
     if variants.get(name) == entry:
         return False
     variants[name] = entry
