@@ -6,6 +6,8 @@ fresh); `ahead` builds and writes the next layers' files on worker threads while
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ import dagster as dg
 import polars as pl
 
 from ndx_pipeline.core.errors import NdxInputError
+from ndx_pipeline.core.partition_lock import partition_lock
 from ndx_pipeline.core.storage import asset_path, link_atomic, read_asset, write_parquet_atomic
 from ndx_pipeline.core.validation import ERROR, Check
 from ndx_pipeline.core.variants import declared_settings, settings_digest, variants_file
@@ -85,6 +88,27 @@ def bad_input_fails_the_run() -> Iterator[None]:
         yield
     except NdxInputError as e:
         raise dg.Failure(description=str(e)) from None
+
+
+def one_writer(body: Callable) -> Callable:
+    """An asset body that holds its step's write lock on its run's layers (`core.partition_lock`) from before it
+    reads its inputs until its files are written and reported: a second run of the same step on the same layer of the
+    variant (two CLIs, the CLI and a sensor's run) waits, saying who it waits for, instead of interleaving writes.
+    The body's signature is the one Dagster reads (its resources); returned or yielded results pass through."""
+
+    @functools.wraps(body)
+    def locked(context: dg.AssetExecutionContext, *args, **kwargs):
+        storage_dir = context.resources.storage.path()
+        step = context.op_def.name
+        with partition_lock(storage_dir, variant_of(context), step, layers_of(context), context.run_id,
+                            context.log.info):
+            made = body(context, *args, **kwargs)
+            if inspect.isgenerator(made):
+                yield from made
+            else:
+                yield made
+
+    return locked
 
 
 def read(storage_dir: Path, asset: str, layer: int | None = None, variant: str | None = None) -> pl.DataFrame:

@@ -21,6 +21,7 @@ from ndx_pipeline.defs.materialize import (
     VariantSettings,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.metadata import candidates_table, finite_mean, llm_accounting
@@ -60,6 +61,7 @@ def _spec(asset: str, description: str) -> dg.AssetSpec:
     ],
     check_specs=check_specs(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
 )
+@one_writer
 def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
                  quality: QualityResource, storage: StorageResource):
     variant, layers = variant_of(context), layers_of(context)

@@ -30,6 +30,7 @@ from ndx_pipeline.defs.materialize import (
     ahead,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     read,
     variant_of,
 )
@@ -86,6 +87,7 @@ SUBJECT_MODEL_FILES = (c.ACTIVATION_RECORDS, c.TOKEN_TABLE)  # what only the sub
     ],
     check_specs=check_specs(c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.TOP_EXCERPTS),
 )
+@one_writer
 def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
                        selection: SelectionResource, quality: QualityResource, storage: StorageResource):
     """One step for the three assets of the subject-model pass; it writes the files of the assets selected. The

@@ -19,6 +19,7 @@ from ndx_pipeline.defs.materialize import (
     VariantSettings,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.partitions import layer_variant
@@ -43,6 +44,7 @@ def read_unit_columns(storage_dir, layer: int, variant: str) -> pl.DataFrame:
           description="Per unit: the tokens whose logits its output direction (an MLP neuron's column of the output "
                       "projection, a latent's decoder row) raises and lowers most, through the final norm's gain "
                       "and the unembedding; no rows for planted units, which have no weights.")
+@one_writer
 def output_tokens(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
                   selection: SelectionResource, storage: StorageResource):
     variant, layers = variant_of(context), layers_of(context)

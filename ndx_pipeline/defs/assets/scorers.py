@@ -22,6 +22,7 @@ from ndx_pipeline.defs.materialize import (
     VariantSettings,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.metadata import (
@@ -49,6 +50,7 @@ JUDGED = (c.SCORER_EXCERPTS, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS)  # what ev
           description="Per neuron, held-out activating windows (across the upper activation quantiles) and "
                       "non-activating ones that the explainer never saw: what detection, fuzzing and embedding "
                       "judge (no rows when no scorer runs).")
+@one_writer
 def scorer_excerpts(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
     variant = variant_of(context)
     with bad_input_fails_the_run():
@@ -88,6 +90,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
                spec(scores, [judgements, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS], scores_text)],
         check_specs=check_specs(judgements, scores),
     )
+    @one_writer
     def step(context: dg.AssetExecutionContext):
         storage = context.resources.storage
         variant, layers_run = variant_of(context), layers_of(context)

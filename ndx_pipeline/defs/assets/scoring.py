@@ -18,6 +18,7 @@ from ndx_pipeline.defs.materialize import (
     VariantSettings,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.metadata import (
@@ -47,6 +48,7 @@ def _names(values) -> str:
           backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
           check_specs=check_specs(c.SCORES),
           description="Pooled Pearson correlation of simulated vs true activations, per neuron, beside baselines.")
+@one_writer
 def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
     variant = variant_of(context)
     quality = VariantSettings(storage.path(), variant)("quality", quality)

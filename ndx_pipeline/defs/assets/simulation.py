@@ -18,6 +18,7 @@ from ndx_pipeline.defs.materialize import (
     VariantSettings,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.metadata import llm_accounting, llm_cost_per, simulator_scale
@@ -43,6 +44,7 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
     ],
     check_specs=check_specs(c.SIMULATIONS, c.BASELINE_SIMULATIONS),
 )
+@one_writer
 def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource):
     variant, layers = variant_of(context), layers_of(context)
     settings = VariantSettings(storage.path(), variant)

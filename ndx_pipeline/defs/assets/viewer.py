@@ -12,6 +12,7 @@ from ndx_pipeline.defs.materialize import (
     Outputs,
     bad_input_fails_the_run,
     layers_of,
+    one_writer,
     variant_of,
 )
 from ndx_pipeline.defs.partitions import layer_variant
@@ -30,6 +31,7 @@ READS = (c.CORPUS, c.ACTIVATION_RECORDS, c.OUTPUT_TOKENS, c.TOP_EXCERPTS, c.EXPL
           automation_condition=FOLLOW_UPSTREAM,
           description="Static HTML pages (open from disk): per variant an index of units and one page per unit; "
                       "over the variants an index and a comparison page.")
+@one_writer
 def neuron_viewer(context: dg.AssetExecutionContext, storage: StorageResource):
     variant = variant_of(context)
     folder = viewer_dir(storage.path(), variant)
