@@ -32,12 +32,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ndx_pipeline.core.data.selection import SparseActivations
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS
 from ndx_pipeline.core.errors import NdxInputError
 
@@ -72,37 +72,6 @@ _SAELENS_TRAINING_ONLY = ("batchtopk", "matryoshka_batchtopk")
 # A transformer block in a sparsify hookpoint: `layers.6`, `model.layers.6`, `transformer.h.6`, `gpt_neox.layers.6`.
 _SPARSIFY_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(\.mlp)?$")
 _SPARSIFY_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
-
-
-@dataclass
-class SparseActivations:
-    """A batch of latent activations as its nonzero entries: entry i is unit `unit[i]` (a column of the unit set)
-    firing `value[i]` (> 0) at position `position[i]` of window `window[i]` of the batch; every other activation of
-    the [batch, positions, units] block is 0."""
-
-    window: torch.Tensor  # [E] long
-    position: torch.Tensor  # [E] long
-    unit: torch.Tensor  # [E] long
-    value: torch.Tensor  # [E] float32
-    batch: int
-    positions: int
-    units: int
-
-    def dense(self) -> torch.Tensor:
-        """The [batch, positions, units] block."""
-        out = torch.zeros((self.batch, self.positions, self.units), dtype=self.value.dtype, device=self.value.device)
-        out[self.window, self.position, self.unit] = self.value
-        return out
-
-    @cached_property
-    def cell(self) -> torch.Tensor:
-        """[E] each entry's (window, unit) cell, window × units + unit: its place among the batch's window maxima."""
-        return self.window * self.units + self.unit
-
-    def only(self, keep: torch.Tensor) -> SparseActivations:
-        """The entries where `keep` [E] is set."""
-        return SparseActivations(self.window[keep], self.position[keep], self.unit[keep], self.value[keep],
-                                 self.batch, self.positions, self.units)
 
 
 # Largest pre-activation block (rows × latents) encoded at once; bounds memory for wide dictionaries.
