@@ -227,7 +227,7 @@ def test_output_tokens_on_gpt2_conv1d_and_a_dictionary_decoder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ndx_pipeline.core.data import output_tokens as ot
-    from ndx_pipeline.core.data.dictionaries import decoder_rows
+    from ndx_pipeline.core.data.dictionary_formats import decoder_rows
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=8, n_layer=2, n_head=2, n_positions=16)).eval()

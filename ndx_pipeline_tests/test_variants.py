@@ -15,12 +15,7 @@ import pytest
 
 from ndx_pipeline.core import contract as c
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.storage import (
-    asset_path,
-    legacy_layer_files,
-    migrate_storage,
-    write_parquet_atomic,
-)
+from ndx_pipeline.core.storage import asset_path, legacy_layer_files, migrate_storage, write_parquet_atomic
 from ndx_pipeline.core.variants import (
     check_name,
     default_name,

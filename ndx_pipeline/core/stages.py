@@ -34,7 +34,7 @@ from ndx_pipeline.core.contract import (
 from ndx_pipeline.core.data import forward_pass
 from ndx_pipeline.core.data import output_tokens as out_tokens
 from ndx_pipeline.core.data.corpus import read_corpus
-from ndx_pipeline.core.data.dictionaries import decoder_rows
+from ndx_pipeline.core.data.dictionary_formats import decoder_rows
 from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
 from ndx_pipeline.core.data.planted import PLANTED_UNIT, PlantedUnits, planted_selection
 from ndx_pipeline.core.data.planted import RULES as PLANTED_RULES
