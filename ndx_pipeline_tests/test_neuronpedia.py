@@ -283,7 +283,7 @@ def test_lineage_verifies_a_prompt_that_listed_the_output_tokens():
     """An explanation written with `quality.explainer_logits` on: lineage rebuilds the prompt with the unit's
     output tokens listed and verifies its hash; without them the rebuilt prompt is not the one sent."""
     from ndx_pipeline.core.method.explainer import explainer_messages
-    from ndx_pipeline.reports.lineage import rebuild_prompt
+    from ndx_pipeline.core.method.prompt_rebuild import rebuild_prompt
     from ndx_pipeline_tests.test_lineage import FIXTURE_EXPLAINER, sent_sha
 
     shown = [(["a", " b", " c"], [0.0, 2.0, 0.5])]
