@@ -182,7 +182,7 @@ class LayerFiles:
     table_file: tuple[Path, dict] | None = None
     distinct_tokens: int | None = None
     table_check: tuple | None = None
-    excerpts: dict | None = None  # `_Excerpts.split` of the layer
+    excerpts: "LayerExcerpts | None" = None  # `_Excerpts.split` of the layer
     excerpts_withheld: str | None = None  # why top_excerpts is not written for the layer
 
 
@@ -277,7 +277,7 @@ def _place(out: Outputs, asset: str, found: LayerRecords, frame: pl.DataFrame, l
 
 
 def _split_excerpts(step: _Step, layer: int, records: pl.DataFrame,
-                    records_checks: dict[str, tuple]) -> tuple[dict | None, str | None]:
+                    records_checks: dict[str, tuple]) -> tuple["LayerExcerpts | None", str | None]:
     """(top_excerpts of the layer, None) from the records just written or (records not selected) from their file;
     or (None, why not): a blocking records check failed, or the split's counts are more than the corpus fills."""
     failed = [name for name, check in records_checks.items() if _stops(Check(*check))]
@@ -468,7 +468,7 @@ class _Excerpts:
                  quality: QualityResource):
         self.context, self.out, self.selection, self.quality = context, out, selection, quality
 
-    def split(self, layer: int, records: pl.DataFrame | None = None) -> dict:
+    def split(self, layer: int, records: pl.DataFrame | None = None) -> "LayerExcerpts":
         """Split `records` (default: the layer's stored activation_records) and write the file."""
         if records is None:
             records = self.out.read(c.ACTIVATION_RECORDS, layer)
@@ -479,19 +479,33 @@ class _Excerpts:
                 self.quality.checked().calibration_top_excerpts, self.quality.calibration_random_excerpts,
                 scope=self.out.variant)
         units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
-        return {"file": self.out.write_file(c.TOP_EXCERPTS, frame, layer),
-                "fired": units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
-                "dead": units.filter(pl.col("kind") == c.DEAD).height, "neurons": frame["neuron"].n_unique(),
-                "splits_disjoint": validation.splits_disjoint(frame),
-                "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
-                                                            sel.score_random_excerpts)}
+        return LayerExcerpts(
+            file=self.out.write_file(c.TOP_EXCERPTS, frame, layer),
+            fired=units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
+            dead=units.filter(pl.col("kind") == c.DEAD).height, neurons=frame["neuron"].n_unique(),
+            checks={"splits_disjoint": validation.splits_disjoint(frame),
+                    "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
+                                                                sel.score_random_excerpts)})
 
-    def report(self, layer: int, done: dict) -> None:
-        sparse = done["fired"] - done["neurons"]
+    def report(self, layer: int, split: "LayerExcerpts") -> None:
+        sparse = split.fired - split.neurons
         if sparse:
-            self.context.log.info(f"layer {layer}: {sparse} of {done['fired']} units that fired did so in too few "
+            self.context.log.info(f"layer {layer}: {sparse} of {split.fired} units that fired did so in too few "
                                   "windows to fill the explain and score splits: left out")
-        self.out.written(c.TOP_EXCERPTS, layer, done["file"], neurons=done["neurons"], too_sparse_units=sparse,
-                         dead_units=done["dead"])
+        self.out.written(c.TOP_EXCERPTS, layer, split.file, neurons=split.neurons, too_sparse_units=sparse,
+                         dead_units=split.dead)
         for check in CHECKS[c.TOP_EXCERPTS]:
-            self.out.check(c.TOP_EXCERPTS, check, layer, done[check])
+            self.out.check(c.TOP_EXCERPTS, check, layer, split.checks[check])
+
+
+@dataclass
+class LayerExcerpts:
+    """One layer's top_excerpts, written on a worker thread (`_Excerpts.split`) and reported on the step's thread
+    (`_Excerpts.report`): the file (path and file metadata), the units that fired, those that never did, those the
+    splits keep, and the checks made on it (`validation.Check` fields, by name)."""
+
+    file: tuple[Path, dict]
+    fired: int
+    dead: int
+    neurons: int
+    checks: dict[str, tuple]
