@@ -332,8 +332,23 @@ def _saelens_scale(folder: Path, file: Path) -> float:
 
 def read_sparsify(folder: Path, weights: Path, cfg: dict) -> dict:
     """The encoder of a sparsify dictionary (`Dictionary`'s fields but its path and format), checked against its
-    config; the hook it reads from its folder's name (the hookpoint)."""
+    config: what it is (a TopK autoencoder or transcoder), the tensors' shapes, the tensors, and the hook it reads
+    (from its folder's name, the hookpoint)."""
     file = folder / CONFIG
+    transcoder = _sparsify_transcoder(cfg, file)
+    t = _Tensors(weights)
+    d_in, n = _sparsify_shapes(t, cfg, file, transcoder)
+    k = _check_k(cfg.get("k"), n, file, "sparsify topk")
+    W_enc = t.load("encoder.weight").T.contiguous()
+    b_enc = t.load("encoder.bias")
+    b_dec_in = torch.zeros(d_in) if transcoder else t.load("b_dec")
+    layer, hook = _sparsify_hook(folder.name, transcoder)
+    return dict(architecture="topk", d_in=d_in, n_latents=n, layer=layer, hook=hook, k=k,
+                transcoder=transcoder, W_enc=W_enc, b_enc=b_enc, b_dec_in=b_dec_in, threshold=None)
+
+
+def _sparsify_transcoder(cfg: dict, file: Path) -> bool:
+    """Whether it is a transcoder (`transcode`); an activation or input change that is not supported is refused."""
     activation = str(cfg.get("activation") or "topk")
     if activation != "topk":
         raise NdxInputError(f"dictionary config {file} has sparsify activation {activation!r}, which is not "
@@ -342,57 +357,54 @@ def read_sparsify(folder: Path, weights: Path, cfg: dict) -> dict:
         if cfg.get(flag):
             raise NdxInputError(f"dictionary config {file} sets {flag}, which changes the encoder input in a way "
                                 f"that is not supported.")
-    transcoder = bool(cfg.get("transcode", False))
+    return bool(cfg.get("transcode", False))
 
-    t = _Tensors(weights)
+
+def _sparsify_shapes(t: _Tensors, cfg: dict, file: Path, transcoder: bool) -> tuple[int, int]:
+    """(d_in, latents) from `encoder.weight`, with every tensor's shape checked against them and against the config
+    (num_latents, or d_in × expansion_factor)."""
     for key in ("encoder.weight", "encoder.bias"):
         t.require(key)
     if not transcoder:
         t.require("b_dec", " (an autoencoder subtracts it from its input)")
     enc = t.shape("encoder.weight")
     if len(enc) != 2:
-        raise NdxInputError(f"dictionary weights {weights} hold 'encoder.weight' of shape {list(enc)}, not a matrix.")
+        raise NdxInputError(f"dictionary weights {t.file} hold 'encoder.weight' of shape {list(enc)}, not a matrix.")
     n, d_in = enc
     cfg_d_in = _config_int(cfg, "d_in", file)
     if cfg_d_in is not None and cfg_d_in != d_in:
-        raise NdxInputError(f"dictionary weights {weights} hold 'encoder.weight' of shape {list(enc)}, but "
+        raise NdxInputError(f"dictionary weights {t.file} hold 'encoder.weight' of shape {list(enc)}, but "
                             f"{CONFIG} says d_in={cfg_d_in}.")
     cfg_n = _config_int(cfg, "num_latents", file) or None
     if cfg_n is None:  # 0 or absent: the width is d_in × expansion_factor
         factor = _config_int(cfg, "expansion_factor", file)
         cfg_n = d_in * factor if factor else None
     if cfg_n is not None and cfg_n != n:
-        raise NdxInputError(f"dictionary weights {weights} hold 'encoder.weight' of shape {list(enc)}, but "
+        raise NdxInputError(f"dictionary weights {t.file} hold 'encoder.weight' of shape {list(enc)}, but "
                             f"{CONFIG} implies {cfg_n} latents (num_latents, or d_in × expansion_factor).")
     t.expect("encoder.bias", (n,), f"encoder.weight of shape {list(enc)}")
     dec = t.shape("W_dec")
     if dec is not None and (len(dec) != 2 or dec[0] != n or (not transcoder and dec[1] != d_in)):
         want = f"[{n}, {d_in}]" if not transcoder else f"[{n}, d_out]"
-        raise NdxInputError(f"dictionary weights {weights} hold 'W_dec' of shape {list(dec)}, but a "
+        raise NdxInputError(f"dictionary weights {t.file} hold 'W_dec' of shape {list(dec)}, but a "
                             f"{'transcoder' if transcoder else 'SAE'} with {n} latents needs {want}.")
     if "b_dec" in t.keys:
         d_out = dec[1] if dec is not None else (d_in if not transcoder else (t.shape("b_dec") or [0])[0])
         t.expect("b_dec", (d_out,), f"a decoder into {d_out} dimensions")
-    k = _check_k(cfg.get("k"), n, file, "sparsify topk")
+    return d_in, n
 
-    W_enc = t.load("encoder.weight").T.contiguous()
-    b_enc = t.load("encoder.bias")
-    b_dec_in = torch.zeros(d_in) if transcoder else t.load("b_dec")
 
-    found_layer = found_hook = None
-    name = folder.name
+def _sparsify_hook(name: str, transcoder: bool) -> tuple[int | None, str | None]:
+    """(layer, hook) a hookpoint folder's name says: a whole block (`layers.6`) is read at its output by an SAE and
+    at its input by a transcoder, its MLP (`layers.6.mlp`) likewise; a layer alone, or None, where it says less."""
     block = _SPARSIFY_BLOCK.search(name)
     if block:
-        found_layer = int(block.group(1))
         if block.group(2):  # the MLP module: an SAE reads its output, a transcoder its input
-            found_hook = "mlp_in" if transcoder else "mlp_out"
-        else:  # the whole block: an SAE reads its output, a transcoder its input
-            found_hook = "resid_pre" if transcoder else "resid_post"
-    else:
-        layer_match = _SPARSIFY_LAYER.search(name)
-        found_layer = int(layer_match.group(1)) if layer_match else None
-    return dict(architecture="topk", d_in=d_in, n_latents=n, layer=found_layer, hook=found_hook, k=k,
-                transcoder=transcoder, W_enc=W_enc, b_enc=b_enc, b_dec_in=b_dec_in, threshold=None)
+            return int(block.group(1)), "mlp_in" if transcoder else "mlp_out"
+        # the whole block: an SAE reads its output, a transcoder its input
+        return int(block.group(1)), "resid_pre" if transcoder else "resid_post"
+    layer_match = _SPARSIFY_LAYER.search(name)
+    return (int(layer_match.group(1)) if layer_match else None), None
 
 
 def decoder_rows(path, latents) -> torch.Tensor:
