@@ -96,7 +96,7 @@ def bare_forward(model, tokenizer, windows, deepest: int, batch_size: int, at_pr
     import numpy as np
     import torch
 
-    from ndx_pipeline.core.data.activations import batch_inputs
+    from ndx_pipeline.core.data.forward_pass import batch_inputs
     from ndx_pipeline.core.data.subject_model import mlp_output_projections
     from ndx_pipeline.core.models import special_token_wrap
 
@@ -150,9 +150,10 @@ def extraction(args, model, tok, windows, layers) -> float:
     the forward: top-k, random sample, quantile reservoirs, moments), timed inside the same run."""
     import torch
 
-    from ndx_pipeline.core.data import activations as act
+    from ndx_pipeline.core.data.forward_pass import extract
+    from ndx_pipeline.core.data.selection import LayerSelection
 
-    update = act.LayerSelection.update
+    update = LayerSelection.update
     spent = [0.0]
     cuda = next(model.parameters()).device.type == "cuda"
 
@@ -163,29 +164,30 @@ def extraction(args, model, tok, windows, layers) -> float:
             torch.cuda.synchronize()
         spent[0] += time.perf_counter() - t
 
-    act.LayerSelection.update = timed_update
+    LayerSelection.update = timed_update
     try:
         started = time.perf_counter()
-        act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
+        extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
     finally:
-        act.LayerSelection.update = update
+        LayerSelection.update = update
     SELECTION_SECONDS[0] = spent[0]
     return elapsed
 
 
 def rss_child(args) -> None:
     """Run extraction (and building the Parquet rows) on a corpus of --rss-child tokens; print peak RSS in MiB."""
-    from ndx_pipeline.core.data import activations as act
+    from ndx_pipeline.core.data.forward_pass import extract
+    from ndx_pipeline.core.data.record_frames import records_frame
     from ndx_pipeline.core.data.windows import TokenTexts
 
     model, tok, windows, layers = setup(args, args.rss_child)
-    selections, _ = act.extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
+    selections, _ = extract(model, tok, windows, layers, 20, 20, 0, args.batch_size, quantile_k=args.quantile_k)
     texts = TokenTexts(tok)
     for layer in layers:
-        act.records_frame(layer, selections[layer], windows, texts)
+        records_frame(layer, selections[layer], windows, texts)
     print(json.dumps({"tokens": windows.total_tokens, "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -201,7 +203,7 @@ def write_dictionary(root, model, tokenizer, windows, layer: int, hook: str = "r
     import torch
     from safetensors.torch import save_file
 
-    from ndx_pipeline.core.data.activations import batch_inputs
+    from ndx_pipeline.core.data.forward_pass import batch_inputs
     from ndx_pipeline.core.data.subject_model import attach_hook, hook_point
     from ndx_pipeline.core.models import special_token_wrap
 

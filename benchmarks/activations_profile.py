@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import activations as B  # noqa: E402
 
-from ndx_pipeline.core.data import activations as act  # noqa: E402
+from ndx_pipeline.core.data.forward_pass import extract  # noqa: E402
 
 n_tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
 args = argparse.Namespace(model=None, device="cpu", dtype="float32", neurons="all", batch_size=16, quantile_k=4,
@@ -23,12 +23,12 @@ B.bare_forward(model, tok, windows, 2, 16)
 bare = min(B.bare_forward(model, tok, windows, 2, 16) for _ in range(2))
 pr = cProfile.Profile()
 pr.enable()
-act.extract(model, tok, windows, layers, 20, 20, 0, 16, quantile_k=4)
+extract(model, tok, windows, layers, 20, 20, 0, 16, quantile_k=4)
 pr.disable()
 st = pstats.Stats(pr)
 rows = {}
 for (fn, line, name), (cc, nc, tt, ct, callers) in st.stats.items():
-    if fn.endswith(("core/data/activations.py", "core/heap.py")) and name in (
+    if fn.endswith(("core/data/forward_pass.py", "core/data/selection.py", "core/heap.py")) and name in (
             "extract", "update", "_update_compiled", "_top_k_update", "_quantile_update", "end_pilot",
             "release_freed_heap", "batch_inputs", "finalize"):
         rows[name] = (nc, ct)

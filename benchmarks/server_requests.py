@@ -49,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ndx_pipeline.core.data.corpus import read_corpus  # noqa: E402
-from ndx_pipeline.core.llm.local import LocalTransformersBackend, load_tokenizer  # noqa: E402
+from ndx_pipeline.core.llm.local import LocalTransformersBackend  # noqa: E402
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend  # noqa: E402
 from ndx_pipeline.core.llm.openai.backend import TEN_PROBES  # noqa: E402
+from ndx_pipeline.core.llm.sent_prompts import load_tokenizer  # noqa: E402
 from ndx_pipeline.core.method.display import MAX_SHOWN  # noqa: E402
 from ndx_pipeline.core.method.simulator import expected_values, simulate_excerpt, simulation_prompt  # noqa: E402
 from ndx_pipeline_tests.llm_server import run_llama_server, server_available  # noqa: E402

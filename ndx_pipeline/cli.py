@@ -22,7 +22,7 @@ from ndx_pipeline.core import stages
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers, hidden_width, mlp_width, num_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
+from ndx_pipeline.core.llm.sent_prompts import OPENAI_KIND
 from ndx_pipeline.core.models import AUTO_DTYPE, BUNDLED_MODEL_NOTE, DTYPES, is_bundled
 from ndx_pipeline.core.storage import (
     asset_path,

@@ -47,7 +47,7 @@ def two_variants(tmp_path_factory):
     add variants to it; a test that must not change it works on a copy."""
     import dagster as dg
 
-    import ndx_pipeline.core.data.activations as act
+    from ndx_pipeline.core.data import forward_pass
     from ndx_pipeline.core.variants import record_variant, variants_file
     from ndx_pipeline_tests.test_variants import digests, run, small_corpus
 
@@ -58,11 +58,11 @@ def two_variants(tmp_path_factory):
     assert first.success
     before = digests(storage, "neurons")
     record_variant(variants_file(storage), "sim-f32", {"simulator_llm": {"dtype": "float32"}})
-    calls, real = [], act.extract
-    act.extract = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls, real = [], forward_pass.extract
+    forward_pass.extract = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         second = run(instance, storage, corpus, "sim-f32", [0, 2])
     finally:
-        act.extract = real
+        forward_pass.extract = real
     assert second.success
     return {"instance": instance, "storage": storage, "corpus": corpus, "before": before, "extract_calls": calls}

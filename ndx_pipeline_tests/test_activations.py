@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data import forward_pass, record_frames, selection
 from ndx_pipeline.core.data.subject_model import mlp_output_projections
 from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.models import special_token_wrap
@@ -36,7 +36,8 @@ def fresh_activations(model, tokenizer, ids, layers):
 @pytest.fixture(scope="module")
 def extracted(subject, small_windows):
     model, tok = subject
-    selections, stats = act.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5, batch_size=7)
+    selections, stats = forward_pass.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5,
+                                             batch_size=7)
     return selections, stats
 
 
@@ -93,8 +94,8 @@ def test_moments_equal_numpy(extracted, brute):
 def test_random_sample_follows_the_seed(extracted, brute, small_windows):
     selections, _ = extracted
     sample = selections[0].sample
-    assert sample.tolist() == act.random_windows(len(small_windows), 20, 5).tolist()
-    assert sample.tolist() != act.random_windows(len(small_windows), 20, 6).tolist()
+    assert sample.tolist() == selection.random_windows(len(small_windows), 20, 5).tolist()
+    assert sample.tolist() != selection.random_windows(len(small_windows), 20, 6).tolist()
     assert len(set(sample.tolist())) == len(sample)
     for slot, w in enumerate(sample):
         n = len(brute[0][w])
@@ -106,7 +107,7 @@ def test_stored_records_recompute_from_the_document(extracted, subject, small_wi
     """Take stored rows, re-encode their document text, slice at token_start and run a fresh forward."""
     model, tok = subject
     selections, _ = extracted
-    frame = act.records_frame(2, selections[2], small_windows, TokenTexts(tok))
+    frame = record_frames.records_frame(2, selections[2], small_windows, TokenTexts(tok))
     assert set(frame["kind"].unique()) == {"top", "random"}
     # every row: as many activations as tokens, and its max_activation the largest of them
     assert frame["activations"].list.len().equals(frame["tokens"].list.len())
@@ -131,7 +132,7 @@ def test_forward_stops_after_the_deepest_requested_layer(subject, small_windows)
     calls = []
     handle = blocks[3].register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
-        act.extract(model, tok, small_windows, {2: [0]}, top_k=5, random_k=5, batch_size=64)
+        forward_pass.extract(model, tok, small_windows, {2: [0]}, top_k=5, random_k=5, batch_size=64)
     finally:
         handle.remove()
     assert calls == []
@@ -141,7 +142,7 @@ def test_forward_stops_after_the_deepest_requested_layer(subject, small_windows)
 def selection_path(request, monkeypatch):
     """Selections made in the test take the compiled update (dense units on the CPU) or the torch one (GPUs, sparse
     units): each test that asks for this fixture runs on both."""
-    monkeypatch.setattr(act, "COMPILED_ON_CPU", request.param == "compiled")
+    monkeypatch.setattr(selection, "COMPILED_ON_CPU", request.param == "compiled")
     return request.param
 
 
@@ -155,9 +156,9 @@ def test_the_compiled_update_keeps_what_the_torch_update_keeps(subject, small_wi
     units = {layer: MlpNeurons(layer, range(1536), "both") for layer in (0, 2)}
     runs = {}
     for compiled in (True, False):
-        monkeypatch.setattr(act, "COMPILED_ON_CPU", compiled)
-        runs[compiled], _ = act.extract(model, tok, small_windows, units, top_k=20, random_k=20, seed=5, batch_size=7,
-                                        quantile_k=3, token_table=True)
+        monkeypatch.setattr(selection, "COMPILED_ON_CPU", compiled)
+        runs[compiled], _ = forward_pass.extract(model, tok, small_windows, units, top_k=20, random_k=20, seed=5,
+                                                 batch_size=7, quantile_k=3, token_table=True)
     for layer in units:
         fast, reference = runs[True][layer], runs[False][layer]
         assert fast.compiled and not reference.compiled
@@ -178,8 +179,8 @@ def test_the_compiled_update_works_where_no_cache_can_be_written():
         "from numba.core import caching\n"
         "caching.CacheImpl._locator_classes = []  # numba's answer where no folder can be written\n"
         "import numpy as np, torch\n"
-        "from ndx_pipeline.core.data import activations as act\n"
-        "sel = act.LayerSelection([0, 1], window_tokens=3, top_k=1, sample=np.array([], dtype=np.int64))\n"
+        "from ndx_pipeline.core.data import selection\n"
+        "sel = selection.LayerSelection([0, 1], window_tokens=3, top_k=1, sample=np.array([], dtype=np.int64))\n"
         "sel.update(torch.tensor([[[1.0, -1.0], [2.0, 0.5], [0.0, 0.0]]]), torch.tensor([[True, True, False]]),\n"
         "           torch.tensor([4]))\n"
         "print(sel.compiled, sel.top_window.tolist(), sel.top_acts.tolist())\n"
@@ -190,7 +191,7 @@ def test_the_compiled_update_works_where_no_cache_can_be_written():
 
 
 def test_ties_go_to_the_lower_window_index(selection_path):
-    sel = act.LayerSelection([0], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
+    sel = selection.LayerSelection([0], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
     acts = torch.tensor([[[1.0], [0.0]], [[2.0], [0.0]], [[1.0], [0.0]]])  # windows 0, 1, 2: maxima 1, 2, 1
     mask = torch.ones(3, 2, dtype=torch.bool)
     sel.update(acts, mask, torch.tensor([0, 1, 2]))
@@ -203,7 +204,7 @@ def test_ties_go_to_the_lower_window_index(selection_path):
 def test_ties_resolve_the_same_whatever_order_the_windows_come_in(selection_path):
     """With quantile samples the pilot windows go first, so windows arrive out of index order; a tie must still go
     to the lower window index."""
-    sel = act.LayerSelection([0], window_tokens=1, top_k=2, sample=np.array([], dtype=np.int64))
+    sel = selection.LayerSelection([0], window_tokens=1, top_k=2, sample=np.array([], dtype=np.int64))
     for w, v in [(5, 1.0), (9, 3.0), (2, 1.0), (7, 1.0), (0, 0.5)]:
         sel.update(torch.tensor([[[v]]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([w]))
     sel.finalize()
@@ -213,12 +214,13 @@ def test_ties_resolve_the_same_whatever_order_the_windows_come_in(selection_path
 @pytest.fixture(scope="module")
 def with_quantiles(subject, small_windows):
     model, tok = subject
-    return act.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5, batch_size=7, quantile_k=3)
+    return forward_pass.extract(model, tok, small_windows, LAYERS, top_k=20, random_k=20, seed=5, batch_size=7,
+                                quantile_k=3)
 
 
 def test_quantile_samples_follow_pilot_boundaries_and_brute_force(with_quantiles, extracted, brute, small_windows):
     selections, stats = with_quantiles
-    pilot = set(act.pilot_windows(len(small_windows), 5).tolist())
+    pilot = set(selection.pilot_windows(len(small_windows), 5).tolist())
     assert 0 < len(pilot) <= len(small_windows) // 2
     for layer, neurons in LAYERS.items():
         sel = selections[layer]
@@ -228,11 +230,11 @@ def test_quantile_samples_follow_pilot_boundaries_and_brute_force(with_quantiles
         np.testing.assert_allclose(sel.moments()[0], extracted[0][layer].moments()[0], rtol=1e-5, atol=1e-7)
         for i, _ in enumerate(neurons):
             maxima = np.array([a[:, i].max() for a in brute[layer]])
-            np.testing.assert_allclose(bounds[i], np.quantile(maxima[sorted(pilot)], act.QUANTILE_LEVELS),
+            np.testing.assert_allclose(bounds[i], np.quantile(maxima[sorted(pilot)], selection.QUANTILE_LEVELS),
                                        rtol=1e-4, atol=1e-4)
             others = np.array([w for w in range(len(maxima)) if w not in pilot])
             bucket_of = np.searchsorted(bounds[i], maxima[others], side="right")
-            for bucket in range(len(act.QUANTILE_LEVELS) + 1):
+            for bucket in range(len(selection.QUANTILE_LEVELS) + 1):
                 members = set(others[bucket_of == bucket].tolist())
                 assert seen[i, bucket] == len(members)
                 kept = [int(w) for w in windows[i, bucket] if w >= 0]
@@ -245,10 +247,10 @@ def test_quantile_samples_follow_pilot_boundaries_and_brute_force(with_quantiles
 
 def test_quantile_samples_follow_the_seed_and_reach_the_records(subject, small_windows, with_quantiles):
     model, tok = subject
-    again, _ = act.extract(model, tok, small_windows, {0: LAYERS[0]}, top_k=20, random_k=20, seed=5, batch_size=7,
-                           quantile_k=3)
+    again, _ = forward_pass.extract(model, tok, small_windows, {0: LAYERS[0]}, top_k=20, random_k=20, seed=5,
+                                    batch_size=7, quantile_k=3)
     assert again[0].quantile_samples()[0].tolist() == with_quantiles[0][0].quantile_samples()[0].tolist()
-    frame = act.records_frame(0, with_quantiles[0][0], small_windows, TokenTexts(tok))
+    frame = record_frames.records_frame(0, with_quantiles[0][0], small_windows, TokenTexts(tok))
     kinds = set(frame["kind"].unique())
     assert {"top", "random"} <= kinds and kinds - {"top", "random"} <= {f"quantile_{b}" for b in range(5)}
     assert "quantile_0" in kinds and len(kinds) >= 4
@@ -261,7 +263,7 @@ def test_quantile_samples_are_uniform_over_their_bucket(selection_path):
     units, t, k, batch, n_windows = 4000, 2, 2, 5, 80
     rng = np.random.default_rng(3)
     maxima = rng.permutation(n_windows).astype(np.float32)  # window w's max, the same for every unit
-    sel = act.LayerSelection(range(units), window_tokens=t, top_k=1, sample=np.array([0]), quantile_k=k, seed=9)
+    sel = selection.LayerSelection(range(units), window_tokens=t, top_k=1, sample=np.array([0]), quantile_k=k, seed=9)
     pilot = 2
     for number, b0 in enumerate(range(0, n_windows, batch)):
         if number == pilot:
@@ -273,7 +275,7 @@ def test_quantile_samples_are_uniform_over_their_bucket(selection_path):
     later = np.arange(pilot * batch, n_windows)
     bucket_of = np.searchsorted(bounds[0], maxima[later], side="right")
     checked = 0
-    for bucket in range(len(act.QUANTILE_LEVELS) + 1):
+    for bucket in range(len(selection.QUANTILE_LEVELS) + 1):
         members = later[bucket_of == bucket]
         assert (seen[:, bucket] == len(members)).all()
         if len(members) <= k:  # every member kept by every unit
@@ -294,7 +296,7 @@ def test_row_quantiles_equal_torch_quantile_to_the_bit():
     update paths must bucket every window alike: rows of every length from 1, ties (rounded values, zero rows, ReLU
     halves), infinities and NaN (its row all NaN)."""
     rng = np.random.default_rng(0)
-    levels = torch.tensor(act.QUANTILE_LEVELS, dtype=torch.float32)
+    levels = torch.tensor(selection.QUANTILE_LEVELS, dtype=torch.float32)
     for trial in range(40):
         m = int(rng.integers(1, 1500)) if trial else 1
         x = torch.from_numpy(rng.standard_normal((64, m)).astype(np.float32) * 3)
@@ -306,7 +308,7 @@ def test_row_quantiles_equal_torch_quantile_to_the_bit():
             x[:20] = 0.0
         if trial % 7 == 0:
             x[3, 0], x[4, -1], x[5, 0] = float("nan"), float("inf"), float("-inf")
-        want, got = torch.quantile(x, levels, dim=1).T, act.row_quantiles(x, levels)
+        want, got = torch.quantile(x, levels, dim=1).T, selection.row_quantiles(x, levels)
         assert torch.equal(got.isnan(), want.isnan()), trial
         assert torch.equal(got.nan_to_num(0.0, 1e30, -1e30), want.nan_to_num(0.0, 1e30, -1e30)), trial
 
@@ -317,15 +319,15 @@ def test_keep_smallest_keeps_each_rows_k_smallest_keys():
     rng = np.random.default_rng(0)
     k, n_b, rows = 4, 6, 3000
     kept = rng.integers(0, 1000, (rows, k))
-    kept[rng.random((rows, k)) < 0.2] = act.EMPTY_PRIORITY  # free slots
+    kept[rng.random((rows, k)) < 0.2] = selection.EMPTY_PRIORITY  # free slots
     batch = rng.integers(0, 1400, (rows, n_b))
-    batch[rng.random((rows, n_b)) < 0.3] = act.NEVER_ENTERS
+    batch[rng.random((rows, n_b)) < 0.3] = selection.NEVER_ENTERS
     for r in range(rows):  # keys distinct within a row, except free slots and non-candidates
         values = rng.permutation(5000)[: k + n_b]
-        kept[r] = np.where(kept[r] == act.EMPTY_PRIORITY, kept[r], values[:k])
-        batch[r] = np.where(batch[r] == act.NEVER_ENTERS, batch[r], values[k:])
+        kept[r] = np.where(kept[r] == selection.EMPTY_PRIORITY, kept[r], values[:k])
+        batch[r] = np.where(batch[r] == selection.NEVER_ENTERS, batch[r], values[k:])
     key = torch.tensor(np.hstack([kept, batch]))
-    row, slot, b, weakest = act.keep_smallest(key, k)  # an entering window takes a slot of its own row
+    row, slot, b, weakest = selection.keep_smallest(key, k)  # an entering window takes a slot of its own row
     after = key[:, :k].clone()
     after[row, slot] = key[row, k + b]
     expected = np.sort(np.hstack([kept, batch]), axis=1)[:, :k]
@@ -336,7 +338,7 @@ def test_keep_smallest_keeps_each_rows_k_smallest_keys():
 
 
 def test_padding_never_enters_statistics(selection_path):
-    sel = act.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
+    sel = selection.LayerSelection([0], window_tokens=3, top_k=1, sample=np.array([0]))
     acts = torch.tensor([[[-5.0], [-6.0], [99.0]]])
     mask = torch.tensor([[True, True, False]])
     sel.update(acts, mask, torch.tensor([0]))
@@ -353,7 +355,7 @@ def test_padding_never_enters_statistics(selection_path):
 def test_a_window_enters_the_top_windows_only_where_the_unit_fired(selection_path):
     """A unit silent (max ≤ 0) in a window never keeps it among its top ones, even with slots free; the windows where
     it fired are kept by (max desc, window asc) as before."""
-    sel = act.LayerSelection([0, 1], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
+    sel = selection.LayerSelection([0, 1], window_tokens=2, top_k=3, sample=np.array([], dtype=np.int64))
     acts = torch.tensor([[[0.0, -1.0], [0.0, -2.0]], [[0.5, 0.0], [0.0, 0.0]], [[-3.0, 0.0], [0.0, 0.0]],
                          [[0.0, 0.0], [0.7, 0.0]]])  # windows 0..3: unit 0 fires in 1 and 3, unit 1 in none
     sel.update(acts, torch.ones(4, 2, dtype=torch.bool), torch.arange(4))
@@ -367,7 +369,7 @@ def test_corpus_shorter_than_top_k_is_a_clear_error(subject, small_windows):
 
     model, tok = subject
     with pytest.raises(NdxInputError, match="fewer than top_k=500"):
-        act.extract(model, tok, small_windows, {0: [1]}, top_k=500)
+        forward_pass.extract(model, tok, small_windows, {0: [1]}, top_k=500)
 
 
 def test_a_mirrored_selection_equals_selecting_on_both_signs(selection_path):
@@ -383,7 +385,7 @@ def test_a_mirrored_selection_equals_selecting_on_both_signs(selection_path):
     token_ids = torch.tensor(rng.integers(0, 40, (n_windows, t)))
     args = dict(window_tokens=t, top_k=4, sample=np.array([5, 17, 60]), token_vocab=np.arange(40), quantile_k=2,
                 seed=1)
-    plain, mirrored = act.LayerSelection(ids, **args), act.LayerSelection(ids, mirrored=True, **args)
+    plain, mirrored = selection.LayerSelection(ids, **args), selection.LayerSelection(ids, mirrored=True, **args)
     pilot = 2  # batches that set the quantile boundaries
     for b, b0 in enumerate(range(0, n_windows, batch)):
         if b == pilot:
@@ -411,7 +413,7 @@ def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one(selec
     read) the same windows, activations, samples, quantile samples and token table too (its moments summed in
     float64, the plain one's in float32 per batch, or per window on the compiled path); it ignores an entry at a
     padding position."""
-    from ndx_pipeline.core.data.dictionaries import SparseActivations
+    from ndx_pipeline.core.data.selection import SparseActivations
 
     rng = np.random.default_rng(4)
     n, t, n_windows, batch = 900, 5, 64, 8
@@ -419,7 +421,7 @@ def test_a_nonnegative_selection_from_nonzero_entries_equals_the_dense_one(selec
     x = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.03, x.abs(), 0.0)
     token_ids = torch.tensor(rng.integers(0, 30, (n_windows, t)))
     args = dict(window_tokens=t, top_k=3, sample=np.array([2, 40]), quantile_k=2, seed=2, token_vocab=np.arange(30))
-    plain, silent_written, entries = (act.LayerSelection(range(n), nonnegative=nonneg, **args)
+    plain, silent_written, entries = (selection.LayerSelection(range(n), nonnegative=nonneg, **args)
                                       for nonneg in (False, True, True))
     for b, b0 in enumerate(range(0, n_windows, batch)):
         if b == 2:
@@ -465,7 +467,7 @@ def test_a_unit_whose_activations_are_not_finite_fails_alone(compiled, small_doc
             model.layers[0].mlp.up_proj.weight[77] = float("inf")
         return model, tokenizer
 
-    monkeypatch.setattr(act, "COMPILED_ON_CPU", compiled)
+    monkeypatch.setattr(selection, "COMPILED_ON_CPU", compiled)
     settings = dict(neurons=[5, 77, 300], window_tokens=24, top_k=5, random_k=3, quantile_k=2)
     clean = stages.activation_records(small_docs, None, [0], **settings)
     monkeypatch.setattr(stages, "load_subject_model", broken)

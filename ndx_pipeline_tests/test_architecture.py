@@ -14,6 +14,8 @@ Layers, lowest first (a module may import its own layer and those beneath it):
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,20 @@ def test_every_module_is_placed_in_a_layer():
     # and a module outside every layer is found (the package root used to place every module)
     assert rank("ndx_pipeline.newcomer") is None and rank("ndx_pipeline.core.newcomer") == 0
     assert rank("ndx_pipeline") == 0 and rank("ndx_pipeline.defs.assets.extraction") == RANKS["ndx_pipeline.defs"]
+
+
+# What the reports must not load: they read stored files, so `ndx-pipeline view` and `lineage` work where no LLM backend
+# or model library is importable (lineage rebuilds a stored prompt from pure text functions).
+REPORTS_LEAVE_UNLOADED = ("ndx_pipeline.core.llm.registry", "ndx_pipeline.core.llm.local",
+                          "ndx_pipeline.core.llm.openai", "openai", "transformers", "torch")
+
+
+def test_the_reports_load_no_llm_backend_and_no_model_library():
+    code = ("import sys, ndx_pipeline.reports.viewer, ndx_pipeline.reports.lineage\n"
+            f"print(' '.join(m for m in {REPORTS_LEAVE_UNLOADED!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [], f"importing the viewer and lineage loads {done.stdout.strip()}"
 
 
 @pytest.fixture

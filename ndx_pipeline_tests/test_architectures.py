@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data import forward_pass
 from ndx_pipeline.core.data.subject_model import load_subject_model, mlp_output_projections, mlp_width, num_layers
 from ndx_pipeline.core.data.windows import tokenize_windows
 from ndx_pipeline.core.errors import NdxInputError
@@ -83,8 +83,8 @@ def test_hook_reads_exactly_what_the_output_projection_receives(kind, tiny_model
     width = mlp_width(tiny_models[kind])
     assert width == (proj.in_features if hasattr(proj, "in_features") else proj.weight.shape[0])
     neurons = list(range(width))
-    selections, stats = act.extract(model, tok, windows, {layer: neurons}, top_k=3, random_k=4, seed=1,
-                                    batch_size=3)
+    selections, stats = forward_pass.extract(model, tok, windows, {layer: neurons}, top_k=3, random_k=4, seed=1,
+                                             batch_size=3)
     assert stats.tokens == windows.total_tokens
 
     # independent: capture the MLP's input for each window alone and recompute the hidden units

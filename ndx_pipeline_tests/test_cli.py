@@ -63,8 +63,9 @@ def test_a_bad_corpus_is_one_sentence_and_nothing_else(kind, message, tmp_path, 
 
 
 def test_core_imports_no_dagster():
-    code = ("import sys; import ndx_pipeline.core.data.activations, ndx_pipeline.core.llm.backend, ndx_pipeline.core.method.scoring, "
-            "ndx_pipeline.core.method.explainer, ndx_pipeline.core.data.excerpts, ndx_pipeline.core.data.corpus; "
+    code = ("import sys; import ndx_pipeline.core.data.forward_pass, ndx_pipeline.core.data.record_frames, "
+            "ndx_pipeline.core.llm.backend, ndx_pipeline.core.method.scoring, ndx_pipeline.core.method.explainer, "
+            "ndx_pipeline.core.data.excerpts, ndx_pipeline.core.data.corpus; "
             "print('dagster' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -46,10 +46,10 @@ def settings(tmp_path, monkeypatch):
 
 @pytest.fixture
 def counters(monkeypatch):
-    import ndx_pipeline.core.stages as assets_mod
+    from ndx_pipeline.core import stages
 
     counts = {"subject_model_loads": 0, "extractions": 0, "explainer_calls": 0, "simulator_calls": 0}
-    real_load, real_extract = assets_mod.load_subject_model, assets_mod.act.extract
+    real_load, real_extract = stages.load_subject_model, stages.forward_pass.extract
     real_chat, real_values = LocalTransformersBackend.chat, LocalTransformersBackend.value_probabilities
 
     def load(*a, **k):
@@ -68,8 +68,8 @@ def counters(monkeypatch):
         counts["simulator_calls"] += 1
         return real_values(self, *a, **k)
 
-    monkeypatch.setattr(assets_mod, "load_subject_model", load)
-    monkeypatch.setattr(assets_mod.act, "extract", extract)
+    monkeypatch.setattr(stages, "load_subject_model", load)
+    monkeypatch.setattr(stages.forward_pass, "extract", extract)
     monkeypatch.setattr(LocalTransformersBackend, "chat", chat)
     monkeypatch.setattr(LocalTransformersBackend, "value_probabilities", values)
     return counts

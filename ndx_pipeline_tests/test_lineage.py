@@ -31,8 +31,8 @@ from ndx_pipeline.core.contract import (
 )
 from ndx_pipeline.core.data.excerpts import split_excerpts
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.llm.backend import sent_prompt_sha256
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
+from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, explainer_messages, prompt_sha256
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.storage import asset_path, variant_layers, write_parquet_atomic

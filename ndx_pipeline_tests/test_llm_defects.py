@@ -423,8 +423,8 @@ def test_simulation_prompt_that_cannot_fit_fails_that_excerpt():
 def test_a_count_cleared_by_another_thread_meanwhile_is_counted_again():
     """count_tokens read its cache twice (a membership test, then the value): a clear by another thread in between
     raised KeyError. The clear is staged here between the two reads."""
-    from ndx_pipeline.core.llm.backend import sent_prompt_sha256
     from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend
+    from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 
     class ClearedAfterTheTest(dict):
         def __contains__(self, key):  # the other thread clears right after this thread looked

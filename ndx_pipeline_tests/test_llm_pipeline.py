@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from ndx_pipeline.core.contract import SCHEMAS
-from ndx_pipeline.core.llm.local import load_tokenizer
+from ndx_pipeline.core.llm.sent_prompts import load_tokenizer
 from ndx_pipeline.core.method.simulator import simulation_prompt
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.definitions import build_definitions

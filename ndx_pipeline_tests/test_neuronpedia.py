@@ -227,7 +227,7 @@ def test_output_tokens_on_gpt2_conv1d_and_a_dictionary_decoder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ndx_pipeline.core.data import output_tokens as ot
-    from ndx_pipeline.core.data.dictionaries import decoder_rows
+    from ndx_pipeline.core.data.dictionary_formats import decoder_rows
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=8, n_layer=2, n_head=2, n_positions=16)).eval()
@@ -283,7 +283,7 @@ def test_lineage_verifies_a_prompt_that_listed_the_output_tokens():
     """An explanation written with `quality.explainer_logits` on: lineage rebuilds the prompt with the unit's
     output tokens listed and verifies its hash; without them the rebuilt prompt is not the one sent."""
     from ndx_pipeline.core.method.explainer import explainer_messages
-    from ndx_pipeline.reports.lineage import rebuild_prompt
+    from ndx_pipeline.core.method.prompt_rebuild import rebuild_prompt
     from ndx_pipeline_tests.test_lineage import FIXTURE_EXPLAINER, sent_sha
 
     shown = [(["a", " b", " c"], [0.0, 2.0, 0.5])]

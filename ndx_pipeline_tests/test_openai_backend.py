@@ -28,12 +28,11 @@ from ndx_pipeline.core.llm.backend import (
     PromptTooLongError,
     RecordableLLMError,
     map_concurrently,
-    sent_prompt_sha256,
 )
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
-from ndx_pipeline.core.llm.openai.backend import chat_messages_for_api, continuation_after, grammar_safe
+from ndx_pipeline.core.llm.openai.backend import continuation_after, grammar_safe
 from ndx_pipeline.core.llm.openai.logprobs import (
     LogprobAlignmentError,
     LogprobsUnavailableError,
@@ -48,6 +47,7 @@ from ndx_pipeline.core.llm.openai.transport import (
     parse_retry_after,
     redact_secret,
 )
+from ndx_pipeline.core.llm.sent_prompts import chat_messages_for_api, sent_prompt_sha256
 from ndx_pipeline.core.method.explainer import LEAD_IN, explain_layer, explainer_messages, parse_explanation
 from ndx_pipeline.core.method.simulator import expected_values, simulate_excerpt, simulation_prompt
 from ndx_pipeline.core.method.simulator_json import (

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from ndx_pipeline.core import stages
 from ndx_pipeline.core.contract import DEAD, DICTIONARY_LATENT, MLP_NEURON, RECORD_SCHEMA, negative_id, unit_label
-from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data import forward_pass, record_frames
 from ndx_pipeline.core.data.dictionaries import load_dictionary
 from ndx_pipeline.core.data.units import DictionaryLatents, MlpNeurons, dictionaries_by_layer
 from ndx_pipeline.core.data.windows import TokenTexts
@@ -94,8 +94,8 @@ def hidden(subject, small_windows):
 def sided(subject, small_windows):
     model, tok = subject
     units = {0: MlpNeurons(0, NEURONS, "negative"), 2: MlpNeurons(2, NEURONS, "both")}
-    selections, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
-                                batch_size=7)
+    selections, _ = forward_pass.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
+                                         batch_size=7)
     return units, selections
 
 
@@ -121,7 +121,7 @@ def test_both_sides_are_two_units_kept_apart(sided, hidden, small_windows, subje
     units, selections = sided
     assert units[2].ids == [3, 250, 1000, -4, -251, -1001]
     check_selection(selections[2], [np.concatenate([a[:, NEURONS], -a[:, NEURONS]], axis=1) for a in hidden[2]])
-    records = act.records_frame(2, selections[2], small_windows, TokenTexts(subject[1]), units[2])
+    records = record_frames.records_frame(2, selections[2], small_windows, TokenTexts(subject[1]), units[2])
     assert_stored_as_contract(records, tmp_path)
     by_unit = records.group_by("neuron").agg(pl.col("polarity").unique(), pl.col("unit_index").unique(),
                                              pl.col("unit_kind").unique(), pl.len())
@@ -237,8 +237,8 @@ def dictionary_run(subject, small_windows, tmp_path_factory):
     latents = list(range(LATENTS))
     units = {L[name]: DictionaryLatents(L[name], load_dictionary(folder), latents)
              for name, (folder, _, _) in made.items()}
-    selections, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
-                                batch_size=7)
+    selections, _ = forward_pass.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
+                                         batch_size=7)
     return made, units, selections, root
 
 
@@ -260,7 +260,7 @@ def test_latents_equal_an_independent_encoding(dictionary_run, name):
 def test_dictionary_records_name_their_units_and_skip_the_dead(dictionary_run, small_windows, subject, tmp_path):
     _, units, selections, _ = dictionary_run
     layer = LAYER_OF["sparsify_transcoder"]
-    records = act.records_frame(layer, selections[layer], small_windows, TokenTexts(subject[1]), units[layer])
+    records = record_frames.records_frame(layer, selections[layer], small_windows, TokenTexts(subject[1]), units[layer])
     assert_stored_as_contract(records, tmp_path)
     assert set(records["unit_kind"].unique()) == {DICTIONARY_LATENT}
     assert set(records["polarity"].unique()) == {1}
@@ -461,13 +461,14 @@ def test_a_latent_whose_activations_are_not_finite_fails_alone(subject, small_wi
     for name, weights in (("clean", W), ("broken", broken)):
         folder = saelens_folder(tmp_path, name, "standard", weights, b, d, "blocks.1.hook_resid_post")
         units[name] = DictionaryLatents(1, load_dictionary(folder), list(range(LATENTS)))
-    found, _ = act.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3, batch_size=7)
+    found, _ = forward_pass.extract(model, tok, small_windows, units, top_k=TOP_K, random_k=RANDOM_K, seed=3,
+                                    batch_size=7)
     failed = found["broken"].failed()
     assert list(failed) == [2] and failed[2][0] > 0 and failed[2][1] >= 0
     assert found["clean"].failed() == {}
     texts = TokenTexts(tok)
-    clean = act.records_frame(1, found["clean"], small_windows, texts, units["clean"])
-    records = act.records_frame(1, found["broken"], small_windows, texts, units["broken"])
+    clean = record_frames.records_frame(1, found["clean"], small_windows, texts, units["clean"])
+    records = record_frames.records_frame(1, found["broken"], small_windows, texts, units["broken"])
     assert records.filter(pl.col("neuron") == 2)["kind"].to_list() == ["failed"]
 
     def others(frame):  # (unit_source names each dictionary's own file)

@@ -378,13 +378,13 @@ def test_the_sensors_act_on_their_own_variants(two_variants, tmp_path):
 def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, capsys):
     """`run --variant neurons --variant neurons-negative`: two unit sets of the same layers, one pass of the subject
     model; the second variant's records are those a pass of its own keeps, and both variants are scored."""
-    import ndx_pipeline.core.data.activations as act
     from ndx_pipeline.cli import main
     from ndx_pipeline.core import stages
+    from ndx_pipeline.core.data import forward_pass
     from ndx_pipeline.defs.resources import default_resources
 
-    passes, real = [], act.extract
-    monkeypatch.setattr(act, "extract", lambda *a, **k: passes.append(list(a[3])) or real(*a, **k))
+    passes, real = [], forward_pass.extract
+    monkeypatch.setattr(forward_pass, "extract", lambda *a, **k: passes.append(list(a[3])) or real(*a, **k))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     storage = tmp_path / "storage"
     code = main(["run", "--variant", "neurons", "--variant", "neurons-negative", "--layers", "0-1", "--neurons",

@@ -31,13 +31,15 @@ from ndx_pipeline.core.contract import (
     TOKEN_LIST_BASELINE,
     TOKEN_TABLE_SCHEMA,
 )
-from ndx_pipeline.core.data import activations as act
-from ndx_pipeline.core.data import excerpts as exc
+from ndx_pipeline.core.data import forward_pass
 from ndx_pipeline.core.data import output_tokens as out_tokens
 from ndx_pipeline.core.data.corpus import read_corpus
-from ndx_pipeline.core.data.dictionaries import decoder_rows
+from ndx_pipeline.core.data.dictionary_formats import decoder_rows
+from ndx_pipeline.core.data.excerpts import calibration_excerpts, split_excerpts
 from ndx_pipeline.core.data.planted import PLANTED_UNIT, PlantedUnits, planted_selection
 from ndx_pipeline.core.data.planted import RULES as PLANTED_RULES
+from ndx_pipeline.core.data.record_frames import records_frame, token_table_frame
+from ndx_pipeline.core.data.selection import ExtractionStats
 from ndx_pipeline.core.data.subject_model import (
     TRAINED,
     check_layers,
@@ -124,7 +126,7 @@ class LayerRecords:
 @dataclass
 class Extraction:
     layers: dict[int, LayerRecords]
-    stats: act.ExtractionStats  # tokens, windows, seconds, tokens_per_second of the pass
+    stats: ExtractionStats  # tokens, windows, seconds, tokens_per_second of the pass
     device: str
     joint: dict[str, dict[int, LayerRecords]] = field(default_factory=dict)  # the `also` choices' layers, by name
 
@@ -152,8 +154,8 @@ class UnitChoice:
                          neurons_per_layer=self.neurons_per_layer, seed=self.seed, dictionary=self.dictionary,
                          dictionary_hook=self.dictionary_hook)
 
-    def keep(self) -> act.Keep:
-        return act.Keep(self.top_k, self.random_k, self.seed, self.token_table)
+    def keep(self) -> forward_pass.Keep:
+        return forward_pass.Keep(self.top_k, self.random_k, self.seed, self.token_table)
 
     def pass_key(self) -> tuple:
         """What choices read in one pass agree on: the model's weights (a random-weight model is seeded) and what
@@ -215,7 +217,7 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
             raise ValueError(f"{name} cannot share this pass: its model weights, quantile_k or seed differ.")
     slots: dict[tuple, UnitSet] = {}
     planted: dict[tuple, PlantedUnits] = {}  # no model: their activations are rules over the tokens
-    keep: dict[tuple, act.Keep] = {}
+    keep: dict[tuple, forward_pass.Keep] = {}
     described: dict[str, list[str]] = {}
     for name, choice in choices.items():
         for layer, unit_set in choice.unit_sets(model).items():
@@ -236,7 +238,7 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
     selections, stats = {}, None
     if slots:
         progress = Progress("activations", windows.total_tokens, log, unit="tokens")
-        selections, stats = act.extract(subject, tokenizer, windows, slots, top_k, random_k, seed, batch_size,
+        selections, stats = forward_pass.extract(subject, tokenizer, windows, slots, top_k, random_k, seed, batch_size,
                                         lambda done, total, seconds: progress.set(done), quantile_k=quantile_k,
                                         keep=keep)
     for slot, units_of in planted.items():
@@ -252,9 +254,9 @@ def activation_records(documents: pl.DataFrame, model: str | None, layers: Seque
         selection, counted = selections.pop((name, layer)), keep[name, layer].token_table
 
         def build(layer=layer, unit_set=unit_set, selection=selection, counted=counted):
-            table = (act.token_table_frame(layer, selection, texts) if counted
+            table = (token_table_frame(layer, selection, texts) if counted
                      else pl.DataFrame(schema=TOKEN_TABLE_SCHEMA))
-            return act.records_frame(layer, selection, windows, texts, unit_set), table
+            return records_frame(layer, selection, windows, texts, unit_set), table
 
         failed = {unit_set.ids[u]: f"activation not finite on {count} tokens, first in window {first}"
                   for u, (count, first) in selection.failed().items()}
@@ -316,10 +318,10 @@ def top_excerpts(records: pl.DataFrame, explain: int = 5, score_top: int = 5, sc
     split best-of-k chooses on when its counts are above 0 (disjoint from all three). Units that fired in too few
     windows to fill the splits (and dead ones) are left out: nothing downstream explains them. Excerpt ids are
     prefixed with `scope` (the variant: `contract.scoped`)."""
-    frame = exc.split_excerpts(records, explain, score_top, score_random)
+    frame = split_excerpts(records, explain, score_top, score_random)
     if calibration_top or calibration_random:  # for the units the splits keep (not those too sparse to explain)
         kept = frame.select("layer", "neuron").unique()
-        frame = pl.concat([frame, exc.calibration_excerpts(records, calibration_top, calibration_random, kept)])
+        frame = pl.concat([frame, calibration_excerpts(records, calibration_top, calibration_random, kept)])
     return contract.scoped(frame, "excerpt_id", scope)
 
 

@@ -41,9 +41,7 @@ from ndx_pipeline.core.contract import (
     unit_label,
 )
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.llm.backend import sent_prompt_sha256
-from ndx_pipeline.core.llm.registry import rebuild_sent_prompt
-from ndx_pipeline.core.method.explainer import LEAD_IN, PromptFit, prompt_sha256
+from ndx_pipeline.core.method.prompt_rebuild import rebuild_prompt
 from ndx_pipeline.core.storage import asset_path, read_asset, read_asset_if_any, stored_variants, variant_layers
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -221,40 +219,6 @@ def _excerpt_entry(documents: Documents, ex: Mapping) -> dict:
     return entry
 
 
-def rebuild_prompt(chosen: Mapping, shown: list, output: tuple | None = None) -> dict:
-    """The explainer prompt of a stored explanation as its backend sent it, rebuilt from the neuron's explain
-    excerpts (`shown`, in rank order), and whether its hash is the stored one.
-
-    Keys: sent (the rebuilt sent prompt, None when it cannot be rebuilt), messages and assistant_prefix (the
-    template, as fitted), digest (whether the "Strongest tokens" line was in it: rows do not say, so both are
-    tried), excerpts_shown, prompt_fitted, sha256 (of `sent`), verified, note (why not verified, None when it is).
-    `output`: the unit's output tokens (promoted, suppressed); prompts listing them (`quality.explainer_logits`) are
-    tried after those without, since rows do not say either.
-    """
-    stored = chosen.get("prompt_sha256")
-    fit = PromptFit.parse(chosen.get("prompt_fitted"), chosen.get("excerpts_shown"), len(shown))
-    tried = []
-    for digest, listed in [(True, None), (False, None), *([(True, output), (False, output)] if output else [])]:
-        messages = fit.messages(shown, digest, listed)
-        sent, why = rebuild_sent_prompt(chosen.get("explainer"), messages, LEAD_IN)
-        sha = sent_prompt_sha256(sent) if sent is not None else None
-        tried.append({"sent": sent, "messages": messages, "assistant_prefix": LEAD_IN, "digest": digest,
-                      "output_tokens_listed": listed is not None,
-                      "excerpts_shown": fit.excerpts, "prompt_fitted": chosen.get("prompt_fitted"), "sha256": sha,
-                      "verified": bool(stored) and sha == stored, "note": why})
-        if sent is None or sha == stored:
-            break
-    out = next((t for t in tried if t["verified"]), tried[0])
-    if not chosen:
-        out["note"] = "no explanation row to check the prompt against"
-    elif out["sent"] is not None and not out["verified"]:
-        old = stored in {prompt_sha256(t["messages"]) for t in tried}
-        out["note"] = ("the stored hash is of the template messages (rows written before the sent prompt was "
-                       "hashed); the prompt shown is rebuilt as sent, not verified" if old else
-                       "the stored hash differs from the rebuilt prompt's")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- lineage
 
 
@@ -272,26 +236,65 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
     """Lineage of one neuron from already-read layer files (the viewer calls this once per neuron)."""
     layer, variant = data.layer, data.variant
     neuron = int(neuron)
-    score_rows = data.neuron("scores", neuron)
-    if score_rows.is_empty():
-        known = data.neurons()
-        shown = ", ".join(map(str, known[:20])) + (" …" if len(known) > 20 else "")
-        raise NdxInputError(f"layer {layer} of variant {variant} has no score for neuron {neuron}; scored neurons: "
-                            f"{shown or 'none'}.")
-    score = _row(score_rows)
+    score = _score_row(data, neuron)
     run_info = normalize_runs(runs, layer, variant)
     expl_rows = data.neuron("explanations", neuron)
     explanation_id = score.get("explanation_id")
     chosen = _row(expl_rows.filter(pl.col("explanation_id") == explanation_id)) if explanation_id else {}
     excerpts = data.neuron("excerpts", neuron).sort(["split", "kind", "rank"])
-
-    # The explainer prompt, rebuilt as explain_layer built it (explain excerpts in rank order) and its backend sent it.
-    explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
     tokens = data.neuron("output_tokens", neuron)
+    explanation = _explanation(data, score, chosen, excerpts, tokens)
+    scored, unresolved = _scored_excerpts(data, neuron, explanation_id, excerpts)
+    scorers = scorer_lineage(data, neuron)
+    records = data.neuron("records", neuron)
+    result = {
+        "variant": variant,
+        "layer": layer,
+        "neuron": neuron,
+        "unit": unit_of(records, neuron),
+        "subject_model": _subject_model(subject_model, records, run_info),
+        "score": score,
+        "explanation": explanation,
+        "explanations": [
+            {k: r.get(k) for k in ("explanation_id", "explanation", "explainer", "prompt_sha256", "status", "error")}
+            for r in expl_rows.sort("explanation_id").iter_rows(named=True)
+        ],
+        "simulator": next((e["simulator"] for e in scored if e.get("simulator")), None),
+        "neuron_stats": _neuron_stats(records),
+        # what the unit's output direction promotes and suppresses (its weights'; None: not computed, or a
+        # planted unit, which has no weights)
+        "output_tokens": {k: _row(tokens)[k] for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens",
+                                                        "suppressed_logits", "direction")} if len(tokens) else None,
+        "excerpts": scored,
+        "scorers": scorers,
+        "runs": run_info,
+        "files": _files(data, scorers),
+        "checks": _checks(explanation, scored, unresolved, scorers),
+    }
+    return json_safe(result)
+
+
+def _score_row(data: LayerData, neuron: int) -> dict:
+    """The neuron's scores row; a neuron the layer did not score is refused, naming those it did."""
+    score_rows = data.neuron("scores", neuron)
+    if score_rows.is_empty():
+        known = data.neurons()
+        shown = ", ".join(map(str, known[:20])) + (" …" if len(known) > 20 else "")
+        raise NdxInputError(f"layer {data.layer} of variant {data.variant} has no score for neuron {neuron}; scored "
+                            f"neurons: {shown or 'none'}.")
+    return _row(score_rows)
+
+
+def _explanation(data: LayerData, score: Mapping, chosen: Mapping, excerpts: pl.DataFrame,
+                 tokens: pl.DataFrame) -> dict:
+    """The scored explanation, with its explainer prompt rebuilt as explain_layer built it (the explain excerpts in
+    rank order, and the unit's output tokens where prompts listed them) and its backend sent it, and whether the
+    stored hash is that prompt's; and its explain excerpts, each with its document."""
+    explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
     output = (tokens["promoted_tokens"][0].to_list(), tokens["suppressed_tokens"][0].to_list()) if len(tokens) else None
     prompt = rebuild_prompt(chosen, list(zip(explain["tokens"].to_list(), explain["activations"].to_list())), output)
-    explanation = {
-        "explanation_id": explanation_id,
+    return {
+        "explanation_id": score.get("explanation_id"),
         "explanation": chosen.get("explanation", score.get("explanation")),
         "explainer": chosen.get("explainer"),
         "status": chosen.get("status"),
@@ -304,12 +307,11 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         "excerpts": [_excerpt_entry(data.documents, ex) | {"activations": list(ex["activations"])}
                      for ex in explain.iter_rows(named=True)],
     }
-    candidates = [
-        {k: r.get(k) for k in ("explanation_id", "explanation", "explainer", "prompt_sha256", "status", "error")}
-        for r in expl_rows.sort("explanation_id").iter_rows(named=True)
-    ]
 
-    # Every scored excerpt: its simulation (true and simulated activations) and its document.
+
+def _scored_excerpts(data: LayerData, neuron: int, explanation_id, excerpts: pl.DataFrame) -> tuple[list, list]:
+    """(every excerpt the explanation was scored on: its simulation, true and simulated activations, and its
+    document, in split and rank order; the excerpt ids of simulations that name no stored excerpt)."""
     sims = data.neuron("simulations", neuron)
     if explanation_id is not None:
         sims = sims.filter(pl.col("explanation_id") == explanation_id)
@@ -331,14 +333,29 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         scored.append(entry)
     scored.sort(key=lambda e: (SCORED_SPLITS.index(e["split"]) if e["split"] in SCORED_SPLITS else 9,
                                e.get("rank") if e.get("rank") is not None else 0))
+    return scored, unresolved
 
-    scorers = scorer_lineage(data, neuron)
-    records = data.neuron("records", neuron)
-    stats = {}
-    unit = unit_of(records, neuron)
-    if len(records):
-        first = _row(records)
-        stats = {k: first.get(f"neuron_{k}") for k in ("mean", "variance", "max", "token_count")}
+
+def _neuron_stats(records: pl.DataFrame) -> dict:
+    """The unit's mean, variance, max and token count over the corpus, from its activation records ({}: none)."""
+    if not len(records):
+        return {}
+    first = _row(records)
+    return {k: first.get(f"neuron_{k}") for k in ("mean", "variance", "max", "token_count")}
+
+
+def _files(data: LayerData, scorers: Mapping) -> dict:
+    """The files the lineage read: every stage's (the corpus is every variant's) and the scorers' that ran."""
+    layer, variant = data.layer, data.variant
+    return ({stage: str(asset_path(data.storage_dir, stage) if stage == "corpus" else
+                        asset_path(data.storage_dir, stage, layer, variant)) for stage in STAGES}
+            | {asset: str(asset_path(data.storage_dir, asset, layer, variant))
+               for name in scorers for asset in (*SCORER_ASSETS[name], SCORER_EXCERPTS)})
+
+
+def _checks(explanation: Mapping, scored: list, unresolved: list, scorers: Mapping) -> dict:
+    """What held: the prompt's hash, every simulation resolved to an excerpt, every excerpt's document found and its
+    text equal to its tokens, the scorers' excerpts likewise; `all_links_resolved` when every one did."""
     every = scored + explanation["excerpts"]
     checks = {
         "prompt_sha256_matches": explanation["prompt_verified"],
@@ -359,32 +376,7 @@ def neuron_lineage(data: LayerData, neuron: int, runs: Mapping[str, Any] | None 
         and checks["prompt_sha256_matches"] and all(e["text"] is not None for e in every)
         and checks["scorer_excerpts_resolved"]
     )
-    simulator = next((e["simulator"] for e in scored if e.get("simulator")), None)
-    result = {
-        "variant": variant,
-        "layer": layer,
-        "neuron": neuron,
-        "unit": unit,
-        "subject_model": _subject_model(subject_model, records, run_info),
-        "score": score,
-        "explanation": explanation,
-        "explanations": candidates,
-        "simulator": simulator,
-        "neuron_stats": stats,
-        # what the unit's output direction promotes and suppresses (its weights'; None: not computed, or a
-        # planted unit, which has no weights)
-        "output_tokens": {k: _row(tokens)[k] for k in ("promoted_tokens", "promoted_logits", "suppressed_tokens",
-                                                        "suppressed_logits", "direction")} if len(tokens) else None,
-        "excerpts": scored,
-        "scorers": scorers,
-        "runs": run_info,
-        "files": {stage: str(asset_path(data.storage_dir, stage) if stage == "corpus" else
-                             asset_path(data.storage_dir, stage, layer, variant)) for stage in STAGES}
-                 | {asset: str(asset_path(data.storage_dir, asset, layer, variant))
-                    for name in scorers for asset in (*SCORER_ASSETS[name], SCORER_EXCERPTS)},
-        "checks": checks,
-    }
-    return json_safe(result)
+    return checks
 
 
 def scorer_lineage(data: LayerData, neuron: int) -> dict:

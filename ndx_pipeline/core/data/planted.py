@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ndx_pipeline.core.data import activations as act
+from ndx_pipeline.core.data.selection import ExtractionStats, LayerSelection, random_windows, window_order
 from ndx_pipeline.core.data.windows import TokenTexts, Windows
 from ndx_pipeline.core.errors import NdxInputError
 
@@ -130,10 +130,10 @@ def planted_selection(windows: Windows, token_texts: TokenTexts, units: PlantedU
                         for rule in rules], dtype=bool)
     positions = np.searchsorted(vocab, windows.ids)  # [W, T] index of each token id in vocab
     real = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
-    selection = act.LayerSelection(units.ids, windows.window_tokens, top_k,
-                                   act.random_windows(len(windows), random_k, seed), "cpu", quantile_k=quantile_k,
-                                   seed=seed, token_vocab=np.unique(windows.ids[real]) if token_table else None)
-    order, pilot_batches = act.window_order(len(windows), quantile_k, seed, batch_size)
+    selection = LayerSelection(units.ids, windows.window_tokens, top_k, random_windows(len(windows), random_k, seed),
+                               "cpu", quantile_k=quantile_k, seed=seed,
+                               token_vocab=np.unique(windows.ids[real]) if token_table else None)
+    order, pilot_batches = window_order(len(windows), quantile_k, seed, batch_size)
     started, done = time.perf_counter(), 0
     t = windows.window_tokens
     for number, b0 in enumerate(range(0, len(order), batch_size)):
@@ -156,4 +156,4 @@ def planted_selection(windows: Windows, token_texts: TokenTexts, units: PlantedU
             progress(done, windows.total_tokens, time.perf_counter() - started)
     selection.end_pilot()
     selection.finalize()
-    return selection, act.ExtractionStats(done, len(windows), time.perf_counter() - started, 0)
+    return selection, ExtractionStats(done, len(windows), time.perf_counter() - started, 0)

@@ -1,7 +1,7 @@
 """The streaming selection's update for one batch of dense units on the CPU, compiled (numba): one call per layer and
 batch does what `LayerSelection`'s torch path does in about 60 tensor operations. Beside it, `order_statistics` (the
 quantile pilot's boundaries without sorting every row) and `cut_windows` (the kept windows copied into the records'
-rows once, `activations.records_frame`).
+rows once, `record_frames.records_frame`).
 
 On 2 CPU cores each of those operations costs 15–300 µs, mostly dispatch and temporaries, for a [16 windows × 64
 tokens × 1536 neurons] batch; compiled, the batch is read once for its per-window sums, squares, maxima and minima,

@@ -2,9 +2,9 @@
 
 A `UnitSet` says where in a layer it reads (`hook`: the MLP's hidden units, the residual stream, …), turns what it
 reads into one activation per unit and token (`encode`), and names its units (`ids`, stored in the contract's `neuron`
-column, and `describe`, the contract's unit columns). The streaming selection (`activations.extract`) works on
-whatever `encode` returns, so a new kind of unit is a new `UnitSet` and nothing else: one forward pass still serves
-every layer's units.
+column, and `describe`, the contract's unit columns). The streaming selection (`selection`, fed by
+`forward_pass.extract`) works on whatever `encode` returns, so a new kind of unit is a new `UnitSet` and nothing else:
+one forward pass still serves every layer's units.
 
 Implemented here:
 - `MlpNeurons`: the paper's units, coordinates of the input to the layer's MLP output projection (the post-activation

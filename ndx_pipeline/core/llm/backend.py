@@ -10,8 +10,6 @@ registers itself in `registry.BACKENDS`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import threading
@@ -41,13 +39,7 @@ def short_text(text: Any, limit: int = 200, redact: Callable[[str], str] | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What a backend sends: its hash, and an upper estimate of its length in tokens
-
-
-def sent_prompt_sha256(sent: Mapping[str, Any]) -> str:
-    """The hash of a prompt as a backend sends it (`LLMBackend.sent_prompt`): what rows store as prompt_sha256."""
-    payload = json.dumps(sent, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+# What a backend sends: an upper estimate of its length in tokens (its hash: `sent_prompts.sent_prompt_sha256`)
 
 
 # Word-level pieces: a word with its leading space, a digit, a whitespace character, a punctuation mark. A BPE

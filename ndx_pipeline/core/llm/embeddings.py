@@ -33,7 +33,6 @@ import numpy as np
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import Outcome, map_concurrently
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cache_key, cached_call
-from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
 from ndx_pipeline.core.llm.openai.backend import normalize_base_url, token_count
 from ndx_pipeline.core.llm.openai.transport import (
     LLMRequestError,
@@ -44,6 +43,7 @@ from ndx_pipeline.core.llm.openai.transport import (
     redact_secret,
 )
 from ndx_pipeline.core.llm.registry import api_key
+from ndx_pipeline.core.llm.sent_prompts import OPENAI_KIND
 from ndx_pipeline.core.models import ModelSource, model_identity
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, Prompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.llm.errors import LLMStopped
+from ndx_pipeline.core.llm.sent_prompts import LOCAL_KIND, MODEL_FILES_LOCK, chat_prompt_text, load_tokenizer
 from ndx_pipeline.core.models import (
     AUTO_DTYPE,
     llm_dtype,
@@ -47,7 +47,6 @@ from ndx_pipeline.core.models import (
     torch_dtype,
 )
 
-_LOAD_LOCK = threading.Lock()
 BATCH_SIZE = 8  # requests computed together (measured on 2 CPU cores: benchmarks/llm_stages.py)
 HEADS_KEPT = 4  # simulation prompt heads whose keys and values are kept for the next batch
 MIN_SHARED_HEAD = 16  # tokens a head must share with the first one for its keys and values to be reused
@@ -81,38 +80,8 @@ def _causal_lm(model_name: str, dtype: str):
 
 
 def load_causal_lm(model_name: str, dtype: str = "float32"):
-    with _LOAD_LOCK:
+    with MODEL_FILES_LOCK:
         return _causal_lm(model_name, dtype)
-
-
-@lru_cache(maxsize=8)
-def _tokenizer(model_name: str):
-    from transformers import AutoTokenizer
-
-    path, kwargs = loadable(resolve_model(model_name))
-    return AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def load_tokenizer(model_name: str):
-    """The model's tokenizer alone (enough to render and count prompts, e.g. for lineage, without the weights)."""
-    with _LOAD_LOCK:
-        return _tokenizer(model_name)
-
-
-def chat_prompt_text(tokenizer, messages: list[dict], assistant_prefix: str) -> str:
-    """The text the model reads for a chat: its chat template (a plain transcript for a base model), the
-    generation prompt, then the prefilled start of the answer."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # a base model: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-    return text + assistant_prefix
-
-
-def sent_chat_prompt(model_name: str, messages: list[dict], assistant_prefix: str) -> dict:
-    """What the in-process backend for `model_name` puts before the model for a chat (see
-    `LLMBackend.sent_prompt`); needs only the tokenizer."""
-    return {"text": chat_prompt_text(load_tokenizer(resolve_model(model_name).name), messages, assistant_prefix)}
 
 
 class LocalTransformersBackend(LLMBackend):
@@ -164,7 +133,7 @@ class LocalTransformersBackend(LLMBackend):
 
     @property
     def name(self) -> str:
-        return f"local:{self.model_name}"
+        return f"{LOCAL_KIND}:{self.model_name}"
 
     def _lm(self):
         return load_causal_lm(self.model_name, self.dtype)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.llm.backend import LLMBackend
 from ndx_pipeline.core.llm.cache import LLMStats
-from ndx_pipeline.core.llm.local import LocalTransformersBackend, sent_chat_prompt
+from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.llm.openai import OpenAICompatibleBackend, RetryPolicy
-from ndx_pipeline.core.llm.openai.backend import KIND as OPENAI_KIND
-from ndx_pipeline.core.llm.openai.backend import TEN_PROBES, chat_messages_for_api
+from ndx_pipeline.core.llm.openai.backend import TEN_PROBES
 from ndx_pipeline.core.models import AUTO_DTYPE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -112,25 +111,3 @@ def build_backend(spec: LLMSpec, cache_dir: os.PathLike | None = None, stats: LL
         raise NdxInputError(f"ten_probe {spec.ten_probe!r} is not known (available: {', '.join(TEN_PROBES)}; "
                             "see README).")
     return builder(spec, cache_dir, stats)
-
-
-# How each backend sends a chat, by the kind its `name` starts with ("local:…", "openai-compatible:…"): lineage
-# rebuilds the sent prompt of a stored explanation from the template messages.
-SENT_PROMPTS: dict[str, Callable[[str, list[dict], str], dict]] = {
-    "local": sent_chat_prompt,
-    OPENAI_KIND: lambda model, messages, prefix: {"messages": chat_messages_for_api(messages, prefix)},
-}
-
-
-def rebuild_sent_prompt(backend_name: str | None, messages: list[dict],
-                        assistant_prefix: str) -> tuple[dict | None, str | None]:
-    """(the prompt as the backend named `backend_name` sent it, None) — or (None, why it cannot be rebuilt)."""
-    kind, _, model = (backend_name or "").partition(":")
-    build = SENT_PROMPTS.get(kind)
-    if build is None or not model:
-        return None, (f"the explainer {backend_name!r} is not a known backend, so the prompt it was sent cannot be "
-                      "rebuilt" if backend_name else "the explanation names no explainer")
-    try:
-        return build(model, messages, assistant_prefix), None
-    except Exception as exc:  # e.g. the tokenizer of a local model is not on this machine
-        return None, f"the prompt {backend_name} was sent cannot be rebuilt here: {str(exc).splitlines()[0][:200]}"

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
-from ndx_pipeline.core.llm.backend import PromptTooLongError, RecordableLLMError, sent_prompt_sha256
+from ndx_pipeline.core.llm.backend import PromptTooLongError, RecordableLLMError
+from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
 from ndx_pipeline.core.method.work import Work, run_together
 from ndx_pipeline.core.progress import Progress

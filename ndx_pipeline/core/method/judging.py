@@ -52,11 +52,8 @@ from ndx_pipeline.core.contract import (
 )
 from ndx_pipeline.core.data.excerpts import excerpt_row
 from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.llm.backend import (
-    RecordableLLMError,
-    sent_prompt_sha256,
-    short_text,
-)
+from ndx_pipeline.core.llm.backend import RecordableLLMError, short_text
+from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.display import escape_token
 from ndx_pipeline.core.method.metrics import classification, roc_auc
 from ndx_pipeline.core.method.scoring import unscored_reason, with_baselines

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import polars as pl
 
 from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, frame, token_list_explanation_id
-from ndx_pipeline.core.llm.backend import RecordableLLMError, sent_prompt_sha256
+from ndx_pipeline.core.llm.backend import RecordableLLMError
+from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.explainer import (
     FEW_SHOTS,
     LEAD_IN,

@@ -3,6 +3,8 @@ token table of the lookup baseline) with the explain / score splits of each unit
 
 import json
 import shutil
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -107,128 +109,212 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     out = Outputs(context, storage.path(), variant)
     excerpts = _Excerpts(context, out, selection, quality) if c.TOP_EXCERPTS in selected else None
     if not selected & set(SUBJECT_MODEL_FILES):
-        for layer, done in ahead(layers, excerpts.split):
-            excerpts.report(layer, done)
+        for layer, split in ahead(layers, excerpts.split):
+            excerpts.report(layer, split)
         yield out.result(c.TOP_EXCERPTS)
         return
     counted = LOOKUP_BASELINE in quality.baselines
-    records_written, table_written = c.ACTIVATION_RECORDS in selected, c.TOKEN_TABLE in selected
     with bad_input_fails_the_run():
         quality.checked()
         corpus_file = asset_path(storage.path(), c.CORPUS)
         documents = read(storage.path(), c.CORPUS)
     corpus = {"corpus": file_digest(corpus_file)}
-    key = _extraction_key(subject_model, corpus, selection, counted)
-    writing = [a for a in SUBJECT_MODEL_FILES if a in selected]
-    shared = shared_extractions(context.instance, key, variant, layers, writing, storage.path())
-    if shared:
-        context.log.info(f"{variant}: layers {sorted(shared)} share the extraction of "
-                         f"{', '.join(sorted(set(v for v, _ in shared.values())))} (same settings): no forward pass "
-                         "for them")
-    shared.update({layer: (found.origin["extracted_with_variant"], found)
-                   for layer, found in joint_extracted(storage.path(), key, [n for n in layers if n not in shared])
-                   .items()})
-    read_before = sorted(layer for layer, (_, found) in shared.items() if "extracted_in_run" in found.origin)
-    if read_before:
-        context.log.info(f"{variant}: layers {read_before} were read in the pass of variant "
-                         f"{shared[read_before[0]][0]}'s run (run together): no forward pass for them")
-    extracted = [layer for layer in layers if layer not in shared]
-    extraction = stats = None
-    joint: dict[str, tuple[stages.UnitChoice, str]] = {}
-    if extracted:
-        main = stages.UnitChoice(tuple(extracted), selection.units, selection.neurons, selection.neurons_per_layer,
-                                 selection.seed, selection.dictionary, selection.dictionary_hook, selection.top_k,
-                                 selection.random_k, selection.quantile_k, counted and table_written,
-                                 selection.subject_weights)
-        joint = joint_choices(context, storage.path(), run_resources, subject_model, corpus, key, layers, main)
-        with bad_input_fails_the_run():
-            extraction = stages.activation_records(
-                documents, subject_model.model, extracted, units=selection.units,
-                neurons=selection.neurons, neurons_per_layer=selection.neurons_per_layer, seed=selection.seed,
-                dictionary=selection.dictionary, dictionary_hook=selection.dictionary_hook, top_k=selection.top_k,
-                random_k=selection.random_k, quantile_k=selection.quantile_k, token_table=counted and table_written,
-                device=subject_model.resolved_device(), dtype=subject_model.dtype,
-                batch_size=subject_model.batch_size, window_tokens=subject_model.window_tokens,
-                subject_weights=selection.subject_weights,
-                also={other: choice for other, (choice, _) in joint.items()}, log=context.log.info)
-        stats = extraction.stats
-        hand_over(context, storage.path(), variant, extraction, joint)
+    step = _Step(context, out, storage.path(), variant, selection, subject_model,
+                 _extraction_key(subject_model, corpus, selection, counted), counted,
+                 c.ACTIVATION_RECORDS in selected, c.TOKEN_TABLE in selected, excerpts)
+    stored = _stored_layers(step, layers)
+    extracted = [layer for layer in layers if layer not in stored]
+    extraction, joint = (_run_pass(step, documents, extracted, layers, run_resources, corpus) if extracted
+                         else (None, {}))
     written = Progress("activation records written", len(layers), context.log.info, unit="layers")
-
-    def place(asset: str, found, frame: pl.DataFrame, layer: int):  # a file already on disk, or a new one
-        return (out.link_file(asset, found.path(asset), frame, layer) if isinstance(found, StoredLayer) else
-                out.write_file(asset, frame, layer))
-
-    def build_and_write(item):  # on a worker thread: files and checks, nothing reported
-        layer, found = item
-        done = {}
-        records = found.records
-        random_k = found.random_k if isinstance(found, StoredLayer) else min(selection.random_k, stats.windows)
-        if records_written:
-            done.update(records=place(c.ACTIVATION_RECORDS, found, records, layer),
-                        top_windows_ordered=validation.top_windows_ordered(records),
-                        record_counts=validation.record_counts(records, found.units, selection.top_k, random_k))
-        if table_written:
-            table = found.token_table
-            done.update(table=place(c.TOKEN_TABLE, found, table, layer), distinct_tokens=table["token"].n_unique(),
-                        token_table_complete=validation.token_table_complete(table, records, counted))
-        if excerpts:  # from the records just written, or (records not selected) from their file; else why not
-            failed = [name for name in CHECKS[c.ACTIVATION_RECORDS] if name in done and _stops(Check(*done[name]))]
-            try:
-                done["excerpts"] = (f"activation_records check {', '.join(failed)} failed" if failed else
-                                    excerpts.split(layer, records if records_written else None))
-            except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
-                done["excerpts"] = failure.description
-        found.release()  # a layer's rows are in memory only while its files are written
-        return done
-
-    pass_metadata = {} if stats is None else {
-        "tokens_processed": stats.tokens, "windows": stats.windows,
-        "tokens_per_second": round(stats.tokens_per_second, 1), "wall_seconds": round(stats.seconds, 2),
-        "device": extraction.device, "layers_in_this_pass": str(sorted(extraction.layers)),
-        **({"pass_read_also_for_variants": ", ".join(sorted(joint))} if joint else {})}
-    todo = [(layer, shared[layer][1]) for layer in layers if layer in shared]
+    pass_metadata = _pass_metadata(extraction, joint, selection.random_k)
+    todo = [(layer, stored[layer][1]) for layer in layers if layer in stored]
     todo += list(extraction.layers.items()) if extraction else []
-    withheld = {}
-    for (layer, found), done in ahead(todo, build_and_write):
-        is_stored = isinstance(found, StoredLayer)
-        origin = ({**found.origin, "tokens_processed": 0, "windows": found.windows, "random_k": found.random_k,
-                   "subject_model_forward_passes": 0} if is_stored else
-                  {**pass_metadata, "random_k": min(selection.random_k, stats.windows),
-                   "subject_model_forward_passes": stats.batches})
-        if records_written:
-            if found.failed:
-                context.log.warning(f"layer {layer}: {len(found.failed)} units failed, their activations not finite "
-                                    "(not explained): " + "; ".join(f"unit {u}: {why}"
-                                                                     for u, why in list(found.failed.items())[:10]))
-            out.written(c.ACTIVATION_RECORDS, layer, done["records"], neurons=len(found.units),
-                        units=found.description, dead_units=found.dead, failed_units=len(found.failed),
-                        **({"failed_unit_reasons": "; ".join(f"unit {u}: {why}" for u, why in found.failed.items())}
-                           if found.failed else {}),
-                        subject_model=subject_model.model, extraction_key=key, variant=variant, **origin)
-            for check in CHECKS[c.ACTIVATION_RECORDS]:
-                out.check(c.ACTIVATION_RECORDS, check, layer, done[check])
-        if table_written:
-            out.written(c.TOKEN_TABLE, layer, done["table"], counted=counted,
-                        distinct_tokens=done["distinct_tokens"], extraction_key=key, variant=variant,
-                        **(found.origin if is_stored else {}))
-            out.check(c.TOKEN_TABLE, "token_table_complete", layer, done["token_table_complete"])
-        if is_stored and "extracted_in_run" in found.origin:  # taken: the hand-over folder has served its purpose
-            shutil.rmtree(found.path(c.ACTIVATION_RECORDS).parent, ignore_errors=True)
+    withheld: dict[str, list[int]] = {}
+    for (layer, found), files in ahead(todo, partial(_write_layer, step, extraction)):
+        _report_layer(step, layer, found, files, _stored_origin(found) if isinstance(found, StoredLayer)
+                      else pass_metadata)
         if excerpts:
-            if isinstance(done["excerpts"], str):
-                withheld.setdefault(done["excerpts"], []).append(layer)
+            if files.excerpts_withheld is not None:
+                withheld.setdefault(files.excerpts_withheld, []).append(layer)
             else:
-                excerpts.report(layer, done["excerpts"])
+                excerpts.report(layer, files.excerpts)
         written.advance()
     # the records and token table are materialized whatever became of the split: a failed records check stops their
     # layer here as a blocking check stops the steps after it, and after a bad split count only top_excerpts reruns
-    yield from out.results(*(a for a in SUBJECT_MODEL_FILES if a in selected))
+    yield from out.results(*step.writing)
     if withheld:
         raise dg.Failure(description="; ".join(f"top_excerpts not written for layer{'s' if len(at) > 1 else ''} "
                                                f"{', '.join(map(str, at))}: {why}" for why, at in withheld.items()))
     if excerpts:
         yield out.result(c.TOP_EXCERPTS)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the parts of one activation_records step share: where it reports and writes, for which variant, with
+    which settings (`key`: the extraction key), and which of the pass's assets it writes."""
+
+    context: dg.AssetExecutionContext
+    out: Outputs
+    storage_dir: Path
+    variant: str
+    selection: SelectionResource
+    subject_model: SubjectModelResource
+    key: str
+    counted: bool  # the lookup baseline is on: the token table is counted
+    records_written: bool
+    table_written: bool
+    excerpts: "_Excerpts | None"  # top_excerpts selected: split here
+
+    @property
+    def writing(self) -> list[str]:
+        """The subject model's assets the step writes."""
+        return [a for a, on in zip(SUBJECT_MODEL_FILES, (self.records_written, self.table_written)) if on]
+
+
+@dataclass
+class LayerFiles:
+    """One layer's part of the step, made on a worker thread (`_write_layer`) and reported on the step's thread
+    (`_report_layer`): the files written (path and file metadata; None where the asset is not selected), the checks
+    made on them (`validation.Check` fields), and top_excerpts' split of the records, or why it was withheld."""
+
+    records_file: tuple[Path, dict] | None = None
+    records_checks: dict[str, tuple] = field(default_factory=dict)  # name → check, in CHECKS order
+    table_file: tuple[Path, dict] | None = None
+    distinct_tokens: int | None = None
+    table_check: tuple | None = None
+    excerpts: "LayerExcerpts | None" = None  # `_Excerpts.split` of the layer
+    excerpts_withheld: str | None = None  # why top_excerpts is not written for the layer
+
+
+def _stored_layers(step: _Step, layers: list[int]) -> dict[int, tuple[str, "StoredLayer"]]:
+    """layer → (the variant whose pass made them, its files) for the layers whose extraction is on disk already:
+    another variant's with the same settings, or what a pass run for another variant read for this one (logged: no
+    forward pass runs for them)."""
+    stored = shared_extractions(step.context.instance, step.key, step.variant, layers, step.writing, step.storage_dir)
+    if stored:
+        step.context.log.info(f"{step.variant}: layers {sorted(stored)} share the extraction of "
+                              f"{', '.join(sorted(set(v for v, _ in stored.values())))} (same settings): no forward "
+                              "pass for them")
+    stored.update({layer: (found.origin["extracted_with_variant"], found)
+                   for layer, found in joint_extracted(step.storage_dir, step.key,
+                                                       [n for n in layers if n not in stored]).items()})
+    read_before = sorted(layer for layer, (_, found) in stored.items() if "extracted_in_run" in found.origin)
+    if read_before:
+        step.context.log.info(f"{step.variant}: layers {read_before} were read in the pass of variant "
+                              f"{stored[read_before[0]][0]}'s run (run together): no forward pass for them")
+    return stored
+
+
+def _run_pass(step: _Step, documents: pl.DataFrame, extracted: list[int], layers: list[int], run_resources: dict,
+              corpus: dict) -> tuple[stages.Extraction, dict[str, tuple[stages.UnitChoice, str]]]:
+    """The subject model's pass for the layers `extracted`, reading too what the variants run together with this one
+    need (`joint_choices`), whose records it hands over to their runs (`hand_over`): (extraction, those variants)."""
+    sel = step.selection
+    main = stages.UnitChoice(tuple(extracted), sel.units, sel.neurons, sel.neurons_per_layer, sel.seed,
+                             sel.dictionary, sel.dictionary_hook, sel.top_k, sel.random_k, sel.quantile_k,
+                             step.counted and step.table_written, sel.subject_weights)
+    joint = joint_choices(step.context, step.storage_dir, run_resources, step.subject_model, corpus, step.key, layers,
+                          main)
+    model = step.subject_model
+    with bad_input_fails_the_run():
+        extraction = stages.activation_records(
+            documents, model.model, extracted, units=sel.units, neurons=sel.neurons,
+            neurons_per_layer=sel.neurons_per_layer, seed=sel.seed, dictionary=sel.dictionary,
+            dictionary_hook=sel.dictionary_hook, top_k=sel.top_k, random_k=sel.random_k, quantile_k=sel.quantile_k,
+            token_table=step.counted and step.table_written, device=model.resolved_device(), dtype=model.dtype,
+            batch_size=model.batch_size, window_tokens=model.window_tokens, subject_weights=sel.subject_weights,
+            also={other: choice for other, (choice, _) in joint.items()}, log=step.context.log.info)
+    hand_over(step.context, step.storage_dir, step.variant, extraction, joint)
+    return extraction, joint
+
+
+def _pass_metadata(extraction: stages.Extraction | None, joint: dict, random_k: int) -> dict:
+    """The materialization metadata of a layer this step's pass read: the pass's figures ({}: no pass ran)."""
+    if extraction is None:
+        return {}
+    stats = extraction.stats
+    return {"tokens_processed": stats.tokens, "windows": stats.windows,
+            "tokens_per_second": round(stats.tokens_per_second, 1), "wall_seconds": round(stats.seconds, 2),
+            "device": extraction.device, "layers_in_this_pass": str(sorted(extraction.layers)),
+            **({"pass_read_also_for_variants": ", ".join(sorted(joint))} if joint else {}),
+            "random_k": min(random_k, stats.windows), "subject_model_forward_passes": stats.batches}
+
+
+def _stored_origin(found: "StoredLayer") -> dict:
+    """The materialization metadata of a layer whose files were on disk: where they came from; no forward pass."""
+    return {**found.origin, "tokens_processed": 0, "windows": found.windows, "random_k": found.random_k,
+            "subject_model_forward_passes": 0}
+
+
+def _write_layer(step: _Step, extraction: stages.Extraction | None, item: tuple) -> LayerFiles:
+    """On a worker thread: one layer's files and their checks, and its top_excerpts split; nothing reported. The
+    layer's rows are in memory only while its files are written."""
+    layer, found = item
+    files = LayerFiles()
+    records = found.records
+    if step.records_written:
+        random_k = (found.random_k if isinstance(found, StoredLayer) else
+                    min(step.selection.random_k, extraction.stats.windows))
+        files.records_file = _place(step.out, c.ACTIVATION_RECORDS, found, records, layer)
+        files.records_checks = {
+            "top_windows_ordered": validation.top_windows_ordered(records),
+            "record_counts": validation.record_counts(records, found.units, step.selection.top_k, random_k)}
+    if step.table_written:
+        table = found.token_table
+        files.table_file = _place(step.out, c.TOKEN_TABLE, found, table, layer)
+        files.distinct_tokens = table["token"].n_unique()
+        files.table_check = validation.token_table_complete(table, records, step.counted)
+    if step.excerpts:
+        files.excerpts, files.excerpts_withheld = _split_excerpts(step, layer, records, files.records_checks)
+    found.release()
+    return files
+
+
+def _place(out: Outputs, asset: str, found: LayerRecords, frame: pl.DataFrame, layer: int) -> tuple[Path, dict]:
+    """The layer's file of `asset`: a link to the one on disk (another variant's, or handed over), or a new one."""
+    return (out.link_file(asset, found.path(asset), frame, layer) if isinstance(found, StoredLayer) else
+            out.write_file(asset, frame, layer))
+
+
+def _split_excerpts(step: _Step, layer: int, records: pl.DataFrame,
+                    records_checks: dict[str, tuple]) -> tuple["LayerExcerpts | None", str | None]:
+    """(top_excerpts of the layer, None) from the records just written or (records not selected) from their file;
+    or (None, why not): a blocking records check failed, or the split's counts are more than the corpus fills."""
+    failed = [name for name, check in records_checks.items() if _stops(Check(*check))]
+    if failed:
+        return None, f"activation_records check {', '.join(failed)} failed"
+    try:
+        return step.excerpts.split(layer, records if step.records_written else None), None
+    except dg.Failure as failure:  # bad input for the split (counts the corpus cannot fill): records stand
+        return None, failure.description
+
+
+def _report_layer(step: _Step, layer: int, found: LayerRecords, files: LayerFiles, origin: dict) -> None:
+    """On the step's thread: the layer's records and token table as materialized (metadata, checks, a warning for
+    units that failed), and a hand-over folder, once taken, removed."""
+    out = step.out
+    is_stored = isinstance(found, StoredLayer)
+    if step.records_written:
+        if found.failed:
+            step.context.log.warning(f"layer {layer}: {len(found.failed)} units failed, their activations not "
+                                     "finite (not explained): " + "; ".join(
+                                         f"unit {u}: {why}" for u, why in list(found.failed.items())[:10]))
+        out.written(c.ACTIVATION_RECORDS, layer, files.records_file, neurons=len(found.units),
+                    units=found.description, dead_units=found.dead, failed_units=len(found.failed),
+                    **({"failed_unit_reasons": "; ".join(f"unit {u}: {why}" for u, why in found.failed.items())}
+                       if found.failed else {}),
+                    subject_model=step.subject_model.model, extraction_key=step.key, variant=step.variant, **origin)
+        for check in CHECKS[c.ACTIVATION_RECORDS]:
+            out.check(c.ACTIVATION_RECORDS, check, layer, files.records_checks[check])
+    if step.table_written:
+        out.written(c.TOKEN_TABLE, layer, files.table_file, counted=step.counted,
+                    distinct_tokens=files.distinct_tokens, extraction_key=step.key, variant=step.variant,
+                    **(found.origin if is_stored else {}))
+        out.check(c.TOKEN_TABLE, "token_table_complete", layer, files.table_check)
+    if is_stored and "extracted_in_run" in found.origin:  # taken: the hand-over folder has served its purpose
+        shutil.rmtree(found.path(c.ACTIVATION_RECORDS).parent, ignore_errors=True)
 
 
 class StoredLayer(LayerRecords):
@@ -384,7 +470,7 @@ class _Excerpts:
                  quality: QualityResource):
         self.context, self.out, self.selection, self.quality = context, out, selection, quality
 
-    def split(self, layer: int, records: pl.DataFrame | None = None) -> dict:
+    def split(self, layer: int, records: pl.DataFrame | None = None) -> "LayerExcerpts":
         """Split `records` (default: the layer's stored activation_records) and write the file."""
         if records is None:
             records = self.out.read(c.ACTIVATION_RECORDS, layer)
@@ -395,19 +481,33 @@ class _Excerpts:
                 self.quality.checked().calibration_top_excerpts, self.quality.calibration_random_excerpts,
                 scope=self.out.variant)
         units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
-        return {"file": self.out.write_file(c.TOP_EXCERPTS, frame, layer),
-                "fired": units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
-                "dead": units.filter(pl.col("kind") == c.DEAD).height, "neurons": frame["neuron"].n_unique(),
-                "splits_disjoint": validation.splits_disjoint(frame),
-                "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
-                                                            sel.score_random_excerpts)}
+        return LayerExcerpts(
+            file=self.out.write_file(c.TOP_EXCERPTS, frame, layer),
+            fired=units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
+            dead=units.filter(pl.col("kind") == c.DEAD).height, neurons=frame["neuron"].n_unique(),
+            checks={"splits_disjoint": validation.splits_disjoint(frame),
+                    "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
+                                                                sel.score_random_excerpts)})
 
-    def report(self, layer: int, done: dict) -> None:
-        sparse = done["fired"] - done["neurons"]
+    def report(self, layer: int, split: "LayerExcerpts") -> None:
+        sparse = split.fired - split.neurons
         if sparse:
-            self.context.log.info(f"layer {layer}: {sparse} of {done['fired']} units that fired did so in too few "
+            self.context.log.info(f"layer {layer}: {sparse} of {split.fired} units that fired did so in too few "
                                   "windows to fill the explain and score splits: left out")
-        self.out.written(c.TOP_EXCERPTS, layer, done["file"], neurons=done["neurons"], too_sparse_units=sparse,
-                         dead_units=done["dead"])
+        self.out.written(c.TOP_EXCERPTS, layer, split.file, neurons=split.neurons, too_sparse_units=sparse,
+                         dead_units=split.dead)
         for check in CHECKS[c.TOP_EXCERPTS]:
-            self.out.check(c.TOP_EXCERPTS, check, layer, done[check])
+            self.out.check(c.TOP_EXCERPTS, check, layer, split.checks[check])
+
+
+@dataclass
+class LayerExcerpts:
+    """One layer's top_excerpts, written on a worker thread (`_Excerpts.split`) and reported on the step's thread
+    (`_Excerpts.report`): the file (path and file metadata), the units that fired, those that never did, those the
+    splits keep, and the checks made on it (`validation.Check` fields, by name)."""
+
+    file: tuple[Path, dict]
+    fired: int
+    dead: int
+    neurons: int
+    checks: dict[str, tuple]

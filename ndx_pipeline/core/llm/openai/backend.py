@@ -47,7 +47,6 @@ from ndx_pipeline.core.llm.backend import (
     PromptTooLongError,
     SimulationPrompt,
     estimate_tokens,
-    sent_prompt_sha256,
 )
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.llm.openai.logprobs import (
@@ -70,33 +69,14 @@ from ndx_pipeline.core.llm.openai.transport import (
     context_limit_in,
     redact_secret,
 )
+from ndx_pipeline.core.llm.sent_prompts import OPENAI_KIND, chat_messages_for_api, sent_prompt_sha256
 
 log = logging.getLogger(__name__)
 
-KIND = "openai-compatible"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Explainer on a chat API
-
-LEAD_IN_INSTRUCTION = (
-    'Write your answer as a single sentence that begins with the words "{prefix}" and ends with a short phrase '
-    "naming the pattern. Write nothing else."
-)
-
-
-def chat_messages_for_api(messages: list[dict], assistant_prefix: str) -> list[dict]:
-    """The messages with an instruction to start the answer with `assistant_prefix` (which cannot be prefilled)."""
-    messages = [dict(m) for m in messages]
-    if not assistant_prefix:
-        return messages
-    instruction = LEAD_IN_INSTRUCTION.format(prefix=assistant_prefix.strip())
-    if messages and messages[0].get("role") == "system":
-        messages[0]["content"] = f"{messages[0]['content']}\n\n{instruction}"
-    else:
-        messages.insert(0, {"role": "system", "content": instruction})
-    return messages
-
+# Explainer on a chat API (the messages it sends: `sent_prompts.chat_messages_for_api`)
 
 def has_content(response: dict) -> bool:
     """Whether a chat answer carries text (only such answers are cached)."""
@@ -305,7 +285,7 @@ class OpenAICompatibleBackend(LLMBackend):
 
     @property
     def name(self) -> str:
-        return f"{KIND}:{self.model}"
+        return f"{OPENAI_KIND}:{self.model}"
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleBackend(base_url={self.origin['base_url']!r}, model={self.model!r})"
@@ -343,7 +323,7 @@ class OpenAICompatibleBackend(LLMBackend):
         """One logical request (`endpoint` "chat.completions" or "completions"): from the cache, else from the
         server with retries, then cached when `usable` accepts it. Raises LLMRequestError when no answer could be
         had, PromptTooLongError when the prompt (`what`, in reasons) cannot fit the context window."""
-        return cached_call(self.cache, self.stats, KIND, self.model, endpoint, body,
+        return cached_call(self.cache, self.stats, OPENAI_KIND, self.model, endpoint, body,
                            lambda: self._fetch(endpoint, body, what), usable=usable, origin=self.origin)
 
     def _fetch(self, endpoint: str, body: dict, what: str = "prompt") -> dict:

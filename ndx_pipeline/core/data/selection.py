@@ -1,4 +1,6 @@
-"""Activation records: one pass of the subject model over every window, keeping per neuron
+"""The streaming selection of a pass over the windows: what it keeps per unit, batch by batch (`LayerSelection`).
+
+Per unit of a unit set, one pass over every window keeps
 
 - the `top_k` windows with the highest max activation (ties: lower window index first),
 - a seeded uniform random sample of windows (the same windows for every neuron of a layer),
@@ -6,49 +8,37 @@
 - optionally (`quantile_k > 0`), activation quantile samples as in the paper's released data: per neuron, windows
   bucketed by their max activation at the quantiles QUANTILE_LEVELS (5 buckets) and a uniform reservoir sample of
   `quantile_k` windows in each bucket. The bucket boundaries come from a seeded pilot of windows that the pass
-  processes first (no extra forward); those pilot windows set the boundaries and are not themselves sampled, so the
-  samples come from the other windows (stated in each row's kind, `quantile_<bucket>`),
-- optionally (`token_table=True`), per token id of the corpus, the count of its occurrences and the running sum of
-  each selected neuron's activation on it: the token lookup table behind the `baseline_lookup` score.
+  processes first (`window_order`; no extra forward); those pilot windows set the boundaries and are not themselves
+  sampled, so the samples come from the other windows (stated in each row's kind, `quantile_<bucket>`),
+- optionally (`token_vocab`), per token id of the corpus, the count of its occurrences and the running sum of each
+  selected neuron's activation on it: the token lookup table behind the `baseline_lookup` score.
 
 Dense units (MLP neurons) are given to the selection as [batch, tokens, units] blocks; sparse ones (dictionary
 latents) as their nonzero entries (`SparseActivations`), so a batch costs what fires in it, not tokens × latents.
 
-Selection is streaming: memory is O(layers × neurons × (top_k + random_k) × window), independent of the corpus
-length. Dense units on the CPU take one compiled call per layer and batch (`selection_kernel`); on a GPU, and for
-sparse units, the update is vectorized torch (the reference the tests hold the compiled one to). The token table adds
-O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons). Kept activations are stored exactly, as
-float32.
+Memory is O(neurons × (top_k + random_k) × window) per unit set, independent of the corpus length. Dense units on
+the CPU take one compiled call per layer and batch (`selection_kernel`, the compiled form of `update`); on a GPU, and
+for sparse units, the update is vectorized torch here (the reference the tests hold the compiled one to). The token
+table adds O(distinct token ids of the corpus × neurons) (≤ vocabulary × neurons). Kept activations are stored
+exactly, as float32.
+
+What feeds it: `forward_pass.extract` (the subject model's units) and `planted.planted_selection` (planted units, no
+model); what reads it when the pass is done: `record_frames`. torch is imported where it is used, so that reading
+the planted rules or these names does not load it.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 
-from ndx_pipeline.core.contract import (
-    DEAD,
-    FAILED_UNIT,
-    RANDOM,
-    RECORD_SCHEMA,
-    TOKEN_TABLE_SCHEMA,
-    TOP,
-    UNIT_COLUMNS,
-    conform,
-    describe_ids,
-    quantile_kind,
-)
-from ndx_pipeline.core.data.dictionaries import SparseActivations
-from ndx_pipeline.core.data.selection_kernel import cut_windows, order_statistics, update_batch
-from ndx_pipeline.core.data.units import UnitSet, as_unit_sets
-from ndx_pipeline.core.data.windows import TokenTexts, Windows
-from ndx_pipeline.core.errors import NdxInputError
-from ndx_pipeline.core.heap import release_freed_heap, reuse_freed_heap
-from ndx_pipeline.core.models import special_token_wrap
+from ndx_pipeline.core.data.selection_kernel import order_statistics, update_batch
+
+if TYPE_CHECKING:
+    import torch
 
 QUANTILE_LEVELS = (0.5, 0.9, 0.99, 0.999)
 # a batch [B, T, units] is transposed before its columns are gathered when they number ≥ B × units / 4: measured on 2
@@ -60,12 +50,59 @@ NEVER_ENTERS = 2**63 - 1  # the merge key of a batch window that is no candidate
 # dense units on the CPU take the compiled update (`selection_kernel`); False: the torch path everywhere, the reference
 # that the tests compare the compiled one against
 COMPILED_ON_CPU = True
-TOKEN_TABLE_CELLS = 50_000_000  # distinct tokens × units, over the run's layers: ~400 MB of float64 sums
 
 
 # stand-ins for the quantile samples' arrays when a batch is not merged into them (the compiled update's arguments)
 _NO_QUANTILES = (np.zeros((1, 1), np.float32), *(np.zeros((1,) * d, np.int64) for d in (2, 3, 3)),
                  np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1), np.int64))
+
+
+@dataclass
+class SparseActivations:
+    """A batch of latent activations as its nonzero entries: entry i is unit `unit[i]` (a column of the unit set)
+    firing `value[i]` (> 0) at position `position[i]` of window `window[i]` of the batch; every other activation of
+    the [batch, positions, units] block is 0. What `LayerSelection.update` takes for nonnegative units
+    (`dictionaries.Dictionary.encode_sparse` makes it)."""
+
+    window: torch.Tensor  # [E] long
+    position: torch.Tensor  # [E] long
+    unit: torch.Tensor  # [E] long
+    value: torch.Tensor  # [E] float32
+    batch: int
+    positions: int
+    units: int
+
+    def dense(self) -> torch.Tensor:
+        """The [batch, positions, units] block."""
+        import torch
+
+        out = torch.zeros((self.batch, self.positions, self.units), dtype=self.value.dtype, device=self.value.device)
+        out[self.window, self.position, self.unit] = self.value
+        return out
+
+    @cached_property
+    def cell(self) -> torch.Tensor:
+        """[E] each entry's (window, unit) cell, window × units + unit: its place among the batch's window maxima."""
+        return self.window * self.units + self.unit
+
+    def only(self, keep: torch.Tensor) -> SparseActivations:
+        """The entries where `keep` [E] is set."""
+        return SparseActivations(self.window[keep], self.position[keep], self.unit[keep], self.value[keep],
+                                 self.batch, self.positions, self.units)
+
+
+@dataclass
+class ExtractionStats:
+    """What a pass over the windows measured (`forward_pass.extract`, `planted.planted_selection`)."""
+
+    tokens: int
+    windows: int
+    seconds: float
+    batches: int = 0  # forward passes of the subject model (one per batch of windows)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
 def pilot_windows(n_windows: int, seed: int, size: int = PILOT_WINDOWS) -> np.ndarray:
@@ -487,38 +524,6 @@ def row_quantiles(x, levels):
     return bounds.masked_fill(nan[:, None], float("nan"))
 
 
-def batch_inputs(windows: Windows, idx, prefix: list[int], suffix: list[int], pad_id: int):
-    """Model inputs for windows `idx`: special tokens around each window, right-padded; (input_ids, attention_mask)."""
-    lengths = windows.length[idx]
-    width = len(prefix) + int(lengths.max()) + len(suffix)
-    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-    attn = np.zeros((len(idx), width), dtype=np.int64)
-    for r, (w, n) in enumerate(zip(idx, lengths)):
-        row = prefix + windows.ids[w, :n].tolist() + suffix
-        ids[r, : len(row)] = row
-        attn[r, : len(row)] = 1
-    return ids, attn
-
-
-TRIM_EVERY_BATCHES = 32  # batches of a pass between heap trims: peak RSS stays flat with the corpus length
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to read a batch: nothing above the last requested layer is computed."""
-
-
-@dataclass
-class ExtractionStats:
-    tokens: int
-    windows: int
-    seconds: float
-    batches: int = 0  # forward passes of the subject model (one per batch of windows)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
 def keep_smallest(key, k: int):
     """Per row of `key` ([rows, k + B] int64: a unit's k kept slots, then the batch's B windows), which k keys stay:
     the k smallest. Returns (row, slot, b, weakest): each slot whose window leaves, in its row, with the batch window
@@ -571,291 +576,3 @@ def window_order(n_windows: int, quantile_k: int, seed: int, batch_size: int) ->
     rest = np.setdiff1d(order, pilot, assume_unique=True)
     pad = np.full(-len(pilot) % batch_size, -1)  # keep pilot and the rest in separate batches
     return np.concatenate([pilot, pad, rest]), -(-len(pilot) // batch_size)
-
-
-@dataclass(frozen=True)
-class Keep:
-    """What a selection keeps per unit: `top_k` top windows, a `random_k` sample of windows drawn with `seed`, and
-    (token_table) the per-token table of the lookup baseline."""
-
-    top_k: int = 20
-    random_k: int = 20
-    seed: int = 0
-    token_table: bool = False
-
-
-def extract(model, tokenizer, windows: Windows, layer_units: dict, top_k: int = 20,
-            random_k: int = 20, seed: int = 0, batch_size: int = 16,
-            progress: Callable[[int, int, float], None] | None = None, token_table: bool = False,
-            quantile_k: int = 0, keep: dict | None = None):
-    """Run the model once over all windows for every requested unit set; return (selections, stats), selections
-    keyed as `layer_units`.
-
-    layer_units: {layer: UnitSet} (see `units`), or {layer: [neuron indices]} for MLP neurons; or {key: UnitSet}
-    with keys of the caller's (several unit sets of one layer, e.g. the neurons of one variant and the latents of
-    another, read in the same pass).
-    keep: {key: Keep} for the unit sets that keep other counts than `top_k`, `random_k`, `seed`, `token_table`.
-    token_table=True also keeps, per unit set, each token id's count and each selected unit's activation sum on it
-    (`LayerSelection.token_table`, `token_table_frame`), for the lookup-table baseline.
-    quantile_k > 0 also keeps that many windows per activation-quantile bucket (see the module's docstring); the
-    pilot windows (drawn with `seed`) that set the boundaries go through the model first, the others follow in
-    index order."""
-    import torch
-
-    if not layer_units:
-        raise NdxInputError("no layers were requested.")
-    unit_sets = as_unit_sets(layer_units)
-    keeps = {slot: (keep or {}).get(slot) or Keep(top_k, random_k, seed, token_table) for slot in unit_sets}
-    most = max(k.top_k for k in keeps.values())
-    if len(windows) < most:
-        raise NdxInputError(
-            f"the corpus has {len(windows)} windows of {windows.window_tokens} tokens, fewer than top_k={most}; "
-            "give a larger corpus or a smaller top_k."
-        )
-    device = next(model.parameters()).device
-    reuse_freed_heap()
-    vocab = None
-    if any(k.token_table for k in keeps.values()):
-        real_tokens = np.arange(windows.window_tokens)[None, :] < windows.length[:, None]
-        vocab = np.unique(windows.ids[real_tokens])
-        cells = len(vocab) * sum(len(u.ids) for slot, u in unit_sets.items() if keeps[slot].token_table)
-        if cells > TOKEN_TABLE_CELLS:
-            raise NdxInputError(
-                f"the lookup baseline's token table would hold {cells:,} cells (distinct tokens × units over the run's "
-                f"layers; at most {TOKEN_TABLE_CELLS:,}): leave `lookup` out of the baselines for a run this wide, or "
-                "choose fewer units.")
-    selections = {
-        slot: LayerSelection(units.ids, windows.window_tokens, keeps[slot].top_k,
-                             random_windows(len(windows), keeps[slot].random_k, keeps[slot].seed), device,
-                             token_vocab=vocab if keeps[slot].token_table else None, quantile_k=quantile_k,
-                             seed=keeps[slot].seed, mirrored=units.mirrored, nonnegative=units.nonnegative)
-        for slot, units in unit_sets.items()
-    }
-    order, pilot_batches = window_order(len(windows), quantile_k, seed, batch_size)
-    prefix, suffix = special_token_wrap(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    state: dict = {}
-
-    def consumer(slot):
-        def consume(hooked):
-            if hooked.dim() == 2:  # OPT flattens (batch, sequence) before its MLP
-                hooked = hooked.view(state["batch"], -1, hooked.shape[-1])
-            x = unit_sets[slot].read(hooked[:, state["lo"] : state["hi"], :])
-            if state["pad"] and not isinstance(x, SparseActivations):
-                x = torch.nn.functional.pad(x, (0, 0, 0, state["pad"]))
-            selections[slot].update(x, state["mask"], state["window_index"], state["token_ids"])
-            state["waiting"] -= 1
-            if not state["waiting"]:  # every unit set has read this batch: nothing above is computed
-                raise _StopForward
-
-        return consume
-
-    handles = [units.attach(model, consumer(slot)) for slot, units in unit_sets.items()]
-    t = windows.window_tokens
-    p = len(prefix)
-    started = time.perf_counter()
-    done_tokens = forward_passes = 0
-    try:
-        with torch.inference_mode():
-            for batch_number, b0 in enumerate(range(0, len(order), batch_size)):
-                if batch_number == pilot_batches and quantile_k:
-                    for sel in selections.values():
-                        sel.end_pilot()
-                idx = order[b0 : b0 + batch_size]
-                idx = idx[idx >= 0]
-                lengths = windows.length[idx]
-                ids, attn = batch_inputs(windows, idx, prefix, suffix, pad_id)
-                real = int(lengths.max())
-                mask = np.arange(real)[None, :] < lengths[:, None]
-                if real < t:  # selections keep full-width windows; pad the token axis with masked columns
-                    mask = np.pad(mask, ((0, 0), (0, t - real)))
-                state["lo"], state["hi"] = p, p + real
-                state["mask"] = torch.as_tensor(mask, device=device)
-                state["window_index"] = torch.as_tensor(idx, device=device)
-                state["token_ids"] = torch.as_tensor(windows.ids[idx], device=device) if vocab is not None else None
-                state["pad"] = t - real
-                state["batch"] = len(idx)
-                state["waiting"] = len(handles)
-                forward_passes += 1
-                try:
-                    model(input_ids=torch.as_tensor(ids, device=device),
-                          attention_mask=torch.as_tensor(attn, device=device))
-                except _StopForward:
-                    pass
-                done_tokens += int(lengths.sum())
-                if batch_number % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
-                    release_freed_heap()
-                if progress:
-                    progress(done_tokens, windows.total_tokens, time.perf_counter() - started)
-    finally:
-        for h in handles:
-            h.remove()
-    for sel in selections.values():
-        sel.end_pilot()
-        sel.finalize()
-    stats = ExtractionStats(done_tokens, len(windows), time.perf_counter() - started, forward_passes)
-    return selections, stats
-
-
-def records_frame(layer: int, selection: LayerSelection, windows: Windows, token_texts: TokenTexts,
-                  units: UnitSet | None = None) -> pl.DataFrame:
-    """The contract's activation_records rows for one layer, per unit: `top` rows (rank 0 strongest; only windows
-    where the unit fired, max > 0, so a rarely firing unit has fewer than top_k), then `random` rows, then (with
-    quantile samples) `quantile_<bucket>` rows, bucket 0 lowest, ordered by window index. A unit that never fired (its
-    max over the corpus ≤ 0) gets one `dead` row instead, with no window: nothing downstream explains it.
-
-    Columnar from the selection's tensors to Arrow: the rows' order is settled on index arrays (dead rows in their
-    unit's place), the wide columns are gathered once in that order, the activations are cut from the kept windows
-    straight into the list column's values (`cut_windows`: one copy, their max taken on the way) and the tokens from
-    the windows' ids, so no Python runs per row and no frame is sorted."""
-    import pyarrow as pa
-
-    mean, var, mx = selection.moments()
-    ids = np.asarray(selection.ids, dtype=np.int64)
-    fired = selection.fired()
-    blocks = []  # (unit positions, kind, ranks, windows, where the activations are: (array [units, ranks, T], u, r))
-
-    def block(kind, keep, windows_of, acts_of):
-        u, r = np.nonzero(keep & fired[:, None])
-        blocks.append((u, kind, r, windows_of[u, r], (acts_of, u, r)))
-
-    top_window = selection.top_window.cpu().numpy()
-    # a top row only where the unit fired in the window: a sparse latent seen in 3 windows has 3 top rows, not 3 and
-    # 17 windows of zeros
-    block(TOP, (top_window >= 0) & (selection.top_max.cpu().numpy() > 0), top_window, selection.top_acts.cpu().numpy())
-    sample = np.broadcast_to(selection.sample[None, :], (len(ids), len(selection.sample)))
-    block(RANDOM, sample >= 0, sample, selection.sample_acts.cpu().numpy())
-    q_bounds = None
-    if selection.quantile_k:
-        q_windows, q_acts, q_bounds, _ = selection.quantile_samples()
-        for bucket in range(q_windows.shape[1]):
-            block(quantile_kind(bucket), q_windows[:, bucket] >= 0, q_windows[:, bucket], q_acts[:, bucket])
-    failed = selection.failed()  # a unit whose activation was not finite somewhere: one row, the reason in `error`
-    is_failed = np.zeros(len(ids), dtype=bool)
-    is_failed[list(failed)] = True
-    dead = np.nonzero(~fired & ~is_failed)[0]  # a unit that never fired: one row, no window (-1), no activations
-    blocks.append((dead, DEAD, np.zeros(len(dead), dtype=np.int64), np.full(len(dead), -1), None))
-    gone = np.nonzero(is_failed)[0]
-    blocks.append((gone, FAILED_UNIT, np.zeros(len(gone), dtype=np.int64), np.full(len(gone), -1), None))
-    unit = np.concatenate([b[0] for b in blocks])
-    order = np.argsort(unit, kind="stable")  # per unit: top, random, quantile buckets, each by rank (or its dead row)
-    unit = unit[order]
-    window = np.concatenate([b[3] for b in blocks])[order].astype(np.int64)
-    is_dead = window < 0
-    seen = np.where(is_dead, 0, window)  # a dead row reads window 0, masked to null below
-    length = np.where(is_dead, 0, windows.length[seen]).astype(np.int64)  # a window's real tokens (0: dead row)
-    offset = _offsets(length)
-    # each block's windows cut straight into the rows' activations, with their max over the real tokens
-    row_of = np.empty_like(order)
-    row_of[order] = np.arange(len(order))
-    values = np.empty(offset[-1], dtype=np.float32)
-    max_activation = np.empty(len(order), dtype=np.float32)
-    start = 0
-    for u, *_, source in blocks:
-        if source is not None:
-            acts_of, u, r = source
-            cut_windows(acts_of, u, r, row_of[start : start + len(u)], offset, length, values, max_activation)
-        start += len(u)
-    max_activation = np.where(is_dead, mx[unit], max_activation)  # a dead unit's row: its max over the corpus
-
-    def of_window(values, dtype):  # a window's value per row, null for a dead row
-        return pa.array(np.asarray(values)[seen].astype(dtype), mask=is_dead)
-
-    # per-unit columns, gathered to rows (a failed unit's moments are not known: NaN)
-    mean, var, mx = (np.where(is_failed, np.nan, x) for x in (mean, var, mx))
-    max_activation = np.where(is_failed[unit], np.nan, max_activation)
-    errors = [f"activation not finite on {failed[u][0]} tokens, first in window {failed[u][1]}" if u in failed else None
-              for u in range(len(ids))]
-    per_unit = pl.DataFrame({
-        "neuron": ids.astype(np.int32), "neuron_mean": mean.astype(np.float64),
-        "neuron_variance": var.astype(np.float64), "neuron_max": mx.astype(np.float32),
-        "error": pl.Series(errors, dtype=pl.String),
-        "neuron_token_count": np.full(len(ids), selection.count, dtype=np.int64),
-        "quantile_boundaries": (_rows(q_bounds.astype(np.float64)).cast(pl.List(pl.Float64))
-                                if q_bounds is not None else pl.Series([None] * len(ids), dtype=pl.List(pl.Float64))),
-        **(units.describe() if units is not None else describe_ids(selection.ids)),
-    }, schema_overrides=UNIT_COLUMNS)
-    frame = pl.DataFrame({
-        "layer": np.full(len(unit), layer, dtype=np.int32),
-        "kind": np.concatenate([np.full(len(b[0]), b[1]) for b in blocks])[order],
-        "rank": np.concatenate([b[2] for b in blocks])[order].astype(np.int32),
-        "doc_id": pl.Series(windows.doc_ids, dtype=pl.String).gather(
-            pl.Series(of_window(windows.doc_index, np.int64))),
-        "token_start": of_window(windows.token_start, np.int32),
-        "tokens": window_token_lists(windows, token_texts, seen, null=is_dead),
-        "activations": _lists(pa.array(values), offset, null=is_dead),
-        "window_index": pa.array(seen.astype(np.int32), mask=is_dead),
-        "char_start": of_window(windows.char_start, np.int32),
-        "char_end": of_window(windows.char_end, np.int32),
-        "max_activation": max_activation.astype(np.float32, copy=False),
-    }).hstack(per_unit[unit])
-    if failed:  # where it first happened: the window's index on the failed row (its other window columns null)
-        first = pl.Series([failed[u][1] if u in failed else None for u in range(len(ids))], dtype=pl.Int32)[unit]
-        frame = frame.with_columns(pl.when(pl.col("kind") == FAILED_UNIT).then(first).otherwise(
-            pl.col("window_index")).alias("window_index"))
-    return conform(frame, RECORD_SCHEMA)
-
-
-def _rows(matrix: np.ndarray) -> pl.Series:
-    """A 2-D array as an Array series, one row per row, built from the flat buffer (no per-row conversion)."""
-    return pl.Series(np.ascontiguousarray(matrix).reshape(-1)).reshape(matrix.shape)
-
-
-def _offsets(length: np.ndarray) -> np.ndarray:
-    """Where each of consecutive lists of `length[i]` items starts, and (last) where the last one ends: int64."""
-    return np.concatenate([[0], np.cumsum(length)]).astype(np.int64)
-
-
-def _lists(values, offsets: np.ndarray, null: np.ndarray | None = None) -> pl.Series:
-    """Arrow `values` cut at `offsets` (`_offsets`) into consecutive lists, as a List series (no copy per row); rows
-    where `null` is set are null lists (they must be empty)."""
-    import pyarrow as pa
-
-    mask = pa.array(null) if null is not None and null.any() else None
-    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values, mask=mask))
-
-
-def window_token_lists(windows: Windows, token_texts: TokenTexts, window: np.ndarray,
-                       null: np.ndarray | None = None) -> pl.Series:
-    """The token texts of each given window (a list per entry of `window`; null where `null` is set), decoding each
-    distinct token id once and building each distinct window's list once. The texts are held as codes, List(Enum) of
-    the distinct texts in ascending order: a whole-model layer's records hold 11M tokens, and as codes they are
-    gathered, split into excerpts and written (`write_parquet_atomic` stores strings) without a string copied or
-    hashed; `.cast(pl.List(pl.String))` gives the strings."""
-    import pyarrow as pa
-
-    distinct, inverse = np.unique(window, return_inverse=True)
-    length = windows.length[distinct].astype(np.int64)
-    ids = windows.ids[distinct]  # [m, T]
-    kept = np.arange(ids.shape[1])[None, :] < length[:, None]
-    vocab, position = np.unique(ids[kept], return_inverse=True)
-    texts = token_texts(vocab)
-    enum = pl.Enum(pl.Series(texts, dtype=pl.String).unique().sort())  # ids with the same text (rare) share it
-    items = pa.array(texts, type=pa.large_string()).take(pa.array(position.reshape(-1)))
-    inverse = pl.Series(inverse.reshape(-1), dtype=pl.Int64)
-    if null is not None and null.any():
-        inverse = inverse.scatter(np.nonzero(null)[0], None)
-    return _lists(items, _offsets(length)).cast(pl.List(enum)).gather(inverse)
-
-
-def token_table_frame(layer: int, selection: LayerSelection, token_texts: TokenTexts) -> pl.DataFrame:
-    """The lookup table of one layer: one row per neuron × distinct token text seen in the corpus.
-
-    Keyed by the token's text (`tokenizer.decode([id])`, as in the `tokens` columns), so the stored excerpts can be
-    looked up without token ids; the rare ids that decode to the same text are merged (counts and sums added)."""
-    ids, counts, sums = selection.token_table()
-    texts = token_texts(ids)
-    neurons = selection.ids
-    frame = pl.DataFrame({"token": texts, "count": counts.astype(np.int64)})
-    frame = frame.with_columns([pl.Series(f"s{i}", sums[:, i], dtype=pl.Float64) for i in range(len(neurons))])
-    frame = frame.filter(pl.col("count") > 0).group_by("token", maintain_order=True).sum()
-    parts = []
-    for i, neuron in enumerate(neurons):
-        parts.append(frame.select(
-            pl.lit(layer, dtype=pl.Int32).alias("layer"), pl.lit(neuron, dtype=pl.Int32).alias("neuron"),
-            pl.col("token"), pl.col("count").cast(pl.Int64), pl.col(f"s{i}").alias("activation_sum"),
-            (pl.col(f"s{i}") / pl.col("count")).alias("mean_activation"),
-        ))
-    if not parts:
-        return pl.DataFrame(schema=TOKEN_TABLE_SCHEMA)
-    return pl.concat(parts).sort(["neuron", "token"]).cast(TOKEN_TABLE_SCHEMA)
