@@ -17,8 +17,22 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    ASSETS,
+    BASELINE_COLUMN_PREFIX,
+    BASELINES,
+    CORPUS,
+    LAYER_ASSETS,
+    SCORER_ASSETS,
+    SCORES,
+    SIMULATED_BASELINES,
+    SIMULATIONS,
+    STATUS_FAILED,
+    TOP_EXCERPTS,
+    baseline_column,
+)
 from ndx_pipeline.core.data.subject_model import HOOK_POINTS, check_layers, hidden_width, mlp_width, num_layers
 from ndx_pipeline.core.data.units import DICTIONARY, UNIT_CHOICES, negative_id
 from ndx_pipeline.core.errors import NdxInputError
@@ -299,15 +313,15 @@ def _mean(series) -> str:
 
 
 def summarize(storage: Path, layers: list[int], variant: str) -> str:
-    frames = {layer: pl.read_parquet(asset_path(storage, c.SCORES, layer, variant)) for layer in layers}
-    baselines = [c.baseline_column(b) for b in c.BASELINES
-                 if any(c.baseline_column(b) in f.columns for f in frames.values())]
+    frames = {layer: pl.read_parquet(asset_path(storage, SCORES, layer, variant)) for layer in layers}
+    baselines = [baseline_column(b) for b in BASELINES
+                 if any(baseline_column(b) in f.columns for f in frames.values())]
     head = f"{'layer':>5}  {'neurons':>7}  {'scored':>6}  {'failed':>6}  {'mean':>7}  {'median':>7}  {'cal_ev':>7}"
-    lines = [head + "".join(f"  {col.removeprefix(c.BASELINE_COLUMN_PREFIX):>10}" for col in baselines)]
+    lines = [head + "".join(f"  {col.removeprefix(BASELINE_COLUMN_PREFIX):>10}" for col in baselines)]
     for layer, frame in frames.items():
         valid = frame["score"].drop_nans().drop_nulls()
         median = f"{valid.median():7.3f}" if len(valid) else "    nan"
-        failed = int(frame["status"].str.starts_with(c.STATUS_FAILED).sum())
+        failed = int(frame["status"].str.starts_with(STATUS_FAILED).sum())
         ev = _mean(frame["calibrated_ev"]) if "calibrated_ev" in frame.columns else "    nan"
         row = f"{layer:>5}  {len(frame):>7}  {len(valid):>6}  {failed:>6}  {_mean(frame['score'])}  {median}  {ev}"
         row += "".join(f"  {_mean(frame[col]) if col in frame.columns else '    nan':>10}" for col in baselines)
@@ -319,8 +333,8 @@ def summarize(storage: Path, layers: list[int], variant: str) -> str:
                      " random = another neuron's explanation, token_list = from the strongest tokens alone)")
     lines += scorer_lines(storage, layers, variant)
     lines.append("")
-    lines.append(f"Parquet files: {asset_path(storage, c.CORPUS)}")
-    for asset in c.LAYER_ASSETS:
+    lines.append(f"Parquet files: {asset_path(storage, CORPUS)}")
+    for asset in LAYER_ASSETS:
         lines.append(f"               {storage / asset / variant}/<layer>.parquet")
     lines.append(f"Neuron viewer: {viewer_dir(storage, variant) / 'index.html'} (open it in a browser, no server "
                  "needed)")
@@ -332,19 +346,19 @@ def scorer_lines(storage: Path, layers: list[int], variant: str) -> list[str]:
     random and token-list baselines judged the same way (nothing when none ran)."""
     rows = []
     for layer in layers:
-        for name, (_, asset) in c.SCORER_ASSETS.items():
+        for name, (_, asset) in SCORER_ASSETS.items():
             path = asset_path(storage, asset, layer, variant)
             frame = pl.read_parquet(path) if path.exists() else None
             if frame is None or frame.is_empty():
                 continue
             valid = frame["score"].drop_nans().drop_nulls()
             rows.append(f"{layer:>5}  {name:<10}  {frame['metric'][0]:<17}  {len(frame):>7}  {len(valid):>6}  "
-                        f"{_mean(frame['score'])}" + "".join(f"  {_mean(frame[c.baseline_column(b)]):>10}"
-                                                             for b in c.SIMULATED_BASELINES))
+                        f"{_mean(frame['score'])}" + "".join(f"  {_mean(frame[baseline_column(b)]):>10}"
+                                                             for b in SIMULATED_BASELINES))
     if not rows:
         return []
     head = (f"{'layer':>5}  {'scorer':<10}  {'metric':<17}  {'neurons':>7}  {'scored':>6}  {'mean':>7}"
-            + "".join(f"  {b:>10}" for b in c.SIMULATED_BASELINES))
+            + "".join(f"  {b:>10}" for b in SIMULATED_BASELINES))
     return ["", "Scorers beside simulation (held-out excerpts; 0.5 is chance):", head, *rows,
             "(detection / fuzzing: balanced accuracy of the scorer LLM's verdicts on held-out excerpts; embedding: ROC"
             " AUC of their similarity to the explanation; random and token_list: those baselines' explanations judged"
@@ -357,7 +371,7 @@ def cost_lines(instance: dg.DagsterInstance, layers: list[int], variant: str) ->
     asked for) and, for the scorers, per unit; one line per stage and wave. Nothing for in-process models, whose
     cost is the time per stage above, nor when nothing was sent."""
     rows, seen = [], set()
-    for asset, per in ((c.SIMULATIONS, "excerpt"), *((judged, "unit") for judged, _ in c.SCORER_ASSETS.values())):
+    for asset, per in ((SIMULATIONS, "excerpt"), *((judged, "unit") for judged, _ in SCORER_ASSETS.values())):
         for layer in layers:
             meta = latest_metadata(instance, asset, layer, variant)
             wave = (asset, meta.get("llm_accounting_covers_layers", str(layer)))
@@ -401,7 +415,7 @@ def _selection(definitions: dg.Definitions, start: str | None) -> dg.AssetSelect
     graph = definitions.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable}
     if start not in keys:
-        raise NdxInputError(f"--from {start!r} is not an asset (assets: {', '.join(c.ASSETS)}).")
+        raise NdxInputError(f"--from {start!r} is not an asset (assets: {', '.join(ASSETS)}).")
     if start in ON_DEMAND_ASSETS:
         raise NdxInputError(f"--from {start}: {start} is materialized on demand (the UI, or `dagster asset "
                             f"materialize --select {start}`), not by ndx-pipeline run; for the dataset export use "
@@ -462,7 +476,7 @@ def cmd_run(args) -> int:
         for variant in [*variants, *controls.values(), *randomized.values()]:
             add_variant(instance, variant)
             changed = observe_settings(instance, storage, variant)  # before the runs: they record what they ran with
-            if changed and instance.get_materialized_partitions(dg.AssetKey(c.ACTIVATION_RECORDS)):
+            if changed and instance.get_materialized_partitions(dg.AssetKey(ACTIVATION_RECORDS)):
                 print(f"variant {variant}: new settings for its {', '.join(changed)} stages", flush=True)
         for i, variant in enumerate(variants):
             def run_control(control: str, on: list[int]) -> str | None:  # the whole graph, its time apart
@@ -625,7 +639,7 @@ def _runs(layers, variant: str) -> dict[int, dict] | None:
         return None
 
 
-def chosen_variant(storage: Path, given: str | None, asset: str = c.SCORES) -> str:
+def chosen_variant(storage: Path, given: str | None, asset: str = SCORES) -> str:
     """--variant, else the only variant of `storage` with files of `asset` (its controls, `<variant>.planted` …, are
     not candidates); several or none: one sentence saying which there are."""
     refuse_legacy_layout(storage)
@@ -647,9 +661,9 @@ def cmd_lineage(args) -> int:
     variant = args.variant
     if not variant:
         refuse_legacy_layout(storage)
-        having = [v for v in stored_variants(storage, c.SCORES)
-                  if asset_path(storage, c.SCORES, args.layer, v).exists() and unit in pl.read_parquet(
-                      asset_path(storage, c.SCORES, args.layer, v), columns=["neuron"])["neuron"].to_list()]
+        having = [v for v in stored_variants(storage, SCORES)
+                  if asset_path(storage, SCORES, args.layer, v).exists() and unit in pl.read_parquet(
+                      asset_path(storage, SCORES, args.layer, v), columns=["neuron"])["neuron"].to_list()]
         if len(having) > 1:
             raise NdxInputError(f"{len(having)} variants have unit {unit} of layer {args.layer} ({', '.join(having)})"
                                 ": say which with --variant.")
@@ -679,9 +693,9 @@ def cmd_export(args) -> int:
     storage = _storage(args)
     if args.format == DATASET_FORMAT:
         return export_dataset(args, storage)
-    variant = chosen_variant(storage, args.variant, c.ACTIVATION_RECORDS)
+    variant = chosen_variant(storage, args.variant, ACTIVATION_RECORDS)
     layers = (parse_layers(args.layers) if args.layers else
-              available_layers(storage, c.ACTIVATION_RECORDS, variant=variant))
+              available_layers(storage, ACTIVATION_RECORDS, variant=variant))
     if not layers:
         raise NdxInputError(f"no layer of variant {variant} has activation_records under {storage}: run the "
                             "pipeline first.")
@@ -702,7 +716,7 @@ def export_dataset(args, storage: Path) -> int:
     chosen, model = chosen_variants(storage, variants), None
     try:
         with dg.DagsterInstance.get() as instance:
-            model = recorded_subject_model(instance, {v: variant_layers(storage, c.ACTIVATION_RECORDS, v)
+            model = recorded_subject_model(instance, {v: variant_layers(storage, ACTIVATION_RECORDS, v)
                                                       for v in chosen})
     except Exception as exc:  # the files alone still make the export; the card then says the model is not recorded
         print(f"note: no Dagster run history ({type(exc).__name__}); the card names no subject model",
@@ -720,8 +734,8 @@ def export_to_neuronpedia(args, storage: Path, variant: str, layers: list[int]) 
     name, layers, widths) and the runs that wrote each layer (the scores' lineage) from the instance."""
     runs = _runs(layers, variant) or {}
     model = next((info.get("subject_model") for stages_of in runs.values()
-                  for info in [stages_of.get(c.ACTIVATION_RECORDS) or {}] if info.get("subject_model")), None)
-    corpus = next((info.get("source") for stages_of in runs.values() for info in [stages_of.get(c.CORPUS) or {}]
+                  for info in [stages_of.get(ACTIVATION_RECORDS) or {}] if info.get("subject_model")), None)
+    corpus = next((info.get("source") for stages_of in runs.values() for info in [stages_of.get(CORPUS) or {}]
                    if info.get("source")), None)
     about = {"subject_model": model, "corpus": corpus}
     try:
@@ -760,7 +774,7 @@ def cmd_import(args) -> int:
     for asset, layer, _, path in written:
         print(f"{asset}{'' if layer is None else f' layer {layer}'}: {path}")
     layers = ",".join(str(x) for x in imported.layers())
-    print(f"\nNext: ndx-pipeline run --variant {variant} --layers {layers} --from {c.TOP_EXCERPTS}")
+    print(f"\nNext: ndx-pipeline run --variant {variant} --layers {layers} --from {TOP_EXCERPTS}")
     return 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import contract
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 from ndx_pipeline.reports import compare as cmp
@@ -42,7 +42,7 @@ def baseline_value(variant: str, baseline: str, layer: int, unit: int) -> float:
     """A baseline's synthetic score: one NaN, the rest distinct."""
     if (layer, unit) == (0, 4):
         return NAN
-    return round(0.01 * (len(variant) + 3 * c.BASELINES.index(baseline) + 2 * layer) + 0.001 * unit, 6)
+    return round(0.01 * (len(variant) + 3 * contract.BASELINES.index(baseline) + 2 * layer) + 0.001 * unit, 6)
 
 
 @pytest.fixture
@@ -52,22 +52,22 @@ def storage(tmp_path):
             ids = list(units)
             frame = pl.DataFrame({
                 "layer": [layer] * len(ids), "neuron": ids,
-                "explanation_id": [f"{variant}/{c.explanation_id(layer, u)}" for u in ids],
+                "explanation_id": [f"{variant}/{contract.explanation_id(layer, u)}" for u in ids],
                 "explanation": ["an explanation"] * len(ids), "score": list(units.values()),
                 "score_top": [0.0] * len(ids), "score_random": [0.0] * len(ids),
-                "status": [c.STATUS_FAILED if math.isnan(s) else c.STATUS_OK for s in units.values()],
+                "status": [contract.STATUS_FAILED if math.isnan(s) else contract.STATUS_OK for s in units.values()],
                 "calibrated_ev": [0.0] * len(ids),
-                **{c.baseline_column(b): [baseline_value(variant, b, layer, u) for u in ids]
+                **{contract.baseline_column(b): [baseline_value(variant, b, layer, u) for u in ids]
                    for b in BASELINES[variant]},
             }, schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
-            write_parquet_atomic(frame, asset_path(tmp_path, c.SCORES, layer, variant))
-    detection = pl.DataFrame({"layer": [0] * 3, "neuron": [0, 1, 2], "scorer": [c.DETECTION] * 3,
+            write_parquet_atomic(frame, asset_path(tmp_path, contract.SCORES, layer, variant))
+    detection = pl.DataFrame({"layer": [0] * 3, "neuron": [0, 1, 2], "scorer": [contract.DETECTION] * 3,
                               "metric": ["balanced_accuracy"] * 3, "score": DETECTION, "baseline_random": [0.5] * 3,
-                              "baseline_token_list": [0.5] * 3, "status": [c.STATUS_OK] * 3},
+                              "baseline_token_list": [0.5] * 3, "status": [contract.STATUS_OK] * 3},
                              schema_overrides={"layer": pl.Int32, "neuron": pl.Int32})
-    write_parquet_atomic(detection, asset_path(tmp_path, c.DETECTION_SCORES, 0, "explainer-b"))
-    embedding_off = pl.DataFrame(schema=c.SCORER_SCORE_SCHEMA)  # a scorer that was off: an empty file
-    write_parquet_atomic(embedding_off, asset_path(tmp_path, c.EMBEDDING_SCORES, 0, "neurons"))
+    write_parquet_atomic(detection, asset_path(tmp_path, contract.DETECTION_SCORES, 0, "explainer-b"))
+    embedding_off = pl.DataFrame(schema=contract.SCORER_SCORE_SCHEMA)  # a scorer that was off: an empty file
+    write_parquet_atomic(embedding_off, asset_path(tmp_path, contract.EMBEDDING_SCORES, 0, "neurons"))
     return tmp_path
 
 
@@ -115,7 +115,7 @@ def test_defaults_choose_every_variant_and_layer(storage):
     assert result["variants"] == ["explainer-b", "neurons", "neurons-negative"]  # stored order: by name
     assert result["layers"] == [0, 1]
     assert result["baselines"] == ["lookup", "random", "token_list"]
-    assert result["scorers"] == [c.DETECTION]  # the empty embedding file is a scorer that was off
+    assert result["scorers"] == [contract.DETECTION]  # the empty embedding file is a scorer that was off
     assert [(r["layer"], r["variant"]) for r in result["summary"]] == [
         (layer, v) for layer in (0, 1, cmp.ALL) for v in result["variants"]]
     assert [(r["layer"], r["a"], r["b"]) for r in result["pairs"]] == [
@@ -147,7 +147,7 @@ def test_summary_figures(storage, layer):
                 assert row["baselines"][baseline] == pytest.approx(sum(expected) / len(expected), rel=1e-12)
             else:
                 assert math.isnan(row["baselines"][baseline])  # the column is absent from its files
-        detection = row["scorers"][c.DETECTION]
+        detection = row["scorers"][contract.DETECTION]
         if variant == "explainer-b" and layer in (0, cmp.ALL):
             assert detection == pytest.approx((0.75 + 0.5) / 2)
         else:

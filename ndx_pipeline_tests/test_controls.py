@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
+from ndx_pipeline.core.contract import BASELINE_EXPLANATIONS, DEAD, EMBEDDING_SCORES, PLANTED_TRUE, SCORES, TOP
 from ndx_pipeline.core.data.planted import RULES
 from ndx_pipeline.core.method.controls import SIMULATION, separation, verdict
 from ndx_pipeline.core.storage import asset_path
@@ -48,11 +48,11 @@ def test_planted_units_fire_by_their_rules_on_the_real_corpus():
     records = extraction.layers[3].records
     assert sorted(records["neuron"].unique()) == list(range(len(RULES)))
     assert set(records["unit_kind"]) == {"planted_rule"} and set(records["layer"]) == {3}
-    for row in records.filter(pl.col("kind") != c.DEAD).iter_rows(named=True):
+    for row in records.filter(pl.col("kind") != DEAD).iter_rows(named=True):
         name = RULES[row["neuron"]].name
         assert row["unit_source"] == name
         assert row["activations"] == independent_rule(name, row["tokens"]), (name, row["kind"], row["rank"])
-    top = records.filter(pl.col("kind") == c.TOP)
+    top = records.filter(pl.col("kind") == TOP)
     assert (top["max_activation"] == 1.0).all()  # a binary rule: every top window fires
     # the moments are the rule's rate over the corpus's tokens; the token table counts the same tokens
     table = extraction.layers[3].token_table
@@ -110,19 +110,19 @@ def test_a_perfect_judge_is_found_perfect(judged_controls):
     rec = found["recovery"]
     assert rec["share"] == pytest.approx(1.0) and rec["names_rule"] == rec["explained"] == len(RULES)
     # what the stored rows say: each planted unit judged with its true explanation, another's, and its own
-    base = pl.read_parquet(asset_path(storage, c.BASELINE_EXPLANATIONS, 1, "rule-judge.planted"))
-    true = base.filter(pl.col("baseline") == c.PLANTED_TRUE).sort("neuron")
+    base = pl.read_parquet(asset_path(storage, BASELINE_EXPLANATIONS, 1, "rule-judge.planted"))
+    true = base.filter(pl.col("baseline") == PLANTED_TRUE).sort("neuron")
     assert true["explanation"].to_list() == [r.explanation for r in RULES]
     assert true["explanation_id"][0] == "rule-judge.planted/1/0/planted_true"
-    scores = pl.read_parquet(asset_path(storage, c.SCORES, 1, "rule-judge.planted"))
+    scores = pl.read_parquet(asset_path(storage, SCORES, 1, "rule-judge.planted"))
     assert (scores["baseline_planted_true"] > 0.99).all()
     assert "embedding" in found["judges"]  # the scorer's own separation, from its scores file
-    embedding = pl.read_parquet(asset_path(storage, c.EMBEDDING_SCORES, 1, "rule-judge.planted"))
+    embedding = pl.read_parquet(asset_path(storage, EMBEDDING_SCORES, 1, "rule-judge.planted"))
     assert {"baseline_planted_true", "baseline_planted_wrong"} <= set(embedding.columns)
     lines = control_lines(found)
     assert lines[1].startswith("  simulation: right vs wrong explanations AUC 1.00 [1.00, 1.00]")
     assert lines[1].endswith("tells right from wrong")
-    about = metadata(judged_controls["instance"], c.SCORES, 1, "rule-judge.planted")
+    about = metadata(judged_controls["instance"], SCORES, 1, "rule-judge.planted")
     assert about["judge_auc"] == 1.0 and about["controls"] == "rule-judge.planted"
 
 
@@ -135,7 +135,7 @@ def test_a_coin_judge_is_found_no_better_than_chance(judged_controls):
     assert sim["auc_lo"] <= 0.5 <= sim["auc_hi"] and verdict(sim) == "no better than chance"
     checks = [e.asset_check_evaluation_data for e in result.all_events
               if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION]
-    judge = [x for x in checks if x.check_name == "judge_separates" and x.asset_key == dg.AssetKey(c.SCORES)]
+    judge = [x for x in checks if x.check_name == "judge_separates" and x.asset_key == dg.AssetKey(SCORES)]
     assert judge and not judge[0].passed and judge[0].severity == dg.AssetCheckSeverity.WARN
     assert "no better than chance" in judge[0].description
     assert math.isfinite(sim["auc"])

@@ -19,7 +19,18 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    BASELINE_EXPLANATIONS,
+    CORPUS,
+    DETECTION_SCORES,
+    EMBEDDING_SCORES,
+    EXPLANATIONS,
+    FUZZING_SCORES,
+    RELEASE,
+    SCORES,
+    SIMULATIONS,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, stored_variants, variant_layers
 from ndx_pipeline.core.variants import control_name, control_of
@@ -47,7 +58,7 @@ def storage(two_variants, tmp_path_factory) -> Path:
     the control's name (what the export does with a control depends only on the name)."""
     copy = tmp_path_factory.mktemp("dataset") / "storage"
     shutil.copytree(two_variants["storage"], copy)
-    if CONTROL not in stored_variants(copy, c.SCORES):
+    if CONTROL not in stored_variants(copy, SCORES):
         copy_variant(copy, "neurons", CONTROL, layers=[0])
     return copy
 
@@ -93,9 +104,9 @@ def test_every_file_holds_the_stored_rows_of_every_variant_and_layer(storage, ex
     # every asset kind the run wrote rows of, the scorer's scores included (the run's scorer is embedding; detection
     # and fuzzing, switched off, left empty files)
     assert set(export.files) == {a for a in TABLES if stored_files(storage, a)}
-    assert all(stored_variants(storage, a) for a in (c.DETECTION_SCORES, c.FUZZING_SCORES))
-    assert not {c.DETECTION_SCORES, c.FUZZING_SCORES} & set(export.files)
-    assert {c.SCORES, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.EMBEDDING_SCORES, c.TOP_EXCERPTS} <= set(export.files)
+    assert all(stored_variants(storage, a) for a in (DETECTION_SCORES, FUZZING_SCORES))
+    assert not {DETECTION_SCORES, FUZZING_SCORES} & set(export.files)
+    assert {SCORES, EXPLANATIONS, BASELINE_EXPLANATIONS, EMBEDDING_SCORES, TOP_EXCERPTS} <= set(export.files)
     for asset, path in export.files.items():
         assert path == export.out / table_file(asset) and path.exists()
         table = pl.read_parquet(path)
@@ -113,7 +124,7 @@ def test_every_file_holds_the_stored_rows_of_every_variant_and_layer(storage, ex
                                check_exact=True)
             for column in set(table.columns) - set(rows.columns) - {"variant", "control"}:
                 assert mine[column].null_count() == len(rows), (asset, variant, column)  # another variant's column
-    scores = pl.read_parquet(export.files[c.SCORES])
+    scores = pl.read_parquet(export.files[SCORES])
     assert scores.filter(pl.col("control") == "random-weights")["variant"].unique().to_list() == [CONTROL]
     assert (export.out / "data").is_dir() and sorted(p.name for p in export.out.iterdir()) == [CARD, "data"]
 
@@ -131,7 +142,7 @@ def test_the_card_says_what_was_explained_and_its_figures_are_the_scores(storage
         assert (export.out / entry["data_files"][0]["path"]).exists()
 
     # the score distribution per layer: recomputed here from the exported scores
-    scores = pl.read_parquet(export.files[c.SCORES])
+    scores = pl.read_parquet(export.files[SCORES])
     table = card_score_table(card)
     expected = scores.group_by("variant", "layer").agg(
         pl.len().alias("units"), pl.col("score").filter(pl.col("score").is_finite()).alias("finite")).sort(
@@ -149,13 +160,13 @@ def test_the_card_says_what_was_explained_and_its_figures_are_the_scores(storage
     # model, corpus and its content digest (recomputed here from its definition in the card), units, explainer,
     # simulator, scorer, counts
     assert f"subject model: `{SUBJECT}`" in card
-    corpus = pl.read_parquet(asset_path(storage, c.CORPUS))
+    corpus = pl.read_parquet(asset_path(storage, CORPUS))
     digest = hashlib.sha256()
     for row in corpus.select("doc_id", "source", "text").iter_rows():
         for field in row:
             digest.update(len(field.encode()).to_bytes(8, "big") + field.encode())
     assert f"corpus: {len(corpus)} documents" in card and f"content sha256 `{digest.hexdigest()}`" in card
-    explanations = pl.read_parquet(export.files[c.EXPLANATIONS])
+    explanations = pl.read_parquet(export.files[EXPLANATIONS])
     for variant in ("neurons", "sim-f32"):
         section = card[card.index(f"### `{variant}`"):]
         section = section[:section.index("\n###") if "\n###" in section else section.index("## Files")]
@@ -163,12 +174,12 @@ def test_the_card_says_what_was_explained_and_its_figures_are_the_scores(storage
         for explainer in explanations.filter(pl.col("variant") == variant)["explainer"].unique():
             assert f"`{explainer}`" in section
         simulators = pl.concat([pl.read_parquet(p, columns=["simulator"])
-                                for *_, p in stored_files(storage, c.SIMULATIONS, [variant])])["simulator"]
+                                for *_, p in stored_files(storage, SIMULATIONS, [variant])])["simulator"]
         for simulator in simulators.unique():
             assert f"`{simulator}`" in section
         assert "- embedding scorer: `" in section
         baselines = sorted(n.removeprefix("baseline_") for n in pl.read_parquet_schema(
-            asset_path(storage, c.SCORES, 0, variant)) if n.startswith("baseline_"))
+            asset_path(storage, SCORES, 0, variant)) if n.startswith("baseline_"))
         assert baselines and f"(`baseline_<name>` columns): {', '.join(baselines)}\n" in section
     assert "simulator_llm settings (variants file): dtype=float32" in card
     assert "control of `neurons`" in card[card.index(f"### `{CONTROL}`"):]
@@ -181,7 +192,7 @@ def test_datasets_loads_the_folder_as_the_card_says(export, tmp_path):
         pytest.skip("the datasets library is not installed (the test extra installs it)")
     import datasets
 
-    scores = pl.read_parquet(export.files[c.SCORES])
+    scores = pl.read_parquet(export.files[SCORES])
     loaded = datasets.load_dataset("parquet", data_dir=str(export.out), cache_dir=str(tmp_path / "cache"))
     assert list(loaded) == [DEFAULT_TABLE]  # the one default table, not every file of the folder as one
     assert_frame_equal(pl.from_arrow(loaded[DEFAULT_TABLE].data.table), scores, check_dtypes=False, check_exact=True)
@@ -201,8 +212,8 @@ def test_chosen_variants_come_with_their_controls_and_layers_filter(storage, tmp
     for path in done.files.values():
         table = pl.read_parquet(path)
         assert set(table["variant"]) <= {"neurons", CONTROL} and set(table["layer"]) == {0}
-    assert len(pl.read_parquet(done.files[c.SCORES])) == sum(
-        len(pl.read_parquet(p)) for *_, p in stored_files(storage, c.SCORES, ["neurons", CONTROL], [0]))
+    assert len(pl.read_parquet(done.files[SCORES])) == sum(
+        len(pl.read_parquet(p)) for *_, p in stored_files(storage, SCORES, ["neurons", CONTROL], [0]))
     assert "sim-f32" not in done.card and "| neurons | 0 |" in done.card and "| neurons | 1 |" not in done.card
     alone = write_dataset(storage, tmp_path / "alone", variants=["neurons"], controls=False)
     assert alone.variants == ["neurons"]
@@ -264,20 +275,20 @@ def test_the_release_asset_writes_the_export_with_its_card_as_metadata(two_varia
 
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
-    node = graph.get(dg.AssetKey(c.RELEASE))
+    node = graph.get(dg.AssetKey(RELEASE))
     assert node.partitions_def is None and node.automation_condition is None
-    assert {c.SCORES, c.EXPLANATIONS, c.TOP_EXCERPTS} <= {k.to_user_string() for k in node.parent_keys}
+    assert {SCORES, EXPLANATIONS, TOP_EXCERPTS} <= {k.to_user_string() for k in node.parent_keys}
     main = defs.resolve_job_def(MAIN_JOB)
-    assert dg.AssetKey(c.RELEASE) not in main.asset_layer.selected_asset_keys  # `ndx-pipeline run` leaves it out
-    assert dg.AssetKey(c.SCORES) in main.asset_layer.selected_asset_keys
+    assert dg.AssetKey(RELEASE) not in main.asset_layer.selected_asset_keys  # `ndx-pipeline run` leaves it out
+    assert dg.AssetKey(SCORES) in main.asset_layer.selected_asset_keys
 
     # on the instance of the run that made the files: the subject model is what that run recorded
-    instance, release = two_variants["instance"], defs.get_assets_def(dg.AssetKey(c.RELEASE))
+    instance, release = two_variants["instance"], defs.get_assets_def(dg.AssetKey(RELEASE))
     resources = {"storage": StorageResource(storage_dir=str(storage))}
     result = dg.materialize([release], instance=instance, resources=resources)
     assert result.success
     out = storage / "release"  # the default folder
-    meta = result.asset_materializations_for_node(c.RELEASE)[0].metadata
+    meta = result.asset_materializations_for_node(RELEASE)[0].metadata
     card = (out / CARD).read_text(encoding="utf-8")
     assert meta["card"].value == card and f"subject model: `{SUBJECT}`" in card
     assert meta["path"].value == str(out) and meta["files"].value == len(list((out / "data").iterdir()))
@@ -289,11 +300,11 @@ def test_the_release_asset_writes_the_export_with_its_card_as_metadata(two_varia
 
     # a chosen variant, elsewhere; an unknown one fails the run with its one sentence
     chosen = dg.materialize([release], instance=instance, resources=resources, run_config={
-        "ops": {c.RELEASE: {"config": {"variants": ["sim-f32"], "out": str(storage.parent / "sim")}}}})
-    assert chosen.success and set(pl.read_parquet(storage.parent / "sim" / table_file(c.SCORES))["variant"]) == {
+        "ops": {RELEASE: {"config": {"variants": ["sim-f32"], "out": str(storage.parent / "sim")}}}})
+    assert chosen.success and set(pl.read_parquet(storage.parent / "sim" / table_file(SCORES))["variant"]) == {
         "sim-f32"}
     bad = dg.materialize([release], instance=instance, resources=resources, raise_on_error=False, run_config={
-        "ops": {c.RELEASE: {"config": {"variants": ["nope"]}}}})
+        "ops": {RELEASE: {"config": {"variants": ["nope"]}}}})
     assert not bad.success
     failure = next(e for e in bad.all_events if e.is_step_failure).step_failure_data
     assert "variant nope has nothing to export" in failure.user_failure_data.description

@@ -15,7 +15,15 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    EXPLANATION_SCHEMA,
+    EXPLANATIONS,
+    OUTPUT_TOKENS,
+    SCORES,
+    TOP,
+    usable,
+)
 from ndx_pipeline.core.storage import asset_path, write_parquet_atomic
 from ndx_pipeline.reports import neuronpedia as np_export
 from ndx_pipeline.reports.neuronpedia import export_neuronpedia, import_neuronpedia, read_batches, read_rows
@@ -72,7 +80,7 @@ def check_export(root: Path, storage: Path, variant: str) -> dict[str, dict[str,
         assert len(model) == 1 and model[0]["id"] == root.name
         assert len(about) == 1 and about[0]["id"] == source.name and about[0]["modelId"] == root.name
         # each activation row is one stored window of its unit: its values, max and argmax
-        stored = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, layer, variant))
+        stored = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, layer, variant))
         for a in rows[source.name]["activations"]:
             _, _, unit, kind, rank = a["id"].rsplit("/", 4)
             window = stored.filter((pl.col("neuron") == int(unit)) & (pl.col("kind") == kind)
@@ -84,13 +92,13 @@ def check_export(root: Path, storage: Path, variant: str) -> dict[str, dict[str,
     back = import_neuronpedia(root)
     key = ["layer", "neuron", "kind", "rank"]
     for layer in back.layers():
-        stored = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, layer, variant))
+        stored = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, layer, variant))
         assert_frame_equal(back.records.filter(pl.col("layer") == layer).sort(key), stored.sort(key))
-        explanations = asset_path(storage, c.EXPLANATIONS, layer, variant)
+        explanations = asset_path(storage, EXPLANATIONS, layer, variant)
         if explanations.exists():
-            kept = c.usable(pl.read_parquet(explanations)).select(c.EXPLANATION_SCHEMA.keys())
+            kept = usable(pl.read_parquet(explanations)).select(EXPLANATION_SCHEMA.keys())
             assert_frame_equal(back.explanations.filter(pl.col("layer") == layer).sort("neuron"), kept.sort("neuron"))
-        tokens = asset_path(storage, c.OUTPUT_TOKENS, layer, variant)
+        tokens = asset_path(storage, OUTPUT_TOKENS, layer, variant)
         if tokens.exists():
             assert_frame_equal(back.output_tokens.filter(pl.col("layer") == layer).sort("neuron"),
                                pl.read_parquet(tokens).sort("neuron"))
@@ -108,11 +116,11 @@ def test_export_rows_follow_neuronpedia_and_come_back_exactly(store, tmp_path):
                               about={"subject_model": "tiny-llama", "layers": 2})
     rows = check_export(tmp_path / "tiny", store, V)
     assert sorted(rows) == ["0-mlp", "1-mlp"] and sorted(done.sources) == ["0-mlp", "1-mlp"]
-    explanations = pl.read_parquet(asset_path(store, c.EXPLANATIONS, 0, V))
+    explanations = pl.read_parquet(asset_path(store, EXPLANATIONS, 0, V))
     ok = explanations.filter(pl.col("status") == "ok")
     assert [r["description"] for r in rows["0-mlp"]["explanations"]] == ok.sort("neuron")["explanation"].to_list()
     # every score of an explanation, traced: ours and the lookup baseline, with the run and the prompt's hash
-    scores = pl.read_parquet(asset_path(store, c.SCORES, 0, V)).sort("neuron")
+    scores = pl.read_parquet(asset_path(store, SCORES, 0, V)).sort("neuron")
     first = scores.row(0, named=True)
     mine = [r for r in rows["0-mlp"]["scores"] if r["explanationId"] == first["explanation_id"]]
     by_type = {r["explanationScoreTypeName"]: r for r in mine}
@@ -153,10 +161,10 @@ def test_negative_sides_get_their_own_source(store, tmp_path):
     """A neuron's negative side (unit id -1 - index) goes to `<layer>-<set>-neg` under its neuron's index, and
     comes back as the same unit id."""
     storage = tmp_path / "storage"
-    records = pl.read_parquet(asset_path(store, c.ACTIVATION_RECORDS, 0, V))
+    records = pl.read_parquet(asset_path(store, ACTIVATION_RECORDS, 0, V))
     negative = records.with_columns((-1 - pl.col("neuron")).alias("neuron"), pl.lit(-1, pl.Int8).alias("polarity"))
     both = pl.concat([records, negative.cast(records.schema)])
-    write_parquet_atomic(both, asset_path(storage, c.ACTIVATION_RECORDS, 0, "both"))
+    write_parquet_atomic(both, asset_path(storage, ACTIVATION_RECORDS, 0, "both"))
     export_neuronpedia(storage, tmp_path / "out", model_id="tiny", variant="both", set_name="mlp")
     negatives = read_batches(tmp_path / "out" / "tiny" / "0-mlp-neg" / "features")
     assert sorted(int(f["index"]) for f in negatives) == sorted(records["neuron"].unique().to_list())
@@ -172,15 +180,15 @@ def test_an_export_made_elsewhere_is_read_without_the_sidecar(store, tmp_path):
         for f in sidecar.iterdir():
             f.unlink()
     back = import_neuronpedia(tmp_path / "tiny")
-    stored = pl.read_parquet(asset_path(store, c.ACTIVATION_RECORDS, 0, V))
+    stored = pl.read_parquet(asset_path(store, ACTIVATION_RECORDS, 0, V))
     layer0 = back.records.filter(pl.col("layer") == 0)
     windowed = stored.filter(pl.col("tokens").list.len() > 0)
-    assert len(layer0) == len(windowed) and set(layer0["kind"]) == {c.TOP}
+    assert len(layer0) == len(windowed) and set(layer0["kind"]) == {TOP}
     for unit in layer0["neuron"].unique().to_list():
         maxima = layer0.filter(pl.col("neuron") == unit).sort("rank")["max_activation"].to_list()
         assert maxima == sorted(maxima, reverse=True)
     assert set(back.explanations["explanation"].to_list()) >= {
-        e for e in pl.read_parquet(asset_path(store, c.EXPLANATIONS, 0, V))["explanation"].to_list() if e}
+        e for e in pl.read_parquet(asset_path(store, EXPLANATIONS, 0, V))["explanation"].to_list() if e}
 
 
 def test_bad_export_folder_says_what_is_wrong(tmp_path):
@@ -264,10 +272,10 @@ def test_viewer_page_and_lineage_show_what_a_unit_promotes_and_suppresses(store,
 
     storage = tmp_path / "storage"
     shutil.copytree(store, storage)
-    records = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, 0, V))
+    records = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, 0, V))
     frame = stages.output_tokens({0: records}, None)[0]
-    write_parquet_atomic(frame, asset_path(storage, c.OUTPUT_TOKENS, 0, V))
-    unit = int(pl.read_parquet(asset_path(storage, c.SCORES, 0, V))["neuron"][0])
+    write_parquet_atomic(frame, asset_path(storage, OUTPUT_TOKENS, 0, V))
+    unit = int(pl.read_parquet(asset_path(storage, SCORES, 0, V))["neuron"][0])
     found = lineage(storage, 0, unit, variant=V)["output_tokens"]
     row = frame.filter(pl.col("neuron") == unit).row(0, named=True)
     assert found["promoted_tokens"] == row["promoted_tokens"] and found["suppressed_tokens"] == row["suppressed_tokens"]
@@ -275,7 +283,7 @@ def test_viewer_page_and_lineage_show_what_a_unit_promotes_and_suppresses(store,
     page = (storage / "neuron_viewer" / V / "0" / f"{unit}.html").read_text()
     assert "Output tokens" in page and "promotes" in page and "suppresses" in page
     assert json.dumps(row["promoted_tokens"][0]).replace("<", "\\u003c") in page
-    assert lineage(storage, 1, int(pl.read_parquet(asset_path(storage, c.SCORES, 1, V))["neuron"][0]),
+    assert lineage(storage, 1, int(pl.read_parquet(asset_path(storage, SCORES, 1, V))["neuron"][0]),
                    variant=V)["output_tokens"] is None  # layer 1 has none: said as such
 
 

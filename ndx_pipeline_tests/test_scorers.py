@@ -9,7 +9,27 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    ACTIVATING,
+    BASELINE_EXPLANATIONS,
+    CALIBRATION,
+    DETECTION,
+    EMBEDDING,
+    EXCERPT_SCHEMA,
+    EXPLAIN,
+    EXPLANATION_SCHEMA,
+    FUZZING,
+    JUDGEMENT_SCHEMA,
+    NON_ACTIVATING,
+    RECORD_SCHEMA,
+    SCHEMAS,
+    SCORER_EXCERPTS,
+    STATUS_FAILED,
+    STATUS_OK,
+    TOP_EXCERPTS,
+    empty,
+    frame,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.method.detection import detection_messages, detection_shown
 from ndx_pipeline.core.method.fuzzing import arbitrary_positions, fuzzing_messages, fuzzing_shown, strongest_positions
@@ -49,14 +69,14 @@ FUZZING_SYSTEM_TEXT = (
 )
 
 
-def excerpt(tokens, activations, split=c.ACTIVATING, excerpt_id="x", layer=0, neuron=3):
+def excerpt(tokens, activations, split=ACTIVATING, excerpt_id="x", layer=0, neuron=3):
     return {"tokens": tokens, "activations": activations, "split": split, "excerpt_id": excerpt_id,
             "layer": layer, "neuron": neuron}
 
 
 def test_detection_prompt_text_is_exactly_this():
     batch = [Shown(excerpt(["def", " f", "():"], [5, 0, 0]), True),
-             Shown(excerpt(["Hello", " world", "\n"], [0, 0, 0], c.NON_ACTIVATING), False)]
+             Shown(excerpt(["Hello", " world", "\n"], [0, 0, 0], NON_ACTIVATING), False)]
     assert detection_messages("the keyword def", batch) == [
         {"role": "system", "content": DETECTION_SYSTEM_TEXT},
         {"role": "user", "content": 'Neuron description: the word "and"\n\n'
@@ -160,7 +180,7 @@ def test_strongest_and_arbitrary_positions():
 def test_fuzzing_shows_each_activating_excerpt_twice_and_the_same_way_every_time():
     pool = [excerpt(["a", "b", "c", "d"], [0, 4, 0, 1], excerpt_id="e1"),
             excerpt(["p", "q", "r"], [0, 0, 0], excerpt_id="e2"),  # nothing fires: not shown
-            excerpt(["x", "y"], [0, 0], c.NON_ACTIVATING, "e3")]
+            excerpt(["x", "y"], [0, 0], NON_ACTIVATING, "e3")]
     shown = fuzzing_shown(pool, 0, 3, seed=7)
     assert [(s.excerpt["excerpt_id"], s.label) for s in shown] == [("e1", True), ("e1", False)]
     assert shown[0].marked == (1,) and len(shown[1].marked) == 1 and shown[1].marked != (1,)
@@ -180,7 +200,7 @@ def records_of(neuron, rows):
                     "tokens": ["t"], "activations": [top], "window_index": window, "char_start": 0, "char_end": 1,
                     "max_activation": top, "neuron_mean": 0.0, "neuron_variance": 1.0, "neuron_max": 9.0,
                     "neuron_token_count": 100, "quantile_boundaries": [1.0, 2.0, 3.0, 4.0]})
-    return c.frame(out, c.RECORD_SCHEMA)
+    return frame(out, RECORD_SCHEMA)
 
 
 def test_held_out_excerpts_span_the_upper_quantiles_and_skip_what_the_explainer_saw():
@@ -190,20 +210,20 @@ def test_held_out_excerpts_span_the_upper_quantiles_and_skip_what_the_explainer_
         ("quantile_3", 0, 300, 3.5), ("quantile_2", 0, 400, 2.5),
         ("quantile_0", 0, 500, 0.5), ("random", 0, 600, 0.2), ("random", 1, 601, 1.5), ("random", 2, 100, 9.0),
         ("random", 3, 602, 0.7)])
-    seen = c.frame([{"layer": 0, "neuron": 3, "excerpt_id": "s", "split": c.EXPLAIN, "kind": "top", "rank": 0,
+    seen = frame([{"layer": 0, "neuron": 3, "excerpt_id": "s", "split": EXPLAIN, "kind": "top", "rank": 0,
                      "window_index": 200},
-                    {"layer": 0, "neuron": 3, "excerpt_id": "k", "split": c.CALIBRATION, "kind": "top", "rank": 1,
-                     "window_index": 101}], c.EXCERPT_SCHEMA)
+                    {"layer": 0, "neuron": 3, "excerpt_id": "k", "split": CALIBRATION, "kind": "top", "rank": 1,
+                     "window_index": 101}], EXCERPT_SCHEMA)
     got = held_out_excerpts(records, seen, count=3)
     # round robin over buckets 4, 3, 2 (window 200 was shown to the explainer), then the top windows
-    assert got.filter(pl.col("split") == c.ACTIVATING)["window_index"].to_list() == [300, 400, 201]
+    assert got.filter(pl.col("split") == ACTIVATING)["window_index"].to_list() == [300, 400, 201]
     # bucket 0, then the random windows under the median (1.0) that are not top windows
-    assert got.filter(pl.col("split") == c.NON_ACTIVATING)["window_index"].to_list() == [500, 600, 602]
+    assert got.filter(pl.col("split") == NON_ACTIVATING)["window_index"].to_list() == [500, 600, 602]
     more = held_out_excerpts(records.filter(pl.col("kind") != "quantile_0"), seen, count=2)
     # one more activating: after the buckets, the top windows in rank order (101 was a calibration one)
     assert held_out_excerpts(records.vstack(records_of(3, [("random", 4, 603, 0.1)])), seen, count=4).filter(
-        pl.col("split") == c.ACTIVATING)["window_index"].to_list() == [300, 400, 201, 100]
-    assert more.filter(pl.col("split") == c.NON_ACTIVATING)["window_index"].to_list() == [600, 602]
+        pl.col("split") == ACTIVATING)["window_index"].to_list() == [300, 400, 201, 100]
+    assert more.filter(pl.col("split") == NON_ACTIVATING)["window_index"].to_list() == [600, 602]
     with pytest.raises(NdxInputError, match="only 3 non-activating windows"):
         held_out_excerpts(records, seen, count=4)
 
@@ -212,26 +232,26 @@ def test_held_out_excerpts_count_three():
     records = records_of(3, [
         ("top", 0, 100, 9.0), ("quantile_4", 0, 200, 5.0), ("quantile_3", 0, 300, 3.5), ("quantile_2", 0, 400, 2.5),
         ("quantile_0", 0, 500, 0.5), ("random", 0, 600, 0.2), ("random", 1, 601, 1.5), ("random", 2, 602, 0.7)])
-    got = held_out_excerpts(records, c.empty(c.TOP_EXCERPTS), count=3)
-    assert got.filter(pl.col("split") == c.ACTIVATING)["window_index"].to_list() == [200, 300, 400]
-    assert got.filter(pl.col("split") == c.NON_ACTIVATING)["window_index"].to_list() == [500, 600, 602]
-    assert set(got["split"]) == {c.ACTIVATING, c.NON_ACTIVATING} and got["excerpt_id"].n_unique() == 6
+    got = held_out_excerpts(records, empty(TOP_EXCERPTS), count=3)
+    assert got.filter(pl.col("split") == ACTIVATING)["window_index"].to_list() == [200, 300, 400]
+    assert got.filter(pl.col("split") == NON_ACTIVATING)["window_index"].to_list() == [500, 600, 602]
+    assert set(got["split"]) == {ACTIVATING, NON_ACTIVATING} and got["excerpt_id"].n_unique() == 6
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scores from judgements, with baselines beside
 
 
-def judgement(explanation_id, excerpt_id, label, verdict, baseline=None, similarity=None, status=c.STATUS_OK):
+def judgement(explanation_id, excerpt_id, label, verdict, baseline=None, similarity=None, status=STATUS_OK):
     return {"layer": 0, "neuron": 3, "explanation_id": explanation_id, "baseline": baseline, "excerpt_id": excerpt_id,
-            "split": c.ACTIVATING if label else c.NON_ACTIVATING, "marked": None, "label": label, "verdict": verdict,
+            "split": ACTIVATING if label else NON_ACTIVATING, "marked": None, "label": label, "verdict": verdict,
             "similarity": similarity, "prompt": 0, "prompt_sha256": "h", "scorer": "m", "status": status,
-            "error": None if status == c.STATUS_OK else "boom"}
+            "error": None if status == STATUS_OK else "boom"}
 
 
 def explanation(explanation_id, text, baseline=None):
     row = {"layer": 0, "neuron": 3, "explanation_id": explanation_id, "explanation": text, "explainer": "m",
-           "prompt_sha256": "h", "status": c.STATUS_OK, "error": None}
+           "prompt_sha256": "h", "status": STATUS_OK, "error": None}
     if baseline:
         row["baseline"] = baseline
     return row
@@ -243,13 +263,13 @@ def test_scores_with_baselines_from_hand_made_judgements():
     rows += [judgement("rand", f"e{i}", label, True, baseline="random") for i, label in
              enumerate([True, True, False, False])]
     rows += [judgement("tl", f"e{i}", label, verdict, baseline="token_list", status=status)
-             for i, (label, verdict, status) in enumerate([(True, True, c.STATUS_OK), (True, None, c.STATUS_FAILED),
-                                                           (False, False, c.STATUS_OK), (False, False, c.STATUS_OK)])]
-    judgements = c.frame(rows, c.JUDGEMENT_SCHEMA)
-    ours = c.frame([explanation("ours", "the letter e")], c.EXPLANATION_SCHEMA)
-    theirs = c.frame([explanation("rand", "x", "random"), explanation("tl", "y", "token_list")],
-                     c.SCHEMAS[c.BASELINE_EXPLANATIONS])
-    scorer = make_scorer(c.DETECTION)
+             for i, (label, verdict, status) in enumerate([(True, True, STATUS_OK), (True, None, STATUS_FAILED),
+                                                           (False, False, STATUS_OK), (False, False, STATUS_OK)])]
+    judgements = frame(rows, JUDGEMENT_SCHEMA)
+    ours = frame([explanation("ours", "the letter e")], EXPLANATION_SCHEMA)
+    theirs = frame([explanation("rand", "x", "random"), explanation("tl", "y", "token_list")],
+                     SCHEMAS[BASELINE_EXPLANATIONS])
+    scorer = make_scorer(DETECTION)
     got = scores_with_baselines(judgements, ours, theirs, scorer.score).row(0, named=True)
     assert got["score"] == pytest.approx(0.75)  # recall 1, specificity 1/2
     assert got["precision"] == pytest.approx(2 / 3) and got["recall"] == 1.0 and got["judged"] == 4
@@ -266,11 +286,11 @@ def test_scores_with_baselines_from_hand_made_judgements():
 
 def code_and_prose() -> pl.DataFrame:
     """Held-out excerpts of a made-up neuron that fires on Python definitions: two activating, two not."""
-    pool = [excerpt([" def", " f", "(x", "):"], [3, 0, 1, 0], c.ACTIVATING, "a1"),
-            excerpt([" class", " A", ":"], [2, 0, 0], c.ACTIVATING, "a2"),
-            excerpt([" The", " cat", " sat"], [0, 0, 0], c.NON_ACTIVATING, "n1"),
-            excerpt([" rain", " in", " June"], [0, 0, 0], c.NON_ACTIVATING, "n2")]
-    return c.frame(pool, c.SCHEMAS[c.SCORER_EXCERPTS])
+    pool = [excerpt([" def", " f", "(x", "):"], [3, 0, 1, 0], ACTIVATING, "a1"),
+            excerpt([" class", " A", ":"], [2, 0, 0], ACTIVATING, "a2"),
+            excerpt([" The", " cat", " sat"], [0, 0, 0], NON_ACTIVATING, "n1"),
+            excerpt([" rain", " in", " June"], [0, 0, 0], NON_ACTIVATING, "n2")]
+    return frame(pool, SCHEMAS[SCORER_EXCERPTS])
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +328,8 @@ def test_bundled_embedding_model_matches_an_independent_mean_pooling(embedder):
 
 def test_embedding_scorer_ranks_by_similarity_and_scores_the_auc(embedder):
     excerpts = code_and_prose()
-    expl = c.frame([explanation("ours", "Python definitions of functions and classes")], c.EXPLANATION_SCHEMA)
-    scorer = make_scorer(c.EMBEDDING)
+    expl = frame([explanation("ours", "Python definitions of functions and classes")], EXPLANATION_SCHEMA)
+    scorer = make_scorer(EMBEDDING)
     judged = pl.concat(run_together(embedder, [scorer.judgements(expl, excerpts, embedder)]))
     assert len(judged) == 4 and (judged["status"] == "ok").all()
     vectors = embedder.embed(["Python definitions of functions and classes", " def f(x):", " class A:",
@@ -330,9 +350,9 @@ def test_detection_and_fuzzing_on_the_bundled_model_in_process(tmp_path):
 
     backend = build_backend(LLMSpec(), tmp_path / "cache")
     excerpts = code_and_prose()
-    expl = c.frame([explanation("ours", "Python keywords that start a definition")], c.EXPLANATION_SCHEMA)
+    expl = frame([explanation("ours", "Python keywords that start a definition")], EXPLANATION_SCHEMA)
     try:
-        for name, shown in ((c.DETECTION, 4), (c.FUZZING, 4)):
+        for name, shown in ((DETECTION, 4), (FUZZING, 4)):
             scorer = make_scorer(name, batch_size=2)
             judged = pl.concat(run_together(backend, [scorer.judgements(expl, excerpts, backend)]))
             assert len(judged) == shown and judged["prompt"].n_unique() == 2  # 2 excerpts per prompt
@@ -342,7 +362,7 @@ def test_detection_and_fuzzing_on_the_bundled_model_in_process(tmp_path):
             ok = judged.filter(pl.col("status") == "ok")
             assert ok["verdict"].is_not_null().all()
             assert judged.filter(pl.col("status") != "ok")["error"].str.contains("verdict").all()
-            if name == c.FUZZING:
+            if name == FUZZING:
                 assert judged.filter(pl.col("label"))["marked"].to_list() == [[0], [0]]
     finally:
         backend.close()

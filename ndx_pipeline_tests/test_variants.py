@@ -13,7 +13,20 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    BASELINE_SIMULATIONS,
+    CORPUS,
+    DICTIONARY_LATENT,
+    EXPLANATIONS,
+    LAYER_ASSETS,
+    MLP_NEURON,
+    SCORES,
+    SIMULATIONS,
+    STATUS_FAILED,
+    TOKEN_TABLE,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import asset_path, legacy_layer_files, migrate_storage, write_parquet_atomic
 from ndx_pipeline.core.variants import (
@@ -118,9 +131,9 @@ def test_variant_names_settings_and_the_variants_file(tmp_path):
 
 def test_a_layer_file_always_belongs_to_a_variant(tmp_path):
     with pytest.raises(ValueError, match="belongs to a variant"):
-        asset_path(tmp_path, c.SCORES, 1)
-    assert asset_path(tmp_path, c.SCORES, 1, "v") == tmp_path / "scores" / "v" / "1.parquet"
-    assert asset_path(tmp_path, c.CORPUS) == tmp_path / "corpus.parquet"
+        asset_path(tmp_path, SCORES, 1)
+    assert asset_path(tmp_path, SCORES, 1, "v") == tmp_path / "scores" / "v" / "1.parquet"
+    assert asset_path(tmp_path, CORPUS) == tmp_path / "corpus.parquet"
 
 
 def test_storage_from_before_variants_is_moved_by_one_command(tmp_path, monkeypatch, capsys):
@@ -143,12 +156,12 @@ def test_storage_from_before_variants_is_moved_by_one_command(tmp_path, monkeypa
     said = capsys.readouterr().out
     assert "scores layer 1 ->" in said and "into variant neurons" in said
     assert not legacy_layer_files(storage)
-    moved = pl.read_parquet(asset_path(storage, c.SCORES, 1, "neurons"))
+    moved = pl.read_parquet(asset_path(storage, SCORES, 1, "neurons"))
     assert moved["explanation_id"].to_list() == ["neurons/1/5/explanation/0"]
-    assert pl.read_parquet(asset_path(storage, c.TOP_EXCERPTS, 1, "neurons"))["excerpt_id"][0] == "neurons/1/5/top/0"
+    assert pl.read_parquet(asset_path(storage, TOP_EXCERPTS, 1, "neurons"))["excerpt_id"][0] == "neurons/1/5/top/0"
     assert (storage / "neuron_viewer" / "neurons" / "1" / "5.html").exists()
     with dg.DagsterInstance.get() as instance:
-        assert instance.get_materialized_partitions(dg.AssetKey(c.SCORES)) == {"1|neurons"}
+        assert instance.get_materialized_partitions(dg.AssetKey(SCORES)) == {"1|neurons"}
     assert main(["migrate", "--storage", str(storage)]) == 0
     assert "nothing to move" in capsys.readouterr().out
     with pytest.raises(NdxInputError, match="already has"):
@@ -167,22 +180,22 @@ def test_a_variant_that_differs_in_its_simulator_runs_no_forward_pass(two_varian
     instance, storage = two_variants["instance"], two_variants["storage"]
     assert two_variants["extract_calls"] == []  # the subject model never ran for the second variant
     for layer in (0, 1, 2):
-        mine, theirs = metadata(instance, c.ACTIVATION_RECORDS, layer, "sim-f32"), metadata(
-            instance, c.ACTIVATION_RECORDS, layer, "neurons")
+        mine, theirs = metadata(instance, ACTIVATION_RECORDS, layer, "sim-f32"), metadata(
+            instance, ACTIVATION_RECORDS, layer, "neurons")
         assert mine["subject_model_forward_passes"] == 0 and mine["shared_from_variant"] == "neurons"
         assert theirs["subject_model_forward_passes"] > 0 and mine["extraction_key"] == theirs["extraction_key"]
-        a, b = (asset_path(storage, c.ACTIVATION_RECORDS, layer, v) for v in ("neurons", "sim-f32"))
+        a, b = (asset_path(storage, ACTIVATION_RECORDS, layer, v) for v in ("neurons", "sim-f32"))
         assert a.read_bytes() == b.read_bytes()
         # the same excerpts under each variant's own ids; each variant's explanations and scores its own
-        ex_a, ex_b = (pl.read_parquet(asset_path(storage, c.TOP_EXCERPTS, layer, v)) for v in ("neurons", "sim-f32"))
+        ex_a, ex_b = (pl.read_parquet(asset_path(storage, TOP_EXCERPTS, layer, v)) for v in ("neurons", "sim-f32"))
         assert ex_a.drop("excerpt_id").equals(ex_b.drop("excerpt_id"))
         assert ex_b["excerpt_id"].str.starts_with("sim-f32/").all() and ex_a["excerpt_id"].str.starts_with(
             "neurons/").all()
         for v in ("neurons", "sim-f32"):
-            sims = pl.read_parquet(asset_path(storage, c.SIMULATIONS, layer, v))
+            sims = pl.read_parquet(asset_path(storage, SIMULATIONS, layer, v))
             assert sims["explanation_id"].str.starts_with(f"{v}/").all()
             assert sims["excerpt_id"].str.starts_with(f"{v}/").all()
-    assert metadata(instance, c.SIMULATIONS, 0, "sim-f32")["llm_dtype"] == "float32"
+    assert metadata(instance, SIMULATIONS, 0, "sim-f32")["llm_dtype"] == "float32"
 
 
 @pytest.mark.slow
@@ -196,9 +209,9 @@ def test_a_random_weight_control_runs_the_same_units_through_the_same_pipeline(t
     control = control_name("neurons", "random-weights")
     record_variant(variants_file(storage), control, random_weights_settings({}))
     assert run(instance, storage, corpus, control, [0], quality={**SMALL["quality"], "scorers": []}).success
-    mine, theirs = (metadata(instance, c.ACTIVATION_RECORDS, 0, v) for v in (control, "neurons"))
+    mine, theirs = (metadata(instance, ACTIVATION_RECORDS, 0, v) for v in (control, "neurons"))
     assert mine["subject_model_forward_passes"] > 0 and mine["extraction_key"] != theirs["extraction_key"]
-    records = {v: pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, 0, v)) for v in (control, "neurons")}
+    records = {v: pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, 0, v)) for v in (control, "neurons")}
     assert sorted(records[control]["neuron"].unique()) == sorted(records["neurons"]["neuron"].unique()) == [5, 77]
     random_rows = {(r["kind"], r["rank"], r["neuron"]): r for r in records[control].iter_rows(named=True)}
     same = [(r, random_rows[r["kind"], r["rank"], r["neuron"]]) for r in records["neurons"].iter_rows(named=True)
@@ -208,7 +221,7 @@ def test_a_random_weight_control_runs_the_same_units_through_the_same_pipeline(t
     found = read_random_weights(storage, "neurons")
     row = found["judges"]["simulation"][0]
     assert row["layer"] == 0 and row["units"] >= 1 and np.isfinite(row["diff"])
-    scores = {v: pl.read_parquet(asset_path(storage, c.SCORES, 0, v)) for v in (control, "neurons")}
+    scores = {v: pl.read_parquet(asset_path(storage, SCORES, 0, v)) for v in (control, "neurons")}
     both = scores["neurons"].select("neuron", "score").join(
         scores[control].select("neuron", pl.col("score").alias("untrained")), on="neuron").filter(
         pl.col("score").is_finite() & pl.col("untrained").is_finite())
@@ -231,7 +244,7 @@ def test_changing_a_variants_settings_makes_only_that_variant_stale(two_variants
     def statuses():
         resolver = stale_status_resolver(instance, graph)
         return {(asset, layer, v): resolver.get_status(dg.AssetKey(asset), partition_key(layer, v)).value
-                for asset in (c.ACTIVATION_RECORDS, c.EXPLANATIONS, c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+                for asset in (ACTIVATION_RECORDS, EXPLANATIONS, SIMULATIONS, BASELINE_SIMULATIONS)
                 for layer in (0, 2) for v in ("neurons", "sim-f32")}
 
     assert set(statuses().values()) == {"FRESH"}
@@ -242,7 +255,7 @@ def test_changing_a_variants_settings_makes_only_that_variant_stale(two_variants
         record_variant(path, "sim-f32", {"simulator_llm": {"dtype": "bfloat16"}})
         assert observe_settings(instance, storage, "sim-f32") == ["simulator"]
         stale = {key for key, status in statuses().items() if status == "STALE"}
-        assert stale == {(asset, layer, "sim-f32") for asset in (c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+        assert stale == {(asset, layer, "sim-f32") for asset in (SIMULATIONS, BASELINE_SIMULATIONS)
                          for layer in (0, 2)}
     finally:
         path.write_text(before)
@@ -257,7 +270,7 @@ def test_compare_prints_the_paired_comparison_recomputed_from_the_files(two_vari
     monkeypatch.setenv("DAGSTER_HOME", str(storage.parent / "home"))
     assert main(["compare", "neurons", "sim-f32", "--storage", str(storage), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    scores = {v: pl.concat([pl.read_parquet(asset_path(storage, c.SCORES, layer, v)) for layer in (0, 1, 2)])
+    scores = {v: pl.concat([pl.read_parquet(asset_path(storage, SCORES, layer, v)) for layer in (0, 1, 2)])
               for v in ("neurons", "sim-f32")}
     for layer in (0, 1, 2, "all"):
         pair = next(p for p in result["pairs"] if p["layer"] == layer)
@@ -296,10 +309,10 @@ def test_a_dictionary_on_the_same_layer_leaves_the_neuron_variant_untouched(two_
     done = run(instance, storage, corpus, name, [1])
     assert done.success
     assert digests(storage, "neurons") == two_variants["before"]  # not one byte of the neuron variant changed
-    latents = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, 1, name))
-    assert set(latents["unit_kind"]) == {c.DICTIONARY_LATENT}
-    neurons = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, 1, "neurons"))
-    assert set(neurons["unit_kind"]) == {c.MLP_NEURON}
+    latents = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, 1, name))
+    assert set(latents["unit_kind"]) == {DICTIONARY_LATENT}
+    neurons = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, 1, "neurons"))
+    assert set(neurons["unit_kind"]) == {MLP_NEURON}
     from ndx_pipeline.reports.compare import compare
 
     both = compare(storage, ["neurons", name], [1], resamples=50)  # both listed; latent 5 is not paired with neuron 5
@@ -315,7 +328,7 @@ def test_a_dictionary_on_the_same_layer_leaves_the_neuron_variant_untouched(two_
     assert not failed.success
     assert digests(storage, "neurons") == two_variants["before"]
     for variant in ("neurons", "sim-f32", name, broken):  # every file holds its own variant's rows only
-        for asset in c.LAYER_ASSETS:
+        for asset in LAYER_ASSETS:
             path = asset_path(storage, asset, 1, variant)
             if not path.exists():
                 continue
@@ -324,10 +337,10 @@ def test_a_dictionary_on_the_same_layer_leaves_the_neuron_variant_untouched(two_
                 if column in frame.columns and len(frame):
                     assert frame[column].str.starts_with(f"{variant}/").all(), (variant, asset, column)
             if "unit_kind" in frame.columns:
-                kind = c.MLP_NEURON if variant in ("neurons", "sim-f32") else c.DICTIONARY_LATENT
+                kind = MLP_NEURON if variant in ("neurons", "sim-f32") else DICTIONARY_LATENT
                 assert set(frame["unit_kind"]) == {kind}, (variant, asset)
-    assert not asset_path(storage, c.SCORES, 1, broken).exists()  # stopped at its explanations, and said so
-    assert metadata(instance, c.EXPLANATIONS, 1, broken)["failed"] == 3
+    assert not asset_path(storage, SCORES, 1, broken).exists()  # stopped at its explanations, and said so
+    assert metadata(instance, EXPLANATIONS, 1, broken)["failed"] == 3
 
 
 @pytest.mark.slow
@@ -394,13 +407,13 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
     assert passes == [[(None, 0), (None, 1), ("neurons-negative", 0), ("neurons-negative", 1)]]  # one pass
     with dg.DagsterInstance.get() as instance:
         for layer in (0, 1):
-            mine, theirs = (metadata(instance, c.ACTIVATION_RECORDS, layer, v) for v in ("neurons-negative", "neurons"))
+            mine, theirs = (metadata(instance, ACTIVATION_RECORDS, layer, v) for v in ("neurons-negative", "neurons"))
             assert mine["subject_model_forward_passes"] == 0 and mine["extracted_with_variant"] == "neurons"
             assert theirs["subject_model_forward_passes"] > 0
             assert theirs["pass_read_also_for_variants"] == "neurons-negative"
             assert mine["extraction_key"] != theirs["extraction_key"]
             runs = instance.fetch_materializations(dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey(c.ACTIVATION_RECORDS), asset_partitions=[f"{layer}|neurons"]), limit=1).records
+                asset_key=dg.AssetKey(ACTIVATION_RECORDS), asset_partitions=[f"{layer}|neurons"]), limit=1).records
             assert mine["extracted_in_run"] == runs[0].run_id
     assert not any((storage / "joint_extractions").rglob("*.parquet"))  # each handed-over file was taken
     # what a pass of its own keeps, with the same settings
@@ -410,13 +423,13 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
         random_k=selection.random_k, quantile_k=selection.quantile_k, seed=selection.seed,
         window_tokens=subject.window_tokens, dtype=subject.dtype, batch_size=subject.batch_size)
     for layer in (0, 1):
-        records = pl.read_parquet(asset_path(storage, c.ACTIVATION_RECORDS, layer, "neurons-negative"))
+        records = pl.read_parquet(asset_path(storage, ACTIVATION_RECORDS, layer, "neurons-negative"))
         assert records.equals(alone.layers[layer].records)
-        table = pl.read_parquet(asset_path(storage, c.TOKEN_TABLE, layer, "neurons-negative"))
+        table = pl.read_parquet(asset_path(storage, TOKEN_TABLE, layer, "neurons-negative"))
         assert table.equals(alone.layers[layer].token_table)
         assert set(records["polarity"]) == {-1}
         for variant, units in (("neurons", [5, 9]), ("neurons-negative", [-10, -6])):  # a negative side: -(n + 1)
-            scores = pl.read_parquet(asset_path(storage, c.SCORES, layer, variant))
+            scores = pl.read_parquet(asset_path(storage, SCORES, layer, variant))
             assert sorted(scores["neuron"]) == units
 
 
@@ -433,7 +446,7 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
         made = real(excerpts, *args, **kwargs)
         one = pl.col("layer") == 1
         made.explanations = made.explanations.with_columns(
-            pl.when(one).then(pl.lit(c.STATUS_FAILED)).otherwise(pl.col("status")).alias("status"),
+            pl.when(one).then(pl.lit(STATUS_FAILED)).otherwise(pl.col("status")).alias("status"),
             pl.when(one).then(pl.lit("explainer down (injected)")).otherwise(pl.col("error")).alias("error"),
             pl.when(one).then(None).otherwise(pl.col("explanation")).alias("explanation"))
         return made
@@ -449,12 +462,12 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
     assert stopped == ["error: layer 1 of variant neurons failed: explanations failure_share: every one of the 2 "
                        "explanations failed"]  # its own reason, not the other layers' check results
     for layer in (0, 2):
-        scores = pl.read_parquet(asset_path(storage, c.SCORES, layer, "neurons"))
+        scores = pl.read_parquet(asset_path(storage, SCORES, layer, "neurons"))
         assert sorted(scores["neuron"]) == [5, 9] and scores["score"].is_finite().any()
-    assert not asset_path(storage, c.SIMULATIONS, 1, "neurons").exists()
-    assert not asset_path(storage, c.SCORES, 1, "neurons").exists()
+    assert not asset_path(storage, SIMULATIONS, 1, "neurons").exists()
+    assert not asset_path(storage, SCORES, 1, "neurons").exists()
     with dg.DagsterInstance.get() as instance:
-        scored = instance.get_materialized_partitions(dg.AssetKey(c.SCORES))
+        scored = instance.get_materialized_partitions(dg.AssetKey(SCORES))
     assert scored == {"0|neurons", "2|neurons"}
 
 

@@ -89,7 +89,7 @@ def splits_disjoint(excerpts: pl.DataFrame) -> Check:
 
 
 def excerpt_counts(excerpts: pl.DataFrame, explain_n: int, score_top_n: int, score_random_n: int) -> Check:
-    want = {"explain": explain_n, "score_top": score_top_n, "score_random": score_random_n}
+    want = {EXPLAIN: explain_n, SCORE_TOP: score_top_n, SCORE_RANDOM: score_random_n}
     got = excerpts.group_by(["neuron", "split"]).len()
     bad = sorted({int(n) for n, s, c in got.iter_rows() if s in want and c != want[s]})
     n_neurons = excerpts["neuron"].n_unique()
@@ -110,11 +110,11 @@ def every_neuron_explained(explanations: pl.DataFrame, excerpts: pl.DataFrame) -
     have = kept["neuron"].to_list()
     missing = sorted(want - set(have))
     dup = len(have) - len(set(have))
-    bad_ok = explanations.filter((pl.col("status") == "ok") & (pl.col("explanation").is_null()
+    bad_ok = explanations.filter((pl.col("status") == STATUS_OK) & (pl.col("explanation").is_null()
                                                                 | (pl.col("explanation") == "")))
-    bad_failed = explanations.filter((pl.col("status") != "ok") & pl.col("error").is_null())
+    bad_failed = explanations.filter((pl.col("status") != STATUS_OK) & pl.col("error").is_null())
     ok = not missing and not dup and bad_ok.is_empty() and bad_failed.is_empty()
-    failed = int((explanations["status"] != "ok").sum())
+    failed = int((explanations["status"] != STATUS_OK).sum())
     desc = (f"{len(have)} neurons explained ({failed} failed, each with a reason)" if ok else
             f"missing neurons {missing[:10]}, {dup} duplicates, {len(bad_ok)} empty ok rows, "
             f"{len(bad_failed)} failed rows without a reason")
@@ -125,13 +125,13 @@ def simulations_well_formed(simulations: pl.DataFrame) -> Check:
     """ok rows predict one value in [0, 10] per token; failed rows carry a reason."""
     bad = 0
     for row in simulations.iter_rows(named=True):
-        if row["status"] == "ok":
+        if row["status"] == STATUS_OK:
             sim = row["simulated_activations"]
             if len(sim) != len(row["tokens"]) or any(not (0.0 <= v <= 10.0) for v in sim):
                 bad += 1
         elif not row["error"]:
             bad += 1
-    failed = int((simulations["status"] != "ok").sum()) if len(simulations) else 0
+    failed = int((simulations["status"] != STATUS_OK).sum()) if len(simulations) else 0
     return (bad == 0, f"{len(simulations)} simulated excerpts ({failed} failed)" if bad == 0 else
             f"{bad} simulated excerpts are malformed", {"excerpts": len(simulations), "failed": failed})
 
@@ -142,9 +142,9 @@ def scores_valid(scores: pl.DataFrame) -> Check:
     for row in scores.iter_rows(named=True):
         s = row["score"]
         if s is None or math.isnan(s):
-            bad += row["status"] == "ok" or not row["status"]
+            bad += row["status"] == STATUS_OK or not row["status"]
         else:
-            bad += not (-1.0 <= s <= 1.0) or row["status"] != "ok"
+            bad += not (-1.0 <= s <= 1.0) or row["status"] != STATUS_OK
     return (bad == 0, "scores within [-1, 1], or NaN with a status" if bad == 0 else f"{bad} invalid score rows",
             {"neurons": len(scores), "invalid": bad})
 
@@ -174,10 +174,10 @@ def baselines_explained(baseline_explanations: pl.DataFrame, excerpts: pl.DataFr
     extra = sorted(set(baseline_explanations["baseline"].unique().to_list()) - set(names))
     if extra:
         problems.append(f"rows of baselines that are off: {extra}")
-    unexplained = baseline_explanations.filter((pl.col("status") != "ok") & pl.col("error").is_null())
+    unexplained = baseline_explanations.filter((pl.col("status") != STATUS_OK) & pl.col("error").is_null())
     if len(unexplained):
         problems.append(f"{len(unexplained)} failed rows without a reason")
-    failed = int((baseline_explanations["status"] != "ok").sum()) if len(baseline_explanations) else 0
+    failed = int((baseline_explanations["status"] != STATUS_OK).sum()) if len(baseline_explanations) else 0
     return (not problems, f"{list(names) or 'no baselines'} for {len(neurons)} neurons ({failed} failed)"
             if not problems else "; ".join(problems), {"rows": len(baseline_explanations), "failed": failed})
 

@@ -18,7 +18,23 @@ from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, Temp
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    BASELINE_EXPLANATIONS,
+    BASELINE_SIMULATIONS,
+    CALIBRATION_SIMULATIONS,
+    CORPUS,
+    EXPLANATIONS,
+    NEURON_VIEWER,
+    OUTPUT_TOKENS,
+    RELEASE,
+    SCORER_ASSETS,
+    SCORER_EXCERPTS,
+    SCORES,
+    SIMULATIONS,
+    TOKEN_TABLE,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.data.corpus import TEXT_SUFFIXES
 from ndx_pipeline.core.data.dictionaries import load_dictionary
 from ndx_pipeline.core.data.units import DICTIONARY, dictionary_folders
@@ -53,14 +69,14 @@ REFRESH_MATERIALIZED = (FOLLOW_UPSTREAM & ~dg.AutomationCondition.missing()).wit
 MAIN_JOB = "explain_neurons"
 EXTRACTION_JOB = "extract_activations"
 EXPLAIN_AND_SCORE_JOB = "explain_and_score"
-EXTRACTION_ASSETS = (c.CORPUS, c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.OUTPUT_TOKENS, c.TOP_EXCERPTS)
-EXPLAIN_AND_SCORE_ASSETS = (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS, c.SIMULATIONS,
-                            c.BASELINE_SIMULATIONS, c.SCORES, c.SCORER_EXCERPTS,
-                            *(a for pair in c.SCORER_ASSETS.values() for a in pair), c.NEURON_VIEWER)
+EXTRACTION_ASSETS = (CORPUS, ACTIVATION_RECORDS, TOKEN_TABLE, OUTPUT_TOKENS, TOP_EXCERPTS)
+EXPLAIN_AND_SCORE_ASSETS = (EXPLANATIONS, BASELINE_EXPLANATIONS, CALIBRATION_SIMULATIONS, SIMULATIONS,
+                            BASELINE_SIMULATIONS, SCORES, SCORER_EXCERPTS,
+                            *(a for pair in SCORER_ASSETS.values() for a in pair), NEURON_VIEWER)
 
 # Materialized only when asked for (the UI, `dagster asset materialize`): outside every job here, so neither
 # `ndx-pipeline run` (the main job) nor a sensor or the schedule ever launches them.
-ON_DEMAND_ASSETS = (c.RELEASE,)
+ON_DEMAND_ASSETS = (RELEASE,)
 
 explain_neurons = dg.define_asset_job(
     MAIN_JOB, selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*ON_DEMAND_ASSETS),
@@ -75,7 +91,7 @@ explain_and_score = dg.define_asset_job(
                 "simulation (detection, fuzzing, embedding) and the viewer.")
 
 
-def materialized_layers(instance: dg.DagsterInstance, asset: str = c.ACTIVATION_RECORDS) -> dict[str, list[int]]:
+def materialized_layers(instance: dg.DagsterInstance, asset: str = ACTIVATION_RECORDS) -> dict[str, list[int]]:
     """variant → its layers that have a materialization of `asset`."""
     out: dict[str, list[int]] = {}
     for key in instance.get_materialized_partitions(dg.AssetKey(asset)):
@@ -161,7 +177,7 @@ def corpus_sensor(corpus_path: str | None = None):
         context.update_cursor(json.dumps({"generation": generation, "state": state}))
         tags = {"ndx/corpus_generation": str(generation)}
         if not found:
-            return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey(c.CORPUS)],
+            return [dg.RunRequest(run_key=f"corpus-{generation}", asset_selection=[dg.AssetKey(CORPUS)],
                                   tags=tags)]
         return variant_requests(found, f"corpus-{generation}", tags, one_pass=True)
 
@@ -237,11 +253,11 @@ def stale_layers(instance: dg.DagsterInstance, asset_graph, assets=EXPLAIN_AND_S
     made)."""
     resolver = stale_status_resolver(instance, asset_graph)
     out: dict[str, list[int]] = {}
-    for variant, at in materialized_layers(instance, c.SCORES).items():
+    for variant, at in materialized_layers(instance, SCORES).items():
         for layer in at:
             key = partition_key(layer, variant)
             if any(resolver.get_status(dg.AssetKey(a), key) == StaleStatus.STALE for a in assets
-                   if a != c.NEURON_VIEWER):
+                   if a != NEURON_VIEWER):
                 out.setdefault(variant, []).append(layer)
     return out
 

@@ -20,8 +20,28 @@ from pathlib import Path
 
 import dagster as dg
 
-from ndx_pipeline.core import contract as c
-from ndx_pipeline.core.contract import LOOKUP_BASELINE
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    ASSETS,
+    BASELINE_EXPLANATIONS,
+    BASELINE_SIMULATIONS,
+    CALIBRATION_SIMULATIONS,
+    CORPUS,
+    DETECTION,
+    EMBEDDING,
+    EXPLANATIONS,
+    FUZZING,
+    LOOKUP_BASELINE,
+    NEURON_VIEWER,
+    OUTPUT_TOKENS,
+    SCORER_ASSETS,
+    SCORER_EXCERPTS,
+    SCORES,
+    SIMULATED_BASELINES,
+    SIMULATIONS,
+    TOKEN_TABLE,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.method.detection import detection_messages
 from ndx_pipeline.core.method.explainer import explainer_messages
 from ndx_pipeline.core.method.fuzzing import fuzzing_messages
@@ -33,10 +53,10 @@ from ndx_pipeline.defs.partitions import VARIANT
 from ndx_pipeline.defs.resources import default_resources
 
 # Bump when a stage's method changes in a way that changes its output.
-METHOD_REVISIONS = {asset: 1 for asset in c.ASSETS}
-METHOD_REVISIONS[c.ACTIVATION_RECORDS] = 2  # unit columns; a unit that never fired gets one `dead` row
-METHOD_REVISIONS[c.SCORER_EXCERPTS] = 2  # a window where the unit never fires is non-activating; too few: left out
-METHOD_REVISIONS[c.EXPLANATIONS] = 2  # abbreviations by their shape (St. Louis, Jr., Inc.) no longer end the answer
+METHOD_REVISIONS = {asset: 1 for asset in ASSETS}
+METHOD_REVISIONS[ACTIVATION_RECORDS] = 2  # unit columns; a unit that never fired gets one `dead` row
+METHOD_REVISIONS[SCORER_EXCERPTS] = 2  # a window where the unit never fires is non-activating; too few: left out
+METHOD_REVISIONS[EXPLANATIONS] = 2  # abbreviations by their shape (St. Louis, Jr., Inc.) no longer end the answer
 NOT_VERSIONED = {"api_key_env", "max_concurrency", "timeout_s", "deadline_s", "max_attempts", "device", "batch_size",
                  "storage_dir"}
 SPLIT_COUNTS = ("explain_excerpts", "score_top_excerpts", "score_random_excerpts")
@@ -78,7 +98,7 @@ def _sample_batch() -> list[Shown]:
 def scorer_prompt_sha(scorer: str) -> str:
     """A hash of a verdict scorer's prompt template (instructions, worked example, how excerpts and marks are
     written)."""
-    messages = detection_messages if scorer == c.DETECTION else fuzzing_messages
+    messages = detection_messages if scorer == DETECTION else fuzzing_messages
     return _digest(messages("a pattern", _sample_batch()), excerpt_text(["a\n", " b"], (1,)))
 
 
@@ -100,7 +120,7 @@ def code_versions(resources: dict) -> dict[str, str]:
                 **({"explainer_logits": True} if q.get("explainer_logits") else {})}
     if k > 1:  # best-of-k: the simulator takes part in choosing
         choosing["simulator"] = [simulator, simulator_prompt_sha()]
-    simulated_baselines = sorted(b for b in q.get("baselines", ()) if b in c.SIMULATED_BASELINES)
+    simulated_baselines = sorted(b for b in q.get("baselines", ()) if b in SIMULATED_BASELINES)
     # the scorers beside simulation: each one's step versioned by whether it runs and what judges with it, so that
     # changing one scorer's prompt or model makes only its own two assets stale
     running = set(q.get("scorers", ()))
@@ -108,30 +128,30 @@ def code_versions(resources: dict) -> dict[str, str]:
     if scorer_llm.get("backend") == "local":
         scorer_llm.pop("base_url", None)
         scorer_llm.pop("server", None)
-    judges = {c.DETECTION: [scorer_llm, scorer_prompt_sha(c.DETECTION), q.get("scorer_batch")],
-              c.FUZZING: [scorer_llm, scorer_prompt_sha(c.FUZZING), q.get("scorer_batch")],
-              c.EMBEDDING: [_config(resources["embedder"])]}
+    judges = {DETECTION: [scorer_llm, scorer_prompt_sha(DETECTION), q.get("scorer_batch")],
+              FUZZING: [scorer_llm, scorer_prompt_sha(FUZZING), q.get("scorer_batch")],
+              EMBEDDING: [_config(resources["embedder"])]}
     scorer_steps = {}
-    for name, (judgements, scores) in c.SCORER_ASSETS.items():
+    for name, (judgements, scores) in SCORER_ASSETS.items():
         on = {"runs": name in running}
         scorer_steps[judgements] = [on, *judges[name]] if name in running else [on]
         scorer_steps[scores] = [on]
     inputs = {
-        c.CORPUS: [_config(resources["corpus_source"])],
-        c.ACTIVATION_RECORDS: extraction,
-        c.TOKEN_TABLE: extraction + [{"counted": LOOKUP_BASELINE in q.get("baselines", ())}],
-        c.OUTPUT_TOKENS: extraction,
-        c.TOP_EXCERPTS: [{name: getattr(sel, name) for name in SPLIT_COUNTS}, calibration],
-        c.EXPLANATIONS: [explainer, explainer_prompt_sha(), choosing],
-        c.BASELINE_EXPLANATIONS: [explainer, simulated_baselines, q.get("token_list_explainer"),
+        CORPUS: [_config(resources["corpus_source"])],
+        ACTIVATION_RECORDS: extraction,
+        TOKEN_TABLE: extraction + [{"counted": LOOKUP_BASELINE in q.get("baselines", ())}],
+        OUTPUT_TOKENS: extraction,
+        TOP_EXCERPTS: [{name: getattr(sel, name) for name in SPLIT_COUNTS}, calibration],
+        EXPLANATIONS: [explainer, explainer_prompt_sha(), choosing],
+        BASELINE_EXPLANATIONS: [explainer, simulated_baselines, q.get("token_list_explainer"),
                                   token_list_prompt_sha()],
-        c.CALIBRATION_SIMULATIONS: [choosing, calibration],
-        c.SIMULATIONS: [simulator, simulator_prompt_sha()],
-        c.BASELINE_SIMULATIONS: [simulator, simulator_prompt_sha()],
-        c.SCORES: [{name: q.get(name) for name in ("baselines", "lookup_held_out")}],
-        c.SCORER_EXCERPTS: [{"any_scorer": bool(running), "scorer_excerpts": q.get("scorer_excerpts")}],
+        CALIBRATION_SIMULATIONS: [choosing, calibration],
+        SIMULATIONS: [simulator, simulator_prompt_sha()],
+        BASELINE_SIMULATIONS: [simulator, simulator_prompt_sha()],
+        SCORES: [{name: q.get(name) for name in ("baselines", "lookup_held_out")}],
+        SCORER_EXCERPTS: [{"any_scorer": bool(running), "scorer_excerpts": q.get("scorer_excerpts")}],
         **scorer_steps,
-        c.NEURON_VIEWER: [],
+        NEURON_VIEWER: [],
     }
     return {asset: _digest(asset, METHOD_REVISIONS[asset], *parts) for asset, parts in inputs.items()}
 
@@ -139,8 +159,8 @@ def code_versions(resources: dict) -> dict[str, str]:
 # What the definitions load with (each load re-reads the environment).
 CODE_VERSIONS = code_versions(default_resources())
 PROMPT_SHAS = {"explainer": explainer_prompt_sha(), "simulator": simulator_prompt_sha(),
-               "token_list": token_list_prompt_sha(), c.DETECTION: scorer_prompt_sha(c.DETECTION),
-               c.FUZZING: scorer_prompt_sha(c.FUZZING)}
+               "token_list": token_list_prompt_sha(), DETECTION: scorer_prompt_sha(DETECTION),
+               FUZZING: scorer_prompt_sha(FUZZING)}
 
 
 # ------------------------------------------------------------------------------------------- variants' settings
@@ -148,13 +168,13 @@ PROMPT_SHAS = {"explainer": explainer_prompt_sha(), "simulator": simulator_promp
 SETTINGS = "variant_settings"
 # the groups of stages whose outputs the same settings change (each group's stages read the same observed version)
 SETTINGS_GROUPS = {
-    "extraction": (c.ACTIVATION_RECORDS, c.TOKEN_TABLE),
-    "output": (c.OUTPUT_TOKENS,),  # a group of its own: adding it left the extraction's settings version as it was
-    "excerpts": (c.TOP_EXCERPTS,),
-    "explainer": (c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
-    "simulator": (c.SIMULATIONS, c.BASELINE_SIMULATIONS),
-    "scoring": (c.SCORES,),
-    "scorers": (c.SCORER_EXCERPTS, *(a for pair in c.SCORER_ASSETS.values() for a in pair)),
+    "extraction": (ACTIVATION_RECORDS, TOKEN_TABLE),
+    "output": (OUTPUT_TOKENS,),  # a group of its own: adding it left the extraction's settings version as it was
+    "excerpts": (TOP_EXCERPTS,),
+    "explainer": (EXPLANATIONS, BASELINE_EXPLANATIONS, CALIBRATION_SIMULATIONS),
+    "simulator": (SIMULATIONS, BASELINE_SIMULATIONS),
+    "scoring": (SCORES,),
+    "scorers": (SCORER_EXCERPTS, *(a for pair in SCORER_ASSETS.values() for a in pair)),
 }
 GROUP_OF = {asset: group for group, assets in SETTINGS_GROUPS.items() for asset in assets}
 

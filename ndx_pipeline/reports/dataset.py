@@ -41,7 +41,18 @@ from typing import Any
 
 import polars as pl
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    BASELINE_COLUMN_PREFIX,
+    BASELINE_EXPLANATIONS,
+    CORPUS,
+    EXPLANATIONS,
+    MLP_NEURON,
+    SCORER_ASSETS,
+    SCORES,
+    SIMULATIONS,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.progress import Log, Progress, quiet
 from ndx_pipeline.core.storage import ROW_GROUP_ROWS, asset_path, stored_variants, variant_layers
@@ -57,20 +68,20 @@ from ndx_pipeline.core.variants import (
 # Bump when the export's layout or columns change (the `release` asset's code version).
 FORMAT_REVISION = 1
 # the asset kinds exported, the default one first
-TABLES = (c.SCORES, c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, *(scores for _, scores in c.SCORER_ASSETS.values()),
-          c.TOP_EXCERPTS)
-DEFAULT_TABLE = c.SCORES
+TABLES = (SCORES, EXPLANATIONS, BASELINE_EXPLANATIONS, *(scores for _, scores in SCORER_ASSETS.values()),
+          TOP_EXCERPTS)
+DEFAULT_TABLE = SCORES
 CARD = "README.md"
 DATA_DIR = "data"
 VARIANT_COLUMN, CONTROL_COLUMN = "variant", "control"
 ONE_ROW_PER = {
-    c.SCORES: "unit: its kept explanation's simulation score, calibrated figures and baselines' scores",
-    c.EXPLANATIONS: "unit × explanation candidate (one candidate without best-of-k)",
-    c.BASELINE_EXPLANATIONS: "unit × baseline explanation (random, token list; a planted control's true and wrong "
+    SCORES: "unit: its kept explanation's simulation score, calibrated figures and baselines' scores",
+    EXPLANATIONS: "unit × explanation candidate (one candidate without best-of-k)",
+    BASELINE_EXPLANATIONS: "unit × baseline explanation (random, token list; a planted control's true and wrong "
                              "explanations)",
     **{scores: f"unit: the {scorer} scorer's score of our explanation, beside the baselines'"
-       for scorer, (_, scores) in c.SCORER_ASSETS.items()},
-    c.TOP_EXCERPTS: "unit × excerpt shown to the explainer or scored (`split` says which)",
+       for scorer, (_, scores) in SCORER_ASSETS.items()},
+    TOP_EXCERPTS: "unit × excerpt shown to the explainer or scored (`split` says which)",
 }
 
 
@@ -229,7 +240,7 @@ def _unique(paths: Sequence[Path], column: str) -> list[str]:
 
 def _units(storage: Path, variant: str, layers: Sequence[int]) -> str:
     """What the units of a variant are, from its activation records' unit columns."""
-    paths = [p for *_, p in _files(storage, c.ACTIVATION_RECORDS, [variant], layers)]
+    paths = [p for *_, p in _files(storage, ACTIVATION_RECORDS, [variant], layers)]
     present = [p for p in paths if "unit_kind" in pl.read_parquet_schema(p)]
     if not present:
         return "not recorded (no activation_records with unit columns)"
@@ -239,11 +250,11 @@ def _units(storage: Path, variant: str, layers: Sequence[int]) -> str:
     for kind in sorted(kinds["unit_kind"].drop_nulls().unique()):
         mine = kinds.filter(pl.col("unit_kind") == kind)
         text = kind
-        if kind == c.MLP_NEURON and "polarity" in mine.columns:
+        if kind == MLP_NEURON and "polarity" in mine.columns:
             sides = sorted({"positive" if p > 0 else "negative" for p in mine["polarity"].drop_nulls()})
             text += f" ({' and '.join(sides)} side{'s' if len(sides) > 1 else ''})"
         sources = sorted(mine["unit_source"].drop_nulls().unique()) if "unit_source" in mine.columns else []
-        if sources and kind != c.MLP_NEURON:
+        if sources and kind != MLP_NEURON:
             text += f" from {'; '.join(sources[:3])}" + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
         parts.append(text)
     return ", ".join(parts) or "none recorded"
@@ -256,7 +267,7 @@ def _settings_text(fields: Mapping[str, Any]) -> str:
 def _variant_lines(storage: Path, variant: str, layers: Sequence[int], explainers: Sequence[str],
                    baselines: Sequence[str]) -> list[str]:
     settings = declared_settings(storage, variant)
-    sims = _unique([p for *_, p in _files(storage, c.SIMULATIONS, [variant], layers)], "simulator")
+    sims = _unique([p for *_, p in _files(storage, SIMULATIONS, [variant], layers)], "simulator")
     lines = [f"### `{variant}`", ""]
     control = control_of(variant)
     if control:
@@ -271,7 +282,7 @@ def _variant_lines(storage: Path, variant: str, layers: Sequence[int], explainer
               f"- explainer: {', '.join(f'`{e}`' for e in explainers) or 'not recorded'}",
               f"- simulator: {', '.join(f'`{s}`' for s in sims) or 'not recorded'}",
               f"- baselines scored beside (`baseline_<name>` columns): {', '.join(baselines) or 'none'}"]
-    for scorer, (judgements, scores) in c.SCORER_ASSETS.items():
+    for scorer, (judgements, scores) in SCORER_ASSETS.items():
         if _files(storage, scores, [variant], layers, with_rows=True):
             models = _unique([p for *_, p in _files(storage, judgements, [variant], layers)], "scorer")
             lines.append(f"- {scorer} scorer: {', '.join(f'`{m}`' for m in models) or 'not recorded'}")
@@ -304,7 +315,7 @@ def dataset_card(storage: Path, written: Mapping[str, str], rows: Mapping[str, i
     """The card (README.md) of an export: YAML front matter the hub and `datasets` read, then what the data is."""
     about = dict(about or {})
     subject = about.pop("subject_model", None)
-    corpus_path = asset_path(storage, c.CORPUS)
+    corpus_path = asset_path(storage, CORPUS)
     name = f"Neuron explanations of {subject}" if subject else "Neuron explanations (ndx-pipeline)"
     lines = [_front_matter(name, written), f"# {name}", "",
              "Explanations of the units of a language model written by an explainer LLM, each scored by how well a "
@@ -329,8 +340,8 @@ def dataset_card(storage: Path, written: Mapping[str, str], rows: Mapping[str, i
               "its `variant`, and `control` says which control a variant is, null for a variant of its own):", ""]
     for variant in layers:
         columns = {n for (v, _), frame in scores.items() if v == variant for n in frame.columns}
-        baselines = sorted(n.removeprefix(c.BASELINE_COLUMN_PREFIX) for n in columns
-                           if n.startswith(c.BASELINE_COLUMN_PREFIX))
+        baselines = sorted(n.removeprefix(BASELINE_COLUMN_PREFIX) for n in columns
+                           if n.startswith(BASELINE_COLUMN_PREFIX))
         lines += _variant_lines(storage, variant, layers[variant], explainers.get(variant, []), baselines)
 
     lines += ["## Files", "", "| config | file | rows | one row per |", "|---|---|---:|---|"]
@@ -438,9 +449,9 @@ def write_dataset(storage_dir: str | os.PathLike, out: str | os.PathLike, varian
     explainers: dict[str, set[str]] = {}
 
     def read(asset: str, variant: str, layer: int, frame: pl.DataFrame) -> None:
-        if asset == c.SCORES:  # one row per unit: kept for the card's figures
-            scores[(variant, layer)] = frame.select("score", pl.col(f"^{c.BASELINE_COLUMN_PREFIX}.*$"))
-        elif asset == c.EXPLANATIONS and "explainer" in frame.columns:
+        if asset == SCORES:  # one row per unit: kept for the card's figures
+            scores[(variant, layer)] = frame.select("score", pl.col(f"^{BASELINE_COLUMN_PREFIX}.*$"))
+        elif asset == EXPLANATIONS and "explainer" in frame.columns:
             explainers.setdefault(variant, set()).update(frame["explainer"].drop_nulls().unique().to_list())
 
     try:

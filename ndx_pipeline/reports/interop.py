@@ -42,6 +42,7 @@ from ndx_pipeline.core.contract import (
     SCORED_SPLITS,
     SCORES,
     SIMULATIONS,
+    STATUS_OK,
     TOKEN_TABLE,
     describe_ids,
     empty,
@@ -177,7 +178,7 @@ def simulation_results(layer: int, neuron: int, simulations: pl.DataFrame, expla
     `simulation` is the calibrated one (on the neuron's activation scale) and `uncalibrated_simulation` the raw
     0–10 expected values, as neuron-explainer's calibrated simulator writes them."""
     scored = []
-    expl = explanations.filter((pl.col("neuron") == neuron) & (pl.col("status") == "ok")).sort("explanation_id")
+    expl = explanations.filter((pl.col("neuron") == neuron) & (pl.col("status") == STATUS_OK)).sort("explanation_id")
     for e in expl.iter_rows(named=True):
         sims = simulations.filter((pl.col("neuron") == neuron) & (pl.col("explanation_id") == e["explanation_id"])
                                   & pl.col("split").is_in(list(SCORED_SPLITS)))

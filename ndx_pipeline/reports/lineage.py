@@ -31,6 +31,7 @@ from typing import Any
 import polars as pl
 
 from ndx_pipeline.core.contract import (
+    EXPLAIN,
     MLP_NEURON,
     OUTPUT_TOKENS,
     SCORED_SPLITS,
@@ -290,7 +291,7 @@ def _explanation(data: LayerData, score: Mapping, chosen: Mapping, excerpts: pl.
     """The scored explanation, with its explainer prompt rebuilt as explain_layer built it (the explain excerpts in
     rank order, and the unit's output tokens where prompts listed them) and its backend sent it, and whether the
     stored hash is that prompt's; and its explain excerpts, each with its document."""
-    explain = excerpts.filter(pl.col("split") == "explain").sort("rank")
+    explain = excerpts.filter(pl.col("split") == EXPLAIN).sort("rank")
     output = (tokens["promoted_tokens"][0].to_list(), tokens["suppressed_tokens"][0].to_list()) if len(tokens) else None
     prompt = rebuild_prompt(chosen, list(zip(explain["tokens"].to_list(), explain["activations"].to_list())), output)
     return {

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core import contract
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.storage import (
     asset_path,
@@ -71,7 +71,7 @@ FEATURE_FIELDS = ("modelId", "layer", "index", "maxActApprox", "frac_nonzero", "
 SCORE_FIELDS = ("id", "explanationId", "modelId", "layer", "index", "value", "explanationScoreTypeName",
                 "explanationScoreModelName", "jsonDetails")
 # what the sidecar keeps of each record beside its window (all of RECORD_SCHEMA but the window's tokens/values)
-RECORD_FIELDS = tuple(k for k in c.RECORD_SCHEMA if k not in ("tokens", "activations"))
+RECORD_FIELDS = tuple(k for k in contract.RECORD_SCHEMA if k not in ("tokens", "activations"))
 
 
 # ------------------------------------------------------------------------------------------------ JSON values
@@ -163,7 +163,7 @@ def source_ids(layer: int, set_name: str) -> dict[int, str]:
 def hook_name(layer: int, unit_kind: str, unit_source: str | None) -> str:
     """The TransformerLens hook name of where a unit reads (a dictionary says its hook in its description)."""
     hook = "mlp_hidden"
-    if unit_kind == c.DICTIONARY_LATENT and unit_source:
+    if unit_kind == contract.DICTIONARY_LATENT and unit_source:
         hook = next((h for h in HOOK_NAMES if f"-wide {h} of" in unit_source), hook)
     return HOOK_NAMES[hook].format(layer=layer)
 
@@ -187,7 +187,7 @@ def _activation_row(r: Mapping, model_id: str, source: str, index: int, creator:
 def _frac_nonzero(rows: pl.DataFrame) -> float | None:
     """The share of tokens where the unit fires (> 0), estimated from its random windows (a uniform sample of the
     corpus's windows); None without any."""
-    random = rows.filter(pl.col("kind") == c.RANDOM)["activations"].to_list()
+    random = rows.filter(pl.col("kind") == contract.RANDOM)["activations"].to_list()
     values = [v for window in random for v in window]
     return float(np.mean(np.asarray(values) > 0)) if values else None
 
@@ -243,16 +243,16 @@ def _score_rows(model_id: str, source: str, index: int, explanation: Mapping, sc
             absolute_dev_explained=scores["absolute_dev_explained"], slope=scores["calibration_slope"],
             intercept=scores["calibration_intercept"], calibration_status=scores["calibration_status"])
         for column, value in scores.items():
-            if column.startswith(c.BASELINE_COLUMN_PREFIX):
-                name = column[len(c.BASELINE_COLUMN_PREFIX):]
-                add(f"baseline_{name}", value, None if name == c.LOOKUP_BASELINE else simulator,
+            if column.startswith(contract.BASELINE_COLUMN_PREFIX):
+                name = column[len(contract.BASELINE_COLUMN_PREFIX):]
+                add(f"baseline_{name}", value, None if name == contract.LOOKUP_BASELINE else simulator,
                     baseline=name, method="simulation score of the baseline's explanation")
     for scorer, row in scorer_scores.items():
         add(scorer, row["score"], judges.get(scorer), metric=row["metric"], precision=row["precision"],
             recall=row["recall"], f1=row["f1"], judged=row["judged"], status=row["status"],
             judge_control=judge_controls.get(scorer),
-            baselines={k.removeprefix(c.BASELINE_COLUMN_PREFIX): v for k, v in row.items()
-                       if k.startswith(c.BASELINE_COLUMN_PREFIX)})
+            baselines={k.removeprefix(contract.BASELINE_COLUMN_PREFIX): v for k, v in row.items()
+                       if k.startswith(contract.BASELINE_COLUMN_PREFIX)})
     if random_weights:
         add("random_weights_simulation", random_weights["score"], judges.get("simulator"),
             control_variant=random_weights["_variant"], method="the same unit's simulation score on the subject "
@@ -273,48 +273,49 @@ def export_neuronpedia(storage_dir: str | os.PathLike, out_dir: str | os.PathLik
     the scores' lineage; `about`: what the files cannot say (subject_model, layers, neurons_per_layer, dimension)."""
     storage, about = Path(storage_dir), dict(about or {})
     set_name = set_name or variant
-    chosen = sorted(layers) if layers is not None else variant_layers(storage, c.ACTIVATION_RECORDS, variant)
+    chosen = sorted(layers) if layers is not None else variant_layers(storage, contract.ACTIVATION_RECORDS, variant)
     if not chosen:
         raise NdxInputError(f"variant {variant} has no activation_records under {storage}: run it first.")
     root = Path(out_dir).expanduser() / model_id
     result = NeuronpediaExport(root)
-    corpus_path = asset_path(storage, c.CORPUS)
-    documents = read_parquet(corpus_path, "corpus") if corpus_path.exists() else pl.DataFrame(schema=c.CORPUS_SCHEMA)
+    corpus_path = asset_path(storage, contract.CORPUS)
+    documents = (read_parquet(corpus_path, "corpus") if corpus_path.exists()
+                 else pl.DataFrame(schema=contract.CORPUS_SCHEMA))
     source_of_doc = dict(zip(documents["doc_id"].to_list(), documents["source"].to_list()))
     data_source = str(about.get("corpus") or "ndx-pipeline corpus")
     controls = read_controls(storage, variant)
     control = f"{variant}.random-weights"
     used_docs: set[str] = set()
     for layer in chosen:
-        records = read_asset_if_any(storage, c.ACTIVATION_RECORDS, layer, variant)
+        records = read_asset_if_any(storage, contract.ACTIVATION_RECORDS, layer, variant)
         if records is None:
             raise NdxInputError(f"layer {layer} of variant {variant} has no activation_records: run it first.")
         records = records.with_columns(pl.lit(variant).alias("_scope"))
-        tokens = _by_unit(read_asset_if_any(storage, c.OUTPUT_TOKENS, layer, variant))
-        explanations = read_asset_if_any(storage, c.EXPLANATIONS, layer, variant)
-        kept = {int(r["neuron"]): r for r in c.usable(explanations).iter_rows(named=True)} if explanations is not None \
-            else {}
-        scores = _by_unit(read_asset_if_any(storage, c.SCORES, layer, variant))
+        tokens = _by_unit(read_asset_if_any(storage, contract.OUTPUT_TOKENS, layer, variant))
+        explanations = read_asset_if_any(storage, contract.EXPLANATIONS, layer, variant)
+        kept = ({int(r["neuron"]): r for r in contract.usable(explanations).iter_rows(named=True)}
+                if explanations is not None else {})
+        scores = _by_unit(read_asset_if_any(storage, contract.SCORES, layer, variant))
         scorer_scores = {name: _by_unit(read_asset_if_any(storage, asset, layer, variant))
-                         for name, (_, asset) in c.SCORER_ASSETS.items()}
+                         for name, (_, asset) in contract.SCORER_ASSETS.items()}
         # the model that judged, per scorer and for the simulation: one column of their files is enough
-        named = {name: (judged, "scorer") for name, (judged, _) in c.SCORER_ASSETS.items()}
-        named["simulator"] = (c.SIMULATIONS, "simulator")
+        named = {name: (judged, "scorer") for name, (judged, _) in contract.SCORER_ASSETS.items()}
+        named["simulator"] = (contract.SIMULATIONS, "simulator")
         judges = {}
         for name, (asset, column) in named.items():
             found = read_asset_if_any(storage, asset, layer, variant, columns=[column])
             if found is not None and len(found[column].drop_nulls()):
                 judges[name] = str(found[column].drop_nulls()[0])
-        random_weights = _by_unit(read_asset_if_any(storage, c.SCORES, layer, control))
+        random_weights = _by_unit(read_asset_if_any(storage, contract.SCORES, layer, control))
         for r in random_weights.values():
             r["_variant"] = control
         ids = source_ids(layer, set_name)
         rows: dict[int, dict[str, list]] = {sign: {k: [] for k in (FEATURES, ACTIVATIONS, EXPLANATIONS, SCORES,
                                                                     SIDECAR)} for sign in ids}
-        for (unit,), unit_rows in sorted(records.group_by(["neuron"]), key=lambda kv: c.unit_index(kv[0][0])):
+        for (unit,), unit_rows in sorted(records.group_by(["neuron"]), key=lambda kv: contract.unit_index(kv[0][0])):
             unit = int(unit)
-            index, sign = c.unit_index(unit)
-            if unit_rows["unit_kind"][0] == c.DICTIONARY_LATENT:
+            index, sign = contract.unit_index(unit)
+            if unit_rows["unit_kind"][0] == contract.DICTIONARY_LATENT:
                 sign = 1
             source, into = ids[sign], rows[sign]
             windowed = unit_rows.filter(pl.col("tokens").is_not_null() & (pl.col("tokens").list.len() > 0))
@@ -346,7 +347,7 @@ def export_neuronpedia(storage_dir: str | os.PathLike, out_dir: str | os.PathLik
                        "explanationModelName": explanation["explainer"], "typeName": EXPLANATION_TYPE,
                        "authorId": creator_id}
                 into[EXPLANATIONS].append(row)
-                sidecar["explanation"] = _jsonable({k: explanation[k] for k in c.EXPLANATION_SCHEMA})
+                sidecar["explanation"] = _jsonable({k: explanation[k] for k in contract.EXPLANATION_SCHEMA})
                 into[SCORES].extend(_score_rows(
                     model_id, source, index,
                     {**row, "_variant": variant, "_explanation_id": explanation["explanation_id"],
@@ -424,7 +425,7 @@ def _layer_of(source: str, folder: Path) -> int:
 def _unit_id(index: str, source: str, where: Path) -> int:
     if not str(index).isdigit():
         raise NdxInputError(f"{where}: index {index!r} is not a non-negative integer.")
-    return c.negative_id(int(index)) if source.endswith(NEGATIVE_SET_SUFFIX) else int(index)
+    return contract.negative_id(int(index)) if source.endswith(NEGATIVE_SET_SUFFIX) else int(index)
 
 
 def _windowless(entry: Mapping) -> tuple[list | None, list | None]:
@@ -436,7 +437,7 @@ def _records_with_sidecar(sidecars: list[dict], activations: Mapping[str, dict],
     for unit in sidecars:
         for entry in unit["records"]:
             row = {k: entry.get(k) for k in RECORD_FIELDS}
-            for k, dtype in c.RECORD_SCHEMA.items():
+            for k, dtype in contract.RECORD_SCHEMA.items():
                 if dtype in (pl.Float32, pl.Float64) and k in row:
                     row[k] = _float(row[k])
             if row.get("quantile_boundaries") is not None:
@@ -467,13 +468,13 @@ def _records_without_sidecar(activations: list[dict], source: str, layer: int, f
         for rank, a in enumerate(found):
             doc_id, text = window_document(a["tokens"])
             docs.setdefault(doc_id, {"doc_id": doc_id, "source": str(a.get("dataSource") or folder), "text": text})
-            rows.append({"layer": layer, "neuron": unit, "kind": c.TOP, "rank": rank, "doc_id": doc_id,
+            rows.append({"layer": layer, "neuron": unit, "kind": contract.TOP, "rank": rank, "doc_id": doc_id,
                          "token_start": 0, "tokens": list(a["tokens"]), "activations": [float(v) for v in a["values"]],
                          "window_index": None, "char_start": 0, "char_end": len(text),
                          "max_activation": float(a["maxValue"]), "neuron_mean": float(values.mean()),
                          "neuron_variance": float(values.var()), "neuron_max": float(values.max()),
                          "neuron_token_count": int(values.size), "quantile_boundaries": None, "error": None,
-                         **{k: v[0] for k, v in c.describe_ids([unit]).items()}})
+                         **{k: v[0] for k, v in contract.describe_ids([unit]).items()}})
     return rows
 
 
@@ -505,23 +506,23 @@ def import_neuronpedia(path: str | os.PathLike, layers: Iterable[int] | None = N
         records += _records_without_sidecar(activations, source, layer, folder, docs)
         for e in read_batches(folder / EXPLANATIONS):
             unit = _unit_id(e["index"], source, folder)
-            explanations.append({"layer": layer, "neuron": unit, "explanation_id": c.explanation_id(layer, unit),
+            explanations.append({"layer": layer, "neuron": unit, "explanation_id": contract.explanation_id(layer, unit),
                                  "explanation": e["description"], "explainer": e.get("explanationModelName"),
-                                 "status": c.STATUS_OK})
+                                 "status": contract.STATUS_OK})
         for f in read_batches(folder / FEATURES):
             if f.get("pos_str"):
                 unit = _unit_id(f["index"], source, folder)
                 output_tokens.append({"layer": layer, "neuron": unit, "promoted_tokens": f["pos_str"],
                                       "promoted_logits": f["pos_values"], "suppressed_tokens": f["neg_str"],
                                       "suppressed_logits": f["neg_values"], "direction": "imported (Neuronpedia)",
-                                      **{k: v[0] for k, v in c.describe_ids([unit]).items()}})
+                                      **{k: v[0] for k, v in contract.describe_ids([unit]).items()}})
     if not records:
         raise NdxInputError(f"{path} holds no activations for layers {sorted(wanted or [])}.")
-    frame = pl.DataFrame(records, schema=c.RECORD_SCHEMA)
+    frame = pl.DataFrame(records, schema=contract.RECORD_SCHEMA)
     used = set(frame["doc_id"].drop_nulls().to_list())
-    corpus = pl.DataFrame([docs[d] for d in sorted(docs) if d in used], schema=c.CORPUS_SCHEMA)
-    return ImportedNeuronpedia(frame, corpus, pl.DataFrame(explanations, schema=c.EXPLANATION_SCHEMA),
-                               pl.DataFrame(output_tokens, schema=c.OUTPUT_TOKENS_SCHEMA))
+    corpus = pl.DataFrame([docs[d] for d in sorted(docs) if d in used], schema=contract.CORPUS_SCHEMA)
+    return ImportedNeuronpedia(frame, corpus, pl.DataFrame(explanations, schema=contract.EXPLANATION_SCHEMA),
+                               pl.DataFrame(output_tokens, schema=contract.OUTPUT_TOKENS_SCHEMA))
 
 
 def write_imported_explanations(storage_dir: str | os.PathLike, imported: ImportedNeuronpedia, *,
@@ -530,7 +531,8 @@ def write_imported_explanations(storage_dir: str | os.PathLike, imported: Import
     (asset, layer, variant, path) of every file written, for the caller to record as materializations."""
     written = []
     for layer in imported.layers():
-        for asset, frame in ((c.EXPLANATIONS, imported.explanations), (c.OUTPUT_TOKENS, imported.output_tokens)):
+        for asset, frame in ((contract.EXPLANATIONS, imported.explanations),
+                             (contract.OUTPUT_TOKENS, imported.output_tokens)):
             part = frame.filter(pl.col("layer") == layer)
             if len(part):
                 written.append((asset, layer, variant,

@@ -30,6 +30,8 @@ from ndx_pipeline.core.contract import (
     SCORED_SPLITS,
     SIMULATED_BASELINES,
     SIMULATION_SCHEMA,
+    STATUS_FAILED,
+    STATUS_OK,
     TOKEN_LIST_BASELINE,
     frame,
     lookup_explanation_id,
@@ -51,7 +53,7 @@ def explanation_frame(rows: Sequence[dict], extra: Mapping[str, pl.DataType] | N
 
 def simulation_frame(rows: Sequence[dict]) -> pl.DataFrame:
     """Rows in the simulations schema; `status`/`error` default to ok/null."""
-    return frame(rows, SIMULATION_SCHEMA, defaults={"status": "ok"})
+    return frame(rows, SIMULATION_SCHEMA, defaults={"status": STATUS_OK})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,9 +101,9 @@ def lookup_simulations(table: pl.DataFrame, excerpts: pl.DataFrame, held_out: bo
         eid = lookup_explanation_id(layer, neuron, held_out)
         mine = by_neuron.get((layer, neuron))
         row = {"layer": layer, "neuron": neuron, "explanation_id": eid, "explanation": LOOKUP_EXPLANATION,
-               "explainer": simulator, "status": "ok"}
+               "explainer": simulator, "status": STATUS_OK}
         if mine is None:
-            row.update(status="failed", error=f"the token table has no rows for layer {layer} neuron {neuron}")
+            row.update(status=STATUS_FAILED, error=f"the token table has no rows for layer {layer} neuron {neuron}")
             expl_rows.append(row)
             continue
         expl_rows.append(row)
@@ -134,14 +136,15 @@ def random_explanations(explanations: pl.DataFrame, seed: int = 0) -> pl.DataFra
         others = [r for r in donors.get(layer, []) if int(r["neuron"]) != neuron]
         if not others:
             rows.append({"layer": layer, "neuron": neuron, "explanation_id": random_explanation_id(layer, neuron, -1),
-                         "explainer": "random", "status": "failed",
+                         "explainer": "random", "status": STATUS_FAILED,
                          "error": f"no other neuron of layer {layer} has a usable explanation"})
             continue
         pick = others[int(np.random.default_rng([seed, layer, seed_key(neuron)]).integers(len(others)))]
         rows.append({"layer": layer, "neuron": neuron,
                      "explanation_id": random_explanation_id(layer, neuron, int(pick["neuron"])),
                      "explanation": pick["explanation"], "explainer": f"random:{pick['explanation_id']}",
-                     "prompt_sha256": pick.get("prompt_sha256"), "status": "ok", "donor_neuron": int(pick["neuron"])})
+                     "prompt_sha256": pick.get("prompt_sha256"), "status": STATUS_OK,
+                     "donor_neuron": int(pick["neuron"])})
     return explanation_frame(rows, {"donor_neuron": pl.Int32})
 
 

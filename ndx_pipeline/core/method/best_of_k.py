@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import CALIBRATION
+from ndx_pipeline.core.contract import CALIBRATION, STATUS_OK
 from ndx_pipeline.core.method.explainer import MAX_EXPLANATION_TOKENS, TEMPERATURE, explanation_work
 from ndx_pipeline.core.method.scoring import score_layer
 from ndx_pipeline.core.method.simulator import simulate_layer
@@ -70,7 +70,7 @@ def choose(candidates: pl.DataFrame, calibration_scores: pl.DataFrame) -> pl.Dat
     out = out.sort(["layer", "neuron", "candidate"])
     selected = []
     for _, group in out.group_by(["layer", "neuron"], maintain_order=True):
-        ok = group["status"].to_numpy() == "ok"
+        ok = group["status"].to_numpy() == STATUS_OK
         score = group["calibration_score"].to_numpy()
         finite = ok & np.isfinite(score)
         if finite.any():
@@ -88,7 +88,7 @@ def select_best(candidates: pl.DataFrame, calibration: pl.DataFrame, simulator_b
     """Simulate every ok candidate on the neuron's `calibration` excerpts, score it (pooled Pearson, as the real
     score) and choose one per neuron. Returns (candidates with calibration_score / calibration_status / selected,
     the calibration simulations)."""
-    ok = candidates.filter(pl.col("status") == "ok")
+    ok = candidates.filter(pl.col("status") == STATUS_OK)
     sims = simulate_layer(ok, calibration, simulator_backend, splits=(CALIBRATION,), **simulate_kwargs)
     scores = score_layer(sims, ok, splits=(CALIBRATION,)) if len(ok) else no_calibration_scores()
     return choose(candidates, scores), sims

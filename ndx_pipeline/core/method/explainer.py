@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, explanation_id, frame
+from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, STATUS_FAILED, STATUS_OK, explanation_id, frame
 from ndx_pipeline.core.llm.backend import PromptTooLongError, RecordableLLMError
 from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.display import display_scale, escape_token, excerpt_block
@@ -403,14 +403,14 @@ def explanation_work(excerpts, backend, max_tokens: int = MAX_EXPLANATION_TOKENS
         started = time.perf_counter()
         row = {"layer": layer, "neuron": neuron, "explanation_id": explanation_id(layer, neuron, candidate),
                "candidate": candidate, "explainer": backend.name, "prompt_sha256": None, "explanation": None,
-               "status": "ok", "error": None, "prompt_tokens": None, "completion_tokens": None}
+               "status": STATUS_OK, "error": None, "prompt_tokens": None, "completion_tokens": None}
         try:
             completion = chat_fitted(ex, backend, row, max_tokens, temperature, neuron_seed(seed, layer, neuron),
                                      digest, (outputs or {}).get((layer, neuron)))
             row["prompt_tokens"], row["completion_tokens"] = completion.prompt_tokens, completion.completion_tokens
             row["explanation"] = parse_explanation(completion.text)
         except (ExplanationParseError, RecordableLLMError) as exc:
-            row["status"], row["error"] = "failed", str(exc)
+            row["status"], row["error"] = STATUS_FAILED, str(exc)
         row["seconds"] = time.perf_counter() - started
         return row
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, frame, usable
+from ndx_pipeline.core.contract import SCORED_SPLITS, SIMULATION_SCHEMA, STATUS_FAILED, STATUS_OK, frame, usable
 from ndx_pipeline.core.llm.backend import RecordableLLMError, SimulationPrompt
 from ndx_pipeline.core.method.display import END, MAX_SHOWN, START, escape_token
 from ndx_pipeline.core.method.explainer import FEW_SHOTS
@@ -115,14 +115,14 @@ def simulation_work(explanations, excerpts, backend, mode: str = "all_at_once",
         row = {"layer": ex["layer"], "neuron": ex["neuron"], "explanation_id": expl["explanation_id"],
                "excerpt_id": ex["excerpt_id"], "split": ex["split"], "tokens": ex["tokens"],
                "true_activations": ex["activations"], "simulated_activations": [], "simulator": backend.name,
-               "status": "ok", "error": None}
+               "status": STATUS_OK, "error": None}
         try:
             simulated = simulate_excerpt(backend, expl["explanation"], ex["tokens"], mode)
             if len(simulated) != len(ex["tokens"]):
                 raise RecordableLLMError(f"the simulator gave {len(simulated)} values for {len(ex['tokens'])} tokens")
             row["simulated_activations"] = simulated.astype(float).tolist()
         except RecordableLLMError as exc:
-            row["status"], row["error"] = "failed", str(exc)
+            row["status"], row["error"] = STATUS_FAILED, str(exc)
         return row
 
     return Work(items, run, lambda rows: frame(rows, SIMULATION_SCHEMA))

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from ndx_pipeline.core.contract import EXPLAIN, EXPLANATION_SCHEMA, frame, token_list_explanation_id
+from ndx_pipeline.core.contract import (
+    EXPLAIN,
+    EXPLANATION_SCHEMA,
+    STATUS_FAILED,
+    STATUS_OK,
+    frame,
+    token_list_explanation_id,
+)
 from ndx_pipeline.core.llm.backend import RecordableLLMError
 from ndx_pipeline.core.llm.sent_prompts import sent_prompt_sha256
 from ndx_pipeline.core.method.explainer import (
@@ -88,7 +95,7 @@ def token_list_work(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_
         layer, neuron, tokens = item
         started = time.perf_counter()
         row = {"layer": layer, "neuron": neuron, "explanation_id": token_list_explanation_id(layer, neuron),
-               "status": "ok", "strongest_tokens": tokens}
+               "status": STATUS_OK, "strongest_tokens": tokens}
         if backend is None:
             row.update(explanation=template_explanation(tokens), explainer=TEMPLATE_EXPLAINER)
         else:
@@ -101,7 +108,7 @@ def token_list_work(excerpts: pl.DataFrame, backend=None, n_tokens: int = TOKEN_
                 row.update(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
                            explanation=parse_explanation(completion.text))
             except (ExplanationParseError, RecordableLLMError) as exc:  # fails this neuron only
-                row.update(status="failed", error=str(exc))
+                row.update(status=STATUS_FAILED, error=str(exc))
         row["seconds"] = time.perf_counter() - started
         return row
 

@@ -7,8 +7,18 @@ import time
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    BASELINE_EXPLANATIONS,
+    CALIBRATION_SIMULATIONS,
+    CONTROL_BASELINES,
+    EXPLANATIONS,
+    OUTPUT_TOKENS,
+    STATUS_OK,
+    TOP_EXCERPTS,
+    kept,
+)
 from ndx_pipeline.core.data.planted import PLANTED_UNIT
 from ndx_pipeline.core.storage import asset_path
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
@@ -33,7 +43,7 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
 
 def holds_planted_units(storage_dir, layer: int, variant: str) -> bool:
     """Whether the layer's activation records are of planted units (read from their `unit_kind` column alone)."""
-    path = asset_path(storage_dir, c.ACTIVATION_RECORDS, layer, variant)
+    path = asset_path(storage_dir, ACTIVATION_RECORDS, layer, variant)
     if not path.exists():
         return False
     kinds = pl.read_parquet(path, columns=["unit_kind"])["unit_kind"]
@@ -42,24 +52,24 @@ def holds_planted_units(storage_dir, layer: int, variant: str) -> bool:
 
 def _spec(asset: str, description: str) -> dg.AssetSpec:
     # the explainer reads the units' output tokens when `quality.explainer_logits` is on
-    reads = [c.TOP_EXCERPTS, c.OUTPUT_TOKENS] if asset == c.EXPLANATIONS else [c.TOP_EXCERPTS]
+    reads = [TOP_EXCERPTS, OUTPUT_TOKENS] if asset == EXPLANATIONS else [TOP_EXCERPTS]
     return dg.AssetSpec(asset, deps=with_settings(asset, reads), partitions_def=layer_variant,
                         code_version=CODE_VERSIONS[asset], automation_condition=FOLLOW_UPSTREAM,
                         description=description)
 
 
 @dg.multi_asset(
-    name=c.EXPLANATIONS, op_tags=step_tags(c.EXPLANATIONS), group_name=EXPLANATION_GROUP, pool=LLM_POOL,
+    name=EXPLANATIONS, op_tags=step_tags(EXPLANATIONS), group_name=EXPLANATION_GROUP, pool=LLM_POOL,
     can_subset=False, backfill_policy=SINGLE_RUN,
     specs=[
-        _spec(c.EXPLANATIONS, "One explanation per neuron, written by the explainer LLM from the explain excerpts "
+        _spec(EXPLANATIONS, "One explanation per neuron, written by the explainer LLM from the explain excerpts "
                               "(with best-of-k: every candidate, the kept one marked `selected`)."),
-        _spec(c.BASELINE_EXPLANATIONS, "The random-explanation and token-list baselines' explanations, simulated and "
+        _spec(BASELINE_EXPLANATIONS, "The random-explanation and token-list baselines' explanations, simulated and "
                                        "scored beside ours (no rows for a baseline that is off)."),
-        _spec(c.CALIBRATION_SIMULATIONS, "Best-of-k: every candidate simulated on the calibration excerpts it was "
+        _spec(CALIBRATION_SIMULATIONS, "Best-of-k: every candidate simulated on the calibration excerpts it was "
                                          "chosen on (no rows without best-of-k)."),
     ],
-    check_specs=check_specs(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS),
+    check_specs=check_specs(EXPLANATIONS, BASELINE_EXPLANATIONS, CALIBRATION_SIMULATIONS),
 )
 @one_writer
 def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, simulator_llm: LLMResource,
@@ -70,7 +80,7 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
     simulator_llm = settings("simulator_llm", simulator_llm)
     # the judge's control: planted units (as their records say) get their true and a wrong explanation too
     planted = any(holds_planted_units(storage.path(), layer, variant) for layer in layers)
-    controls = list(c.CONTROL_BASELINES) if planted else []
+    controls = list(CONTROL_BASELINES) if planted else []
     with bad_input_fails_the_run():
         k = quality.checked().explanation_candidates
         backend = explainer_llm.build(storage)
@@ -78,8 +88,8 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
     out = Outputs(context, storage.path(), variant)
     try:
         # every layer of the run in one wave: one set of requests in flight under the explainer's limit
-        excerpts = {layer: out.read(c.TOP_EXCERPTS, layer) for layer in layers}
-        output_tokens = (pl.concat([out.read(c.OUTPUT_TOKENS, layer) for layer in layers])
+        excerpts = {layer: out.read(TOP_EXCERPTS, layer) for layer in layers}
+        output_tokens = (pl.concat([out.read(OUTPUT_TOKENS, layer) for layer in layers])
                          if quality.explainer_logits else None)
         started, before = time.perf_counter(), backend.stats.snapshot()
         with bad_input_fails_the_run():
@@ -95,41 +105,43 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
                       "settings_version": settings.digest(quality=quality, explainer_llm=explainer_llm)}
         for layer in layers:
             frame = made.explanations.filter(pl.col("layer") == layer)
-            kept = c.kept(frame)
-            for row in kept.iter_rows(named=True):
+            chosen = kept(frame)
+            for row in chosen.iter_rows(named=True):
                 context.log.info(f"layer {layer} neuron {row['neuron']}: {row['status']} "
                                  f"{row['explanation'] or row['error']!r}")
             best_of_k = {}
             if k > 1:
                 best_of_k = {"candidates_per_neuron": k,
-                             "kept_a_later_candidate": int((kept["candidate"] > 0).sum()),
-                             "mean_calibration_score_kept": finite_mean(kept["calibration_score"]),
+                             "kept_a_later_candidate": int((chosen["candidate"] > 0).sum()),
+                             "mean_calibration_score_kept": finite_mean(chosen["calibration_score"]),
                              "mean_calibration_score_candidate_0": finite_mean(
                                  frame.filter(pl.col("candidate") == 0)["calibration_score"]),
                              "candidates": candidates_table(frame)}
-            out.write(c.EXPLANATIONS, frame, layer, neurons=len(kept), failed=int((kept["status"] != "ok").sum()),
+            out.write(EXPLANATIONS, frame, layer, neurons=len(chosen),
+                      failed=int((chosen["status"] != STATUS_OK).sum()),
                       explainer=backend.name, prompt_template_sha=PROMPT_SHAS["explainer"],
                       digest=quality.explainer_digest, output_tokens_shown=quality.explainer_logits, **best_of_k,
                       **accounting)
-            out.check(c.EXPLANATIONS, "every_neuron_explained", layer,
+            out.check(EXPLANATIONS, "every_neuron_explained", layer,
                       validation.every_neuron_explained(frame, excerpts[layer]))
-            out.check(c.EXPLANATIONS, FAILURES, layer, validation.failure_share(kept, "explanations"))
+            out.check(EXPLANATIONS, FAILURES, layer, validation.failure_share(chosen, "explanations"))
             base = made.baseline_explanations.filter(pl.col("layer") == layer)
-            out.write(c.BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines + controls),
-                      failed=int((base["status"] != "ok").sum()), token_list_explainer=quality.token_list_explainer,
+            out.write(BASELINE_EXPLANATIONS, base, layer, baselines=str(quality.simulated_baselines + controls),
+                      failed=int((base["status"] != STATUS_OK).sum()),
+                      token_list_explainer=quality.token_list_explainer,
                       prompt_template_sha=PROMPT_SHAS["token_list"])
-            out.check(c.BASELINE_EXPLANATIONS, "baselines_explained", layer,
+            out.check(BASELINE_EXPLANATIONS, "baselines_explained", layer,
                       validation.baselines_explained(base, excerpts[layer], quality.simulated_baselines + controls))
-            out.check(c.BASELINE_EXPLANATIONS, FAILURES, layer,
+            out.check(BASELINE_EXPLANATIONS, FAILURES, layer,
                       validation.failure_share(base, "baseline explanations", blocking=False))
             cal = made.calibration_simulations.filter(pl.col("layer") == layer)
-            out.write(c.CALIBRATION_SIMULATIONS, cal, layer, candidates_per_neuron=k,
-                      failed_excerpts=int((cal["status"] != "ok").sum()),
+            out.write(CALIBRATION_SIMULATIONS, cal, layer, candidates_per_neuron=k,
+                      failed_excerpts=int((cal["status"] != STATUS_OK).sum()),
                       simulator=chooser.name if chooser is not None else "")
-            out.check(c.CALIBRATION_SIMULATIONS, "calibration_simulations_well_formed", layer,
+            out.check(CALIBRATION_SIMULATIONS, "calibration_simulations_well_formed", layer,
                       validation.simulations_well_formed(cal))
     finally:
         backend.close()
         if chooser is not None:
             chooser.close()
-    yield from out.results(c.EXPLANATIONS, c.BASELINE_EXPLANATIONS, c.CALIBRATION_SIMULATIONS)
+    yield from out.results(EXPLANATIONS, BASELINE_EXPLANATIONS, CALIBRATION_SIMULATIONS)

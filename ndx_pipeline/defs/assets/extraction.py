@@ -10,9 +10,17 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
-from ndx_pipeline.core.contract import LOOKUP_BASELINE
+from ndx_pipeline.core.contract import (
+    ACTIVATION_RECORDS,
+    CORPUS,
+    DEAD,
+    FAILED_UNIT,
+    LOOKUP_BASELINE,
+    TOKEN_TABLE,
+    TOP_EXCERPTS,
+    empty,
+)
 from ndx_pipeline.core.data.corpus import DEFAULT_CORPUS
 from ndx_pipeline.core.data.units import PLANTED
 from ndx_pipeline.core.errors import NdxInputError
@@ -49,45 +57,45 @@ from ndx_pipeline.defs.resources import (
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, METHOD_REVISIONS, with_settings
 
 
-@dg.asset(name=c.CORPUS, op_tags=step_tags(c.CORPUS), group_name=EXTRACTION_GROUP, code_version=CODE_VERSIONS[c.CORPUS],
+@dg.asset(name=CORPUS, op_tags=step_tags(CORPUS), group_name=EXTRACTION_GROUP, code_version=CODE_VERSIONS[CORPUS],
           description="The text corpus, one row per document.")
 def corpus(context: dg.AssetExecutionContext, corpus_source: CorpusResource, storage: StorageResource):
     with bad_input_fails_the_run():
         frame = stages.corpus(corpus_source.path)
     out = Outputs(context, storage.path())
-    out.write(c.CORPUS, frame, documents=len(frame), characters=int(frame["text"].str.len_chars().sum()),
+    out.write(CORPUS, frame, documents=len(frame), characters=int(frame["text"].str.len_chars().sum()),
               source=corpus_source.path or DEFAULT_CORPUS)
-    return out.result(c.CORPUS)
+    return out.result(CORPUS)
 
 
-SUBJECT_MODEL_FILES = (c.ACTIVATION_RECORDS, c.TOKEN_TABLE)  # what only the subject model's pass can write
+SUBJECT_MODEL_FILES = (ACTIVATION_RECORDS, TOKEN_TABLE)  # what only the subject model's pass can write
 
 
 @dg.multi_asset(
-    name=c.ACTIVATION_RECORDS, op_tags=step_tags(c.ACTIVATION_RECORDS), group_name=EXTRACTION_GROUP,
+    name=ACTIVATION_RECORDS, op_tags=step_tags(ACTIVATION_RECORDS), group_name=EXTRACTION_GROUP,
     pool=SUBJECT_MODEL_POOL, can_subset=True, backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.ACTIVATION_RECORDS, deps=with_settings(c.ACTIVATION_RECORDS, [c.CORPUS]),
+        dg.AssetSpec(ACTIVATION_RECORDS, deps=with_settings(ACTIVATION_RECORDS, [CORPUS]),
                      partitions_def=layer_variant,
-                     code_version=CODE_VERSIONS[c.ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
+                     code_version=CODE_VERSIONS[ACTIVATION_RECORDS], automation_condition=REFRESH_MATERIALIZED,
                      description="Per unit (an MLP neuron's positive or negative side, or a dictionary latent): top "
                                  "windows by max activation, a seeded random sample, activation-quantile samples, "
                                  "and the unit's mean/variance/max over the corpus; one `dead` row for a unit that "
                                  "never fired. Shared (one file, hard-linked) by the variants whose extraction "
                                  "settings are equal."),
-        dg.AssetSpec(c.TOKEN_TABLE, deps=with_settings(c.TOKEN_TABLE, [c.CORPUS]), partitions_def=layer_variant,
-                     code_version=CODE_VERSIONS[c.TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
+        dg.AssetSpec(TOKEN_TABLE, deps=with_settings(TOKEN_TABLE, [CORPUS]), partitions_def=layer_variant,
+                     code_version=CODE_VERSIONS[TOKEN_TABLE], automation_condition=REFRESH_MATERIALIZED,
                      description="Per neuron × token text: count and activation sum over the corpus, counted in the "
                                  "same pass (the lookup-table baseline); no rows when that baseline is off."),
-        dg.AssetSpec(c.TOP_EXCERPTS, deps=with_settings(c.TOP_EXCERPTS, [c.ACTIVATION_RECORDS]),
+        dg.AssetSpec(TOP_EXCERPTS, deps=with_settings(TOP_EXCERPTS, [ACTIVATION_RECORDS]),
                      partitions_def=layer_variant,
-                     code_version=CODE_VERSIONS[c.TOP_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
+                     code_version=CODE_VERSIONS[TOP_EXCERPTS], automation_condition=FOLLOW_UPSTREAM,
                      description="Disjoint explain / score_top / score_random excerpts per unit (interleaved "
                                  "splits), and the calibration excerpts best-of-k chooses on; units that fired in too "
                                  "few windows (and dead ones) are left out. Split from the records in memory when "
                                  "they are written in the same step, else read from their files."),
     ],
-    check_specs=check_specs(c.ACTIVATION_RECORDS, c.TOKEN_TABLE, c.TOP_EXCERPTS),
+    check_specs=check_specs(ACTIVATION_RECORDS, TOKEN_TABLE, TOP_EXCERPTS),
 )
 @one_writer
 def activation_records(context: dg.AssetExecutionContext, subject_model: SubjectModelResource,
@@ -107,21 +115,21 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
     run_resources = {"selection": selection, "quality": quality}  # as configured; each variant's fields go over them
     selection, quality = settings("selection", selection), settings("quality", quality)
     out = Outputs(context, storage.path(), variant)
-    excerpts = _Excerpts(context, out, selection, quality) if c.TOP_EXCERPTS in selected else None
+    excerpts = _Excerpts(context, out, selection, quality) if TOP_EXCERPTS in selected else None
     if not selected & set(SUBJECT_MODEL_FILES):
         for layer, split in ahead(layers, excerpts.split):
             excerpts.report(layer, split)
-        yield out.result(c.TOP_EXCERPTS)
+        yield out.result(TOP_EXCERPTS)
         return
     counted = LOOKUP_BASELINE in quality.baselines
     with bad_input_fails_the_run():
         quality.checked()
-        corpus_file = asset_path(storage.path(), c.CORPUS)
-        documents = read(storage.path(), c.CORPUS)
+        corpus_file = asset_path(storage.path(), CORPUS)
+        documents = read(storage.path(), CORPUS)
     corpus = {"corpus": file_digest(corpus_file)}
     step = _Step(context, out, storage.path(), variant, selection, subject_model,
                  _extraction_key(subject_model, corpus, selection, counted), counted,
-                 c.ACTIVATION_RECORDS in selected, c.TOKEN_TABLE in selected, excerpts)
+                 ACTIVATION_RECORDS in selected, TOKEN_TABLE in selected, excerpts)
     stored = _stored_layers(step, layers)
     extracted = [layer for layer in layers if layer not in stored]
     extraction, joint = (_run_pass(step, documents, extracted, layers, run_resources, corpus) if extracted
@@ -147,7 +155,7 @@ def activation_records(context: dg.AssetExecutionContext, subject_model: Subject
         raise dg.Failure(description="; ".join(f"top_excerpts not written for layer{'s' if len(at) > 1 else ''} "
                                                f"{', '.join(map(str, at))}: {why}" for why, at in withheld.items()))
     if excerpts:
-        yield out.result(c.TOP_EXCERPTS)
+        yield out.result(TOP_EXCERPTS)
 
 
 @dataclass(frozen=True)
@@ -257,13 +265,13 @@ def _write_layer(step: _Step, extraction: stages.Extraction | None, item: tuple)
     if step.records_written:
         random_k = (found.random_k if isinstance(found, StoredLayer) else
                     min(step.selection.random_k, extraction.stats.windows))
-        files.records_file = _place(step.out, c.ACTIVATION_RECORDS, found, records, layer)
+        files.records_file = _place(step.out, ACTIVATION_RECORDS, found, records, layer)
         files.records_checks = {
             "top_windows_ordered": validation.top_windows_ordered(records),
             "record_counts": validation.record_counts(records, found.units, step.selection.top_k, random_k)}
     if step.table_written:
         table = found.token_table
-        files.table_file = _place(step.out, c.TOKEN_TABLE, found, table, layer)
+        files.table_file = _place(step.out, TOKEN_TABLE, found, table, layer)
         files.distinct_tokens = table["token"].n_unique()
         files.table_check = validation.token_table_complete(table, records, step.counted)
     if step.excerpts:
@@ -301,20 +309,20 @@ def _report_layer(step: _Step, layer: int, found: LayerRecords, files: LayerFile
             step.context.log.warning(f"layer {layer}: {len(found.failed)} units failed, their activations not "
                                      "finite (not explained): " + "; ".join(
                                          f"unit {u}: {why}" for u, why in list(found.failed.items())[:10]))
-        out.written(c.ACTIVATION_RECORDS, layer, files.records_file, neurons=len(found.units),
+        out.written(ACTIVATION_RECORDS, layer, files.records_file, neurons=len(found.units),
                     units=found.description, dead_units=found.dead, failed_units=len(found.failed),
                     **({"failed_unit_reasons": "; ".join(f"unit {u}: {why}" for u, why in found.failed.items())}
                        if found.failed else {}),
                     subject_model=step.subject_model.model, extraction_key=step.key, variant=step.variant, **origin)
-        for check in CHECKS[c.ACTIVATION_RECORDS]:
-            out.check(c.ACTIVATION_RECORDS, check, layer, files.records_checks[check])
+        for check in CHECKS[ACTIVATION_RECORDS]:
+            out.check(ACTIVATION_RECORDS, check, layer, files.records_checks[check])
     if step.table_written:
-        out.written(c.TOKEN_TABLE, layer, files.table_file, counted=step.counted,
+        out.written(TOKEN_TABLE, layer, files.table_file, counted=step.counted,
                     distinct_tokens=files.distinct_tokens, extraction_key=step.key, variant=step.variant,
                     **(found.origin if is_stored else {}))
-        out.check(c.TOKEN_TABLE, "token_table_complete", layer, files.table_check)
+        out.check(TOKEN_TABLE, "token_table_complete", layer, files.table_check)
     if is_stored and "extracted_in_run" in found.origin:  # taken: the hand-over folder has served its purpose
-        shutil.rmtree(found.path(c.ACTIVATION_RECORDS).parent, ignore_errors=True)
+        shutil.rmtree(found.path(ACTIVATION_RECORDS).parent, ignore_errors=True)
 
 
 class StoredLayer(LayerRecords):
@@ -325,11 +333,11 @@ class StoredLayer(LayerRecords):
     def __init__(self, paths: dict[str, Path], about: dict, origin: dict):
         self.paths, self.origin = paths, origin
         self.windows, self.random_k = int(about.get("windows") or 0), int(about.get("random_k") or 0)
-        rows = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron", "kind"])
+        rows = pl.read_parquet(paths[ACTIVATION_RECORDS], columns=["neuron", "kind"])
         failed = {}
-        if (rows["kind"] == c.FAILED_UNIT).any():  # (files from before the `error` column hold no failed row)
-            gone = pl.read_parquet(paths[c.ACTIVATION_RECORDS], columns=["neuron", "kind", "error"])
-            failed = dict(gone.filter(pl.col("kind") == c.FAILED_UNIT).select("neuron", "error").iter_rows())
+        if (rows["kind"] == FAILED_UNIT).any():  # (files from before the `error` column hold no failed row)
+            gone = pl.read_parquet(paths[ACTIVATION_RECORDS], columns=["neuron", "kind", "error"])
+            failed = dict(gone.filter(pl.col("kind") == FAILED_UNIT).select("neuron", "error").iter_rows())
         super().__init__(rows["neuron"].unique().sort().to_list(), self._read, str(about.get("units") or ""),
                          int(about.get("dead_units") or 0), failed)
 
@@ -337,9 +345,9 @@ class StoredLayer(LayerRecords):
         return self.paths[asset]
 
     def _read(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        table = self.path(c.TOKEN_TABLE)
-        return (pl.read_parquet(self.path(c.ACTIVATION_RECORDS)),
-                pl.read_parquet(table) if table.exists() else c.empty(c.TOKEN_TABLE))
+        table = self.path(TOKEN_TABLE)
+        return (pl.read_parquet(self.path(ACTIVATION_RECORDS)),
+                pl.read_parquet(table) if table.exists() else empty(TOKEN_TABLE))
 
 
 def _metadata_value(record, name: str):
@@ -435,8 +443,8 @@ def hand_over(context: dg.AssetExecutionContext, storage_dir: Path, variant: str
     for other, (choice, other_key) in joint.items():
         for layer, found in extraction.joint[other].items():
             folder = joint_extraction_dir(storage_dir, other_key, layer)
-            write_parquet_atomic(found.records, folder / f"{c.ACTIVATION_RECORDS}.parquet")
-            write_parquet_atomic(found.token_table, folder / f"{c.TOKEN_TABLE}.parquet")
+            write_parquet_atomic(found.records, folder / f"{ACTIVATION_RECORDS}.parquet")
+            write_parquet_atomic(found.token_table, folder / f"{TOKEN_TABLE}.parquet")
             about = {"variant": variant, "run_id": context.run_id, "for_variant": other,
                      "windows": extraction.stats.windows, "random_k": min(choice.random_k, extraction.stats.windows),
                      "units": found.description, "dead_units": found.dead}
@@ -473,7 +481,7 @@ class _Excerpts:
     def split(self, layer: int, records: pl.DataFrame | None = None) -> "LayerExcerpts":
         """Split `records` (default: the layer's stored activation_records) and write the file."""
         if records is None:
-            records = self.out.read(c.ACTIVATION_RECORDS, layer)
+            records = self.out.read(ACTIVATION_RECORDS, layer)
         sel = self.selection
         with bad_input_fails_the_run():
             frame = stages.top_excerpts(
@@ -482,9 +490,9 @@ class _Excerpts:
                 scope=self.out.variant)
         units = records.select("kind", "neuron")  # (not the wide rows: a filter copies every column it keeps)
         return LayerExcerpts(
-            file=self.out.write_file(c.TOP_EXCERPTS, frame, layer),
-            fired=units.filter(~pl.col("kind").is_in([c.DEAD, c.FAILED_UNIT]))["neuron"].n_unique(),
-            dead=units.filter(pl.col("kind") == c.DEAD).height, neurons=frame["neuron"].n_unique(),
+            file=self.out.write_file(TOP_EXCERPTS, frame, layer),
+            fired=units.filter(~pl.col("kind").is_in([DEAD, FAILED_UNIT]))["neuron"].n_unique(),
+            dead=units.filter(pl.col("kind") == DEAD).height, neurons=frame["neuron"].n_unique(),
             checks={"splits_disjoint": validation.splits_disjoint(frame),
                     "excerpt_counts": validation.excerpt_counts(frame, sel.explain_excerpts, sel.score_top_excerpts,
                                                                 sel.score_random_excerpts)})
@@ -494,10 +502,10 @@ class _Excerpts:
         if sparse:
             self.context.log.info(f"layer {layer}: {sparse} of {split.fired} units that fired did so in too few "
                                   "windows to fill the explain and score splits: left out")
-        self.out.written(c.TOP_EXCERPTS, layer, split.file, neurons=split.neurons, too_sparse_units=sparse,
+        self.out.written(TOP_EXCERPTS, layer, split.file, neurons=split.neurons, too_sparse_units=sparse,
                          dead_units=split.dead)
-        for check in CHECKS[c.TOP_EXCERPTS]:
-            self.out.check(c.TOP_EXCERPTS, check, layer, split.checks[check])
+        for check in CHECKS[TOP_EXCERPTS]:
+            self.out.check(TOP_EXCERPTS, check, layer, split.checks[check])
 
 
 @dataclass

@@ -5,8 +5,8 @@ Neuronpedia export's `pos_str` / `neg_str`, and the explainer when `quality.expl
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages
+from ndx_pipeline.core.contract import ACTIVATION_RECORDS, OUTPUT_TOKENS
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.stages import UNIT_FIELDS
 from ndx_pipeline.core.storage import read_asset_if_any
@@ -29,17 +29,17 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, with_settings
 
 
 def read_unit_columns(storage_dir, layer: int, variant: str) -> pl.DataFrame:
-    found = read_asset_if_any(storage_dir, c.ACTIVATION_RECORDS, layer, variant, columns=list(UNIT_FIELDS))
+    found = read_asset_if_any(storage_dir, ACTIVATION_RECORDS, layer, variant, columns=list(UNIT_FIELDS))
     if found is None:
         raise NdxInputError(f"activation_records for layer {layer} of variant {variant} not found: materialize it "
                             "first.")
     return found
 
 
-@dg.asset(name=c.OUTPUT_TOKENS, op_tags=step_tags(c.OUTPUT_TOKENS), group_name=EXTRACTION_GROUP,
-          pool=SUBJECT_MODEL_POOL, deps=with_settings(c.OUTPUT_TOKENS, [c.ACTIVATION_RECORDS]),
+@dg.asset(name=OUTPUT_TOKENS, op_tags=step_tags(OUTPUT_TOKENS), group_name=EXTRACTION_GROUP,
+          pool=SUBJECT_MODEL_POOL, deps=with_settings(OUTPUT_TOKENS, [ACTIVATION_RECORDS]),
           partitions_def=layer_variant,
-          backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.OUTPUT_TOKENS],
+          backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[OUTPUT_TOKENS],
           automation_condition=FOLLOW_UPSTREAM,
           description="Per unit: the tokens whose logits its output direction (an MLP neuron's column of the output "
                       "projection, a latent's decoder row) raises and lowers most, through the final norm's gain "
@@ -59,6 +59,6 @@ def output_tokens(context: dg.AssetExecutionContext, subject_model: SubjectModel
                                       dictionary_hook=chosen.dictionary_hook, subject_weights=chosen.subject_weights,
                                       seed=chosen.seed, log=context.log.info)
     for layer, frame in frames.items():
-        out.write(c.OUTPUT_TOKENS, frame, layer, units=len(frame),
+        out.write(OUTPUT_TOKENS, frame, layer, units=len(frame),
                   direction=frame["direction"][0] if len(frame) else "none (planted units have no weights)")
-    return out.result(c.OUTPUT_TOKENS)
+    return out.result(OUTPUT_TOKENS)

@@ -5,7 +5,7 @@ materialization's metadata. On demand only: no layer partitions, no automation c
 import dagster as dg
 from pydantic import Field
 
-from ndx_pipeline.core import contract as c
+from ndx_pipeline.core.contract import ACTIVATION_RECORDS, CORPUS, RELEASE, SCORER_ASSETS, SIMULATIONS
 from ndx_pipeline.core.storage import variant_layers
 from ndx_pipeline.defs.materialize import REPORTS_GROUP, bad_input_fails_the_run
 from ndx_pipeline.defs.provenance import recorded_subject_model
@@ -13,8 +13,8 @@ from ndx_pipeline.defs.resources import StorageResource
 from ndx_pipeline.reports.dataset import FORMAT_REVISION, TABLES, chosen_variants, write_dataset
 
 RELEASE_DIR = "release"  # the export's default folder, under the storage folder
-READS = (c.CORPUS, c.ACTIVATION_RECORDS, c.SIMULATIONS, *TABLES,
-         *(judgements for judgements, _ in c.SCORER_ASSETS.values()))
+READS = (CORPUS, ACTIVATION_RECORDS, SIMULATIONS, *TABLES,
+         *(judgements for judgements, _ in SCORER_ASSETS.values()))
 
 
 class ReleaseConfig(dg.Config):
@@ -26,7 +26,7 @@ class ReleaseConfig(dg.Config):
                                                       "<storage>/release.")
 
 
-@dg.asset(name=c.RELEASE, group_name=REPORTS_GROUP, deps=list(dict.fromkeys(READS)),
+@dg.asset(name=RELEASE, group_name=REPORTS_GROUP, deps=list(dict.fromkeys(READS)),
           code_version=f"dataset-format-{FORMAT_REVISION}",
           description="On demand: the dataset export of the chosen variants (default every stored one, with their "
                       "controls) — one Parquet file per asset kind across layers and variants, and a dataset card "
@@ -37,7 +37,7 @@ def release(context: dg.AssetExecutionContext, config: ReleaseConfig, storage: S
     out = config.out or str(root / RELEASE_DIR)
     with bad_input_fails_the_run():
         chosen = chosen_variants(root, config.variants)
-        subject = recorded_subject_model(context.instance, {v: variant_layers(root, c.ACTIVATION_RECORDS, v)
+        subject = recorded_subject_model(context.instance, {v: variant_layers(root, ACTIVATION_RECORDS, v)
                                                             for v in chosen})
         done = write_dataset(root, out, variants=config.variants, about={"subject_model": subject} if subject else None,
                              log=context.log.info)

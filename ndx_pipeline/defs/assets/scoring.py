@@ -4,8 +4,17 @@ on the same excerpts."""
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.contract import (
+    BASELINE_EXPLANATIONS,
+    BASELINE_SIMULATIONS,
+    EXPLANATIONS,
+    SCORES,
+    SIMULATIONS,
+    STATUS_OK,
+    TOKEN_TABLE,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.core.method.controls import SIMULATION
 from ndx_pipeline.core.models import BUNDLED_MODEL_NOTE, is_bundled
 from ndx_pipeline.core.storage import viewer_dir
@@ -35,18 +44,18 @@ from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import QualityResource, StorageResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, with_settings
 
-READS = (c.SIMULATIONS, c.EXPLANATIONS, c.BASELINE_SIMULATIONS, c.BASELINE_EXPLANATIONS, c.TOKEN_TABLE,
-         c.TOP_EXCERPTS)
+READS = (SIMULATIONS, EXPLANATIONS, BASELINE_SIMULATIONS, BASELINE_EXPLANATIONS, TOKEN_TABLE,
+         TOP_EXCERPTS)
 
 
 def _names(values) -> str:
     return ", ".join(sorted(set(values.drop_nulls())))
 
 
-@dg.asset(name=c.SCORES, op_tags=step_tags(c.SCORES), group_name=SIMULATION_GROUP, deps=with_settings(c.SCORES, READS),
+@dg.asset(name=SCORES, op_tags=step_tags(SCORES), group_name=SIMULATION_GROUP, deps=with_settings(SCORES, READS),
           partitions_def=layer_variant,
-          backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[c.SCORES], automation_condition=FOLLOW_UPSTREAM,
-          check_specs=check_specs(c.SCORES),
+          backfill_policy=SINGLE_RUN, code_version=CODE_VERSIONS[SCORES], automation_condition=FOLLOW_UPSTREAM,
+          check_specs=check_specs(SCORES),
           description="Pooled Pearson correlation of simulated vs true activations, per neuron, beside baselines.")
 @one_writer
 def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage: StorageResource):
@@ -67,7 +76,7 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
         judge, control = judge_control(controlled, frame, variant, SIMULATION)
         valid = frame["score"].drop_nans().drop_nulls()
         simulators = set(sims["simulator"].drop_nulls())
-        out.write(c.SCORES, frame, layer, neurons=len(frame), scored=len(valid),
+        out.write(SCORES, frame, layer, neurons=len(frame), scored=len(valid),
                   mean_score=float(valid.mean()) if len(valid) else float("nan"),
                   median_score=float(valid.median()) if len(valid) else float("nan"),
                   undefined_or_failed=len(frame) - len(valid),
@@ -76,15 +85,15 @@ def scores(context: dg.AssetExecutionContext, quality: QualityResource, storage:
                   top_10_neurons=neuron_table(frame, best=True), bottom_10_neurons=neuron_table(frame, best=False),
                   explainer=_names(expl["explainer"]), simulator=_names(sims["simulator"]),
                   explanation_prompts=len(set(expl["prompt_sha256"].drop_nulls())),
-                  failed_explanations=int((expl["status"] != "ok").sum()),
-                  failed_simulations=int((sims["status"] != "ok").sum()),
+                  failed_explanations=int((expl["status"] != STATUS_OK).sum()),
+                  failed_simulations=int((sims["status"] != STATUS_OK).sum()),
                   missing_baselines=str(sorted(made.missing)), **baseline_metadata(frame, names),
                   **({"note": BUNDLED_MODEL_NOTE} if any(is_bundled(s) for s in simulators) else {}),
                   variant=variant, **control_metadata(judge, control, SIMULATION),
                   neuron_viewer=dg.MetadataValue.path(str(viewer_dir(storage.path(), variant) / "index.html")))
-        out.check(c.SCORES, "scores_valid", layer, validation.scores_valid(frame))
-        out.check(c.SCORES, JUDGE, layer, validation.judge_separates(judge, SIMULATION, control))
-        out.check(c.SCORES, FAILURES, layer, validation.failure_share(
-            frame.with_columns(pl.when(pl.col("score").is_nan()).then(pl.lit("undefined")).otherwise(pl.lit("ok"))
+        out.check(SCORES, "scores_valid", layer, validation.scores_valid(frame))
+        out.check(SCORES, JUDGE, layer, validation.judge_separates(judge, SIMULATION, control))
+        out.check(SCORES, FAILURES, layer, validation.failure_share(
+            frame.with_columns(pl.when(pl.col("score").is_nan()).then(pl.lit("undefined")).otherwise(pl.lit(STATUS_OK))
                                .alias("status")), "neurons' scores (undefined or failed)"))
-    return out.result(c.SCORES)
+    return out.result(SCORES)

@@ -6,8 +6,15 @@ import time
 import dagster as dg
 import polars as pl
 
-from ndx_pipeline.core import contract as c
 from ndx_pipeline.core import stages, validation
+from ndx_pipeline.core.contract import (
+    BASELINE_EXPLANATIONS,
+    BASELINE_SIMULATIONS,
+    EXPLANATIONS,
+    SIMULATIONS,
+    STATUS_OK,
+    TOP_EXCERPTS,
+)
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.checks import FAILURES, check_specs
 from ndx_pipeline.defs.materialize import (
@@ -29,20 +36,20 @@ from ndx_pipeline.defs.versioning import CODE_VERSIONS, PROMPT_SHAS, with_settin
 
 
 @dg.multi_asset(
-    name=c.SIMULATIONS, op_tags=step_tags(c.SIMULATIONS), group_name=SIMULATION_GROUP, pool=LLM_POOL, can_subset=False,
+    name=SIMULATIONS, op_tags=step_tags(SIMULATIONS), group_name=SIMULATION_GROUP, pool=LLM_POOL, can_subset=False,
     backfill_policy=SINGLE_RUN,
     specs=[
-        dg.AssetSpec(c.SIMULATIONS, deps=with_settings(c.SIMULATIONS, [c.EXPLANATIONS, c.TOP_EXCERPTS]),
+        dg.AssetSpec(SIMULATIONS, deps=with_settings(SIMULATIONS, [EXPLANATIONS, TOP_EXCERPTS]),
                      partitions_def=layer_variant,
-                     code_version=CODE_VERSIONS[c.SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
+                     code_version=CODE_VERSIONS[SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="Simulated activations (expected value over 0–10) on every scored excerpt."),
-        dg.AssetSpec(c.BASELINE_SIMULATIONS,
-                     deps=with_settings(c.BASELINE_SIMULATIONS, [c.BASELINE_EXPLANATIONS, c.TOP_EXCERPTS]),
+        dg.AssetSpec(BASELINE_SIMULATIONS,
+                     deps=with_settings(BASELINE_SIMULATIONS, [BASELINE_EXPLANATIONS, TOP_EXCERPTS]),
                      partitions_def=layer_variant,
-                     code_version=CODE_VERSIONS[c.BASELINE_SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
+                     code_version=CODE_VERSIONS[BASELINE_SIMULATIONS], automation_condition=FOLLOW_UPSTREAM,
                      description="The baseline explanations simulated on the same excerpts, the same way."),
     ],
-    check_specs=check_specs(c.SIMULATIONS, c.BASELINE_SIMULATIONS),
+    check_specs=check_specs(SIMULATIONS, BASELINE_SIMULATIONS),
 )
 @one_writer
 def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, storage: StorageResource):
@@ -58,8 +65,8 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
 
         # every layer of the run, ours and the baselines, in one wave
         started, before = time.perf_counter(), backend.stats.snapshot()
-        made = stages.simulations(every_layer(c.EXPLANATIONS), every_layer(c.BASELINE_EXPLANATIONS),
-                                  every_layer(c.TOP_EXCERPTS), backend, mode=simulator_llm.simulator_mode,
+        made = stages.simulations(every_layer(EXPLANATIONS), every_layer(BASELINE_EXPLANATIONS),
+                                  every_layer(TOP_EXCERPTS), backend, mode=simulator_llm.simulator_mode,
                                   what=f"simulations, {variant} layers {layers}", log=context.log.info)
         accounting = {**llm_accounting(backend, before, started), "llm_accounting_covers_layers": str(layers),
                       "variant": variant, "settings_version": settings.digest(simulator_llm=simulator_llm)}
@@ -67,21 +74,22 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
         for layer in layers:
             ours = made.simulations.filter(pl.col("layer") == layer)
             theirs = made.baseline_simulations.filter(pl.col("layer") == layer)
-            out.write(c.SIMULATIONS, ours, layer, excerpts=len(ours), neurons=ours["neuron"].n_unique(),
+            out.write(SIMULATIONS, ours, layer, excerpts=len(ours), neurons=ours["neuron"].n_unique(),
                       simulator=backend.name, simulator_mode=simulator_llm.simulator_mode,
-                      prompt_template_sha=PROMPT_SHAS["simulator"], failed_excerpts=int((ours["status"] != "ok").sum()),
+                      prompt_template_sha=PROMPT_SHAS["simulator"],
+                      failed_excerpts=int((ours["status"] != STATUS_OK).sum()),
                       **accounting)
-            out.check(c.SIMULATIONS, "simulations_well_formed", layer, validation.simulations_well_formed(ours))
-            out.check(c.SIMULATIONS, FAILURES, layer, validation.failure_share(ours, "simulated excerpts"))
-            out.write(c.BASELINE_SIMULATIONS, theirs, layer, excerpts=len(theirs), simulator=backend.name,
-                      failed_excerpts=int((theirs["status"] != "ok").sum()))
-            out.check(c.BASELINE_SIMULATIONS, "baseline_simulations_well_formed", layer,
+            out.check(SIMULATIONS, "simulations_well_formed", layer, validation.simulations_well_formed(ours))
+            out.check(SIMULATIONS, FAILURES, layer, validation.failure_share(ours, "simulated excerpts"))
+            out.write(BASELINE_SIMULATIONS, theirs, layer, excerpts=len(theirs), simulator=backend.name,
+                      failed_excerpts=int((theirs["status"] != STATUS_OK).sum()))
+            out.check(BASELINE_SIMULATIONS, "baseline_simulations_well_formed", layer,
                       validation.simulations_well_formed(theirs))
-            out.check(c.BASELINE_SIMULATIONS, FAILURES, layer,
+            out.check(BASELINE_SIMULATIONS, FAILURES, layer,
                       validation.failure_share(theirs, "baseline excerpts", blocking=False))
     finally:
         backend.close()
-    yield from out.results(c.SIMULATIONS, c.BASELINE_SIMULATIONS)
+    yield from out.results(SIMULATIONS, BASELINE_SIMULATIONS)
 
 
 def simulation_cost(made, accounting: dict, backend, mode: str) -> dict:
