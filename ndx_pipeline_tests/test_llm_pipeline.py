@@ -48,12 +48,15 @@ def materialize(stages, storage, **resources):
     base = {
         "storage": StorageResource(storage_dir=str(storage)), "corpus_source": CorpusResource(),
         "subject_model": SubjectModelResource(window_tokens=16),
-        # small counts: a 2-core CPU serves every request of these tests (short explainer prompts, 3 scored and 2
-        # calibration excerpts per neuron)
-        "selection": SelectionResource(neurons=NEURONS, explain_excerpts=3, score_top_excerpts=2,
-                                       score_random_excerpts=1),
+        # small counts: a 2-core CPU serves every request of these tests. The server reads a simulated excerpt in one
+        # echo request of ~300 prompt tokens (~9 s there, most of it the prompt's fixed head), so each neuron has one
+        # scored excerpt (its top one) and one calibration excerpt (ours are simulated on it too, for the calibrated
+        # score); short explainer prompts. (8-token windows would shorten the prompts by a tenth but
+        # double the windows the subject model reads for the upstream: 2 min instead of 30 s.)
+        "selection": SelectionResource(neurons=NEURONS, explain_excerpts=3, score_top_excerpts=1,
+                                       score_random_excerpts=0),
         "explainer_llm": LLMResource(max_tokens=20), "simulator_llm": LLMResource(max_tokens=0, temperature=0.0),
-        "quality": QualityResource(calibration_top_excerpts=1, calibration_random_excerpts=1),
+        "quality": QualityResource(calibration_top_excerpts=1, calibration_random_excerpts=0),
     }
     base.update(resources)
     assets = list({id(by_key[s]): by_key[s] for s in stages}.values())
@@ -106,9 +109,11 @@ def test_the_planted_control_judged_by_the_server(tmp_path, proxy, monkeypatch):
 
     monkeypatch.setenv("NDX_TEST_LLM_KEY", TEST_API_KEY)
     storage = tmp_path / "planted"
+    # each unit scored on its top excerpt alone (16 tokens: its rule holds on some of them and not on others),
+    # simulated from its three explanations: 6 echo requests
     materialize((*UPSTREAM, *LLM_STAGES), storage,
                 selection=SelectionResource(units="planted", neurons=[0, 6], explain_excerpts=3,
-                                            score_top_excerpts=2, score_random_excerpts=1),
+                                            score_top_excerpts=1, score_random_excerpts=0),
                 quality=QualityResource(baselines=[], scorers=[], calibration_top_excerpts=0,
                                         calibration_random_excerpts=0),
                 explainer_llm=server_llm(proxy, max_tokens=20),
@@ -160,6 +165,9 @@ def test_every_llm_stage_on_the_server_then_a_free_rerun(upstream, tmp_path, pro
     sim = partition_metadata(instance, "simulations")
     both = pl.concat([sims, pl.read_parquet(asset_path(server, "baseline_simulations", 0, VARIANT))])
     simulated = len(both)
+    # ours on each neuron's scored and calibration excerpt; the random and token-list baselines' on the scored one
+    assert (len(sims), simulated) == (len(NEURONS) * 2, len(NEURONS) * (2 + 2)), \
+        both.select("neuron", "explanation_id", "excerpt_id").rows()
     requests = sim["llm_requests"].value
     assert logged["POST /v1/completions 200"] == requests, dict(logged)
     # (a prompt asked twice in the wave — the random baseline may draw the same explanation — is the cache's)
@@ -209,10 +217,10 @@ def test_json_simulator_through_dagster(upstream, tmp_path, proxy, monkeypatch, 
     instance = materialize(LLM_STAGES, storage, explainer_llm=server_llm(proxy, max_tokens=20),
                            simulator_llm=server_llm(proxy, max_tokens=0, temperature=0.0, simulator_mode="json"),
                            quality=QualityResource(baselines=["lookup"], scorers=[], calibration_top_excerpts=1,
-                                                   calibration_random_excerpts=1))
+                                                   calibration_random_excerpts=0))
     logged = llama_server.logged_requests() - before
     sims = pl.read_parquet(asset_path(storage, "simulations", 0, VARIANT))
-    assert len(sims) > 0
+    assert len(sims) == len(NEURONS) * 2  # each neuron's scored and calibration excerpt
     # one chat request per excerpt, counted by the server (the explainer's chats are the rest)
     sim, expl = partition_metadata(instance, "simulations"), partition_metadata(instance, "explanations")
     assert logged["POST /v1/chat/completions 200"] == sim["llm_requests"].value + expl["llm_requests"].value
