@@ -302,8 +302,13 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
                                                                                   llama_server):  # noqa: F811
     """The chat-only scorers through the OpenAI-compatible backend (no logprobs asked): one request per batch, a
     malformed answer fails exactly that batch's rows with the reason, a rerun asks nothing, the key is not kept."""
-    from ndx_pipeline.core import contract as c
     from ndx_pipeline.core import stages
+    from ndx_pipeline.core.contract import (
+        BASELINE_EXPLANATIONS,
+        EXPLANATION_SCHEMA,
+        empty,
+        frame,
+    )
     from ndx_pipeline.core.llm.registry import LLMSpec, build_backend
     from ndx_pipeline.core.method.scorers import make_scorer
     from ndx_pipeline_tests.llm_server import Fault
@@ -312,10 +317,10 @@ def test_detection_and_fuzzing_on_the_server_a_malformed_answer_fails_its_batch(
     records = pl.read_parquet(asset_path(upstream, "activation_records", 0, VARIANT))
     excerpts = pl.read_parquet(asset_path(upstream, "top_excerpts", 0, VARIANT))
     held = stages.scorer_excerpts(records, excerpts, 2)
-    ours = c.frame([{"layer": 0, "neuron": n, "explanation_id": f"ours-{n}", "explanation": "punctuation marks",
+    ours = frame([{"layer": 0, "neuron": n, "explanation_id": f"ours-{n}", "explanation": "punctuation marks",
                      "explainer": "test", "prompt_sha256": "0" * 64, "status": "ok", "error": None, "selected": True}
-                    for n in NEURONS], c.EXPLANATION_SCHEMA)
-    theirs = c.empty(c.BASELINE_EXPLANATIONS)
+                    for n in NEURONS], EXPLANATION_SCHEMA)
+    theirs = empty(BASELINE_EXPLANATIONS)
     # (the context given: no context probe takes the planned fault meant for the first chat)
     spec = LLMSpec(backend="openai", base_url=proxy.base_url, model="smollm2-135m-instruct-q4_1",
                    api_key_env="NDX_TEST_LLM_KEY", server="llama_cpp", max_concurrency=1, context_tokens=2048)
