@@ -215,12 +215,13 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
 
 
-def read_parquet(path: str | os.PathLike, what: str) -> pl.DataFrame:
-    """Read a contract file, with a clear error when the upstream stage has not produced it."""
+def read_parquet(path: str | os.PathLike, what: str, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a contract file (only `columns`, when given), with a clear error when the upstream stage has not
+    produced it."""
     path = Path(path)
     if not path.exists():
         raise NdxInputError(f"{what} not found at {path}: materialize the upstream asset for this layer first.")
-    return pl.read_parquet(path)
+    return pl.read_parquet(path, columns=columns)
 
 
 def read_asset_if_any(storage_dir: str | os.PathLike, asset: str, layer: int, variant: str,
@@ -232,8 +233,8 @@ def read_asset_if_any(storage_dir: str | os.PathLike, asset: str, layer: int, va
 
 
 def read_asset(storage_dir: str | os.PathLike, asset: str, layer: int | None = None,
-               variant: str | None = None) -> pl.DataFrame:
-    """An asset's file for a layer of a variant (or the unpartitioned asset's), or NdxInputError naming which is
-    missing."""
+               variant: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+    """An asset's file for a layer of a variant (or the unpartitioned asset's; only `columns`, when given), or
+    NdxInputError naming which is missing."""
     what = (f"{asset} for layer {layer} of variant {variant}" if layer is not None else f"the {asset} asset's file")
-    return read_parquet(asset_path(storage_dir, asset, layer, variant), what)
+    return read_parquet(asset_path(storage_dir, asset, layer, variant), what, columns)

@@ -47,6 +47,7 @@ from ndx_pipeline.core.storage import (
     variant_layers,
     write_atomic,
     write_parquet_atomic,
+    write_text_atomic,
 )
 from ndx_pipeline.reports.controls import read_controls
 from ndx_pipeline.reports.interop import window_document
@@ -130,8 +131,7 @@ def _write_gzip(text: str, path: Path) -> Path:
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> Path:
-    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_text_atomic("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows), path)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -3,13 +3,11 @@ the subject model's weights (no pass over the corpus), for the viewer's "promote
 Neuronpedia export's `pos_str` / `neg_str`, and the explainer when `quality.explainer_logits` is on."""
 
 import dagster as dg
-import polars as pl
 
 from ndx_pipeline.core import stages
 from ndx_pipeline.core.contract import ACTIVATION_RECORDS, OUTPUT_TOKENS
-from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.stages import UNIT_FIELDS
-from ndx_pipeline.core.storage import read_asset_if_any
+from ndx_pipeline.core.storage import read_asset
 from ndx_pipeline.defs.automation import FOLLOW_UPSTREAM
 from ndx_pipeline.defs.materialize import (
     EXTRACTION_GROUP,
@@ -26,14 +24,6 @@ from ndx_pipeline.defs.partitions import layer_variant
 from ndx_pipeline.defs.queues import step_tags
 from ndx_pipeline.defs.resources import SelectionResource, StorageResource, SubjectModelResource
 from ndx_pipeline.defs.versioning import CODE_VERSIONS, with_settings
-
-
-def read_unit_columns(storage_dir, layer: int, variant: str) -> pl.DataFrame:
-    found = read_asset_if_any(storage_dir, ACTIVATION_RECORDS, layer, variant, columns=list(UNIT_FIELDS))
-    if found is None:
-        raise NdxInputError(f"activation_records for layer {layer} of variant {variant} not found: materialize it "
-                            "first.")
-    return found
 
 
 @dg.asset(name=OUTPUT_TOKENS, op_tags=step_tags(OUTPUT_TOKENS), group_name=EXTRACTION_GROUP,
@@ -53,7 +43,8 @@ def output_tokens(context: dg.AssetExecutionContext, subject_model: SubjectModel
     out = Outputs(context, storage.path(), variant)
     # the unit columns alone: a layer's records of every neuron are hundreds of MB of windows this step never reads
     with bad_input_fails_the_run():
-        records = {layer: read_unit_columns(storage.path(), layer, variant) for layer in layers}
+        records = {layer: read_asset(storage.path(), ACTIVATION_RECORDS, layer, variant, columns=list(UNIT_FIELDS))
+                   for layer in layers}
     with bad_input_fails_the_run():
         frames = stages.output_tokens(records, subject_model.model, dictionary=chosen.dictionary,
                                       dictionary_hook=chosen.dictionary_hook, subject_weights=chosen.subject_weights,
