@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import sqlalchemy
 
 from ndx_pipeline.core import stages
 from ndx_pipeline.core.contract import (
@@ -927,6 +928,24 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:  # stopped by a signal, or gave up waiting for a pool slot: one sentence
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except sqlalchemy.exc.OperationalError as e:
+        if SQLITE_LOCKED not in str(e):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {instance_locked()}", file=sys.stderr)
+        return 1
+
+
+SQLITE_LOCKED = "database is locked"
+
+
+def instance_locked() -> str:
+    """Why a command could not read or write a sqlite instance that another process keeps locked, in one sentence."""
+    home = os.environ.get("DAGSTER_HOME", "$DAGSTER_HOME")
+    return (f"the Dagster instance's sqlite files under {home} stayed locked: another process (a run stopped with "
+            "Ctrl-Z, a stuck `dagster dev`) is in the middle of writing them; resume or end it and run the command "
+            "again (many runs at once: put the instance on Postgres, README \"Several machines\").")
 
 
 if __name__ == "__main__":

@@ -7,17 +7,19 @@ instance (sqlite, the template the CLI writes), the bundled model as subject and
    `simulations`; the third run finishes. No answer received before a kill is asked again: with the model served by
    llama-cpp-python (through a counting proxy), the server's log of answered requests holds no request twice; with
    the model in process, no LLM cache entry made before a kill is computed (written) again.
-2. `test_a_run_blocked_by_a_live_runs_slot`: a live run, stopped (SIGSTOP) inside `explanations`, holds the `llm`
-   slot. Another run with `--wait 0` fails at once with the waiting sentence naming it; one without `--wait` says it
-   waits every 10 s while using next to no CPU, and SIGTERM cancels it with its slots freed; one more waits until the
-   holder is killed, then goes on and finishes.
+2. `test_a_run_blocked_by_a_live_runs_slot`: a live run, stopped (SIGSTOP, between two writes to the instance's
+   sqlite files) inside `explanations` or `simulations`, holds the `llm` slot. Another run with `--wait 0` fails at
+   once with the waiting sentence naming it; one without `--wait` says it waits every 10 s while using next to no CPU,
+   and SIGTERM cancels it with its slots freed; one more waits until the holder is killed, then goes on and finishes.
 
 3. `test_dagster_dev_frees_the_slot_of_a_run_whose_process_was_killed` (marked ui): the same kill under `dagster
    dev`, where the run carries no process tags: the code server marks it FAILURE and the daemon's run monitoring
    (the shipped instance settings) frees its slot.
 
 Marked slow (the server case also llm_server); a few minutes each on two cores. Beside them, in seconds:
-`test_only_a_run_whose_process_is_gone_is_released` (a real run holding the `llm` slot in another process).
+`test_only_a_run_whose_process_is_gone_is_released` (a real run holding the `llm` slot in another process) and
+`test_an_instance_locked_by_another_process_is_one_sentence` (another process holds the instance's write lock:
+`ndx-pipeline run` says so in one sentence).
 """
 
 from __future__ import annotations
@@ -156,6 +158,38 @@ class Cli:
 
             return self.wait_for(started, f"in {step}")
 
+    def stop_holding(self, run_id: str, pool: str, timeout: float = 120) -> str:
+        """SIGSTOP this process at a moment its run `run_id` holds a slot of `pool` (its steps are quick: it may be
+        between two of them) and it holds no write lock on the instance's files; the step holding the slot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stop_between_writes(self.pid)
+            with dg.DagsterInstance.from_config(str(self.home)) as instance:
+                info = instance.event_log_storage.get_concurrency_info(pool)
+            steps = [slot.step_key for slot in info.claimed_slots if slot.run_id == run_id]
+            if steps:
+                return steps[0]
+            os.kill(self.pid, signal.SIGCONT)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.variant} ended without being caught holding a slot of {pool}:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"{self.variant}: not caught holding a slot of {pool} within {timeout} s")
+
+
+def stop_between_writes(pid: int, tries: int = 600) -> None:
+    """SIGSTOP `pid` at a moment it holds no write lock (/proc/locks): stopped inside a commit to the instance's
+    sqlite files, it would keep every other process from them (their reads give "database is locked" after 30 s)."""
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        held = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+        if not any(len(f) > 4 and f[3] == "WRITE" and f[4] == str(pid) for f in held):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} held a write lock at each of {tries} tries")
+
 
 def status(home: Path, run_id: str) -> tuple[dg.DagsterRunStatus, dict]:
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -258,6 +292,31 @@ def test_only_a_run_whose_process_is_gone_is_released(tmp_path):
         proc.wait(30)
 
 
+def test_an_instance_locked_by_another_process_is_one_sentence(tmp_path):
+    """Another process holds the write lock of the instance's runs table (as a run stopped with Ctrl-Z inside a
+    commit would): `ndx-pipeline run` cannot record its run and says so in one sentence, no trace, exit 1."""
+    import sqlite3
+
+    home = new_home(tmp_path, [])
+    writer = sqlite3.connect(home / "history" / "runs.db")
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NDX_")}
+        env.update(DAGSTER_HOME=str(home), HF_HUB_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        done = subprocess.run([sys.executable, "-m", "ndx_pipeline.cli", "run", "--layers", "0", "--neurons", "5",
+                               "--controls", "none", "--baselines", "none", "--scorers", "none"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        writer.rollback()
+        writer.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (f"error: the Dagster instance's sqlite files under {home} stayed locked: another process "
+                           "(a run stopped with Ctrl-Z, a stuck `dagster dev`) is in the middle of writing them; "
+                           "resume or end it and run the command again (many runs at once: put the instance on "
+                           "Postgres, README \"Several machines\").\n")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("server", marks=pytest.mark.llm_server)])
 def test_killed_inside_explanations_then_inside_simulations(backend, tmp_path, corpus, request):
@@ -354,14 +413,14 @@ def test_a_run_blocked_by_a_live_runs_slot(tmp_path, corpus):
     others: list[Cli] = []
     try:
         held = holder.in_step("explanations")
-        os.kill(holder.pid, signal.SIGSTOP)  # alive, holding the llm slot, doing nothing
-        holds = f"pool `llm` (limit 1): run {held[:8]} holds it (explanations; for "
+        step = holder.stop_holding(held, "llm")  # alive, holding the llm slot, doing nothing
+        holds = f"pool `llm` (limit 1): run {held[:8]} holds it ({step}; for "
         alive = f"process {holder.pid} on this host, alive)"
 
         # --wait 0: fails at once, saying who holds the slot
         at_once = Cli(home, corpus, "at-once", "--wait", "0")
         others.append(at_once)
-        assert at_once.finish() == 1
+        assert at_once.finish() == 1, at_once.output()[-4000:]
         out = at_once.output()
         mine = at_once.run_id()
         assert re.search(rf"error: explanations of run {mine[:8]} waited 0 s for a slot \(--wait 0\) and gave up: "
