@@ -179,12 +179,13 @@ class Cli:
 
 
 def stop_between_writes(pid: int, tries: int = 600) -> None:
-    """SIGSTOP `pid` at a moment it holds no write lock (/proc/locks): stopped inside a commit to the instance's
-    sqlite files, it would keep every other process from them (their reads give "database is locked" after 30 s)."""
+    """SIGSTOP `pid` at a moment it holds no POSIX write lock (/proc/locks; sqlite's, not the steps' flocks):
+    stopped inside a commit to the instance's sqlite files, it would keep every other process from them (their reads
+    give "database is locked" after 30 s)."""
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
         held = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
-        if not any(len(f) > 4 and f[3] == "WRITE" and f[4] == str(pid) for f in held):
+        if not any(len(f) > 4 and f[1:4] == ["POSIX", "ADVISORY", "WRITE"] and f[4] == str(pid) for f in held):
             return
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.02)
