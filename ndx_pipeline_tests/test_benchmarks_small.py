@@ -52,6 +52,19 @@ def test_llm_stages_benchmark_small():
     assert found["max_abs_dp"] < 1e-3  # batched and one at a time in float32: the same probabilities
 
 
+def test_llm_stages_cpu_class_benchmark_small():
+    """One CPU class (AMX off) in its own process: its limit reached it, both precisions were timed, auto's
+    calibration ran there, and the default run is projected."""
+    out, found = run("llm_stages.py", "--isa", "avx512_bf16", "--neurons", "1", "--profile")
+    assert found["limits"] == {"avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
+    rates = found["sim_per_s"]["avx512_bf16"]
+    assert set(rates) == {"float32", "bfloat16"} and all(finite(r) and r > 0 for r in rates.values())
+    assert found["auto_dtype"]["avx512_bf16"] in rates and finite(found["default_run_s"]["avx512_bf16"])
+    profile = found["profile"]["avx512_bf16"]["float32"]
+    assert abs(profile["matmul"] + profile["attention"] + profile["other"] - 1) < 0.01 and profile["matmul"] > 0
+    assert "avx512_bf16  " in out
+
+
 def test_prompts_benchmark_small():
     _, found = run("prompts.py", "--layers", "0", "--neurons", "1", "--pool", "2", "--samples", "1")
     assert found and all(isinstance(k, str) for k in found)

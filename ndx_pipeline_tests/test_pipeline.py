@@ -197,6 +197,14 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     assert "mean_baseline_lookup" in meta and "beats_lookup" in meta
     assert "SmolLM2-135M" in meta["note"].value and "capable model" in meta["note"].value
     assert not [p for p in leftovers(storage) if p.endswith(".tmp")]
+    # `dtype: auto`: the precision measured faster on this machine, with both timings, in metadata and in the log
+    for asset in ("explanations", "simulations"):
+        llm_meta = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+        timings = {d: llm_meta[f"llm_dtype_calibration_s_{d}"].value for d in ("bfloat16", "float32")}
+        assert llm_meta["llm_dtype_chosen_by"].value == "measurement" and all(t > 0 for t in timings.values())
+        assert llm_meta["llm_dtype"].value == min(timings, key=timings.get)
+    said = [e.user_message for e in instance.all_logs(result.run_id) if "precision auto → " in e.user_message]
+    assert said and said[0].startswith(f"precision auto → {llm_meta['llm_dtype'].value} for bundled:SmolLM2-135M")
 
     check_scorers(storage, frames, expl, base_expl)
 

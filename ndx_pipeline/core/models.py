@@ -42,15 +42,11 @@ def torch_dtype(name: str, setting: str = "dtype"):
 
 
 def llm_dtype(name: str, setting: str = "dtype") -> str:
-    """The precision an in-process LLM computes in (`auto`: bfloat16 where this machine's CPU multiplies bfloat16
-    natively, i.e. has AVX512-BF16 (AMX-BF16 CPUs have it too), else float32)."""
+    """`name` checked as an in-process LLM's precision setting: one of DTYPES, or `auto` (the faster on this machine,
+    as measured: core/llm/precision.py)."""
     if name != AUTO_DTYPE:
         torch_dtype(name, setting)
-        return name
-    import torch
-
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a private helper: may go away
-    return "bfloat16" if native() else "float32"
+    return name
 
 
 def is_bundled(model_name: str | None) -> bool:

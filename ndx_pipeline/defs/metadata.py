@@ -98,10 +98,12 @@ def finite_mean(values: pl.Series) -> float:
 
 def llm_accounting(backend, before: dict, started: float) -> dict:
     """One partition's LLM work on a backend shared by the run: requests, cache hits, tokens, failures, wall time;
-    and the precision an in-process model computed in."""
+    and the precision an in-process model computed in (with `auto`: the calibration's timings too)."""
     delta = LLMStats.difference(backend.stats.snapshot(), before)
+    dtype = backend.dtype  # (an in-process model with `dtype: auto` has chosen by now: `precision` says how)
     return {
-        **({"llm_dtype": backend.dtype} if backend.dtype else {}),
+        **({"llm_dtype": dtype} if dtype else {}),
+        **(backend.precision.metadata() if backend.precision else {}),
         "llm_requests": int(delta["requests"]), "llm_calls": int(delta["calls"]),
         "llm_retries": int(delta["retries"]), "llm_cache_hits": int(delta["cache_hits"]),
         "llm_failures": int(delta["failures"]), "prompt_tokens": int(delta["prompt_tokens"]),

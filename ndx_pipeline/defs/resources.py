@@ -207,9 +207,12 @@ class LLMResource(dg.ConfigurableResource):
                        deadline_s=self.deadline_s, max_attempts=self.max_attempts,
                        context_tokens=self.context_tokens, dtype=self.dtype, ten_probe=self.ten_probe)
 
-    def build(self, storage: StorageResource | None = None, stats=None) -> LLMBackend:
-        """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage)."""
-        return build_backend(self.spec(), llm_cache_dir(storage.path()) if storage else None, stats)
+    def build(self, storage: StorageResource | None = None, stats=None, log=None) -> LLMBackend:
+        """The backend, answering through the LLM cache beside `storage`'s data (no cache without storage); what it
+        decides by itself (an in-process model's `dtype: auto`) goes to `log` (the step's log)."""
+        backend = build_backend(self.spec(), llm_cache_dir(storage.path()) if storage else None, stats)
+        backend.log = log
+        return backend
 
 
 class EmbeddingResource(dg.ConfigurableResource):
@@ -232,8 +235,9 @@ class EmbeddingResource(dg.ConfigurableResource):
     deadline_s: float = 600.0
     max_attempts: int = 8
 
-    def build(self, storage: StorageResource | None = None, stats=None):
-        """The embedder, caching beside `storage`'s data (no cache without storage)."""
+    def build(self, storage: StorageResource | None = None, stats=None, log=None):
+        """The embedder, caching beside `storage`'s data (no cache without storage); `log` as for the LLMs (unused:
+        an embedder decides nothing by itself)."""
         spec = EmbeddingSpec(backend=self.backend, model=self.model, base_url=self.base_url,
                              api_key_env=self.api_key_env, max_concurrency=self.max_concurrency,
                              timeout_s=self.timeout_s, deadline_s=self.deadline_s, max_attempts=self.max_attempts)

@@ -196,6 +196,8 @@ class LLMBackend(ABC):
     max_concurrency: int = 1
     context_tokens: int | None = None  # the context window when set explicitly; None: ask the model or server
     dtype: str | None = None  # the precision an in-process model computes in; None: a server's own affair
+    precision = None  # an in-process model's `dtype: auto`: the measured choice (precision.PrecisionChoice)
+    log: Callable[[str], None] | None = None  # where the backend says what it decided by itself (the run's log)
 
     def sent_prompt(self, messages: list[dict], assistant_prefix: str) -> dict:
         """The chat request as this backend sends it (what `chat` puts before the model): the hash of this is

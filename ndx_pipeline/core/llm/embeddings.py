@@ -106,6 +106,8 @@ class Embedder(ABC):
     model_name: str
     origin: Any = None  # the server's identity in cache keys (None in-process)
     dtype: str | None = None  # no precision to choose (a local embedder computes in float32), as for LLM servers
+    precision = None
+    log = None  # (an embedder decides nothing by itself worth a line of the run's log)
 
     @property
     @abstractmethod

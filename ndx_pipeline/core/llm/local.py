@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from ndx_pipeline.core.llm.backend import VALUES, Completion, LLMBackend, Prompt
 from ndx_pipeline.core.llm.batching import Batcher
 from ndx_pipeline.core.llm.cache import LLMCache, LLMStats, cached_call
 from ndx_pipeline.core.llm.errors import LLMStopped
+from ndx_pipeline.core.llm.precision import choose_precision
 from ndx_pipeline.core.llm.sent_prompts import LOCAL_KIND, MODEL_FILES_LOCK, chat_prompt_text, load_tokenizer
 from ndx_pipeline.core.models import (
     AUTO_DTYPE,
@@ -51,6 +53,18 @@ BATCH_SIZE = 8  # requests computed together (measured on 2 CPU cores: benchmark
 HEADS_KEPT = 4  # simulation prompt heads whose keys and values are kept for the next batch
 MIN_SHARED_HEAD = 16  # tokens a head must share with the first one for its keys and values to be reused
 TRIM_EVERY_SIMULATION_BATCHES = 4  # the heap is trimmed after every explanation batch and every 4th simulation one
+# `dtype: auto`'s calibration (LocalTransformersBackend.calibration_seconds): what a default run asks of the LLM
+# (README: 1728 simulated excerpts, 96 explanations), its answers' length, and the text its token ids come from
+DEFAULT_RUN_SIMULATED_EXCERPTS = 1728
+DEFAULT_RUN_EXPLANATIONS = 96
+CALIBRATION_ROWS = 4
+CALIBRATION_ANSWER_TOKENS = 12
+CALIBRATION_TEXT = (
+    "A neuron of a language model is explained by a sentence that says which tokens make it fire, and that sentence "
+    "is judged by how well another model, reading only the sentence, predicts the neuron's activations on excerpts "
+    "of text it has not seen. Each excerpt is shown as its tokens, one per line, with a number from 0 to 10 after "
+    "each: the activation scaled so that the neuron's largest activation is 10. "
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +104,9 @@ class LocalTransformersBackend(LLMBackend):
     With a cache, every answer is stored under the content address of its request (and the precision), so a rerun
     (or a run resumed after a crash) recomputes nothing it has already answered.
 
-    dtype: the precision it computes in. `auto` (the default) is bfloat16 on a CPU that multiplies bfloat16
-    natively (AVX512-BF16, AMX), else float32. float32 is the exact path: batched answers equal the one-at-a-time
+    dtype: the precision it computes in. `auto` (the default) is whichever of bfloat16 and float32 computes a small
+    share of the pipeline's work faster on this machine, measured once per machine and model (`dtype`,
+    core/llm/precision.py). float32 is the exact path: batched answers equal the one-at-a-time
     ones within float32 rounding. In bfloat16 the rounding of a padded batch depends on what else is in it, so an
     excerpt's value probabilities can move by a few hundredths with the batch's composition, and a sampled
     explanation can change its wording (see benchmarks/llm_stages.py for the measured differences).
@@ -105,7 +120,9 @@ class LocalTransformersBackend(LLMBackend):
         source = resolve_model(model_name)
         self.model_name = source.name
         self.identity = model_identity(source)  # the weights' files: part of every cache key
-        self.dtype = llm_dtype(dtype)
+        self.dtype_setting = llm_dtype(dtype)
+        self.precision = None  # with `auto`: what the calibration chose (resolved on first use, see `dtype`)
+        self._precision_lock = threading.Lock()
         self.cache = LLMCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = stats if stats is not None else LLMStats()
         self.context_tokens = int(context_tokens) if context_tokens else None
@@ -114,6 +131,49 @@ class LocalTransformersBackend(LLMBackend):
         self._simulations = Batcher(self._simulation_batch, self.max_concurrency)
         self._heads: OrderedDict = OrderedDict()  # head ids → their keys and values (most recent last)
         self._first_head = None  # (ids, keys and values) of the first simulation head, whose start every head shares
+
+    @property
+    def dtype(self) -> str:
+        """The precision the model computes in: the setting, or with `auto` the faster one on this machine as
+        measured once per machine and model (core/llm/precision.py), said once in the backend's log."""
+        if self.dtype_setting != AUTO_DTYPE:
+            return self.dtype_setting
+        with self._precision_lock:
+            if self.precision is None:
+                self.precision = choose_precision(self.model_name, self.calibration_seconds, self.log,
+                                                  identity=str(self.identity) if self.identity else None)
+                if self.precision.just_measured:
+                    _causal_lm.cache_clear()  # the copy in the other precision: the chosen one loads again on use
+                if self.log:
+                    self.log(self.precision.line(self.model_name))
+        return self.precision.dtype
+
+    def calibration_seconds(self, dtype: str) -> float:
+        """Seconds this model takes in `dtype` for a small share of the pipeline's LLM work, shaped as the pipeline
+        shapes it: a batch of simulated excerpts after a shared head (every fifth token a slot) and a batch of
+        explanations (a shared prompt head, each request's own part, a few tokens sampled together), the two
+        weighted as a default run has them (DEFAULT_RUN_*). Timed on a second pass: the first makes the kernels for
+        these shapes."""
+        probe = LocalTransformersBackend(self.model_name, dtype=dtype)
+        _, tok = probe._lm()
+        text = tok.encode(CALIBRATION_TEXT, add_special_tokens=False)
+        ids = (text * (1 + 1000 // max(1, len(text))))[:1000]
+        rows = CALIBRATION_ROWS
+        head, rest = tuple(ids[:240]), tuple(ids[240:400])
+        simulations = [_SimulationRequest(head, rest, tuple(range(4, len(rest), 5)))] * rows
+        chats = [_ChatRequest(tuple(ids[:300] + ids[300 + 13 * i: 500 + 13 * i]), CALIBRATION_ANSWER_TOKENS, 1.0, i)
+                 for i in range(rows)]
+
+        def work() -> tuple[float, float]:
+            started = time.perf_counter()
+            probe._values_after_head(head, simulations)
+            middle = time.perf_counter()
+            probe._generate(chats, CALIBRATION_ANSWER_TOKENS, 1.0)
+            return middle - started, time.perf_counter() - middle
+
+        work()
+        simulation_s, explanation_s = work()
+        return (simulation_s * DEFAULT_RUN_SIMULATED_EXCERPTS + explanation_s * DEFAULT_RUN_EXPLANATIONS) / rows
 
     def _cached(self, endpoint: str, request: dict, compute: Callable[[], dict]) -> dict:
         def timed() -> dict:
@@ -315,8 +375,16 @@ class LocalTransformersBackend(LLMBackend):
         return np.asarray(out["probabilities"], dtype=np.float64).reshape(len(prompt.slots), len(VALUES))
 
     def _value_probabilities(self, prompt: SimulationPrompt) -> dict:
-        """The prompt split into its head (the first segment: instructions, examples, explanation — shared by the
-        explanation's excerpts) and its excerpt lines, computed in a batch with whatever else waits."""
+        """The prompt split into its head and its excerpt lines, computed in a batch with whatever else waits."""
+        request, tokens = self.simulation_request(prompt)
+        self._check_length(tokens, 0, "simulation prompt of this excerpt")
+        probabilities = self._simulations.submit(request)
+        return {"probabilities": probabilities.tolist(), "prompt_tokens": tokens}
+
+    def simulation_request(self, prompt: SimulationPrompt) -> tuple[_SimulationRequest, int]:
+        """The prompt as the batched simulator computes it: its head (the first segment: instructions, examples,
+        explanation — shared by the explanation's excerpts), its excerpt lines and the slots in them; and the
+        tokens the model reads (with the extra "1" per slot when "10" is two tokens)."""
         _, tok = self._lm()
         _, ten_id = self.value_token_ids()
         head, _ = special_token_wrap(tok)
@@ -327,9 +395,7 @@ class LocalTransformersBackend(LLMBackend):
             ends.append(len(rest) - 1)
         slots = [ends[i - 1] for i in prompt.slots]  # slots after the head: segment i ends at rest[ends[i - 1]]
         extra = len(slots) if ten_id is None else 0
-        self._check_length(len(head) + len(rest) + extra, 0, "simulation prompt of this excerpt")
-        probabilities = self._simulations.submit(_SimulationRequest(tuple(head), tuple(rest), tuple(slots)))
-        return {"probabilities": probabilities.tolist(), "prompt_tokens": len(head) + len(rest) + extra}
+        return _SimulationRequest(tuple(head), tuple(rest), tuple(slots)), len(head) + len(rest) + extra
 
     # The plain paths: one request alone, no shared prefix, no batch (`model.generate`; one forward pass over the
     # whole simulation prompt). The batched paths are checked against them (tests, benchmarks/llm_stages.py).

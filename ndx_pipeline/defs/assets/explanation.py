@@ -83,8 +83,8 @@ def explanations(context: dg.AssetExecutionContext, explainer_llm: LLMResource, 
     controls = list(CONTROL_BASELINES) if planted else []
     with bad_input_fails_the_run():
         k = quality.checked().explanation_candidates
-        backend = explainer_llm.build(storage)
-        chooser = simulator_llm.build(storage) if k > 1 else None
+        backend = explainer_llm.build(storage, log=context.log.info)
+        chooser = simulator_llm.build(storage, log=context.log.info) if k > 1 else None
     out = Outputs(context, storage.path(), variant)
     try:
         # every layer of the run in one wave: one set of requests in flight under the explainer's limit

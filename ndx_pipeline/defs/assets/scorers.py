@@ -117,7 +117,7 @@ def scorer_step(name: str, backend: str, pool: str | None, judgements_text: str,
         if on:
             resource = settings(backend, getattr(context.resources, backend))
             with bad_input_fails_the_run():
-                judge = resource.build(storage)
+                judge = resource.build(storage, log=context.log.info)
             scorer = make_scorer(name, q.scorer_batch, getattr(resource, "seed", 0))
             every = {asset: pl.concat(list(frames.values())) for asset, frames in found.items()}
             try:

@@ -57,7 +57,7 @@ def simulations(context: dg.AssetExecutionContext, simulator_llm: LLMResource, s
     settings = VariantSettings(storage.path(), variant)
     simulator_llm = settings("simulator_llm", simulator_llm)
     with bad_input_fails_the_run():
-        backend = simulator_llm.build(storage)
+        backend = simulator_llm.build(storage, log=context.log.info)
     out = Outputs(context, storage.path(), variant)
     try:
         def every_layer(asset: str) -> pl.DataFrame:
