@@ -161,21 +161,16 @@ class Cli:
     def stop_holding(self, run_id: str, pool: str, timeout: float = 120) -> str:
         """SIGSTOP this process at a moment its run `run_id` holds a slot of `pool` (its steps are quick: it may be
         between two of them) and it holds no write lock on the instance's files; the step holding the slot."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def holding():
             stop_between_writes(self.pid)
             with dg.DagsterInstance.from_config(str(self.home)) as instance:
                 info = instance.event_log_storage.get_concurrency_info(pool)
             steps = [slot.step_key for slot in info.claimed_slots if slot.run_id == run_id]
-            if steps:
-                return steps[0]
-            os.kill(self.pid, signal.SIGCONT)
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.variant} ended without being caught holding a slot of {pool}:\n"
-                                     f"{self.output()[-4000:]}")
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"{self.variant}: not caught holding a slot of {pool} within {timeout} s")
+            if not steps:
+                os.kill(self.pid, signal.SIGCONT)
+            return steps[0] if steps else None
+
+        return self.wait_for(holding, f"caught holding a slot of {pool}", timeout)
 
 
 def stop_between_writes(pid: int, tries: int = 600) -> None:
