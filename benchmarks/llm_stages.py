@@ -27,8 +27,8 @@ laptop-class CPU (AVX2 kernels everywhere; bfloat16 falls back to torch's own ke
 at least its instructions. In each: the batched explanations and simulations in bfloat16 and in float32 (rates),
 what `dtype: auto`'s calibration picks there (measured afresh, its cache file in a temporary folder), and the
 projected default run: DEFAULT_RUN_OTHER_S (the run's stages without an LLM) plus the default run's explanations and
-simulated excerpts (controls included) at the class's rates in the precision auto picks. It prints one row per class
-and precision, and as its LAST line {"default_run_s": {class: s}, "sim_per_s": {class: {precision: rate}},
+simulated excerpts (the planted control's included) at the class's rates in the precision auto picks. It prints one
+row per class and precision, and as its LAST line {"default_run_s": {class: s}, "sim_per_s": {class: {precision: rate}},
 "explain_per_s": {…}, "auto_dtype": {class: precision}, …}.
 
     .venv/bin/python benchmarks/llm_stages.py --isa all --neurons 3
@@ -54,7 +54,11 @@ import polars as pl  # noqa: E402
 
 from ndx_pipeline.core import stages  # noqa: E402
 from ndx_pipeline.core.contract import CALIBRATION, EXPLAIN, SCORED_SPLITS  # noqa: E402
-from ndx_pipeline.core.llm.local import LocalTransformersBackend  # noqa: E402
+from ndx_pipeline.core.llm.local import (  # noqa: E402
+    DEFAULT_RUN_EXPLANATIONS,
+    DEFAULT_RUN_SIMULATED_EXCERPTS,
+    LocalTransformersBackend,
+)
 from ndx_pipeline.core.llm.precision import CACHE_ENV, cpu_model  # noqa: E402
 from ndx_pipeline.core.method.explainer import (  # noqa: E402
     LEAD_IN,
@@ -74,11 +78,11 @@ ISA_CLASSES = {
     "avx2_fp32": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 NEEDS = {"amx": "amx_bf16", "avx512_bf16": "avx512_bf16", "avx2_fp32": "avx2"}  # the CPU flag each class needs
-# The default run's LLM work (README, "What you get" and "Controls": 96 explanation requests and 1728 simulated
-# excerpts, plus the planted control's 8 and 288) and its stages without an LLM (corpus, activation records, scorer
-# excerpts, detection, fuzzing, embedding, scores, viewer: 25 s of "Done in 485 s" on the AMX CPU, 2026-12-07).
-DEFAULT_RUN_EXPLANATIONS = 96 + 8
-DEFAULT_RUN_SIMULATED_EXCERPTS = 1728 + 288
+# The default run's LLM work besides the variant's own (DEFAULT_RUN_*, README "What you get"): the planted control's
+# (README "Controls"); and its stages without an LLM (corpus, activation records, scorer excerpts, detection,
+# fuzzing, embedding, scores, viewer: 25 s of "Done in 485 s" on the AMX CPU, 2026-12-07).
+PLANTED_CONTROL_EXPLANATIONS = 8
+PLANTED_CONTROL_SIMULATED_EXCERPTS = 288
 DEFAULT_RUN_OTHER_S = 25.0
 
 
@@ -272,8 +276,8 @@ def simulation_profile(dtype: str, prompts, batch: dict) -> dict:
 
 
 def projected_default_run(explain_per_s: float, sim_per_s: float) -> float:
-    return (DEFAULT_RUN_OTHER_S + DEFAULT_RUN_EXPLANATIONS / explain_per_s
-            + DEFAULT_RUN_SIMULATED_EXCERPTS / sim_per_s)
+    return (DEFAULT_RUN_OTHER_S + (DEFAULT_RUN_EXPLANATIONS + PLANTED_CONTROL_EXPLANATIONS) / explain_per_s
+            + (DEFAULT_RUN_SIMULATED_EXCERPTS + PLANTED_CONTROL_SIMULATED_EXCERPTS) / sim_per_s)
 
 
 def cpu_classes(args) -> None:
