@@ -59,7 +59,7 @@ from ndx_pipeline.core.llm.local import (  # noqa: E402
     DEFAULT_RUN_SIMULATED_EXCERPTS,
     LocalTransformersBackend,
 )
-from ndx_pipeline.core.llm.precision import CACHE_ENV, cpu_model  # noqa: E402
+from ndx_pipeline.core.llm.precision import CACHE_ENV, ISA_LIMITS, cpu_flags, cpu_model  # noqa: E402
 from ndx_pipeline.core.method.explainer import (  # noqa: E402
     LEAD_IN,
     MAX_EXPLANATION_TOKENS,
@@ -219,7 +219,7 @@ def one_class(args) -> None:
     excerpts = excerpts_of(args.neurons, args.seed)
     jobs = explanation_jobs(excerpts, args.seed)
     out = {"class": args.class_child, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "limits": {k: os.environ[k] for k in ISA_CLASSES["avx2_fp32"] if k in os.environ},
+           "limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
            "neurons": len(jobs), "explain_per_s": {}, "sim_per_s": {}}
     prompts = None  # from float32's explanations, the same for both precisions
     for dtype in ("float32", "bfloat16"):
@@ -286,19 +286,13 @@ def cpu_classes(args) -> None:
     unknown = [c for c in wanted if c not in ISA_CLASSES]
     if unknown:
         raise SystemExit(f"--isa: unknown class {', '.join(unknown)} (known: {', '.join(ISA_CLASSES)}, all)")
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flags()
     results = {}
     for name in wanted:
         if flags and NEEDS[name] not in flags:
             log(f"{name}: skipped, this CPU has no {NEEDS[name]}")
             continue
-        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-                                                                 "MKL_ENABLE_INSTRUCTIONS")}
+        env = {k: v for k, v in os.environ.items() if k not in ISA_LIMITS}
         env.update(ISA_CLASSES[name])
         command = [sys.executable, __file__, "--class-child", name, "--neurons", str(args.neurons),
                    "--seed", str(args.seed), *(["--batch", str(args.batch)] if args.batch else []),

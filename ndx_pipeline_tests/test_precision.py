@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from ndx_pipeline.core.llm.precision import CACHE_ENV, CANDIDATES, choose_precision, cpu_model
+from ndx_pipeline.core.llm.precision import CACHE_ENV, CANDIDATES, ISA_LIMITS, choose_precision, cpu_model
 
 
 class Timings:
@@ -25,7 +25,7 @@ class Timings:
 
 
 def test_the_faster_is_chosen_stored_and_read_back(tmp_path, monkeypatch):
-    for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+    for name in ISA_LIMITS:
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "precision.json"
     timings, said = Timings(bfloat16=3.0, float32=1.5), []

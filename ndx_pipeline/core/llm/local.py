@@ -138,6 +138,8 @@ class LocalTransformersBackend(LLMBackend):
         measured once per machine and model (core/llm/precision.py), said once in the backend's log."""
         if self.dtype_setting != AUTO_DTYPE:
             return self.dtype_setting
+        if self.precision is not None:  # (every request asks: no lock once chosen)
+            return self.precision.dtype
         with self._precision_lock:
             if self.precision is None:
                 self.precision = choose_precision(self.model_name, self.calibration_seconds, self.log,

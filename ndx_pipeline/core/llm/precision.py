@@ -53,15 +53,26 @@ class PrecisionChoice:
                 **{f"llm_dtype_calibration_s_{d}": round(s, 3) for d, s in sorted(self.seconds.items())}}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux; else what platform says)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` of /proc/cpuinfo (Linux), None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            if name.strip().lower() == field:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; else what platform says)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as Linux names them (avx2, avx512_bf16, amx_bf16 …); empty elsewhere."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def machine_key() -> dict:
@@ -109,7 +120,8 @@ def choose_precision(model: str, seconds_for: Callable[[str], float], log: Calla
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others wait, then read its result
-        entry = _read(path).get(key)
+        entries = _read(path)
+        entry = entries.get(key)
         if isinstance(entry, dict) and entry.get("dtype") in CANDIDATES:
             return PrecisionChoice(entry["dtype"], {d: float(s) for d, s in entry["seconds"].items()},
                                    entry["measured_on"], machine_text, just_measured=False)
@@ -119,7 +131,6 @@ def choose_precision(model: str, seconds_for: Callable[[str], float], log: Calla
         seconds = {dtype: float(seconds_for(dtype)) for dtype in CANDIDATES}
         chosen = min(CANDIDATES, key=lambda d: seconds[d])
         measured_on = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        entries = _read(path)
         entries[key] = {"dtype": chosen, "seconds": seconds, "measured_on": measured_on, "machine": machine,
                         "model": model, "identity": identity}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
