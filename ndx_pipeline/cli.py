@@ -828,8 +828,9 @@ def parser() -> argparse.ArgumentParser:
                           "before it fails saying which run holds it (default: as long as it takes; 0: fail at "
                           "once). A waiting run says so every 10 s")
     run.add_argument("--llm-dtype", dest="llm_dtype", choices=(AUTO_DTYPE, *DTYPES),
-                     help="precision of the in-process LLMs: auto (bfloat16 on a CPU with native bfloat16, else "
-                          "float32; default), float32 (exact) …")
+                     help="precision of the in-process LLMs: auto (default: whichever of bfloat16 and float32 "
+                          "a short calibration on first load measures faster on this machine, cached per machine "
+                          "and model), float32 (exact), bfloat16, float16")
     lin = sub.add_parser("lineage", help="trace one neuron's score back to its prompt, excerpts and documents")
     lin.add_argument("layer", type=int)
     lin.add_argument("neuron", type=int, help="the unit id: a neuron's index (its negative side: -1 - index, or "

@@ -53,6 +53,40 @@ def test_the_faster_is_chosen_stored_and_read_back(tmp_path, monkeypatch):
     assert len(json.loads(path.read_text())) == 3  # each machine and model kept beside the others
 
 
+def test_a_stopped_calibration_holds_others_only_so_long(tmp_path, monkeypatch):
+    """Another process holds the calibration lock and never lets go (stopped mid-calibration): this one says it
+    waits, waits LOCK_WAIT_S, says it gives up, measures, and stores its result."""
+    import subprocess
+    import sys
+    import time
+
+    from ndx_pipeline.core.llm import precision
+
+    path = tmp_path / "precision.json"
+    lock = path.with_name(path.name + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(precision, "LOCK_WAIT_S", 1.5)
+        timings, said = Timings(bfloat16=1.0, float32=2.0), []
+        started = time.monotonic()
+        chosen = choose_precision("m", timings, said.append, path)
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert chosen.dtype == "bfloat16" and chosen.just_measured and timings.asked == list(CANDIDATES)
+    assert waited >= 1.5
+    assert said == ["precision auto: another process is timing bfloat16 and float32 for m on this machine; waiting "
+                    "for its result (at most 2 s)",
+                    "precision auto: the other process did not finish its timing of m in 2 s (stopped or stuck?): "
+                    "measuring here instead",
+                    "precision auto: timing bfloat16 and float32 on this machine for m (once per machine and model)"]
+    assert json.loads(path.read_text())  # stored for the next run
+
+
 def test_an_unreadable_file_is_measured_again(tmp_path):
     path = tmp_path / "precision.json"
     path.write_text("{not json")

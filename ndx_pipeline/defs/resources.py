@@ -194,7 +194,8 @@ class LLMResource(dg.ConfigurableResource):
                                   "model's own limit, or what the server says (vLLM, llama.cpp), else what it says "
                                   "when it refuses a prompt as too long. The explainer prompt is fitted to it.")
     dtype: str = Field(default=AUTO_DTYPE, description="local backend: the precision the model computes in: auto "
-                                                       "(bfloat16 on a CPU with native bfloat16, else float32), "
+                                                       "(the faster of bfloat16 and float32 on this machine, measured "
+                                                       "once per machine and model and cached), "
                                                        "float32 (exact: batched = one at a time), bfloat16.")
     ten_probe: str = Field(default="auto", description="openai simulator: how the value 10 is read where the server's "
                                                        "tokenizer writes it as 1 then 0: auto (a 0-9 scale there, one "

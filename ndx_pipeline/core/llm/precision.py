@@ -11,7 +11,9 @@ and the one that takes less time is used.
 The choice and both timings are kept in one JSON file (`precision_cache_file`), under a key naming the machine (CPU
 model, the instruction-set limits in the environment, torch's CPU capability and version, threads) and the model's
 weights, so later runs read it instead of measuring. Processes that start together measure one at a time (a lock
-on the file): the second reads what the first measured instead of timing the CPU while it is busy.
+on the file): the second reads what the first measured instead of timing the CPU while it is busy. It waits at most
+LOCK_WAIT_S (a process stopped with Ctrl-Z in the middle of its calibration would otherwise hold every later run),
+then measures for itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CANDIDATES = ("bfloat16", "float32")
+# How long a process waits for another's calibration before it measures for itself: the calibration takes 12-45 s on
+# a 2-core CPU, so a holder still at it after this is stopped or stuck.
+LOCK_WAIT_S = 300.0
 ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 CACHE_ENV = "NDX_PRECISION_CACHE"  # the file; default: $XDG_CACHE_HOME/ndx-pipeline/precision.json
 
@@ -108,6 +113,29 @@ def _read(path: Path) -> dict:
         return {}  # missing or unreadable: measured again and rewritten
 
 
+def _wait_for_lock(lock, model: str, log: Callable[[str], None] | None) -> bool:
+    """Take the calibration lock; True once held. Another process holding it (measuring now) is waited for, saying
+    so, at most LOCK_WAIT_S; then False: this process measures without it (the file is still replaced whole)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    said = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            if log:
+                log(f"precision auto: the other process did not finish its timing of {model} in {LOCK_WAIT_S:.0f} s "
+                    "(stopped or stuck?): measuring here instead")
+            return False
+        if log and not said:
+            log(f"precision auto: another process is timing {' and '.join(CANDIDATES)} for {model} on this "
+                f"machine; waiting for its result (at most {LOCK_WAIT_S:.0f} s)")
+            said = True
+        time.sleep(0.2)
+
+
 def choose_precision(model: str, seconds_for: Callable[[str], float], log: Callable[[str], None] | None = None,
                      path: Path | None = None, identity: str | None = None) -> PrecisionChoice:
     """The faster of CANDIDATES for `model` (its name; `identity`: its weights' files, when known) on this machine:
@@ -119,7 +147,7 @@ def choose_precision(model: str, seconds_for: Callable[[str], float], log: Calla
     machine_text = json.dumps(machine, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others wait, then read its result
+        _wait_for_lock(lock, model, log)  # one process measures; the others wait, then read its result
         entries = _read(path)
         entry = entries.get(key)
         if isinstance(entry, dict) and entry.get("dtype") in CANDIDATES:
