@@ -22,7 +22,7 @@ prints both wall times.
 process group) the worker executing `explanations` right after its first LLM answer is cached (or, when answers
 come in one batch, ~60 % into the step). The step's message
 was not acknowledged (`task_acks_late`), so Redis hands it to the remaining worker once its visibility timeout has
-passed (here ~4× this run's longest step, at least FAULT_VISIBILITY_TIMEOUT_S, in a copy of deploy/celery/celery.yaml
+passed (here ~6× this run's longest step, at least FAULT_VISIBILITY_TIMEOUT_S, in a copy of deploy/celery/celery.yaml
 that changes only the Redis transport's timings); the step runs again there, answers what the killed attempt
 finished from the LLM cache, and the run succeeds: the cache holds exactly one entry per distinct request, no
 temporary file is left, and the files equal the in-process run's layer 0.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,10 +67,13 @@ SUBJECT_WORKER, LLM_WORKER = "ndx-subject", "ndx-llm"
 WORKER_QUEUES = {SUBJECT_WORKER: (GPU_QUEUE, LLM_QUEUE, DEFAULT_QUEUE), LLM_WORKER: (LLM_QUEUE, DEFAULT_QUEUE)}
 WALL_TIME_COLUMNS = ("seconds",)
 LLM_STEPS = (EXPLANATIONS, SIMULATIONS)
-# The least visibility timeout of the fault test (which sets it from the in-process run's longest step): longer than
-# any of its steps, so a live step is never handed out twice; short, so that the lost step comes back quickly.
-# Production: deploy/celery/celery.yaml.
-FAULT_VISIBILITY_TIMEOUT_S = 90
+# The fault test's visibility timeout: FAULT_STEP_MARGIN × the in-process reference's longest step (a step of two
+# layers; the fault run's steps cover one), at least FAULT_VISIBILITY_TIMEOUT_S. Longer than any of its steps by far,
+# so a live step is never handed out twice; short, so that the lost step comes back quickly. Measured on two cores:
+# the reference's longest step ~11 s, the fault run's longest Celery task (the rerun `explanations`) ~7 s, every
+# other task under 4 s; so the timeout is ~33 s, about 5× the longest task. Production: deploy/celery/celery.yaml.
+FAULT_VISIBILITY_TIMEOUT_S = 30
+FAULT_STEP_MARGIN = 3
 FAULT_LAYERS = (0,)
 # The events of a step's execution; the launcher itself only writes ENGINE_EVENTs with a step key ("Submitting
 # celery task for step …").
@@ -411,6 +415,14 @@ def step_seconds(records) -> dict[str, float]:
     return out
 
 
+def longest_task_seconds(cluster: Cluster) -> float:
+    """The longest Celery task any worker finished (its log's "Task … succeeded in N s" lines): what the visibility
+    timeout must exceed."""
+    found = [float(m.group(1)) for w in cluster.workers.values()
+             for m in re.finditer(r"\] Task \S+ succeeded in ([\d.]+)s", _tail(w.log, 10_000_000))]
+    return max(found, default=0.0)
+
+
 def cache_entries(storage: Path) -> set[str]:
     return {p.name for p in llm_cache_dir(storage).glob("??/*.json")}
 
@@ -571,11 +583,12 @@ def test_worker_killed_mid_llm_step_run_finishes_on_the_other(cluster_factory, r
     import yaml
 
     # deploy/celery/celery.yaml with only the Redis transport's timings shortened to this run's scale: one layer,
-    # so each step takes about half of the reference's two-layer step; the visibility timeout is twice the
-    # reference's longest step (about four times this run's, never under FAULT_VISIBILITY_TIMEOUT_S), so no live
+    # so each step takes about half of the reference's two-layer step; the visibility timeout is three times the
+    # reference's longest step (about six times this run's, never under FAULT_VISIBILITY_TIMEOUT_S), so no live
     # step is handed out twice even when the machine is busy with other work.
     layers = FAULT_LAYERS
-    visibility_timeout = max(FAULT_VISIBILITY_TIMEOUT_S, math.ceil(2 * max(reference["step_seconds"].values())))
+    visibility_timeout = max(FAULT_VISIBILITY_TIMEOUT_S,
+                             math.ceil(FAULT_STEP_MARGIN * max(reference["step_seconds"].values())))
     settings = yaml.safe_load(CELERY_YAML.read_text())
     source = settings["execution"]["config"]["config_source"]
     assert source["task_acks_late"] is True and source["worker_prefetch_multiplier"] == 1
@@ -662,5 +675,5 @@ def test_worker_killed_mid_llm_step_run_finishes_on_the_other(cluster_factory, r
     print(f"\n[celery fault] layer {list(layers)}: killed {victim.name} during explanations after "
           f"{len(finished_before_kill)} of {explainer_answers} explainer answers; {survivor.name} took the step "
           f"{starts[1][1] - killed_at:.1f} s later (visibility timeout {visibility_timeout} s, "
-          f"{starts[1][1] - starts[0][1]:.1f} s after the first attempt started) and the run succeeded; "
-          f"run wall time {wall:.1f} s", flush=True)
+          f"{starts[1][1] - starts[0][1]:.1f} s after the first attempt started; longest Celery task "
+          f"{longest_task_seconds(cluster):.1f} s) and the run succeeded; run wall time {wall:.1f} s", flush=True)

@@ -10,7 +10,8 @@ instance (sqlite, the template the CLI writes), the bundled model as subject and
 2. `test_a_run_blocked_by_a_live_runs_slot`: a live run, stopped (SIGSTOP, between two writes to the instance's
    sqlite files) inside `explanations` or `simulations`, holds the `llm` slot. Another run with `--wait 0` fails at
    once with the waiting sentence naming it; one without `--wait` says it waits every 10 s while using next to no CPU,
-   and SIGTERM cancels it with its slots freed; one more waits until the holder is killed, then goes on and finishes.
+   and SIGTERM cancels it with its slots freed; one more, started beside it, waits until the holder is killed, then
+   goes on and finishes.
 
 3. `test_dagster_dev_frees_the_slot_of_a_run_whose_process_was_killed` (marked ui): the same kill under `dagster
    dev`, where the run carries no process tags: the code server marks it FAILURE and the daemon's run monitoring
@@ -423,16 +424,19 @@ def test_a_run_blocked_by_a_live_runs_slot(tmp_path, corpus):
                          rf"{re.escape(holds)}[^;]*; {re.escape(alive)}", out), out[-3000:]
         assert status(home, mine)[0] == dg.DagsterRunStatus.FAILURE and pools_listing(home, mine) == []
 
-        # no --wait: a line every 10 s, asleep in between; SIGTERM cancels it and frees its place
+        # no --wait: a line every 10 s, asleep in between; SIGTERM cancels it and frees its place. The run that
+        # waits for the holder's death (`after`, below) starts with it, so that its start-up overlaps this one's wait
+        # (not with `at-once`'s: started beside it, a --wait 0 run could find the subject-model slot taken).
         patient = Cli(home, corpus, "patient")
-        others.append(patient)
+        after = Cli(home, corpus, "after")
+        others += [patient, after]
 
         def lines():
             return re.findall(r"explanations: waiting (\d+) s for a slot of " + re.escape(holds), patient.output())
 
         patient.wait_for(lambda: len(lines()) >= 1, "waiting")
         cpu, wall = sum(psutil.Process(patient.pid).cpu_times()[:2]), time.monotonic()
-        patient.wait_for(lambda: len(lines()) >= 3, "waiting for 20 s", timeout=120)
+        patient.wait_for(lambda: len(lines()) >= 2, "waiting for 10 s", timeout=120)
         busy = (sum(psutil.Process(patient.pid).cpu_times()[:2]) - cpu) / (time.monotonic() - wall)
         assert busy < 0.2, f"a waiting run used {busy:.0%} of a core"
         waited = [int(x) for x in lines()]
@@ -448,8 +452,6 @@ def test_a_run_blocked_by_a_live_runs_slot(tmp_path, corpus):
         assert status(home, waiting)[0] == dg.DagsterRunStatus.CANCELED and pools_listing(home, waiting) == []
 
         # the holder is killed while a run waits for its slot: the waiting run releases it and goes on
-        after = Cli(home, corpus, "after")
-        others.append(after)
         after.wait_for(lambda: "explanations: waiting" in after.output(), "waiting")
         holder.kill()
         assert after.finish() == 0, after.output()[-4000:]

@@ -304,6 +304,8 @@ def _staleness(dev: DagsterDev, partition: str) -> dict[str, dict]:
 
 
 def _small_run_config(storage: Path, corpus: Path) -> dict:
+    """Two neurons a layer, few excerpts, short explanations; of the baselines the lookup and the random one (the
+    random one is simulated, so `baseline_simulations` holds rows the simulator wrote); no calibration excerpts."""
     return {
         "execution": {"config": {"in_process": {}}},
         "resources": {
@@ -312,6 +314,8 @@ def _small_run_config(storage: Path, corpus: Path) -> dict:
             "subject_model": {"config": {"window_tokens": 16}},
             "selection": {"config": {"neurons": [5, 9], "explain_excerpts": 2, "score_top_excerpts": 1,
                                      "score_random_excerpts": 1}},
+            "quality": {"config": {"baselines": ["lookup", "random"], "calibration_top_excerpts": 0,
+                                   "calibration_random_excerpts": 0}},
             "explainer_llm": {"config": {"max_tokens": 16}},
         },
     }
