@@ -615,13 +615,14 @@ def test_cache_rerun_makes_zero_requests(echo_run, cache_root):
 
 
 # Issue 36: what one simulated excerpt costs where the server writes "10" as "1" then "0" (SmolLM2 does), counted
-# from the server's own log
-SPLIT_EXCERPTS = (SIM_TOKENS, ["When", " the", " loop", " ends", ",", " return", " the", " value", "."],
-                  ["if", " x", ":", "\n", "   ", " return", " None"])
-# |Δ expected value| (0–10 scale) on SPLIT_EXCERPTS, (max, mean) bounds; measured 2026-12-07 (README, issue 36):
-# the server against the in-process float32 model on the same prompt (the Q4_1 weights, 100 candidates per position):
-# per_slot max 0.31, mean 0.08; auto (0–9) max 0.39, mean 0.09. The server's 0–9 answers against the in-process 0–10
-# ones: max 1.14, mean 0.67 (the scale's part)
+# from the server's own log. Two excerpts (prose, code): each costs an echo per mode, ~9 s here; two already tell
+# "one request per excerpt plus one probe" (3) from "two per excerpt" (4).
+SPLIT_EXCERPTS = (SIM_TOKENS, ["if", " x", ":", "\n", "   ", " return", " None"])
+# |Δ expected value| (0–10 scale) on SPLIT_EXCERPTS, (max, mean) bounds; measured 2026-12-07 (README, issue 36) on
+# these and a third excerpt: the server against the in-process float32 model on the same prompt (the Q4_1 weights,
+# 100 candidates per position): per_slot max 0.31, mean 0.08; auto (0–9) max 0.39, mean 0.09. The server's 0–9
+# answers against the in-process 0–10 ones: max 1.14, mean 0.67 (the scale's part). On these two alone: per_slot
+# 0.31, 0.09; auto 0.39, 0.10; 0–9 against 0–10 1.14, 0.69.
 SAME_PROMPT_BOUND = (0.6, 0.2)
 SCALE_9_BOUND = (1.6, 1.0)
 
@@ -899,27 +900,34 @@ def test_kill9_midway_then_rerun_calls_only_for_the_rest(fault_proxy, cache_root
 @pytest.mark.llm_server
 def test_answer_without_logprobs_is_not_cached_and_each_server_has_its_own_entries(fault_proxy, llama_server,
                                                                                     cache_root):
+    """One echo reaches the server (~9 s there); the proxy serves the answers the test only needs to be sent: an
+    HTTP 200 without logprobs, and the server's own answer again at another address."""
     cache = cache_root / "poison"
     prompt = simulation_prompt(SIM_EXPLANATION, ["The", " cat"])
     backend = _backend(fault_proxy.base_url, cache)
 
-    def strip_logprobs(doc):
-        doc["choices"][0]["logprobs"] = None
-        return doc
-
-    fault_proxy.plan(Fault.rewriting(strip_logprobs))  # an HTTP 200 without the logprobs the simulator reads
+    # an HTTP 200 without the logprobs the simulator reads (a server that ignores `logprobs`)
+    fault_proxy.plan(Fault.respond({"id": "cmpl-0", "object": "text_completion", "created": 0, "model": backend.model,
+                                    "choices": [{"text": prompt.text, "index": 0, "logprobs": None,
+                                                 "finish_reason": "length"}],
+                                    "usage": {"prompt_tokens": 60, "completion_tokens": 1, "total_tokens": 61}}))
     with pytest.raises(LogprobsUnavailableError):
         backend.value_probabilities(prompt)
-    assert len(LLMCache(cache)) == 0
+    assert len(LLMCache(cache)) == 0 and fault_proxy.requests["/v1/completions"] == 1
     probs = backend.value_probabilities(prompt)  # asked again, not failed from the cache
     assert probs.shape == (2, 11) and probs[:, 0].min() > 0
-    assert fault_proxy.forwarded["/v1/completions"] >= 2
-    # the same model name at another address is another endpoint: nothing of the first one's answers
+    assert fault_proxy.forwarded["/v1/completions"] == 1 and len(LLMCache(cache)) == 1
+    served = backend.cache.get(cache_key("openai-compatible", backend.model, "completions", backend.echo_body(prompt),
+                                         backend.origin))["response"]
+    # the same model name at another address is another endpoint: nothing of the first one's answers (the proxy
+    # there gives the server's answer again, so the request has to leave the cache to be answered)
     other = FaultProxy(llama_server.port)
     try:
+        other.plan(Fault.respond(served))
         again = _backend(other.base_url, cache)
-        again.value_probabilities(prompt)
-        assert other.forwarded["/v1/completions"] >= 1 and again.stats.snapshot()["cache_hits"] == 0
+        np.testing.assert_array_equal(again.value_probabilities(prompt), probs)
+        assert other.requests["/v1/completions"] == 1 and again.stats.snapshot()["cache_hits"] == 0
+        assert len(LLMCache(cache)) == 2  # each endpoint its own entry
     finally:
         other.close()
 
@@ -944,19 +952,20 @@ def test_non_finite_number_in_an_answer_fails_that_neuron_only(fault_proxy, cach
 
 @pytest.fixture(scope="module")
 def default_excerpts():
-    """Layer 0, neurons 5 and 9 of the bundled model with the default excerpt settings: the run of issue 16
+    """Layer 0, neuron 5 of the bundled model with the default excerpt settings: one neuron of the run of issue 16
     item 9, whose explainer prompts (~2.2k tokens) did not fit a 2048-token llama.cpp server."""
     from ndx_pipeline.core import stages
 
-    records = stages.activation_records(stages.corpus(), None, [0], neurons=[5, 9], token_table=False)
+    records = stages.activation_records(stages.corpus(), None, [0], neurons=[5], token_table=False)
     return stages.top_excerpts(records.layers[0].records)
 
 
 @pytest.mark.llm_server
 def test_explainer_prompt_is_fitted_to_a_2048_token_server(fault_proxy, default_excerpts, cache_root):
     """The backend knows nothing of the context (llama-cpp-python says it nowhere but in a refusal): the first
-    prompt is refused, the context is read from the refusal, and both explanations succeed on fitted prompts whose
-    rows say what was left out and hash what was sent."""
+    prompt is refused, the context is read from the refusal, and the explanation succeeds on a fitted prompt whose
+    row says what was left out and hashes what was sent. (One neuron: each answered prompt of ~2k tokens costs
+    ~12 s here.)"""
     cache = cache_root / "fit"
     backend = _backend(fault_proxy.base_url, cache, context_tokens=None, max_concurrency=1)
     started = time.perf_counter()
@@ -965,11 +974,11 @@ def test_explainer_prompt_is_fitted_to_a_2048_token_server(fault_proxy, default_
     for row in rows.iter_rows(named=True):
         print(f"\nneuron {row['neuron']}: {row['status']} {row['explanation'] or row['error']!r}; "
               f"{row['excerpts_shown']} excerpts shown; {row['prompt_fitted']}; {row['prompt_tokens']} prompt tokens")
-    assert rows["status"].to_list() == ["ok", "ok"], rows["error"].to_list()
+    assert rows["status"].to_list() == ["ok"], rows["error"].to_list()
     assert backend.context_window() == SERVER_CONTEXT
     assert all(1 <= n < 5 for n in rows["excerpts_shown"]) and all("left out" in f for f in rows["prompt_fitted"])
     assert all(t + 60 <= SERVER_CONTEXT for t in rows["prompt_tokens"])
-    assert fault_proxy.requests["/v1/chat/completions"] == 3  # one refused, two answered
+    assert fault_proxy.requests["/v1/chat/completions"] == 2  # one refused, then the fitted one answered
     sent = {sent_prompt_sha256({"messages": json.loads(p.read_text())["request"]["messages"]})
             for p in cache.glob("??/*.json")}
     assert set(rows["prompt_sha256"]) == sent
