@@ -106,6 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--neurons", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--excerpts", type=int, default=None, help="simulated excerpts per neuron (default: all its "
+                                                                   "scored and calibration excerpts, 16)")
     parser.add_argument("--batch", type=int, default=None, help="batch size of the in-process backend")
     parser.add_argument("--isa", default=None, help="CPU classes to measure, comma-separated, or all: "
                                                     + ", ".join(ISA_CLASSES))
@@ -132,7 +134,7 @@ def main() -> None:
     log(f"explanations: batched ({backend.max_concurrency} at a time)")
     together, t_explain_batched = timed(lambda: batched_explanations(backend, jobs))
     same_text = sum(a == b for a, b in zip(alone, together))
-    prompts = simulation_prompts(excerpts, jobs, together)
+    prompts = simulation_prompts(excerpts, jobs, together, args.excerpts)
     log(f"simulations: {len(prompts)} excerpts, one at a time")
     probs_alone, t_sim_alone = timed(lambda: [backend.value_probabilities_unbatched(p) for p in prompts])
     log("simulations: batched")
@@ -197,8 +199,9 @@ def batched_explanations(backend, jobs) -> list[str]:
     return [o.value.text for o in out]
 
 
-def simulation_prompts(excerpts: pl.DataFrame, jobs, texts: list[str]) -> list:
-    """Each neuron's scored and calibration excerpts, with the explanation `texts` gave for it."""
+def simulation_prompts(excerpts: pl.DataFrame, jobs, texts: list[str], per_neuron: int | None = None) -> list:
+    """Each neuron's scored and calibration excerpts (the first `per_neuron` of them, when given), with the
+    explanation `texts` gave for it."""
     prompts = []
     for (neuron, _, _), text in zip(jobs, texts):
         try:
@@ -207,7 +210,7 @@ def simulation_prompts(excerpts: pl.DataFrame, jobs, texts: list[str]) -> list:
             explanation = "no particular pattern"
         mine = excerpts.filter((pl.col("neuron") == neuron)
                                & pl.col("split").is_in(list((*SCORED_SPLITS, CALIBRATION))))
-        prompts += [simulation_prompt(explanation, tokens) for tokens in mine["tokens"].to_list()]
+        prompts += [simulation_prompt(explanation, tokens) for tokens in mine["tokens"].to_list()[:per_neuron]]
     return prompts
 
 
@@ -227,7 +230,7 @@ def one_class(args) -> None:
         backend._lm()
         log(f"{args.class_child}: {dtype}: {len(jobs)} explanations, batched")
         texts, t_explain = timed(lambda: batched_explanations(backend, jobs))
-        prompts = prompts or simulation_prompts(excerpts, jobs, texts)
+        prompts = prompts or simulation_prompts(excerpts, jobs, texts, args.excerpts)
         log(f"{args.class_child}: {dtype}: {len(prompts)} simulated excerpts, batched")
         _, t_sim = timed(lambda: backend.map(backend.value_probabilities, prompts))
         out["explain_per_s"][dtype] = round(len(jobs) / t_explain, 4)
@@ -296,6 +299,7 @@ def cpu_classes(args) -> None:
         env.update(ISA_CLASSES[name])
         command = [sys.executable, __file__, "--class-child", name, "--neurons", str(args.neurons),
                    "--seed", str(args.seed), *(["--batch", str(args.batch)] if args.batch else []),
+                   *(["--excerpts", str(args.excerpts)] if args.excerpts else []),
                    *(["--profile"] if args.profile else [])]
         log(f"{name}: {' '.join(f'{k}={v}' for k, v in ISA_CLASSES[name].items()) or '(no limit)'}")
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)

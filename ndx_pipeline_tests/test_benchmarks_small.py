@@ -47,15 +47,17 @@ def test_activations_profile_small():
 
 
 def test_llm_stages_benchmark_small():
-    _, found = run("llm_stages.py", "--neurons", "1")
+    _, found = run("llm_stages.py", "--neurons", "1", "--excerpts", "8")
     assert finite(found["sim_speedup"]) and finite(found["explain_speedup"]) and finite(found["max_abs_dp"])
     assert found["max_abs_dp"] < 1e-3  # batched and one at a time in float32: the same probabilities
+    assert found["simulated_excerpts"] == 8
 
 
 def test_llm_stages_cpu_class_benchmark_small():
     """One CPU class (AMX off) in its own process: its limit reached it, both precisions were timed, auto's
     calibration ran there, and the default run is projected."""
-    out, found = run("llm_stages.py", "--isa", "avx512_bf16", "--neurons", "1", "--profile")
+    out, found = run("llm_stages.py", "--isa", "avx512_bf16", "--neurons", "1", "--excerpts", "8",
+                                "--profile")
     assert found["limits"] == {"avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
     rates = found["sim_per_s"]["avx512_bf16"]
     assert set(rates) == {"float32", "bfloat16"} and all(finite(r) and r > 0 for r in rates.values())
