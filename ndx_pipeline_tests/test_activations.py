@@ -19,8 +19,8 @@ LAYERS = {0: [3, 250, 1000], 2: [7, 1535]}
 
 
 class AllSeen(Exception):
-    """Raised by the hook of the deepest layer asked for: the layers after it need not run (a causal model's earlier
-    layers never read later ones)."""
+    """Raised by a forward hook once every module asked for has been seen: the layers after them need not run (a
+    causal model's earlier layers never read later ones, so what was seen is what the whole pass would have given)."""
 
 
 def fresh_activations(model, tokenizer, ids, layers):

@@ -22,17 +22,13 @@ from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.storage import write_parquet_atomic
+from ndx_pipeline_tests.test_activations import AllSeen
 
 TOP_K, RANDOM_K = 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
 # Latents read the residual stream, whose norm reaches ~300 on this model: a window run alone and the same window in a
 # padded batch differ there by ~1e-6 of that in float32, ~1e-3 after projection onto a latent direction.
 LATENT_TOL = dict(rtol=1e-4, atol=2e-3)
-
-
-class AllCaptured(Exception):
-    """Raised by the hook that sees the last module asked for: the layers after it need not run (a causal model's
-    earlier layers never read later ones, so what was captured is what the whole pass would have given)."""
 
 
 def captured(model, tokenizer, windows, modules: dict):
@@ -48,7 +44,7 @@ def captured(model, tokenizer, windows, modules: dict):
         def keep(name, x):
             seen.setdefault(name, x.clone())
             if len(seen) == len(modules):
-                raise AllCaptured
+                raise AllSeen
 
         for name, (module, side) in modules.items():
             if side == "in":
@@ -59,7 +55,7 @@ def captured(model, tokenizer, windows, modules: dict):
         try:
             with torch.inference_mode():
                 model(input_ids=torch.tensor([prefix + ids + suffix]))
-        except AllCaptured:
+        except AllSeen:
             pass
         finally:
             for h in handles:
