@@ -72,7 +72,8 @@ def test_definitions_snapshot():
             for k, n in specs.items() if k not in settings} == {
         asset: [f"variant_settings/{GROUP_OF[asset]}"] if asset in GROUP_OF else [] for asset in (*ASSETS, RELEASE)}
     assert deps == {
-        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"], "output_tokens": ["activation_records"],
+        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"],
+        "output_tokens": ["activation_records"],
         "top_excerpts": ["activation_records"], "explanations": ["output_tokens", "top_excerpts"],
         "baseline_explanations": ["top_excerpts"], "calibration_simulations": ["top_excerpts"],
         "simulations": ["explanations", "top_excerpts"], "baseline_simulations": ["baseline_explanations",
