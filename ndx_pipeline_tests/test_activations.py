@@ -18,18 +18,33 @@ from ndx_pipeline.core.models import special_token_wrap
 LAYERS = {0: [3, 250, 1000], 2: [7, 1535]}
 
 
+class AllSeen(Exception):
+    """Raised by a forward hook once every module asked for has been seen: the layers after them need not run (a
+    causal model's earlier layers never read later ones, so what was seen is what the whole pass would have given)."""
+
+
 def fresh_activations(model, tokenizer, ids, layers):
-    """A new forward pass of one window alone: {layer: [tokens, all neurons]} at each MLP output projection."""
+    """A new forward pass of one window alone: {layer: [tokens, all neurons]} at each MLP output projection (the pass
+    stopped once every layer asked for has been seen)."""
     prefix, suffix = special_token_wrap(tokenizer)
     seen = {}
-    handles = [proj.register_forward_pre_hook(lambda m, a, layer=layer: seen.setdefault(layer, a[0].clone()))
+
+    def keep(layer, x):
+        seen.setdefault(layer, x.clone())
+        if len(seen) == len(set(layers)):
+            raise AllSeen
+
+    handles = [proj.register_forward_pre_hook(lambda m, a, layer=layer: keep(layer, a[0]))
                for layer, proj in mlp_output_projections(model, list(layers)).items()]
     try:
         with torch.inference_mode():
             model(input_ids=torch.tensor([prefix + list(ids) + suffix]))
+    except AllSeen:
+        pass
     finally:
         for h in handles:
             h.remove()
+    assert set(seen) == set(layers)
     return {layer: x[0, len(prefix) : len(prefix) + len(ids)].float().numpy() for layer, x in seen.items()}
 
 

@@ -13,14 +13,23 @@ from ndx_pipeline.core.contract import ASSETS
 from ndx_pipeline.core.llm.local import LocalTransformersBackend
 from ndx_pipeline.core.models import bundled_gguf
 from ndx_pipeline.core.storage import asset_path
+from ndx_pipeline.core.variants import record_variant, variants_file
 from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB, stale_layers, stale_status_resolver
 from ndx_pipeline.defs.partitions import partition_key
 from ndx_pipeline_tests.runs import execute_layers
+from ndx_pipeline_tests.test_variants import part_of_the_bundled_corpus
 
 ALL = list(ASSETS)
 VARIANT = "neurons"  # the default variant: the configured resources, as they are
 LAYER0 = str(partition_key(0, VARIANT))  # "0|neurons"
+# fewer excerpts than the defaults (to explain, to score: top and random, to calibrate) for the runs that call the LLMs,
+# declared for the variant in the variants file as a user would (`few_excerpts`): applied over the resources as NDX_*
+# bind them
+SCORE_TOP, SCORE_RANDOM = 2, 1
+FEW_EXCERPTS = {"selection": {"explain_excerpts": 2, "score_top_excerpts": SCORE_TOP,
+                              "score_random_excerpts": SCORE_RANDOM},
+                "quality": {"calibration_top_excerpts": 1, "calibration_random_excerpts": 1}}
 
 
 def statuses(instance, defs, partition=LAYER0):
@@ -37,11 +46,20 @@ def causes(instance, defs, asset, partition=LAYER0):
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
+    """Storage, two neurons per layer and a quarter of the bundled corpus (its first documents), from NDX_*."""
     monkeypatch.setenv("NDX_STORAGE", str(tmp_path / "storage"))
+    monkeypatch.delenv("NDX_VARIANTS", raising=False)
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
-    for var in ("NDX_SIMULATOR_MODEL", "NDX_EXPLAINER_MODEL", "NDX_CORPUS", "NDX_SUBJECT_MODEL"):
+    monkeypatch.setenv("NDX_CORPUS", str(part_of_the_bundled_corpus(tmp_path / "corpus")))
+    for var in ("NDX_SIMULATOR_MODEL", "NDX_EXPLAINER_MODEL", "NDX_SUBJECT_MODEL"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def few_excerpts(settings):
+    record_variant(variants_file(settings / "storage"), VARIANT, FEW_EXCERPTS)
+    return settings
 
 
 @pytest.fixture
@@ -84,9 +102,9 @@ def run(defs, instance, selection=None, layer=0):
 
 
 @pytest.mark.slow
-def test_changing_only_the_simulator_reruns_only_simulations_and_scores(settings, counters, tmp_path, monkeypatch):
+def test_changing_only_the_simulator_reruns_only_simulations_and_scores(few_excerpts, counters, tmp_path, monkeypatch):
     with dg.instance_for_test() as instance:
-        _simulator_change(instance, settings, counters, tmp_path, monkeypatch)
+        _simulator_change(instance, few_excerpts, counters, tmp_path, monkeypatch)
 
 
 def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
@@ -97,16 +115,17 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     # baseline explanations (the explainer reading only the strongest tokens)
     assert counters["subject_model_loads"] == 2 and counters["explainer_calls"] == 4
 
-    # A different simulator: the same weights under another path are another model as far as versions go.
+    # A different simulator: the same weights under another path are another model as far as versions go. Its
+    # precision is set to the one `auto` chose for the bundled file (auto would time both precisions again for a
+    # model it has not seen, ~15 s): a simulator setting too, versioned with the model.
     other = tmp_path / "simulator"
     other.mkdir()
     os.symlink(bundled_gguf(), other / bundled_gguf().name)
     monkeypatch.setenv("NDX_SIMULATOR_MODEL", str(other / bundled_gguf().name))
+    simulated_with = instance.get_latest_materialization_event(dg.AssetKey("simulations")).asset_materialization
+    monkeypatch.setenv("NDX_SIMULATOR_DTYPE", simulated_with.metadata["llm_dtype"].value)
     defs_b = build_definitions()
-    va = {k.to_user_string(): defs_a.resolve_asset_graph().get(k).code_version
-          for k in defs_a.resolve_asset_graph().get_all_asset_keys()}
-    vb = {k.to_user_string(): defs_b.resolve_asset_graph().get(k).code_version
-          for k in defs_b.resolve_asset_graph().get_all_asset_keys()}
+    va, vb = code_versions(defs_a), code_versions(defs_b)
     assert [a for a in ALL if va[a] != vb[a]] == ["simulations", "baseline_simulations"]
 
     before = statuses(instance, defs_b)
@@ -136,10 +155,11 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     ours = int((pl.read_parquet(asset_path(storage, "explanations", 0, VARIANT))["status"] == "ok").sum())
     excerpts = pl.read_parquet(asset_path(storage, "top_excerpts", 0, VARIANT))
     calibration = excerpts.filter(pl.col("split") == "calibration").group_by("neuron").len()["len"].unique().to_list()
-    # 10 scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all); ours
+    # the scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all); ours
     # also on its neuron's calibration excerpts (the calibrated scores' fit)
     assert len(calibration) == 1 and calibration[0] >= 1
-    assert counters["simulator_calls"] == 10 * simulated + calibration[0] * ours and simulated >= 2
+    scored = SCORE_TOP + SCORE_RANDOM
+    assert counters["simulator_calls"] == scored * simulated + calibration[0] * ours and simulated >= 2
     sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0, VARIANT))
     assert set(sims["simulator"]) == {f"local:{other / bundled_gguf().name}"}
     after = statuses(instance, defs_b)
@@ -148,7 +168,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_unchanged_output_keeps_children_fresh(settings, counters):
+def test_unchanged_output_keeps_children_fresh(few_excerpts, counters):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions()
     run(defs, instance, selection=["corpus", "activation_records", "token_table", "top_excerpts", "explanations",
@@ -203,72 +223,70 @@ def test_extraction_step_writes_the_assets_selected(settings, monkeypatch):
         assert latest == result.run_id != records and materialized(instance) == {"corpus", "activation_records"}
 
 
+def code_versions(defs=None) -> dict[str, str]:
+    """asset → its code version in `defs`, else in definitions built now (from the NDX_* variables as they are)."""
+    g = (defs or build_definitions()).resolve_asset_graph()
+    return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()
+            if g.get(k).is_materializable}  # (the variants' observed settings have no code)
+
+
+def changed_since(base: dict[str, str]) -> list[str]:
+    """The assets whose code version in definitions built now differs from `base`, in the graph's order."""
+    now = code_versions()
+    return [a for a in ALL if now[a] != base[a]]
+
+
 def materialized(instance) -> set[str]:
     return {k.to_user_string() for k in instance.get_asset_keys()
             if instance.get_latest_materialization_event(k) is not None}
 
 
 def test_code_versions_follow_prompt_and_model_settings(settings, monkeypatch):
-    def versions():
-        g = build_definitions().resolve_asset_graph()
-        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()
-                if g.get(k).is_materializable}  # (the variants' observed settings have no code)
-
-    base = versions()
+    base = code_versions()
     assert len(set(base.values())) == len(base)
     monkeypatch.setenv("NDX_EXPLAINER_MODEL", "/models/other.gguf")  # it also writes the token-list baseline
-    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations", "baseline_explanations"]
+    assert changed_since(base) == ["explanations", "baseline_explanations"]
     monkeypatch.delenv("NDX_EXPLAINER_MODEL")
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "3")
     # which units: their records, their token table and their output tokens
-    assert [a for a in ALL if versions()[a] != base[a]] == ["activation_records", "token_table", "output_tokens"]
+    assert changed_since(base) == ["activation_records", "token_table", "output_tokens"]
     monkeypatch.setenv("NDX_NEURONS_PER_LAYER", "2")
     import ndx_pipeline.core.method.explainer as explainer_mod
 
     monkeypatch.setattr(explainer_mod, "SYSTEM", explainer_mod.SYSTEM + " Be brief.")
-    assert [a for a in ALL if versions()[a] != base[a]] == ["explanations"]
+    assert changed_since(base) == ["explanations"]
 
 
 def test_ten_probe_versions_an_openai_simulator_alone(settings, monkeypatch):
     """ten_probe (issue 36) is a server's affair: set for the in-process simulator, the explainer or the scorer it
     changes nothing; for an openai simulator it versions its two simulation assets alone."""
-    def versions():
-        g = build_definitions().resolve_asset_graph()
-        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()
-                if g.get(k).is_materializable}
-
-    base = versions()
+    base = code_versions()
     for stage in ("SIMULATOR", "EXPLAINER", "SCORER"):
         monkeypatch.setenv(f"NDX_{stage}_TEN_PROBE", "per_slot")
-    assert versions() == base
+    assert code_versions() == base
     monkeypatch.setenv("NDX_SIMULATOR_BACKEND", "openai")
     monkeypatch.setenv("NDX_SIMULATOR_BASE_URL", "http://127.0.0.1:8000/v1")
-    exact = versions()
+    exact = code_versions()
     monkeypatch.setenv("NDX_SIMULATOR_TEN_PROBE", "auto")
-    assert [a for a in ALL if versions()[a] != exact[a]] == ["simulations", "baseline_simulations"]
+    assert changed_since(exact) == ["simulations", "baseline_simulations"]
 
 
 def test_changing_one_scorer_changes_only_its_own_assets(settings, monkeypatch):
     """Each scorer beside simulation is versioned apart: its prompt or its model changes its judgements' code
     version alone (its scores follow as stale children); switching one on or off touches only its two assets."""
-    def versions():
-        g = build_definitions().resolve_asset_graph()
-        return {k.to_user_string(): g.get(k).code_version for k in g.get_all_asset_keys()
-                if g.get(k).is_materializable}  # (the variants' observed settings have no code)
-
     monkeypatch.setenv("NDX_SCORERS", "detection,fuzzing,embedding")
-    base = versions()
+    base = code_versions()
     import ndx_pipeline.core.method.detection as detection_mod
 
     with monkeypatch.context() as m:
         m.setattr(detection_mod, "DETECTION_SYSTEM", detection_mod.DETECTION_SYSTEM + " Be strict.")
-        assert [a for a in ALL if versions()[a] != base[a]] == ["detection_judgements"]
+        assert changed_since(base) == ["detection_judgements"]
     with monkeypatch.context() as m:
         m.setenv("NDX_SCORER_MODEL", "/models/other.gguf")  # the scorer LLM judges detection and fuzzing
-        assert [a for a in ALL if versions()[a] != base[a]] == ["detection_judgements", "fuzzing_judgements"]
+        assert changed_since(base) == ["detection_judgements", "fuzzing_judgements"]
     with monkeypatch.context() as m:
         m.setenv("NDX_EMBEDDING_MODEL", "/models/other-embedder")
-        assert [a for a in ALL if versions()[a] != base[a]] == ["embedding_judgements"]
+        assert changed_since(base) == ["embedding_judgements"]
     with monkeypatch.context() as m:
         m.setenv("NDX_SCORERS", "detection,embedding")
-        assert [a for a in ALL if versions()[a] != base[a]] == ["fuzzing_judgements", "fuzzing_scores"]
+        assert changed_since(base) == ["fuzzing_judgements", "fuzzing_scores"]

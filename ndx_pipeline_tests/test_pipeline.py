@@ -14,6 +14,7 @@ from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB
 from ndx_pipeline.defs.versioning import GROUP_OF, SETTINGS_GROUPS
 from ndx_pipeline_tests.runs import execute_layers
+from ndx_pipeline_tests.test_variants import part_of_the_bundled_corpus
 
 CONTRACT = {
     "corpus": {"doc_id": pl.String, "source": pl.String, "text": pl.String},
@@ -71,7 +72,8 @@ def test_definitions_snapshot():
             for k, n in specs.items() if k not in settings} == {
         asset: [f"variant_settings/{GROUP_OF[asset]}"] if asset in GROUP_OF else [] for asset in (*ASSETS, RELEASE)}
     assert deps == {
-        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"], "output_tokens": ["activation_records"],
+        "corpus": [], "activation_records": ["corpus"], "token_table": ["corpus"],
+        "output_tokens": ["activation_records"],
         "top_excerpts": ["activation_records"], "explanations": ["output_tokens", "top_excerpts"],
         "baseline_explanations": ["top_excerpts"], "calibration_simulations": ["top_excerpts"],
         "simulations": ["explanations", "top_excerpts"], "baseline_simulations": ["baseline_explanations",
@@ -99,12 +101,26 @@ def test_definitions_snapshot():
         assert isinstance(dims["variant"], dg.DynamicPartitionsDefinition) and dims["variant"].name == "variant"
 
 
+# The whole graph's run below: two neurons (each the other's random baseline's donor), a quarter of the bundled
+# corpus, 24-token windows and fewer excerpts than the defaults (explain, score top, score random; calibration top,
+# random): every split still drawn and kept apart, at a fraction of the default run's work.
+ALL_ASSETS_NEURONS = [5, 900]
+EXPLAIN, SCORE_TOP, SCORE_RANDOM, CALIBRATION_TOP, CALIBRATION_RANDOM = 3, 3, 2, 2, 1
+WINDOW_TOKENS = 24
+
+
 @pytest.mark.slow
 def test_all_six_assets_on_the_bundled_model(tmp_path):
     storage = tmp_path / "storage"
-    result, instance = run_job(storage, 1, selection={"neurons": [5, 77, 900]},
+    neurons = ALL_ASSETS_NEURONS
+    corpus = part_of_the_bundled_corpus(tmp_path / "corpus")
+    result, instance = run_job(storage, 1, subject_model={"window_tokens": WINDOW_TOKENS},
+                               corpus_source={"path": str(corpus)},
+                               selection={"neurons": neurons, "explain_excerpts": EXPLAIN,
+                                          "score_top_excerpts": SCORE_TOP, "score_random_excerpts": SCORE_RANDOM},
                                quality={"scorers": ["detection", "fuzzing", "embedding"], "scorer_excerpts": 3,
-                                        "scorer_batch": 6})
+                                        "scorer_batch": 6, "calibration_top_excerpts": CALIBRATION_TOP,
+                                        "calibration_random_excerpts": CALIBRATION_RANDOM})
     assert result.success, failure_text(result)
     frames = {"corpus": pl.read_parquet(asset_path(storage, "corpus"))}
     for name in list(CONTRACT)[1:]:
@@ -114,13 +130,13 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
             assert frames[name].schema[col] == dtype, (name, col)
 
     records, excerpts = frames["activation_records"], frames["top_excerpts"]
-    assert sorted(records["neuron"].unique()) == [5, 77, 900]
+    assert sorted(records["neuron"].unique()) == neurons
     texts = dict(zip(frames["corpus"]["doc_id"], frames["corpus"]["text"]))
     for row in records.head(30).iter_rows(named=True):
         assert texts[row["doc_id"]][row["char_start"] : row["char_end"]] == "".join(row["tokens"])
-        assert len(row["tokens"]) == len(row["activations"]) <= 64
+        assert len(row["tokens"]) == len(row["activations"]) <= WINDOW_TOKENS
     top = records.filter(pl.col("kind") == "top")
-    assert top.group_by("neuron").len()["len"].to_list() == [20] * 3
+    assert top.group_by("neuron").len()["len"].to_list() == [20] * len(neurons)
     quantile = records.filter(pl.col("kind").str.starts_with("quantile_"))  # ≤ 4 per bucket, 5 buckets
     assert len(quantile) and quantile.group_by(["neuron", "kind"]).len()["len"].max() <= 4
     assert all(len(b) == 4 for b in quantile["quantile_boundaries"])
@@ -131,17 +147,19 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
         explain = set(g.filter(pl.col("split") == "explain")["window_index"])
         scored = set(g.filter(pl.col("split").is_in(["score_top", "score_random"]))["window_index"])
         calibration = set(g.filter(pl.col("split") == "calibration")["window_index"])  # for best-of-k
-        assert len(explain) == 5 and len(scored) == 10 and not explain & scored
-        assert len(calibration) == 6 and not calibration & (explain | scored)
+        assert len(explain) == EXPLAIN and len(scored) == SCORE_TOP + SCORE_RANDOM and not explain & scored
+        assert len(calibration) == CALIBRATION_TOP + CALIBRATION_RANDOM and not calibration & (explain | scored)
 
     expl = frames["explanations"]
-    assert len(expl) == 3 and expl["explainer"][0] == "local:bundled:SmolLM2-135M-Instruct"
+    assert len(expl) == len(neurons) and expl["explainer"][0] == "local:bundled:SmolLM2-135M-Instruct"
     ok = expl.filter(pl.col("status") == "ok")
     assert len(ok) >= 1 and all(len(e) > 0 for e in ok["explanation"])
     assert all(len(h) == 64 for h in expl["prompt_sha256"])
 
-    every = frames["simulations"]  # the 10 scored excerpts and the 6 calibration ones of each explained neuron
-    assert len(every) == 16 * len(ok) and every.filter(pl.col("split") == "calibration").height == 6 * len(ok)
+    every = frames["simulations"]  # the scored excerpts and the calibration ones of each explained neuron
+    calibrated = CALIBRATION_TOP + CALIBRATION_RANDOM
+    assert len(every) == (SCORE_TOP + SCORE_RANDOM + calibrated) * len(ok)
+    assert every.filter(pl.col("split") == "calibration").height == calibrated * len(ok)
     sims = every.filter(pl.col("split").is_in(["score_top", "score_random"]))
     for row in sims.iter_rows(named=True):
         assert len(row["simulated_activations"]) == len(row["true_activations"]) == len(row["tokens"])
@@ -149,7 +167,7 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
     assert np.std(np.concatenate([np.array(v) for v in sims["simulated_activations"]])) > 0
 
     scores = frames["scores"]
-    assert len(scores) == 3
+    assert len(scores) == len(neurons)
     from ndx_pipeline.core.method.scoring import pooled_correlation
 
     for row in scores.iter_rows(named=True):
@@ -188,12 +206,12 @@ def test_all_six_assets_on_the_bundled_model(tmp_path):
         assert donor and row["neuron"] not in donor  # another neuron's explanation of the same layer
     base_sims = pl.read_parquet(asset_path(storage, "baseline_simulations", 1, "neurons"))
     assert set(base_sims["explanation_id"]) <= set(base_expl["explanation_id"])
-    assert set(base_sims["excerpt_id"]) == set(sims["excerpt_id"]) or len(ok) < 3  # the very same excerpts
+    assert set(base_sims["excerpt_id"]) == set(sims["excerpt_id"]) or len(ok) < len(neurons)  # the same excerpts
 
     event = instance.get_latest_materialization_event(dg.AssetKey("scores"))
     assert event.dagster_event.partition == "1|neurons"
     meta = event.asset_materialization.metadata
-    assert meta["neurons"].value == 3 and "mean_score" in meta and "median_score" in meta
+    assert meta["neurons"].value == len(neurons) and "mean_score" in meta and "median_score" in meta
     assert "mean_baseline_lookup" in meta and "beats_lookup" in meta
     assert "SmolLM2-135M" in meta["note"].value and "capable model" in meta["note"].value
     assert not [p for p in leftovers(storage) if p.endswith(".tmp")]
@@ -229,7 +247,7 @@ def check_scorers(storage, frames, expl, base_expl):
 
     records, excerpts = frames["activation_records"], frames["top_excerpts"]
     held = pl.read_parquet(asset_path(storage, "scorer_excerpts", 1, "neurons"))
-    assert held.group_by(["neuron", "split"]).len()["len"].to_list() == [3] * 6
+    assert held.group_by(["neuron", "split"]).len()["len"].to_list() == [3] * 2 * len(ALL_ASSETS_NEURONS)
     for (neuron,), g in held.group_by(["neuron"]):
         seen = set(excerpts.filter((pl.col("neuron") == neuron) & pl.col("split").is_in(["explain", "calibration"]))
                    ["window_index"])
@@ -248,7 +266,8 @@ def check_scorers(storage, frames, expl, base_expl):
         scores = pl.read_parquet(asset_path(storage, f"{scorer}_scores", 1, "neurons"))
         assert set(judgements["explanation_id"]) == judged_ids, scorer
         assert set(judgements["excerpt_id"]) <= set(held["excerpt_id"])
-        assert len(scores) == 3 and {"baseline_random", "baseline_token_list"} <= set(scores.columns)
+        assert len(scores) == len(ALL_ASSETS_NEURONS)
+        assert {"baseline_random", "baseline_token_list"} <= set(scores.columns)
         for row in scores.filter(pl.col("status") == "ok").iter_rows(named=True):
             mine = judgements.filter(pl.col("explanation_id") == row["explanation_id"])
             if scorer == "embedding":
@@ -291,12 +310,15 @@ def test_zero_neurons_and_tiny_corpus_fail_clearly_and_write_nothing(tmp_path):
 @pytest.mark.slow
 def test_best_of_k_through_dagster_keeps_the_best_calibrated_candidate(tmp_path):
     """explanation_candidates=2 on the bundled model: both candidates stored with their calibration scores (computed
-    on calibration excerpts only), the best kept, and only the kept one simulated and scored."""
+    on calibration excerpts only: two top ones and a random one each), the best kept, and only the kept one simulated
+    and scored."""
     storage = tmp_path / "storage"
     result, instance = run_job(storage, 0, selection={"neurons": [3, 40], "score_top_excerpts": 2,
                                                         "score_random_excerpts": 1},
                                subject_model={"window_tokens": 24},
-                               quality={"explanation_candidates": 2, "baselines": ["lookup"]})
+                               corpus_source={"path": str(part_of_the_bundled_corpus(tmp_path / "corpus"))},
+                               quality={"explanation_candidates": 2, "baselines": ["lookup"],
+                                        "calibration_top_excerpts": 2, "calibration_random_excerpts": 1})
     assert result.success, failure_text(result)
     expl = pl.read_parquet(asset_path(storage, "explanations", 0, "neurons"))
     assert sorted(zip(expl["neuron"], expl["candidate"])) == [(3, 0), (3, 1), (40, 0), (40, 1)]

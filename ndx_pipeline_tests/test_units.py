@@ -22,6 +22,7 @@ from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.storage import write_parquet_atomic
+from ndx_pipeline_tests.test_activations import AllSeen
 
 TOP_K, RANDOM_K = 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -32,26 +33,34 @@ LATENT_TOL = dict(rtol=1e-4, atol=2e-3)
 
 def captured(model, tokenizer, windows, modules: dict):
     """{name: [per window: [tokens, width]]}: the input ("in") or output ("out") of named modules, one window at a
-    time, by hooks this test registers itself."""
+    time, by hooks this test registers itself (each pass stopped once every named module has been seen)."""
     prefix, suffix = special_token_wrap(tokenizer)
     out = {name: [] for name in modules}
     for w in range(len(windows)):
         ids = windows.ids[w, : windows.length[w]].tolist()
         seen = {}
         handles = []
+
+        def keep(name, x):
+            seen.setdefault(name, x.clone())
+            if len(seen) == len(modules):
+                raise AllSeen
+
         for name, (module, side) in modules.items():
             if side == "in":
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, name=name: seen.setdefault(name, a[0].clone())))
+                handles.append(module.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
             else:
                 handles.append(module.register_forward_hook(
-                    lambda m, a, o, name=name: seen.setdefault(name, (o[0] if isinstance(o, tuple) else o).clone())))
+                    lambda m, a, o, name=name: keep(name, o[0] if isinstance(o, tuple) else o)))
         try:
             with torch.inference_mode():
                 model(input_ids=torch.tensor([prefix + ids + suffix]))
+        except AllSeen:
+            pass
         finally:
             for h in handles:
                 h.remove()
+        assert set(seen) == set(modules)
         for name, x in seen.items():
             out[name].append(x[0, len(prefix) : len(prefix) + len(ids)].float().numpy())
     return out
@@ -307,14 +316,20 @@ SMALL_SELECTION = {"explain_excerpts": 2, "score_top_excerpts": 2, "score_random
 
 
 def run_graph(storage, layer: int, variant: str, selection: dict, instance=None, extra_config: dict | None = None):
-    """One run of the whole graph for `layer` of `variant` (made a key of the instance's variant dimension)."""
+    """One run of the whole graph for `layer` of `variant` (made a key of the instance's variant dimension), on a
+    quarter of the bundled corpus (its first documents, written beside `storage`)."""
     import dagster as dg
 
     from ndx_pipeline.definitions import build_definitions
     from ndx_pipeline.defs.automation import MAIN_JOB
     from ndx_pipeline_tests.runs import execute_layers
+    from ndx_pipeline_tests.test_variants import part_of_the_bundled_corpus
 
+    corpus = storage.parent / "corpus"
+    if not corpus.exists():
+        part_of_the_bundled_corpus(corpus)
     resources = {"storage": {"config": {"storage_dir": str(storage)}},
+                 "corpus_source": {"config": {"path": str(corpus)}},
                  "selection": {"config": {**SMALL_SELECTION, **selection}},
                  **{name: {"config": values} for name, values in SMALL_RUN.items()}}
     for name, values in ((extra_config or {}).get("resources") or {}).items():

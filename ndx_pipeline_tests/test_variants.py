@@ -47,6 +47,13 @@ SMALL = {
 }
 
 
+def few_excerpts(units: str = "positive") -> dict:
+    """A variant's entry in the variants file (as a user writes one) with SMALL's excerpt counts instead of the CLI's
+    defaults (5 to explain, 10 scored, 6 to calibrate): for the CLI's runs whose checks are not about the splits."""
+    return {"selection": {"units": units, **{k: v for k, v in SMALL["selection"].items() if k.endswith("_excerpts")}},
+            "quality": {k: v for k, v in SMALL["quality"].items() if k.startswith("calibration_")}}
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,6 +66,21 @@ def small_corpus(folder):
     folder.mkdir()
     for name in ("assert", "break", "continue", "del", "pass", "global", "return", "if"):
         (folder / f"{name}.txt").write_text(topics[name])
+    return folder
+
+
+def part_of_the_bundled_corpus(folder, characters: int = 120_000):
+    """The bundled corpus's first documents, about `characters` characters (a quarter of it, ~500 windows of the CLI's
+    64 tokens): enough for the CLI's default top_k and random_k, at a quarter of a pass over all of it."""
+    from pydoc_data.topics import topics
+
+    folder.mkdir()
+    written = 0
+    for name, text in topics.items():
+        if written >= characters:
+            break
+        (folder / f"{name}.txt").write_text(text)
+        written += len(text)
     return folder
 
 
@@ -323,8 +345,10 @@ def test_a_dictionary_on_the_same_layer_leaves_the_neuron_variant_untouched(two_
     record_variant(variants_file(storage), broken, {
         "selection": {"units": "dictionary", "dictionary": str(folder), "neurons": [5, 6, 7]},
         "explainer_llm": {"backend": "openai", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
-                          "model": "nobody-home", "max_attempts": 1}})
-    failed = run(instance, storage, corpus, broken, [1])
+                          "model": "nobody-home"}})
+    # how many attempts is the run's to say (a variant never records it): one, so each request fails at the closed
+    # port at once instead of retrying through its backoff (8 attempts, ~50 s)
+    failed = run(instance, storage, corpus, broken, [1], explainer_llm={"max_attempts": 1})
     assert not failed.success
     assert digests(storage, "neurons") == two_variants["before"]
     for variant in ("neurons", "sim-f32", name, broken):  # every file holds its own variant's rows only
@@ -341,6 +365,8 @@ def test_a_dictionary_on_the_same_layer_leaves_the_neuron_variant_untouched(two_
                 assert set(frame["unit_kind"]) == {kind}, (variant, asset)
     assert not asset_path(storage, SCORES, 1, broken).exists()  # stopped at its explanations, and said so
     assert metadata(instance, EXPLANATIONS, 1, broken)["failed"] == 3
+    errors = pl.read_parquet(asset_path(storage, EXPLANATIONS, 1, broken))["error"]
+    assert errors.str.starts_with("gave up after 1 attempts").all()  # the run's one attempt, not the default 8
 
 
 @pytest.mark.slow
@@ -399,9 +425,12 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
     passes, real = [], forward_pass.extract
     monkeypatch.setattr(forward_pass, "extract", lambda *a, **k: passes.append(list(a[3])) or real(*a, **k))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    storage = tmp_path / "storage"
+    storage, corpus = tmp_path / "storage", part_of_the_bundled_corpus(tmp_path / "corpus")
+    for variant, units in (("neurons", "positive"), ("neurons-negative", "negative")):
+        record_variant(variants_file(storage), variant, few_excerpts(units))
     code = main(["run", "--variant", "neurons", "--variant", "neurons-negative", "--layers", "0-1", "--neurons",
-                 "5,9", "--baselines", "lookup", "--scorers", "none", "--controls", "none", "--storage", str(storage)])
+                 "5,9", "--baselines", "lookup", "--scorers", "none", "--controls", "none", "--storage", str(storage),
+                 "--corpus", str(corpus)])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert passes == [[(None, 0), (None, 1), ("neurons-negative", 0), ("neurons-negative", 1)]]  # one pass
@@ -419,7 +448,7 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
     # what a pass of its own keeps, with the same settings
     subject, selection = default_resources()["subject_model"], default_resources()["selection"]
     alone = stages.activation_records(
-        stages.corpus(None), None, [0, 1], units="negative", neurons=[5, 9], top_k=selection.top_k,
+        stages.corpus(str(corpus)), None, [0, 1], units="negative", neurons=[5, 9], top_k=selection.top_k,
         random_k=selection.random_k, quantile_k=selection.quantile_k, seed=selection.seed,
         window_tokens=subject.window_tokens, dtype=subject.dtype, batch_size=subject.batch_size)
     for layer in (0, 1):
@@ -453,9 +482,10 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(stages, "explanations", explainer_down_for_layer_1)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    storage = tmp_path / "storage"  # the bundled corpus: enough windows for the CLI's default excerpt counts
+    storage, corpus = tmp_path / "storage", part_of_the_bundled_corpus(tmp_path / "corpus")
+    record_variant(variants_file(storage), "neurons", few_excerpts())
     code = main(["run", "--layers", "0-2", "--neurons", "5,9", "--baselines", "lookup", "--scorers", "none",
-                 "--controls", "none", "--storage", str(storage)])
+                 "--controls", "none", "--storage", str(storage), "--corpus", str(corpus)])
     out = capsys.readouterr()
     assert code == 1
     stopped = [line for line in out.err.splitlines() if line.startswith("error: layer")]
