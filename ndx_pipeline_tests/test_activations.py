@@ -23,28 +23,41 @@ class AllSeen(Exception):
     causal model's earlier layers never read later ones, so what was seen is what the whole pass would have given)."""
 
 
-def fresh_activations(model, tokenizer, ids, layers):
-    """A new forward pass of one window alone: {layer: [tokens, all neurons]} at each MLP output projection (the pass
-    stopped once every layer asked for has been seen)."""
-    prefix, suffix = special_token_wrap(tokenizer)
+def hooked_pass(model, input_ids, modules: dict) -> dict:
+    """{name: tensor}: the input ("in") or output ("out") of each named module (`modules`: name → (module, side)) in
+    one forward pass over `input_ids`, by hooks registered here; the pass stops once every one has been seen."""
     seen = {}
 
-    def keep(layer, x):
-        seen.setdefault(layer, x.clone())
-        if len(seen) == len(set(layers)):
+    def keep(name, x):
+        seen.setdefault(name, x.clone())
+        if len(seen) == len(modules):
             raise AllSeen
 
-    handles = [proj.register_forward_pre_hook(lambda m, a, layer=layer: keep(layer, a[0]))
-               for layer, proj in mlp_output_projections(model, list(layers)).items()]
+    handles = []
+    for name, (module, side) in modules.items():
+        if side == "in":
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: keep(name, o[0] if isinstance(o, tuple) else o)))
     try:
         with torch.inference_mode():
-            model(input_ids=torch.tensor([prefix + list(ids) + suffix]))
+            model(input_ids=input_ids)
     except AllSeen:
         pass
     finally:
         for h in handles:
             h.remove()
-    assert set(seen) == set(layers)
+    assert set(seen) == set(modules)
+    return seen
+
+
+def fresh_activations(model, tokenizer, ids, layers):
+    """A new forward pass of one window alone: {layer: [tokens, all neurons]} at each MLP output projection (the pass
+    stopped once every layer asked for has been seen)."""
+    prefix, suffix = special_token_wrap(tokenizer)
+    seen = hooked_pass(model, torch.tensor([prefix + list(ids) + suffix]),
+                       {layer: (proj, "in") for layer, proj in mlp_output_projections(model, list(layers)).items()})
     return {layer: x[0, len(prefix) : len(prefix) + len(ids)].float().numpy() for layer, x in seen.items()}
 
 

@@ -18,18 +18,14 @@ from ndx_pipeline.definitions import build_definitions
 from ndx_pipeline.defs.automation import MAIN_JOB, stale_layers, stale_status_resolver
 from ndx_pipeline.defs.partitions import partition_key
 from ndx_pipeline_tests.runs import execute_layers
-from ndx_pipeline_tests.test_variants import part_of_the_bundled_corpus
+from ndx_pipeline_tests.test_variants import few_excerpts_settings, part_of_the_bundled_corpus
 
 ALL = list(ASSETS)
 VARIANT = "neurons"  # the default variant: the configured resources, as they are
 LAYER0 = str(partition_key(0, VARIANT))  # "0|neurons"
-# fewer excerpts than the defaults (to explain, to score: top and random, to calibrate) for the runs that call the LLMs,
-# declared for the variant in the variants file as a user would (`few_excerpts`): applied over the resources as NDX_*
-# bind them
-SCORE_TOP, SCORE_RANDOM = 2, 1
-FEW_EXCERPTS = {"selection": {"explain_excerpts": 2, "score_top_excerpts": SCORE_TOP,
-                              "score_random_excerpts": SCORE_RANDOM},
-                "quality": {"calibration_top_excerpts": 1, "calibration_random_excerpts": 1}}
+# fewer excerpts than the defaults for the runs that call the LLMs, declared for the variant in the variants file as
+# a user would (`few_excerpts`): applied over the resources as NDX_* bind them
+FEW_EXCERPTS = few_excerpts_settings()
 
 
 def statuses(instance, defs, partition=LAYER0):
@@ -158,7 +154,7 @@ def _simulator_change(instance, settings, counters, tmp_path, monkeypatch):
     # the scored excerpts for each usable explanation: ours and the random / token-list baselines' (4–6 in all); ours
     # also on its neuron's calibration excerpts (the calibrated scores' fit)
     assert len(calibration) == 1 and calibration[0] >= 1
-    scored = SCORE_TOP + SCORE_RANDOM
+    scored = FEW_EXCERPTS["selection"]["score_top_excerpts"] + FEW_EXCERPTS["selection"]["score_random_excerpts"]
     assert counters["simulator_calls"] == scored * simulated + calibration[0] * ours and simulated >= 2
     sims = pl.read_parquet(asset_path(settings / "storage", "simulations", 0, VARIANT))
     assert set(sims["simulator"]) == {f"local:{other / bundled_gguf().name}"}

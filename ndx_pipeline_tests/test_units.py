@@ -22,7 +22,7 @@ from ndx_pipeline.core.data.windows import TokenTexts
 from ndx_pipeline.core.errors import NdxInputError
 from ndx_pipeline.core.models import special_token_wrap
 from ndx_pipeline.core.storage import write_parquet_atomic
-from ndx_pipeline_tests.test_activations import AllSeen
+from ndx_pipeline_tests.test_activations import hooked_pass
 
 TOP_K, RANDOM_K = 8, 6
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -38,29 +38,7 @@ def captured(model, tokenizer, windows, modules: dict):
     out = {name: [] for name in modules}
     for w in range(len(windows)):
         ids = windows.ids[w, : windows.length[w]].tolist()
-        seen = {}
-        handles = []
-
-        def keep(name, x):
-            seen.setdefault(name, x.clone())
-            if len(seen) == len(modules):
-                raise AllSeen
-
-        for name, (module, side) in modules.items():
-            if side == "in":
-                handles.append(module.register_forward_pre_hook(lambda m, a, name=name: keep(name, a[0])))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda m, a, o, name=name: keep(name, o[0] if isinstance(o, tuple) else o)))
-        try:
-            with torch.inference_mode():
-                model(input_ids=torch.tensor([prefix + ids + suffix]))
-        except AllSeen:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        assert set(seen) == set(modules)
+        seen = hooked_pass(model, torch.tensor([prefix + ids + suffix]), modules)
         for name, x in seen.items():
             out[name].append(x[0, len(prefix) : len(prefix) + len(ids)].float().numpy())
     return out

@@ -47,9 +47,9 @@ SMALL = {
 }
 
 
-def few_excerpts(units: str = "positive") -> dict:
+def few_excerpts_settings(units: str = "positive") -> dict:
     """A variant's entry in the variants file (as a user writes one) with SMALL's excerpt counts instead of the CLI's
-    defaults (5 to explain, 10 scored, 6 to calibrate): for the CLI's runs whose checks are not about the splits."""
+    defaults (5 to explain, 10 scored, 6 to calibrate): for the runs whose checks are not about the splits."""
     return {"selection": {"units": units, **{k: v for k, v in SMALL["selection"].items() if k.endswith("_excerpts")}},
             "quality": {k: v for k, v in SMALL["quality"].items() if k.startswith("calibration_")}}
 
@@ -427,7 +427,7 @@ def test_variants_run_together_take_one_forward_pass(tmp_path, monkeypatch, caps
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     storage, corpus = tmp_path / "storage", part_of_the_bundled_corpus(tmp_path / "corpus")
     for variant, units in (("neurons", "positive"), ("neurons-negative", "negative")):
-        record_variant(variants_file(storage), variant, few_excerpts(units))
+        record_variant(variants_file(storage), variant, few_excerpts_settings(units))
     code = main(["run", "--variant", "neurons", "--variant", "neurons-negative", "--layers", "0-1", "--neurons",
                  "5,9", "--baselines", "lookup", "--scorers", "none", "--controls", "none", "--storage", str(storage),
                  "--corpus", str(corpus)])
@@ -483,7 +483,7 @@ def test_one_bad_layer_stops_alone_and_the_cli_says_so(tmp_path, monkeypatch, ca
     monkeypatch.setattr(stages, "explanations", explainer_down_for_layer_1)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     storage, corpus = tmp_path / "storage", part_of_the_bundled_corpus(tmp_path / "corpus")
-    record_variant(variants_file(storage), "neurons", few_excerpts())
+    record_variant(variants_file(storage), "neurons", few_excerpts_settings())
     code = main(["run", "--layers", "0-2", "--neurons", "5,9", "--baselines", "lookup", "--scorers", "none",
                  "--controls", "none", "--storage", str(storage), "--corpus", str(corpus)])
     out = capsys.readouterr()

@@ -5,8 +5,8 @@ on a CPU with AMX bfloat16 wins by far; with AVX512-BF16 alone by less; on an AV
 its own slower kernels; and the instruction sets a process may use can be limited by the environment
 (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS`). So the first time a model is used on a
 machine, each candidate precision computes the same small share of the pipeline's own work (a batch of simulated
-excerpts after a shared head, and a batch of explanations' sampling steps; `LocalTransformersBackend.calibration`),
-and the one that takes less time is used.
+excerpts after a shared head, and a batch of explanations' sampling steps: `LocalTransformersBackend.
+calibration_seconds`), and the one that takes less time is used.
 
 The choice and both timings are kept in one JSON file (`precision_cache_file`), under a key naming the machine (CPU
 model, the instruction-set limits in the environment, torch's CPU capability and version, threads) and the model's
@@ -113,22 +113,22 @@ def _read(path: Path) -> dict:
         return {}  # missing or unreadable: measured again and rewritten
 
 
-def _wait_for_lock(lock, model: str, log: Callable[[str], None] | None) -> bool:
-    """Take the calibration lock; True once held. Another process holding it (measuring now) is waited for, saying
-    so, at most LOCK_WAIT_S; then False: this process measures without it (the file is still replaced whole)."""
+def _wait_for_lock(lock, model: str, log: Callable[[str], None] | None) -> None:
+    """Take the calibration lock. Another process holding it (measuring now) is waited for, saying so, at most
+    LOCK_WAIT_S; then this process goes on without it and measures for itself (the file is still replaced whole)."""
     deadline = time.monotonic() + LOCK_WAIT_S
     said = False
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
+            return
         except BlockingIOError:
             pass
         if time.monotonic() >= deadline:
             if log:
                 log(f"precision auto: the other process did not finish its timing of {model} in {LOCK_WAIT_S:.0f} s "
                     "(stopped or stuck?): measuring here instead")
-            return False
+            return
         if log and not said:
             log(f"precision auto: another process is timing {' and '.join(CANDIDATES)} for {model} on this "
                 f"machine; waiting for its result (at most {LOCK_WAIT_S:.0f} s)")
